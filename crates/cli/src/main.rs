@@ -1,0 +1,172 @@
+//! `rylm`: the command line of the rylm toolkit.
+//!
+//! Today it reads and writes messages in each wire format (`rylm inspect`, `rylm encode`), which
+//! is what one needs to look at a captured frame or to feed a peer by hand. The standard
+//! topologies (servers, workers, the gateway, services, the Gilmour proxy, SyRPC) join it as
+//! their crates land.
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use rylm_message::{Codec, Function, JsonCodec, Message, NativeCodec, PylmCodec};
+
+#[derive(Parser, Debug)]
+#[command(name = "rylm", version, about = "rylm: message-oriented microservices")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Decode one message and print its fields.
+    Inspect {
+        /// The wire format of the input.
+        #[arg(long, value_enum, default_value_t = Wire::Native)]
+        wire: Wire,
+        /// The input file (standard input when absent). For `native` it is the body, without
+        /// the marker frame; a leading marker is accepted too.
+        file: Option<PathBuf>,
+    },
+    /// Encode one message and write its bytes to standard output.
+    Encode {
+        /// The wire format of the output.
+        #[arg(long, value_enum, default_value_t = Wire::Native)]
+        wire: Wire,
+        /// The function to call; several, separated by spaces, make a list of stages.
+        #[arg(long)]
+        function: String,
+        /// The payload.
+        #[arg(long, default_value = "")]
+        payload: String,
+        /// The client id.
+        #[arg(long, default_value = "")]
+        client: String,
+        /// The stream id.
+        #[arg(long, default_value = "")]
+        pipeline: String,
+        /// A header, as `name=value`; may be repeated.
+        #[arg(long = "header", value_parser = parse_header)]
+        headers: Vec<(String, String)>,
+    },
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Wire {
+    Native,
+    Json,
+    Pylm,
+}
+
+impl Wire {
+    fn codec(self) -> Box<dyn Codec> {
+        match self {
+            Wire::Native => Box::new(NativeCodec::default()),
+            Wire::Json => Box::new(JsonCodec::default()),
+            Wire::Pylm => Box::new(PylmCodec::default()),
+        }
+    }
+}
+
+fn parse_header(arg: &str) -> Result<(String, String), String> {
+    arg.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("expected name=value, got {arg:?}"))
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Command::Inspect { wire, file } => {
+            let mut input = Vec::new();
+            match &file {
+                Some(path) => {
+                    input = std::fs::read(path)
+                        .with_context(|| format!("reading {}", path.display()))?
+                }
+                None => {
+                    std::io::stdin()
+                        .read_to_end(&mut input)
+                        .context("reading standard input")?;
+                }
+            }
+            if matches!(wire, Wire::Native) && input.starts_with(&rylm_message::MARKER) {
+                input.drain(..rylm_message::MARKER.len());
+            }
+            let message = wire
+                .codec()
+                .decode(input.into())
+                .context("decoding the message")?;
+            print!("{}", describe(&message));
+            Ok(())
+        }
+        Command::Encode {
+            wire,
+            function,
+            payload,
+            client,
+            pipeline,
+            headers,
+        } => {
+            let function = if function.contains(' ') {
+                Function::stages(function.split_whitespace())
+            } else {
+                Function::Single(function)
+            };
+            let mut message = Message::call(function, payload)
+                .with_client(client)
+                .with_pipeline(pipeline);
+            message.headers.extend(headers);
+            let body = wire
+                .codec()
+                .encode(&message)
+                .context("encoding the message")?;
+            std::io::stdout()
+                .write_all(&body)
+                .context("writing standard output")?;
+            Ok(())
+        }
+    }
+}
+
+fn describe(message: &Message) -> String {
+    let mut out = format!(
+        "pipeline: {:?}\nclient:   {:?}\nstage:    {}\nfunction: {}\ncache:    {:?}\n",
+        message.pipeline, message.client, message.stage, message.function, message.cache
+    );
+    for (name, value) in &message.headers {
+        out.push_str(&format!("header:   {name}: {value:?}\n"));
+    }
+    match std::str::from_utf8(&message.payload) {
+        Ok(text) => out.push_str(&format!(
+            "payload:  {} bytes, text {text:?}\n",
+            message.payload.len()
+        )),
+        Err(_) => out.push_str(&format!(
+            "payload:  {} bytes, binary\n",
+            message.payload.len()
+        )),
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn describe_shows_text_and_binary_payloads() {
+        let text = describe(&Message::call("s.f", "hi").with_header("a", "b"));
+        assert!(text.contains("payload:  2 bytes, text \"hi\""), "{text}");
+        assert!(text.contains("header:   a: \"b\""), "{text}");
+        let binary = describe(&Message::call("s.f", vec![0xffu8, 0xfe]));
+        assert!(binary.contains("2 bytes, binary"), "{binary}");
+    }
+}

@@ -1,0 +1,19 @@
+//! Gilmour over Redis, and the HTTP proxy that lets a program in any language join it.
+//!
+//! **The protocol.** Gilmour is request/reply and signals/slots on Redis pub/sub, spoken by
+//! engines in Go and Ruby. This crate speaks it on the wire as they do: the channels and JSON
+//! envelope, a response channel per request subscribed before the request is published, the
+//! subscriber-count check that answers 404 when nobody listens, exclusion groups through a
+//! Redis lock key, wildcard slots, health pings, error records, deadlines and handler timeouts.
+//! A Rust node offers `reply_to`, `slot`, `request`, `signal` and the compositions (`pipe`,
+//! `andand`, `oror`, `batch`, `parallel`).
+//!
+//! **The proxy.** An HTTP server through which a node written in any language registers its
+//! services and slots, publishes requests and signals, and is called back on its own HTTP
+//! endpoints, with a health watchdog that takes an unresponsive node's subscriptions away until
+//! it answers again.
+//!
+//! The protocol logic (envelopes, lock keys, topic names, composition semantics) is plain data,
+//! tested in memory; the Redis I/O is on `fred`, tested against a real Redis. This crate is
+//! being built: both arrive with the Gilmour issue.
+#![warn(missing_docs)]

@@ -1,0 +1,2 @@
+
+pipe-1client-1"server.echo2hello

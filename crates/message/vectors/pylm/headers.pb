@@ -1,0 +1,1 @@
+client-3"server.upper2{"text":"hi"}

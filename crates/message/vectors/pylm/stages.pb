@@ -1,0 +1,2 @@
+
+pipe-2client-2"parse.tokens store.save*key-422a b c

@@ -1,0 +1,498 @@
+//! Private Redis and RabbitMQ servers for tests, demos and benches.
+//!
+//! Each run gets its own instances on free 127.0.0.1 ports, with every file (data, logs, the
+//! Erlang cookie, crash dumps) in one temporary directory, and touches no system configuration,
+//! so two runs can go side by side. Every process is started in a process group of its own
+//! (its pid is the group id) and its pid is written to `<dir>/<name>.pid`, so that it can be
+//! stopped exactly: by [`Servers`]'s `Drop`, by the Ctrl-C handler, or later by
+//! `cargo xtask servers stop <dir>` when `--keep-servers` left them up.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+/// Where Debian's package puts the real server script. The `/usr/sbin` wrapper switches to the
+/// `rabbitmq` user when run as root, whose HOME holds another Erlang cookie.
+const DEBIAN_RABBITMQ_SERVER: &str = "/usr/lib/rabbitmq/bin/rabbitmq-server";
+const INSTALL_COMMAND: &str = "apt-get install -y redis-server rabbitmq-server";
+
+const REDIS_READY_WITHIN: Duration = Duration::from_secs(20);
+const EPMD_READY_WITHIN: Duration = Duration::from_secs(10);
+/// RabbitMQ takes 8-12 s to start on two cores; the first start after an install is slower.
+const RABBITMQ_READY_WITHIN: Duration = Duration::from_secs(120);
+
+/// The process groups started by this xtask and not yet stopped, for the signal handler.
+static STARTED: Mutex<Vec<Started>> = Mutex::new(Vec::new());
+/// The directory of the servers in `STARTED`, removed once they are stopped.
+static STARTED_DIR: Mutex<Option<PathBuf>> = Mutex::new(None);
+
+#[derive(Debug)]
+struct Started {
+    name: &'static str,
+    pid: u32,
+    grace: Duration,
+    child: Option<Child>,
+}
+
+/// Running servers. Dropping this stops them and deletes their directory, unless
+/// [`Servers::keep`] was called.
+#[derive(Debug)]
+pub struct Servers {
+    pub dir: PathBuf,
+    pub redis_url: String,
+    pub amqp_url: String,
+    keep: bool,
+}
+
+impl Servers {
+    /// Environment variables that point tests and examples at the servers.
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("RYLM_REDIS_URL", self.redis_url.clone()),
+            ("RYLM_AMQP_URL", self.amqp_url.clone()),
+        ]
+    }
+
+    /// Leaves the servers running when this value is dropped.
+    pub fn keep(&mut self) {
+        self.keep = true;
+        STARTED.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        STARTED_DIR.lock().unwrap_or_else(|e| e.into_inner()).take();
+    }
+}
+
+impl Drop for Servers {
+    fn drop(&mut self) {
+        if !self.keep {
+            stop_started();
+        }
+    }
+}
+
+/// Stops whatever this process started and has not stopped yet. Safe to call from the signal
+/// handler thread.
+pub fn stop_started() {
+    let mut started = STARTED.lock().unwrap_or_else(|e| e.into_inner());
+    // Last started first: RabbitMQ before its epmd.
+    while let Some(mut process) = started.pop() {
+        stop_group(
+            process.name,
+            process.pid,
+            process.grace,
+            process.child.as_mut(),
+        );
+    }
+    if let Some(dir) = STARTED_DIR.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+/// Starts a private Redis and RabbitMQ and waits until both answer.
+pub fn start() -> Result<Servers> {
+    let binaries = find_or_install()?;
+    let dir = make_dir()?;
+    *STARTED_DIR.lock().unwrap_or_else(|e| e.into_inner()) = Some(dir.clone());
+    let started_at = Instant::now();
+    match start_in(&dir, &binaries) {
+        Ok((redis_url, amqp_url)) => {
+            eprintln!(
+                "xtask: Redis and RabbitMQ ready in {:.1} s ({})",
+                started_at.elapsed().as_secs_f64(),
+                dir.display()
+            );
+            Ok(Servers {
+                dir,
+                redis_url,
+                amqp_url,
+                keep: false,
+            })
+        }
+        Err(error) => {
+            stop_started();
+            Err(error)
+        }
+    }
+}
+
+/// Stops servers left running by `--keep-servers`, from the pid files in their directory.
+pub fn stop_dir(dir: &Path) -> Result<()> {
+    if !dir.join("redis.pid").exists() && !dir.join("rabbit.pid").exists() {
+        bail!("{} holds no rylm server pid files", dir.display());
+    }
+    for (name, grace) in [
+        ("rabbit", Duration::from_secs(30)),
+        ("epmd", Duration::from_secs(2)),
+        ("redis", Duration::from_secs(5)),
+    ] {
+        let Ok(text) = std::fs::read_to_string(dir.join(format!("{name}.pid"))) else {
+            continue;
+        };
+        let Ok(pid) = text.trim().parse::<u32>() else {
+            continue;
+        };
+        // A pid may have been reused by a stranger since: only stop what is still ours.
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let ours = String::from_utf8_lossy(&cmdline).contains(&*dir.to_string_lossy())
+            || String::from_utf8_lossy(&cmdline).contains(expected_command(name));
+        if ours {
+            stop_group(name, pid, grace, None);
+        }
+    }
+    std::fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))
+}
+
+fn expected_command(name: &str) -> &'static str {
+    match name {
+        "rabbit" => "rabbitmq-server",
+        "epmd" => "epmd",
+        _ => "redis-server",
+    }
+}
+
+struct Binaries {
+    redis: PathBuf,
+    rabbitmq: PathBuf,
+    epmd: PathBuf,
+}
+
+fn find_or_install() -> Result<Binaries> {
+    if let Some(found) = find_binaries() {
+        return Ok(found);
+    }
+    let is_root = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|out| out.stdout.trim_ascii() == b"0");
+    let is_debian = Path::new("/etc/debian_version").exists() && which("apt-get").is_some();
+    if !(is_root && is_debian) {
+        bail!(
+            "redis-server and rabbitmq-server are needed and not installed.\n\
+             Install them, then run this again. On Debian or Ubuntu:\n    sudo {INSTALL_COMMAND}"
+        );
+    }
+    eprintln!(
+        "xtask: redis-server or rabbitmq-server is missing; installing them with apt-get (root on Debian)"
+    );
+    let apt = |args: &[&str]| -> Result<()> {
+        let status = Command::new("apt-get")
+            .args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .stdin(Stdio::null())
+            .status()
+            .context("running apt-get")?;
+        if !status.success() {
+            bail!("apt-get {} failed ({status})", args.join(" "));
+        }
+        Ok(())
+    };
+    apt(&["update", "-q"])?;
+    apt(&["install", "-y", "-q", "redis-server", "rabbitmq-server"])?;
+    find_binaries().context(
+        "apt-get installed redis-server and rabbitmq-server, but their programs are still not found",
+    )
+}
+
+fn find_binaries() -> Option<Binaries> {
+    let rabbitmq = if Path::new(DEBIAN_RABBITMQ_SERVER).exists() {
+        PathBuf::from(DEBIAN_RABBITMQ_SERVER)
+    } else {
+        which("rabbitmq-server")?
+    };
+    Some(Binaries {
+        redis: which("redis-server")?,
+        rabbitmq,
+        epmd: which("epmd").or_else(|| {
+            let debian = Path::new("/usr/lib/erlang/bin/epmd");
+            debian.exists().then(|| debian.to_path_buf())
+        })?,
+    })
+}
+
+fn which(program: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
+        .map(|dir| dir.join(program))
+        .find(|candidate| candidate.is_file())
+}
+
+fn make_dir() -> Result<PathBuf> {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let dir = std::env::temp_dir().join(format!("rylm-svc.{}.{nanos}", std::process::id()));
+    std::fs::create_dir_all(dir.join("redis"))
+        .and_then(|()| std::fs::create_dir_all(dir.join("rabbit/mnesia")))
+        .and_then(|()| std::fs::create_dir_all(dir.join("rabbit/log")))
+        .with_context(|| format!("creating {}", dir.display()))?;
+    Ok(dir)
+}
+
+fn free_ports<const N: usize>() -> Result<[u16; N]> {
+    // Hold all listeners at once so that the ports differ, then release them.
+    let listeners = (0..N)
+        .map(|_| TcpListener::bind("127.0.0.1:0"))
+        .collect::<std::io::Result<Vec<_>>>()
+        .context("finding free loopback ports")?;
+    let mut ports = [0u16; N];
+    for (port, listener) in ports.iter_mut().zip(&listeners) {
+        *port = listener.local_addr()?.port();
+    }
+    Ok(ports)
+}
+
+fn start_in(dir: &Path, bin: &Binaries) -> Result<(String, String)> {
+    let [redis_port, amqp_port, dist_port, epmd_port] = free_ports()?;
+
+    let redis_dir = dir.join("redis");
+    let mut redis = Command::new(&bin.redis);
+    redis
+        .args(["--port", &redis_port.to_string(), "--bind", "127.0.0.1"])
+        .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+        .arg("--dir")
+        .arg(&redis_dir)
+        .arg("--logfile")
+        .arg(redis_dir.join("redis.log"))
+        .current_dir(&redis_dir);
+    spawn(dir, "redis", redis, Duration::from_secs(5))?;
+
+    let rabbit = dir.join("rabbit");
+    std::fs::write(rabbit.join("enabled_plugins"), "[].\n")?;
+    std::fs::write(rabbit.join("rabbitmq.conf"), "")?;
+    let node = format!("rylm-{}-{amqp_port}@localhost", std::process::id());
+    let dist_args = "-kernel inet_dist_use_interface {127,0,0,1}";
+    let erlang_env: Vec<(&str, String)> = vec![
+        ("HOME", rabbit.display().to_string()),
+        ("ERL_EPMD_PORT", epmd_port.to_string()),
+        ("ERL_EPMD_ADDRESS", "127.0.0.1".into()),
+        (
+            "ERL_CRASH_DUMP",
+            rabbit.join("erl_crash.dump").display().to_string(),
+        ),
+        ("RABBITMQ_NODENAME", node),
+        ("RABBITMQ_NODE_IP_ADDRESS", "127.0.0.1".into()),
+        ("RABBITMQ_NODE_PORT", amqp_port.to_string()),
+        ("RABBITMQ_DIST_PORT", dist_port.to_string()),
+        // A path that does not exist, so that /etc/rabbitmq/rabbitmq-env.conf is not read.
+        (
+            "RABBITMQ_CONF_ENV_FILE",
+            rabbit.join("rabbitmq-env.conf").display().to_string(),
+        ),
+        (
+            "RABBITMQ_CONFIG_FILE",
+            rabbit.join("rabbitmq.conf").display().to_string(),
+        ),
+        (
+            "RABBITMQ_CONFIG_FILES",
+            rabbit.join("conf.d").display().to_string(),
+        ),
+        (
+            "RABBITMQ_ADVANCED_CONFIG_FILE",
+            rabbit.join("advanced.config").display().to_string(),
+        ),
+        (
+            "RABBITMQ_ENABLED_PLUGINS_FILE",
+            rabbit.join("enabled_plugins").display().to_string(),
+        ),
+        (
+            "RABBITMQ_MNESIA_BASE",
+            rabbit.join("mnesia").display().to_string(),
+        ),
+        (
+            "RABBITMQ_LOG_BASE",
+            rabbit.join("log").display().to_string(),
+        ),
+        (
+            "RABBITMQ_PID_FILE",
+            rabbit.join("rabbit.pid").display().to_string(),
+        ),
+        ("RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS", dist_args.into()),
+        ("RABBITMQ_CTL_ERL_ARGS", dist_args.into()),
+    ];
+
+    // Our own epmd, so that RabbitMQ neither joins the shared one nor daemonizes one.
+    let mut epmd = Command::new(&bin.epmd);
+    epmd.args(["-port", &epmd_port.to_string(), "-address", "127.0.0.1"])
+        .current_dir(&rabbit)
+        .envs(erlang_env.iter().map(|(k, v)| (*k, v.as_str())));
+    spawn(dir, "epmd", epmd, Duration::from_secs(2))?;
+
+    let mut rabbitmq = Command::new(&bin.rabbitmq);
+    rabbitmq
+        .current_dir(&rabbit)
+        .envs(erlang_env.iter().map(|(k, v)| (*k, v.as_str())));
+
+    wait_until("Redis", dir, "redis", REDIS_READY_WITHIN, || {
+        redis_ping(redis_port)
+    })?;
+    wait_until("epmd", dir, "epmd", EPMD_READY_WITHIN, || {
+        Command::new(&bin.epmd)
+            .args(["-port", &epmd_port.to_string(), "-names"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    })?;
+    spawn(dir, "rabbit", rabbitmq, Duration::from_secs(30))?;
+    wait_until("RabbitMQ", dir, "rabbit", RABBITMQ_READY_WITHIN, || {
+        amqp_handshake(amqp_port)
+    })?;
+
+    Ok((
+        format!("redis://127.0.0.1:{redis_port}/0"),
+        format!("amqp://guest:guest@127.0.0.1:{amqp_port}/%2F"),
+    ))
+}
+
+fn spawn(dir: &Path, name: &'static str, mut command: Command, grace: Duration) -> Result<()> {
+    let log = std::fs::File::create(dir.join(format!("{name}.out")))?;
+    let child = command
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .process_group(0)
+        .spawn()
+        .with_context(|| format!("starting {name} ({:?})", command.get_program()))?;
+    let pid = child.id();
+    std::fs::write(dir.join(format!("{name}.pid")), format!("{pid}\n"))?;
+    STARTED
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(Started {
+            name,
+            pid,
+            grace,
+            child: Some(child),
+        });
+    Ok(())
+}
+
+/// Polls `ready` until it holds, the process dies, or `within` passes.
+fn wait_until(
+    what: &str,
+    dir: &Path,
+    name: &str,
+    within: Duration,
+    mut ready: impl FnMut() -> bool,
+) -> Result<()> {
+    let deadline = Instant::now() + within;
+    loop {
+        if ready() {
+            return Ok(());
+        }
+        if let Some(status) = exited(name) {
+            bail!(
+                "{what} exited during start-up ({status}){}",
+                log_tail(dir, name)
+            );
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "{what} did not become ready within {within:?}{}",
+                log_tail(dir, name)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn exited(name: &str) -> Option<std::process::ExitStatus> {
+    let mut started = STARTED.lock().unwrap_or_else(|e| e.into_inner());
+    let process = started.iter_mut().find(|p| p.name == name)?;
+    process.child.as_mut()?.try_wait().ok().flatten()
+}
+
+fn log_tail(dir: &Path, name: &str) -> String {
+    let mut tail = String::new();
+    for file in [format!("{name}.out"), "redis/redis.log".into()] {
+        if file.starts_with("redis/") && name != "redis" {
+            continue;
+        }
+        if let Ok(text) = std::fs::read_to_string(dir.join(&file)) {
+            let lines: Vec<&str> = text.lines().collect();
+            let start = lines.len().saturating_sub(20);
+            tail.push_str(&format!(
+                "\n--- last lines of {file} ---\n{}",
+                lines[start..].join("\n")
+            ));
+        }
+    }
+    tail
+}
+
+fn redis_ping(port: u16) -> bool {
+    let attempt = || -> std::io::Result<bool> {
+        let mut stream =
+            TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(500))?;
+        stream.set_read_timeout(Some(Duration::from_secs(1)))?;
+        stream.write_all(b"PING\r\n")?;
+        let mut answer = [0u8; 7];
+        stream.read_exact(&mut answer)?;
+        Ok(&answer == b"+PONG\r\n")
+    };
+    attempt().unwrap_or(false)
+}
+
+/// A real AMQP 0-9-1 handshake: RabbitMQ opens its listener last, and answers the protocol
+/// header with a method frame (type 1), `connection.start`, only when it is ready.
+fn amqp_handshake(port: u16) -> bool {
+    let attempt = || -> std::io::Result<bool> {
+        let mut stream =
+            TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(500))?;
+        stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+        stream.write_all(b"AMQP\x00\x00\x09\x01")?;
+        let mut frame_type = [0u8; 1];
+        stream.read_exact(&mut frame_type)?;
+        Ok(frame_type[0] == 1)
+    };
+    attempt().unwrap_or(false)
+}
+
+/// SIGTERM to the leader, a grace period, then SIGKILL to whatever is left of its group.
+fn stop_group(name: &str, pid: u32, grace: Duration, mut child: Option<&mut Child>) {
+    let deadline = Instant::now() + grace;
+    if alive(pid, child.as_deref_mut()) {
+        signal("-TERM", &pid.to_string());
+        while alive(pid, child.as_deref_mut()) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        if alive(pid, child.as_deref_mut()) {
+            eprintln!("xtask: {name} (pid {pid}) did not stop within {grace:?}; killing it");
+        }
+    }
+    // The group id is the leader's pid (process_group(0)); children such as beam.smp may be
+    // left in it after the leader is gone.
+    signal("-KILL", &format!("-{pid}"));
+    if let Some(child) = child {
+        let _ = child.wait();
+    }
+}
+
+fn alive(pid: u32, child: Option<&mut Child>) -> bool {
+    if let Some(child) = child {
+        return matches!(child.try_wait(), Ok(None));
+    }
+    // Not our child: a zombie has exited; only its parent can reap it.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z"),
+        Err(_) => false,
+    }
+}
+
+fn signal(which: &str, target: &str) {
+    let _ = Command::new("kill")
+        .args([which, "--", target])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+}

@@ -1,0 +1,317 @@
+//! The commands that run other programs: test, demo, bench, publish, fuzz.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+
+use crate::{codegen, provision};
+
+/// On Ctrl-C (or SIGTERM, SIGHUP) stop the servers this run started before exiting.
+pub fn install_signal_handler() -> Result<()> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])
+        .context("installing the signal handler")?;
+    std::thread::Builder::new()
+        .name("xtask-signals".into())
+        .spawn(move || {
+            if let Some(signal) = signals.forever().next() {
+                eprintln!(
+                    "\nxtask: interrupted (signal {signal}); stopping the servers it started"
+                );
+                provision::stop_started();
+                std::process::exit(128 + signal);
+            }
+        })
+        .context("starting the signal handler thread")?;
+    Ok(())
+}
+
+pub fn print_exports(servers: &provision::Servers) {
+    for (name, value) in servers.env() {
+        println!("export {name}={value}");
+    }
+    println!("export RYLM_SERVERS_DIR={}", servers.dir.display());
+    eprintln!(
+        "xtask: servers left running; stop them with: cargo xtask servers stop {}",
+        servers.dir.display()
+    );
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+}
+
+/// What `cargo xtask test` ran, for its closing line.
+#[derive(Default)]
+struct Tally {
+    passed: u64,
+    failed: u64,
+    failed_steps: Vec<String>,
+}
+
+impl Tally {
+    fn step(&mut self, name: &str, ok: bool) {
+        if ok {
+            self.passed += 1;
+        } else {
+            self.failed += 1;
+            self.failed_steps.push(name.to_owned());
+        }
+    }
+}
+
+fn banner(text: &str) {
+    eprintln!("\nxtask: ==== {text} ====");
+}
+
+fn status_ok(command: &mut Command) -> Result<bool> {
+    let program = format!("{:?}", command.get_program());
+    Ok(command
+        .status()
+        .with_context(|| format!("running {program}"))?
+        .success())
+}
+
+pub fn test(keep_servers: bool, cargo_args: &[String]) -> Result<()> {
+    let started = Instant::now();
+    let mut tally = Tally::default();
+
+    banner("cargo fmt --check");
+    let ok = status_ok(cargo().args(["fmt", "--all", "--", "--check"]))?;
+    tally.step("formatting (cargo fmt --all -- --check)", ok);
+
+    banner("cargo clippy, warnings denied");
+    let ok = status_ok(cargo().args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--all-features",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    tally.step("lints (cargo clippy -D warnings)", ok);
+
+    banner("generated files are fresh (cargo xtask codegen --check)");
+    let stale = codegen::check()?;
+    for file in &stale {
+        eprintln!("xtask: stale generated file: {file} (run `cargo xtask codegen`)");
+    }
+    tally.step(
+        "generated files (cargo xtask codegen --check)",
+        stale.is_empty(),
+    );
+
+    banner("Redis and RabbitMQ for the tests");
+    let mut servers = match provision::start() {
+        Ok(servers) => Some(servers),
+        Err(error) => {
+            // The tests still run: those that need a server fail and say so.
+            eprintln!("xtask: could not start the servers: {error:#}");
+            tally.step("servers (Redis and RabbitMQ)", false);
+            None
+        }
+    };
+
+    banner("cargo test --workspace --all-features");
+    let mut command = cargo();
+    command
+        .args(["test", "--workspace", "--all-features"])
+        .args(cargo_args)
+        .envs(servers.iter().flat_map(|s| s.env()))
+        .env("RYLM_REQUIRE_SERVERS", "1");
+    let (passed, failed, ok) = run_cargo_test(&mut command)?;
+    tally.passed += passed;
+    tally.failed += failed;
+    if !ok && failed == 0 {
+        // It failed before it could report a test: a build error, a crash.
+        tally.step("cargo test (did not complete)", false);
+    }
+
+    if let Some(servers) = servers.as_mut().filter(|_| keep_servers) {
+        servers.keep();
+        print_exports(servers);
+    }
+    drop(servers);
+
+    eprintln!(
+        "\nxtask: finished in {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
+    for step in &tally.failed_steps {
+        eprintln!("xtask: FAILED: {step}");
+    }
+    println!("xtask: {} passed, {} failed", tally.passed, tally.failed);
+    if tally.failed > 0 {
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+/// Runs `cargo test`, echoing its output, and adds up its `test result:` lines.
+fn run_cargo_test(command: &mut Command) -> Result<(u64, u64, bool)> {
+    let mut child = command
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("running cargo test")?;
+    let stdout = child.stdout.take().context("cargo test's output")?;
+    let (mut passed, mut failed) = (0, 0);
+    for line in BufReader::new(stdout).lines() {
+        let line = line.context("reading cargo test's output")?;
+        println!("{line}");
+        if let Some((p, f)) = parse_test_result(&line) {
+            passed += p;
+            failed += f;
+        }
+    }
+    let ok = child.wait().context("waiting for cargo test")?.success();
+    Ok((passed, failed, ok))
+}
+
+/// `test result: ok. 21 passed; 0 failed; 0 ignored; ...` -> (21, 0).
+fn parse_test_result(line: &str) -> Option<(u64, u64)> {
+    let rest = line.trim().strip_prefix("test result: ")?;
+    let (_, counts) = rest.split_once(". ")?;
+    let mut passed = None;
+    let mut failed = None;
+    for part in counts.split(';') {
+        let mut words = part.split_whitespace();
+        let (Some(number), Some(label)) = (words.next(), words.next()) else {
+            continue;
+        };
+        let Ok(number) = number.parse::<u64>() else {
+            continue;
+        };
+        match label {
+            "passed" => passed = Some(number),
+            "failed" => failed = Some(number),
+            _ => {}
+        }
+    }
+    Some((passed?, failed?))
+}
+
+pub fn demo(keep_servers: bool) -> Result<()> {
+    banner("building the demo");
+    if !status_ok(cargo().args([
+        "build",
+        "--quiet",
+        "--package",
+        "rylm-examples",
+        "--bin",
+        "ground",
+    ]))? {
+        bail!("the demo did not build");
+    }
+    banner("Redis and RabbitMQ for the demo");
+    let mut servers = provision::start()?;
+    banner("the ground: framed envelopes over ZeroMQ, Redis and RabbitMQ");
+    let ok = status_ok(
+        cargo()
+            .args([
+                "run",
+                "--quiet",
+                "--package",
+                "rylm-examples",
+                "--bin",
+                "ground",
+            ])
+            .envs(servers.env()),
+    )?;
+    if keep_servers {
+        servers.keep();
+        print_exports(&servers);
+    }
+    drop(servers);
+    if !ok {
+        bail!("the demo failed");
+    }
+    eprintln!("\nxtask: demo finished");
+    Ok(())
+}
+
+pub fn bench(name: Option<&str>, quick: bool) -> Result<()> {
+    let mut command = cargo();
+    command.args(["bench", "--package", "rylm-benches"]);
+    if let Some(name) = name {
+        command.args(["--bench", name]);
+    }
+    if quick {
+        command.args(["--", "--test"]);
+    }
+    if !status_ok(&mut command)? {
+        bail!("the benches failed");
+    }
+    Ok(())
+}
+
+pub fn publish(dry_run: bool) -> Result<()> {
+    // cargo orders the crates by their dependencies and, for a dry run, verifies each one
+    // against the packaged versions of its siblings.
+    let mut command = cargo();
+    command.args(["publish", "--workspace"]);
+    if dry_run {
+        command.args(["--dry-run", "--allow-dirty"]);
+    }
+    if !status_ok(&mut command)? {
+        bail!("cargo publish failed");
+    }
+    Ok(())
+}
+
+pub fn fuzz(target: &str, seconds: u64) -> Result<()> {
+    let has_nightly = Command::new("rustup")
+        .args(["run", "nightly", "rustc", "--version"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !has_nightly {
+        bail!("cargo-fuzz needs a nightly toolchain: rustup toolchain install nightly");
+    }
+    let has_cargo_fuzz = Command::new("cargo")
+        .args(["+nightly", "fuzz", "--version"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !has_cargo_fuzz {
+        eprintln!("xtask: cargo-fuzz is missing; installing it (cargo install cargo-fuzz)");
+        if !status_ok(Command::new("cargo").args(["install", "--locked", "cargo-fuzz"]))? {
+            bail!("could not install cargo-fuzz");
+        }
+    }
+    // Called through rustup's proxy, not $CARGO, so that `+nightly` selects the toolchain.
+    let ok = status_ok(
+        Command::new("cargo")
+            .current_dir("crates/message")
+            .args(["+nightly", "fuzz", "run", target, "--"])
+            .arg(format!("-max_total_time={seconds}")),
+    )?;
+    if !ok {
+        bail!("fuzz target {target} failed (see the artifact path above)");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_test_result;
+
+    #[test]
+    fn reads_cargo_test_summaries() {
+        assert_eq!(
+            parse_test_result(
+                "test result: ok. 21 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 0.00s"
+            ),
+            Some((21, 0))
+        );
+        assert_eq!(
+            parse_test_result("test result: FAILED. 3 passed; 2 failed; 0 ignored"),
+            Some((3, 2))
+        );
+        assert_eq!(parse_test_result("running 3 tests"), None);
+    }
+}

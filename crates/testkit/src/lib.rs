@@ -1,0 +1,56 @@
+//! Helpers for rylm's own tests; not published.
+//!
+//! `cargo xtask test` starts private Redis and RabbitMQ servers and passes their URLs to the
+//! tests in `RYLM_REDIS_URL` and `RYLM_AMQP_URL`, with `RYLM_REQUIRE_SERVERS=1`. A test that
+//! needs a server asks for its URL here: under xtask a missing URL fails the test; under a plain
+//! `cargo test` the test is skipped with a loud message, so that the rest of the suite still runs
+//! on a machine without the servers.
+#![warn(missing_docs)]
+
+use std::io::Write;
+
+/// The variable that names the Redis URL.
+pub const REDIS_URL: &str = "RYLM_REDIS_URL";
+/// The variable that names the AMQP (RabbitMQ) URL.
+pub const AMQP_URL: &str = "RYLM_AMQP_URL";
+/// Set to `1` by `cargo xtask test`: a missing server is then a failure, not a skip.
+pub const REQUIRE_SERVERS: &str = "RYLM_REQUIRE_SERVERS";
+
+/// The URL of the provisioned Redis, or `None` (after a loud message) when the test should skip.
+///
+/// # Panics
+///
+/// When no URL is given and `RYLM_REQUIRE_SERVERS=1`.
+pub fn redis_url(test: &str) -> Option<String> {
+    server_url(REDIS_URL, "Redis", test)
+}
+
+/// The URL of the provisioned RabbitMQ, or `None` (after a loud message) when the test should
+/// skip.
+///
+/// # Panics
+///
+/// When no URL is given and `RYLM_REQUIRE_SERVERS=1`.
+pub fn amqp_url(test: &str) -> Option<String> {
+    server_url(AMQP_URL, "RabbitMQ", test)
+}
+
+fn server_url(variable: &str, server: &str, test: &str) -> Option<String> {
+    match std::env::var(variable) {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ if std::env::var(REQUIRE_SERVERS).is_ok_and(|v| v == "1") => panic!(
+            "{test} needs {server}, but {variable} is not set although {REQUIRE_SERVERS}=1; \
+             run the tests with `cargo xtask test`, which starts the servers"
+        ),
+        _ => {
+            // Straight to the file descriptor: libtest captures `eprintln!` of passing tests,
+            // and a skip must not pass unseen.
+            let notice = format!(
+                "\n!!! SKIPPED {test}: it needs {server} and {variable} is not set. \
+                 Run `cargo xtask test` to start the servers and run it. !!!\n"
+            );
+            let _ = std::io::stderr().write_all(notice.as_bytes());
+            None
+        }
+    }
+}

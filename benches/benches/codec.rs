@@ -31,7 +31,10 @@ fn bench_codecs(c: &mut Criterion) {
         let message = sample(payload_len);
         let mut encode = c.benchmark_group(format!("encode/{payload_len}B"));
         encode.throughput(Throughput::Elements(1));
-        let native_len = NativeCodec::default().encode(&message).map(|b| b.len()).unwrap_or(0);
+        let native_len = NativeCodec::default()
+            .encode(&message)
+            .map(|b| b.len())
+            .unwrap_or(0);
         encode.bench_function("baseline: copy of the encoded bytes", |b| {
             let bytes = vec![0x5a_u8; native_len];
             b.iter(|| black_box(Bytes::copy_from_slice(black_box(&bytes))))

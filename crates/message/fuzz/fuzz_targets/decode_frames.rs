@@ -7,6 +7,9 @@ use libfuzzer_sys::fuzz_target;
 use rylm_message::{Codec, NativeCodec};
 
 fuzz_target!(|data: &[u8]| {
-    let frames: Vec<Bytes> = data.split(|b| *b == 0xff).map(Bytes::copy_from_slice).collect();
+    let frames: Vec<Bytes> = data
+        .split(|b| *b == 0xff)
+        .map(Bytes::copy_from_slice)
+        .collect();
     let _ = NativeCodec::default().decode_frames(&frames);
 });

@@ -10,7 +10,10 @@ fuzz_target!(|data: &[u8]| {
     let codec = PylmCodec::default();
     if let Ok(message) = codec.decode(Bytes::copy_from_slice(data)) {
         if let Ok(again) = codec.encode(&message) {
-            assert_eq!(codec.decode(again).expect("a re-encoded message decodes"), message);
+            assert_eq!(
+                codec.decode(again).expect("a re-encoded message decodes"),
+                message
+            );
         }
     }
 });

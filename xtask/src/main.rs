@@ -13,6 +13,8 @@
 mod codegen;
 mod provision;
 mod run;
+#[cfg(test)]
+mod tidy;
 
 use std::path::{Path, PathBuf};
 

@@ -11,6 +11,7 @@
 //! - `servers start|stop`: the private servers on their own, for working by hand.
 
 mod codegen;
+mod peers;
 mod provision;
 mod run;
 #[cfg(test)]

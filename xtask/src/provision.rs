@@ -47,6 +47,8 @@ pub struct Servers {
     pub dir: PathBuf,
     pub redis_url: String,
     pub amqp_url: String,
+    /// A script that runs `rabbitmqctl` against the private node (for restart tests).
+    pub rabbitmqctl: PathBuf,
     keep: bool,
 }
 
@@ -56,6 +58,7 @@ impl Servers {
         vec![
             ("RYLM_REDIS_URL", self.redis_url.clone()),
             ("RYLM_AMQP_URL", self.amqp_url.clone()),
+            ("RYLM_RABBITMQCTL", self.rabbitmqctl.display().to_string()),
         ]
     }
 
@@ -107,6 +110,7 @@ pub fn start() -> Result<Servers> {
                 dir.display()
             );
             Ok(Servers {
+                rabbitmqctl: dir.join("rabbitmqctl"),
                 dir,
                 redis_url,
                 amqp_url,
@@ -165,12 +169,7 @@ fn find_or_install() -> Result<Binaries> {
     if let Some(found) = find_binaries() {
         return Ok(found);
     }
-    let is_root = Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|out| out.stdout.trim_ascii() == b"0");
-    let is_debian = Path::new("/etc/debian_version").exists() && which("apt-get").is_some();
-    if !(is_root && is_debian) {
+    if !may_install() {
         bail!(
             "redis-server and rabbitmq-server are needed and not installed.\n\
              Install them, then run this again. On Debian or Ubuntu:\n    sudo {INSTALL_COMMAND}"
@@ -179,6 +178,23 @@ fn find_or_install() -> Result<Binaries> {
     eprintln!(
         "xtask: redis-server or rabbitmq-server is missing; installing them with apt-get (root on Debian)"
     );
+    apt_install(&["redis-server", "rabbitmq-server"])?;
+    find_binaries().context(
+        "apt-get installed redis-server and rabbitmq-server, but their programs are still not found",
+    )
+}
+
+/// True when this process may install system packages itself: root on Debian or Ubuntu.
+pub fn may_install() -> bool {
+    let is_root = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|out| out.stdout.trim_ascii() == b"0");
+    is_root && Path::new("/etc/debian_version").exists() && which("apt-get").is_some()
+}
+
+/// `apt-get update`, then `apt-get install -y` of `packages`, non-interactively.
+pub fn apt_install(packages: &[&str]) -> Result<()> {
     let apt = |args: &[&str]| -> Result<()> {
         let status = Command::new("apt-get")
             .args(args)
@@ -192,10 +208,9 @@ fn find_or_install() -> Result<Binaries> {
         Ok(())
     };
     apt(&["update", "-q"])?;
-    apt(&["install", "-y", "-q", "redis-server", "rabbitmq-server"])?;
-    find_binaries().context(
-        "apt-get installed redis-server and rabbitmq-server, but their programs are still not found",
-    )
+    let mut install = vec!["install", "-y", "-q"];
+    install.extend_from_slice(packages);
+    apt(&install)
 }
 
 fn find_binaries() -> Option<Binaries> {
@@ -324,6 +339,7 @@ fn start_in(dir: &Path, bin: &Binaries) -> Result<(String, String)> {
         .envs(erlang_env.iter().map(|(k, v)| (*k, v.as_str())));
     spawn(dir, "epmd", epmd, Duration::from_secs(2))?;
 
+    write_rabbitmqctl(dir, &bin.rabbitmq, &erlang_env)?;
     let mut rabbitmq = Command::new(&bin.rabbitmq);
     rabbitmq
         .current_dir(&rabbit)
@@ -349,6 +365,27 @@ fn start_in(dir: &Path, bin: &Binaries) -> Result<(String, String)> {
         format!("redis://127.0.0.1:{redis_port}/0"),
         format!("amqp://guest:guest@127.0.0.1:{amqp_port}/%2F"),
     ))
+}
+
+/// `<dir>/rabbitmqctl`: the broker's own CLI with the private node's environment (its cookie,
+/// epmd and node name), so that tests can stop and start the broker's application.
+fn write_rabbitmqctl(dir: &Path, server: &Path, env: &[(&str, String)]) -> Result<()> {
+    let ctl = server.with_file_name("rabbitmqctl");
+    let mut script = String::from(
+        "#!/bin/sh\n# Written by cargo xtask: rabbitmqctl for this private RabbitMQ node.\n",
+    );
+    for (name, value) in env {
+        script.push_str(&format!(
+            "export {name}='{}'\n",
+            value.replace('\'', "'\\''")
+        ));
+    }
+    script.push_str(&format!("exec '{}' \"$@\"\n", ctl.display()));
+    let path = dir.join("rabbitmqctl");
+    std::fs::write(&path, script)?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
+    Ok(())
 }
 
 fn spawn(dir: &Path, name: &'static str, mut command: Command, grace: Duration) -> Result<()> {

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 
-use crate::{codegen, provision};
+use crate::{codegen, peers, provision};
 
 /// On Ctrl-C (or SIGTERM, SIGHUP) stop the servers this run started before exiting.
 pub fn install_signal_handler() -> Result<()> {
@@ -115,12 +115,23 @@ pub fn test(keep_servers: bool, cargo_args: &[String]) -> Result<()> {
         }
     };
 
+    banner("third-party peers for the interop tests");
+    let peer_env = match peers::prepare() {
+        Ok(env) => env,
+        Err(error) => {
+            eprintln!("xtask: could not install the interop peers: {error:#}");
+            tally.step("interop peers (npm syrpc)", false);
+            Vec::new()
+        }
+    };
+
     banner("cargo test --workspace --all-features");
     let mut command = cargo();
     command
         .args(["test", "--workspace", "--all-features"])
         .args(cargo_args)
         .envs(servers.iter().flat_map(|s| s.env()))
+        .envs(peer_env)
         .env("RYLM_REQUIRE_SERVERS", "1");
     let (passed, failed, ok) = run_cargo_test(&mut command)?;
     tally.passed += passed;

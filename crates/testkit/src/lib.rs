@@ -35,6 +35,29 @@ pub fn amqp_url(test: &str) -> Option<String> {
     server_url(AMQP_URL, "RabbitMQ", test)
 }
 
+/// The `rabbitmqctl` of the provisioned RabbitMQ node (a script that sets its environment), to
+/// stop and start the broker in restart tests; `None` (after a loud message) when the test
+/// should skip.
+///
+/// # Panics
+///
+/// When it is not given and `RYLM_REQUIRE_SERVERS=1`.
+pub fn rabbitmqctl(test: &str) -> Option<String> {
+    server_url("RYLM_RABBITMQCTL", "the RabbitMQ control script", test)
+}
+
+/// Node.js and the folder of installed npm peers (`node_modules`), as `cargo xtask test`
+/// installs them; `None` (after a loud message) when the test should skip.
+///
+/// # Panics
+///
+/// When they are not given and `RYLM_REQUIRE_SERVERS=1`.
+pub fn node_peers(test: &str) -> Option<(String, String)> {
+    let node = server_url("RYLM_NODE", "Node.js", test)?;
+    let modules = server_url("RYLM_NODE_MODULES", "the npm peers", test)?;
+    Some((node, modules))
+}
+
 fn server_url(variable: &str, server: &str, test: &str) -> Option<String> {
     match std::env::var(variable) {
         Ok(url) if !url.is_empty() => Some(url),

@@ -1,0 +1,109 @@
+//! The one error type of this crate.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::ResultId;
+
+/// Everything a SyRPC client or server can report.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The settings cannot work.
+    #[error("invalid SyRPC settings: {0}")]
+    InvalidSettings(String),
+
+    /// The broker could not be reached within the allowed time.
+    #[error("cannot reach the AMQP broker at {url} (tried for {tried_for:?}): {reason}")]
+    Unreachable {
+        /// The broker's URL, password redacted.
+        url: String,
+        /// How long connecting was tried.
+        tried_for: Duration,
+        /// The last failure.
+        reason: String,
+    },
+
+    /// The broker refused the credentials or the virtual host.
+    #[error("the AMQP broker at {url} refused the login: {reason}")]
+    AccessRefused {
+        /// The broker's URL, password redacted.
+        url: String,
+        /// What the broker said.
+        reason: String,
+    },
+
+    /// An AMQP operation failed.
+    #[error("AMQP operation {operation} failed: {source}")]
+    Amqp {
+        /// What was being done.
+        operation: &'static str,
+        /// The client library's error.
+        #[source]
+        source: lapin::Error,
+    },
+
+    /// The broker did not confirm a published message.
+    #[error("the broker did not accept the {what} (negative confirm)")]
+    NotConfirmed {
+        /// What was published.
+        what: &'static str,
+    },
+
+    /// A message on the wire is not valid SyRPC.
+    #[error("malformed SyRPC {what}: {reason}")]
+    Malformed {
+        /// A request or a result.
+        what: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// A value could not be encoded as JSON.
+    #[error("cannot encode the data as JSON: {0}")]
+    Encode(String),
+
+    /// No result came before the deadline.
+    #[error("no result for {result_id} within {waited:?}")]
+    Timeout {
+        /// The result waited for.
+        result_id: ResultId,
+        /// The deadline that passed.
+        waited: Duration,
+    },
+
+    /// No request came before the deadline (server side).
+    #[error("no request within {0:?}")]
+    NoRequest(Duration),
+
+    /// The server answered with an exception.
+    #[error("the server reported an error for {result_id}: {exception}")]
+    Remote {
+        /// The request it answers.
+        result_id: ResultId,
+        /// The `exception` member of the result's data.
+        exception: Value,
+    },
+
+    /// The client or server was shut down while the call was waiting.
+    #[error("the SyRPC {0} was shut down")]
+    Closed(&'static str),
+}
+
+impl Error {
+    pub(crate) fn amqp(operation: &'static str) -> impl FnOnce(lapin::Error) -> Error {
+        move |source| Error::Amqp { operation, source }
+    }
+
+    /// True for failures that a new connection may cure.
+    pub(crate) fn is_connection_loss(&self) -> bool {
+        match self {
+            Error::Amqp { source, .. } => {
+                !matches!(source.kind(), lapin::ErrorKind::ProtocolError(_))
+            }
+            Error::Unreachable { .. } => true,
+            _ => false,
+        }
+    }
+}

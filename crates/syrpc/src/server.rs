@@ -1,0 +1,355 @@
+//! The server: take requests, publish results; and a handler loop on top.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_lite::StreamExt;
+use lapin::Acker;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, BasicRejectOptions};
+use lapin::types::FieldTable;
+use serde::Serialize;
+use serde_json::Value;
+use tokio::sync::{Mutex, Semaphore, mpsc};
+
+use crate::Error;
+use crate::link::Link;
+use crate::protocol::{self, AckMode, ResultId, Settings};
+
+/// One request taken from the request queue.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Request {
+    /// The request type: which function to run.
+    pub type_: String,
+    /// Where the result goes.
+    pub result_id: ResultId,
+    /// The argument.
+    pub data: Value,
+}
+
+/// A request still to acknowledge, and the connection it came on.
+struct Pending {
+    acker: Acker,
+    generation: u64,
+}
+
+struct Incoming {
+    request: Request,
+    acker: Acker,
+    generation: u64,
+}
+
+/// A SyRPC server. Cheap to clone; clones share the connection and the request stream.
+#[derive(Clone)]
+pub struct Server {
+    link: Arc<Link>,
+    incoming: Arc<Mutex<mpsc::Receiver<Incoming>>>,
+    pending: Arc<std::sync::Mutex<HashMap<ResultId, Pending>>>,
+    consumer_task: Arc<tokio::task::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("app_name", &self.link.settings.app_name)
+            .finish()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        // The last clone stops the consumer; its channel closes and unacked requests go back.
+        if Arc::strong_count(&self.consumer_task) == 1 {
+            self.consumer_task.abort();
+        }
+    }
+}
+
+impl Server {
+    /// Connects, declares the topology and starts consuming requests, at most `prefetch`
+    /// unacknowledged at a time.
+    pub async fn connect(settings: Settings) -> Result<Server, Error> {
+        let link = Link::connect(settings).await?;
+        let (sender, receiver) = mpsc::channel(usize::from(link.settings.prefetch));
+        let consumer_task = tokio::spawn(consume_requests(link.clone(), sender));
+        Ok(Server {
+            link,
+            incoming: Arc::new(Mutex::new(receiver)),
+            pending: Arc::new(std::sync::Mutex::new(HashMap::new())),
+            consumer_task: Arc::new(consumer_task),
+        })
+    }
+
+    /// The settings in force.
+    pub fn settings(&self) -> &Settings {
+        &self.link.settings
+    }
+
+    /// The next request, waiting up to `deadline` (forever with `None`). With
+    /// [`AckMode::AfterResult`] the request is acknowledged by [`Server::put_result`].
+    pub async fn get_request(&self, deadline: Option<Duration>) -> Result<Request, Error> {
+        let next = async { self.incoming.lock().await.recv().await };
+        let incoming = match deadline {
+            Some(limit) => tokio::time::timeout(limit, next)
+                .await
+                .map_err(|_| Error::NoRequest(limit))?,
+            None => next.await,
+        }
+        .ok_or(Error::Closed("server"))?;
+        match self.link.settings.ack_mode {
+            AckMode::OnReceipt => {
+                let _ = incoming.acker.ack(BasicAckOptions::default()).await;
+            }
+            AckMode::AfterResult => {
+                let pending = Pending {
+                    acker: incoming.acker,
+                    generation: incoming.generation,
+                };
+                self.pending
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(incoming.request.result_id.clone(), pending);
+            }
+        }
+        Ok(incoming.request)
+    }
+
+    /// Publishes the result of `result_id` (the broker has confirmed it when this returns),
+    /// then acknowledges the request.
+    pub async fn put_result(
+        &self,
+        result_id: &ResultId,
+        data: &impl Serialize,
+    ) -> Result<(), Error> {
+        let data = serde_json::to_value(data).map_err(|e| Error::Encode(e.to_string()))?;
+        let body = protocol::encode_result(result_id, &data)?;
+        let settings = &self.link.settings;
+        let bucket = settings.bucket(result_id.as_str());
+        self.link
+            .publish(
+                "result",
+                &settings.result_exchange(),
+                &bucket.to_string(),
+                &body,
+                None,
+                Some(bucket),
+            )
+            .await?;
+        let pending = self
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(result_id);
+        if let Some(pending) = pending {
+            // After a reconnect the old channel is gone and the broker has requeued the
+            // request; it will come again (at-least-once), so there is nothing to ack.
+            if pending.generation == self.link.generation() {
+                let _ = pending.acker.ack(BasicAckOptions::default()).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// Serves requests with `handlers` until `shutdown` completes, running up to `prefetch`
+    /// handlers at once; then stops taking requests and waits for the running ones to finish.
+    ///
+    /// An unknown type, a handler error and a handler panic each answer the caller with an
+    /// `exception` result; the loop goes on.
+    pub async fn serve(
+        &self,
+        handlers: Handlers,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), Error> {
+        let handlers = Arc::new(handlers);
+        let slots = Arc::new(Semaphore::new(usize::from(self.link.settings.prefetch)));
+        let mut running = tokio::task::JoinSet::new();
+        tokio::pin!(shutdown);
+        loop {
+            let permit = tokio::select! {
+                _ = &mut shutdown => break,
+                permit = slots.clone().acquire_owned() => permit.map_err(|_| Error::Closed("server"))?,
+            };
+            let request = tokio::select! {
+                _ = &mut shutdown => break,
+                request = self.get_request(None) => request?,
+            };
+            let server = self.clone();
+            let handlers = handlers.clone();
+            running.spawn(async move {
+                let answer = handlers.run(&request).await;
+                if let Err(error) = server.put_result(&request.result_id, &answer).await {
+                    tracing::error!(result_id = %request.result_id, %error, "could not publish a result");
+                }
+                drop(permit);
+            });
+            while running.try_join_next().is_some() {}
+        }
+        while running.join_next().await.is_some() {}
+        Ok(())
+    }
+
+    /// Closes the connection; requests taken and not answered go back to the queue.
+    pub async fn close(self) {
+        self.consumer_task.abort();
+        self.link.close().await;
+    }
+}
+
+/// Consumes the request queue, reconnecting after a loss, and forwards well-formed requests.
+async fn consume_requests(link: Arc<Link>, sender: mpsc::Sender<Incoming>) {
+    loop {
+        let opened = async {
+            let (channel, generation) = link.channel().await?;
+            channel
+                .basic_qos(link.settings.prefetch, BasicQosOptions::default())
+                .await
+                .map_err(Error::amqp("basic.qos"))?;
+            let consumer = channel
+                .basic_consume(
+                    link.settings.request_exchange().as_str().into(),
+                    "".into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(Error::amqp("basic.consume (request)"))?;
+            Ok::<_, Error>((channel, consumer, generation))
+        };
+        let (channel, mut consumer, generation) = match opened.await {
+            Ok(opened) => opened,
+            Err(error) => {
+                tracing::error!(%error, "cannot consume requests; the server stops taking them");
+                return;
+            }
+        };
+        while let Some(delivery) = consumer.next().await {
+            let delivery = match delivery {
+                Ok(delivery) => delivery,
+                Err(error) => {
+                    tracing::warn!(%error, "request consumer failed; reconnecting");
+                    break;
+                }
+            };
+            match protocol::decode_request(&delivery.data) {
+                Ok(body) => {
+                    let incoming = Incoming {
+                        request: Request {
+                            type_: body.type_.trim().to_owned(),
+                            result_id: body.result_id,
+                            data: body.data,
+                        },
+                        acker: delivery.acker,
+                        generation,
+                    };
+                    if sender.send(incoming).await.is_err() {
+                        let _ = channel.close(200, "server dropped".into()).await;
+                        return;
+                    }
+                }
+                Err(error) => {
+                    // Not requeued: it would only come back malformed.
+                    tracing::warn!(%error, body = %String::from_utf8_lossy(&delivery.data), "rejecting a malformed request");
+                    let _ = delivery
+                        .acker
+                        .reject(BasicRejectOptions { requeue: false })
+                        .await;
+                }
+            }
+        }
+        if sender.is_closed() {
+            return;
+        }
+    }
+}
+
+type HandlerFuture = Pin<Box<dyn Future<Output = Result<Value, String>> + Send>>;
+type Handler = Arc<dyn Fn(Value) -> HandlerFuture + Send + Sync>;
+
+/// Functions by request type, for [`Server::serve`].
+///
+/// ```
+/// use rylm_syrpc::Handlers;
+/// let handlers = Handlers::new()
+///     .on("echo", |data| async move { Ok::<_, String>(data) })
+///     .on("len", |data| async move {
+///         let text = data.as_str().ok_or("expected a string")?;
+///         Ok::<_, &str>(serde_json::json!(text.chars().count()))
+///     });
+/// assert!(handlers.types().any(|t| t == "echo"));
+/// ```
+#[derive(Clone, Default)]
+pub struct Handlers {
+    map: HashMap<String, Handler>,
+}
+
+impl std::fmt::Debug for Handlers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_set().entries(self.map.keys()).finish()
+    }
+}
+
+impl Handlers {
+    /// No handlers.
+    pub fn new() -> Self {
+        Handlers::default()
+    }
+
+    /// Serves `type_` with `handler`; an `Err` is answered as an `exception` result.
+    pub fn on<F, Fut, E>(mut self, type_: &str, handler: F) -> Self
+    where
+        F: Fn(Value) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Value, E>> + Send + 'static,
+        E: std::fmt::Display,
+    {
+        let handler = Arc::new(handler);
+        self.map.insert(
+            type_.trim().to_owned(),
+            Arc::new(move |data| {
+                let handler = handler.clone();
+                Box::pin(async move { handler(data).await.map_err(|e| e.to_string()) })
+            }),
+        );
+        self
+    }
+
+    /// The registered types.
+    pub fn types(&self) -> impl Iterator<Item = &str> {
+        self.map.keys().map(String::as_str)
+    }
+
+    /// The result data for `request`: the handler's value, or an `exception` for an unknown
+    /// type, an error, or a panic.
+    pub async fn run(&self, request: &Request) -> Value {
+        let Some(handler) = self.map.get(&request.type_) else {
+            let mut known: Vec<&str> = self.types().collect();
+            known.sort_unstable();
+            return protocol::exception(format!(
+                "unknown request type {:?} (this server knows {})",
+                request.type_,
+                known.join(", ")
+            ));
+        };
+        // A task of its own, so that a panic is caught and answered instead of killing the loop.
+        match tokio::spawn(handler(request.data.clone())).await {
+            Ok(Ok(value)) => value,
+            Ok(Err(message)) => protocol::exception(message),
+            Err(join_error) => {
+                let message = match join_error.try_into_panic() {
+                    Ok(panic) => panic
+                        .downcast_ref::<&str>()
+                        .map(|s| (*s).to_owned())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "a panic".to_owned()),
+                    Err(_) => "cancelled".to_owned(),
+                };
+                tracing::error!(type_ = %request.type_, %message, "a SyRPC handler panicked");
+                protocol::exception(format!(
+                    "the handler of {:?} panicked: {message}",
+                    request.type_
+                ))
+            }
+        }
+    }
+}

@@ -1,0 +1,41 @@
+//! Shared by the SyRPC integration tests: settings for the provisioned broker, with an app name
+//! of its own per test so that tests never see each other's queues.
+
+#![allow(dead_code)]
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use rylm_syrpc::Settings;
+
+/// Every wait in these tests has this deadline.
+pub const DEADLINE: Duration = Duration::from_secs(15);
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// Settings on the provisioned broker with a fresh app name, or `None` to skip.
+pub fn settings(test: &str) -> Option<Settings> {
+    let url = rylm_testkit::amqp_url(test)?;
+    let app = format!(
+        "t{}_{}_{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed),
+        test
+    );
+    Some(
+        Settings::new(app, url)
+            .with_connect_timeouts(Duration::from_secs(10), Duration::from_secs(30)),
+    )
+}
+
+/// Two result ids that land in the same result queue.
+pub fn ids_in_one_bucket(settings: &Settings) -> (rylm_syrpc::ResultId, rylm_syrpc::ResultId) {
+    let first = rylm_syrpc::ResultId::new();
+    let bucket = settings.bucket(first.as_str());
+    loop {
+        let other = rylm_syrpc::ResultId::new();
+        if settings.bucket(other.as_str()) == bucket {
+            return (first, other);
+        }
+    }
+}

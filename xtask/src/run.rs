@@ -204,33 +204,39 @@ fn parse_test_result(line: &str) -> Option<(u64, u64)> {
     Some((passed?, failed?))
 }
 
+/// The examples `cargo xtask demo` runs, in order, with what each shows.
+const DEMO_PARTS: [(&str, &str); 2] = [
+    (
+        "the ground: framed envelopes over ZeroMQ, Redis and RabbitMQ",
+        "ground",
+    ),
+    (
+        "SyRPC: one backend puts a request, another fetches the result by id",
+        "syrpc_stateless",
+    ),
+];
+
 pub fn demo(keep_servers: bool) -> Result<()> {
     banner("building the demo");
-    if !status_ok(cargo().args([
-        "build",
-        "--quiet",
-        "--package",
-        "rylm-examples",
-        "--bin",
-        "ground",
-    ]))? {
+    let build = ["build", "--quiet", "--package", "rylm-examples", "--bins"];
+    if !status_ok(cargo().args(build))? {
         bail!("the demo did not build");
     }
     banner("Redis and RabbitMQ for the demo");
     let mut servers = provision::start()?;
-    banner("the ground: framed envelopes over ZeroMQ, Redis and RabbitMQ");
-    let ok = status_ok(
-        cargo()
-            .args([
-                "run",
-                "--quiet",
-                "--package",
-                "rylm-examples",
-                "--bin",
-                "ground",
-            ])
-            .envs(servers.env()),
-    )?;
+    let mut ok = true;
+    for (title, example) in DEMO_PARTS {
+        banner(title);
+        let run = [
+            "run",
+            "--quiet",
+            "--package",
+            "rylm-examples",
+            "--bin",
+            example,
+        ];
+        ok &= status_ok(cargo().args(run).envs(servers.env()))?;
+    }
     if keep_servers {
         servers.keep();
         print_exports(&servers);

@@ -1,9 +1,11 @@
 //! `rylm`: the command line of the rylm toolkit.
 //!
-//! Today it reads and writes messages in each wire format (`rylm inspect`, `rylm encode`), which
-//! is what one needs to look at a captured frame or to feed a peer by hand. The standard
-//! topologies (servers, workers, the gateway, services, the Gilmour proxy, SyRPC) join it as
-//! their crates land.
+//! It reads and writes messages in each wire format (`rylm inspect`, `rylm encode`), which is
+//! what one needs to look at a captured frame or to feed a peer by hand, and serves and calls
+//! SyRPC (`rylm syrpc serve|call|put|get`). The other topologies (servers, workers, the gateway,
+//! services, the Gilmour proxy) join it as their crates land.
+
+mod syrpc;
 
 use std::io::{Read, Write};
 use std::path::PathBuf;
@@ -21,6 +23,11 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// SyRPC over RabbitMQ: serve the built-in types, or call, put and get.
+    Syrpc {
+        #[command(subcommand)]
+        command: syrpc::SyrpcCommand,
+    },
     /// Decode one message and print its fields.
     Inspect {
         /// The wire format of the input.
@@ -77,7 +84,19 @@ fn parse_header(arg: &str) -> Result<(String, String), String> {
 }
 
 fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     match Cli::parse().command {
+        Command::Syrpc { command } => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .context("starting the async runtime")?
+            .block_on(syrpc::run(command)),
         Command::Inspect { wire, file } => {
             let mut input = Vec::new();
             match &file {

@@ -88,10 +88,14 @@ impl Link {
                 | Err(error @ Error::InvalidSettings(_)) => return Err(error),
                 Err(error) => {
                     if started.elapsed() + backoff > within {
+                        let reason = match error {
+                            Error::Unreachable { reason, .. } => reason,
+                            other => other.to_string(),
+                        };
                         return Err(Error::Unreachable {
                             url: redact(&self.settings.url),
                             tried_for: started.elapsed(),
-                            reason: error.to_string(),
+                            reason,
                         });
                     }
                     tracing::debug!(%error, "AMQP connect failed; retrying in {backoff:?}");

@@ -1,0 +1,217 @@
+//! `rylm syrpc`: serve and call SyRPC from the command line.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Subcommand};
+use rylm_syrpc::{Client, Handlers, ResultId, Server, Settings};
+use serde_json::Value;
+
+#[derive(Args, Debug)]
+pub(crate) struct Connection {
+    /// The broker, as an AMQP URI.
+    #[arg(
+        long,
+        env = "RYLM_AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2F"
+    )]
+    url: String,
+    /// The app name: servers and clients of one app share its queues.
+    #[arg(long, default_value = "syrpc")]
+    app: String,
+}
+
+impl Connection {
+    fn settings(&self) -> Settings {
+        Settings::new(&self.app, &self.url)
+    }
+}
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum SyrpcCommand {
+    /// Serves the built-in types until Ctrl-C: echo, upper, reverse, sleep (data: milliseconds),
+    /// fail (answers an exception).
+    Serve {
+        #[command(flatten)]
+        connection: Connection,
+        /// How many requests to work on at once.
+        #[arg(long, default_value_t = 4)]
+        prefetch: u16,
+    },
+    /// Puts a request and waits for its result.
+    Call {
+        #[command(flatten)]
+        connection: Connection,
+        /// The request type.
+        type_: String,
+        /// The data, as JSON (a bare word is taken as a string).
+        #[arg(default_value = "null")]
+        data: String,
+        /// How long to wait for the result, in seconds.
+        #[arg(long, default_value_t = 10.0)]
+        timeout: f64,
+    },
+    /// Puts a request and prints its result id at once (fetch it later with `get`).
+    Put {
+        #[command(flatten)]
+        connection: Connection,
+        /// The request type.
+        type_: String,
+        /// The data, as JSON (a bare word is taken as a string).
+        #[arg(default_value = "null")]
+        data: String,
+    },
+    /// Fetches the result of a request by its id, from any process.
+    Get {
+        #[command(flatten)]
+        connection: Connection,
+        /// The result id that `put` printed.
+        result_id: String,
+        /// How long to wait for the result, in seconds.
+        #[arg(long, default_value_t = 10.0)]
+        timeout: f64,
+    },
+}
+
+/// The JSON of a command-line argument; a bare word is a string.
+fn parse_data(text: &str) -> Value {
+    serde_json::from_str(text).unwrap_or_else(|_| Value::String(text.to_owned()))
+}
+
+fn seconds(value: f64) -> Result<Duration> {
+    Duration::try_from_secs_f64(value)
+        .with_context(|| format!("{value} is not a number of seconds"))
+}
+
+/// The built-in types of `rylm syrpc serve`.
+pub(crate) fn builtin_handlers() -> Handlers {
+    Handlers::new()
+        .on("echo", |data| async move { Ok::<_, String>(data) })
+        .on("upper", |data| async move {
+            let text = data.as_str().ok_or("upper takes a string")?;
+            Ok::<_, String>(Value::from(text.to_uppercase()))
+        })
+        .on("reverse", |data| async move {
+            let text = data.as_str().ok_or("reverse takes a string")?;
+            Ok::<_, String>(Value::from(text.chars().rev().collect::<String>()))
+        })
+        .on("sleep", |data| async move {
+            let millis = data
+                .as_u64()
+                .ok_or("sleep takes a number of milliseconds")?;
+            tokio::time::sleep(Duration::from_millis(millis.min(60_000))).await;
+            Ok::<_, String>(Value::from(millis))
+        })
+        .on("fail", |data| async move {
+            Err::<Value, _>(format!("failed on purpose with {data}"))
+        })
+}
+
+pub(crate) async fn run(command: SyrpcCommand) -> Result<()> {
+    match command {
+        SyrpcCommand::Serve {
+            connection,
+            prefetch,
+        } => {
+            let server = Server::connect(connection.settings().with_prefetch(prefetch)).await?;
+            eprintln!(
+                "rylm syrpc: serving app {:?} (echo, upper, reverse, sleep, fail); Ctrl-C stops",
+                connection.app
+            );
+            server
+                .serve(builtin_handlers(), async {
+                    let _ = tokio::signal::ctrl_c().await;
+                    eprintln!("rylm syrpc: stopping; finishing the requests in hand");
+                })
+                .await?;
+            server.close().await;
+            Ok(())
+        }
+        SyrpcCommand::Call {
+            connection,
+            type_,
+            data,
+            timeout,
+        } => {
+            let client = Client::connect(connection.settings()).await?;
+            let result = client
+                .call(&type_, &parse_data(&data), Some(seconds(timeout)?))
+                .await;
+            client.close().await;
+            print_result(result)
+        }
+        SyrpcCommand::Put {
+            connection,
+            type_,
+            data,
+        } => {
+            let client = Client::connect(connection.settings()).await?;
+            let id = client.put_request(&type_, &parse_data(&data)).await?;
+            client.close().await;
+            println!("{id}");
+            Ok(())
+        }
+        SyrpcCommand::Get {
+            connection,
+            result_id,
+            timeout,
+        } => {
+            let client = Client::connect(connection.settings()).await?;
+            let result = client
+                .get_result(&ResultId::from(result_id), Some(seconds(timeout)?))
+                .await;
+            client.close().await;
+            print_result(result)
+        }
+    }
+}
+
+fn print_result(result: Result<Value, rylm_syrpc::Error>) -> Result<()> {
+    match result {
+        Ok(value) => {
+            println!("{value}");
+            Ok(())
+        }
+        Err(rylm_syrpc::Error::Remote { exception, .. }) => {
+            bail!("the server answered with an exception: {exception}")
+        }
+        Err(error) => Err(error.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bare_words_are_strings_and_json_is_json() {
+        assert_eq!(parse_data("hello"), Value::from("hello"));
+        assert_eq!(parse_data("[1,2]"), serde_json::json!([1, 2]));
+        assert_eq!(parse_data("\"quoted\""), Value::from("quoted"));
+    }
+
+    #[tokio::test]
+    async fn builtin_types_answer_and_refuse_bad_input() {
+        let handlers = builtin_handlers();
+        let request = |type_: &str, data: Value| rylm_syrpc::Request {
+            type_: type_.into(),
+            result_id: ResultId::new(),
+            data,
+        };
+        assert_eq!(
+            handlers.run(&request("upper", "abc".into())).await,
+            Value::from("ABC")
+        );
+        assert_eq!(
+            handlers.run(&request("reverse", "abc".into())).await,
+            Value::from("cba")
+        );
+        let refused = handlers.run(&request("upper", 1.into())).await;
+        assert!(rylm_syrpc::protocol::exception_of(&refused).is_some());
+        let failed = handlers.run(&request("fail", 1.into())).await;
+        assert_eq!(
+            failed,
+            rylm_syrpc::protocol::exception("failed on purpose with 1")
+        );
+    }
+}

@@ -96,6 +96,55 @@ pub fn stop_started() {
     }
 }
 
+/// Peak resident memory (VmHWM, KiB) of every process in the groups this run started, by
+/// program name (RabbitMQ's beam.smp, epmd, redis-server...).
+pub fn peak_rss() -> Vec<(String, u64)> {
+    let groups: Vec<u32> = STARTED
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .map(|p| p.pid)
+        .collect();
+    let mut found = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return found;
+    };
+    for entry in entries.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // Fields after the parenthesised name: state, ppid, pgrp, ...
+        let Some((head, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let pgrp = rest
+            .split_whitespace()
+            .nth(2)
+            .and_then(|f| f.parse::<u32>().ok());
+        if !pgrp.is_some_and(|g| groups.contains(&g)) {
+            continue;
+        }
+        let name = head
+            .split_once('(')
+            .map(|(_, n)| n.to_owned())
+            .unwrap_or_default();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let kib = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse::<u64>().ok());
+        if let Some(kib) = kib {
+            found.push((format!("{name} (pid {pid})"), kib));
+        }
+    }
+    found.sort();
+    found
+}
+
 /// Starts a private Redis and RabbitMQ and waits until both answer.
 pub fn start() -> Result<Servers> {
     let binaries = find_or_install()?;

@@ -249,17 +249,53 @@ pub fn demo(keep_servers: bool) -> Result<()> {
     Ok(())
 }
 
+/// End-to-end benches: binaries of `benches` that need the provisioned servers.
+const END_TO_END: [&str; 1] = ["syrpc"];
+
 pub fn bench(name: Option<&str>, quick: bool) -> Result<()> {
-    let mut command = cargo();
-    command.args(["bench", "--package", "rylm-benches"]);
-    if let Some(name) = name {
-        command.args(["--bench", name]);
+    let end_to_end: Vec<&str> = match name {
+        Some(name) if END_TO_END.contains(&name) => vec![name],
+        Some(_) => Vec::new(),
+        None => END_TO_END.to_vec(),
+    };
+    if name.is_none() || end_to_end.is_empty() {
+        let mut command = cargo();
+        command.args(["bench", "--package", "rylm-benches"]);
+        if let Some(name) = name {
+            command.args(["--bench", name]);
+        }
+        if quick {
+            command.args(["--", "--test"]);
+        }
+        if !status_ok(&mut command)? {
+            bail!("the criterion benches failed");
+        }
     }
-    if quick {
-        command.args(["--", "--test"]);
+    if end_to_end.is_empty() {
+        return Ok(());
     }
-    if !status_ok(&mut command)? {
-        bail!("the benches failed");
+    let build = [
+        "build",
+        "--release",
+        "--quiet",
+        "--package",
+        "rylm-benches",
+        "--bins",
+    ];
+    if !status_ok(cargo().args(build))? {
+        bail!("the end-to-end benches did not build");
+    }
+    let servers = provision::start()?;
+    for bench in end_to_end {
+        banner(&format!("end-to-end bench: {bench}"));
+        let binary = crate::workspace_root().join("target/release").join(bench);
+        if !status_ok(Command::new(&binary).envs(servers.env()))? {
+            bail!("the {bench} bench failed");
+        }
+    }
+    println!("\npeak RSS of the servers it started:");
+    for (name, kib) in provision::peak_rss() {
+        println!("- {name}: {kib} KiB");
     }
     Ok(())
 }

@@ -1,0 +1,93 @@
+//! Helpers shared by rylm's end-to-end benches: latency summaries and peak memory.
+//!
+//! Every end-to-end bench reports throughput, p50 and p99 latency, the ratio to a baseline
+//! measured in the same run, and the peak resident memory of each process it started.
+
+use std::time::Duration;
+
+/// Throughput and latency of one measured run.
+#[derive(Clone, Debug)]
+pub struct Summary {
+    /// What was measured.
+    pub name: String,
+    /// Operations completed.
+    pub count: usize,
+    /// Wall time of the run.
+    pub elapsed: Duration,
+    /// Median latency.
+    pub p50: Duration,
+    /// 99th percentile latency.
+    pub p99: Duration,
+}
+
+impl Summary {
+    /// Summarises `latencies` (any order) of a run that took `elapsed`.
+    pub fn new(
+        name: impl Into<String>,
+        mut latencies: Vec<Duration>,
+        elapsed: Duration,
+    ) -> Summary {
+        latencies.sort_unstable();
+        let at = |q: f64| {
+            let index = ((latencies.len() as f64 - 1.0) * q).round() as usize;
+            latencies.get(index).copied().unwrap_or_default()
+        };
+        Summary {
+            name: name.into(),
+            count: latencies.len(),
+            elapsed,
+            p50: at(0.50),
+            p99: at(0.99),
+        }
+    }
+
+    /// Operations per second.
+    pub fn rate(&self) -> f64 {
+        self.count as f64 / self.elapsed.as_secs_f64().max(f64::EPSILON)
+    }
+}
+
+/// Peak resident memory (VmHWM) of process `pid`, in KiB, from `/proc`.
+pub fn peak_rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|kib| kib.parse().ok())
+}
+
+/// A Markdown table of `rows` with each rate as a ratio to `baseline`'s.
+pub fn table(rows: &[(&Summary, &Summary)]) -> String {
+    let mut out = String::from(
+        "| run | ops | ops/s | p50 | p99 | baseline ops/s | ratio |\n|---|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for (measured, baseline) in rows {
+        out.push_str(&format!(
+            "| {} | {} | {:.0} | {:.2} ms | {:.2} ms | {:.0} | {:.2} |\n",
+            measured.name,
+            measured.count,
+            measured.rate(),
+            measured.p50.as_secs_f64() * 1e3,
+            measured.p99.as_secs_f64() * 1e3,
+            baseline.rate(),
+            measured.rate() / baseline.rate().max(f64::EPSILON),
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_and_rates() {
+        let latencies = (1..=100).map(Duration::from_millis).collect();
+        let s = Summary::new("x", latencies, Duration::from_secs(2));
+        assert_eq!(s.p50, Duration::from_millis(51));
+        assert_eq!(s.p99, Duration::from_millis(99));
+        assert!((s.rate() - 50.0).abs() < 1e-9);
+        assert!(peak_rss_kib(std::process::id()).is_some_and(|kib| kib > 0));
+    }
+}

@@ -47,6 +47,44 @@ impl Summary {
     }
 }
 
+/// Runs `total` calls, `in_flight` at a time (each worker a task of its own), and summarises
+/// their latencies. `call(n)` makes call number `n`.
+pub async fn measure<F, Fut>(
+    name: &str,
+    total: usize,
+    in_flight: usize,
+    call: F,
+) -> anyhow::Result<Summary>
+where
+    F: Fn(usize) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+{
+    let call = std::sync::Arc::new(call);
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let started = std::time::Instant::now();
+    let mut workers = tokio::task::JoinSet::new();
+    for _ in 0..in_flight.max(1) {
+        let (call, next) = (call.clone(), next.clone());
+        workers.spawn(async move {
+            let mut latencies = Vec::new();
+            loop {
+                let n = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if n >= total {
+                    return anyhow::Ok(latencies);
+                }
+                let sent = std::time::Instant::now();
+                call(n).await?;
+                latencies.push(sent.elapsed());
+            }
+        });
+    }
+    let mut latencies = Vec::with_capacity(total);
+    while let Some(done) = workers.join_next().await {
+        latencies.extend(done??);
+    }
+    Ok(Summary::new(name, latencies, started.elapsed()))
+}
+
 /// Peak resident memory (VmHWM) of process `pid`, in KiB, from `/proc`.
 pub fn peak_rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;

@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use futures_lite::StreamExt;
@@ -16,9 +16,9 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
-use rylm_benches::{Summary, peak_rss_kib, table};
+use rylm_benches::{Summary, measure, peak_rss_kib, table};
 use rylm_syrpc::{Client, Handlers, Server, Settings};
-use tokio::sync::{Mutex, oneshot};
+use tokio::sync::oneshot;
 
 const ONE_AT_A_TIME: usize = 1_000;
 const IN_FLIGHT_TOTAL: usize = 4_000;
@@ -112,28 +112,15 @@ impl Rylm {
         in_flight: usize,
         payload: &serde_json::Value,
     ) -> Result<Summary> {
-        let started = Instant::now();
-        let latencies = Arc::new(Mutex::new(Vec::with_capacity(total)));
-        let mut workers = tokio::task::JoinSet::new();
-        for worker in 0..in_flight {
-            let client = self.client.clone();
-            let latencies = latencies.clone();
-            let payload = payload.clone();
-            let share = total / in_flight + usize::from(worker < total % in_flight);
-            workers.spawn(async move {
-                for _ in 0..share {
-                    let sent = Instant::now();
-                    client.call("echo", &payload, Some(DEADLINE)).await?;
-                    latencies.lock().await.push(sent.elapsed());
-                }
-                anyhow::Ok(())
-            });
-        }
-        while let Some(done) = workers.join_next().await {
-            done??;
-        }
-        let latencies = std::mem::take(&mut *latencies.lock().await);
-        Ok(Summary::new(name, latencies, started.elapsed()))
+        let (client, payload) = (self.client.clone(), payload.clone());
+        measure(name, total, in_flight, move |_| {
+            let (client, payload) = (client.clone(), payload.clone());
+            async move {
+                client.call("echo", &payload, Some(DEADLINE)).await?;
+                Ok(())
+            }
+        })
+        .await
     }
 }
 
@@ -250,28 +237,11 @@ impl Raw {
 
     async fn run(self: &Arc<Raw>, name: &str, total: usize, in_flight: usize) -> Result<Summary> {
         let body = Arc::new(format!("{{\"text\":\"{}\"}}", "x".repeat(64)).into_bytes());
-        let started = Instant::now();
-        let latencies = Arc::new(Mutex::new(Vec::with_capacity(total)));
-        let mut workers = tokio::task::JoinSet::new();
-        for worker in 0..in_flight {
-            let raw = self.clone();
-            let latencies = latencies.clone();
-            let body = body.clone();
-            let share = total / in_flight + usize::from(worker < total % in_flight);
-            let name = name.to_owned();
-            workers.spawn(async move {
-                for n in 0..share {
-                    let sent = Instant::now();
-                    raw.call(format!("{name}-{worker}-{n}"), &body).await?;
-                    latencies.lock().await.push(sent.elapsed());
-                }
-                anyhow::Ok(())
-            });
-        }
-        while let Some(done) = workers.join_next().await {
-            done??;
-        }
-        let latencies = std::mem::take(&mut *latencies.lock().await);
-        Ok(Summary::new(name, latencies, started.elapsed()))
+        let (raw, label) = (self.clone(), name.to_owned());
+        measure(name, total, in_flight, move |n| {
+            let (raw, body, id) = (raw.clone(), body.clone(), format!("{label}-{n}"));
+            async move { raw.call(id, &body).await }
+        })
+        .await
     }
 }

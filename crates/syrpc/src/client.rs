@@ -28,7 +28,7 @@ use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::Error;
-use crate::link::Link;
+use crate::link::{Link, Outgoing};
 use crate::protocol::{self, ResultId, Settings};
 
 /// How many unacknowledged results one bucket reader may hold.
@@ -118,14 +118,14 @@ impl Client {
         let exchange = settings.request_exchange();
         self.inner
             .link
-            .publish(
-                "request",
-                &exchange,
-                &exchange,
-                &body,
-                settings.request_ttl,
-                None,
-            )
+            .publish(Outgoing {
+                what: "request",
+                exchange: &exchange,
+                routing_key: &exchange,
+                body: &body,
+                expiration: settings.request_ttl,
+                bucket: None,
+            })
             .await?;
         Ok(result_id)
     }

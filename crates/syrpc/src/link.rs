@@ -19,6 +19,19 @@ use crate::protocol::{CONTENT_ENCODING, CONTENT_TYPE, Settings, redact};
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
+/// One message to publish.
+pub(crate) struct Outgoing<'a> {
+    /// What it is, for errors and logs: "request" or "result".
+    pub(crate) what: &'static str,
+    pub(crate) exchange: &'a str,
+    pub(crate) routing_key: &'a str,
+    pub(crate) body: &'a [u8],
+    /// A per-message time to live.
+    pub(crate) expiration: Option<Duration>,
+    /// The result queue to declare first, for results.
+    pub(crate) bucket: Option<u32>,
+}
+
 /// One live connection and the channels made on it.
 struct Live {
     connection: Arc<Connection>,
@@ -191,27 +204,16 @@ impl Link {
 
     /// Publishes one JSON message and waits for the broker's confirm, reconnecting and
     /// retrying while the connection is down (for up to `reconnect_for`).
-    pub(crate) async fn publish(
-        &self,
-        what: &'static str,
-        exchange: &str,
-        routing_key: &str,
-        body: &[u8],
-        expiration: Option<Duration>,
-        bucket: Option<u32>,
-    ) -> Result<(), Error> {
+    pub(crate) async fn publish(&self, message: Outgoing<'_>) -> Result<(), Error> {
         let started = Instant::now();
         let mut backoff = FIRST_BACKOFF;
         loop {
-            match self
-                .publish_once(what, exchange, routing_key, body, expiration, bucket)
-                .await
-            {
+            match self.publish_once(&message).await {
                 Err(error)
                     if error.is_connection_loss()
                         && started.elapsed() < self.settings.reconnect_for =>
                 {
-                    tracing::warn!(%error, "publishing the {what} failed; retrying after reconnecting");
+                    tracing::warn!(%error, "publishing the {} failed; retrying after reconnecting", message.what);
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
@@ -220,32 +222,24 @@ impl Link {
         }
     }
 
-    async fn publish_once(
-        &self,
-        what: &'static str,
-        exchange: &str,
-        routing_key: &str,
-        body: &[u8],
-        expiration: Option<Duration>,
-        bucket: Option<u32>,
-    ) -> Result<(), Error> {
+    async fn publish_once(&self, message: &Outgoing<'_>) -> Result<(), Error> {
         let (_, publisher, generation) = self.live_connection(self.settings.reconnect_for).await?;
-        if let Some(bucket) = bucket {
+        if let Some(bucket) = message.bucket {
             self.ensure_bucket(&publisher, generation, bucket).await?;
         }
         let mut properties = BasicProperties::default()
             .with_content_type(CONTENT_TYPE.into())
             .with_content_encoding(CONTENT_ENCODING.into())
             .with_delivery_mode(2);
-        if let Some(ttl) = expiration {
+        if let Some(ttl) = message.expiration {
             properties = properties.with_expiration(ttl.as_millis().to_string().into());
         }
         let confirm = publisher
             .basic_publish(
-                exchange.into(),
-                routing_key.into(),
+                message.exchange.into(),
+                message.routing_key.into(),
                 BasicPublishOptions::default(),
-                body,
+                message.body,
                 properties,
             )
             .await
@@ -253,7 +247,7 @@ impl Link {
             .await
             .map_err(Error::amqp("publisher confirm"))?;
         if confirm.is_nack() {
-            return Err(Error::NotConfirmed { what });
+            return Err(Error::NotConfirmed { what: message.what });
         }
         Ok(())
     }

@@ -15,7 +15,7 @@ use serde_json::Value;
 use tokio::sync::{Mutex, Semaphore, mpsc};
 
 use crate::Error;
-use crate::link::Link;
+use crate::link::{Link, Outgoing};
 use crate::protocol::{self, AckMode, ResultId, Settings};
 
 /// One request taken from the request queue.
@@ -127,15 +127,16 @@ impl Server {
         let body = protocol::encode_result(result_id, &data)?;
         let settings = &self.link.settings;
         let bucket = settings.bucket(result_id.as_str());
+        let routing_key = bucket.to_string();
         self.link
-            .publish(
-                "result",
-                &settings.result_exchange(),
-                &bucket.to_string(),
-                &body,
-                None,
-                Some(bucket),
-            )
+            .publish(Outgoing {
+                what: "result",
+                exchange: &settings.result_exchange(),
+                routing_key: &routing_key,
+                body: &body,
+                expiration: None,
+                bucket: Some(bucket),
+            })
             .await?;
         let pending = self
             .pending

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::{DEADLINE, settings};
+use common::{DEADLINE, serve_in_background, settings};
 use rylm_syrpc::{Client, Error, Handlers, Server};
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -70,14 +70,7 @@ async fn the_javascript_client_calls_a_rylm_server() {
         .on("fail", |data| async move {
             Err::<Value, _>(format!("rylm refused {data}"))
         });
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let serving = tokio::spawn(async move {
-        server
-            .serve(handlers, async {
-                let _ = stopped.await;
-            })
-            .await
-    });
+    let (stop, serving) = serve_in_background(server, handlers);
 
     let data = json!({"text": "Grüße aus Zürich, 東京 ✓", "list": [1, "ü", {"nested": true}]});
     let answer = js_call(&peers, &settings.url, &settings.app_name, "echo", &data).await;

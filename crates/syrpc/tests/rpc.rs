@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{DEADLINE, ids_in_one_bucket, settings};
+use common::{DEADLINE, ids_in_one_bucket, serve_in_background, settings};
 use lapin::options::{BasicPublishOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
@@ -24,19 +24,6 @@ fn demo_handlers() -> Handlers {
             }
             Ok::<Value, String>(Value::Null)
         })
-}
-
-/// Runs `server.serve(handlers)` until the returned sender is dropped or fired.
-fn serve_in_background(server: Server, handlers: Handlers) -> tokio::sync::oneshot::Sender<()> {
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(async move {
-        let _ = server
-            .serve(handlers, async {
-                let _ = stopped.await;
-            })
-            .await;
-    });
-    stop
 }
 
 /// How many consumers a queue has, by a passive declare.
@@ -69,7 +56,7 @@ async fn calls_errors_and_panics_come_back_and_the_server_keeps_serving() {
     let server = Server::connect(settings.clone().with_prefetch(4))
         .await
         .expect("server");
-    let _stop = serve_in_background(server, demo_handlers());
+    let (_stop, _serving) = serve_in_background(server, demo_handlers());
     let client = Client::connect(settings).await.expect("client");
 
     let data = json!({"text": "grüße, 世界 ✓", "n": [1, 2.5, null]});
@@ -126,7 +113,7 @@ async fn many_calls_in_flight_all_come_back() {
     let server = Server::connect(settings.clone().with_prefetch(16))
         .await
         .expect("server");
-    let _stop = serve_in_background(server, demo_handlers());
+    let (_stop, _serving) = serve_in_background(server, demo_handlers());
     let client = Client::connect(settings).await.expect("client");
     let mut calls = tokio::task::JoinSet::new();
     for i in 0..200 {
@@ -149,7 +136,7 @@ async fn a_result_is_fetched_by_id_from_another_client() {
         return;
     };
     let server = Server::connect(settings.clone()).await.expect("server");
-    let _stop = serve_in_background(server, demo_handlers());
+    let (_stop, _serving) = serve_in_background(server, demo_handlers());
     let backend0 = Client::connect(settings.clone()).await.expect("backend 0");
     let id = backend0
         .put_request("echo", &json!({"value": "hello"}))
@@ -493,7 +480,7 @@ async fn requests_survive_a_broker_restart() {
     rabbitmqctl("stop_app").await;
     rabbitmqctl("start_app").await;
 
-    let _stop = serve_in_background(server, demo_handlers());
+    let (_stop, _serving) = serve_in_background(server, demo_handlers());
     let result = waiting
         .await
         .expect("task")

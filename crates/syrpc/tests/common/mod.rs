@@ -6,7 +6,7 @@
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use rylm_syrpc::Settings;
+use rylm_syrpc::{Handlers, Server, Settings};
 
 /// Every wait in these tests has this deadline.
 pub const DEADLINE: Duration = Duration::from_secs(15);
@@ -38,4 +38,24 @@ pub fn ids_in_one_bucket(settings: &Settings) -> (rylm_syrpc::ResultId, rylm_syr
             return (first, other);
         }
     }
+}
+
+/// Runs `server.serve(handlers)` in a task until the returned sender fires or is dropped; the
+/// task's handle says how serving ended.
+pub fn serve_in_background(
+    server: Server,
+    handlers: Handlers,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<Result<(), rylm_syrpc::Error>>,
+) {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let serving = tokio::spawn(async move {
+        server
+            .serve(handlers, async {
+                let _ = stopped.await;
+            })
+            .await
+    });
+    (stop, serving)
 }

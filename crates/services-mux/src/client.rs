@@ -1,0 +1,726 @@
+//! The calling side: register services, call them synchronously or asynchronously.
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use regex::Regex;
+use serde_json::{Map, Value};
+use tokio::sync::{Mutex, Notify, oneshot};
+use zeromq::{DealerSendHalf, DealerSocket, Socket, SocketRecv, SocketSend, ZmqMessage};
+
+use crate::protocol::{
+    self, Decoded, Frame, Method, RouteInfo, Secret, WireControl, WireRequest, WireResponse,
+};
+use crate::{Error, ServiceResponse};
+
+/// A call to make: path, method, arguments, headers and body.
+///
+/// ```
+/// use rylm_services_mux::{Call, Method};
+/// let call = Call::new("/service/slow").method(Method::Get).argument("RETURN_DATA", "hi");
+/// assert_eq!(call.path, "/service/slow");
+/// ```
+#[derive(Clone, Debug, PartialEq)]
+pub struct Call {
+    /// The path the service routes on.
+    pub path: String,
+    /// The method (default `request`).
+    pub method: Method,
+    /// Named arguments.
+    pub arguments: Map<String, Value>,
+    /// Headers.
+    pub headers: BTreeMap<String, String>,
+    /// The body.
+    pub body: Bytes,
+}
+
+impl Call {
+    /// A `request` call to `path` with nothing else.
+    pub fn new(path: impl Into<String>) -> Call {
+        Call {
+            path: path.into(),
+            method: Method::Request,
+            arguments: Map::new(),
+            headers: BTreeMap::new(),
+            body: Bytes::new(),
+        }
+    }
+
+    /// Sets the method.
+    pub fn method(mut self, method: Method) -> Call {
+        self.method = method;
+        self
+    }
+
+    /// Adds an argument.
+    pub fn argument(mut self, name: impl Into<String>, value: impl Into<Value>) -> Call {
+        self.arguments.insert(name.into(), value.into());
+        self
+    }
+
+    /// Adds a header.
+    pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Call {
+        self.headers.insert(name.into(), value.into());
+        self
+    }
+
+    /// Sets the body.
+    pub fn body(mut self, body: impl Into<Bytes>) -> Call {
+        self.body = body.into();
+        self
+    }
+}
+
+/// What a synchronous call gives back.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Reply {
+    /// The call's id.
+    pub id: String,
+    /// The address of the instance that answered.
+    pub instance: String,
+    /// The service's response.
+    pub response: ServiceResponse,
+    /// What the response handler registered for the path returned, if there is one (it runs
+    /// once per response).
+    pub handled: Option<Value>,
+}
+
+type HandlerFuture = Pin<Box<dyn Future<Output = Value> + Send>>;
+type ResponseHandler = Arc<dyn Fn(String, ServiceResponse) -> HandlerFuture + Send + Sync>;
+
+/// Timing of heartbeats and calls.
+#[derive(Clone, Debug)]
+pub struct ClientConfig {
+    /// How often each instance is pinged (default 1 s).
+    pub heartbeat_interval: Duration,
+    /// How many intervals of silence make an instance dead (default 3).
+    pub heartbeat_misses: u32,
+    /// The deadline of calls that give none (default 30 s).
+    pub default_deadline: Duration,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        ClientConfig {
+            heartbeat_interval: Duration::from_secs(1),
+            heartbeat_misses: 3,
+            default_deadline: Duration::from_secs(30),
+        }
+    }
+}
+
+enum Waiter {
+    Sync(oneshot::Sender<Result<WireResponse, Error>>),
+    Async,
+    Discover(oneshot::Sender<Result<Vec<RouteInfo>, Error>>),
+}
+
+struct Pending {
+    instance: String,
+    path: String,
+    waiter: Waiter,
+}
+
+struct Instance {
+    address: String,
+    secret: Secret,
+    sender: Mutex<Option<DealerSendHalf>>,
+    state: std::sync::Mutex<InstanceState>,
+}
+
+#[derive(Default)]
+struct InstanceState {
+    live: bool,
+    last_seen: Option<Instant>,
+    in_flight: usize,
+}
+
+struct Registered {
+    secret: Secret,
+    instances: Vec<Arc<Instance>>,
+}
+
+struct Inner {
+    config: ClientConfig,
+    services: std::sync::Mutex<HashMap<String, Registered>>,
+    pending: std::sync::Mutex<HashMap<String, Pending>>,
+    handlers: std::sync::RwLock<Vec<(Regex, ResponseHandler)>>,
+    /// Signalled whenever an instance becomes live.
+    live_changed: Notify,
+    round_robin: AtomicUsize,
+}
+
+/// The calling side of services-mux. Cheap to clone; clones share everything.
+///
+/// ```no_run
+/// # async fn example() -> Result<(), rylm_services_mux::Error> {
+/// use std::time::Duration;
+/// use rylm_services_mux::{Call, ServiceClient};
+///
+/// let client = ServiceClient::new();
+/// client.register("slow", &["tcp://127.0.0.1:9998"], "my_shared_secret");
+/// let reply = client.call("slow", Call::new("/service/slow").argument("RETURN_DATA", "hi"), Some(Duration::from_secs(10))).await?;
+/// println!("{} {}", reply.response.status, reply.response.status_msg);
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct ServiceClient {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for ServiceClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let services = self
+            .inner
+            .services
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        f.debug_struct("ServiceClient")
+            .field("services", &services.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl Default for ServiceClient {
+    fn default() -> Self {
+        ServiceClient::new()
+    }
+}
+
+impl ServiceClient {
+    /// A client with the default timing.
+    pub fn new() -> ServiceClient {
+        ServiceClient::with_config(ClientConfig::default())
+    }
+
+    /// A client with this timing.
+    pub fn with_config(config: ClientConfig) -> ServiceClient {
+        ServiceClient {
+            inner: Arc::new(Inner {
+                config,
+                services: std::sync::Mutex::new(HashMap::new()),
+                pending: std::sync::Mutex::new(HashMap::new()),
+                handlers: std::sync::RwLock::new(Vec::new()),
+                live_changed: Notify::new(),
+                round_robin: AtomicUsize::new(0),
+            }),
+        }
+    }
+
+    /// Registers `service` at these instance addresses with its shared secret. Registering an
+    /// address again is a no-op; new addresses join the service's instances. Connections are
+    /// made in the background; calls wait (within their deadline) for a live instance.
+    pub fn register(&self, service: &str, addresses: &[&str], secret: impl AsRef<[u8]>) {
+        let mut services = self
+            .inner
+            .services
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let registered = services
+            .entry(service.to_owned())
+            .or_insert_with(|| Registered {
+                secret: Secret::new(&secret),
+                instances: Vec::new(),
+            });
+        for address in addresses {
+            if registered.instances.iter().any(|i| i.address == *address) {
+                continue;
+            }
+            let instance = Arc::new(Instance {
+                address: (*address).to_owned(),
+                secret: registered.secret.clone(),
+                sender: Mutex::new(None),
+                state: std::sync::Mutex::new(InstanceState::default()),
+            });
+            registered.instances.push(instance.clone());
+            tokio::spawn(run_instance(Arc::downgrade(&self.inner), instance));
+        }
+    }
+
+    /// Registers the handler that gets the responses on paths matching `pattern`: the
+    /// responses of asynchronous calls, and (once) those of synchronous calls, whose
+    /// [`Reply::handled`] carries what it returned.
+    pub fn on_response<F, Fut>(&self, pattern: &str, handler: F) -> Result<(), Error>
+    where
+        F: Fn(String, ServiceResponse) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Value> + Send + 'static,
+    {
+        let regex = Regex::new(pattern).map_err(|e| Error::InvalidRoute {
+            pattern: pattern.to_owned(),
+            reason: e.to_string(),
+        })?;
+        let handler: ResponseHandler =
+            Arc::new(move |path, response| Box::pin(handler(path, response)));
+        self.inner
+            .handlers
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((regex, handler));
+        Ok(())
+    }
+
+    /// Calls `service` and waits for the response, up to `deadline` (the configured default
+    /// when `None`). Other calls go on meanwhile, on the same connections.
+    pub async fn call(
+        &self,
+        service: &str,
+        call: Call,
+        deadline: Option<Duration>,
+    ) -> Result<Reply, Error> {
+        let deadline = deadline.unwrap_or(self.inner.config.default_deadline);
+        let started = Instant::now();
+        let path = call.path.clone();
+        let (sender, receiver) = oneshot::channel();
+        let (id, instance) = self
+            .dispatch(service, call, Waiter::Sync(sender), deadline)
+            .await?;
+        let _cleanup = PendingGuard {
+            inner: &self.inner,
+            id: id.clone(),
+        };
+        let remaining = deadline.saturating_sub(started.elapsed());
+        let response = match tokio::time::timeout(remaining, receiver).await {
+            Err(_) => {
+                return Err(Error::Timeout {
+                    path,
+                    waited: deadline,
+                });
+            }
+            Ok(Err(_)) => return Err(Error::Closed),
+            Ok(Ok(outcome)) => outcome?,
+        };
+        let response = ServiceResponse::from_wire(response);
+        let handled = match self.response_handler(&path) {
+            Some(handler) => Some(handler(path, response.clone()).await),
+            None => None,
+        };
+        Ok(Reply {
+            id,
+            instance,
+            response,
+            handled,
+        })
+    }
+
+    /// Sends the call and returns its id at once; the response goes to the handler
+    /// registered for its path with [`ServiceClient::on_response`]. If the instance dies
+    /// first, the handler gets a 503 response saying so.
+    pub async fn send(&self, service: &str, call: Call) -> Result<String, Error> {
+        let deadline = self.inner.config.default_deadline;
+        let (id, _) = self
+            .dispatch(service, call, Waiter::Async, deadline)
+            .await?;
+        Ok(id)
+    }
+
+    /// The routes of `service`, as one of its instances lists them.
+    pub async fn discover(
+        &self,
+        service: &str,
+        deadline: Option<Duration>,
+    ) -> Result<Vec<RouteInfo>, Error> {
+        let deadline = deadline.unwrap_or(self.inner.config.default_deadline);
+        let started = Instant::now();
+        let instance = self.live_instance(service, deadline).await?;
+        let id = rylm_message::new_id();
+        let (sender, receiver) = oneshot::channel();
+        self.inner
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(
+                id.clone(),
+                Pending {
+                    instance: instance.address.clone(),
+                    path: "*".into(),
+                    waiter: Waiter::Discover(sender),
+                },
+            );
+        let _cleanup = PendingGuard {
+            inner: &self.inner,
+            id: id.clone(),
+        };
+        let frame = Frame::Discover(WireControl {
+            id,
+            ts: protocol::now_ms(),
+            reason: String::new(),
+        });
+        send_frame(&instance, &frame).await?;
+        match tokio::time::timeout(deadline.saturating_sub(started.elapsed()), receiver).await {
+            Err(_) => Err(Error::Timeout {
+                path: "discovery".into(),
+                waited: deadline,
+            }),
+            Ok(Err(_)) => Err(Error::Closed),
+            Ok(Ok(outcome)) => outcome,
+        }
+    }
+
+    /// How many calls are waiting for a response.
+    pub fn in_flight(&self) -> usize {
+        self.inner
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
+    }
+
+    fn response_handler(&self, path: &str) -> Option<ResponseHandler> {
+        let handlers = self
+            .inner
+            .handlers
+            .read()
+            .unwrap_or_else(|e| e.into_inner());
+        handlers
+            .iter()
+            .find(|(regex, _)| regex.is_match(path))
+            .map(|(_, h)| h.clone())
+    }
+
+    /// Picks a live instance (fewest calls in flight, ties in turn), waiting for one up to
+    /// `deadline`.
+    async fn live_instance(
+        &self,
+        service: &str,
+        deadline: Duration,
+    ) -> Result<Arc<Instance>, Error> {
+        let started = Instant::now();
+        loop {
+            let notified = self.inner.live_changed.notified();
+            {
+                let services = self
+                    .inner
+                    .services
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                let registered = services
+                    .get(service)
+                    .ok_or_else(|| Error::UnknownService(service.to_owned()))?;
+                let turn = self.inner.round_robin.fetch_add(1, Ordering::Relaxed);
+                let count = registered.instances.len().max(1);
+                let best = (0..registered.instances.len())
+                    .map(|k| &registered.instances[(turn + k) % count])
+                    .filter_map(|instance| {
+                        let state = instance.state.lock().unwrap_or_else(|e| e.into_inner());
+                        state.live.then_some((state.in_flight, instance))
+                    })
+                    .min_by_key(|(in_flight, _)| *in_flight)
+                    .map(|(_, instance)| instance.clone());
+                if let Some(instance) = best {
+                    return Ok(instance);
+                }
+            }
+            let remaining = deadline.saturating_sub(started.elapsed());
+            if remaining.is_zero() || tokio::time::timeout(remaining, notified).await.is_err() {
+                return Err(Error::NoLiveInstance {
+                    service: service.to_owned(),
+                    waited: deadline,
+                });
+            }
+        }
+    }
+
+    async fn dispatch(
+        &self,
+        service: &str,
+        call: Call,
+        waiter: Waiter,
+        deadline: Duration,
+    ) -> Result<(String, String), Error> {
+        let instance = self.live_instance(service, deadline).await?;
+        let id = rylm_message::new_id();
+        let frame = Frame::Request(WireRequest {
+            id: id.clone(),
+            ts: protocol::now_ms(),
+            path: call.path.clone(),
+            method: call.method.as_str().to_owned(),
+            arguments: call.arguments,
+            headers: call.headers,
+            body: call.body.to_vec(),
+        });
+        self.inner
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(
+                id.clone(),
+                Pending {
+                    instance: instance.address.clone(),
+                    path: call.path,
+                    waiter,
+                },
+            );
+        instance
+            .state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .in_flight += 1;
+        if let Err(error) = send_frame(&instance, &frame).await {
+            self.inner
+                .pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&id);
+            let mut state = instance.state.lock().unwrap_or_else(|e| e.into_inner());
+            state.in_flight = state.in_flight.saturating_sub(1);
+            return Err(error);
+        }
+        Ok((id, instance.address.clone()))
+    }
+}
+
+/// Removes a call's pending entry however the call ends (answer, deadline, cancellation).
+struct PendingGuard<'a> {
+    inner: &'a Inner,
+    id: String,
+}
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        let removed = self
+            .inner
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.id);
+        if let Some(pending) = removed {
+            release(self.inner, &pending.instance);
+        }
+    }
+}
+
+/// One call on `address` is over.
+fn release(inner: &Inner, address: &str) {
+    let services = inner.services.lock().unwrap_or_else(|e| e.into_inner());
+    for registered in services.values() {
+        for instance in registered.instances.iter().filter(|i| i.address == address) {
+            let mut state = instance.state.lock().unwrap_or_else(|e| e.into_inner());
+            state.in_flight = state.in_flight.saturating_sub(1);
+        }
+    }
+}
+
+async fn send_frame(instance: &Instance, frame: &Frame) -> Result<(), Error> {
+    let frames = protocol::encode(frame, &instance.secret)?;
+    let mut message = ZmqMessage::from(frames[0].clone());
+    for part in frames.into_iter().skip(1) {
+        message.push_back(part);
+    }
+    let mut sender = instance.sender.lock().await;
+    let sender = sender.as_mut().ok_or_else(|| Error::Socket {
+        operation: "send",
+        address: instance.address.clone(),
+        reason: "not connected yet".into(),
+    })?;
+    sender
+        .send(message)
+        .await
+        .map_err(Error::socket("send", &instance.address))
+}
+
+/// Connects to one instance, pings it, and routes what it sends back.
+async fn run_instance(inner: Weak<Inner>, instance: Arc<Instance>) {
+    let Some(config) = inner.upgrade().map(|i| i.config.clone()) else {
+        return;
+    };
+    let mut socket = DealerSocket::new();
+    // zeromq retries the connection until the instance is there; stop if the client goes.
+    loop {
+        if inner.upgrade().is_none() {
+            return;
+        }
+        match tokio::time::timeout(
+            config.heartbeat_interval * 2,
+            socket.connect(&instance.address),
+        )
+        .await
+        {
+            Ok(Ok(())) => break,
+            Ok(Err(error)) => {
+                tracing::warn!(address = %instance.address, %error, "cannot connect to the instance; retrying");
+                tokio::time::sleep(config.heartbeat_interval).await;
+            }
+            Err(_) => {}
+        }
+    }
+    let (sender, mut receiver) = socket.split();
+    *instance.sender.lock().await = Some(sender);
+    let dead_after = config.heartbeat_interval * config.heartbeat_misses;
+    let mut ticker = tokio::time::interval(config.heartbeat_interval);
+    loop {
+        tokio::select! {
+            message = receiver.recv() => {
+                let Some(inner) = inner.upgrade() else { return };
+                match message {
+                    Ok(message) => on_frame(&inner, &instance, message.into_vec()),
+                    Err(error) => tracing::warn!(address = %instance.address, %error, "receiving failed"),
+                }
+            }
+            _ = ticker.tick() => {
+                let Some(inner) = inner.upgrade() else { return };
+                let silent_for = {
+                    let state = instance.state.lock().unwrap_or_else(|e| e.into_inner());
+                    state.last_seen.map(|seen| seen.elapsed())
+                };
+                if let Some(silent_for) = silent_for.filter(|s| *s > dead_after) {
+                    mark_dead(&inner, &instance, silent_for);
+                }
+                let ping = Frame::Ping(WireControl { id: rylm_message::new_id(), ts: protocol::now_ms(), reason: String::new() });
+                if let Err(error) = send_frame(&instance, &ping).await {
+                    tracing::debug!(address = %instance.address, %error, "ping failed");
+                }
+            }
+        }
+    }
+}
+
+fn mark_dead(inner: &Inner, instance: &Instance, silent_for: Duration) {
+    {
+        let mut state = instance.state.lock().unwrap_or_else(|e| e.into_inner());
+        if !state.live {
+            return;
+        }
+        state.live = false;
+        state.in_flight = 0;
+    }
+    tracing::warn!(address = %instance.address, ?silent_for, "instance stopped answering heartbeats");
+    let failed: Vec<(String, Pending)> = {
+        let mut pending = inner.pending.lock().unwrap_or_else(|e| e.into_inner());
+        let ids: Vec<String> = pending
+            .iter()
+            .filter(|(_, p)| p.instance == instance.address)
+            .map(|(id, _)| id.clone())
+            .collect();
+        ids.into_iter()
+            .filter_map(|id| pending.remove(&id).map(|p| (id, p)))
+            .collect()
+    };
+    for (id, pending) in failed {
+        let error = || Error::InstanceDead {
+            address: instance.address.clone(),
+            silent_for,
+        };
+        match pending.waiter {
+            Waiter::Sync(sender) => {
+                let _ = sender.send(Err(error()));
+            }
+            Waiter::Discover(sender) => {
+                let _ = sender.send(Err(error()));
+            }
+            Waiter::Async => {
+                let response = ServiceResponse::new(503, error().to_string());
+                deliver_async(inner, id, pending.path, response);
+            }
+        }
+    }
+}
+
+fn deliver_async(inner: &Inner, id: String, path: String, response: ServiceResponse) {
+    let handler = {
+        let handlers = inner.handlers.read().unwrap_or_else(|e| e.into_inner());
+        handlers
+            .iter()
+            .find(|(regex, _)| regex.is_match(&path))
+            .map(|(_, h)| h.clone())
+    };
+    match handler {
+        Some(handler) => {
+            tokio::spawn(async move {
+                let _ = handler(path, response).await;
+            });
+        }
+        None => {
+            tracing::debug!(call = %id, %path, "no response handler for an asynchronous call's response")
+        }
+    }
+}
+
+fn on_frame(inner: &Inner, instance: &Instance, frames: Vec<Bytes>) {
+    let frame = match protocol::decode(&frames, &instance.secret) {
+        Ok(Decoded::Frame(frame)) => frame,
+        Ok(Decoded::BadMac { id }) => {
+            tracing::warn!(address = %instance.address, call = %id, "dropped a response whose MAC does not match");
+            return;
+        }
+        Err(error) => {
+            tracing::warn!(address = %instance.address, %error, "dropped a malformed frame");
+            return;
+        }
+    };
+    if !matches!(frame, Frame::Refusal(_)) {
+        let became_live = {
+            let mut state = instance.state.lock().unwrap_or_else(|e| e.into_inner());
+            state.last_seen = Some(Instant::now());
+            !std::mem::replace(&mut state.live, true)
+        };
+        if became_live {
+            tracing::debug!(address = %instance.address, "instance is live");
+            inner.live_changed.notify_waiters();
+        }
+    }
+    let id = frame.id().to_owned();
+    let pending = inner
+        .pending
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(&id);
+    let Some(pending) = pending else {
+        if !matches!(frame, Frame::Pong(_)) {
+            tracing::debug!(call = %id, "dropped an answer nobody waits for (late, or replayed)");
+        }
+        return;
+    };
+    if pending.instance != instance.address {
+        // An answer for a call made elsewhere: not this instance's to settle.
+        inner
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, pending);
+        return;
+    }
+    release(inner, &instance.address);
+    match (frame, pending.waiter) {
+        (Frame::Response(response), Waiter::Sync(sender)) => {
+            let _ = sender.send(Ok(response));
+        }
+        (Frame::Response(response), Waiter::Async) => {
+            deliver_async(
+                inner,
+                id,
+                pending.path,
+                ServiceResponse::from_wire(response),
+            );
+        }
+        (Frame::Routes(routes), Waiter::Discover(sender)) => {
+            let _ = sender.send(Ok(routes.routes));
+        }
+        (Frame::Refusal(refusal), waiter) => {
+            tracing::warn!(address = %instance.address, reason = %refusal.reason, "the service refused a call");
+            let error = || Error::Refused {
+                address: instance.address.clone(),
+                reason: refusal.reason.clone(),
+            };
+            match waiter {
+                Waiter::Sync(sender) => {
+                    let _ = sender.send(Err(error()));
+                }
+                Waiter::Discover(sender) => {
+                    let _ = sender.send(Err(error()));
+                }
+                Waiter::Async => deliver_async(
+                    inner,
+                    id,
+                    pending.path,
+                    ServiceResponse::new(401, refusal.reason),
+                ),
+            }
+        }
+        (other, _) => tracing::warn!(frame = ?other, "an answer of the wrong kind"),
+    }
+}

@@ -1,0 +1,565 @@
+//! The native wire protocol as plain data: methods, requests and responses, frames, MACs and
+//! the replay guard. No sockets, no clock (times are passed in).
+//!
+//! A frame is a ZeroMQ multipart message after the routing identity:
+//!
+//! | frame | content |
+//! |---|---|
+//! | 1 | the marker `RYLM-SVC` and the protocol version (1) |
+//! | 2 | the kind, one byte: `Q` request, `R` response, `P` ping, `O` pong, `D` discover, `L` route list, `X` refusal |
+//! | 3 | the body, MessagePack with named fields |
+//! | 4 | HMAC-SHA256 of kind and body, keyed by the shared secret (absent on `X`) |
+//!
+//! The secret never travels. Every body carries an id and a timestamp, so a replayed frame is
+//! refused. A refusal (`X`) cannot carry a valid MAC (the caller's secret is the wrong one), so
+//! a caller accepts it only for a call it is waiting on, and it can only fail that call.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::fmt;
+use std::str::FromStr;
+
+use bytes::Bytes;
+use hmac::{Hmac, Mac};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use sha2::Sha256;
+
+use crate::Error;
+
+/// The first frame of every services-mux message.
+pub const MARKER: &[u8] = b"RYLM-SVC\x01";
+/// The largest body a peer accepts: 16 MiB.
+pub const MAX_BODY: usize = 16 * 1024 * 1024;
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// What a frame is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// A request, caller to service.
+    Request,
+    /// A response, service to caller.
+    Response,
+    /// A heartbeat, caller to service.
+    Ping,
+    /// The answer to a heartbeat.
+    Pong,
+    /// A request for the service's routes.
+    Discover,
+    /// The service's routes.
+    Routes,
+    /// A refusal (401): the frame could not be authenticated or was replayed. Not MAC'd.
+    Refusal,
+}
+
+impl Kind {
+    fn byte(self) -> u8 {
+        match self {
+            Kind::Request => b'Q',
+            Kind::Response => b'R',
+            Kind::Ping => b'P',
+            Kind::Pong => b'O',
+            Kind::Discover => b'D',
+            Kind::Routes => b'L',
+            Kind::Refusal => b'X',
+        }
+    }
+
+    fn from_byte(byte: u8) -> Option<Kind> {
+        Some(match byte {
+            b'Q' => Kind::Request,
+            b'R' => Kind::Response,
+            b'P' => Kind::Ping,
+            b'O' => Kind::Pong,
+            b'D' => Kind::Discover,
+            b'L' => Kind::Routes,
+            b'X' => Kind::Refusal,
+            _ => return None,
+        })
+    }
+}
+
+/// The eight methods of Brubeck services.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Method {
+    /// `get`
+    Get,
+    /// `post`
+    Post,
+    /// `put`
+    Put,
+    /// `delete`
+    Delete,
+    /// `options`
+    Options,
+    /// `connect`
+    Connect,
+    /// `response`: what a service's answer carries.
+    Response,
+    /// `request`: the default method of a call.
+    Request,
+}
+
+impl Method {
+    /// Every method, in a fixed order.
+    pub const ALL: [Method; 8] = [
+        Method::Get,
+        Method::Post,
+        Method::Put,
+        Method::Delete,
+        Method::Options,
+        Method::Connect,
+        Method::Response,
+        Method::Request,
+    ];
+
+    /// The lower-case name on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Method::Get => "get",
+            Method::Post => "post",
+            Method::Put => "put",
+            Method::Delete => "delete",
+            Method::Options => "options",
+            Method::Connect => "connect",
+            Method::Response => "response",
+            Method::Request => "request",
+        }
+    }
+}
+
+impl fmt::Display for Method {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Method {
+    type Err = Error;
+
+    fn from_str(name: &str) -> Result<Method, Error> {
+        Method::ALL
+            .into_iter()
+            .find(|m| m.as_str().eq_ignore_ascii_case(name))
+            .ok_or_else(|| Error::UnknownMethod(name.to_owned()))
+    }
+}
+
+/// A request on the wire.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WireRequest {
+    /// Correlates the response; also the replay nonce.
+    pub id: String,
+    /// When the caller sent it, in milliseconds since the Unix epoch.
+    pub ts: u64,
+    /// The path the service routes on.
+    pub path: String,
+    /// The method, lower case.
+    pub method: String,
+    /// Named arguments (a JSON object).
+    #[serde(default)]
+    pub arguments: Map<String, Value>,
+    /// Headers.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// The body, opaque bytes.
+    #[serde(default, with = "serde_bytes")]
+    pub body: Vec<u8>,
+}
+
+/// A response on the wire.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WireResponse {
+    /// The request's id.
+    pub id: String,
+    /// When the service sent it, in milliseconds since the Unix epoch.
+    pub ts: u64,
+    /// The request's path.
+    pub path: String,
+    /// HTTP-like status code.
+    pub status: u16,
+    /// The status message.
+    pub status_msg: String,
+    /// Headers; `METHOD` is `response`.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// The payload the handler built (a JSON object).
+    #[serde(default)]
+    pub payload: Map<String, Value>,
+}
+
+/// A heartbeat or its answer, a discovery request, or a refusal.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WireControl {
+    /// A nonce (the call id for a refusal).
+    pub id: String,
+    /// Milliseconds since the Unix epoch.
+    pub ts: u64,
+    /// For a refusal: why.
+    #[serde(default)]
+    pub reason: String,
+}
+
+/// One route as discovery lists it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouteInfo {
+    /// The path pattern (a regular expression).
+    pub pattern: String,
+    /// The methods it serves.
+    pub methods: Vec<String>,
+}
+
+/// The answer to a discovery request.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WireRoutes {
+    /// The discovery request's id.
+    pub id: String,
+    /// Milliseconds since the Unix epoch.
+    pub ts: u64,
+    /// The service's name.
+    pub service: String,
+    /// Its routes, in matching order.
+    pub routes: Vec<RouteInfo>,
+}
+
+/// A decoded, authenticated frame.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Frame {
+    /// A request.
+    Request(WireRequest),
+    /// A response.
+    Response(WireResponse),
+    /// A heartbeat.
+    Ping(WireControl),
+    /// A heartbeat's answer.
+    Pong(WireControl),
+    /// A discovery request.
+    Discover(WireControl),
+    /// A route list.
+    Routes(WireRoutes),
+    /// A refusal (not authenticated; see the module documentation).
+    Refusal(WireControl),
+}
+
+impl Frame {
+    /// The id the frame carries.
+    pub fn id(&self) -> &str {
+        match self {
+            Frame::Request(r) => &r.id,
+            Frame::Response(r) => &r.id,
+            Frame::Routes(r) => &r.id,
+            Frame::Ping(c) | Frame::Pong(c) | Frame::Discover(c) | Frame::Refusal(c) => &c.id,
+        }
+    }
+
+    /// The frame's timestamp.
+    pub fn ts(&self) -> u64 {
+        match self {
+            Frame::Request(r) => r.ts,
+            Frame::Response(r) => r.ts,
+            Frame::Routes(r) => r.ts,
+            Frame::Ping(c) | Frame::Pong(c) | Frame::Discover(c) | Frame::Refusal(c) => c.ts,
+        }
+    }
+
+    fn kind(&self) -> Kind {
+        match self {
+            Frame::Request(_) => Kind::Request,
+            Frame::Response(_) => Kind::Response,
+            Frame::Ping(_) => Kind::Ping,
+            Frame::Pong(_) => Kind::Pong,
+            Frame::Discover(_) => Kind::Discover,
+            Frame::Routes(_) => Kind::Routes,
+            Frame::Refusal(_) => Kind::Refusal,
+        }
+    }
+}
+
+/// A shared secret, kept out of `Debug` output.
+#[derive(Clone)]
+pub struct Secret(Vec<u8>);
+
+impl Secret {
+    /// The secret from its bytes.
+    pub fn new(secret: impl AsRef<[u8]>) -> Secret {
+        Secret(secret.as_ref().to_vec())
+    }
+
+    fn mac(&self) -> HmacSha256 {
+        // HMAC takes keys of any length; this cannot fail.
+        <HmacSha256 as Mac>::new_from_slice(&self.0)
+            .unwrap_or_else(|_| unreachable!("HMAC accepts any key length"))
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+fn body_of(frame: &Frame) -> Result<Vec<u8>, Error> {
+    let encoded = match frame {
+        Frame::Request(r) => rmp_serde::to_vec_named(r),
+        Frame::Response(r) => rmp_serde::to_vec_named(r),
+        Frame::Routes(r) => rmp_serde::to_vec_named(r),
+        Frame::Ping(c) | Frame::Pong(c) | Frame::Discover(c) | Frame::Refusal(c) => {
+            rmp_serde::to_vec_named(c)
+        }
+    };
+    encoded.map_err(|e| Error::Malformed(format!("cannot encode: {e}")))
+}
+
+/// The frames of `frame`, MAC'd with `secret` (a refusal is not MAC'd).
+pub fn encode(frame: &Frame, secret: &Secret) -> Result<Vec<Bytes>, Error> {
+    let kind = frame.kind();
+    let body = body_of(frame)?;
+    let mut frames = vec![
+        Bytes::from_static(MARKER),
+        Bytes::from(vec![kind.byte()]),
+        Bytes::from(body),
+    ];
+    if kind != Kind::Refusal {
+        let mut mac = secret.mac();
+        mac.update(&[kind.byte()]);
+        mac.update(&frames[2]);
+        frames.push(Bytes::from(mac.finalize().into_bytes().to_vec()));
+    }
+    Ok(frames)
+}
+
+/// What reading a frame gave.
+#[derive(Debug)]
+pub enum Decoded {
+    /// A well-formed frame whose MAC checks out (or a refusal, which has none).
+    Frame(Frame),
+    /// A well-formed frame whose MAC does not match: answer it with a refusal for `id`.
+    BadMac {
+        /// The id the frame claims, for the refusal.
+        id: String,
+    },
+}
+
+fn parse<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, Error> {
+    rmp_serde::from_slice(body).map_err(|e| Error::Malformed(format!("bad body: {e}")))
+}
+
+/// Reads the frames after the routing identity. Compares the MAC in constant time.
+pub fn decode(frames: &[Bytes], secret: &Secret) -> Result<Decoded, Error> {
+    let [marker, kind, body, rest @ ..] = frames else {
+        return Err(Error::Malformed(format!(
+            "expected 3 or 4 frames, got {}",
+            frames.len()
+        )));
+    };
+    if marker.as_ref() != MARKER {
+        return Err(Error::Malformed(
+            "not a services-mux frame (wrong marker)".into(),
+        ));
+    }
+    let kind = match kind.as_ref() {
+        [byte] => Kind::from_byte(*byte)
+            .ok_or_else(|| Error::Malformed(format!("unknown kind {byte:#04x}")))?,
+        other => {
+            return Err(Error::Malformed(format!(
+                "kind frame of {} bytes",
+                other.len()
+            )));
+        }
+    };
+    if body.len() > MAX_BODY {
+        return Err(Error::Malformed(format!(
+            "body of {} bytes is above {MAX_BODY}",
+            body.len()
+        )));
+    }
+    let frame = match kind {
+        Kind::Request => Frame::Request(parse(body)?),
+        Kind::Response => Frame::Response(parse(body)?),
+        Kind::Routes => Frame::Routes(parse(body)?),
+        Kind::Ping => Frame::Ping(parse(body)?),
+        Kind::Pong => Frame::Pong(parse(body)?),
+        Kind::Discover => Frame::Discover(parse(body)?),
+        Kind::Refusal => return Ok(Decoded::Frame(Frame::Refusal(parse(body)?))),
+    };
+    let [tag] = rest else {
+        return Err(Error::Malformed("a MAC frame is required".into()));
+    };
+    let mut mac = secret.mac();
+    mac.update(&[kind.byte()]);
+    mac.update(body);
+    if mac.verify_slice(tag).is_err() {
+        return Ok(Decoded::BadMac {
+            id: frame.id().to_owned(),
+        });
+    }
+    Ok(Decoded::Frame(frame))
+}
+
+/// Refuses replayed and stale frames: each id once, timestamps within a window of now.
+#[derive(Debug)]
+pub struct ReplayGuard {
+    window_ms: u64,
+    capacity: usize,
+    seen: HashMap<String, u64>,
+    order: VecDeque<(u64, String)>,
+}
+
+impl ReplayGuard {
+    /// A guard accepting timestamps within `window_ms` of now, remembering up to `capacity`
+    /// ids (older ones fall out of the window anyway).
+    pub fn new(window_ms: u64, capacity: usize) -> ReplayGuard {
+        ReplayGuard {
+            window_ms,
+            capacity: capacity.max(1),
+            seen: HashMap::new(),
+            order: VecDeque::new(),
+        }
+    }
+
+    /// Accepts `id` sent at `ts` if it is fresh and new; `now` in ms since the epoch.
+    pub fn check(&mut self, id: &str, ts: u64, now: u64) -> Result<(), Error> {
+        if ts.abs_diff(now) > self.window_ms {
+            return Err(Error::Replayed(format!(
+                "timestamp {ts} is {} ms from now, outside the {} ms window",
+                ts.abs_diff(now),
+                self.window_ms
+            )));
+        }
+        while let Some((seen_at, _)) = self.order.front() {
+            if now.saturating_sub(*seen_at) > 2 * self.window_ms
+                || self.order.len() >= self.capacity
+            {
+                if let Some((_, old)) = self.order.pop_front() {
+                    self.seen.remove(&old);
+                }
+            } else {
+                break;
+            }
+        }
+        if self.seen.contains_key(id) {
+            return Err(Error::Replayed(format!("id {id} was already seen")));
+        }
+        self.seen.insert(id.to_owned(), now);
+        self.order.push_back((now, id.to_owned()));
+        Ok(())
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request() -> Frame {
+        Frame::Request(WireRequest {
+            id: "id-1".into(),
+            ts: 1_000,
+            path: "/service/slow".into(),
+            method: "request".into(),
+            arguments: serde_json::json!({"RETURN_DATA": "ü"})
+                .as_object()
+                .cloned()
+                .unwrap_or_default(),
+            headers: BTreeMap::from([("k".into(), "v".into())]),
+            body: b"raw".to_vec(),
+        })
+    }
+
+    #[test]
+    fn frames_round_trip_with_a_mac() {
+        let secret = Secret::new("s3cret");
+        let frames = encode(&request(), &secret).expect("encodes");
+        assert_eq!(frames.len(), 4);
+        assert_eq!(frames[3].len(), 32);
+        match decode(&frames, &secret).expect("decodes") {
+            Decoded::Frame(frame) => assert_eq!(frame, request()),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_secret_never_travels_and_a_wrong_one_is_detected() {
+        let frames = encode(&request(), &Secret::new("my_shared_secret")).expect("encodes");
+        let wire: Vec<u8> = frames.iter().flat_map(|f| f.to_vec()).collect();
+        assert!(!wire.windows(16).any(|w| w == b"my_shared_secret"));
+        match decode(&frames, &Secret::new("another")).expect("well formed") {
+            Decoded::BadMac { id } => assert_eq!(id, "id-1"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn tampering_is_detected() {
+        let secret = Secret::new("k");
+        let mut frames = encode(&request(), &secret).expect("encodes");
+        let mut body = frames[2].to_vec();
+        let last = body.len() - 1;
+        body[last] ^= 1;
+        frames[2] = Bytes::from(body);
+        assert!(matches!(
+            decode(&frames, &secret),
+            Ok(Decoded::BadMac { .. })
+        ));
+    }
+
+    #[test]
+    fn malformed_frames_are_errors() {
+        let secret = Secret::new("k");
+        let good = encode(&request(), &secret).expect("encodes");
+        for frames in [
+            vec![],
+            vec![Bytes::from_static(b"x")],
+            vec![
+                Bytes::from_static(b"nope"),
+                good[1].clone(),
+                good[2].clone(),
+                good[3].clone(),
+            ],
+            vec![
+                good[0].clone(),
+                Bytes::from_static(b"Z"),
+                good[2].clone(),
+                good[3].clone(),
+            ],
+            vec![
+                good[0].clone(),
+                good[1].clone(),
+                Bytes::from_static(b"\xc1"),
+                good[3].clone(),
+            ],
+            vec![good[0].clone(), good[1].clone(), good[2].clone()],
+        ] {
+            assert!(
+                matches!(decode(&frames, &secret), Err(Error::Malformed(_))),
+                "{frames:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn replay_guard_refuses_repeats_and_stale_times() {
+        let mut guard = ReplayGuard::new(1_000, 100);
+        assert!(guard.check("a", 10_000, 10_100).is_ok());
+        assert!(guard.check("a", 10_000, 10_200).is_err(), "repeat");
+        assert!(guard.check("b", 8_000, 10_200).is_err(), "stale");
+        assert!(guard.check("c", 12_000, 10_200).is_err(), "from the future");
+        assert!(guard.check("d", 10_150, 10_200).is_ok());
+    }
+
+    #[test]
+    fn methods_parse_case_insensitively() {
+        assert_eq!("GET".parse::<Method>().expect("known"), Method::Get);
+        assert!("patch".parse::<Method>().is_err());
+        for m in Method::ALL {
+            assert_eq!(m.as_str().parse::<Method>().expect("round trip"), m);
+        }
+    }
+}

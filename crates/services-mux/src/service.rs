@@ -396,12 +396,26 @@ async fn run(
         100_000,
     )));
     let mut handlers = tokio::task::JoinSet::new();
+    // While draining, heartbeats are still answered (so that callers do not take the instance
+    // for dead while it finishes their calls) and new requests get a 503.
+    let mut draining = false;
     loop {
         let message = tokio::select! {
-            _ = stopped.changed() => break,
+            _ = stopped.changed(), if !draining => {
+                draining = true;
+                if handlers.is_empty() {
+                    break;
+                }
+                continue;
+            }
+            Some(_) = handlers.join_next(), if !handlers.is_empty() => {
+                if draining && handlers.is_empty() {
+                    break;
+                }
+                continue;
+            }
             message = receiver.recv() => message,
         };
-        while handlers.try_join_next().is_some() {}
         let mut frames = match message {
             Ok(message) => message.into_vec(),
             Err(error) => {
@@ -445,6 +459,12 @@ async fn run(
                     reply(refusal(request.id, &error.to_string())).await;
                     continue;
                 }
+                if draining {
+                    let response = ServiceResponse::new(503, "the service is shutting down")
+                        .into_wire(&request.id, &request.path);
+                    reply(Frame::Response(response)).await;
+                    continue;
+                }
                 let Ok(permit) = slots.clone().acquire_owned().await else {
                     break;
                 };
@@ -484,8 +504,7 @@ async fn run(
             }
         }
     }
-    // Graceful: the running handlers finish and answer before the socket goes.
-    while handlers.join_next().await.is_some() {}
+    // Graceful: the running handlers have finished and answered before the socket goes.
     // No LINGER in this ZeroMQ: give the last answers a moment to leave.
     tokio::time::sleep(Duration::from_millis(50)).await;
     tracing::info!(%address, "service stopped");

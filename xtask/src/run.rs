@@ -205,7 +205,7 @@ fn parse_test_result(line: &str) -> Option<(u64, u64)> {
 }
 
 /// The examples `cargo xtask demo` runs, in order, with what each shows.
-const DEMO_PARTS: [(&str, &str); 2] = [
+const DEMO_PARTS: [(&str, &str); 3] = [
     (
         "the ground: framed envelopes over ZeroMQ, Redis and RabbitMQ",
         "ground",

@@ -1,10 +1,12 @@
 //! `rylm`: the command line of the rylm toolkit.
 //!
 //! It reads and writes messages in each wire format (`rylm inspect`, `rylm encode`), which is
-//! what one needs to look at a captured frame or to feed a peer by hand, and serves and calls
-//! SyRPC (`rylm syrpc serve|call|put|get`). The other topologies (servers, workers, the gateway,
-//! services, the Gilmour proxy) join it as their crates land.
+//! what one needs to look at a captured frame or to feed a peer by hand; it serves and calls
+//! SyRPC (`rylm syrpc serve|call|put|get`), and services by path and METHOD (`rylm service`,
+//! `rylm call`). The other topologies (servers, workers, the gateway,
+//! the Gilmour proxy) join it as their crates land.
 
+mod services;
 mod syrpc;
 
 use std::io::{Read, Write};
@@ -23,6 +25,10 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Serves built-in routes as a services-mux service (by path and METHOD over ZeroMQ).
+    Service(services::ServeArgs),
+    /// Calls a services-mux service.
+    Call(services::CallArgs),
     /// SyRPC over RabbitMQ: serve the built-in types, or call, put and get.
     Syrpc {
         #[command(subcommand)]
@@ -92,11 +98,9 @@ fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
-        Command::Syrpc { command } => tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()
-            .context("starting the async runtime")?
-            .block_on(syrpc::run(command)),
+        Command::Syrpc { command } => runtime()?.block_on(syrpc::run(command)),
+        Command::Service(args) => runtime()?.block_on(services::serve(args)),
+        Command::Call(args) => runtime()?.block_on(services::call(args)),
         Command::Inspect { wire, file } => {
             let mut input = Vec::new();
             match &file {
@@ -147,6 +151,13 @@ fn main() -> Result<()> {
             Ok(())
         }
     }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
 }
 
 fn describe(message: &Message) -> String {

@@ -138,6 +138,8 @@ struct InstanceState {
     live: bool,
     last_seen: Option<Instant>,
     in_flight: usize,
+    /// Why the instance refused our heartbeats (a wrong secret), until it accepts one.
+    refused: Option<String>,
 }
 
 struct Registered {
@@ -414,6 +416,23 @@ impl ServiceClient {
                 if let Some(instance) = best {
                     return Ok(instance);
                 }
+                // Every instance refuses us: a wrong secret. Say so now, not at the deadline.
+                let refusals: Vec<(String, String)> = registered
+                    .instances
+                    .iter()
+                    .filter_map(|instance| {
+                        let state = instance.state.lock().unwrap_or_else(|e| e.into_inner());
+                        state
+                            .refused
+                            .clone()
+                            .map(|reason| (instance.address.clone(), reason))
+                    })
+                    .collect();
+                if !registered.instances.is_empty() && refusals.len() == registered.instances.len()
+                {
+                    let (address, reason) = refusals.into_iter().next().unwrap_or_default();
+                    return Err(Error::Refused { address, reason });
+                }
             }
             let remaining = deadline.saturating_sub(started.elapsed());
             if remaining.is_zero() || tokio::time::timeout(remaining, notified).await.is_err() {
@@ -656,6 +675,7 @@ fn on_frame(inner: &Inner, instance: &Instance, frames: Vec<Bytes>) {
         let became_live = {
             let mut state = instance.state.lock().unwrap_or_else(|e| e.into_inner());
             state.last_seen = Some(Instant::now());
+            state.refused = None;
             !std::mem::replace(&mut state.live, true)
         };
         if became_live {
@@ -670,6 +690,17 @@ fn on_frame(inner: &Inner, instance: &Instance, frames: Vec<Bytes>) {
         .unwrap_or_else(|e| e.into_inner())
         .remove(&id);
     let Some(pending) = pending else {
+        if let Frame::Refusal(refusal) = &frame {
+            // A refused heartbeat: this instance does not accept our secret.
+            tracing::warn!(address = %instance.address, reason = %refusal.reason, "the instance refuses this client");
+            instance
+                .state
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .refused = Some(refusal.reason.clone());
+            inner.live_changed.notify_waiters();
+            return;
+        }
         if !matches!(frame, Frame::Pong(_)) {
             tracing::debug!(call = %id, "dropped an answer nobody waits for (late, or replayed)");
         }

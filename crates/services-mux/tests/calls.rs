@@ -369,20 +369,25 @@ async fn a_wrong_secret_gets_an_explicit_401() {
     let service = start("a").await;
     let client = client();
     client.register("svc", &[service.address()], "not-the-secret");
-    // The service refuses even the heartbeats, so the instance never becomes live: address it
-    // directly through a raw caller to see the refusal.
+    // The service refuses the heartbeats already, so the call fails at once with the 401,
+    // long before its deadline.
+    let started = Instant::now();
     let outcome = client
-        .call(
-            "svc",
-            Call::new("/whoami"),
-            Some(Duration::from_millis(500)),
-        )
+        .call("svc", Call::new("/whoami"), Some(DEADLINE))
         .await;
+    match outcome {
+        Err(Error::Refused { reason, .. }) => {
+            assert!(reason.contains("wrong shared secret"), "{reason}")
+        }
+        other => panic!("expected a 401 refusal, got {other:?}"),
+    }
     assert!(
-        matches!(outcome, Err(Error::NoLiveInstance { .. })),
-        "{outcome:?}"
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
     );
 
+    // A request itself (not only a heartbeat) is refused by its id.
     let mut raw = DealerSocket::new();
     raw.connect(service.address()).await.expect("connects");
     let request = request_frame("r-1", protocol::now_ms());

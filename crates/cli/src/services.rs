@@ -1,0 +1,172 @@
+//! `rylm service` and `rylm call`: services by path and METHOD from the command line.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use rylm_services_mux::{Call, Method, Service, ServiceClient, ServiceResponse};
+use serde_json::Value;
+
+#[derive(Args, Debug)]
+pub(crate) struct ServeArgs {
+    /// Where to listen.
+    #[arg(long, default_value = "tcp://127.0.0.1:9998")]
+    bind: String,
+    /// The shared secret callers must hold.
+    #[arg(long, env = "RYLM_SERVICE_SECRET")]
+    secret: String,
+    /// The service's name, as discovery reports it.
+    #[arg(long, default_value = "rylm")]
+    name: String,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct CallArgs {
+    /// The instance(s) to call; several are load-balanced.
+    #[arg(long, required = true)]
+    connect: Vec<String>,
+    /// The shared secret.
+    #[arg(long, env = "RYLM_SERVICE_SECRET")]
+    secret: String,
+    /// The path, e.g. /echo; `?` lists the service's routes instead.
+    path: String,
+    /// The method: get, post, put, delete, options, connect, response or request.
+    #[arg(long, default_value = "request")]
+    method: String,
+    /// An argument as name=value (the value is JSON if it parses, else a string); repeatable.
+    #[arg(long = "arg", value_parser = parse_argument)]
+    arguments: Vec<(String, Value)>,
+    /// The body.
+    #[arg(long, default_value = "")]
+    body: String,
+    /// How long to wait, in seconds.
+    #[arg(long, default_value_t = 10.0)]
+    timeout: f64,
+}
+
+fn parse_argument(text: &str) -> Result<(String, Value), String> {
+    let (name, value) = text
+        .split_once('=')
+        .ok_or_else(|| format!("expected name=value, got {text:?}"))?;
+    let value = serde_json::from_str(value).unwrap_or_else(|_| Value::String(value.to_owned()));
+    Ok((name.to_owned(), value))
+}
+
+/// The built-in routes of `rylm service`.
+pub(crate) fn builtin_service(name: &str, secret: &str) -> Result<Service> {
+    let echo = |request: rylm_services_mux::ServiceRequest| async move {
+        let mut response = ServiceResponse::new(200, "OK");
+        for (key, value) in request.arguments {
+            response.add_to_payload(key, value);
+        }
+        response
+    };
+    let service = Service::new(name, secret)
+        .route(r"^/echo$", Method::Request, echo)?
+        .route(r"^/echo$", Method::Get, echo)?
+        .route(
+            r"^/upper/(?P<text>[^/]+)$",
+            Method::Get,
+            |request| async move {
+                let text = request.named.get("text").cloned().unwrap_or_default();
+                ServiceResponse::new(200, "OK").with("text", text.to_uppercase())
+            },
+        )?
+        .route(
+            r"^/slow/(?P<ms>\d+)$",
+            Method::Request,
+            |request| async move {
+                let millis: u64 = request
+                    .named
+                    .get("ms")
+                    .and_then(|ms| ms.parse().ok())
+                    .unwrap_or(0);
+                tokio::time::sleep(Duration::from_millis(millis.min(60_000))).await;
+                ServiceResponse::new(200, "Took a while, but I am back.").with("slept_ms", millis)
+            },
+        )?
+        .route(r"^/fail$", Method::Request, |_| async move {
+            ServiceResponse::new(500, "failed on purpose")
+        })?;
+    Ok(service)
+}
+
+pub(crate) async fn serve(args: ServeArgs) -> Result<()> {
+    let handle = builtin_service(&args.name, &args.secret)?
+        .serve(&args.bind)
+        .await?;
+    eprintln!(
+        "rylm service: {:?} listening at {} (routes /echo, /upper/<text>, /slow/<ms>, /fail); Ctrl-C stops",
+        args.name,
+        handle.address()
+    );
+    tokio::signal::ctrl_c()
+        .await
+        .context("waiting for Ctrl-C")?;
+    eprintln!("rylm service: stopping; answering the calls in hand");
+    handle.shutdown().await;
+    Ok(())
+}
+
+pub(crate) async fn call(args: CallArgs) -> Result<()> {
+    let client = ServiceClient::new();
+    let addresses: Vec<&str> = args.connect.iter().map(String::as_str).collect();
+    client.register("target", &addresses, &args.secret);
+    let deadline = Duration::try_from_secs_f64(args.timeout)
+        .context("--timeout is not a number of seconds")?;
+    if args.path == "?" {
+        for route in client.discover("target", Some(deadline)).await? {
+            println!("{}  {}", route.pattern, route.methods.join(","));
+        }
+        return Ok(());
+    }
+    let mut call = Call::new(&args.path)
+        .method(args.method.parse()?)
+        .body(args.body.clone());
+    for (name, value) in args.arguments {
+        call = call.argument(name, value);
+    }
+    let reply = client.call("target", call, Some(deadline)).await?;
+    println!("{} {}", reply.response.status, reply.response.status_msg);
+    println!("{}", Value::Object(reply.response.payload));
+    if reply.response.status >= 400 {
+        bail!("the service answered {}", reply.response.status);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn arguments_are_json_or_strings() {
+        assert_eq!(
+            parse_argument("n=3").expect("parses"),
+            ("n".into(), Value::from(3))
+        );
+        assert_eq!(
+            parse_argument("s=hi there").expect("parses"),
+            ("s".into(), Value::from("hi there"))
+        );
+        assert!(parse_argument("nothing").is_err());
+    }
+
+    #[tokio::test]
+    async fn the_builtin_service_answers_a_call() {
+        let handle = builtin_service("t", "s")
+            .expect("routes")
+            .serve("tcp://127.0.0.1:0")
+            .await
+            .expect("binds");
+        let client = ServiceClient::new();
+        client.register("t", &[handle.address()], "s");
+        let call = Call::new("/upper/grüße").method(Method::Get);
+        let reply = client
+            .call("t", call, Some(Duration::from_secs(10)))
+            .await
+            .expect("answered");
+        assert_eq!(reply.response.payload["text"], "GRÜSSE");
+        handle.shutdown().await;
+    }
+}

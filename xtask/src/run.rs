@@ -214,6 +214,10 @@ const DEMO_PARTS: [(&str, &str); 3] = [
         "SyRPC: one backend puts a request, another fetches the result by id",
         "syrpc_stateless",
     ),
+    (
+        "services by path and METHOD: a web front calls a slow service, sync and async",
+        "services_web",
+    ),
 ];
 
 pub fn demo(keep_servers: bool) -> Result<()> {

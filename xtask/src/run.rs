@@ -253,13 +253,16 @@ pub fn demo(keep_servers: bool) -> Result<()> {
     Ok(())
 }
 
-/// End-to-end benches: binaries of `benches` that need the provisioned servers.
-const END_TO_END: [&str; 1] = ["syrpc"];
+/// End-to-end benches: binaries of `benches`, and whether each needs the provisioned servers.
+const END_TO_END: [(&str, bool); 2] = [("syrpc", true), ("services", false)];
 
 pub fn bench(name: Option<&str>, quick: bool) -> Result<()> {
-    let end_to_end: Vec<&str> = match name {
-        Some(name) if END_TO_END.contains(&name) => vec![name],
-        Some(_) => Vec::new(),
+    let end_to_end: Vec<(&str, bool)> = match name {
+        Some(name) => END_TO_END
+            .iter()
+            .copied()
+            .filter(|(bench, _)| *bench == name)
+            .collect(),
         None => END_TO_END.to_vec(),
     };
     if name.is_none() || end_to_end.is_empty() {
@@ -289,17 +292,23 @@ pub fn bench(name: Option<&str>, quick: bool) -> Result<()> {
     if !status_ok(cargo().args(build))? {
         bail!("the end-to-end benches did not build");
     }
-    let servers = provision::start()?;
-    for bench in end_to_end {
+    let servers = if end_to_end.iter().any(|(_, needs)| *needs) {
+        Some(provision::start()?)
+    } else {
+        None
+    };
+    for (bench, _) in end_to_end {
         banner(&format!("end-to-end bench: {bench}"));
         let binary = crate::workspace_root().join("target/release").join(bench);
-        if !status_ok(Command::new(&binary).envs(servers.env()))? {
+        if !status_ok(Command::new(&binary).envs(servers.iter().flat_map(|s| s.env())))? {
             bail!("the {bench} bench failed");
         }
     }
-    println!("\npeak RSS of the servers it started:");
-    for (name, kib) in provision::peak_rss() {
-        println!("- {name}: {kib} KiB");
+    if servers.is_some() {
+        println!("\npeak RSS of the servers it started:");
+        for (name, kib) in provision::peak_rss() {
+            println!("- {name}: {kib} KiB");
+        }
     }
     Ok(())
 }

@@ -39,7 +39,12 @@ const READER_LINGER: Duration = Duration::from_millis(100);
 type Reply = oneshot::Sender<Result<Value, Error>>;
 
 enum Command {
-    Wait { result_id: ResultId, reply: Reply },
+    Wait {
+        result_id: ResultId,
+        reply: Reply,
+    },
+    /// A caller stopped waiting (its deadline passed): forget it now, not at the next tick.
+    GaveUp,
 }
 
 /// Counters that show what a client did, for monitoring and tests.
@@ -151,6 +156,7 @@ impl Client {
             Some(limit) => match tokio::time::timeout(limit, answer).await {
                 Ok(outcome) => outcome,
                 Err(_) => {
+                    self.tell_reader_gave_up(self.inner.link.settings.bucket(result_id.as_str()));
                     return Err(Error::Timeout {
                         result_id: result_id.clone(),
                         waited: limit,
@@ -188,6 +194,13 @@ impl Client {
             .unwrap_or_else(|e| e.into_inner())
             .clear();
         self.inner.link.close().await;
+    }
+
+    fn tell_reader_gave_up(&self, bucket: u32) {
+        let readers = self.inner.readers.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(sender) = readers.get(&bucket) {
+            let _ = sender.send(Command::GaveUp);
+        }
     }
 
     fn send_to_reader(&self, bucket: u32, command: Command) {
@@ -366,12 +379,16 @@ async fn run_reader(
                 let _ = channel.close(200, "client dropped".into()).await;
                 return;
             };
+            let linger_until =
+                idle_since.map(|since| tokio::time::Instant::from_std(since + READER_LINGER));
+            let mut leave = false;
             tokio::select! {
                 command = commands.recv() => match command {
                     Some(Command::Wait { result_id, reply }) => {
                         idle_since = None;
                         reader.on_wait(&strong, result_id, reply).await;
                     }
+                    Some(Command::GaveUp) => reader.drop_abandoned(),
                     None => {
                         let _ = channel.close(200, "client closed".into()).await;
                         return;
@@ -393,35 +410,52 @@ async fn run_reader(
                 _ = ticker.tick() => {
                     reader.drop_abandoned();
                     reader.release_stale(&strong, hold).await;
-                    if reader.has_waiters() {
-                        idle_since = None;
-                    } else if idle_since.get_or_insert_with(Instant::now).elapsed() >= READER_LINGER {
-                        // Leave under the map's lock, so that no command is sent to a reader
-                        // that is going away.
-                        let late_command = {
-                            let mut readers = strong.readers.lock().unwrap_or_else(|e| e.into_inner());
-                            let late = commands.try_recv().ok();
-                            if late.is_none() {
-                                readers.remove(&bucket);
-                            }
-                            late
-                        };
-                        match late_command {
-                            Some(Command::Wait { result_id, reply }) => {
-                                idle_since = None;
-                                reader.on_wait(&strong, result_id, reply).await;
-                            }
-                            None => {
-                                // Closing the channel hands every held result back at once.
-                                let handed_back = reader.held.len() as u64;
-                                strong.stats.handed_back.fetch_add(handed_back, Ordering::Relaxed);
-                                let _ = channel.close(200, "no more waiters".into()).await;
-                                return;
-                            }
-                        }
-                    }
+                }
+                _ = sleep_until_or_never(linger_until) => leave = true,
+            }
+            if reader.has_waiters() {
+                idle_since = None;
+            } else if idle_since.is_none() {
+                idle_since = Some(Instant::now());
+            }
+            if !leave {
+                continue;
+            }
+            // Leave under the map's lock, so that no command is sent to a reader that is going
+            // away; a command that slipped in first keeps it here.
+            let late_command = {
+                let mut readers = strong.readers.lock().unwrap_or_else(|e| e.into_inner());
+                let late = commands.try_recv().ok();
+                if late.is_none() {
+                    readers.remove(&bucket);
+                }
+                late
+            };
+            match late_command {
+                Some(Command::Wait { result_id, reply }) => {
+                    idle_since = None;
+                    reader.on_wait(&strong, result_id, reply).await;
+                }
+                Some(Command::GaveUp) => idle_since = Some(Instant::now()),
+                None => {
+                    // Closing the channel hands every held result back at once.
+                    let handed_back = reader.held.len() as u64;
+                    strong
+                        .stats
+                        .handed_back
+                        .fetch_add(handed_back, Ordering::Relaxed);
+                    let _ = channel.close(200, "no more waiters".into()).await;
+                    return;
                 }
             }
         }
+    }
+}
+
+/// Sleeps until `deadline`, or forever without one.
+async fn sleep_until_or_never(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
     }
 }

@@ -205,9 +205,19 @@ async fn results_for_others_are_kept_handed_back_once_and_no_consumer_is_left() 
         .get_result(&waited_for, Some(Duration::from_secs(2)))
         .await;
     assert!(matches!(outcome, Err(Error::Timeout { .. })), "{outcome:?}");
+    // No consumer is left behind: the reader closes its channel shortly after the last waiter
+    // gives up (polled with a deadline, not slept for).
+    let queue = settings.result_queue(bucket);
+    let gone_by = Instant::now() + Duration::from_secs(5);
+    while consumer_count(&settings, &queue).await > 0 {
+        assert!(
+            Instant::now() < gone_by,
+            "a consumer was left behind on {queue}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     // Published clients requeue such a result thousands of times a second; this one hands it
     // back once per hold period (0.5 s) and once more when it stops waiting.
-    tokio::time::sleep(Duration::from_millis(400)).await;
     let handed_back = client
         .stats()
         .handed_back
@@ -215,11 +225,6 @@ async fn results_for_others_are_kept_handed_back_once_and_no_consumer_is_left() 
     assert!(
         (1..=6).contains(&handed_back),
         "handed back {handed_back} times in 2 s"
-    );
-    assert_eq!(
-        consumer_count(&settings, &settings.result_queue(bucket)).await,
-        0,
-        "a consumer was left behind"
     );
 
     // The result it saw is still there for its owner, in another client.
@@ -427,71 +432,4 @@ async fn connection_failures_are_typed_and_fast() {
         Client::connect(invalid).await,
         Err(Error::InvalidSettings(_))
     ));
-}
-
-/// A broker restart: the client and the server reconnect, and a request accepted before the
-/// restart is answered after it.
-#[tokio::test]
-async fn requests_survive_a_broker_restart() {
-    let Some(settings) = settings("restart") else {
-        return;
-    };
-    let Some(ctl) = rylm_testkit::rabbitmqctl("requests_survive_a_broker_restart") else {
-        return;
-    };
-    let settings = settings.with_connect_timeouts(Duration::from_secs(10), Duration::from_secs(60));
-    let client = Client::connect(settings.clone()).await.expect("client");
-    let server = Server::connect(settings.clone()).await.expect("server");
-
-    // Accepted (confirmed by the broker) before the restart; nobody serves it yet.
-    let before = client
-        .put_request("echo", &"before the restart")
-        .await
-        .expect("put");
-    let waiting = {
-        let client = client.clone();
-        let before = before.clone();
-        tokio::spawn(async move {
-            client
-                .get_result(&before, Some(Duration::from_secs(60)))
-                .await
-        })
-    };
-    tokio::time::sleep(Duration::from_millis(300)).await;
-
-    let rabbitmqctl = |action: &'static str| {
-        let ctl = ctl.clone();
-        async move {
-            let output = tokio::process::Command::new(&ctl)
-                .arg(action)
-                .kill_on_drop(true)
-                .output();
-            let output = tokio::time::timeout(Duration::from_secs(60), output)
-                .await
-                .expect("rabbitmqctl finishes")
-                .expect("rabbitmqctl runs");
-            assert!(
-                output.status.success(),
-                "rabbitmqctl {action}: {}",
-                String::from_utf8_lossy(&output.stderr)
-            );
-        }
-    };
-    rabbitmqctl("stop_app").await;
-    rabbitmqctl("start_app").await;
-
-    let (_stop, _serving) = serve_in_background(server, demo_handlers());
-    let result = waiting
-        .await
-        .expect("task")
-        .expect("answered after the restart");
-    assert_eq!(result, json!("before the restart"));
-    // And new calls work on the new connections.
-    assert_eq!(
-        client
-            .call("echo", &"after", Some(DEADLINE))
-            .await
-            .expect("after"),
-        json!("after")
-    );
 }

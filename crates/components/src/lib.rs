@@ -1,20 +1,62 @@
 //! ZeroMQ parts and the pylm-style servers built from them.
 //!
-//! **Parts.** For each ZeroMQ pattern (PULL, PUSH, PUB, SUB, REQ, REP, ROUTER, DEALER, over tcp
-//! and ipc) a *service* (binds) and a *connection* (connects), each usable as an inbound or an
-//! outbound component of a `rylm-core-router` router as its pattern allows; *bypass* parts that
-//! skip the router; and the cache, a key-value service answering set, get and delete.
+//! **Parts** ([`parts`]). For each ZeroMQ pattern a component of a `rylm-core-router` router,
+//! bound (a *service*) or connected (a *connection*) through an [`Endpoint`]: PULL and SUB
+//! inbound ([`Listen`]), REP inbound ([`Answer`], blocking), ROUTER inbound ([`RouterIn`],
+//! blocking, many requests at once), PUSH and PUB outbound ([`Emit`]), REQ outbound ([`Ask`],
+//! blocking), DEALER outbound ([`DealerOut`], blocking, many at once). Every part reads and
+//! writes with a [`rylm_message::Codec`], so the wire format is a choice.
 //!
-//! **Servers.** The topologies of pylm, built from those parts: `Server` (runs user functions
-//! itself), `Master` (farms work out to `Worker`s and `MuxWorker`s, with `scatter`, `gather` and
-//! `handle_stream` hooks), `Hub` (a pipelined master), `Pipeline` and `Sink` (stages and fan-in
-//! of a chain), and the `Client` (`eval`, `job` as an async stream with a bounded number in
-//! flight, cache access). User functions are plain async or blocking Rust functions registered
-//! by name.
+//! **The cache** ([`CacheStore`]) is a bypass part: a key-value store on REP beside the router,
+//! answering `set`, `get` and `delete`, with a clear answer for a missing key. Servers preset it
+//! with their name and addresses, so that a client needs the cache's address alone.
 //!
-//! **Wire format as a choice.** A server's codec and socket layout are parameters: the native
-//! rylm format by default, pylm's `PalmMessage` with pylm's socket layout for mixed clusters.
+//! **Functions** ([`Functions`]) are plain async or blocking Rust functions by name; a message
+//! whose function is a list of stages runs them in turn. An unknown function, a failure and a
+//! panic come back as an error reply (headers [`ERROR_KIND`] and [`ERROR_MESSAGE`]), and the
+//! server goes on.
 //!
-//! This crate is being built: the parts and servers arrive with the router issue. It depends
-//! on `rylm-message` and `rylm-core-router` only; HTTP lives in `rylm-gateway`.
+//! **Servers.** [`Server`] runs functions itself: PULL from clients, a router, PUB of results
+//! under pylm's `handle_stream` topic (the client's id by default), and the cache. The
+//! [`Client`] finds a server from its cache, makes sure its subscription is live before its
+//! first call (no slow-joiner loss), and offers `eval`, `job` (a stream with a bounded number in
+//! flight) and the cache. The Master and its Workers, the Hub, Pipeline, Sink and MuxWorker of
+//! pylm are the next servers to come.
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), rylm_components::Error> {
+//! use std::time::Duration;
+//! use bytes::Bytes;
+//! use rylm_components::{Client, Functions, Server};
+//!
+//! let server = Server::builder("text")
+//!     .functions(Functions::new().add("upper", |p: Bytes| async move { Ok::<_, String>(Bytes::from(p.to_ascii_uppercase())) }))
+//!     .start()
+//!     .await?;
+//! let client = Client::connect(server.db_address(), Duration::from_secs(5)).await?;
+//! assert_eq!(&client.eval("upper", "hi").await?[..], b"HI");
+//! # Ok(()) }
+//! ```
+//!
+//! It depends on `rylm-message` and `rylm-core-router` only; HTTP lives in `rylm-gateway`.
 #![warn(missing_docs)]
+
+mod cache;
+mod client;
+mod error;
+mod functions;
+pub mod parts;
+mod server;
+
+pub use cache::{CacheStore, MISSING};
+pub use client::Client;
+pub use error::Error;
+pub use functions::{Functions, SYNC_FUNCTION};
+pub use parts::{Answer, Ask, DealerOut, Emit, Endpoint, Listen, RouterIn};
+pub use server::{Server, ServerBuilder};
+
+/// The header of an error reply that says what kind of failure it is: `unknown-function`,
+/// `failed`, `panicked`, `malformed`.
+pub const ERROR_KIND: &str = "rylm-error";
+/// The header of an error reply that describes the failure.
+pub const ERROR_MESSAGE: &str = "rylm-error-message";

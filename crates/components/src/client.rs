@@ -1,0 +1,351 @@
+//! The Client: finds a server from its cache address, calls functions, reads and writes the
+//! cache.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use rylm_message::{Codec, Message, NativeCodec, new_id};
+use tokio::sync::{Mutex, mpsc, oneshot};
+use zeromq::{PushSocket, Socket, SocketRecv, SocketSend, SubSocket};
+
+use crate::cache::MISSING;
+use crate::functions::SYNC_FUNCTION;
+use crate::parts::{Ask, Endpoint, multipart};
+use crate::{ERROR_KIND, ERROR_MESSAGE, Error};
+
+type Pending = Arc<std::sync::Mutex<HashMap<String, oneshot::Sender<Message>>>>;
+
+/// A client of a Server (or of a Master): `eval`, `job`, and the cache.
+///
+/// It subscribes to its own id on the server's PUB socket and, before its first call, makes
+/// sure the subscription is live with a round trip (PUB/SUB's slow-joiner race would otherwise
+/// lose the first results), so it receives every result of its own calls.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    id: String,
+    session: String,
+    server: String,
+    codec: Arc<dyn Codec>,
+    push: Mutex<PushSocket>,
+    cache: Mutex<Ask>,
+    pending: Pending,
+    deadline: Duration,
+    receiver: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.receiver.abort();
+    }
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("id", &self.inner.id)
+            .field("server", &self.inner.server)
+            .finish()
+    }
+}
+
+impl Client {
+    /// Connects to the server whose cache is at `db_address`, reading the rest of its
+    /// addresses from the cache; `deadline` bounds the set-up and is the default for calls.
+    pub async fn connect(db_address: &str, deadline: Duration) -> Result<Client, Error> {
+        tokio::time::timeout(deadline, Self::connect_now(db_address, deadline))
+            .await
+            .map_err(|_| Error::Timeout {
+                what: format!("the server whose cache is at {db_address}"),
+                waited: deadline,
+            })?
+    }
+
+    async fn connect_now(db_address: &str, deadline: Duration) -> Result<Client, Error> {
+        let started = Instant::now();
+        let codec: Arc<dyn Codec> = Arc::new(NativeCodec::default());
+        let mut cache = Ask::req(&Endpoint::Connect(db_address.to_owned()), codec.clone()).await?;
+        let server = preset(&mut cache, db_address, "name", deadline).await?;
+        let pull_address = preset(&mut cache, db_address, "pull_address", deadline).await?;
+        let pub_address = preset(&mut cache, db_address, "pub_address", deadline).await?;
+
+        let id = new_id();
+        let mut sub = SubSocket::new();
+        sub.subscribe(&id)
+            .await
+            .map_err(Error::socket("subscribe", &pub_address))?;
+        sub.connect(&pub_address)
+            .await
+            .map_err(Error::socket("connect", &pub_address))?;
+        let mut push = PushSocket::new();
+        push.connect(&pull_address)
+            .await
+            .map_err(Error::socket("connect", &pull_address))?;
+
+        let pending: Pending = Arc::default();
+        let receiver = {
+            let (pending, codec) = (pending.clone(), codec.clone());
+            tokio::spawn(async move {
+                while let Ok(received) = sub.recv().await {
+                    let frames = received.into_vec();
+                    match codec.decode_frames(frames.get(1..).unwrap_or_default()) {
+                        Ok(result) => {
+                            let waiter = pending
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .remove(&result.cache);
+                            if let Some(waiter) = waiter {
+                                let _ = waiter.send(result);
+                            }
+                        }
+                        Err(error) => {
+                            tracing::warn!(%error, "dropped a result that does not decode")
+                        }
+                    }
+                }
+            })
+        };
+        let client = Client {
+            inner: Arc::new(Inner {
+                id,
+                session: new_id(),
+                server,
+                codec,
+                push: Mutex::new(push),
+                cache: Mutex::new(cache),
+                pending,
+                deadline,
+                receiver,
+            }),
+        };
+        client
+            .sync(deadline.saturating_sub(started.elapsed()))
+            .await?;
+        Ok(client)
+    }
+
+    /// The client's id (the topic of its results).
+    pub fn id(&self) -> &str {
+        &self.inner.id
+    }
+
+    /// The server's name, as its cache gave it.
+    pub fn server(&self) -> &str {
+        &self.inner.server
+    }
+
+    /// Round trips until one comes back: then the subscription is live.
+    async fn sync(&self, within: Duration) -> Result<(), Error> {
+        let started = Instant::now();
+        let mut wait = Duration::from_millis(20);
+        while started.elapsed() < within {
+            let message = Message::call(SYNC_FUNCTION, Bytes::new());
+            if self.send_and_wait(message, wait).await.is_ok() {
+                return Ok(());
+            }
+            wait = (wait * 2).min(Duration::from_millis(500));
+        }
+        Err(Error::Timeout {
+            what: "the server's first answer".into(),
+            waited: within,
+        })
+    }
+
+    async fn send_and_wait(&self, message: Message, deadline: Duration) -> Result<Message, Error> {
+        let message = message
+            .with_client(self.inner.id.clone())
+            .with_pipeline(self.inner.session.clone())
+            .with_cache(new_id());
+        let (done, answer) = oneshot::channel();
+        let key = message.cache.clone();
+        self.inner
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key.clone(), done);
+        let frames = self.inner.codec.encode_frames(&message)?;
+        let sent = self.inner.push.lock().await.send(multipart(frames)).await;
+        let outcome = match sent {
+            Err(error) => Err(Error::Socket {
+                operation: "send",
+                address: "server".into(),
+                reason: error.to_string(),
+            }),
+            Ok(()) => match tokio::time::timeout(deadline, answer).await {
+                Ok(Ok(result)) => Ok(result),
+                Ok(Err(_)) => Err(Error::Closed),
+                Err(_) => Err(Error::Timeout {
+                    what: format!("{}", message.function),
+                    waited: deadline,
+                }),
+            },
+        };
+        self.inner
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&key);
+        outcome
+    }
+
+    /// Calls `function` (on this client's server) with `payload` and returns its result.
+    pub async fn eval(&self, function: &str, payload: impl Into<Bytes>) -> Result<Bytes, Error> {
+        self.eval_within(function, payload, self.inner.deadline)
+            .await
+    }
+
+    /// [`Client::eval`] with its own deadline.
+    pub async fn eval_within(
+        &self,
+        function: &str,
+        payload: impl Into<Bytes>,
+        deadline: Duration,
+    ) -> Result<Bytes, Error> {
+        let name = if function.contains('.') {
+            function.to_owned()
+        } else {
+            format!("{}.{function}", self.inner.server)
+        };
+        let result = self
+            .send_and_wait(Message::call(name.clone(), payload), deadline)
+            .await?;
+        match result.header(ERROR_KIND) {
+            Some(kind) => Err(Error::Remote {
+                function: name,
+                kind: kind.to_owned(),
+                message: result.header(ERROR_MESSAGE).unwrap_or_default().to_owned(),
+            }),
+            None => Ok(result.payload),
+        }
+    }
+
+    /// Runs `payload` through a pipeline of functions, each stage's result the next one's input.
+    pub async fn eval_stages(
+        &self,
+        stages: &[&str],
+        payload: impl Into<Bytes>,
+    ) -> Result<Bytes, Error> {
+        let names: Vec<String> = stages
+            .iter()
+            .map(|s| {
+                if s.contains('.') {
+                    (*s).to_owned()
+                } else {
+                    format!("{}.{s}", self.inner.server)
+                }
+            })
+            .collect();
+        let label = names.join(" ");
+        let message = Message::call(rylm_message::Function::Stages(names), payload);
+        let result = self.send_and_wait(message, self.inner.deadline).await?;
+        match result.header(ERROR_KIND) {
+            Some(kind) => Err(Error::Remote {
+                function: label,
+                kind: kind.to_owned(),
+                message: result.header(ERROR_MESSAGE).unwrap_or_default().to_owned(),
+            }),
+            None => Ok(result.payload),
+        }
+    }
+
+    /// Calls `function` once per payload, at most `in_flight` at a time, and yields
+    /// `(index, result)` pairs as they complete.
+    pub fn job(
+        &self,
+        function: &str,
+        payloads: impl IntoIterator<Item = Bytes> + Send + 'static,
+        in_flight: usize,
+    ) -> mpsc::Receiver<(usize, Result<Bytes, Error>)> {
+        let (results, receiver) = mpsc::channel(in_flight.max(1));
+        let (client, function) = (self.clone(), function.to_owned());
+        let payloads: Vec<Bytes> = payloads.into_iter().collect();
+        tokio::spawn(async move {
+            let slots = Arc::new(tokio::sync::Semaphore::new(in_flight.max(1)));
+            for (index, payload) in payloads.into_iter().enumerate() {
+                let Ok(permit) = slots.clone().acquire_owned().await else {
+                    return;
+                };
+                let (client, function, results) =
+                    (client.clone(), function.clone(), results.clone());
+                tokio::spawn(async move {
+                    let outcome = client.eval(&function, payload).await;
+                    let _ = results.send((index, outcome)).await;
+                    drop(permit);
+                });
+            }
+        });
+        receiver
+    }
+
+    /// Stores `value` in the server's cache, under `key` or a new key; returns the key.
+    pub async fn set(&self, key: Option<&str>, value: impl Into<Bytes>) -> Result<String, Error> {
+        let request = Message::call("cache.set", value).with_cache(key.unwrap_or_default());
+        let reply = self.cache_request(&request).await?.unwrap_or_default();
+        Ok(String::from_utf8_lossy(&reply).into_owned())
+    }
+
+    /// The value under `key`, if any.
+    pub async fn get(&self, key: &str) -> Result<Option<Bytes>, Error> {
+        self.cache_request(&Message::call("cache.get", key.to_owned()))
+            .await
+    }
+
+    /// Removes `key`; returns the value it had.
+    pub async fn delete(&self, key: &str) -> Result<Option<Bytes>, Error> {
+        self.cache_request(&Message::call("cache.delete", key.to_owned()))
+            .await
+    }
+
+    async fn cache_request(&self, request: &Message) -> Result<Option<Bytes>, Error> {
+        let deadline = self.inner.deadline;
+        let mut cache = self.inner.cache.lock().await;
+        tokio::time::timeout(deadline, cache_ask(&mut cache, request))
+            .await
+            .map_err(|_| Error::Timeout {
+                what: "the cache".into(),
+                waited: deadline,
+            })?
+    }
+}
+
+/// A preset key of the server's cache, as text.
+async fn preset(
+    cache: &mut Ask,
+    db_address: &str,
+    key: &str,
+    deadline: Duration,
+) -> Result<String, Error> {
+    let request = Message::call("cache.get", key.to_owned());
+    let value = tokio::time::timeout(deadline, cache_ask(cache, &request))
+        .await
+        .map_err(|_| Error::Timeout {
+            what: format!("the cache at {db_address}"),
+            waited: deadline,
+        })??
+        .ok_or_else(|| Error::Server {
+            address: db_address.to_owned(),
+            reason: format!("its cache has no {key:?}"),
+        })?;
+    Ok(String::from_utf8_lossy(&value).into_owned())
+}
+
+async fn cache_ask(cache: &mut Ask, request: &Message) -> Result<Option<Bytes>, Error> {
+    let reply = cache.ask(request).await?;
+    if let Some(kind) = reply.header(ERROR_KIND) {
+        return Err(Error::Remote {
+            function: request.function.to_string(),
+            kind: kind.to_owned(),
+            message: reply.header(ERROR_MESSAGE).unwrap_or_default().to_owned(),
+        });
+    }
+    Ok(if reply.header(MISSING).is_some() {
+        None
+    } else {
+        Some(reply.payload)
+    })
+}

@@ -1,0 +1,165 @@
+//! User functions by name, and the blocking router component that runs them.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use rylm_core_router::{Error as RouterError, OutboundQueue};
+use rylm_message::Message;
+
+use crate::parts::error_reply;
+
+/// The function a client calls to learn that its subscription is live (see [`crate::Client`]).
+pub const SYNC_FUNCTION: &str = "rylm.sync";
+
+type FunctionFuture = Pin<Box<dyn Future<Output = Result<Bytes, String>> + Send>>;
+type Function = Arc<dyn Fn(Bytes) -> FunctionFuture + Send + Sync>;
+
+/// Functions by name: each takes a payload and returns one, or an error.
+///
+/// ```
+/// use bytes::Bytes;
+/// use rylm_components::Functions;
+/// let functions = Functions::new()
+///     .add("upper", |payload: Bytes| async move { Ok::<_, String>(Bytes::from(payload.to_ascii_uppercase())) })
+///     .add_blocking("len", |payload: Bytes| Ok::<_, String>(Bytes::from(payload.len().to_string())));
+/// assert!(functions.names().any(|n| n == "len"));
+/// ```
+#[derive(Clone, Default)]
+pub struct Functions {
+    map: HashMap<String, Function>,
+}
+
+impl std::fmt::Debug for Functions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_set().entries(self.map.keys()).finish()
+    }
+}
+
+impl Functions {
+    /// No functions.
+    pub fn new() -> Self {
+        Functions::default()
+    }
+
+    /// Registers an async function.
+    pub fn add<F, Fut, E>(mut self, name: &str, function: F) -> Self
+    where
+        F: Fn(Bytes) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Bytes, E>> + Send + 'static,
+        E: std::fmt::Display,
+    {
+        let function = Arc::new(function);
+        self.map.insert(
+            name.to_owned(),
+            Arc::new(move |payload| {
+                let function = function.clone();
+                Box::pin(async move { function(payload).await.map_err(|e| e.to_string()) })
+            }),
+        );
+        self
+    }
+
+    /// Registers a blocking function; it runs on tokio's blocking thread pool.
+    pub fn add_blocking<F, E>(mut self, name: &str, function: F) -> Self
+    where
+        F: Fn(Bytes) -> Result<Bytes, E> + Send + Sync + 'static,
+        E: std::fmt::Display,
+    {
+        let function = Arc::new(function);
+        self.map.insert(
+            name.to_owned(),
+            Arc::new(move |payload| {
+                let function = function.clone();
+                Box::pin(async move {
+                    match tokio::task::spawn_blocking(move || {
+                        function(payload).map_err(|e| e.to_string())
+                    })
+                    .await
+                    {
+                        Ok(outcome) => outcome,
+                        Err(join_error) => Err(panic_text(join_error)),
+                    }
+                })
+            }),
+        );
+        self
+    }
+
+    /// The registered names.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.map.keys().map(String::as_str)
+    }
+
+    /// Runs the function of `message`'s current stage (and the following stages that belong to
+    /// `server`), and returns the reply: the message with the result as its payload, or an error
+    /// reply (`unknown-function`, `failed`, `panicked`).
+    pub async fn call(&self, server: &str, mut message: Message) -> Message {
+        loop {
+            if message.function_name() == Some(SYNC_FUNCTION) {
+                return message.reply(Bytes::new());
+            }
+            let method = message.method().unwrap_or_default().to_owned();
+            let Some(function) = self.map.get(&method).cloned() else {
+                let mut known: Vec<&str> = self.names().collect();
+                known.sort_unstable();
+                let text = format!(
+                    "no function {method:?} here (this server has {})",
+                    known.join(", ")
+                );
+                return error_reply(&message, "unknown-function", &text);
+            };
+            // A task of its own, so that a panic becomes an error reply, not a dead server.
+            let payload = message.payload.clone();
+            let outcome = match tokio::spawn(function(payload)).await {
+                Ok(outcome) => outcome.map_err(|text| ("failed", text)),
+                Err(join_error) => Err(("panicked", panic_text(join_error))),
+            };
+            match outcome {
+                Ok(result) => message.payload = result,
+                Err((kind, text)) => return error_reply(&message, kind, &text),
+            }
+            // Go on through the stages that are this server's; others are for the next server.
+            let next_is_ours = message
+                .function
+                .at(message.stage.saturating_add(1))
+                .is_some_and(|name| {
+                    name.split_once('.')
+                        .is_none_or(|(owner, _)| owner == server)
+                })
+                && matches!(message.function, rylm_message::Function::Stages(_));
+            if next_is_ours && message.next_stage() {
+                continue;
+            }
+            return message;
+        }
+    }
+
+    /// The blocking router component that runs each message's function, many at once.
+    pub async fn run(self, server: String, mut queue: OutboundQueue) -> Result<(), RouterError> {
+        let functions = Arc::new(self);
+        let server: Arc<str> = server.into();
+        while let Some(delivery) = queue.recv().await {
+            let (functions, server) = (functions.clone(), server.clone());
+            tokio::spawn(async move {
+                let (message, responder) = delivery.into_parts();
+                let reply = functions.call(&server, message).await;
+                responder.send(Ok(Some(reply)));
+            });
+        }
+        Ok(())
+    }
+}
+
+fn panic_text(join_error: tokio::task::JoinError) -> String {
+    match join_error.try_into_panic() {
+        Ok(panic) => panic
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic".to_owned()),
+        Err(_) => "cancelled".to_owned(),
+    }
+}

@@ -1,0 +1,522 @@
+//! ZeroMQ sockets as router components: a *service* binds, a *connection* connects.
+//!
+//! | pattern | side | component | blocking |
+//! |---|---|---|---|
+//! | PULL, SUB | inbound | [`Listen`] | no: each message is submitted and travels on |
+//! | REP | inbound | [`Answer`] | yes: the feedback is the reply |
+//! | ROUTER | inbound | [`RouterIn`] | yes, many at once: each feedback goes back to its peer |
+//! | PUSH, PUB | outbound | [`Emit`] | no (a PUB's topic comes from the message) |
+//! | REQ | outbound | [`Ask`] | yes, one at a time: the reply is the feedback |
+//! | DEALER | outbound | [`DealerOut`] | yes, many at once, matched by the message's `cache` id |
+//!
+//! Messages are read and written with the part's [`Codec`]; a frame that does not decode is
+//! logged and dropped (an [`Answer`] replies with an error message, as REP must reply).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use rylm_core_router::{Error as RouterError, InboundLink, OutboundQueue};
+use rylm_message::{Codec, Message};
+use tokio::sync::Mutex;
+use zeromq::{
+    DealerSocket, PubSocket, PullSocket, PushSocket, RepSocket, ReqSocket, RouterSocket, Socket,
+    SocketRecv, SocketSend, SubSocket, ZmqMessage,
+};
+
+use crate::Error;
+
+/// Where a part's socket goes: bound (a service) or connected (a connection).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Endpoint {
+    /// Bind this address (`tcp://127.0.0.1:0` picks a free port).
+    Bind(String),
+    /// Connect to this address.
+    Connect(String),
+}
+
+/// Binds or connects `socket`; returns the address it ended up on.
+pub async fn attach<S: Socket>(socket: &mut S, endpoint: &Endpoint) -> Result<String, Error> {
+    match endpoint {
+        Endpoint::Bind(address) => Ok(socket
+            .bind(address)
+            .await
+            .map_err(Error::socket("bind", address))?
+            .to_string()),
+        Endpoint::Connect(address) => {
+            socket
+                .connect(address)
+                .await
+                .map_err(Error::socket("connect", address))?;
+            Ok(address.clone())
+        }
+    }
+}
+
+/// Frames as one multipart message.
+pub fn multipart(frames: Vec<Bytes>) -> ZmqMessage {
+    let mut frames = frames.into_iter();
+    let mut message = ZmqMessage::from(frames.next().unwrap_or_default());
+    for frame in frames {
+        message.push_back(frame);
+    }
+    message
+}
+
+/// The frame of an error answer: the request's envelope, no payload, the error in headers.
+pub fn error_reply(request: &Message, kind: &str, message: &str) -> Message {
+    let mut reply = request.reply(Bytes::new());
+    reply.headers.insert(crate::ERROR_KIND.into(), kind.into());
+    reply
+        .headers
+        .insert(crate::ERROR_MESSAGE.into(), message.into());
+    reply
+}
+
+fn router_error(error: Error) -> RouterError {
+    RouterError::Component {
+        component: "socket".into(),
+        reason: error.to_string(),
+    }
+}
+
+/// PULL or SUB: submits every message it receives.
+pub struct Listen<S> {
+    socket: S,
+    codec: Arc<dyn Codec>,
+    /// Frames before the message (a SUB's topic).
+    skip: usize,
+    address: String,
+}
+
+impl<S> std::fmt::Debug for Listen<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Listen")
+            .field("address", &self.address)
+            .finish()
+    }
+}
+
+impl Listen<PullSocket> {
+    /// A PULL service or connection.
+    pub async fn pull(endpoint: &Endpoint, codec: Arc<dyn Codec>) -> Result<Self, Error> {
+        let mut socket = PullSocket::new();
+        let address = attach(&mut socket, endpoint).await?;
+        Ok(Listen {
+            socket,
+            codec,
+            skip: 0,
+            address,
+        })
+    }
+}
+
+impl Listen<SubSocket> {
+    /// A SUB service or connection subscribed to `topics` (an empty string takes everything).
+    pub async fn sub(
+        endpoint: &Endpoint,
+        topics: &[&str],
+        codec: Arc<dyn Codec>,
+    ) -> Result<Self, Error> {
+        let mut socket = SubSocket::new();
+        for topic in topics {
+            socket
+                .subscribe(topic)
+                .await
+                .map_err(Error::socket("subscribe", topic))?;
+        }
+        let address = attach(&mut socket, endpoint).await?;
+        Ok(Listen {
+            socket,
+            codec,
+            skip: 1,
+            address,
+        })
+    }
+}
+
+impl<S: SocketRecv + Send + 'static> Listen<S> {
+    /// The address the socket is on.
+    pub fn address(&self) -> &str {
+        &self.address
+    }
+
+    /// The router component.
+    pub async fn run(mut self, mut link: InboundLink) -> Result<(), RouterError> {
+        loop {
+            let received = tokio::select! {
+                _ = link.stopping() => return Ok(()),
+                received = self.socket.recv() => received,
+            };
+            let frames = match received {
+                Ok(message) => message.into_vec(),
+                Err(error) => {
+                    tracing::warn!(address = %self.address, %error, "receiving failed");
+                    continue;
+                }
+            };
+            match self
+                .codec
+                .decode_frames(frames.get(self.skip..).unwrap_or_default())
+            {
+                Ok(message) => {
+                    link.submit(message).await?;
+                }
+                Err(error) => {
+                    tracing::warn!(address = %self.address, %error, "dropped a message that does not decode")
+                }
+            }
+        }
+    }
+}
+
+/// PUSH or PUB: sends every message it is given; a PUB prefixes the topic `topic(message)`.
+pub struct Emit<S> {
+    socket: S,
+    codec: Arc<dyn Codec>,
+    topic: Option<TopicFn>,
+    address: String,
+}
+
+/// The topic a PUB part publishes a message under.
+pub type TopicFn = Arc<dyn Fn(&Message) -> String + Send + Sync>;
+
+impl<S> std::fmt::Debug for Emit<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Emit")
+            .field("address", &self.address)
+            .finish()
+    }
+}
+
+impl Emit<PushSocket> {
+    /// A PUSH service or connection.
+    pub async fn push(endpoint: &Endpoint, codec: Arc<dyn Codec>) -> Result<Self, Error> {
+        let mut socket = PushSocket::new();
+        let address = attach(&mut socket, endpoint).await?;
+        Ok(Emit {
+            socket,
+            codec,
+            topic: None,
+            address,
+        })
+    }
+}
+
+impl Emit<PubSocket> {
+    /// A PUB service or connection publishing each message under `topic(message)`.
+    pub async fn publish(
+        endpoint: &Endpoint,
+        topic: TopicFn,
+        codec: Arc<dyn Codec>,
+    ) -> Result<Self, Error> {
+        let mut socket = PubSocket::new();
+        let address = attach(&mut socket, endpoint).await?;
+        Ok(Emit {
+            socket,
+            codec,
+            topic: Some(topic),
+            address,
+        })
+    }
+}
+
+impl<S: SocketSend + Send + 'static> Emit<S> {
+    /// The address the socket is on.
+    pub fn address(&self) -> &str {
+        &self.address
+    }
+
+    /// The router component.
+    pub async fn run(mut self, mut queue: OutboundQueue) -> Result<(), RouterError> {
+        while let Some(delivery) = queue.recv().await {
+            let (message, responder) = delivery.into_parts();
+            let mut frames = match self.codec.encode_frames(&message) {
+                Ok(frames) => frames,
+                Err(error) => {
+                    responder.send(Err(router_error(error.into())));
+                    continue;
+                }
+            };
+            if let Some(topic) = &self.topic {
+                frames.insert(0, Bytes::from(topic(&message)));
+            }
+            let sent = self.socket.send(multipart(frames)).await;
+            responder.send(
+                sent.map(|()| None)
+                    .map_err(|e| router_error(Error::socket("send", &self.address)(e))),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// REP: submits each request and replies with its feedback (or an error message).
+pub struct Answer {
+    socket: RepSocket,
+    codec: Arc<dyn Codec>,
+    address: String,
+}
+
+impl std::fmt::Debug for Answer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Answer")
+            .field("address", &self.address)
+            .finish()
+    }
+}
+
+impl Answer {
+    /// A REP service or connection.
+    pub async fn rep(endpoint: &Endpoint, codec: Arc<dyn Codec>) -> Result<Self, Error> {
+        let mut socket = RepSocket::new();
+        let address = attach(&mut socket, endpoint).await?;
+        Ok(Answer {
+            socket,
+            codec,
+            address,
+        })
+    }
+
+    /// The router component (register it blocking).
+    pub async fn run(mut self, mut link: InboundLink) -> Result<(), RouterError> {
+        loop {
+            let received = tokio::select! {
+                _ = link.stopping() => return Ok(()),
+                received = self.socket.recv() => received,
+            };
+            let Ok(received) = received else { continue };
+            let reply = match self.codec.decode_frames(&received.into_vec()) {
+                Ok(request) => match link.submit(request.clone()).await {
+                    Ok(Some(feedback)) => feedback,
+                    Ok(None) => request.reply(Bytes::new()),
+                    Err(error) => error_reply(&request, "failed", &error.to_string()),
+                },
+                Err(error) => error_reply(&Message::default(), "malformed", &error.to_string()),
+            };
+            let frames = self
+                .codec
+                .encode_frames(&reply)
+                .map_err(|e| router_error(e.into()))?;
+            if let Err(error) = self.socket.send(multipart(frames)).await {
+                tracing::warn!(address = %self.address, %error, "could not send a reply");
+            }
+        }
+    }
+}
+
+/// REQ: sends each message and hands back the reply as feedback, one at a time.
+pub struct Ask {
+    socket: ReqSocket,
+    codec: Arc<dyn Codec>,
+    address: String,
+}
+
+impl std::fmt::Debug for Ask {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ask")
+            .field("address", &self.address)
+            .finish()
+    }
+}
+
+impl Ask {
+    /// A REQ service or connection.
+    pub async fn req(endpoint: &Endpoint, codec: Arc<dyn Codec>) -> Result<Self, Error> {
+        let mut socket = ReqSocket::new();
+        let address = attach(&mut socket, endpoint).await?;
+        Ok(Ask {
+            socket,
+            codec,
+            address,
+        })
+    }
+
+    /// One request and its reply.
+    pub async fn ask(&mut self, message: &Message) -> Result<Message, Error> {
+        let frames = self.codec.encode_frames(message)?;
+        self.socket
+            .send(multipart(frames))
+            .await
+            .map_err(Error::socket("send", &self.address))?;
+        let reply = self
+            .socket
+            .recv()
+            .await
+            .map_err(Error::socket("receive", &self.address))?;
+        Ok(self.codec.decode_frames(&reply.into_vec())?)
+    }
+
+    /// The router component (register it blocking).
+    pub async fn run(mut self, mut queue: OutboundQueue) -> Result<(), RouterError> {
+        while let Some(delivery) = queue.recv().await {
+            let (message, responder) = delivery.into_parts();
+            responder.send(self.ask(&message).await.map(Some).map_err(router_error));
+        }
+        Ok(())
+    }
+}
+
+/// ROUTER: submits each request, many at once, and sends each feedback back to its peer.
+pub struct RouterIn {
+    socket: RouterSocket,
+    codec: Arc<dyn Codec>,
+    address: String,
+}
+
+impl std::fmt::Debug for RouterIn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RouterIn")
+            .field("address", &self.address)
+            .finish()
+    }
+}
+
+impl RouterIn {
+    /// A ROUTER service or connection.
+    pub async fn router(endpoint: &Endpoint, codec: Arc<dyn Codec>) -> Result<Self, Error> {
+        let mut socket = RouterSocket::new();
+        let address = attach(&mut socket, endpoint).await?;
+        Ok(RouterIn {
+            socket,
+            codec,
+            address,
+        })
+    }
+
+    /// The router component (register it blocking).
+    pub async fn run(self, mut link: InboundLink) -> Result<(), RouterError> {
+        let (sender, mut receiver) = self.socket.split();
+        let sender = Arc::new(Mutex::new(sender));
+        let mut calls = tokio::task::JoinSet::new();
+        loop {
+            let received = tokio::select! {
+                _ = link.stopping() => break,
+                received = receiver.recv() => received,
+            };
+            while calls.try_join_next().is_some() {}
+            let Ok(received) = received else { continue };
+            let mut frames = received.into_vec();
+            if frames.is_empty() {
+                continue;
+            }
+            let identity = frames.remove(0);
+            let (link, sender, codec, address) = (
+                link.clone(),
+                sender.clone(),
+                self.codec.clone(),
+                self.address.clone(),
+            );
+            calls.spawn(async move {
+                let reply = match codec.decode_frames(&frames) {
+                    Ok(request) => match link.submit(request.clone()).await {
+                        Ok(Some(feedback)) => feedback,
+                        Ok(None) => request.reply(Bytes::new()),
+                        Err(error) => error_reply(&request, "failed", &error.to_string()),
+                    },
+                    Err(error) => error_reply(&Message::default(), "malformed", &error.to_string()),
+                };
+                let Ok(mut frames) = codec.encode_frames(&reply) else {
+                    return;
+                };
+                frames.insert(0, identity);
+                if let Err(error) = sender.lock().await.send(multipart(frames)).await {
+                    tracing::warn!(%address, %error, "could not send a reply; the peer is gone");
+                }
+            });
+        }
+        while calls.join_next().await.is_some() {}
+        Ok(())
+    }
+}
+
+/// DEALER: sends each message and hands back the answer carrying the same `cache` id as
+/// feedback; many at once.
+pub struct DealerOut {
+    socket: DealerSocket,
+    codec: Arc<dyn Codec>,
+    address: String,
+}
+
+impl std::fmt::Debug for DealerOut {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DealerOut")
+            .field("address", &self.address)
+            .finish()
+    }
+}
+
+impl DealerOut {
+    /// A DEALER service or connection.
+    pub async fn dealer(endpoint: &Endpoint, codec: Arc<dyn Codec>) -> Result<Self, Error> {
+        let mut socket = DealerSocket::new();
+        let address = attach(&mut socket, endpoint).await?;
+        Ok(DealerOut {
+            socket,
+            codec,
+            address,
+        })
+    }
+
+    /// The router component (register it blocking). A message without a `cache` id gets one.
+    pub async fn run(self, mut queue: OutboundQueue) -> Result<(), RouterError> {
+        let (mut sender, mut receiver) = self.socket.split();
+        let pending: Arc<std::sync::Mutex<HashMap<String, rylm_core_router::Responder>>> =
+            Arc::default();
+        let answers = {
+            let (pending, codec, address) =
+                (pending.clone(), self.codec.clone(), self.address.clone());
+            tokio::spawn(async move {
+                while let Ok(received) = receiver.recv().await {
+                    let answer = match codec.decode_frames(&received.into_vec()) {
+                        Ok(answer) => answer,
+                        Err(error) => {
+                            tracing::warn!(%address, %error, "dropped an answer that does not decode");
+                            continue;
+                        }
+                    };
+                    let responder = pending
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(&answer.cache);
+                    match responder {
+                        Some(responder) => responder.send(Ok(Some(answer))),
+                        None => {
+                            tracing::debug!(%address, cache = %answer.cache, "an answer nobody waits for")
+                        }
+                    }
+                }
+            })
+        };
+        while let Some(delivery) = queue.recv().await {
+            let (mut message, responder) = delivery.into_parts();
+            if message.cache.is_empty() {
+                message.cache = rylm_message::new_id();
+            }
+            let frames = match self.codec.encode_frames(&message) {
+                Ok(frames) => frames,
+                Err(error) => {
+                    responder.send(Err(router_error(error.into())));
+                    continue;
+                }
+            };
+            pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(message.cache.clone(), responder);
+            if let Err(error) = sender.send(multipart(frames)).await {
+                let responder = pending
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&message.cache);
+                if let Some(responder) = responder {
+                    responder.send(Err(router_error(Error::socket("send", &self.address)(
+                        error,
+                    ))));
+                }
+            }
+        }
+        answers.abort();
+        Ok(())
+    }
+}

@@ -1,0 +1,238 @@
+//! A Server and its Clients over loopback tcp.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use rylm_components::{Client, Error, Functions, Server};
+use zeromq::{PushSocket, Socket, SocketSend, ZmqMessage};
+
+const DEADLINE: Duration = Duration::from_secs(10);
+
+fn functions() -> Functions {
+    Functions::new()
+        .add("upper", |p: Bytes| async move {
+            Ok::<_, String>(Bytes::from(p.to_ascii_uppercase()))
+        })
+        .add("reverse", |p: Bytes| async move {
+            let mut v = p.to_vec();
+            v.reverse();
+            Ok::<_, String>(Bytes::from(v))
+        })
+        .add("sleep", |p: Bytes| async move {
+            let millis: u64 = String::from_utf8_lossy(&p).parse().unwrap_or(0);
+            tokio::time::sleep(Duration::from_millis(millis)).await;
+            Ok::<_, String>(p)
+        })
+        .add("fail", |_p: Bytes| async move {
+            Err::<Bytes, _>("failed on purpose")
+        })
+        .add("panic", |_p: Bytes| async move {
+            if true {
+                panic!("on purpose");
+            }
+            Ok::<Bytes, String>(Bytes::new())
+        })
+        .add_blocking("len", |p: Bytes| {
+            Ok::<_, String>(Bytes::from(p.len().to_string()))
+        })
+}
+
+async fn start() -> (Server, Client) {
+    let server = Server::builder("text")
+        .functions(functions())
+        .start()
+        .await
+        .expect("starts");
+    let client = Client::connect(server.db_address(), DEADLINE)
+        .await
+        .expect("connects");
+    (server, client)
+}
+
+#[tokio::test]
+async fn eval_errors_and_panics_come_back_and_the_server_keeps_serving() {
+    let (server, client) = start().await;
+    assert_eq!(client.server(), "text");
+    assert_eq!(
+        &client.eval("upper", "grüße").await.expect("answered")[..],
+        "GRüßE".as_bytes()
+    );
+    assert_eq!(
+        &client.eval("len", "four").await.expect("answered")[..],
+        b"4"
+    );
+    for (function, kind) in [
+        ("nope", "unknown-function"),
+        ("fail", "failed"),
+        ("panic", "panicked"),
+    ] {
+        match client.eval(function, "x").await {
+            Err(Error::Remote {
+                kind: got, message, ..
+            }) => {
+                assert_eq!(got, kind, "{function}: {message}");
+                assert!(!message.is_empty());
+            }
+            other => panic!("{function}: expected a remote error, got {other:?}"),
+        }
+    }
+    assert_eq!(
+        &client.eval("reverse", "abc").await.expect("still serving")[..],
+        b"cba"
+    );
+    server.shutdown().await.expect("clean");
+}
+
+#[tokio::test]
+async fn a_list_of_stages_runs_as_a_pipeline_of_functions() {
+    let (server, client) = start().await;
+    let result = client
+        .eval_stages(&["upper", "reverse", "len"], "abc")
+        .await
+        .expect("answered");
+    assert_eq!(&result[..], b"3");
+    let result = client
+        .eval_stages(&["upper", "reverse"], "abc")
+        .await
+        .expect("answered");
+    assert_eq!(&result[..], b"CBA");
+    match client
+        .eval_stages(&["upper", "fail", "reverse"], "abc")
+        .await
+    {
+        Err(Error::Remote { kind, .. }) => assert_eq!(kind, "failed"),
+        other => panic!("{other:?}"),
+    }
+    server.shutdown().await.expect("clean");
+}
+
+#[tokio::test]
+async fn a_job_streams_every_result_with_a_bounded_number_in_flight() {
+    let (server, client) = start().await;
+    let payloads: Vec<Bytes> = (0..200).map(|i| Bytes::from(format!("item-{i}"))).collect();
+    let mut results = client.job("upper", payloads, 16);
+    let mut seen = [false; 200];
+    while let Some((index, result)) = tokio::time::timeout(DEADLINE, results.recv())
+        .await
+        .expect("in time")
+    {
+        assert_eq!(
+            result.expect("answered"),
+            Bytes::from(format!("ITEM-{index}"))
+        );
+        seen[index] = true;
+    }
+    assert!(seen.iter().all(|s| *s), "every result of the job arrived");
+    server.shutdown().await.expect("clean");
+}
+
+#[tokio::test]
+async fn many_clients_each_get_only_their_own_results() {
+    let server = Server::builder("text")
+        .functions(functions())
+        .start()
+        .await
+        .expect("starts");
+    let mut tasks = tokio::task::JoinSet::new();
+    for c in 0..4 {
+        let address = server.db_address().to_owned();
+        tasks.spawn(async move {
+            let client = Client::connect(&address, DEADLINE).await.expect("connects");
+            for i in 0..25 {
+                let payload = format!("c{c}-{i}");
+                let result = client
+                    .eval("reverse", payload.clone())
+                    .await
+                    .expect("answered");
+                assert_eq!(
+                    result,
+                    Bytes::from(payload.chars().rev().collect::<String>())
+                );
+            }
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.expect("client task");
+    }
+    server.shutdown().await.expect("clean");
+}
+
+#[tokio::test]
+async fn the_cache_sets_gets_deletes_and_answers_missing_keys() {
+    let (server, client) = start().await;
+    let key = client.set(None, "value").await.expect("set");
+    assert!(!key.is_empty());
+    assert_eq!(
+        client.get(&key).await.expect("get"),
+        Some(Bytes::from("value"))
+    );
+    client.set(Some("fixed"), "v2").await.expect("set");
+    assert_eq!(
+        client.get("fixed").await.expect("get"),
+        Some(Bytes::from("v2"))
+    );
+    assert_eq!(
+        client.delete("fixed").await.expect("delete"),
+        Some(Bytes::from("v2"))
+    );
+    assert_eq!(client.get("fixed").await.expect("get"), None);
+    assert_eq!(client.delete("never-there").await.expect("delete"), None);
+    assert_eq!(
+        client.get("name").await.expect("preset"),
+        Some(Bytes::from("text"))
+    );
+    assert_eq!(
+        client.get("pull_address").await.expect("preset"),
+        Some(Bytes::from(server.pull_address().to_owned()))
+    );
+    server.shutdown().await.expect("clean");
+}
+
+#[tokio::test]
+async fn a_call_past_its_deadline_fails_and_malformed_frames_are_dropped() {
+    let (server, client) = start().await;
+    let outcome = client
+        .eval_within("sleep", "1000", Duration::from_millis(200))
+        .await;
+    assert!(matches!(outcome, Err(Error::Timeout { .. })), "{outcome:?}");
+
+    let mut raw = PushSocket::new();
+    raw.connect(server.pull_address()).await.expect("connects");
+    for garbage in [&b"not a frame"[..], b"RYLM\x01", b"\x00\x01\x02"] {
+        raw.send(ZmqMessage::from(Bytes::from_static(garbage)))
+            .await
+            .expect("sends");
+    }
+    assert_eq!(
+        &client.eval("upper", "after").await.expect("still serving")[..],
+        b"AFTER"
+    );
+    server.shutdown().await.expect("clean");
+}
+
+#[tokio::test]
+async fn a_client_refuses_an_address_where_no_server_answers() {
+    let started = std::time::Instant::now();
+    let outcome = Client::connect("tcp://127.0.0.1:1", Duration::from_millis(500)).await;
+    assert!(matches!(outcome, Err(Error::Timeout { .. })), "{outcome:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the deadline holds: {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn shutdown_publishes_the_results_of_calls_in_hand() {
+    let (server, client) = start().await;
+    let call = {
+        let client = client.clone();
+        tokio::spawn(async move { client.eval("sleep", "300").await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    tokio::time::timeout(DEADLINE, server.shutdown())
+        .await
+        .expect("stops")
+        .expect("clean");
+    assert_eq!(&call.await.expect("task").expect("answered")[..], b"300");
+}

@@ -13,6 +13,9 @@ use crate::parts::error_reply;
 
 /// The function a client calls to learn that its subscription is live (see [`crate::Client`]).
 pub const SYNC_FUNCTION: &str = "rylm.sync";
+/// The header of a result that goes on to another server's stage: it is published under this
+/// server's name (for the next stage's server) rather than to the client.
+pub const PIPELINED: &str = "rylm-pipelined";
 
 type FunctionFuture = Pin<Box<dyn Future<Output = Result<Bytes, String>> + Send>>;
 type Function = Arc<dyn Fn(Bytes) -> FunctionFuture + Send + Sync>;
@@ -97,6 +100,7 @@ impl Functions {
     /// `server`), and returns the reply: the message with the result as its payload, or an error
     /// reply (`unknown-function`, `failed`, `panicked`).
     pub async fn call(&self, server: &str, mut message: Message) -> Message {
+        message.headers.remove(PIPELINED);
         loop {
             if message.function_name() == Some(SYNC_FUNCTION) {
                 return message.reply(Bytes::new());

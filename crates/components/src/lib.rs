@@ -45,13 +45,18 @@ mod cache;
 mod client;
 mod error;
 mod functions;
+mod master;
 pub mod parts;
 mod server;
 
 pub use cache::{CacheStore, MISSING};
 pub use client::Client;
 pub use error::Error;
-pub use functions::{Functions, SYNC_FUNCTION};
+pub use functions::{Functions, PIPELINED, SYNC_FUNCTION};
+pub use master::{
+    CREDITS, HEARTBEAT_FUNCTION, Heartbeat, Hook, Master, MasterBuilder, READY_FUNCTION,
+    StreamHook, Worker, WorkerBuilder, default_topic,
+};
 pub use parts::{Answer, Ask, DealerOut, Emit, Endpoint, Listen, RouterIn};
 pub use server::{Server, ServerBuilder};
 

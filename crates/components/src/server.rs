@@ -149,7 +149,10 @@ impl Server {
             cache: loopback(),
             functions: Functions::new(),
             codec: Arc::new(NativeCodec::default()),
-            handle_stream: Arc::new(|message: &Message| message.client.clone()),
+            handle_stream: {
+                let name = name.to_owned();
+                Arc::new(move |message: &Message| crate::default_topic(&name, message))
+            },
         }
     }
 

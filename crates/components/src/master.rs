@@ -1,0 +1,719 @@
+//! The Master and its Workers: work farmed out by credit, over ROUTER (master) and DEALER
+//! (workers), with heartbeats.
+//!
+//! A worker connects and says `READY` with its number of credits (how many messages it runs at
+//! once). The master sends a message only to a worker with a free credit, so work goes where
+//! there is capacity rather than blindly in turn, and a worker that joins late gets work at
+//! once. Each answer returns a credit. Workers send heartbeats; a worker silent for
+//! `heartbeat_misses` intervals is dead: each message it held is sent to another worker once,
+//! and failed back to its client (an error reply) if it was already a second try. Nothing is
+//! silently lost.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use rylm_core_router::{Mode, OutboundQueue, Router};
+use rylm_message::{Codec, Message, NativeCodec, new_id};
+use tokio::sync::{Mutex, Semaphore, watch};
+use zeromq::{DealerSocket, PubSocket, RouterSocket, Socket, SocketRecv, SocketSend};
+
+use crate::cache::CacheStore;
+use crate::functions::SYNC_FUNCTION;
+use crate::parts::{Endpoint, Listen, attach, error_reply, multipart};
+use crate::{Error, Functions};
+
+/// A worker says it is ready, with header [`CREDITS`].
+pub const READY_FUNCTION: &str = "rylm.ready";
+/// A worker's heartbeat.
+pub const HEARTBEAT_FUNCTION: &str = "rylm.heartbeat";
+/// The header of a `READY` that says how many messages the worker runs at once.
+pub const CREDITS: &str = "rylm-credits";
+/// The header that tells the master which dispatch an answer belongs to.
+const DISPATCH: &str = "rylm-dispatch";
+
+/// A hook that turns one message into any number (pylm's `scatter` and `gather`).
+pub type Hook = Arc<dyn Fn(Message) -> Vec<Message> + Send + Sync>;
+/// pylm's `handle_stream`: the topic a result is published under.
+pub type StreamHook = Arc<dyn Fn(&Message) -> String + Send + Sync>;
+
+/// Timing of the master's view of its workers.
+#[derive(Clone, Debug)]
+pub struct Heartbeat {
+    /// How often workers send heartbeats (default 1 s).
+    pub interval: Duration,
+    /// How many silent intervals make a worker dead (default 3).
+    pub misses: u32,
+}
+
+impl Default for Heartbeat {
+    fn default() -> Self {
+        Heartbeat {
+            interval: Duration::from_secs(1),
+            misses: 3,
+        }
+    }
+}
+
+/// Builds a [`Master`] (or, with [`MasterBuilder::subscribe_to`], a Hub).
+pub struct MasterBuilder {
+    name: String,
+    inbound: Endpoint,
+    hub_topics: Option<Vec<String>>,
+    publish: Endpoint,
+    workers: Endpoint,
+    cache: Endpoint,
+    heartbeat: Heartbeat,
+    scatter: Hook,
+    gather: Hook,
+    handle_stream: Option<StreamHook>,
+    drain_for: Duration,
+}
+
+impl std::fmt::Debug for MasterBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MasterBuilder")
+            .field("name", &self.name)
+            .finish()
+    }
+}
+
+fn loopback() -> Endpoint {
+    Endpoint::Bind("tcp://127.0.0.1:0".into())
+}
+
+impl MasterBuilder {
+    /// Where clients push (PULL, bound).
+    pub fn pull_address(mut self, address: &str) -> Self {
+        self.inbound = Endpoint::Bind(address.to_owned());
+        self
+    }
+
+    /// Makes this master a Hub: its input is a SUB connected to a previous server's PUB,
+    /// subscribed to `topics` (usually that server's name), instead of a PULL.
+    pub fn subscribe_to(mut self, pub_address: &str, topics: &[&str]) -> Self {
+        self.inbound = Endpoint::Connect(pub_address.to_owned());
+        self.hub_topics = Some(topics.iter().map(|t| (*t).to_owned()).collect());
+        self
+    }
+
+    /// Where results are published (PUB, bound).
+    pub fn pub_address(mut self, address: &str) -> Self {
+        self.publish = Endpoint::Bind(address.to_owned());
+        self
+    }
+
+    /// Where workers connect (ROUTER, bound).
+    pub fn worker_address(mut self, address: &str) -> Self {
+        self.workers = Endpoint::Bind(address.to_owned());
+        self
+    }
+
+    /// Where the cache answers (REP, bound).
+    pub fn db_address(mut self, address: &str) -> Self {
+        self.cache = Endpoint::Bind(address.to_owned());
+        self
+    }
+
+    /// How workers are watched.
+    pub fn heartbeat(mut self, heartbeat: Heartbeat) -> Self {
+        self.heartbeat = heartbeat;
+        self
+    }
+
+    /// pylm's `scatter`: on the way to the workers, one message becomes any number.
+    pub fn scatter(
+        mut self,
+        hook: impl Fn(Message) -> Vec<Message> + Send + Sync + 'static,
+    ) -> Self {
+        self.scatter = Arc::new(hook);
+        self
+    }
+
+    /// pylm's `gather`: on the way back, one answer becomes any number of results.
+    pub fn gather(
+        mut self,
+        hook: impl Fn(Message) -> Vec<Message> + Send + Sync + 'static,
+    ) -> Self {
+        self.gather = Arc::new(hook);
+        self
+    }
+
+    /// pylm's `handle_stream`: the topic a result is published under (default: the client's
+    /// id, or this master's name when the message goes on to another server's stage).
+    pub fn handle_stream(
+        mut self,
+        hook: impl Fn(&Message) -> String + Send + Sync + 'static,
+    ) -> Self {
+        self.handle_stream = Some(Arc::new(hook));
+        self
+    }
+
+    /// How long a shutdown waits for workers to finish what they hold (default 10 s); what is
+    /// still unanswered then is failed back to its clients.
+    pub fn drain_for(mut self, drain_for: Duration) -> Self {
+        self.drain_for = drain_for;
+        self
+    }
+
+    /// Binds every socket, presets the cache and starts.
+    pub async fn start(self) -> Result<Master, Error> {
+        let codec: Arc<dyn Codec> = Arc::new(NativeCodec::default());
+        let (stop, stopped) = watch::channel(false);
+        let mut workers = RouterSocket::new();
+        let worker_address = attach(&mut workers, &self.workers).await?;
+        let mut publish = PubSocket::new();
+        let pub_address = attach(&mut publish, &self.publish).await?;
+        let (inbound_address, inbound) = match &self.hub_topics {
+            Some(topics) => {
+                let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
+                let listen = Listen::sub(&self.inbound, &topics, codec.clone()).await?;
+                (listen.address().to_owned(), Either::Sub(listen))
+            }
+            None => {
+                let listen = Listen::pull(&self.inbound, codec.clone()).await?;
+                (listen.address().to_owned(), Either::Pull(listen))
+            }
+        };
+        let store = CacheStore::default();
+        let (db_address, cache_task) = store
+            .clone()
+            .serve(&self.cache, codec.clone(), stopped)
+            .await?;
+        store.set("name", self.name.clone());
+        store.set("pull_address", inbound_address.clone());
+        store.set("pub_address", pub_address.clone());
+        store.set("worker_address", worker_address.clone());
+        store.set("db_address", db_address.clone());
+
+        let name = self.name.clone();
+        let handle_stream = self.handle_stream.unwrap_or_else(|| {
+            let name = name.clone();
+            Arc::new(move |message: &Message| default_topic(&name, message))
+        });
+        let pool = Pool {
+            codec: codec.clone(),
+            heartbeat: self.heartbeat,
+            scatter: self.scatter,
+            gather: self.gather,
+            handle_stream,
+            drain_for: self.drain_for,
+            workers: HashMap::new(),
+            waiting: VecDeque::new(),
+            in_flight: HashMap::new(),
+        };
+        let router = Router::builder()
+            .outbound(
+                "workers",
+                move |queue| pool.run(queue, workers, publish),
+                None,
+                Mode::NonBlocking,
+            )
+            .inbound(
+                "clients",
+                move |link| async move {
+                    match inbound {
+                        Either::Pull(listen) => listen.run(link).await,
+                        Either::Sub(listen) => listen.run(link).await,
+                    }
+                },
+                "workers",
+                Mode::NonBlocking,
+            )
+            .start()?;
+        tracing::info!(name = %self.name, %inbound_address, %pub_address, %worker_address, %db_address, "master started");
+        Ok(Master {
+            name: self.name,
+            pull_address: inbound_address,
+            pub_address,
+            worker_address,
+            db_address,
+            router,
+            stop,
+            cache_task,
+        })
+    }
+}
+
+enum Either {
+    Pull(Listen<zeromq::PullSocket>),
+    Sub(Listen<zeromq::SubSocket>),
+}
+
+/// The default `handle_stream`: a result goes to its client, unless it moves on to another
+/// server's stage, in which case it is published under this server's name for the next one.
+pub fn default_topic(server: &str, message: &Message) -> String {
+    if message.header(crate::functions::PIPELINED).is_some() {
+        server.to_owned()
+    } else {
+        message.client.clone()
+    }
+}
+
+/// A running Master (or Hub).
+#[derive(Debug)]
+pub struct Master {
+    name: String,
+    pull_address: String,
+    pub_address: String,
+    worker_address: String,
+    db_address: String,
+    router: Router,
+    stop: watch::Sender<bool>,
+    cache_task: tokio::task::JoinHandle<()>,
+}
+
+impl Master {
+    /// A builder for a master named `name`; every address defaults to a free loopback port.
+    pub fn builder(name: &str) -> MasterBuilder {
+        MasterBuilder {
+            name: name.to_owned(),
+            inbound: loopback(),
+            hub_topics: None,
+            publish: loopback(),
+            workers: loopback(),
+            cache: loopback(),
+            heartbeat: Heartbeat::default(),
+            scatter: Arc::new(|message| vec![message]),
+            gather: Arc::new(|message| vec![message]),
+            handle_stream: None,
+            drain_for: Duration::from_secs(10),
+        }
+    }
+
+    /// The master's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Where clients push (or, for a Hub, the PUB it listens to).
+    pub fn pull_address(&self) -> &str {
+        &self.pull_address
+    }
+
+    /// Where results are published.
+    pub fn pub_address(&self) -> &str {
+        &self.pub_address
+    }
+
+    /// Where workers connect.
+    pub fn worker_address(&self) -> &str {
+        &self.worker_address
+    }
+
+    /// Where the cache answers.
+    pub fn db_address(&self) -> &str {
+        &self.db_address
+    }
+
+    /// Stops taking messages, lets the workers finish what they hold (up to `drain_for`), and
+    /// closes.
+    pub async fn shutdown(self) -> Result<(), Error> {
+        let outcome = self.router.shutdown().await;
+        let _ = self.stop.send(true);
+        let _ = self.cache_task.await;
+        Ok(outcome?)
+    }
+}
+
+struct WorkerState {
+    credits: usize,
+    holds: Vec<String>,
+    last_seen: Instant,
+}
+
+struct Dispatched {
+    message: Message,
+    retried: bool,
+}
+
+struct Pool {
+    codec: Arc<dyn Codec>,
+    heartbeat: Heartbeat,
+    scatter: Hook,
+    gather: Hook,
+    handle_stream: StreamHook,
+    drain_for: Duration,
+    workers: HashMap<Bytes, WorkerState>,
+    waiting: VecDeque<(Message, bool)>,
+    in_flight: HashMap<String, Dispatched>,
+}
+
+impl Pool {
+    async fn run(
+        mut self,
+        mut queue: OutboundQueue,
+        workers: RouterSocket,
+        mut publish: PubSocket,
+    ) -> Result<(), rylm_core_router::Error> {
+        let (mut to_workers, mut from_workers) = workers.split();
+        let mut ticker = tokio::time::interval(self.heartbeat.interval);
+        let mut draining_since: Option<Instant> = None;
+        loop {
+            if draining_since.is_some() && self.waiting.is_empty() && self.in_flight.is_empty() {
+                break;
+            }
+            if draining_since.is_some_and(|since| since.elapsed() >= self.drain_for) {
+                let left: Vec<Message> = self
+                    .waiting
+                    .drain(..)
+                    .map(|(m, _)| m)
+                    .chain(self.in_flight.drain().map(|(_, d)| d.message))
+                    .collect();
+                for message in left {
+                    let reply = error_reply(
+                        &message,
+                        "shutdown",
+                        "the master shut down before a worker answered",
+                    );
+                    self.publish(&mut publish, reply).await;
+                }
+                break;
+            }
+            tokio::select! {
+                delivery = queue.recv(), if draining_since.is_none() => match delivery {
+                    Some(delivery) => {
+                        let (message, _) = delivery.into_parts();
+                        if message.function_name() == Some(SYNC_FUNCTION) {
+                            self.publish(&mut publish, message.reply(Bytes::new())).await;
+                        } else {
+                            for part in (self.scatter)(message) {
+                                self.waiting.push_back((part, false));
+                            }
+                        }
+                    }
+                    None => draining_since = Some(Instant::now()),
+                },
+                received = from_workers.recv() => {
+                    if let Ok(received) = received {
+                        let mut frames = received.into_vec();
+                        if !frames.is_empty() {
+                            let identity = frames.remove(0);
+                            match self.codec.decode_frames(&frames) {
+                                Ok(message) => self.on_worker_frame(identity, message, &mut publish).await,
+                                Err(error) => tracing::warn!(%error, "dropped a worker frame that does not decode"),
+                            }
+                        }
+                    }
+                }
+                _ = ticker.tick() => self.bury_the_dead(&mut publish).await,
+            }
+            self.dispatch(&mut to_workers).await;
+        }
+        // No LINGER in this ZeroMQ: give the last results a moment to leave.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        Ok(())
+    }
+
+    async fn publish(&self, socket: &mut PubSocket, message: Message) {
+        let topic = (self.handle_stream)(&message);
+        match self.codec.encode_frames(&message) {
+            Ok(mut frames) => {
+                frames.insert(0, Bytes::from(topic));
+                if let Err(error) = socket.send(multipart(frames)).await {
+                    tracing::warn!(%error, "could not publish a result");
+                }
+            }
+            Err(error) => tracing::error!(%error, "could not encode a result"),
+        }
+    }
+
+    async fn on_worker_frame(
+        &mut self,
+        identity: Bytes,
+        mut message: Message,
+        publish: &mut PubSocket,
+    ) {
+        let now = Instant::now();
+        match message.function_name() {
+            Some(READY_FUNCTION) => {
+                let credits = message
+                    .header(CREDITS)
+                    .and_then(|c| c.parse().ok())
+                    .unwrap_or(1usize);
+                tracing::info!(credits, "a worker is ready");
+                let worker = self.workers.entry(identity).or_insert(WorkerState {
+                    credits: 0,
+                    holds: Vec::new(),
+                    last_seen: now,
+                });
+                worker.credits = credits.saturating_sub(worker.holds.len());
+                worker.last_seen = now;
+                return;
+            }
+            Some(HEARTBEAT_FUNCTION) => {
+                if let Some(worker) = self.workers.get_mut(&identity) {
+                    worker.last_seen = now;
+                }
+                return;
+            }
+            _ => {}
+        }
+        let Some(dispatch) = message.headers.remove(DISPATCH) else {
+            tracing::warn!("dropped a worker answer without a dispatch id");
+            return;
+        };
+        if let Some(worker) = self.workers.get_mut(&identity) {
+            worker.last_seen = now;
+            worker.holds.retain(|held| *held != dispatch);
+            worker.credits += 1;
+        }
+        if self.in_flight.remove(&dispatch).is_none() {
+            // Answered twice (a re-dispatch raced a slow worker): the first answer went out.
+            return;
+        }
+        for result in (self.gather)(message) {
+            self.publish(publish, result).await;
+        }
+    }
+
+    async fn bury_the_dead(&mut self, publish: &mut PubSocket) {
+        let dead_after = self.heartbeat.interval * self.heartbeat.misses;
+        let dead: Vec<Bytes> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| w.last_seen.elapsed() > dead_after)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for identity in dead {
+            let Some(worker) = self.workers.remove(&identity) else {
+                continue;
+            };
+            tracing::warn!(
+                held = worker.holds.len(),
+                "a worker stopped sending heartbeats"
+            );
+            for held in worker.holds {
+                let Some(dispatched) = self.in_flight.remove(&held) else {
+                    continue;
+                };
+                if dispatched.retried {
+                    let reply = error_reply(
+                        &dispatched.message,
+                        "worker-died",
+                        "two workers died holding this message; it was not run to the end",
+                    );
+                    self.publish(publish, reply).await;
+                } else {
+                    self.waiting.push_front((dispatched.message, true));
+                }
+            }
+        }
+    }
+
+    async fn dispatch(&mut self, to_workers: &mut zeromq::RouterSendHalf) {
+        while !self.waiting.is_empty() {
+            let Some((identity, worker)) = self
+                .workers
+                .iter_mut()
+                .filter(|(_, w)| w.credits > 0)
+                .max_by_key(|(_, w)| w.credits)
+            else {
+                return;
+            };
+            let Some((mut message, retried)) = self.waiting.pop_front() else {
+                return;
+            };
+            let dispatch = new_id();
+            message.headers.insert(DISPATCH.into(), dispatch.clone());
+            let frames = match self.codec.encode_frames(&message) {
+                Ok(frames) => frames,
+                Err(error) => {
+                    tracing::error!(%error, "could not encode a message for a worker");
+                    continue;
+                }
+            };
+            let mut with_identity = vec![identity.clone()];
+            with_identity.extend(frames);
+            worker.credits -= 1;
+            worker.holds.push(dispatch.clone());
+            message.headers.remove(DISPATCH);
+            self.in_flight
+                .insert(dispatch, Dispatched { message, retried });
+            if let Err(error) = to_workers.send(multipart(with_identity)).await {
+                tracing::warn!(%error, "could not reach a worker; it will be taken for dead");
+            }
+        }
+    }
+}
+
+/// Builds a [`Worker`].
+pub struct WorkerBuilder {
+    functions: Functions,
+    credits: usize,
+    heartbeat: Duration,
+    server: String,
+}
+
+impl std::fmt::Debug for WorkerBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerBuilder")
+            .field("credits", &self.credits)
+            .finish()
+    }
+}
+
+impl WorkerBuilder {
+    /// How many messages the worker runs at once (default 8).
+    pub fn credits(mut self, credits: usize) -> Self {
+        self.credits = credits.max(1);
+        self
+    }
+
+    /// How often it sends heartbeats (default 1 s; match the master's).
+    pub fn heartbeat(mut self, interval: Duration) -> Self {
+        self.heartbeat = interval;
+        self
+    }
+
+    /// Connects to the master whose cache is at `db_address` (the worker address is read from
+    /// it) and starts working.
+    pub async fn connect_via_cache(
+        self,
+        db_address: &str,
+        deadline: Duration,
+    ) -> Result<Worker, Error> {
+        let codec: Arc<dyn Codec> = Arc::new(NativeCodec::default());
+        let mut cache =
+            crate::parts::Ask::req(&Endpoint::Connect(db_address.to_owned()), codec).await?;
+        let lookup = async {
+            let name = cache.ask(&Message::call("cache.get", "name")).await?;
+            let address = cache
+                .ask(&Message::call("cache.get", "worker_address"))
+                .await?;
+            Ok::<_, Error>((name, address))
+        };
+        let (name, address) =
+            tokio::time::timeout(deadline, lookup)
+                .await
+                .map_err(|_| Error::Timeout {
+                    what: format!("the cache at {db_address}"),
+                    waited: deadline,
+                })??;
+        if address.header(crate::MISSING).is_some() {
+            return Err(Error::Server {
+                address: db_address.to_owned(),
+                reason: "its cache has no worker_address: it is not a master".into(),
+            });
+        }
+        let mut builder = self;
+        builder.server = String::from_utf8_lossy(&name.payload).into_owned();
+        builder
+            .connect(&String::from_utf8_lossy(&address.payload))
+            .await
+    }
+
+    /// Connects to the master's worker address and starts working.
+    pub async fn connect(self, worker_address: &str) -> Result<Worker, Error> {
+        let codec: Arc<dyn Codec> = Arc::new(NativeCodec::default());
+        let mut socket = DealerSocket::new();
+        socket
+            .connect(worker_address)
+            .await
+            .map_err(Error::socket("connect", worker_address))?;
+        let (sender, receiver) = socket.split();
+        let sender = Arc::new(Mutex::new(sender));
+        let (stop, stopped) = watch::channel(false);
+        let task = tokio::spawn(work(self, codec, sender, receiver, stopped));
+        Ok(Worker { stop, task })
+    }
+}
+
+/// A running worker.
+#[derive(Debug)]
+pub struct Worker {
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Worker {
+    /// A builder for a worker that runs `functions`.
+    pub fn builder(functions: Functions) -> WorkerBuilder {
+        WorkerBuilder {
+            functions,
+            credits: 8,
+            heartbeat: Duration::from_secs(1),
+            server: String::new(),
+        }
+    }
+
+    /// Stops taking messages, finishes and answers the ones it holds, then closes.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+
+    /// Stops at once, as a crash would: what it holds is never answered.
+    pub fn abort(self) {
+        self.task.abort();
+    }
+}
+
+async fn send_to_master(
+    sender: &Mutex<zeromq::DealerSendHalf>,
+    codec: &dyn Codec,
+    message: &Message,
+) {
+    match codec.encode_frames(message) {
+        Ok(frames) => {
+            if let Err(error) = sender.lock().await.send(multipart(frames)).await {
+                tracing::warn!(%error, "could not reach the master");
+            }
+        }
+        Err(error) => tracing::error!(%error, "could not encode an answer"),
+    }
+}
+
+async fn work(
+    builder: WorkerBuilder,
+    codec: Arc<dyn Codec>,
+    sender: Arc<Mutex<zeromq::DealerSendHalf>>,
+    mut receiver: zeromq::DealerRecvHalf,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let ready = Message::call(READY_FUNCTION, Bytes::new())
+        .with_header(CREDITS, builder.credits.to_string());
+    send_to_master(&sender, codec.as_ref(), &ready).await;
+    let functions = Arc::new(builder.functions);
+    let server: Arc<str> = builder.server.into();
+    let slots = Arc::new(Semaphore::new(builder.credits));
+    let mut ticker = tokio::time::interval(builder.heartbeat);
+    let mut running = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            _ = stopped.changed() => break,
+            _ = ticker.tick() => {
+                send_to_master(&sender, codec.as_ref(), &Message::call(HEARTBEAT_FUNCTION, Bytes::new())).await;
+            }
+            received = receiver.recv() => {
+                while running.try_join_next().is_some() {}
+                let Ok(received) = received else { continue };
+                let message = match codec.decode_frames(&received.into_vec()) {
+                    Ok(message) => message,
+                    Err(error) => {
+                        tracing::warn!(%error, "dropped a frame from the master that does not decode");
+                        continue;
+                    }
+                };
+                let Ok(permit) = slots.clone().acquire_owned().await else { break };
+                let (functions, server, sender, codec) = (functions.clone(), server.clone(), sender.clone(), codec.clone());
+                running.spawn(async move {
+                    let answer = functions.call(&server, message).await;
+                    send_to_master(&sender, codec.as_ref(), &answer).await;
+                    drop(permit);
+                });
+            }
+        }
+    }
+    // Finish and answer what is held, heartbeating meanwhile so the master waits for it.
+    loop {
+        tokio::select! {
+            done = running.join_next() => if done.is_none() { break },
+            _ = ticker.tick() => {
+                send_to_master(&sender, codec.as_ref(), &Message::call(HEARTBEAT_FUNCTION, Bytes::new())).await;
+            }
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+}

@@ -1,0 +1,231 @@
+//! A Master and its Workers over loopback tcp.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use bytes::Bytes;
+use rylm_components::{Client, Error, Functions, Heartbeat, Master, Worker};
+
+const DEADLINE: Duration = Duration::from_secs(10);
+const QUICK: Heartbeat = Heartbeat {
+    interval: Duration::from_millis(100),
+    misses: 3,
+};
+
+fn functions(tag: &'static str) -> Functions {
+    Functions::new()
+        .add("upper", |p: Bytes| async move {
+            Ok::<_, String>(Bytes::from(p.to_ascii_uppercase()))
+        })
+        .add("who", move |_p: Bytes| async move {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            Ok::<_, String>(Bytes::from(tag))
+        })
+        .add("sleep", |p: Bytes| async move {
+            let millis: u64 = String::from_utf8_lossy(&p).parse().unwrap_or(0);
+            tokio::time::sleep(Duration::from_millis(millis)).await;
+            Ok::<_, String>(p)
+        })
+}
+
+async fn worker(master: &Master, tag: &'static str, credits: usize) -> Worker {
+    Worker::builder(functions(tag))
+        .credits(credits)
+        .heartbeat(QUICK.interval)
+        .connect_via_cache(master.db_address(), DEADLINE)
+        .await
+        .expect("a worker connects")
+}
+
+#[tokio::test]
+async fn work_spreads_over_the_workers_and_every_result_comes_back() {
+    let master = Master::builder("m")
+        .heartbeat(QUICK)
+        .start()
+        .await
+        .expect("starts");
+    let (a, b) = (worker(&master, "a", 4).await, worker(&master, "b", 4).await);
+    let client = Client::connect(master.db_address(), DEADLINE)
+        .await
+        .expect("connects");
+    let mut results = client.job("who", (0..80).map(|_| Bytes::new()), 16);
+    let mut tags = HashSet::new();
+    let mut count = 0;
+    while let Some((_, result)) = tokio::time::timeout(DEADLINE, results.recv())
+        .await
+        .expect("in time")
+    {
+        tags.insert(result.expect("answered"));
+        count += 1;
+    }
+    assert_eq!(count, 80);
+    assert_eq!(
+        tags,
+        HashSet::from([Bytes::from("a"), Bytes::from("b")]),
+        "both workers had work"
+    );
+    match client.eval("nope", "x").await {
+        Err(Error::Remote { kind, .. }) => assert_eq!(kind, "unknown-function"),
+        other => panic!("{other:?}"),
+    }
+    a.shutdown().await;
+    b.shutdown().await;
+    master.shutdown().await.expect("clean");
+}
+
+#[tokio::test]
+async fn a_worker_that_joins_late_gets_the_waiting_work() {
+    let master = Master::builder("m")
+        .heartbeat(QUICK)
+        .start()
+        .await
+        .expect("starts");
+    let client = Client::connect(master.db_address(), DEADLINE)
+        .await
+        .expect("connects");
+    let call = {
+        let client = client.clone();
+        tokio::spawn(async move { client.eval("upper", "waited").await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let late = worker(&master, "late", 1).await;
+    assert_eq!(&call.await.expect("task").expect("answered")[..], b"WAITED");
+    late.shutdown().await;
+    master.shutdown().await.expect("clean");
+}
+
+#[tokio::test]
+async fn a_killed_workers_message_is_sent_to_another_once() {
+    let master = Master::builder("m")
+        .heartbeat(QUICK)
+        .start()
+        .await
+        .expect("starts");
+    let doomed = worker(&master, "doomed", 1).await;
+    let client = Client::connect(master.db_address(), DEADLINE)
+        .await
+        .expect("connects");
+    let call = {
+        let client = client.clone();
+        tokio::spawn(async move { client.eval("sleep", "400").await })
+    };
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    doomed.abort();
+    let rescuer = worker(&master, "rescuer", 1).await;
+    assert_eq!(
+        &call
+            .await
+            .expect("task")
+            .expect("re-dispatched and answered")[..],
+        b"400"
+    );
+    rescuer.shutdown().await;
+    master.shutdown().await.expect("clean");
+}
+
+#[tokio::test]
+async fn a_message_whose_second_worker_dies_too_fails_back_to_its_client() {
+    let master = Master::builder("m")
+        .heartbeat(QUICK)
+        .start()
+        .await
+        .expect("starts");
+    let client = Client::connect(master.db_address(), DEADLINE)
+        .await
+        .expect("connects");
+    let first = worker(&master, "first", 1).await;
+    let call = {
+        let client = client.clone();
+        tokio::spawn(async move { client.eval("sleep", "5000").await })
+    };
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    first.abort();
+    let second = worker(&master, "second", 1).await;
+    tokio::time::sleep(Duration::from_millis(600)).await; // the master re-dispatches to it
+    second.abort();
+    match tokio::time::timeout(DEADLINE, call)
+        .await
+        .expect("in time")
+        .expect("task")
+    {
+        Err(Error::Remote { kind, .. }) => assert_eq!(kind, "worker-died"),
+        other => panic!("expected a worker-died error, got {other:?}"),
+    }
+    master.shutdown().await.expect("clean");
+}
+
+#[tokio::test]
+async fn scatter_and_gather_hooks_shape_the_stream() {
+    let master = Master::builder("m")
+        .heartbeat(QUICK)
+        .scatter(|message| {
+            if &message.payload[..] == b"drop" {
+                Vec::new()
+            } else {
+                vec![message]
+            }
+        })
+        .gather(|mut result| {
+            let mut payload = result.payload.to_vec();
+            payload.extend_from_slice(b"!");
+            result.payload = Bytes::from(payload);
+            vec![result]
+        })
+        .start()
+        .await
+        .expect("starts");
+    let w = worker(&master, "w", 2).await;
+    let client = Client::connect(master.db_address(), DEADLINE)
+        .await
+        .expect("connects");
+    assert_eq!(
+        &client.eval("upper", "hey").await.expect("answered")[..],
+        b"HEY!"
+    );
+    let dropped = client
+        .eval_within("upper", "drop", Duration::from_millis(300))
+        .await;
+    assert!(
+        matches!(dropped, Err(Error::Timeout { .. })),
+        "scatter dropped it: {dropped:?}"
+    );
+    w.shutdown().await;
+    master.shutdown().await.expect("clean");
+}
+
+#[tokio::test]
+async fn shutdown_waits_for_the_workers_to_answer() {
+    let master = Master::builder("m")
+        .heartbeat(QUICK)
+        .start()
+        .await
+        .expect("starts");
+    let w = worker(&master, "w", 2).await;
+    let client = Client::connect(master.db_address(), DEADLINE)
+        .await
+        .expect("connects");
+    let call = {
+        let client = client.clone();
+        tokio::spawn(async move { client.eval("sleep", "300").await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    tokio::time::timeout(DEADLINE, master.shutdown())
+        .await
+        .expect("stops")
+        .expect("clean");
+    assert_eq!(&call.await.expect("task").expect("answered")[..], b"300");
+    w.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_worker_pointed_at_a_plain_server_refuses_clearly() {
+    let server = rylm_components::Server::builder("plain")
+        .start()
+        .await
+        .expect("starts");
+    let outcome = Worker::builder(Functions::new())
+        .connect_via_cache(server.db_address(), DEADLINE)
+        .await;
+    assert!(matches!(outcome, Err(Error::Server { .. })), "{outcome:?}");
+    server.shutdown().await.expect("clean");
+}

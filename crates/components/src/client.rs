@@ -58,21 +58,41 @@ impl Client {
     /// Connects to the server whose cache is at `db_address`, reading the rest of its
     /// addresses from the cache; `deadline` bounds the set-up and is the default for calls.
     pub async fn connect(db_address: &str, deadline: Duration) -> Result<Client, Error> {
-        tokio::time::timeout(deadline, Self::connect_now(db_address, deadline))
-            .await
-            .map_err(|_| Error::Timeout {
-                what: format!("the server whose cache is at {db_address}"),
-                waited: deadline,
-            })?
+        Self::connect_with_results_from(db_address, None, deadline).await
     }
 
-    async fn connect_now(db_address: &str, deadline: Duration) -> Result<Client, Error> {
+    /// Like [`Client::connect`], but takes results from the PUB at `results_from` (the last
+    /// server of a pipeline) instead of the first server's.
+    pub async fn connect_with_results_from(
+        db_address: &str,
+        results_from: Option<&str>,
+        deadline: Duration,
+    ) -> Result<Client, Error> {
+        tokio::time::timeout(
+            deadline,
+            Self::connect_now(db_address, results_from, deadline),
+        )
+        .await
+        .map_err(|_| Error::Timeout {
+            what: format!("the server whose cache is at {db_address}"),
+            waited: deadline,
+        })?
+    }
+
+    async fn connect_now(
+        db_address: &str,
+        results_from: Option<&str>,
+        deadline: Duration,
+    ) -> Result<Client, Error> {
         let started = Instant::now();
         let codec: Arc<dyn Codec> = Arc::new(NativeCodec::default());
         let mut cache = Ask::req(&Endpoint::Connect(db_address.to_owned()), codec.clone()).await?;
         let server = preset(&mut cache, db_address, "name", deadline).await?;
         let pull_address = preset(&mut cache, db_address, "pull_address", deadline).await?;
-        let pub_address = preset(&mut cache, db_address, "pub_address", deadline).await?;
+        let pub_address = match results_from {
+            Some(address) => address.to_owned(),
+            None => preset(&mut cache, db_address, "pub_address", deadline).await?,
+        };
 
         let id = new_id();
         let mut sub = SubSocket::new();

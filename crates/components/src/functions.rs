@@ -125,19 +125,27 @@ impl Functions {
                 Ok(result) => message.payload = result,
                 Err((kind, text)) => return error_reply(&message, kind, &text),
             }
-            // Go on through the stages that are this server's; others are for the next server.
-            let next_is_ours = message
+            // Go on through the stages that are this server's; a stage of another server is for
+            // the next server down the pipeline, which takes what this one publishes under its
+            // name.
+            if !matches!(message.function, rylm_message::Function::Stages(_)) {
+                return message;
+            }
+            let next_owner = message
                 .function
                 .at(message.stage.saturating_add(1))
-                .is_some_and(|name| {
-                    name.split_once('.')
-                        .is_none_or(|(owner, _)| owner == server)
-                })
-                && matches!(message.function, rylm_message::Function::Stages(_));
-            if next_is_ours && message.next_stage() {
-                continue;
+                .map(|name| name.split_once('.').map_or("", |(owner, _)| owner).to_owned());
+            match next_owner {
+                Some(owner) if owner.is_empty() || owner == server => {
+                    message.next_stage();
+                }
+                Some(_) => {
+                    message.next_stage();
+                    message.headers.insert(PIPELINED.into(), "true".into());
+                    return message;
+                }
+                None => return message,
             }
-            return message;
         }
     }
 

@@ -178,8 +178,8 @@ pub struct Emit<S> {
     address: String,
 }
 
-/// The topic a PUB part publishes a message under.
-pub type TopicFn = Arc<dyn Fn(&Message) -> String + Send + Sync>;
+/// The topics a PUB part publishes a message under (usually one).
+pub type TopicFn = Arc<dyn Fn(&Message) -> Vec<String> + Send + Sync>;
 
 impl<S> std::fmt::Debug for Emit<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -204,7 +204,7 @@ impl Emit<PushSocket> {
 }
 
 impl Emit<PubSocket> {
-    /// A PUB service or connection publishing each message under `topic(message)`.
+    /// A PUB service or connection publishing each message under each of `topic(message)`.
     pub async fn publish(
         endpoint: &Endpoint,
         topic: TopicFn,
@@ -231,17 +231,24 @@ impl<S: SocketSend + Send + 'static> Emit<S> {
     pub async fn run(mut self, mut queue: OutboundQueue) -> Result<(), RouterError> {
         while let Some(delivery) = queue.recv().await {
             let (message, responder) = delivery.into_parts();
-            let mut frames = match self.codec.encode_frames(&message) {
+            let frames = match self.codec.encode_frames(&message) {
                 Ok(frames) => frames,
                 Err(error) => {
                     responder.send(Err(router_error(error.into())));
                     continue;
                 }
             };
-            if let Some(topic) = &self.topic {
-                frames.insert(0, Bytes::from(topic(&message)));
+            let mut sent = Ok(());
+            match &self.topic {
+                None => sent = self.socket.send(multipart(frames)).await,
+                Some(topics) => {
+                    for topic in topics(&message) {
+                        let mut with_topic = vec![Bytes::from(topic)];
+                        with_topic.extend(frames.iter().cloned());
+                        sent = sent.and(self.socket.send(multipart(with_topic)).await);
+                    }
+                }
             }
-            let sent = self.socket.send(multipart(frames)).await;
             responder.send(
                 sent.map(|()| None)
                     .map_err(|e| router_error(Error::socket("send", &self.address)(e))),

@@ -8,17 +8,18 @@ use tokio::sync::watch;
 
 use crate::cache::CacheStore;
 use crate::parts::{Emit, Endpoint, Listen, TopicFn};
-use crate::{Error, Functions};
+use crate::{Error, Functions, SYNC_FUNCTION};
 
 /// Builds a [`Server`]. Every address defaults to a free loopback tcp port.
 pub struct ServerBuilder {
     name: String,
-    pull: Endpoint,
+    pull: Option<Endpoint>,
+    subscriptions: Vec<(Endpoint, Vec<String>)>,
     publish: Endpoint,
     cache: Endpoint,
     functions: Functions,
     codec: Arc<dyn Codec>,
-    handle_stream: TopicFn,
+    handle_stream: Arc<dyn Fn(&Message) -> String + Send + Sync>,
 }
 
 impl std::fmt::Debug for ServerBuilder {
@@ -36,7 +37,22 @@ fn loopback() -> Endpoint {
 impl ServerBuilder {
     /// Where clients push requests (PULL, bound).
     pub fn pull_address(mut self, address: &str) -> Self {
-        self.pull = Endpoint::Bind(address.to_owned());
+        self.pull = Some(Endpoint::Bind(address.to_owned()));
+        self
+    }
+
+    /// Takes no requests from clients directly (a Pipeline stage or a Sink).
+    pub fn without_pull(mut self) -> Self {
+        self.pull = None;
+        self
+    }
+
+    /// Also takes the messages a previous server publishes under `topics` (usually its name):
+    /// a SUB connected to its PUB. Call it once per previous server (a Sink has several).
+    pub fn subscribe_to(mut self, pub_address: &str, topics: &[&str]) -> Self {
+        let topics = topics.iter().map(|t| (*t).to_owned()).collect();
+        self.subscriptions
+            .push((Endpoint::Connect(pub_address.to_owned()), topics));
         self
     }
 
@@ -65,7 +81,8 @@ impl ServerBuilder {
     }
 
     /// pylm's `handle_stream` hook: the topic a result is published under. The default is the
-    /// client's id, which is what its client subscribes to.
+    /// client's id, which is what its client subscribes to, or this server's name when the
+    /// message goes on to another server's stage.
     pub fn handle_stream(
         mut self,
         topic: impl Fn(&Message) -> String + Send + Sync + 'static,
@@ -77,9 +94,46 @@ impl ServerBuilder {
     /// Binds every socket, presets the cache, and starts serving.
     pub async fn start(self) -> Result<Server, Error> {
         let (stop, stopped) = watch::channel(false);
-        let pull = Listen::pull(&self.pull, self.codec.clone()).await?;
-        let publish = Emit::publish(&self.publish, self.handle_stream, self.codec.clone()).await?;
-        let (pull_address, pub_address) = (pull.address().to_owned(), publish.address().to_owned());
+        // A client's handshake (see `Client`) travels down a pipeline: each stage publishes it to
+        // the client and under its own name, for the next stage.
+        let (hook, name) = (self.handle_stream, self.name.clone());
+        let topics: TopicFn = Arc::new(move |message: &Message| {
+            let topic = hook(message);
+            if message.function_name() == Some(SYNC_FUNCTION) && topic != name {
+                vec![topic, name.clone()]
+            } else {
+                vec![topic]
+            }
+        });
+        let publish = Emit::publish(&self.publish, topics, self.codec.clone()).await?;
+        let pub_address = publish.address().to_owned();
+        let mut builder = Router::builder().outbound(
+            "publish",
+            move |queue| publish.run(queue),
+            None,
+            Mode::NonBlocking,
+        );
+        let mut pull_address = String::new();
+        if let Some(endpoint) = &self.pull {
+            let pull = Listen::pull(endpoint, self.codec.clone()).await?;
+            pull_address = pull.address().to_owned();
+            builder = builder.inbound(
+                "clients",
+                move |link| pull.run(link),
+                "functions",
+                Mode::NonBlocking,
+            );
+        }
+        for (i, (endpoint, topics)) in self.subscriptions.iter().enumerate() {
+            let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
+            let sub = Listen::sub(endpoint, &topics, self.codec.clone()).await?;
+            builder = builder.inbound(
+                &format!("previous-{i}"),
+                move |link| sub.run(link),
+                "functions",
+                Mode::NonBlocking,
+            );
+        }
         let store = CacheStore::default();
         let (db_address, cache_task) = store
             .clone()
@@ -91,24 +145,12 @@ impl ServerBuilder {
         store.set("db_address", db_address.clone());
 
         let (functions, name) = (self.functions, self.name.clone());
-        let router = Router::builder()
-            .outbound(
-                "publish",
-                move |queue| publish.run(queue),
-                None,
-                Mode::NonBlocking,
-            )
+        let router = builder
             .outbound(
                 "functions",
                 move |queue| functions.run(name, queue),
                 Some("publish"),
                 Mode::Blocking,
-            )
-            .inbound(
-                "clients",
-                move |link| pull.run(link),
-                "functions",
-                Mode::NonBlocking,
             )
             .start()?;
         tracing::info!(name = %self.name, %pull_address, %pub_address, %db_address, "server started");
@@ -144,7 +186,8 @@ impl Server {
     pub fn builder(name: &str) -> ServerBuilder {
         ServerBuilder {
             name: name.to_owned(),
-            pull: loopback(),
+            pull: Some(loopback()),
+            subscriptions: Vec::new(),
             publish: loopback(),
             cache: loopback(),
             functions: Functions::new(),
@@ -154,6 +197,21 @@ impl Server {
                 Arc::new(move |message: &Message| crate::default_topic(&name, message))
             },
         }
+    }
+
+    /// A builder for a Pipeline stage named `name`: it takes what the server at
+    /// `previous_pub_address` publishes under `previous_name`, runs its functions, and publishes
+    /// under its own name (for a next stage) or to the client (at the last stage).
+    pub fn pipeline(name: &str, previous_pub_address: &str, previous_name: &str) -> ServerBuilder {
+        Server::builder(name)
+            .without_pull()
+            .subscribe_to(previous_pub_address, &[previous_name])
+    }
+
+    /// A builder for a Sink named `name`: add each previous server with
+    /// [`ServerBuilder::subscribe_to`].
+    pub fn sink(name: &str) -> ServerBuilder {
+        Server::builder(name).without_pull()
     }
 
     /// The server's name.

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use rylm_message::{Codec, Message, NativeCodec, new_id};
-use tokio::sync::{Mutex, mpsc, oneshot};
+use tokio::sync::{Mutex, mpsc};
 use zeromq::{PushSocket, Socket, SocketRecv, SocketSend, SubSocket};
 
 use crate::cache::MISSING;
@@ -15,7 +15,7 @@ use crate::functions::SYNC_FUNCTION;
 use crate::parts::{Ask, Endpoint, multipart};
 use crate::{ERROR_KIND, ERROR_MESSAGE, Error};
 
-type Pending = Arc<std::sync::Mutex<HashMap<String, oneshot::Sender<Message>>>>;
+type Pending = Arc<std::sync::Mutex<HashMap<String, mpsc::UnboundedSender<Message>>>>;
 
 /// A client of a Server (or of a Master): `eval`, `job`, and the cache.
 ///
@@ -118,7 +118,8 @@ impl Client {
                             let waiter = pending
                                 .lock()
                                 .unwrap_or_else(|e| e.into_inner())
-                                .remove(&result.cache);
+                                .get(&result.cache)
+                                .cloned();
                             if let Some(waiter) = waiter {
                                 let _ = waiter.send(result);
                             }
@@ -177,33 +178,61 @@ impl Client {
     }
 
     async fn send_and_wait(&self, message: Message, deadline: Duration) -> Result<Message, Error> {
+        let mut answers = self.exchange(message, deadline, false).await?;
+        answers.pop().ok_or(Error::Closed)
+    }
+
+    /// Sends `message` and collects its answer, or (with `all`) every part of a mux function's
+    /// answer, within `deadline`.
+    async fn exchange(
+        &self,
+        message: Message,
+        deadline: Duration,
+        all: bool,
+    ) -> Result<Vec<Message>, Error> {
         let message = message
             .with_client(self.inner.id.clone())
             .with_pipeline(self.inner.session.clone())
             .with_cache(new_id());
-        let (done, answer) = oneshot::channel();
+        let (parts, mut answers) = mpsc::unbounded_channel();
         let key = message.cache.clone();
         self.inner
             .pending
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(key.clone(), done);
-        let frames = self.inner.codec.encode_frames(&message)?;
-        let sent = self.inner.push.lock().await.send(multipart(frames)).await;
-        let outcome = match sent {
-            Err(error) => Err(Error::Socket {
-                operation: "send",
-                address: "server".into(),
-                reason: error.to_string(),
+            .insert(key.clone(), parts);
+        let collect = async {
+            let frames = self.inner.codec.encode_frames(&message)?;
+            self.inner
+                .push
+                .lock()
+                .await
+                .send(multipart(frames))
+                .await
+                .map_err(|error| Error::Socket {
+                    operation: "send",
+                    address: "server".into(),
+                    reason: error.to_string(),
+                })?;
+            let mut collected = Vec::new();
+            while let Some(answer) = answers.recv().await {
+                let more = all && answer.header(crate::functions::MORE).is_some();
+                let none = answer.header(crate::functions::NONE).is_some();
+                if !none {
+                    collected.push(answer);
+                }
+                if !more {
+                    return Ok(collected);
+                }
+            }
+            Err(Error::Closed)
+        };
+        let outcome = match tokio::time::timeout(deadline, collect).await {
+            Ok(outcome) => outcome,
+            Err(_) => Err(Error::Timeout {
+                what: format!("{}", message.function),
+                waited: deadline,
             }),
-            Ok(()) => match tokio::time::timeout(deadline, answer).await {
-                Ok(Ok(result)) => Ok(result),
-                Ok(Err(_)) => Err(Error::Closed),
-                Err(_) => Err(Error::Timeout {
-                    what: format!("{}", message.function),
-                    waited: deadline,
-                }),
-            },
         };
         self.inner
             .pending
@@ -211,6 +240,38 @@ impl Client {
             .unwrap_or_else(|e| e.into_inner())
             .remove(&key);
         outcome
+    }
+
+    /// Calls a mux function (one that yields many results) and returns every part, in order.
+    pub async fn eval_all(
+        &self,
+        function: &str,
+        payload: impl Into<Bytes>,
+    ) -> Result<Vec<Bytes>, Error> {
+        let name = if function.contains('.') {
+            function.to_owned()
+        } else {
+            format!("{}.{function}", self.inner.server)
+        };
+        let answers = self
+            .exchange(
+                Message::call(name.clone(), payload),
+                self.inner.deadline,
+                true,
+            )
+            .await?;
+        let mut parts = Vec::with_capacity(answers.len());
+        for answer in answers {
+            if let Some(kind) = answer.header(ERROR_KIND) {
+                return Err(Error::Remote {
+                    function: name,
+                    kind: kind.to_owned(),
+                    message: answer.header(ERROR_MESSAGE).unwrap_or_default().to_owned(),
+                });
+            }
+            parts.push(answer.payload);
+        }
+        Ok(parts)
     }
 
     /// Calls `function` (on this client's server) with `payload` and returns its result.

@@ -19,6 +19,13 @@ pub const PIPELINED: &str = "rylm-pipelined";
 
 type FunctionFuture = Pin<Box<dyn Future<Output = Result<Bytes, String>> + Send>>;
 type Function = Arc<dyn Fn(Bytes) -> FunctionFuture + Send + Sync>;
+type MuxFuture = Pin<Box<dyn Future<Output = Result<Vec<Bytes>, String>> + Send>>;
+type MuxFunction = Arc<dyn Fn(Bytes) -> MuxFuture + Send + Sync>;
+
+/// The header on every part of a mux function's results but the last.
+pub const MORE: &str = "rylm-more";
+/// The header of the one answer of a mux function that yielded nothing.
+pub const NONE: &str = "rylm-none";
 
 /// Functions by name: each takes a payload and returns one, or an error.
 ///
@@ -33,6 +40,7 @@ type Function = Arc<dyn Fn(Bytes) -> FunctionFuture + Send + Sync>;
 #[derive(Clone, Default)]
 pub struct Functions {
     map: HashMap<String, Function>,
+    mux: HashMap<String, MuxFunction>,
 }
 
 impl std::fmt::Debug for Functions {
@@ -93,7 +101,62 @@ impl Functions {
 
     /// The registered names.
     pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.map.keys().map(String::as_str)
+        self.map.keys().chain(self.mux.keys()).map(String::as_str)
+    }
+
+    /// Registers a mux function, which yields any number of results per message (pylm's
+    /// MuxWorker). It runs on workers behind a master; a client gets every part with
+    /// [`crate::Client::eval_all`].
+    pub fn add_mux<F, Fut, E>(mut self, name: &str, function: F) -> Self
+    where
+        F: Fn(Bytes) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Vec<Bytes>, E>> + Send + 'static,
+        E: std::fmt::Display,
+    {
+        let function = Arc::new(function);
+        self.mux.insert(
+            name.to_owned(),
+            Arc::new(move |payload| {
+                let function = function.clone();
+                Box::pin(async move { function(payload).await.map_err(|e| e.to_string()) })
+            }),
+        );
+        self
+    }
+
+    /// Like [`Functions::call`], and for a mux function every part of its results: each but the
+    /// last carries the header [`MORE`]; none at all gives one empty answer marked [`NONE`].
+    pub async fn call_many(&self, server: &str, mut message: Message) -> Vec<Message> {
+        message.headers.remove(PIPELINED);
+        let method = message.method().unwrap_or_default().to_owned();
+        let Some(function) = self.mux.get(&method).cloned() else {
+            return vec![self.call(server, message).await];
+        };
+        let outcome = match tokio::spawn(function(message.payload.clone())).await {
+            Ok(outcome) => outcome.map_err(|text| ("failed", text)),
+            Err(join_error) => Err(("panicked", panic_text(join_error))),
+        };
+        match outcome {
+            Err((kind, text)) => vec![error_reply(&message, kind, &text)],
+            Ok(parts) if parts.is_empty() => {
+                vec![message.reply(Bytes::new()).with_header(NONE, "true")]
+            }
+            Ok(parts) => {
+                let last = parts.len() - 1;
+                parts
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, part)| {
+                        let reply = message.reply(part);
+                        if i < last {
+                            reply.with_header(MORE, "true")
+                        } else {
+                            reply
+                        }
+                    })
+                    .collect()
+            }
+        }
     }
 
     /// Runs the function of `message`'s current stage (and the following stages that belong to
@@ -106,6 +169,11 @@ impl Functions {
                 return message.reply(Bytes::new());
             }
             let method = message.method().unwrap_or_default().to_owned();
+            if self.mux.contains_key(&method) && !self.map.contains_key(&method) {
+                let text =
+                    format!("{method:?} yields many results: it runs on a worker behind a master");
+                return error_reply(&message, "unsupported", &text);
+            }
             let Some(function) = self.map.get(&method).cloned() else {
                 let mut known: Vec<&str> = self.names().collect();
                 known.sort_unstable();
@@ -134,7 +202,11 @@ impl Functions {
             let next_owner = message
                 .function
                 .at(message.stage.saturating_add(1))
-                .map(|name| name.split_once('.').map_or("", |(owner, _)| owner).to_owned());
+                .map(|name| {
+                    name.split_once('.')
+                        .map_or("", |(owner, _)| owner)
+                        .to_owned()
+                });
             match next_owner {
                 Some(owner) if owner.is_empty() || owner == server => {
                     message.next_stage();

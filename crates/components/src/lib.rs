@@ -52,13 +52,17 @@ mod server;
 pub use cache::{CacheStore, MISSING};
 pub use client::Client;
 pub use error::Error;
-pub use functions::{Functions, PIPELINED, SYNC_FUNCTION};
+pub use functions::{Functions, MORE, NONE, PIPELINED, SYNC_FUNCTION};
 pub use master::{
     CREDITS, HEARTBEAT_FUNCTION, Heartbeat, Hook, Master, MasterBuilder, READY_FUNCTION,
     StreamHook, Worker, WorkerBuilder, default_topic,
 };
 pub use parts::{Answer, Ask, DealerOut, Emit, Endpoint, Listen, RouterIn};
 pub use server::{Server, ServerBuilder};
+
+/// pylm's MuxWorker: a [`Worker`] whose [`Functions`] include mux functions
+/// ([`Functions::add_mux`]), each yielding any number of results per message.
+pub type MuxWorker = Worker;
 
 /// The header of an error reply that says what kind of failure it is: `unknown-function`,
 /// `failed`, `panicked`, `malformed`.

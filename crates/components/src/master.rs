@@ -454,6 +454,18 @@ impl Pool {
             tracing::warn!("dropped a worker answer without a dispatch id");
             return;
         };
+        // A part of a mux function's results: pass it on, the dispatch is not over yet.
+        if message.header(crate::functions::MORE).is_some() {
+            if let Some(worker) = self.workers.get_mut(&identity) {
+                worker.last_seen = now;
+            }
+            if self.in_flight.contains_key(&dispatch) {
+                for result in (self.gather)(message) {
+                    self.publish(publish, result).await;
+                }
+            }
+            return;
+        }
         if let Some(worker) = self.workers.get_mut(&identity) {
             worker.last_seen = now;
             worker.holds.retain(|held| *held != dispatch);
@@ -699,8 +711,9 @@ async fn work(
                 let Ok(permit) = slots.clone().acquire_owned().await else { break };
                 let (functions, server, sender, codec) = (functions.clone(), server.clone(), sender.clone(), codec.clone());
                 running.spawn(async move {
-                    let answer = functions.call(&server, message).await;
-                    send_to_master(&sender, codec.as_ref(), &answer).await;
+                    for answer in functions.call_many(&server, message).await {
+                        send_to_master(&sender, codec.as_ref(), &answer).await;
+                    }
                     drop(permit);
                 });
             }

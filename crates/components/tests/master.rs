@@ -229,3 +229,61 @@ async fn a_worker_pointed_at_a_plain_server_refuses_clearly() {
     assert!(matches!(outcome, Err(Error::Server { .. })), "{outcome:?}");
     server.shutdown().await.expect("clean");
 }
+
+#[tokio::test]
+async fn a_mux_worker_yields_many_results_for_one_message() {
+    let master = Master::builder("m")
+        .heartbeat(QUICK)
+        .start()
+        .await
+        .expect("starts");
+    let words = Functions::new().add_mux("words", |p: Bytes| async move {
+        let text = String::from_utf8_lossy(&p).into_owned();
+        Ok::<_, String>(
+            text.split_whitespace()
+                .map(|w| Bytes::from(w.to_owned()))
+                .collect::<Vec<_>>(),
+        )
+    });
+    let mux: rylm_components::MuxWorker = Worker::builder(words)
+        .heartbeat(QUICK.interval)
+        .connect_via_cache(master.db_address(), DEADLINE)
+        .await
+        .expect("connects");
+    let client = Client::connect(master.db_address(), DEADLINE)
+        .await
+        .expect("connects");
+    let parts = client
+        .eval_all("words", "one two three")
+        .await
+        .expect("answered");
+    assert_eq!(
+        parts,
+        vec![Bytes::from("one"), Bytes::from("two"), Bytes::from("three")]
+    );
+    assert!(
+        client
+            .eval_all("words", "   ")
+            .await
+            .expect("answered")
+            .is_empty()
+    );
+    // On a plain Server a mux function is refused clearly.
+    let server = rylm_components::Server::builder("s")
+        .functions(Functions::new().add_mux("words", |_p: Bytes| async move {
+            Ok::<Vec<Bytes>, String>(Vec::new())
+        }))
+        .start()
+        .await
+        .expect("starts");
+    let on_server = Client::connect(server.db_address(), DEADLINE)
+        .await
+        .expect("connects");
+    match on_server.eval("words", "a b").await {
+        Err(Error::Remote { kind, .. }) => assert_eq!(kind, "unsupported"),
+        other => panic!("{other:?}"),
+    }
+    mux.shutdown().await;
+    master.shutdown().await.expect("clean");
+    server.shutdown().await.expect("clean");
+}

@@ -3,11 +3,12 @@
 //! It reads and writes messages in each wire format (`rylm inspect`, `rylm encode`), which is
 //! what one needs to look at a captured frame or to feed a peer by hand; it serves and calls
 //! SyRPC (`rylm syrpc serve|call|put|get`), and services by path and METHOD (`rylm service`,
-//! `rylm call`). The other topologies (servers, workers, the gateway,
-//! the Gilmour proxy) join it as their crates land.
+//! `rylm call`), and runs pylm's topologies (`rylm server|master|hub|worker|pipeline|sink|client`)
+//! with built-in functions. The gateway and the Gilmour proxy join it as their crates land.
 
 mod services;
 mod syrpc;
+mod topology;
 
 use std::io::{Read, Write};
 use std::path::PathBuf;
@@ -25,6 +26,36 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// A pylm Server: runs the built-in functions itself.
+    Server(topology::ServerArgs),
+    /// A pylm Master: farms the work out to workers.
+    Master(topology::MasterArgs),
+    /// A pylm Hub: a master fed by a previous server's stream.
+    Hub {
+        #[command(flatten)]
+        master: topology::MasterArgs,
+        #[command(flatten)]
+        previous: topology::PreviousArgs,
+    },
+    /// A worker of a master or hub, running the built-in functions.
+    Worker(topology::WorkerArgs),
+    /// A pipeline stage fed by a previous server.
+    Pipeline {
+        #[command(flatten)]
+        server: topology::ServerArgs,
+        #[command(flatten)]
+        previous: topology::PreviousArgs,
+    },
+    /// A sink fed by several previous servers.
+    Sink {
+        #[command(flatten)]
+        server: topology::ServerArgs,
+        /// A previous server, as PUB_ADDRESS=NAME; repeatable.
+        #[arg(long, required = true)]
+        previous: Vec<String>,
+    },
+    /// A client of a server or master: eval, job, stages, and the cache.
+    Client(topology::ClientArgs),
     /// Serves built-in routes as a services-mux service (by path and METHOD over ZeroMQ).
     Service(services::ServeArgs),
     /// Calls a services-mux service.
@@ -100,6 +131,17 @@ fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Syrpc { command } => runtime()?.block_on(syrpc::run(command)),
         Command::Service(args) => runtime()?.block_on(services::serve(args)),
+        Command::Server(args) => runtime()?.block_on(topology::server(args)),
+        Command::Master(args) => runtime()?.block_on(topology::master(args, None)),
+        Command::Hub { master, previous } => {
+            runtime()?.block_on(topology::master(master, Some(previous)))
+        }
+        Command::Worker(args) => runtime()?.block_on(topology::worker(args)),
+        Command::Pipeline { server, previous } => {
+            runtime()?.block_on(topology::pipeline(server, previous))
+        }
+        Command::Sink { server, previous } => runtime()?.block_on(topology::sink(server, previous)),
+        Command::Client(args) => runtime()?.block_on(topology::client(args)),
         Command::Call(args) => runtime()?.block_on(services::call(args)),
         Command::Inspect { wire, file } => {
             let mut input = Vec::new();

@@ -21,6 +21,7 @@ type FunctionFuture = Pin<Box<dyn Future<Output = Result<Bytes, String>> + Send>
 type Function = Arc<dyn Fn(Bytes) -> FunctionFuture + Send + Sync>;
 type MuxFuture = Pin<Box<dyn Future<Output = Result<Vec<Bytes>, String>> + Send>>;
 type MuxFunction = Arc<dyn Fn(Bytes) -> MuxFuture + Send + Sync>;
+type ParamFunction = Arc<dyn Fn(String, Bytes) -> FunctionFuture + Send + Sync>;
 
 /// The header on every part of a mux function's results but the last.
 pub const MORE: &str = "rylm-more";
@@ -41,6 +42,7 @@ pub const NONE: &str = "rylm-none";
 pub struct Functions {
     map: HashMap<String, Function>,
     mux: HashMap<String, MuxFunction>,
+    parameterized: HashMap<String, ParamFunction>,
 }
 
 impl std::fmt::Debug for Functions {
@@ -101,7 +103,43 @@ impl Functions {
 
     /// The registered names.
     pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.map.keys().chain(self.mux.keys()).map(String::as_str)
+        self.map
+            .keys()
+            .chain(self.mux.keys())
+            .chain(self.parameterized.keys())
+            .map(String::as_str)
+    }
+
+    /// Registers a function called as `name:<argument>` (for example `sleep:100`), which gets
+    /// the argument's text with the payload.
+    pub fn add_parameterized<F, Fut, E>(mut self, name: &str, function: F) -> Self
+    where
+        F: Fn(String, Bytes) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Bytes, E>> + Send + 'static,
+        E: std::fmt::Display,
+    {
+        let function = Arc::new(function);
+        self.parameterized.insert(
+            name.to_owned(),
+            Arc::new(move |argument, payload| {
+                let function = function.clone();
+                Box::pin(
+                    async move { function(argument, payload).await.map_err(|e| e.to_string()) },
+                )
+            }),
+        );
+        self
+    }
+
+    /// The plain function for `method`, or a parameterized one bound to its argument.
+    fn resolve(&self, method: &str) -> Option<Function> {
+        if let Some(function) = self.map.get(method) {
+            return Some(function.clone());
+        }
+        let (name, argument) = method.split_once(':')?;
+        let function = self.parameterized.get(name)?.clone();
+        let argument = argument.to_owned();
+        Some(Arc::new(move |payload| function(argument.clone(), payload)))
     }
 
     /// Registers a mux function, which yields any number of results per message (pylm's
@@ -174,7 +212,7 @@ impl Functions {
                     format!("{method:?} yields many results: it runs on a worker behind a master");
                 return error_reply(&message, "unsupported", &text);
             }
-            let Some(function) = self.map.get(&method).cloned() else {
+            let Some(function) = self.resolve(&method) else {
                 let mut known: Vec<&str> = self.names().collect();
                 known.sort_unstable();
                 let text = format!(

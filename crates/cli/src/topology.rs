@@ -1,0 +1,340 @@
+//! `rylm server|master|hub|worker|pipeline|sink|client`: pylm's topologies from the shell, with
+//! built-in functions for trying them without writing code.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use bytes::Bytes;
+use clap::{Args, Subcommand};
+use rylm_components::{Client, Functions, Master, Server, Worker};
+
+/// pylm's customary ports on loopback, so that the commands find each other with no flags.
+const PULL: &str = "tcp://127.0.0.1:5555";
+const PUB: &str = "tcp://127.0.0.1:5556";
+const WORKERS: &str = "tcp://127.0.0.1:5557";
+const DB: &str = "tcp://127.0.0.1:5559";
+
+/// The built-in functions: `echo`, `upper`, `reverse`, `sleep:<ms>` and `fail`.
+pub(crate) fn builtins() -> Functions {
+    Functions::new()
+        .add("echo", |p: Bytes| async move { Ok::<_, String>(p) })
+        .add("upper", |p: Bytes| async move {
+            Ok::<_, String>(Bytes::from(String::from_utf8_lossy(&p).to_uppercase()))
+        })
+        .add("reverse", |p: Bytes| async move {
+            Ok::<_, String>(Bytes::from(
+                String::from_utf8_lossy(&p)
+                    .chars()
+                    .rev()
+                    .collect::<String>(),
+            ))
+        })
+        .add_parameterized("sleep", |ms: String, p: Bytes| async move {
+            let millis: u64 = ms
+                .parse()
+                .map_err(|_| format!("sleep:<ms> needs a number, got {ms:?}"))?;
+            tokio::time::sleep(Duration::from_millis(millis.min(60_000))).await;
+            Ok::<_, String>(p)
+        })
+        .add("fail", |p: Bytes| async move {
+            Err::<Bytes, _>(format!("failed on purpose ({} bytes)", p.len()))
+        })
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct ServerArgs {
+    /// The server's name (clients check it).
+    #[arg(long, default_value = "rylm")]
+    name: String,
+    /// Where clients push (PULL).
+    #[arg(long, default_value = PULL)]
+    pull: String,
+    /// Where results are published (PUB).
+    #[arg(long = "pub", default_value = PUB)]
+    publish: String,
+    /// Where the cache answers (REP).
+    #[arg(long, default_value = DB)]
+    db: String,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct MasterArgs {
+    #[command(flatten)]
+    server: ServerArgs,
+    /// Where workers connect (ROUTER).
+    #[arg(long, default_value = WORKERS)]
+    workers: String,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct PreviousArgs {
+    /// The previous server's PUB address.
+    #[arg(long)]
+    previous_pub: String,
+    /// The previous server's name (the topic it publishes pipelined results under).
+    #[arg(long)]
+    previous_name: String,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct WorkerArgs {
+    /// The master's cache address (the worker address is read from it).
+    #[arg(long, default_value = DB)]
+    db: String,
+    /// How many messages it runs at once.
+    #[arg(long, default_value_t = 8)]
+    credits: usize,
+}
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum ClientAction {
+    /// Calls a function once.
+    Eval {
+        /// The function (`echo`, or `server.echo`).
+        function: String,
+        /// The payload.
+        #[arg(default_value = "")]
+        payload: String,
+    },
+    /// Calls a function once per payload, several at once.
+    Job {
+        /// The function.
+        function: String,
+        /// The payloads.
+        payloads: Vec<String>,
+        /// How many calls at once.
+        #[arg(long, default_value_t = 8)]
+        in_flight: usize,
+    },
+    /// Runs the payload through a pipeline of functions (comma-separated, `server.fn`).
+    Stages {
+        /// The stages, e.g. `first.upper,second.reverse`.
+        stages: String,
+        /// The payload.
+        payload: String,
+    },
+    /// Stores a value in the cache.
+    Set {
+        /// The key.
+        key: String,
+        /// The value.
+        value: String,
+    },
+    /// Reads a value from the cache.
+    Get {
+        /// The key.
+        key: String,
+    },
+    /// Removes a value from the cache.
+    Delete {
+        /// The key.
+        key: String,
+    },
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct ClientArgs {
+    /// The server's cache address.
+    #[arg(long, default_value = DB)]
+    db: String,
+    /// Take results from this PUB (the last server of a pipeline).
+    #[arg(long)]
+    results_from: Option<String>,
+    /// How long to wait, in seconds.
+    #[arg(long, default_value_t = 10.0)]
+    timeout: f64,
+    #[command(subcommand)]
+    action: ClientAction,
+}
+
+async fn until_ctrl_c(what: &str, addresses: &[(&str, &str)]) -> Result<()> {
+    for (role, address) in addresses {
+        eprintln!("rylm {what}: {role} at {address}");
+    }
+    eprintln!(
+        "rylm {what}: built-in functions echo, upper, reverse, sleep:<ms>, fail; Ctrl-C stops"
+    );
+    tokio::signal::ctrl_c()
+        .await
+        .context("waiting for Ctrl-C")?;
+    eprintln!("rylm {what}: stopping; finishing the messages in hand");
+    Ok(())
+}
+
+pub(crate) async fn server(args: ServerArgs) -> Result<()> {
+    let server = Server::builder(&args.name)
+        .pull_address(&args.pull)
+        .pub_address(&args.publish)
+        .db_address(&args.db)
+        .functions(builtins())
+        .start()
+        .await?;
+    until_ctrl_c(
+        "server",
+        &[
+            ("pull", server.pull_address()),
+            ("pub", server.pub_address()),
+            ("cache", server.db_address()),
+        ],
+    )
+    .await?;
+    Ok(server.shutdown().await?)
+}
+
+pub(crate) async fn master(args: MasterArgs, previous: Option<PreviousArgs>) -> Result<()> {
+    let mut builder = Master::builder(&args.server.name)
+        .pub_address(&args.server.publish)
+        .worker_address(&args.workers)
+        .db_address(&args.server.db);
+    builder = match &previous {
+        Some(previous) => {
+            builder.subscribe_to(&previous.previous_pub, &[previous.previous_name.as_str()])
+        }
+        None => builder.pull_address(&args.server.pull),
+    };
+    let master = builder.start().await?;
+    let what = if previous.is_some() { "hub" } else { "master" };
+    until_ctrl_c(
+        what,
+        &[
+            ("input", master.pull_address()),
+            ("pub", master.pub_address()),
+            ("workers", master.worker_address()),
+            ("cache", master.db_address()),
+        ],
+    )
+    .await?;
+    Ok(master.shutdown().await?)
+}
+
+pub(crate) async fn worker(args: WorkerArgs) -> Result<()> {
+    let worker = Worker::builder(builtins())
+        .credits(args.credits)
+        .connect_via_cache(&args.db, Duration::from_secs(10))
+        .await?;
+    until_ctrl_c("worker", &[("master's cache", args.db.as_str())]).await?;
+    worker.shutdown().await;
+    Ok(())
+}
+
+pub(crate) async fn pipeline(args: ServerArgs, previous: PreviousArgs) -> Result<()> {
+    let server = Server::pipeline(&args.name, &previous.previous_pub, &previous.previous_name)
+        .pub_address(&args.publish)
+        .db_address(&args.db)
+        .functions(builtins())
+        .start()
+        .await?;
+    until_ctrl_c(
+        "pipeline",
+        &[
+            ("pub", server.pub_address()),
+            ("cache", server.db_address()),
+        ],
+    )
+    .await?;
+    Ok(server.shutdown().await?)
+}
+
+pub(crate) async fn sink(args: ServerArgs, previous: Vec<String>) -> Result<()> {
+    let mut builder = Server::sink(&args.name)
+        .pub_address(&args.publish)
+        .db_address(&args.db)
+        .functions(builtins());
+    for spec in &previous {
+        let (address, name) = spec
+            .rsplit_once('=')
+            .with_context(|| format!("--previous takes PUB_ADDRESS=NAME, got {spec:?}"))?;
+        builder = builder.subscribe_to(address, &[name]);
+    }
+    let server = builder.start().await?;
+    until_ctrl_c(
+        "sink",
+        &[
+            ("pub", server.pub_address()),
+            ("cache", server.db_address()),
+        ],
+    )
+    .await?;
+    Ok(server.shutdown().await?)
+}
+
+pub(crate) async fn client(args: ClientArgs) -> Result<()> {
+    let deadline = Duration::try_from_secs_f64(args.timeout)
+        .context("--timeout is not a number of seconds")?;
+    let client =
+        Client::connect_with_results_from(&args.db, args.results_from.as_deref(), deadline).await?;
+    let text = |bytes: &Bytes| String::from_utf8_lossy(bytes).into_owned();
+    match args.action {
+        ClientAction::Eval { function, payload } => {
+            println!("{}", text(&client.eval(&function, payload).await?))
+        }
+        ClientAction::Stages { stages, payload } => {
+            let stages: Vec<&str> = stages.split(',').collect();
+            println!("{}", text(&client.eval_stages(&stages, payload).await?));
+        }
+        ClientAction::Job {
+            function,
+            payloads,
+            in_flight,
+        } => {
+            let total = payloads.len();
+            let mut results =
+                client.job(&function, payloads.into_iter().map(Bytes::from), in_flight);
+            let mut failed = 0;
+            while let Some((index, result)) = results.recv().await {
+                match result {
+                    Ok(value) => println!("{index}\t{}", text(&value)),
+                    Err(error) => {
+                        failed += 1;
+                        println!("{index}\terror: {error}");
+                    }
+                }
+            }
+            if failed > 0 {
+                bail!("{failed} of {total} calls failed");
+            }
+        }
+        ClientAction::Set { key, value } => println!("{}", client.set(Some(&key), value).await?),
+        ClientAction::Get { key } => match client.get(&key).await? {
+            Some(value) => println!("{}", text(&value)),
+            None => bail!("no value under {key:?}"),
+        },
+        ClientAction::Delete { key } => match client.delete(&key).await? {
+            Some(value) => println!("{}", text(&value)),
+            None => bail!("no value under {key:?}"),
+        },
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn builtins_answer_and_fail_as_documented() {
+        let server = Server::builder("t")
+            .functions(builtins())
+            .start()
+            .await
+            .expect("starts");
+        let client = Client::connect(server.db_address(), Duration::from_secs(10))
+            .await
+            .expect("connects");
+        assert_eq!(
+            &client.eval("upper", "grüße").await.expect("answered")[..],
+            "GRÜSSE".as_bytes()
+        );
+        assert_eq!(
+            &client.eval("reverse", "abc").await.expect("answered")[..],
+            b"cba"
+        );
+        assert_eq!(
+            &client.eval("sleep:10", "x").await.expect("answered")[..],
+            b"x"
+        );
+        assert!(client.eval("sleep:soon", "x").await.is_err());
+        assert!(client.eval("fail", "x").await.is_err());
+        server.shutdown().await.expect("clean");
+    }
+}

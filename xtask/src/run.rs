@@ -205,10 +205,18 @@ fn parse_test_result(line: &str) -> Option<(u64, u64)> {
 }
 
 /// The examples `cargo xtask demo` runs, in order, with what each shows.
-const DEMO_PARTS: [(&str, &str); 3] = [
+const DEMO_PARTS: [(&str, &str); 5] = [
     (
         "the ground: framed envelopes over ZeroMQ, Redis and RabbitMQ",
         "ground",
+    ),
+    (
+        "a Master farms a client's job out to two Workers",
+        "pylm_master",
+    ),
+    (
+        "servers chained: Server -> Pipeline -> Hub with a worker, and a Sink",
+        "pylm_pipeline",
     ),
     (
         "SyRPC: one backend puts a request, another fetches the result by id",

@@ -85,6 +85,84 @@ where
     Ok(Summary::new(name, latencies, started.elapsed()))
 }
 
+/// Binds a ROUTER at `address` that echoes every message, in a task; returns where it listens.
+pub async fn serve_echo(address: &str) -> anyhow::Result<String> {
+    use zeromq::{RouterSocket, Socket, SocketRecv, SocketSend};
+    let mut router = RouterSocket::new();
+    let endpoint = router.bind(address).await?.to_string();
+    tokio::spawn(async move {
+        while let Ok(message) = router.recv().await {
+            if router.send(message).await.is_err() {
+                break;
+            }
+        }
+    });
+    Ok(endpoint)
+}
+
+/// A DEALER whose calls to an echo are matched by an id frame, so that many can be in flight:
+/// the baseline of what ZeroMQ allows.
+#[allow(missing_debug_implementations)]
+pub struct RawEcho {
+    sender: tokio::sync::Mutex<zeromq::DealerSendHalf>,
+    waiting: std::sync::Arc<
+        std::sync::Mutex<std::collections::HashMap<u64, tokio::sync::oneshot::Sender<()>>>,
+    >,
+}
+
+impl RawEcho {
+    /// Connects to the echo at `endpoint`.
+    pub async fn connect(endpoint: &str) -> anyhow::Result<RawEcho> {
+        use zeromq::{DealerSocket, Socket, SocketRecv};
+        let mut dealer = DealerSocket::new();
+        dealer.connect(endpoint).await?;
+        let (sender, mut receiver) = dealer.split();
+        let waiting: std::sync::Arc<
+            std::sync::Mutex<std::collections::HashMap<u64, tokio::sync::oneshot::Sender<()>>>,
+        > = Default::default();
+        let dispatch = waiting.clone();
+        tokio::spawn(async move {
+            while let Ok(message) = receiver.recv().await {
+                let Some(id) = message
+                    .get(0)
+                    .and_then(|f| <[u8; 8]>::try_from(f.as_ref()).ok())
+                else {
+                    continue;
+                };
+                let waiter = dispatch
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&u64::from_be_bytes(id));
+                if let Some(waiter) = waiter {
+                    let _ = waiter.send(());
+                }
+            }
+        });
+        Ok(RawEcho {
+            sender: tokio::sync::Mutex::new(sender),
+            waiting,
+        })
+    }
+
+    /// One echo of `payload`, matched by `id`, within 30 s.
+    pub async fn call(&self, id: u64, payload: bytes::Bytes) -> anyhow::Result<()> {
+        use zeromq::SocketSend;
+        let (done, answered) = tokio::sync::oneshot::channel();
+        self.waiting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, done);
+        let mut message =
+            zeromq::ZmqMessage::from(bytes::Bytes::copy_from_slice(&id.to_be_bytes()));
+        message.push_back(payload);
+        self.sender.lock().await.send(message).await?;
+        match tokio::time::timeout(Duration::from_secs(30), answered).await {
+            Ok(Ok(())) => Ok(()),
+            _ => anyhow::bail!("no echo within 30 s"),
+        }
+    }
+}
+
 /// Peak resident memory (VmHWM) of process `pid`, in KiB, from `/proc`.
 pub fn peak_rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;

@@ -261,53 +261,72 @@ pub fn demo(keep_servers: bool) -> Result<()> {
     Ok(())
 }
 
-/// End-to-end benches: binaries of `benches`, and whether each needs the provisioned servers.
-const END_TO_END: [(&str, bool); 2] = [("syrpc", true), ("services", false)];
+/// The criterion benches of `benches/benches`.
+const CRITERION: [&str; 2] = ["codec", "router"];
+
+/// End-to-end benches: (name, binary of `benches`, whether it needs the provisioned servers).
+const END_TO_END: [(&str, &str, bool); 3] = [
+    ("syrpc", "syrpc", true),
+    ("services", "services", false),
+    ("router", "router_e2e", false),
+];
 
 pub fn bench(name: Option<&str>, quick: bool) -> Result<()> {
-    let end_to_end: Vec<(&str, bool)> = match name {
-        Some(name) => END_TO_END
-            .iter()
-            .copied()
-            .filter(|(bench, _)| *bench == name)
-            .collect(),
-        None => END_TO_END.to_vec(),
-    };
-    if name.is_none() || end_to_end.is_empty() {
+    if let Some(name) = name
+        && !CRITERION.contains(&name)
+        && !END_TO_END.iter().any(|(bench, _, _)| *bench == name)
+    {
+        bail!(
+            "no bench named {name:?}: try {} or {}",
+            CRITERION.join(", "),
+            END_TO_END.map(|e| e.0).join(", ")
+        );
+    }
+    let criterion: Vec<&str> = CRITERION
+        .iter()
+        .copied()
+        .filter(|b| name.is_none_or(|n| n == *b))
+        .collect();
+    let end_to_end: Vec<(&str, &str, bool)> = END_TO_END
+        .iter()
+        .copied()
+        .filter(|(b, _, _)| name.is_none_or(|n| n == *b))
+        .collect();
+    for bench in criterion {
         let mut command = cargo();
-        command.args(["bench", "--package", "rylm-benches"]);
-        if let Some(name) = name {
-            command.args(["--bench", name]);
-        }
+        command.args(["bench", "--package", "rylm-benches", "--bench", bench]);
         if quick {
             command.args(["--", "--test"]);
         }
         if !status_ok(&mut command)? {
-            bail!("the criterion benches failed");
+            bail!("the criterion bench {bench} failed");
         }
     }
     if end_to_end.is_empty() {
         return Ok(());
     }
+    // The benches' binaries, and `rylm`, which the router bench runs as master and workers.
     let build = [
         "build",
         "--release",
         "--quiet",
         "--package",
         "rylm-benches",
+        "--package",
+        "rylm-cli",
         "--bins",
     ];
     if !status_ok(cargo().args(build))? {
         bail!("the end-to-end benches did not build");
     }
-    let servers = if end_to_end.iter().any(|(_, needs)| *needs) {
+    let servers = if end_to_end.iter().any(|(_, _, needs)| *needs) {
         Some(provision::start()?)
     } else {
         None
     };
-    for (bench, _) in end_to_end {
+    for (bench, binary, _) in end_to_end {
         banner(&format!("end-to-end bench: {bench}"));
-        let binary = crate::workspace_root().join("target/release").join(bench);
+        let binary = crate::workspace_root().join("target/release").join(binary);
         if !status_ok(Command::new(&binary).envs(servers.iter().flat_map(|s| s.env())))? {
             bail!("the {bench} bench failed");
         }

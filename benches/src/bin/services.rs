@@ -2,18 +2,13 @@
 //! in flight, beside a raw zeromq DEALER/ROUTER echo in the same run (the baseline of what the
 //! transport allows, with the same correlation by id and the same tasks).
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use bytes::Bytes;
-use rylm_benches::{Summary, measure, peak_rss_kib, table};
+use rylm_benches::{RawEcho, Summary, measure, peak_rss_kib, serve_echo, table};
 use rylm_services_mux::{Call, Method, Service, ServiceClient, ServiceResponse};
-use tokio::sync::{Mutex, oneshot};
-use zeromq::{
-    DealerSendHalf, DealerSocket, RouterSocket, Socket, SocketRecv, SocketSend, ZmqMessage,
-};
 
 const ONE_AT_A_TIME: usize = 3_000;
 const IN_FLIGHT_TOTAL: usize = 20_000;
@@ -34,7 +29,7 @@ async fn main() -> Result<()> {
         .await?;
     let client = ServiceClient::new();
     client.register("bench", &[service.address()], SECRET);
-    let raw = Arc::new(RawEcho::start().await?);
+    let raw = Arc::new(RawEcho::connect(&serve_echo("tcp://127.0.0.1:0").await?).await?);
 
     let rylm = |name: String, total: usize, in_flight: usize| {
         let (client, data) = (client.clone(), data.clone());
@@ -115,69 +110,5 @@ fn print_baseline(runs: &[&Summary]) {
             s.p50.as_secs_f64() * 1e3,
             s.p99.as_secs_f64() * 1e3
         );
-    }
-}
-
-/// A ROUTER that echoes every message, and a DEALER whose calls are matched by an id frame.
-struct RawEcho {
-    sender: Mutex<DealerSendHalf>,
-    waiting: Arc<std::sync::Mutex<HashMap<u64, oneshot::Sender<()>>>>,
-}
-
-impl RawEcho {
-    async fn start() -> Result<RawEcho> {
-        let mut router = RouterSocket::new();
-        let endpoint = router.bind("tcp://127.0.0.1:0").await?.to_string();
-        tokio::spawn(async move {
-            while let Ok(message) = router.recv().await {
-                if router.send(message).await.is_err() {
-                    break;
-                }
-            }
-        });
-        let mut dealer = DealerSocket::new();
-        dealer
-            .connect(&endpoint)
-            .await
-            .context("connecting to the echo")?;
-        let (sender, mut receiver) = dealer.split();
-        let waiting: Arc<std::sync::Mutex<HashMap<u64, oneshot::Sender<()>>>> = Arc::default();
-        let dispatch = waiting.clone();
-        tokio::spawn(async move {
-            while let Ok(message) = receiver.recv().await {
-                let Some(id) = message
-                    .get(0)
-                    .and_then(|f| <[u8; 8]>::try_from(f.as_ref()).ok())
-                else {
-                    continue;
-                };
-                let waiter = dispatch
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(&u64::from_be_bytes(id));
-                if let Some(waiter) = waiter {
-                    let _ = waiter.send(());
-                }
-            }
-        });
-        Ok(RawEcho {
-            sender: Mutex::new(sender),
-            waiting,
-        })
-    }
-
-    async fn call(&self, id: u64, payload: Bytes) -> Result<()> {
-        let (done, answered) = oneshot::channel();
-        self.waiting
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id, done);
-        let mut message = ZmqMessage::from(Bytes::copy_from_slice(&id.to_be_bytes()));
-        message.push_back(payload);
-        self.sender.lock().await.send(message).await?;
-        match tokio::time::timeout(DEADLINE, answered).await {
-            Ok(Ok(())) => Ok(()),
-            _ => bail!("no echo within {DEADLINE:?}"),
-        }
     }
 }

@@ -15,6 +15,37 @@ use crate::functions::SYNC_FUNCTION;
 use crate::parts::{Ask, Endpoint, multipart};
 use crate::{ERROR_KIND, ERROR_MESSAGE, Error};
 
+/// How a [`Client`] connects.
+#[derive(Clone)]
+pub struct ClientOptions {
+    /// Take results from this PUB (the last server of a pipeline) instead of the server's own.
+    pub results_from: Option<String>,
+    /// The wire format (default: rylm's native codec; match the server's).
+    pub codec: Arc<dyn Codec>,
+    /// The deadline of the set-up, and the default of every call (default 30 s).
+    pub deadline: Duration,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions {
+            results_from: None,
+            codec: Arc::new(NativeCodec::default()),
+            deadline: Duration::from_secs(30),
+        }
+    }
+}
+
+impl std::fmt::Debug for ClientOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientOptions")
+            .field("results_from", &self.results_from)
+            .field("codec", &self.codec.name())
+            .field("deadline", &self.deadline)
+            .finish()
+    }
+}
+
 type Pending = Arc<std::sync::Mutex<HashMap<String, mpsc::UnboundedSender<Message>>>>;
 
 /// A client of a Server (or of a Master): `eval`, `job`, and the cache.
@@ -29,7 +60,7 @@ pub struct Client {
 
 struct Inner {
     id: String,
-    session: String,
+    session: std::sync::Mutex<String>,
     server: String,
     codec: Arc<dyn Codec>,
     push: Mutex<PushSocket>,
@@ -59,7 +90,11 @@ impl Client {
     /// Connects to the server whose cache is at `db_address`, reading the rest of its
     /// addresses from the cache; `deadline` bounds the set-up and is the default for calls.
     pub async fn connect(db_address: &str, deadline: Duration) -> Result<Client, Error> {
-        Self::connect_with_results_from(db_address, None, deadline).await
+        let options = ClientOptions {
+            deadline,
+            ..ClientOptions::default()
+        };
+        Self::connect_with(db_address, options).await
     }
 
     /// Like [`Client::connect`], but takes results from the PUB at `results_from` (the last
@@ -69,29 +104,37 @@ impl Client {
         results_from: Option<&str>,
         deadline: Duration,
     ) -> Result<Client, Error> {
-        tokio::time::timeout(
+        let options = ClientOptions {
+            results_from: results_from.map(str::to_owned),
             deadline,
-            Self::connect_now(db_address, results_from, deadline),
-        )
-        .await
-        .map_err(|_| Error::Timeout {
-            what: format!("the server whose cache is at {db_address}"),
-            waited: deadline,
-        })?
+            ..ClientOptions::default()
+        };
+        Self::connect_with(db_address, options).await
     }
 
-    async fn connect_now(
-        db_address: &str,
-        results_from: Option<&str>,
-        deadline: Duration,
-    ) -> Result<Client, Error> {
+    /// Connects with every option.
+    pub async fn connect_with(db_address: &str, options: ClientOptions) -> Result<Client, Error> {
+        let deadline = options.deadline;
+        tokio::time::timeout(deadline, Self::connect_now(db_address, options))
+            .await
+            .map_err(|_| Error::Timeout {
+                what: format!("the server whose cache is at {db_address}"),
+                waited: deadline,
+            })?
+    }
+
+    async fn connect_now(db_address: &str, options: ClientOptions) -> Result<Client, Error> {
+        let ClientOptions {
+            results_from,
+            codec,
+            deadline,
+        } = options;
         let started = Instant::now();
-        let codec: Arc<dyn Codec> = Arc::new(NativeCodec::default());
         let mut cache = Ask::req(&Endpoint::Connect(db_address.to_owned()), codec.clone()).await?;
         let server = preset(&mut cache, db_address, "name", deadline).await?;
         let pull_address = preset(&mut cache, db_address, "pull_address", deadline).await?;
         let pub_address = match results_from {
-            Some(address) => address.to_owned(),
+            Some(address) => address,
             None => preset(&mut cache, db_address, "pub_address", deadline).await?,
         };
 
@@ -135,7 +178,7 @@ impl Client {
         let client = Client {
             inner: Arc::new(Inner {
                 id,
-                session: new_id(),
+                session: std::sync::Mutex::new(new_id()),
                 server,
                 codec,
                 push: Mutex::new(push),
@@ -155,7 +198,26 @@ impl Client {
     /// A call id, unique within this client: its results come back on its own topic, so a
     /// counter is enough, and cheaper than a random id on the hot path.
     fn next_call_id(&self) -> String {
-        self.inner.calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed).to_string()
+        self.inner
+            .calls
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            .to_string()
+    }
+
+    /// The current session: the stream id (pylm's `pipeline`) its calls carry.
+    pub fn session(&self) -> String {
+        self.inner
+            .session
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Starts a new session: calls from now on carry a new stream id. Returns it.
+    pub fn new_session(&self) -> String {
+        let session = new_id();
+        *self.inner.session.lock().unwrap_or_else(|e| e.into_inner()) = session.clone();
+        session
     }
 
     /// The client's id (the topic of its results).
@@ -200,7 +262,7 @@ impl Client {
     ) -> Result<Vec<Message>, Error> {
         let message = message
             .with_client(self.inner.id.clone())
-            .with_pipeline(self.inner.session.clone())
+            .with_pipeline(self.session())
             .with_cache(self.next_call_id());
         let (parts, mut answers) = mpsc::unbounded_channel();
         let key = message.cache.clone();

@@ -17,11 +17,16 @@
 //! server goes on.
 //!
 //! **Servers.** [`Server`] runs functions itself: PULL from clients, a router, PUB of results
-//! under pylm's `handle_stream` topic (the client's id by default), and the cache. The
+//! under pylm's `handle_stream` topic (the client's id by default), and the cache; with
+//! [`Server::pipeline`] and [`Server::sink`] its input is the stream of previous servers. The
+//! [`Master`] farms work out to [`Worker`]s by credit (a worker says how many messages it runs
+//! at once), notices a dead worker by its heartbeats and sends its messages to another worker
+//! once, then fails them back; with `scatter`, `gather` and `handle_stream` hooks, and as a Hub
+//! when fed by a previous server. A [`MuxWorker`] yields many results per message. The
 //! [`Client`] finds a server from its cache, makes sure its subscription is live before its
-//! first call (no slow-joiner loss), and offers `eval`, `job` (a stream with a bounded number in
-//! flight) and the cache. The Master and its Workers, the Hub, Pipeline, Sink and MuxWorker of
-//! pylm are the next servers to come.
+//! first call (no slow-joiner loss, through a whole pipeline too), and offers `eval`,
+//! `eval_stages`, `eval_all`, `job` (a stream with a bounded number in flight), sessions and the
+//! cache. Every wait has a deadline.
 //!
 //! ```no_run
 //! # async fn example() -> Result<(), rylm_components::Error> {
@@ -50,7 +55,7 @@ pub mod parts;
 mod server;
 
 pub use cache::{CacheStore, MISSING};
-pub use client::Client;
+pub use client::{Client, ClientOptions};
 pub use error::Error;
 pub use functions::{Functions, MORE, NONE, PIPELINED, SYNC_FUNCTION};
 pub use master::{

@@ -69,6 +69,7 @@ pub struct MasterBuilder {
     gather: Hook,
     handle_stream: Option<StreamHook>,
     drain_for: Duration,
+    codec: Arc<dyn Codec>,
 }
 
 impl std::fmt::Debug for MasterBuilder {
@@ -116,6 +117,12 @@ impl MasterBuilder {
         self
     }
 
+    /// The wire format (default: rylm's native codec).
+    pub fn codec(mut self, codec: Arc<dyn Codec>) -> Self {
+        self.codec = codec;
+        self
+    }
+
     /// How workers are watched.
     pub fn heartbeat(mut self, heartbeat: Heartbeat) -> Self {
         self.heartbeat = heartbeat;
@@ -159,7 +166,7 @@ impl MasterBuilder {
 
     /// Binds every socket, presets the cache and starts.
     pub async fn start(self) -> Result<Master, Error> {
-        let codec: Arc<dyn Codec> = Arc::new(NativeCodec::default());
+        let codec = self.codec.clone();
         let (stop, stopped) = watch::channel(false);
         let mut workers = RouterSocket::new();
         let worker_address = attach(&mut workers, &self.workers).await?;
@@ -280,6 +287,7 @@ impl Master {
             gather: Arc::new(|message| vec![message]),
             handle_stream: None,
             drain_for: Duration::from_secs(10),
+            codec: Arc::new(NativeCodec::default()),
         }
     }
 
@@ -557,6 +565,7 @@ impl Pool {
 /// Builds a [`Worker`].
 pub struct WorkerBuilder {
     functions: Functions,
+    codec: Arc<dyn Codec>,
     credits: usize,
     heartbeat: Duration,
     server: String,
@@ -577,6 +586,12 @@ impl WorkerBuilder {
         self
     }
 
+    /// The wire format (default: rylm's native codec; match the master's).
+    pub fn codec(mut self, codec: Arc<dyn Codec>) -> Self {
+        self.codec = codec;
+        self
+    }
+
     /// How often it sends heartbeats (default 1 s; match the master's).
     pub fn heartbeat(mut self, interval: Duration) -> Self {
         self.heartbeat = interval;
@@ -590,7 +605,7 @@ impl WorkerBuilder {
         db_address: &str,
         deadline: Duration,
     ) -> Result<Worker, Error> {
-        let codec: Arc<dyn Codec> = Arc::new(NativeCodec::default());
+        let codec = self.codec.clone();
         let mut cache =
             crate::parts::Ask::req(&Endpoint::Connect(db_address.to_owned()), codec).await?;
         let lookup = async {
@@ -622,7 +637,7 @@ impl WorkerBuilder {
 
     /// Connects to the master's worker address and starts working.
     pub async fn connect(self, worker_address: &str) -> Result<Worker, Error> {
-        let codec: Arc<dyn Codec> = Arc::new(NativeCodec::default());
+        let codec = self.codec.clone();
         let mut socket = DealerSocket::new();
         socket
             .connect(worker_address)
@@ -648,6 +663,7 @@ impl Worker {
     pub fn builder(functions: Functions) -> WorkerBuilder {
         WorkerBuilder {
             functions,
+            codec: Arc::new(NativeCodec::default()),
             credits: 8,
             heartbeat: Duration::from_secs(1),
             server: String::new(),

@@ -236,3 +236,80 @@ async fn shutdown_publishes_the_results_of_calls_in_hand() {
         .expect("clean");
     assert_eq!(&call.await.expect("task").expect("answered")[..], b"300");
 }
+
+/// The wire format is a choice and ipc works like tcp: a Server and a Master with a Worker,
+/// all on ipc sockets, all speaking the JSON codec.
+#[tokio::test]
+async fn servers_speak_another_codec_over_ipc() {
+    use std::sync::Arc;
+
+    use rylm_components::{ClientOptions, Master, Worker};
+    use rylm_message::{Codec, JsonCodec};
+
+    let dir = std::env::temp_dir().join(format!("rylm-ipc-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("a directory for the sockets");
+    let ipc = |name: &str| format!("ipc://{}", dir.join(name).display());
+    let json: Arc<dyn Codec> = Arc::new(JsonCodec::default());
+    let options = || ClientOptions {
+        codec: json.clone(),
+        deadline: DEADLINE,
+        ..ClientOptions::default()
+    };
+
+    let server = Server::builder("ipc")
+        .pull_address(&ipc("pull"))
+        .pub_address(&ipc("pub"))
+        .db_address(&ipc("db"))
+        .codec(json.clone())
+        .functions(functions())
+        .start()
+        .await
+        .expect("starts on ipc");
+    let client = Client::connect_with(server.db_address(), options())
+        .await
+        .expect("connects over ipc");
+    assert_eq!(
+        &client.eval("upper", "over ipc").await.expect("answered")[..],
+        b"OVER IPC"
+    );
+    let first = client.session();
+    let second = client.new_session();
+    assert_ne!(first, second);
+    assert_eq!(client.session(), second);
+    assert_eq!(
+        &client
+            .eval("reverse", "ab")
+            .await
+            .expect("answered in the new session")[..],
+        b"ba"
+    );
+    server.shutdown().await.expect("clean");
+
+    let master = Master::builder("ipc-master")
+        .pull_address(&ipc("m-pull"))
+        .pub_address(&ipc("m-pub"))
+        .worker_address(&ipc("m-workers"))
+        .db_address(&ipc("m-db"))
+        .codec(json.clone())
+        .start()
+        .await
+        .expect("starts on ipc");
+    let worker = Worker::builder(functions())
+        .codec(json.clone())
+        .connect_via_cache(master.db_address(), DEADLINE)
+        .await
+        .expect("connects over ipc");
+    let client = Client::connect_with(master.db_address(), options())
+        .await
+        .expect("connects");
+    assert_eq!(
+        &client
+            .eval("upper", "json")
+            .await
+            .expect("answered by the worker")[..],
+        b"JSON"
+    );
+    worker.shutdown().await;
+    master.shutdown().await.expect("clean");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -59,8 +59,8 @@ pub use client::{Client, ClientOptions};
 pub use error::Error;
 pub use functions::{Functions, MORE, NONE, PIPELINED, SYNC_FUNCTION};
 pub use master::{
-    CREDITS, HEARTBEAT_FUNCTION, Heartbeat, Hook, Master, MasterBuilder, READY_FUNCTION,
-    StreamHook, Worker, WorkerBuilder, default_topic,
+    CREDITS, FUNCTIONS, HEARTBEAT_FUNCTION, Heartbeat, Hook, Master, MasterBuilder, PoolStatus,
+    READY_FUNCTION, ResultSink, StreamHook, Worker, WorkerBuilder, WorkerPool, default_topic,
 };
 pub use parts::{Answer, Ask, DealerOut, Emit, Endpoint, Listen, RouterIn};
 pub use server::{Server, ServerBuilder};

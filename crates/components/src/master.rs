@@ -30,6 +30,8 @@ pub const READY_FUNCTION: &str = "rylm.ready";
 pub const HEARTBEAT_FUNCTION: &str = "rylm.heartbeat";
 /// The header of a `READY` that says how many messages the worker runs at once.
 pub const CREDITS: &str = "rylm-credits";
+/// The header of a `READY` that lists the worker's functions.
+pub const FUNCTIONS: &str = "rylm-functions";
 /// The header that tells the master which dispatch an answer belongs to.
 const DISPATCH: &str = "rylm-dispatch";
 
@@ -210,11 +212,12 @@ impl MasterBuilder {
             waiting: VecDeque::new(),
             in_flight: HashMap::new(),
             dispatched: 0,
+            status: Arc::default(),
         };
         let router = Router::builder()
             .outbound(
                 "workers",
-                move |queue| pool.run(queue, workers, publish),
+                move |queue| pool.run(queue, workers, ResultSink::Publish(publish)),
                 None,
                 Mode::NonBlocking,
             )
@@ -326,6 +329,122 @@ impl Master {
     }
 }
 
+/// Where a worker pool's results go.
+pub enum ResultSink {
+    /// Published on a PUB socket under `handle_stream`'s topic (a Master).
+    Publish(PubSocket),
+    /// Handed to a channel, for a component in the same process (a gateway).
+    Channel(tokio::sync::mpsc::Sender<Message>),
+}
+
+impl std::fmt::Debug for ResultSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ResultSink::Publish(_) => "ResultSink::Publish",
+            ResultSink::Channel(_) => "ResultSink::Channel",
+        })
+    }
+}
+
+/// What a worker pool knows of its workers, shared with whoever asks.
+#[derive(Debug, Default)]
+pub struct PoolStatus {
+    live: std::sync::atomic::AtomicUsize,
+    functions: std::sync::Mutex<std::collections::BTreeSet<String>>,
+}
+
+impl PoolStatus {
+    /// How many workers are live now.
+    pub fn live_workers(&self) -> usize {
+        self.live.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The functions the workers have announced.
+    pub fn functions(&self) -> Vec<String> {
+        self.functions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .cloned()
+            .collect()
+    }
+
+    fn joined<'a>(&self, live: usize, names: impl Iterator<Item = &'a str>) {
+        self.live.store(live, std::sync::atomic::Ordering::Relaxed);
+        self.functions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(names.map(str::to_owned));
+    }
+}
+
+/// A Master's worker pool on its own, for a server of another kind (the HTTP gateway): workers
+/// connect to its ROUTER; messages from its router queue go to them by credit; results go to a
+/// [`ResultSink`].
+pub struct WorkerPool {
+    pool: Pool,
+    socket: RouterSocket,
+    address: String,
+}
+
+impl std::fmt::Debug for WorkerPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerPool")
+            .field("address", &self.address)
+            .finish()
+    }
+}
+
+impl WorkerPool {
+    /// Binds (or connects) the workers' ROUTER.
+    pub async fn new(
+        workers: &Endpoint,
+        codec: Arc<dyn Codec>,
+        heartbeat: Heartbeat,
+    ) -> Result<WorkerPool, Error> {
+        let mut socket = RouterSocket::new();
+        let address = attach(&mut socket, workers).await?;
+        let pool = Pool {
+            codec,
+            heartbeat,
+            scatter: Arc::new(|message| vec![message]),
+            gather: Arc::new(|message| vec![message]),
+            handle_stream: Arc::new(|message: &Message| message.client.clone()),
+            drain_for: Duration::from_secs(10),
+            workers: HashMap::new(),
+            waiting: VecDeque::new(),
+            in_flight: HashMap::new(),
+            dispatched: 0,
+            status: Arc::default(),
+        };
+        Ok(WorkerPool {
+            pool,
+            socket,
+            address,
+        })
+    }
+
+    /// Where workers connect.
+    pub fn address(&self) -> &str {
+        &self.address
+    }
+
+    /// The pool's view of its workers, kept current while it runs.
+    pub fn status(&self) -> Arc<PoolStatus> {
+        self.pool.status.clone()
+    }
+
+    /// The router component (non-blocking): runs until its queue closes and the workers have
+    /// answered (or `drain_for` has passed).
+    pub async fn run(
+        self,
+        queue: OutboundQueue,
+        sink: ResultSink,
+    ) -> Result<(), rylm_core_router::Error> {
+        self.pool.run(queue, self.socket, sink).await
+    }
+}
+
 struct WorkerState {
     credits: usize,
     holds: Vec<String>,
@@ -348,6 +467,7 @@ struct Pool {
     waiting: VecDeque<(Message, bool)>,
     in_flight: HashMap<String, Dispatched>,
     dispatched: u64,
+    status: Arc<PoolStatus>,
 }
 
 impl Pool {
@@ -355,7 +475,7 @@ impl Pool {
         mut self,
         mut queue: OutboundQueue,
         workers: RouterSocket,
-        mut publish: PubSocket,
+        mut publish: ResultSink,
     ) -> Result<(), rylm_core_router::Error> {
         let (mut to_workers, mut from_workers) = workers.split();
         let mut ticker = tokio::time::interval(self.heartbeat.interval);
@@ -416,16 +536,25 @@ impl Pool {
         Ok(())
     }
 
-    async fn publish(&self, socket: &mut PubSocket, message: Message) {
-        let topic = (self.handle_stream)(&message);
-        match self.codec.encode_frames(&message) {
-            Ok(mut frames) => {
-                frames.insert(0, Bytes::from(topic));
-                if let Err(error) = socket.send(multipart(frames)).await {
-                    tracing::warn!(%error, "could not publish a result");
+    async fn publish(&self, sink: &mut ResultSink, message: Message) {
+        match sink {
+            ResultSink::Publish(socket) => {
+                let topic = (self.handle_stream)(&message);
+                match self.codec.encode_frames(&message) {
+                    Ok(mut frames) => {
+                        frames.insert(0, Bytes::from(topic));
+                        if let Err(error) = socket.send(multipart(frames)).await {
+                            tracing::warn!(%error, "could not publish a result");
+                        }
+                    }
+                    Err(error) => tracing::error!(%error, "could not encode a result"),
                 }
             }
-            Err(error) => tracing::error!(%error, "could not encode a result"),
+            ResultSink::Channel(sender) => {
+                if sender.send(message).await.is_err() {
+                    tracing::warn!("a result had nowhere to go: its receiver is gone");
+                }
+            }
         }
     }
 
@@ -433,7 +562,7 @@ impl Pool {
         &mut self,
         identity: Bytes,
         mut message: Message,
-        publish: &mut PubSocket,
+        publish: &mut ResultSink,
     ) {
         let now = Instant::now();
         match message.function_name() {
@@ -450,6 +579,11 @@ impl Pool {
                 });
                 worker.credits = credits.saturating_sub(worker.holds.len());
                 worker.last_seen = now;
+                let names = message.header(FUNCTIONS).unwrap_or_default();
+                self.status.joined(
+                    self.workers.len(),
+                    names.split(',').filter(|n| !n.is_empty()),
+                );
                 return;
             }
             Some(HEARTBEAT_FUNCTION) => {
@@ -490,7 +624,7 @@ impl Pool {
         }
     }
 
-    async fn bury_the_dead(&mut self, publish: &mut PubSocket) {
+    async fn bury_the_dead(&mut self, publish: &mut ResultSink) {
         let dead_after = self.heartbeat.interval * self.heartbeat.misses;
         let dead: Vec<Bytes> = self
             .workers
@@ -502,6 +636,9 @@ impl Pool {
             let Some(worker) = self.workers.remove(&identity) else {
                 continue;
             };
+            self.status
+                .live
+                .store(self.workers.len(), std::sync::atomic::Ordering::Relaxed);
             tracing::warn!(
                 held = worker.holds.len(),
                 "a worker stopped sending heartbeats"
@@ -704,8 +841,11 @@ async fn work(
     mut receiver: zeromq::DealerRecvHalf,
     mut stopped: watch::Receiver<bool>,
 ) {
+    let mut names: Vec<&str> = builder.functions.names().collect();
+    names.sort_unstable();
     let ready = Message::call(READY_FUNCTION, Bytes::new())
-        .with_header(CREDITS, builder.credits.to_string());
+        .with_header(CREDITS, builder.credits.to_string())
+        .with_header(FUNCTIONS, names.join(","));
     send_to_master(&sender, codec.as_ref(), &ready).await;
     let functions = Arc::new(builder.functions);
     let server: Arc<str> = builder.server.into();

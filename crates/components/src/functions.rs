@@ -22,6 +22,7 @@ type Function = Arc<dyn Fn(Bytes) -> FunctionFuture + Send + Sync>;
 type MuxFuture = Pin<Box<dyn Future<Output = Result<Vec<Bytes>, String>> + Send>>;
 type MuxFunction = Arc<dyn Fn(Bytes) -> MuxFuture + Send + Sync>;
 type ParamFunction = Arc<dyn Fn(String, Bytes) -> FunctionFuture + Send + Sync>;
+type MessageFunction = Arc<dyn Fn(Message) -> FunctionFuture + Send + Sync>;
 
 /// The header on every part of a mux function's results but the last.
 pub const MORE: &str = "rylm-more";
@@ -43,6 +44,7 @@ pub struct Functions {
     map: HashMap<String, Function>,
     mux: HashMap<String, MuxFunction>,
     parameterized: HashMap<String, ParamFunction>,
+    with_message: HashMap<String, MessageFunction>,
 }
 
 impl std::fmt::Debug for Functions {
@@ -107,6 +109,7 @@ impl Functions {
             .keys()
             .chain(self.mux.keys())
             .chain(self.parameterized.keys())
+            .chain(self.with_message.keys())
             .map(String::as_str)
     }
 
@@ -131,10 +134,34 @@ impl Functions {
         self
     }
 
-    /// The plain function for `method`, or a parameterized one bound to its argument.
-    fn resolve(&self, method: &str) -> Option<Function> {
+    /// Registers a function that sees the whole message (its headers: an HTTP request's
+    /// headers and query parameters, for instance) and returns the result's payload.
+    pub fn add_message<F, Fut, E>(mut self, name: &str, function: F) -> Self
+    where
+        F: Fn(Message) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Bytes, E>> + Send + 'static,
+        E: std::fmt::Display,
+    {
+        let function = Arc::new(function);
+        self.with_message.insert(
+            name.to_owned(),
+            Arc::new(move |message| {
+                let function = function.clone();
+                Box::pin(async move { function(message).await.map_err(|e| e.to_string()) })
+            }),
+        );
+        self
+    }
+
+    /// The function for `method`: a plain one, one that sees `message`, or a parameterized one
+    /// bound to its argument.
+    fn resolve(&self, method: &str, message: &Message) -> Option<Function> {
         if let Some(function) = self.map.get(method) {
             return Some(function.clone());
+        }
+        if let Some(function) = self.with_message.get(method) {
+            let (function, message) = (function.clone(), message.clone());
+            return Some(Arc::new(move |_payload| function(message.clone())));
         }
         let (name, argument) = method.split_once(':')?;
         let function = self.parameterized.get(name)?.clone();
@@ -212,7 +239,7 @@ impl Functions {
                     format!("{method:?} yields many results: it runs on a worker behind a master");
                 return error_reply(&message, "unsupported", &text);
             }
-            let Some(function) = self.resolve(&method) else {
+            let Some(function) = self.resolve(&method, &message) else {
                 let mut known: Vec<&str> = self.names().collect();
                 known.sort_unstable();
                 let text = format!(

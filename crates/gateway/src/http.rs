@@ -1,0 +1,453 @@
+//! The HTTP side: the gateway, its router components, and the mapping of requests to messages.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use rylm_components::parts::Endpoint;
+use rylm_components::{ERROR_KIND, ERROR_MESSAGE, Heartbeat, PoolStatus, ResultSink, WorkerPool};
+use rylm_core_router::{InboundLink, Mode, OutboundQueue, Router};
+use rylm_message::{Codec, Message, NativeCodec};
+use tokio::sync::{mpsc, oneshot, watch};
+use tower::ServiceBuilder;
+
+use crate::Error;
+
+type Pending = Arc<std::sync::Mutex<HashMap<String, oneshot::Sender<Message>>>>;
+
+/// How the gateway listens and how long it waits.
+#[derive(Clone, Debug)]
+pub struct GatewayConfig {
+    /// Where HTTP clients connect (default `127.0.0.1:0`, a free port).
+    pub listen: SocketAddr,
+    /// Where workers connect (default a free loopback tcp port).
+    pub workers: String,
+    /// How long a request waits for its worker's answer before a 504 (default 30 s).
+    pub deadline: Duration,
+    /// The largest request body accepted; above it, 413 (default 8 MiB).
+    pub max_body: usize,
+    /// How many requests are handled at once; above it, 503 at once (default 10,000).
+    pub concurrency: usize,
+    /// How workers are watched.
+    pub heartbeat: Heartbeat,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            workers: "tcp://127.0.0.1:0".into(),
+            deadline: Duration::from_secs(30),
+            max_body: 8 * 1024 * 1024,
+            concurrency: 10_000,
+            heartbeat: Heartbeat::default(),
+        }
+    }
+}
+
+/// The inbound component: submits the messages the HTTP side makes.
+#[derive(Debug)]
+pub struct GatewayRouter {
+    requests: mpsc::Receiver<Message>,
+}
+
+impl GatewayRouter {
+    /// The router component (non-blocking).
+    pub async fn run(mut self, mut link: InboundLink) -> Result<(), rylm_core_router::Error> {
+        loop {
+            tokio::select! {
+                _ = link.stopping() => return Ok(()),
+                request = self.requests.recv() => match request {
+                    Some(message) => { link.submit(message).await?; }
+                    None => return Ok(()),
+                },
+            }
+        }
+    }
+}
+
+/// The outbound component: hands each result to the HTTP request waiting for it.
+#[derive(Debug)]
+pub struct GatewayDealer {
+    pending: Pending,
+}
+
+impl GatewayDealer {
+    /// The router component (non-blocking).
+    pub async fn run(self, mut queue: OutboundQueue) -> Result<(), rylm_core_router::Error> {
+        while let Some(delivery) = queue.recv().await {
+            let (message, _) = delivery.into_parts();
+            let waiter = self
+                .pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&message.client);
+            match waiter {
+                Some(waiter) => {
+                    let _ = waiter.send(message);
+                }
+                None => {
+                    tracing::debug!(request = %message.client, "a result for a request that gave up")
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Shared by every request handler.
+struct State {
+    requests: mpsc::Sender<Message>,
+    pending: Pending,
+    status: Arc<PoolStatus>,
+    deadline: Duration,
+    max_body: usize,
+    next_id: std::sync::atomic::AtomicU64,
+}
+
+/// A running gateway.
+pub struct HttpGateway {
+    local_addr: SocketAddr,
+    worker_address: String,
+    stop: watch::Sender<bool>,
+    server: tokio::task::JoinHandle<()>,
+    router: Router,
+}
+
+impl std::fmt::Debug for HttpGateway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpGateway")
+            .field("local_addr", &self.local_addr)
+            .field("worker_address", &self.worker_address)
+            .finish()
+    }
+}
+
+impl HttpGateway {
+    /// Binds the HTTP listener and the workers' socket, and starts serving.
+    pub async fn start(config: GatewayConfig) -> Result<HttpGateway, Error> {
+        let codec: Arc<dyn Codec> = Arc::new(NativeCodec::default());
+        let pool = WorkerPool::new(
+            &Endpoint::Bind(config.workers.clone()),
+            codec,
+            config.heartbeat.clone(),
+        )
+        .await?;
+        let (worker_address, status) = (pool.address().to_owned(), pool.status());
+        let pending: Pending = Arc::default();
+        let (requests, requests_in) = mpsc::channel(1024);
+        let (results, mut results_in) = mpsc::channel::<Message>(1024);
+
+        let gateway_in = GatewayRouter {
+            requests: requests_in,
+        };
+        let dealer = GatewayDealer {
+            pending: pending.clone(),
+        };
+        let results_component = move |mut link: InboundLink| async move {
+            loop {
+                tokio::select! {
+                    _ = link.stopping() => return Ok(()),
+                    result = results_in.recv() => match result {
+                        Some(message) => { link.submit(message).await?; }
+                        None => return Ok(()),
+                    },
+                }
+            }
+        };
+        let router = Router::builder()
+            .outbound(
+                "workers",
+                move |queue| pool.run(queue, ResultSink::Channel(results)),
+                None,
+                Mode::NonBlocking,
+            )
+            .outbound(
+                "dealer",
+                move |queue| dealer.run(queue),
+                None,
+                Mode::NonBlocking,
+            )
+            .inbound(
+                "http",
+                move |link| gateway_in.run(link),
+                "workers",
+                Mode::NonBlocking,
+            )
+            .inbound("results", results_component, "dealer", Mode::NonBlocking)
+            .start()?;
+
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| Error::Listen {
+                address: config.listen.to_string(),
+                source,
+            })?;
+        let local_addr = listener.local_addr().map_err(|source| Error::Listen {
+            address: config.listen.to_string(),
+            source,
+        })?;
+        let state = Arc::new(State {
+            requests,
+            pending,
+            status,
+            deadline: config.deadline,
+            max_body: config.max_body,
+            next_id: std::sync::atomic::AtomicU64::new(0),
+        });
+        let (stop, stopped) = watch::channel(false);
+        let server = tokio::spawn(serve(listener, state, config, stopped));
+        tracing::info!(%local_addr, %worker_address, "HTTP gateway started");
+        Ok(HttpGateway {
+            local_addr,
+            worker_address,
+            stop,
+            server,
+            router,
+        })
+    }
+
+    /// Where HTTP clients connect.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Where workers connect.
+    pub fn worker_address(&self) -> &str {
+        &self.worker_address
+    }
+
+    /// Stops accepting connections, lets the requests in hand finish (each within its
+    /// deadline), then stops the router.
+    pub async fn shutdown(self) -> Result<(), Error> {
+        let _ = self.stop.send(true);
+        let _ = self.server.await;
+        Ok(self.router.shutdown().await?)
+    }
+}
+
+async fn serve(
+    listener: tokio::net::TcpListener,
+    state: Arc<State>,
+    config: GatewayConfig,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let graceful = GracefulShutdown::new();
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = stopped.changed() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    tracing::warn!(%error, "accept failed");
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let handler = {
+            let state = state.clone();
+            tower::service_fn(move |request: Request<Incoming>| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(handle(state, request).await) }
+            })
+        };
+        // HTTP concerns as layers: tracing, load shedding over a concurrency limit, a timeout.
+        let service = ServiceBuilder::new()
+            .layer(tower_http::trace::TraceLayer::new_for_http())
+            .map_result(to_response)
+            .load_shed()
+            .concurrency_limit(config.concurrency)
+            .timeout(config.deadline + Duration::from_secs(1))
+            .service(handler);
+        let connection = hyper::server::conn::http1::Builder::new()
+            .keep_alive(true)
+            .serve_connection(TokioIo::new(stream), TowerToHyperService::new(service));
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, "an HTTP connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    // Requests in hand finish within their deadline; connections then close.
+    let _ = tokio::time::timeout(Duration::from_secs(60), graceful.shutdown()).await;
+}
+
+/// Errors of the layers as HTTP answers: load shedding 503, the backstop timeout 504.
+fn to_response(
+    result: Result<Response<Full<Bytes>>, tower::BoxError>,
+) -> Result<Response<Full<Bytes>>, tower::BoxError> {
+    Ok(match result {
+        Ok(response) => response,
+        Err(error) if error.is::<tower::load_shed::error::Overloaded>() => json_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the gateway is at its concurrency limit; try again",
+        ),
+        Err(error) if error.is::<tower::timeout::error::Elapsed>() => {
+            json_error(StatusCode::GATEWAY_TIMEOUT, "the request took too long")
+        }
+        Err(error) => json_error(StatusCode::INTERNAL_SERVER_ERROR, &error.to_string()),
+    })
+}
+
+fn json_error(status: StatusCode, message: &str) -> Response<Full<Bytes>> {
+    let body = serde_json::json!({ "error": message, "status": status.as_u16() }).to_string();
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+fn is_function_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 256
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ':'))
+}
+
+/// One HTTP request: check it, make it a message, wait for the worker's answer.
+async fn handle(state: Arc<State>, request: Request<Incoming>) -> Response<Full<Bytes>> {
+    let path = request.uri().path().to_owned();
+    if path == "/" {
+        let body = serde_json::json!({
+            "functions": state.status.functions(),
+            "workers": state.status.live_workers(),
+            "call": "GET or POST /<function> with the payload as the body",
+        });
+        let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
+        response.headers_mut().insert(
+            hyper::header::CONTENT_TYPE,
+            hyper::header::HeaderValue::from_static("application/json"),
+        );
+        return response;
+    }
+    if request.method() != Method::GET && request.method() != Method::POST {
+        return json_error(StatusCode::METHOD_NOT_ALLOWED, "use GET or POST");
+    }
+    let function = path.trim_start_matches('/');
+    if !is_function_name(function) {
+        return json_error(
+            StatusCode::BAD_REQUEST,
+            &format!("{path:?} is not /<function>: letters, digits and _ - . : only"),
+        );
+    }
+    let method = function
+        .split_once('.')
+        .map_or(function, |(_, method)| method);
+    let method_name = method.split_once(':').map_or(method, |(name, _)| name);
+    if state.status.live_workers() == 0 {
+        return json_error(StatusCode::SERVICE_UNAVAILABLE, "no worker is connected");
+    }
+    let known = state.status.functions();
+    if !known.iter().any(|f| f == method || f == method_name) {
+        return json_error(
+            StatusCode::NOT_FOUND,
+            &format!(
+                "no function {method:?}; the workers have {}",
+                known.join(", ")
+            ),
+        );
+    }
+
+    let mut headers = std::collections::BTreeMap::new();
+    headers.insert(
+        "http.method".to_owned(),
+        request.method().as_str().to_owned(),
+    );
+    if let Some(query) = request.uri().query() {
+        headers.insert("http.query".to_owned(), query.to_owned());
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+            headers.insert(format!("query.{name}"), value.to_owned());
+        }
+    }
+    for (name, value) in request.headers() {
+        if let Ok(value) = value.to_str() {
+            headers.insert(format!("header.{}", name.as_str()), value.to_owned());
+        }
+    }
+    let body = match Limited::new(request.into_body(), state.max_body)
+        .collect()
+        .await
+    {
+        Ok(body) => body.to_bytes(),
+        Err(error) if error.is::<http_body_util::LengthLimitError>() => {
+            return json_error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                &format!("the body is above the limit of {} bytes", state.max_body),
+            );
+        }
+        Err(error) => {
+            return json_error(
+                StatusCode::BAD_REQUEST,
+                &format!("the body could not be read: {error}"),
+            );
+        }
+    };
+
+    let id = state
+        .next_id
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        .to_string();
+    let mut message = Message::call(function.to_owned(), body).with_client(id.clone());
+    message.headers = headers;
+    let (done, answer) = oneshot::channel();
+    state
+        .pending
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(id.clone(), done);
+    let outcome = match state.requests.send(message).await {
+        Err(_) => Err(json_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the gateway is shutting down",
+        )),
+        Ok(()) => match tokio::time::timeout(state.deadline, answer).await {
+            Ok(Ok(result)) => Ok(result),
+            Ok(Err(_)) => Err(json_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the gateway is shutting down",
+            )),
+            Err(_) => Err(json_error(
+                StatusCode::GATEWAY_TIMEOUT,
+                &format!("no worker answered within {:?}", state.deadline),
+            )),
+        },
+    };
+    state
+        .pending
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(&id);
+    let result = match outcome {
+        Ok(result) => result,
+        Err(response) => return response,
+    };
+    match result.header(ERROR_KIND) {
+        None => Response::new(Full::new(result.payload)),
+        Some(kind) => {
+            let text = result.header(ERROR_MESSAGE).unwrap_or_default();
+            let status = match kind {
+                "unknown-function" => StatusCode::NOT_FOUND,
+                "worker-died" | "shutdown" => StatusCode::SERVICE_UNAVAILABLE,
+                _ => StatusCode::INTERNAL_SERVER_ERROR,
+            };
+            json_error(status, &format!("{kind}: {text}"))
+        }
+    }
+}

@@ -4,7 +4,8 @@
 //! what one needs to look at a captured frame or to feed a peer by hand; it serves and calls
 //! SyRPC (`rylm syrpc serve|call|put|get`), and services by path and METHOD (`rylm service`,
 //! `rylm call`), and runs pylm's topologies (`rylm server|master|hub|worker|pipeline|sink|client`)
-//! with built-in functions. The gateway and the Gilmour proxy join it as their crates land.
+//! with built-in functions, and the HTTP gateway (`rylm gateway`). The Gilmour proxy joins it as
+//! its crate lands.
 
 mod services;
 mod syrpc;
@@ -54,6 +55,8 @@ enum Command {
         #[arg(long, required = true)]
         previous: Vec<String>,
     },
+    /// An HTTP gateway: a master whose clients speak HTTP (`GET|POST /function`).
+    Gateway(topology::GatewayArgs),
     /// A client of a server or master: eval, job, stages, and the cache.
     Client(topology::ClientArgs),
     /// Serves built-in routes as a services-mux service (by path and METHOD over ZeroMQ).
@@ -142,6 +145,7 @@ fn main() -> Result<()> {
         }
         Command::Sink { server, previous } => runtime()?.block_on(topology::sink(server, previous)),
         Command::Client(args) => runtime()?.block_on(topology::client(args)),
+        Command::Gateway(args) => runtime()?.block_on(topology::gateway(args)),
         Command::Call(args) => runtime()?.block_on(services::call(args)),
         Command::Inspect { wire, file } => {
             let mut input = Vec::new();

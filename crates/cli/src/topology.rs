@@ -81,6 +81,9 @@ pub(crate) struct WorkerArgs {
     /// The master's cache address (the worker address is read from it).
     #[arg(long, default_value = DB)]
     db: String,
+    /// Connect straight to this worker address instead (a gateway has no cache).
+    #[arg(long)]
+    connect: Option<String>,
     /// How many messages it runs at once.
     #[arg(long, default_value_t = 8)]
     credits: usize,
@@ -208,13 +211,62 @@ pub(crate) async fn master(args: MasterArgs, previous: Option<PreviousArgs>) -> 
 }
 
 pub(crate) async fn worker(args: WorkerArgs) -> Result<()> {
-    let worker = Worker::builder(builtins())
-        .credits(args.credits)
-        .connect_via_cache(&args.db, Duration::from_secs(10))
-        .await?;
-    until_ctrl_c("worker", &[("master's cache", args.db.as_str())]).await?;
+    let builder = Worker::builder(builtins()).credits(args.credits);
+    let (worker, target) = match &args.connect {
+        Some(address) => (builder.connect(address).await?, address.as_str()),
+        None => (
+            builder
+                .connect_via_cache(&args.db, Duration::from_secs(10))
+                .await?,
+            args.db.as_str(),
+        ),
+    };
+    until_ctrl_c("worker", &[("master", target)]).await?;
     worker.shutdown().await;
     Ok(())
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct GatewayArgs {
+    /// Where HTTP clients connect.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: std::net::SocketAddr,
+    /// Where workers connect (`rylm worker --connect <this>`).
+    #[arg(long, default_value = WORKERS)]
+    workers: String,
+    /// Seconds a request waits for its worker before a 504.
+    #[arg(long, default_value_t = 30.0)]
+    deadline: f64,
+    /// The largest request body, in bytes; above it, 413.
+    #[arg(long, default_value_t = 8 * 1024 * 1024)]
+    max_body: usize,
+    /// How many requests at once; above it, 503.
+    #[arg(long, default_value_t = 10_000)]
+    concurrency: usize,
+}
+
+pub(crate) async fn gateway(args: GatewayArgs) -> Result<()> {
+    let config = rylm_gateway::GatewayConfig {
+        listen: args.listen,
+        workers: args.workers,
+        deadline: Duration::try_from_secs_f64(args.deadline)
+            .context("--deadline is not a number of seconds")?,
+        max_body: args.max_body,
+        concurrency: args.concurrency,
+        ..rylm_gateway::GatewayConfig::default()
+    };
+    let gateway = rylm_gateway::HttpGateway::start(config).await?;
+    let http = format!("http://{}", gateway.local_addr());
+    eprintln!(
+        "rylm gateway: HTTP at {http}; workers connect with: rylm worker --connect {}",
+        gateway.worker_address()
+    );
+    eprintln!("rylm gateway: try curl -d hello {http}/upper; Ctrl-C stops");
+    tokio::signal::ctrl_c()
+        .await
+        .context("waiting for Ctrl-C")?;
+    eprintln!("rylm gateway: stopping; answering the requests in hand");
+    Ok(gateway.shutdown().await?)
 }
 
 pub(crate) async fn pipeline(args: ServerArgs, previous: PreviousArgs) -> Result<()> {

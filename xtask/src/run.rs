@@ -269,10 +269,11 @@ pub fn demo(keep_servers: bool) -> Result<()> {
 const CRITERION: [&str; 2] = ["codec", "router"];
 
 /// End-to-end benches: (name, binary of `benches`, whether it needs the provisioned servers).
-const END_TO_END: [(&str, &str, bool); 3] = [
+const END_TO_END: [(&str, &str, bool); 4] = [
     ("syrpc", "syrpc", true),
     ("services", "services", false),
     ("router", "router_e2e", false),
+    ("gateway", "gateway", false),
 ];
 
 pub fn bench(name: Option<&str>, quick: bool) -> Result<()> {

@@ -22,6 +22,9 @@ use tower::ServiceBuilder;
 
 use crate::Error;
 
+/// Every response body, boxed: the handler's, and the layers' own (the body limit's 413).
+type AnyBody = http_body_util::combinators::BoxBody<Bytes, tower::BoxError>;
+
 type Pending = Arc<std::sync::Mutex<HashMap<String, oneshot::Sender<Message>>>>;
 
 /// How the gateway listens and how long it waits.
@@ -256,18 +259,24 @@ async fn serve(
         let _ = stream.set_nodelay(true);
         let handler = {
             let state = state.clone();
-            tower::service_fn(move |request: Request<Incoming>| {
-                let state = state.clone();
-                async move { Ok::<_, Infallible>(handle(state, request).await) }
-            })
+            tower::service_fn(
+                move |request: Request<tower_http::body::Limited<Incoming>>| {
+                    let state = state.clone();
+                    async move { Ok::<_, Infallible>(handle(state, request).await) }
+                },
+            )
         };
-        // HTTP concerns as layers: tracing, load shedding over a concurrency limit, a timeout.
+        // HTTP concerns as layers: tracing, load shedding over a concurrency limit, a timeout,
+        // and the body limit (a Content-Length above it is a 413 before the body is read).
         let service = ServiceBuilder::new()
             .layer(tower_http::trace::TraceLayer::new_for_http())
             .map_result(to_response)
             .load_shed()
             .concurrency_limit(config.concurrency)
             .timeout(config.deadline + Duration::from_secs(1))
+            .layer(tower_http::limit::RequestBodyLimitLayer::new(
+                config.max_body,
+            ))
             .service(handler);
         let connection = hyper::server::conn::http1::Builder::new()
             .keep_alive(true)
@@ -285,19 +294,30 @@ async fn serve(
 }
 
 /// Errors of the layers as HTTP answers: load shedding 503, the backstop timeout 504.
-fn to_response(
-    result: Result<Response<Full<Bytes>>, tower::BoxError>,
-) -> Result<Response<Full<Bytes>>, tower::BoxError> {
+fn to_response<B>(
+    result: Result<Response<B>, tower::BoxError>,
+) -> Result<Response<AnyBody>, tower::BoxError>
+where
+    B: hyper::body::Body<Data = Bytes> + Send + Sync + 'static,
+    B::Error: Into<tower::BoxError>,
+{
+    let boxed = |response: Response<Full<Bytes>>| {
+        response.map(|body| body.map_err(|never| match never {}).boxed())
+    };
     Ok(match result {
-        Ok(response) => response,
-        Err(error) if error.is::<tower::load_shed::error::Overloaded>() => json_error(
+        Ok(response) => response.map(|body| body.map_err(Into::into).boxed()),
+        Err(error) if error.is::<tower::load_shed::error::Overloaded>() => boxed(json_error(
             StatusCode::SERVICE_UNAVAILABLE,
             "the gateway is at its concurrency limit; try again",
-        ),
-        Err(error) if error.is::<tower::timeout::error::Elapsed>() => {
-            json_error(StatusCode::GATEWAY_TIMEOUT, "the request took too long")
-        }
-        Err(error) => json_error(StatusCode::INTERNAL_SERVER_ERROR, &error.to_string()),
+        )),
+        Err(error) if error.is::<tower::timeout::error::Elapsed>() => boxed(json_error(
+            StatusCode::GATEWAY_TIMEOUT,
+            "the request took too long",
+        )),
+        Err(error) => boxed(json_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &error.to_string(),
+        )),
     })
 }
 
@@ -312,6 +332,18 @@ fn json_error(status: StatusCode, message: &str) -> Response<Full<Bytes>> {
     response
 }
 
+/// True when reading a body failed because it was above the limit (at any depth of wrapping).
+fn is_over_limit(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(current) = cause {
+        if current.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        cause = current.source();
+    }
+    false
+}
+
 fn is_function_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 256
@@ -321,7 +353,11 @@ fn is_function_name(name: &str) -> bool {
 }
 
 /// One HTTP request: check it, make it a message, wait for the worker's answer.
-async fn handle(state: Arc<State>, request: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn handle<B>(state: Arc<State>, request: Request<B>) -> Response<Full<Bytes>>
+where
+    B: hyper::body::Body<Data = Bytes>,
+    B::Error: Into<tower::BoxError>,
+{
     let path = request.uri().path().to_owned();
     if path == "/" {
         let body = serde_json::json!({
@@ -386,7 +422,7 @@ async fn handle(state: Arc<State>, request: Request<Incoming>) -> Response<Full<
         .await
     {
         Ok(body) => body.to_bytes(),
-        Err(error) if error.is::<http_body_util::LengthLimitError>() => {
+        Err(error) if is_over_limit(error.as_ref()) => {
             return json_error(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 &format!("the body is above the limit of {} bytes", state.max_body),

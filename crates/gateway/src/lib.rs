@@ -20,6 +20,10 @@
 //! - HTTP concerns are tower layers around the service (tracing, load shedding over a
 //!   concurrency limit, a timeout, a body limit), not code inside it.
 //!
+//! pylm's other HTTP parts are here too, as router components: [`HttpService`] (inbound: an
+//! HTTP server whose requests are submitted to the router) and [`HttpConnection`] (outbound:
+//! each message POSTed to an HTTP worker, its response the feedback).
+//!
 //! ```no_run
 //! # async fn example() -> Result<(), rylm_gateway::Error> {
 //! use rylm_gateway::{GatewayConfig, HttpGateway};
@@ -33,6 +37,8 @@
 
 mod error;
 mod http;
+mod parts;
 
 pub use error::Error;
 pub use http::{GatewayConfig, GatewayDealer, GatewayRouter, HttpGateway};
+pub use parts::{HttpConnection, HttpService};

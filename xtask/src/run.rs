@@ -207,12 +207,12 @@ fn parse_test_result(line: &str) -> Option<(u64, u64)> {
 /// The examples `cargo xtask demo` runs, in order, with what each shows.
 const DEMO_PARTS: [(&str, &str); 6] = [
     (
-        "a master as an HTTP microservice: the gateway, two workers, plain HTTP calls",
-        "gateway_microservice",
-    ),
-    (
         "the ground: framed envelopes over ZeroMQ, Redis and RabbitMQ",
         "ground",
+    ),
+    (
+        "a master as an HTTP microservice: the gateway, two workers, plain HTTP calls",
+        "gateway_microservice",
     ),
     (
         "a Master farms a client's job out to two Workers",

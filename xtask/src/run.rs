@@ -348,6 +348,23 @@ pub fn bench(name: Option<&str>, quick: bool) -> Result<()> {
 pub fn publish(dry_run: bool) -> Result<()> {
     // cargo orders the crates by their dependencies and, for a dry run, verifies each one
     // against the packaged versions of its siblings.
+    if dry_run {
+        // A dry run verifies each crate against its siblings packaged into a local registry.
+        // Cargo takes registry packages for immutable, so the artifacts of an earlier dry run of
+        // the same version would be reused, stale: clear them first.
+        eprintln!(
+            "xtask: clearing the artifacts of earlier dry runs (cargo clean -p for each crate)"
+        );
+        let mut clean = cargo();
+        clean.args(["clean", "--quiet"]);
+        for package in publishable()? {
+            clean.args(["--package", &package]);
+        }
+        if !status_ok(&mut clean)? {
+            bail!("cargo clean failed");
+        }
+        let _ = std::fs::remove_dir_all(crate::workspace_root().join("target/package"));
+    }
     let mut command = cargo();
     command.args(["publish", "--workspace"]);
     if dry_run {
@@ -412,4 +429,25 @@ mod tests {
         );
         assert_eq!(parse_test_result("running 3 tests"), None);
     }
+}
+
+/// The names of the crates under `crates/` that are published.
+fn publishable() -> Result<Vec<String>> {
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(crate::workspace_root().join("crates"))? {
+        let manifest = entry?.path().join("Cargo.toml");
+        let Ok(text) = std::fs::read_to_string(&manifest) else {
+            continue;
+        };
+        if text.contains("publish = false") {
+            continue;
+        }
+        let name = text
+            .lines()
+            .find_map(|line| line.strip_prefix("name = "))
+            .map(|name| name.trim_matches('"').to_owned());
+        names.extend(name);
+    }
+    names.sort();
+    Ok(names)
 }

@@ -411,26 +411,6 @@ pub fn fuzz(target: &str, seconds: u64) -> Result<()> {
     Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::parse_test_result;
-
-    #[test]
-    fn reads_cargo_test_summaries() {
-        assert_eq!(
-            parse_test_result(
-                "test result: ok. 21 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 0.00s"
-            ),
-            Some((21, 0))
-        );
-        assert_eq!(
-            parse_test_result("test result: FAILED. 3 passed; 2 failed; 0 ignored"),
-            Some((3, 2))
-        );
-        assert_eq!(parse_test_result("running 3 tests"), None);
-    }
-}
-
 /// The names of the crates under `crates/` that are published.
 fn publishable() -> Result<Vec<String>> {
     let mut names = Vec::new();
@@ -450,4 +430,24 @@ fn publishable() -> Result<Vec<String>> {
     }
     names.sort();
     Ok(names)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_test_result;
+
+    #[test]
+    fn reads_cargo_test_summaries() {
+        assert_eq!(
+            parse_test_result(
+                "test result: ok. 21 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 0.00s"
+            ),
+            Some((21, 0))
+        );
+        assert_eq!(
+            parse_test_result("test result: FAILED. 3 passed; 2 failed; 0 ignored"),
+            Some((3, 2))
+        );
+        assert_eq!(parse_test_result("running 3 tests"), None);
+    }
 }

@@ -1,6 +1,8 @@
 //! Third-party peers for interop tests, installed once under `target/` and reused after.
 //!
 //! - The npm package `syrpc@1.0.6`, run with Node, for the SyRPC interop tests.
+//! - The PyPI package `pylm` 0.14.4 (with `protobuf==3.20.3`) in a virtual environment, for the
+//!   pylm interop tests.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -38,13 +40,56 @@ pub fn prepare() -> Result<Vec<(&'static str, String)>> {
             bail!("npm install {SYRPC_JS} failed ({status})");
         }
     }
+    let python = ensure_pylm()?;
     Ok(vec![
+        ("RYLM_PYTHON", python.display().to_string()),
         ("RYLM_NODE", node.display().to_string()),
         (
             "RYLM_NODE_MODULES",
             prefix.join("node_modules").display().to_string(),
         ),
     ])
+}
+
+/// A virtual environment under `target/` with pylm, created once; its Python.
+fn ensure_pylm() -> Result<PathBuf> {
+    let venv = crate::workspace_root().join("target/pylm-venv");
+    let python = venv.join("bin/python");
+    let ready = venv.join("rylm-ready");
+    if python.is_file() && ready.is_file() {
+        return Ok(python);
+    }
+    let system = which("python3").context("python3 is needed for the pylm interop tests")?;
+    eprintln!(
+        "xtask: creating a Python environment with pylm 0.14.4 under {} (once)",
+        venv.display()
+    );
+    let status = Command::new(&system)
+        .args(["-m", "venv"])
+        .arg(&venv)
+        .stdin(Stdio::null())
+        .status()?;
+    if !status.success() {
+        bail!("python3 -m venv failed ({status}); on Debian: apt-get install -y python3-venv");
+    }
+    let status = Command::new(&python)
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "pylm==0.14.4",
+            "protobuf==3.20.3",
+        ])
+        .stdin(Stdio::null())
+        .status()
+        .context("running pip")?;
+    if !status.success() {
+        bail!("pip install pylm failed ({status})");
+    }
+    std::fs::write(&ready, "pylm==0.14.4 protobuf==3.20.3\n")?;
+    Ok(python)
 }
 
 fn is_version(package_json: &Path, version: &str) -> bool {

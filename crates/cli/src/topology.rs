@@ -55,6 +55,9 @@ pub(crate) struct ServerArgs {
     /// Where the cache answers (REP).
     #[arg(long, default_value = DB)]
     db: String,
+    /// The wire format: `native`, or `pylm` so that pylm clients use it.
+    #[arg(long, default_value = "native", value_parser = ["native", "pylm"])]
+    wire: String,
 }
 
 #[derive(Args, Debug)]
@@ -165,13 +168,15 @@ async fn until_ctrl_c(what: &str, addresses: &[(&str, &str)]) -> Result<()> {
 }
 
 pub(crate) async fn server(args: ServerArgs) -> Result<()> {
-    let server = Server::builder(&args.name)
+    let mut builder = Server::builder(&args.name)
         .pull_address(&args.pull)
         .pub_address(&args.publish)
         .db_address(&args.db)
-        .functions(builtins())
-        .start()
-        .await?;
+        .functions(builtins());
+    if args.wire == "pylm" {
+        builder = builder.pylm_wire();
+    }
+    let server = builder.start().await?;
     until_ctrl_c(
         "server",
         &[

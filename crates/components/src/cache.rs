@@ -24,9 +24,17 @@ pub const MISSING: &str = "missing";
 #[derive(Clone, Debug, Default)]
 pub struct CacheStore {
     map: Arc<std::sync::Mutex<HashMap<String, Bytes>>>,
+    raw_replies: bool,
 }
 
 impl CacheStore {
+    /// Answers with the raw bytes (the key, or the value, empty when missing) rather than a
+    /// message, as pylm's cache does for pylm peers.
+    pub fn with_raw_replies(mut self) -> Self {
+        self.raw_replies = true;
+        self
+    }
+
     /// Sets `key`.
     pub fn set(&self, key: &str, value: impl Into<Bytes>) {
         self.map
@@ -93,8 +101,13 @@ impl CacheStore {
                     Ok(request) => self.answer(&request),
                     Err(error) => error_reply(&Message::default(), "malformed", &error.to_string()),
                 };
-                let Ok(frames) = codec.encode_frames(&reply) else {
-                    continue;
+                let frames = if self.raw_replies {
+                    vec![reply.payload]
+                } else {
+                    let Ok(frames) = codec.encode_frames(&reply) else {
+                        continue;
+                    };
+                    frames
                 };
                 if let Err(error) = socket.send(multipart(frames)).await {
                     tracing::warn!(address = %served, %error, "could not answer a cache request");

@@ -45,6 +45,7 @@ pub struct Functions {
     mux: HashMap<String, MuxFunction>,
     parameterized: HashMap<String, ParamFunction>,
     with_message: HashMap<String, MessageFunction>,
+    failure_payload: Option<Bytes>,
 }
 
 impl std::fmt::Debug for Functions {
@@ -101,6 +102,20 @@ impl Functions {
             }),
         );
         self
+    }
+
+    /// Answers every failure with this payload as well as the error headers: pylm peers, which
+    /// have no headers, take `b"0"` as a failed function.
+    pub fn failure_payload(mut self, payload: impl Into<Bytes>) -> Self {
+        self.failure_payload = Some(payload.into());
+        self
+    }
+
+    fn failed(&self, reply: Message) -> Message {
+        match &self.failure_payload {
+            Some(payload) => reply.with_payload(payload.clone()),
+            None => reply,
+        }
     }
 
     /// The registered names.
@@ -202,7 +217,7 @@ impl Functions {
             Err(join_error) => Err(("panicked", panic_text(join_error))),
         };
         match outcome {
-            Err((kind, text)) => vec![error_reply(&message, kind, &text)],
+            Err((kind, text)) => vec![self.failed(error_reply(&message, kind, &text))],
             Ok(parts) if parts.is_empty() => {
                 vec![message.reply(Bytes::new()).with_header(NONE, "true")]
             }
@@ -237,7 +252,7 @@ impl Functions {
             if self.mux.contains_key(&method) && !self.map.contains_key(&method) {
                 let text =
                     format!("{method:?} yields many results: it runs on a worker behind a master");
-                return error_reply(&message, "unsupported", &text);
+                return self.failed(error_reply(&message, "unsupported", &text));
             }
             let Some(function) = self.resolve(&method, &message) else {
                 let mut known: Vec<&str> = self.names().collect();
@@ -246,7 +261,7 @@ impl Functions {
                     "no function {method:?} here (this server has {})",
                     known.join(", ")
                 );
-                return error_reply(&message, "unknown-function", &text);
+                return self.failed(error_reply(&message, "unknown-function", &text));
             };
             // A task of its own, so that a panic becomes an error reply, not a dead server.
             let payload = message.payload.clone();
@@ -256,7 +271,7 @@ impl Functions {
             };
             match outcome {
                 Ok(result) => message.payload = result,
-                Err((kind, text)) => return error_reply(&message, kind, &text),
+                Err((kind, text)) => return self.failed(error_reply(&message, kind, &text)),
             }
             // Go on through the stages that are this server's; a stage of another server is for
             // the next server down the pipeline, which takes what this one publishes under its

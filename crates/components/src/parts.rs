@@ -527,3 +527,122 @@ impl DealerOut {
         Ok(())
     }
 }
+
+/// A PUB for peers that subscribe just before they send (pylm's client opens a new SUB for
+/// every call): an XPUB that sees subscriptions arrive, and holds each message until a
+/// subscription to its topic arrives *after* the message was ready, or at most `grace`. In the
+/// first case the subscriber was late and is now there; in the second its subscription came
+/// before the message and it is there already. Counting subscriptions instead would not work: a
+/// closed SUB sends no unsubscription, so counts go stale. The price is up to `grace` of
+/// latency when the subscription came first.
+pub struct HeldPublisher {
+    socket: zeromq::XPubSocket,
+    codec: Arc<dyn Codec>,
+    topic: TopicFn,
+    grace: std::time::Duration,
+    address: String,
+}
+
+impl std::fmt::Debug for HeldPublisher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HeldPublisher")
+            .field("address", &self.address)
+            .finish()
+    }
+}
+
+impl HeldPublisher {
+    /// An XPUB service or connection.
+    pub async fn xpub(
+        endpoint: &Endpoint,
+        topic: TopicFn,
+        codec: Arc<dyn Codec>,
+        grace: std::time::Duration,
+    ) -> Result<Self, Error> {
+        let mut socket = zeromq::XPubSocket::new();
+        let address = attach(&mut socket, endpoint).await?;
+        Ok(HeldPublisher {
+            socket,
+            codec,
+            topic,
+            grace,
+            address,
+        })
+    }
+
+    /// The address the socket is on.
+    pub fn address(&self) -> &str {
+        &self.address
+    }
+
+    async fn send(&mut self, frames: Vec<Bytes>) {
+        if let Err(error) = self.socket.send(multipart(frames)).await {
+            tracing::warn!(address = %self.address, %error, "could not publish");
+        }
+    }
+
+    /// The router component (non-blocking).
+    pub async fn run(mut self, mut queue: OutboundQueue) -> Result<(), RouterError> {
+        // Messages waiting, by topic: when each may go out at the latest, and its frames.
+        let mut held: HashMap<Bytes, Vec<(std::time::Instant, Vec<Bytes>)>> = HashMap::new();
+        let mut ticker =
+            tokio::time::interval((self.grace / 4).max(std::time::Duration::from_millis(5)));
+        loop {
+            tokio::select! {
+                delivery = queue.recv() => {
+                    let Some(delivery) = delivery else { break };
+                    let (message, responder) = delivery.into_parts();
+                    let frames = match self.codec.encode_frames(&message) {
+                        Ok(frames) => frames,
+                        Err(error) => {
+                            responder.send(Err(router_error(error.into())));
+                            continue;
+                        }
+                    };
+                    let due = std::time::Instant::now() + self.grace;
+                    for topic in (self.topic)(&message) {
+                        let topic = Bytes::from(topic);
+                        let mut with_topic = vec![topic.clone()];
+                        with_topic.extend(frames.iter().cloned());
+                        held.entry(topic).or_default().push((due, with_topic));
+                    }
+                    responder.send(Ok(None));
+                }
+                received = self.socket.recv() => {
+                    let Ok(received) = received else { continue };
+                    let Some(frame) = received.get(0) else { continue };
+                    if frame.first() != Some(&1) {
+                        continue;
+                    }
+                    // A subscription: what waits for a topic it covers goes out now.
+                    let prefix = frame.get(1..).unwrap_or_default();
+                    let ready: Vec<Bytes> = held.keys().filter(|t| t.starts_with(prefix)).cloned().collect();
+                    for topic in ready {
+                        for (_, frames) in held.remove(&topic).unwrap_or_default() {
+                            self.send(frames).await;
+                        }
+                    }
+                }
+                _ = ticker.tick() => {
+                    let now = std::time::Instant::now();
+                    let mut due = Vec::new();
+                    held.retain(|_, waiting| {
+                        let (now_due, later): (Vec<_>, Vec<_>) = waiting.drain(..).partition(|(at, _)| *at <= now);
+                        due.extend(now_due.into_iter().map(|(_, frames)| frames));
+                        *waiting = later;
+                        !waiting.is_empty()
+                    });
+                    for frames in due {
+                        self.send(frames).await;
+                    }
+                }
+            }
+        }
+        for (_, waiting) in held.drain() {
+            for (_, frames) in waiting {
+                self.send(frames).await;
+            }
+        }
+        Ok(())
+    }
+}

@@ -20,6 +20,7 @@ pub struct ServerBuilder {
     functions: Functions,
     codec: Arc<dyn Codec>,
     handle_stream: Arc<dyn Fn(&Message) -> String + Send + Sync>,
+    pylm: bool,
 }
 
 impl std::fmt::Debug for ServerBuilder {
@@ -74,6 +75,15 @@ impl ServerBuilder {
         self
     }
 
+    #[cfg(feature = "pylm")]
+    /// Speaks pylm's wire format, so that real pylm clients use this server: PalmMessage frames,
+    /// a cache that answers raw bytes, and `b"0"` as the result of a failed function.
+    pub fn pylm_wire(mut self) -> Self {
+        self.codec = Arc::new(rylm_message::PylmCodec::default());
+        self.pylm = true;
+        self
+    }
+
     /// The wire format (default: rylm's native codec).
     pub fn codec(mut self, codec: Arc<dyn Codec>) -> Self {
         self.codec = codec;
@@ -105,14 +115,32 @@ impl ServerBuilder {
                 vec![topic]
             }
         });
-        let publish = Emit::publish(&self.publish, topics, self.codec.clone()).await?;
-        let pub_address = publish.address().to_owned();
-        let mut builder = Router::builder().outbound(
-            "publish",
-            move |queue| publish.run(queue),
-            None,
-            Mode::NonBlocking,
-        );
+        // pylm clients subscribe just before they send: hold their results until the
+        // subscription arrives. Native clients make sure of theirs with a handshake.
+        let (pub_address, mut builder) = if self.pylm {
+            let grace = std::time::Duration::from_millis(50);
+            let publish =
+                crate::parts::HeldPublisher::xpub(&self.publish, topics, self.codec.clone(), grace)
+                    .await?;
+            let address = publish.address().to_owned();
+            let builder = Router::builder().outbound(
+                "publish",
+                move |queue| publish.run(queue),
+                None,
+                Mode::NonBlocking,
+            );
+            (address, builder)
+        } else {
+            let publish = Emit::publish(&self.publish, topics, self.codec.clone()).await?;
+            let address = publish.address().to_owned();
+            let builder = Router::builder().outbound(
+                "publish",
+                move |queue| publish.run(queue),
+                None,
+                Mode::NonBlocking,
+            );
+            (address, builder)
+        };
         let mut pull_address = String::new();
         if let Some(endpoint) = &self.pull {
             let pull = Listen::pull(endpoint, self.codec.clone()).await?;
@@ -134,7 +162,11 @@ impl ServerBuilder {
                 Mode::NonBlocking,
             );
         }
-        let store = CacheStore::default();
+        let store = if self.pylm {
+            CacheStore::default().with_raw_replies()
+        } else {
+            CacheStore::default()
+        };
         let (db_address, cache_task) = store
             .clone()
             .serve(&self.cache, self.codec.clone(), stopped)
@@ -144,7 +176,12 @@ impl ServerBuilder {
         store.set("pub_address", pub_address.clone());
         store.set("db_address", db_address.clone());
 
-        let (functions, name) = (self.functions, self.name.clone());
+        let functions = if self.pylm {
+            self.functions.failure_payload("0")
+        } else {
+            self.functions
+        };
+        let name = self.name.clone();
         let router = builder
             .outbound(
                 "functions",
@@ -191,6 +228,7 @@ impl Server {
             publish: loopback(),
             cache: loopback(),
             functions: Functions::new(),
+            pylm: false,
             codec: Arc::new(NativeCodec::default()),
             handle_stream: {
                 let name = name.to_owned();

@@ -58,6 +58,16 @@ pub fn node_peers(test: &str) -> Option<(String, String)> {
     Some((node, modules))
 }
 
+/// A Python with pylm installed, as `cargo xtask test` provides it; `None` (after a loud
+/// message) when the test should skip.
+///
+/// # Panics
+///
+/// When it is not given and `RYLM_REQUIRE_SERVERS=1`.
+pub fn pylm_python(test: &str) -> Option<String> {
+    server_url("RYLM_PYTHON", "a Python with pylm", test)
+}
+
 fn server_url(variable: &str, server: &str, test: &str) -> Option<String> {
     match std::env::var(variable) {
         Ok(url) if !url.is_empty() => Some(url),

@@ -73,6 +73,19 @@ pub fn error_reply(request: &Message, kind: &str, message: &str) -> Message {
     reply
 }
 
+/// The answer to a request that arrived as `frames`: its feedback through the router, or an
+/// error reply for a request that does not decode or could not be routed.
+async fn answer(link: &InboundLink, codec: &dyn Codec, frames: &[Bytes]) -> Message {
+    match codec.decode_frames(frames) {
+        Ok(request) => match link.submit(request.clone()).await {
+            Ok(Some(feedback)) => feedback,
+            Ok(None) => request.reply(Bytes::new()),
+            Err(error) => error_reply(&request, "failed", &error.to_string()),
+        },
+        Err(error) => error_reply(&Message::default(), "malformed", &error.to_string()),
+    }
+}
+
 fn router_error(error: Error) -> RouterError {
     RouterError::Component {
         component: "socket".into(),
@@ -293,14 +306,7 @@ impl Answer {
                 received = self.socket.recv() => received,
             };
             let Ok(received) = received else { continue };
-            let reply = match self.codec.decode_frames(&received.into_vec()) {
-                Ok(request) => match link.submit(request.clone()).await {
-                    Ok(Some(feedback)) => feedback,
-                    Ok(None) => request.reply(Bytes::new()),
-                    Err(error) => error_reply(&request, "failed", &error.to_string()),
-                },
-                Err(error) => error_reply(&Message::default(), "malformed", &error.to_string()),
-            };
+            let reply = answer(&link, self.codec.as_ref(), &received.into_vec()).await;
             let frames = self
                 .codec
                 .encode_frames(&reply)
@@ -415,14 +421,7 @@ impl RouterIn {
                 self.address.clone(),
             );
             calls.spawn(async move {
-                let reply = match codec.decode_frames(&frames) {
-                    Ok(request) => match link.submit(request.clone()).await {
-                        Ok(Some(feedback)) => feedback,
-                        Ok(None) => request.reply(Bytes::new()),
-                        Err(error) => error_reply(&request, "failed", &error.to_string()),
-                    },
-                    Err(error) => error_reply(&Message::default(), "malformed", &error.to_string()),
-                };
+                let reply = answer(&link, codec.as_ref(), &frames).await;
                 let Ok(mut frames) = codec.encode_frames(&reply) else {
                     return;
                 };

@@ -24,6 +24,22 @@ pub struct ClientOptions {
     pub codec: Arc<dyn Codec>,
     /// The deadline of the set-up, and the default of every call (default 30 s).
     pub deadline: Duration,
+    /// The server's cache answers raw bytes (a pylm server's does).
+    pub raw_cache: bool,
+}
+
+impl ClientOptions {
+    /// Options for a pylm server: pylm's wire format and its raw-bytes cache. A pylm server
+    /// answers a failed function with `b"0"`, which the client cannot tell from a result.
+    #[cfg(feature = "pylm")]
+    pub fn pylm(deadline: Duration) -> ClientOptions {
+        ClientOptions {
+            codec: Arc::new(rylm_message::PylmCodec::default()),
+            raw_cache: true,
+            deadline,
+            ..ClientOptions::default()
+        }
+    }
 }
 
 impl Default for ClientOptions {
@@ -32,6 +48,7 @@ impl Default for ClientOptions {
             results_from: None,
             codec: Arc::new(NativeCodec::default()),
             deadline: Duration::from_secs(30),
+            raw_cache: false,
         }
     }
 }
@@ -128,9 +145,13 @@ impl Client {
             results_from,
             codec,
             deadline,
+            raw_cache,
         } = options;
         let started = Instant::now();
         let mut cache = Ask::req(&Endpoint::Connect(db_address.to_owned()), codec.clone()).await?;
+        if raw_cache {
+            cache = cache.with_raw_replies();
+        }
         let server = preset(&mut cache, db_address, "name", deadline).await?;
         let pull_address = preset(&mut cache, db_address, "pull_address", deadline).await?;
         let pub_address = match results_from {

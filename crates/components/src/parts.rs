@@ -323,6 +323,7 @@ pub struct Ask {
     socket: ReqSocket,
     codec: Arc<dyn Codec>,
     address: String,
+    raw_replies: bool,
 }
 
 impl std::fmt::Debug for Ask {
@@ -342,7 +343,15 @@ impl Ask {
             socket,
             codec,
             address,
+            raw_replies: false,
         })
+    }
+
+    /// Takes replies as raw bytes, as pylm's cache sends them: the reply becomes the request's
+    /// envelope with those bytes as payload, marked [`crate::MISSING`] when empty.
+    pub fn with_raw_replies(mut self) -> Self {
+        self.raw_replies = true;
+        self
     }
 
     /// One request and its reply.
@@ -357,6 +366,15 @@ impl Ask {
             .recv()
             .await
             .map_err(Error::socket("receive", &self.address))?;
+        if self.raw_replies {
+            let payload: Bytes = reply.into_vec().concat().into();
+            let reply = message.reply(payload.clone());
+            return Ok(if payload.is_empty() {
+                reply.with_header(crate::MISSING, "true")
+            } else {
+                reply
+            });
+        }
         Ok(self.codec.decode_frames(&reply.into_vec())?)
     }
 

@@ -72,3 +72,65 @@ async fn a_pylm_client_calls_a_rylm_server() {
     assert_eq!(got["new_key"], 36, "a set without a key answers a new uuid");
     server.shutdown().await.expect("clean");
 }
+
+/// A rylm Client calls a real pylm Server: eval, a job, the cache, and pylm's `b"0"` for a failed
+/// function (which a pylm server cannot tell apart from a result).
+#[tokio::test]
+async fn a_rylm_client_calls_a_pylm_server() {
+    use rylm_components::{Client, ClientOptions};
+
+    let Some(python) = rylm_testkit::pylm_python("a_rylm_client_calls_a_pylm_server") else {
+        return;
+    };
+    let port = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a port")
+    };
+    let (pull, publish, db) = (port(), port(), port());
+    let address = |p: u16| format!("tcp://127.0.0.1:{p}");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py/pylm_server.py");
+    let mut server = tokio::process::Command::new(&python)
+        .args([
+            script,
+            "pyserver",
+            &address(pull),
+            &address(publish),
+            &address(db),
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("python starts");
+
+    // Connecting waits (within its deadline) for the server's cache, then makes sure its
+    // subscription is live with a round trip, which a pylm server answers too.
+    let client = Client::connect_with(&address(db), ClientOptions::pylm(Duration::from_secs(30)))
+        .await
+        .expect("connects to the pylm server");
+    assert_eq!(client.server(), "pyserver");
+    assert_eq!(
+        &client.eval("upper", "hello pylm").await.expect("answered")[..],
+        b"HELLO PYLM"
+    );
+    assert_eq!(
+        &client.eval("fail", "x").await.expect("answered")[..],
+        b"0",
+        "pylm's answer to a failure"
+    );
+    let mut results = client.job("upper", (0..10).map(|i| Bytes::from(format!("m{i}"))), 4);
+    let mut seen = 0;
+    while let Some((index, result)) = tokio::time::timeout(Duration::from_secs(20), results.recv())
+        .await
+        .expect("in time")
+    {
+        assert_eq!(result.expect("answered"), Bytes::from(format!("M{index}")));
+        seen += 1;
+    }
+    assert_eq!(seen, 10);
+    assert_eq!(client.set(Some("k"), "v").await.expect("set"), "k");
+    assert_eq!(client.get("k").await.expect("get"), Some(Bytes::from("v")));
+    let _ = server.kill().await;
+}

@@ -772,6 +772,97 @@ impl WorkerBuilder {
             .await
     }
 
+    /// Serves a pylm Master whose cache is at `db_address`, in pylm's layout: PULL from its
+    /// `worker_push_address`, PUSH answers to its `worker_pull_address`, PalmMessage frames, and
+    /// `b"0"` for a failed function. pylm masters have no credits or heartbeats: this worker
+    /// runs up to `credits` messages at once.
+    #[cfg(feature = "pylm")]
+    pub async fn connect_pylm(self, db_address: &str, deadline: Duration) -> Result<Worker, Error> {
+        use zeromq::{PullSocket, PushSocket};
+        let codec: Arc<dyn Codec> = Arc::new(rylm_message::PylmCodec::default());
+        let mut cache =
+            crate::parts::Ask::req(&Endpoint::Connect(db_address.to_owned()), codec.clone())
+                .await?
+                .with_raw_replies();
+        let lookup = async {
+            let mut values = Vec::new();
+            for key in ["name", "worker_push_address", "worker_pull_address"] {
+                let reply = cache.ask(&Message::call("cache.get", key)).await?;
+                if reply.header(crate::MISSING).is_some() {
+                    return Err(Error::Server {
+                        address: db_address.to_owned(),
+                        reason: format!("its cache has no {key:?}: it is not a pylm master"),
+                    });
+                }
+                values.push(String::from_utf8_lossy(&reply.payload).into_owned());
+            }
+            Ok(values)
+        };
+        let values =
+            tokio::time::timeout(deadline, lookup)
+                .await
+                .map_err(|_| Error::Timeout {
+                    what: format!("the cache at {db_address}"),
+                    waited: deadline,
+                })??;
+        let [server, from_master, to_master] =
+            <[String; 3]>::try_from(values).map_err(|_| Error::Closed)?;
+        let mut pull = PullSocket::new();
+        pull.connect(&from_master)
+            .await
+            .map_err(Error::socket("connect", &from_master))?;
+        let mut push = PushSocket::new();
+        push.connect(&to_master)
+            .await
+            .map_err(Error::socket("connect", &to_master))?;
+        let (stop, mut stopped) = watch::channel(false);
+        let functions = Arc::new(self.functions.failure_payload("0"));
+        let slots = Arc::new(Semaphore::new(self.credits));
+        let task = tokio::spawn(async move {
+            let push = Arc::new(Mutex::new(push));
+            let mut running = tokio::task::JoinSet::new();
+            loop {
+                let received = tokio::select! {
+                    _ = stopped.changed() => break,
+                    received = pull.recv() => received,
+                };
+                while running.try_join_next().is_some() {}
+                let Ok(received) = received else { continue };
+                let message = match codec.decode_frames(&received.into_vec()) {
+                    Ok(message) => message,
+                    Err(error) => {
+                        tracing::warn!(%error, "dropped a frame from the pylm master that does not decode");
+                        continue;
+                    }
+                };
+                let Ok(permit) = slots.clone().acquire_owned().await else {
+                    break;
+                };
+                let (functions, server, push, codec) = (
+                    functions.clone(),
+                    server.clone(),
+                    push.clone(),
+                    codec.clone(),
+                );
+                running.spawn(async move {
+                    let answer = functions.call(&server, message).await;
+                    match codec.encode_frames(&answer) {
+                        Ok(frames) => {
+                            if let Err(error) = push.lock().await.send(multipart(frames)).await {
+                                tracing::warn!(%error, "could not answer the pylm master");
+                            }
+                        }
+                        Err(error) => tracing::error!(%error, "could not encode an answer"),
+                    }
+                    drop(permit);
+                });
+            }
+            while running.join_next().await.is_some() {}
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        });
+        Ok(Worker { stop, task })
+    }
+
     /// Connects to the master's worker address and starts working.
     pub async fn connect(self, worker_address: &str) -> Result<Worker, Error> {
         let codec = self.codec.clone();

@@ -134,3 +134,76 @@ async fn a_rylm_client_calls_a_pylm_server() {
     assert_eq!(client.get("k").await.expect("get"), Some(Bytes::from("v")));
     let _ = server.kill().await;
 }
+
+/// A rylm Worker serves a real pylm Master, which a rylm Client in pylm mode calls.
+#[tokio::test]
+async fn a_rylm_worker_serves_a_pylm_master() {
+    use rylm_components::{Client, ClientOptions, Worker};
+
+    let Some(python) = rylm_testkit::pylm_python("a_rylm_worker_serves_a_pylm_master") else {
+        return;
+    };
+    let port = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a port")
+    };
+    let address = |p: u16| format!("tcp://127.0.0.1:{p}");
+    let (pull, publish, worker_pull, worker_push, db) = (
+        address(port()),
+        address(port()),
+        address(port()),
+        address(port()),
+        address(port()),
+    );
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py/pylm_master.py");
+    let mut master = tokio::process::Command::new(&python)
+        .args([
+            script,
+            "pymaster",
+            &pull,
+            &publish,
+            &worker_pull,
+            &worker_push,
+            &db,
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("python starts");
+
+    let worker = Worker::builder(functions())
+        .connect_pylm(&db, Duration::from_secs(30))
+        .await
+        .expect("the rylm worker joins the pylm master");
+    let client = Client::connect_with(&db, ClientOptions::pylm(Duration::from_secs(30)))
+        .await
+        .expect("connects to the pylm master");
+    assert_eq!(
+        &client
+            .eval("upper", "through a pylm master")
+            .await
+            .expect("answered")[..],
+        b"THROUGH A PYLM MASTER"
+    );
+    assert_eq!(&client.eval("fail", "x").await.expect("answered")[..], b"0");
+    let mut results = client.job(
+        "reverse",
+        (0..20).map(|i| Bytes::from(format!("{i:02}"))),
+        5,
+    );
+    let mut seen = 0;
+    while let Some((index, result)) = tokio::time::timeout(Duration::from_secs(20), results.recv())
+        .await
+        .expect("in time")
+    {
+        let expected: String = format!("{index:02}").chars().rev().collect();
+        assert_eq!(result.expect("answered"), Bytes::from(expected));
+        seen += 1;
+    }
+    assert_eq!(seen, 20);
+    worker.shutdown().await;
+    let _ = master.kill().await;
+}

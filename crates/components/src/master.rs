@@ -72,6 +72,7 @@ pub struct MasterBuilder {
     handle_stream: Option<StreamHook>,
     drain_for: Duration,
     codec: Arc<dyn Codec>,
+    pylm: bool,
 }
 
 impl std::fmt::Debug for MasterBuilder {
@@ -125,6 +126,91 @@ impl MasterBuilder {
         self
     }
 
+    /// Speaks pylm's wire format and layout, so that pylm clients and pylm workers (and rylm
+    /// workers with [`WorkerBuilder::connect_pylm`]) use this master: PalmMessage frames, a PUSH
+    /// to the workers at `worker_push_address` and a PULL from them at `worker_pull_address`, a
+    /// raw-bytes cache with pylm's preset keys, and a publisher that waits for pylm's late
+    /// subscriptions. pylm workers have neither credits nor heartbeats: ZeroMQ's PUSH spreads
+    /// the work in turn, and a message held by a worker that dies is lost, as with pylm.
+    #[cfg(feature = "pylm")]
+    pub fn pylm_wire(mut self) -> Self {
+        self.codec = Arc::new(rylm_message::PylmCodec::default());
+        self.pylm = true;
+        self
+    }
+
+    #[cfg(feature = "pylm")]
+    async fn start_pylm(self) -> Result<Master, Error> {
+        use crate::parts::{Emit, HeldPublisher};
+        let codec = self.codec.clone();
+        let (stop, stopped) = watch::channel(false);
+        let clients = Listen::pull(&self.inbound, codec.clone()).await?;
+        let to_workers = Emit::push(&self.workers, codec.clone()).await?;
+        let from_workers = Listen::pull(&loopback(), codec.clone()).await?;
+        let name = self.name.clone();
+        let hook = self.handle_stream.unwrap_or_else(|| {
+            let name = name.clone();
+            Arc::new(move |message: &Message| default_topic(&name, message))
+        });
+        let publish = HeldPublisher::xpub(
+            &self.publish,
+            Arc::new(move |message: &Message| vec![hook(message)]),
+            codec.clone(),
+            Duration::from_millis(50),
+        )
+        .await?;
+        let (pull_address, worker_push_address, worker_pull_address, pub_address) = (
+            clients.address().to_owned(),
+            to_workers.address().to_owned(),
+            from_workers.address().to_owned(),
+            publish.address().to_owned(),
+        );
+        let store = CacheStore::default().with_raw_replies();
+        let (db_address, cache_task) = store.clone().serve(&self.cache, codec, stopped).await?;
+        for (key, value) in [
+            ("name", self.name.as_str()),
+            ("pull_address", &pull_address),
+            ("pub_address", &pub_address),
+            ("worker_push_address", &worker_push_address),
+            ("worker_pull_address", &worker_pull_address),
+            ("db_address", &db_address),
+        ] {
+            store.set(key, value.to_owned());
+        }
+        let router = Router::builder()
+            .outbound(
+                "workers",
+                move |q| to_workers.run(q),
+                None,
+                Mode::NonBlocking,
+            )
+            .outbound("publish", move |q| publish.run(q), None, Mode::NonBlocking)
+            .inbound(
+                "clients",
+                move |link| clients.run(link),
+                "workers",
+                Mode::NonBlocking,
+            )
+            .inbound(
+                "from-workers",
+                move |link| from_workers.run(link),
+                "publish",
+                Mode::NonBlocking,
+            )
+            .start()?;
+        tracing::info!(name = %self.name, %pull_address, %pub_address, %worker_push_address, %worker_pull_address, %db_address, "pylm-mode master started");
+        Ok(Master {
+            name: self.name,
+            pull_address,
+            pub_address,
+            worker_address: worker_push_address,
+            db_address,
+            router,
+            stop,
+            cache_task,
+        })
+    }
+
     /// How workers are watched.
     pub fn heartbeat(mut self, heartbeat: Heartbeat) -> Self {
         self.heartbeat = heartbeat;
@@ -168,6 +254,10 @@ impl MasterBuilder {
 
     /// Binds every socket, presets the cache and starts.
     pub async fn start(self) -> Result<Master, Error> {
+        #[cfg(feature = "pylm")]
+        if self.pylm {
+            return self.start_pylm().await;
+        }
         let codec = self.codec.clone();
         let (stop, stopped) = watch::channel(false);
         let mut workers = RouterSocket::new();
@@ -291,6 +381,7 @@ impl Master {
             handle_stream: None,
             drain_for: Duration::from_secs(10),
             codec: Arc::new(NativeCodec::default()),
+            pylm: false,
         }
     }
 

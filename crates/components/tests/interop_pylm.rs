@@ -207,3 +207,73 @@ async fn a_rylm_worker_serves_a_pylm_master() {
     worker.shutdown().await;
     let _ = master.kill().await;
 }
+
+/// A pylm Client calls a rylm Master in pylm mode whose workers are pylm Workers, rylm Workers,
+/// and both at once.
+#[tokio::test]
+async fn a_pylm_client_calls_a_rylm_master_with_pylm_and_rylm_workers() {
+    use rylm_components::{Master, Worker};
+
+    let Some(python) =
+        rylm_testkit::pylm_python("a_pylm_client_calls_a_rylm_master_with_pylm_and_rylm_workers")
+    else {
+        return;
+    };
+    let worker_script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py/pylm_worker.py");
+    for (pylm_workers, rylm_workers) in [(1, 0), (0, 1), (1, 1)] {
+        let master = Master::builder("rylmmaster")
+            .pylm_wire()
+            .start()
+            .await
+            .expect("starts");
+        let mut python_workers = Vec::new();
+        for i in 0..pylm_workers {
+            python_workers.push(
+                tokio::process::Command::new(&python)
+                    .args([worker_script, &format!("pyworker{i}"), master.db_address()])
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .kill_on_drop(true)
+                    .spawn()
+                    .expect("python starts"),
+            );
+        }
+        let mut workers = Vec::new();
+        for _ in 0..rylm_workers {
+            workers.push(
+                Worker::builder(functions())
+                    .connect_pylm(master.db_address(), Duration::from_secs(30))
+                    .await
+                    .expect("a rylm worker joins"),
+            );
+        }
+        let run = tokio::process::Command::new(&python)
+            .arg(SCRIPT)
+            .arg("rylmmaster")
+            .arg(master.db_address())
+            .kill_on_drop(true)
+            .output();
+        let output = tokio::time::timeout(Duration::from_secs(60), run)
+            .await
+            .expect("pylm finishes")
+            .expect("python runs");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let got: Value = serde_json::from_str(stdout.lines().last().unwrap_or_default())
+            .unwrap_or_else(|e| panic!("pylm printed {stdout:?} ({e}) with {pylm_workers} pylm and {rylm_workers} rylm workers"));
+        assert_eq!(
+            got["eval"], "HELLO FROM PYLM",
+            "{pylm_workers} pylm, {rylm_workers} rylm workers"
+        );
+        let expected: Vec<String> = (0..10).map(|i| format!("{i}{i}")).collect();
+        assert_eq!(got["job"], serde_json::json!(expected));
+        assert_eq!(got["fail"], "0");
+        assert_eq!(got["get"], "a value");
+        for worker in workers {
+            worker.shutdown().await;
+        }
+        for mut process in python_workers {
+            let _ = process.kill().await;
+        }
+        master.shutdown().await.expect("clean");
+    }
+}

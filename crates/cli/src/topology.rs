@@ -90,6 +90,9 @@ pub(crate) struct WorkerArgs {
     /// How many messages it runs at once.
     #[arg(long, default_value_t = 8)]
     credits: usize,
+    /// The wire format: `native`, or `pylm` to serve a pylm master (or a rylm one in pylm mode).
+    #[arg(long, default_value = "native", value_parser = ["native", "pylm"])]
+    wire: String,
 }
 
 #[derive(Subcommand, Debug)]
@@ -149,6 +152,9 @@ pub(crate) struct ClientArgs {
     /// How long to wait, in seconds.
     #[arg(long, default_value_t = 10.0)]
     timeout: f64,
+    /// The wire format: `native`, or `pylm` to call a pylm server or master.
+    #[arg(long, default_value = "native", value_parser = ["native", "pylm"])]
+    wire: String,
     #[command(subcommand)]
     action: ClientAction,
 }
@@ -194,6 +200,9 @@ pub(crate) async fn master(args: MasterArgs, previous: Option<PreviousArgs>) -> 
         .pub_address(&args.server.publish)
         .worker_address(&args.workers)
         .db_address(&args.server.db);
+    if args.server.wire == "pylm" {
+        builder = builder.pylm_wire();
+    }
     builder = match &previous {
         Some(previous) => {
             builder.subscribe_to(&previous.previous_pub, &[previous.previous_name.as_str()])
@@ -218,6 +227,12 @@ pub(crate) async fn master(args: MasterArgs, previous: Option<PreviousArgs>) -> 
 pub(crate) async fn worker(args: WorkerArgs) -> Result<()> {
     let builder = Worker::builder(builtins()).credits(args.credits);
     let (worker, target) = match &args.connect {
+        _ if args.wire == "pylm" => (
+            builder
+                .connect_pylm(&args.db, Duration::from_secs(10))
+                .await?,
+            args.db.as_str(),
+        ),
         Some(address) => (builder.connect(address).await?, address.as_str()),
         None => (
             builder
@@ -318,8 +333,16 @@ pub(crate) async fn sink(args: ServerArgs, previous: Vec<String>) -> Result<()> 
 pub(crate) async fn client(args: ClientArgs) -> Result<()> {
     let deadline = Duration::try_from_secs_f64(args.timeout)
         .context("--timeout is not a number of seconds")?;
-    let client =
-        Client::connect_with_results_from(&args.db, args.results_from.as_deref(), deadline).await?;
+    let mut options = if args.wire == "pylm" {
+        rylm_components::ClientOptions::pylm(deadline)
+    } else {
+        rylm_components::ClientOptions {
+            deadline,
+            ..rylm_components::ClientOptions::default()
+        }
+    };
+    options.results_from = args.results_from.clone();
+    let client = Client::connect_with(&args.db, options).await?;
     let text = |bytes: &Bytes| String::from_utf8_lossy(bytes).into_owned();
     match args.action {
         ClientAction::Eval { function, payload } => {

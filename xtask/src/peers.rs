@@ -52,7 +52,7 @@ pub fn prepare() -> Result<Vec<(&'static str, String)>> {
 }
 
 /// A virtual environment under `target/` with pylm, created once; its Python.
-fn ensure_pylm() -> Result<PathBuf> {
+pub fn ensure_pylm() -> Result<PathBuf> {
     let venv = crate::workspace_root().join("target/pylm-venv");
     let python = venv.join("bin/python");
     let ready = venv.join("rylm-ready");

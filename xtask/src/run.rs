@@ -205,7 +205,7 @@ fn parse_test_result(line: &str) -> Option<(u64, u64)> {
 }
 
 /// The examples `cargo xtask demo` runs, in order, with what each shows.
-const DEMO_PARTS: [(&str, &str); 6] = [
+const DEMO_PARTS: [(&str, &str); 7] = [
     (
         "the ground: framed envelopes over ZeroMQ, Redis and RabbitMQ",
         "ground",
@@ -221,6 +221,10 @@ const DEMO_PARTS: [(&str, &str); 6] = [
     (
         "servers chained: Server -> Pipeline -> Hub with a worker, and a Sink",
         "pylm_pipeline",
+    ),
+    (
+        "a mixed cluster: a pylm worker and a rylm worker behind a rylm master in pylm mode",
+        "pylm_mixed",
     ),
     (
         "SyRPC: one backend puts a request, another fetches the result by id",
@@ -240,6 +244,17 @@ pub fn demo(keep_servers: bool) -> Result<()> {
     }
     banner("Redis and RabbitMQ for the demo");
     let mut servers = provision::start()?;
+    // The mixed pylm cluster needs a Python with pylm; made once under target/ when python3 is
+    // there, skipped with a word when not.
+    let python = match peers::ensure_pylm() {
+        Ok(python) => vec![("RYLM_PYTHON", python.display().to_string())],
+        Err(error) => {
+            eprintln!(
+                "xtask: no Python with pylm ({error:#}); the mixed pylm cluster will be skipped"
+            );
+            Vec::new()
+        }
+    };
     let mut ok = true;
     for (title, example) in DEMO_PARTS {
         banner(title);
@@ -251,7 +266,7 @@ pub fn demo(keep_servers: bool) -> Result<()> {
             "--bin",
             example,
         ];
-        ok &= status_ok(cargo().args(run).envs(servers.env()))?;
+        ok &= status_ok(cargo().args(run).envs(servers.env()).envs(python.clone()))?;
     }
     if keep_servers {
         servers.keep();

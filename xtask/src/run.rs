@@ -284,11 +284,12 @@ pub fn demo(keep_servers: bool) -> Result<()> {
 const CRITERION: [&str; 2] = ["codec", "router"];
 
 /// End-to-end benches: (name, binary of `benches`, whether it needs the provisioned servers).
-const END_TO_END: [(&str, &str, bool); 4] = [
+const END_TO_END: [(&str, &str, bool); 5] = [
     ("syrpc", "syrpc", true),
     ("services", "services", false),
     ("router", "router_e2e", false),
     ("gateway", "gateway", false),
+    ("pylm", "pylm", false),
 ];
 
 pub fn bench(name: Option<&str>, quick: bool) -> Result<()> {
@@ -347,7 +348,16 @@ pub fn bench(name: Option<&str>, quick: bool) -> Result<()> {
     for (bench, binary, _) in end_to_end {
         banner(&format!("end-to-end bench: {bench}"));
         let binary = crate::workspace_root().join("target/release").join(binary);
-        if !status_ok(Command::new(&binary).envs(servers.iter().flat_map(|s| s.env())))? {
+        let python = if bench == "pylm" {
+            vec![("RYLM_PYTHON", peers::ensure_pylm()?.display().to_string())]
+        } else {
+            Vec::new()
+        };
+        if !status_ok(
+            Command::new(&binary)
+                .envs(servers.iter().flat_map(|s| s.env()))
+                .envs(python),
+        )? {
             bail!("the {bench} bench failed");
         }
     }

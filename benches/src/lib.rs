@@ -163,6 +163,46 @@ impl RawEcho {
     }
 }
 
+/// A process a bench started, killed and reaped when dropped.
+#[derive(Debug)]
+pub struct Process {
+    /// What it is, for the memory report.
+    pub name: String,
+    /// The child.
+    pub child: std::process::Child,
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `program` with `args`, its output discarded.
+pub fn spawn(name: &str, program: &std::path::Path, args: &[String]) -> anyhow::Result<Process> {
+    use anyhow::Context;
+    let child = std::process::Command::new(program)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {name} ({})", program.display()))?;
+    Ok(Process {
+        name: name.to_owned(),
+        child,
+    })
+}
+
+/// A free loopback tcp address, as `tcp://127.0.0.1:PORT`.
+pub fn free_address() -> anyhow::Result<String> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    Ok(format!("tcp://127.0.0.1:{port}"))
+}
+
 /// Peak resident memory (VmHWM) of process `pid`, in KiB, from `/proc`.
 pub fn peak_rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;

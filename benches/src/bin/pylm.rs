@@ -5,51 +5,16 @@
 //! the wire format of the server it calls. Needs `RYLM_PYTHON` (a Python with pylm), which
 //! `cargo xtask bench pylm` provides.
 
-use std::net::TcpListener;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use bytes::Bytes;
-use rylm_benches::{Summary, measure, peak_rss_kib};
+use rylm_benches::{Process, Summary, free_address, measure, peak_rss_kib, spawn};
 use rylm_components::{Client, ClientOptions};
 
 const MESSAGES: usize = 2_000;
 const IN_FLIGHT: usize = 50;
-
-struct Process {
-    name: String,
-    child: Child,
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn spawn(name: &str, program: &PathBuf, args: &[String]) -> Result<Process> {
-    let child = Command::new(program)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .with_context(|| format!("starting {name}"))?;
-    Ok(Process {
-        name: name.to_owned(),
-        child,
-    })
-}
-
-fn address() -> Result<String> {
-    Ok(format!(
-        "tcp://127.0.0.1:{}",
-        TcpListener::bind("127.0.0.1:0")?.local_addr()?.port()
-    ))
-}
 
 fn script(name: &str) -> String {
     format!(
@@ -109,8 +74,13 @@ async fn main() -> Result<()> {
 
     // 1. pylm Master, pylm Workers.
     {
-        let (pull, publish, wpull, wpush, db) =
-            (address()?, address()?, address()?, address()?, address()?);
+        let (pull, publish, wpull, wpush, db) = (
+            free_address()?,
+            free_address()?,
+            free_address()?,
+            free_address()?,
+            free_address()?,
+        );
         let mut processes = vec![spawn(
             "pylm master",
             &python,
@@ -141,7 +111,12 @@ async fn main() -> Result<()> {
     }
     // 2. rylm Master (pylm mode), pylm Workers.
     {
-        let (pull, publish, workers, db) = (address()?, address()?, address()?, address()?);
+        let (pull, publish, workers, db) = (
+            free_address()?,
+            free_address()?,
+            free_address()?,
+            free_address()?,
+        );
         let mut processes = vec![spawn(
             "rylm master --wire pylm",
             &rylm,
@@ -179,7 +154,12 @@ async fn main() -> Result<()> {
     }
     // 3. rylm Master, rylm Workers (native).
     {
-        let (pull, publish, workers, db) = (address()?, address()?, address()?, address()?);
+        let (pull, publish, workers, db) = (
+            free_address()?,
+            free_address()?,
+            free_address()?,
+            free_address()?,
+        );
         let mut processes = vec![spawn(
             "rylm master",
             &rylm,
@@ -214,7 +194,7 @@ async fn main() -> Result<()> {
     }
     // 4. pylm Server against rylm Server (pylm mode).
     {
-        let (pull, publish, db) = (address()?, address()?, address()?);
+        let (pull, publish, db) = (free_address()?, free_address()?, free_address()?);
         let processes = vec![spawn(
             "pylm server",
             &python,
@@ -230,7 +210,7 @@ async fn main() -> Result<()> {
         rows.push((summary, rss(&processes)));
     }
     {
-        let (pull, publish, db) = (address()?, address()?, address()?);
+        let (pull, publish, db) = (free_address()?, free_address()?, free_address()?);
         let processes = vec![spawn(
             "rylm server --wire pylm",
             &rylm,

@@ -6,36 +6,19 @@
 //! A message on the master's path crosses four sockets where the echo crosses two, so 0.5 of the
 //! echo is the ceiling.
 
-use std::net::TcpListener;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
-use rylm_benches::{RawEcho, Summary, measure, peak_rss_kib, serve_echo, table};
+use rylm_benches::{
+    RawEcho, Summary, free_address, measure, peak_rss_kib, serve_echo, spawn, table,
+};
 use rylm_components::Client;
 
 const TOTAL: usize = 20_000;
 const IN_FLIGHT: usize = 200;
-
-/// A child process killed when dropped.
-struct Process {
-    name: &'static str,
-    child: Child,
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
 
 fn sibling(binary: &str) -> Result<PathBuf> {
     let me = std::env::current_exe()?;
@@ -47,17 +30,6 @@ fn sibling(binary: &str) -> Result<PathBuf> {
         );
     }
     Ok(path)
-}
-
-fn spawn(name: &'static str, program: &PathBuf, args: &[String]) -> Result<Process> {
-    let child = Command::new(program)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .with_context(|| format!("starting {name}"))?;
-    Ok(Process { name, child })
 }
 
 fn main() -> Result<()> {
@@ -81,20 +53,12 @@ fn main() -> Result<()> {
 
 async fn run() -> Result<()> {
     let rylm = sibling("rylm")?;
-    let ports = [
-        free_port()?,
-        free_port()?,
-        free_port()?,
-        free_port()?,
-        free_port()?,
-    ];
-    let address = |port: u16| format!("tcp://127.0.0.1:{port}");
     let (pull, publish, workers, db, echo) = (
-        address(ports[0]),
-        address(ports[1]),
-        address(ports[2]),
-        address(ports[3]),
-        address(ports[4]),
+        free_address()?,
+        free_address()?,
+        free_address()?,
+        free_address()?,
+        free_address()?,
     );
 
     let mut processes = vec![spawn(

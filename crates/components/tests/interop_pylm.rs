@@ -277,3 +277,71 @@ async fn a_pylm_client_calls_a_rylm_master_with_pylm_and_rylm_workers() {
         master.shutdown().await.expect("clean");
     }
 }
+
+/// A pipeline that mixes pylm and rylm stages: a rylm Server, a real pylm Pipeline, a rylm Sink,
+/// all in pylm's wire format; a rylm Client takes the results from the Sink.
+#[tokio::test]
+async fn a_pipeline_mixes_pylm_and_rylm_stages() {
+    use rylm_components::{Client, ClientOptions};
+
+    let Some(python) = rylm_testkit::pylm_python("a_pipeline_mixes_pylm_and_rylm_stages") else {
+        return;
+    };
+    let first = Server::builder("first")
+        .pylm_wire()
+        .functions(functions())
+        .start()
+        .await
+        .expect("starts");
+    let port = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a port")
+    };
+    let (middle_db, middle_pub) = (
+        format!("tcp://127.0.0.1:{}", port()),
+        format!("tcp://127.0.0.1:{}", port()),
+    );
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py/pylm_pipeline.py");
+    let mut middle = tokio::process::Command::new(&python)
+        .args([
+            script,
+            "middle",
+            &middle_db,
+            first.pub_address(),
+            &middle_pub,
+            "first",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("python starts");
+    let exclaim = Functions::new().add("exclaim", |p: Bytes| async move {
+        let mut v = p.to_vec();
+        v.push(b'!');
+        Ok::<_, String>(Bytes::from(v))
+    });
+    let last = Server::sink("last")
+        .subscribe_to(&middle_pub, &["middle"])
+        .pylm_wire()
+        .functions(exclaim)
+        .start()
+        .await
+        .expect("starts");
+
+    let mut options = ClientOptions::pylm(Duration::from_secs(30));
+    options.results_from = Some(last.pub_address().to_owned());
+    let client = Client::connect_with(first.db_address(), options)
+        .await
+        .expect("connects through the chain");
+    let result = client
+        .eval_stages(&["first.upper", "middle.reverse", "last.exclaim"], "abc")
+        .await
+        .expect("through rylm, pylm and rylm stages");
+    assert_eq!(&result[..], b"CBA!");
+    let _ = middle.kill().await;
+    last.shutdown().await.expect("clean");
+    first.shutdown().await.expect("clean");
+}

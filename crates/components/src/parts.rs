@@ -253,7 +253,7 @@ impl<S: SocketSend + Send + 'static> Emit<S> {
             };
             let mut sent = Ok(());
             match &self.topic {
-                None => sent = self.socket.send(multipart(frames)).await,
+                None => sent = send_when_connected(&mut self.socket, multipart(frames)).await,
                 Some(topics) => {
                     for topic in topics(&message) {
                         let mut with_topic = vec![Bytes::from(topic)];
@@ -268,6 +268,33 @@ impl<S: SocketSend + Send + 'static> Emit<S> {
             );
         }
         Ok(())
+    }
+}
+
+/// How long a PUSH waits for a first peer before it gives a message up.
+const NO_PEER_PATIENCE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Sends, waiting (up to [`NO_PEER_PATIENCE`]) while the socket has no peer at all: this ZeroMQ
+/// refuses a PUSH with no connected peer where libzmq would wait for one, and a worker that
+/// joins late must still get what was sent before it came.
+async fn send_when_connected<S: SocketSend>(
+    socket: &mut S,
+    message: ZmqMessage,
+) -> zeromq::ZmqResult<()> {
+    let started = std::time::Instant::now();
+    let mut backoff = std::time::Duration::from_millis(5);
+    let mut message = message;
+    loop {
+        match socket.send(message).await {
+            Err(zeromq::ZmqError::ReturnToSender { message: back, .. })
+                if started.elapsed() < NO_PEER_PATIENCE =>
+            {
+                message = back;
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(std::time::Duration::from_millis(200));
+            }
+            other => return other,
+        }
     }
 }
 

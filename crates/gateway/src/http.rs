@@ -13,8 +13,10 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
-use rylm_components::parts::Endpoint;
-use rylm_components::{ERROR_KIND, ERROR_MESSAGE, Heartbeat, PoolStatus, ResultSink, WorkerPool};
+use rylm_components::parts::{Emit, Endpoint, Listen};
+use rylm_components::{
+    CacheStore, ERROR_KIND, ERROR_MESSAGE, Heartbeat, PoolStatus, ResultSink, WorkerPool,
+};
 use rylm_core_router::{InboundLink, Mode, OutboundQueue, Router};
 use rylm_message::{Codec, Message, NativeCodec};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -42,6 +44,13 @@ pub struct GatewayConfig {
     pub concurrency: usize,
     /// How workers are watched.
     pub heartbeat: Heartbeat,
+    /// Serve pylm workers (PUSH/PULL, PalmMessage, found through a raw-bytes cache at `db`)
+    /// instead of rylm's. pylm workers announce neither themselves nor their functions, so the
+    /// gateway cannot answer 503 or 404 at once: such a request waits for its deadline (504),
+    /// and a pylm worker's failure comes back as the body `0`.
+    pub pylm: bool,
+    /// In pylm mode, where the cache answers (default a free loopback tcp port).
+    pub db: String,
 }
 
 impl Default for GatewayConfig {
@@ -53,6 +62,8 @@ impl Default for GatewayConfig {
             max_body: 8 * 1024 * 1024,
             concurrency: 10_000,
             heartbeat: Heartbeat::default(),
+            pylm: false,
+            db: "tcp://127.0.0.1:0".into(),
         }
     }
 }
@@ -111,7 +122,8 @@ impl GatewayDealer {
 struct State {
     requests: mpsc::Sender<Message>,
     pending: Pending,
-    status: Arc<PoolStatus>,
+    /// The worker pool's view of its workers; `None` for pylm workers, which announce nothing.
+    status: Option<Arc<PoolStatus>>,
     deadline: Duration,
     max_body: usize,
     next_id: std::sync::atomic::AtomicU64,
@@ -121,6 +133,8 @@ struct State {
 pub struct HttpGateway {
     local_addr: SocketAddr,
     worker_address: String,
+    db_address: Option<String>,
+    cache_stop: watch::Sender<bool>,
     stop: watch::Sender<bool>,
     server: tokio::task::JoinHandle<()>,
     router: Router,
@@ -138,56 +152,110 @@ impl std::fmt::Debug for HttpGateway {
 impl HttpGateway {
     /// Binds the HTTP listener and the workers' socket, and starts serving.
     pub async fn start(config: GatewayConfig) -> Result<HttpGateway, Error> {
-        let codec: Arc<dyn Codec> = Arc::new(NativeCodec::default());
-        let pool = WorkerPool::new(
-            &Endpoint::Bind(config.workers.clone()),
-            codec,
-            config.heartbeat.clone(),
-        )
-        .await?;
-        let (worker_address, status) = (pool.address().to_owned(), pool.status());
         let pending: Pending = Arc::default();
         let (requests, requests_in) = mpsc::channel(1024);
-        let (results, mut results_in) = mpsc::channel::<Message>(1024);
-
         let gateway_in = GatewayRouter {
             requests: requests_in,
         };
         let dealer = GatewayDealer {
             pending: pending.clone(),
         };
-        let results_component = move |mut link: InboundLink| async move {
-            loop {
-                tokio::select! {
-                    _ = link.stopping() => return Ok(()),
-                    result = results_in.recv() => match result {
-                        Some(message) => { link.submit(message).await?; }
-                        None => return Ok(()),
-                    },
-                }
+        let (cache_stop, cache_stopped) = watch::channel(false);
+        let (router, worker_address, status, db_address) = if config.pylm {
+            // pylm workers: PUSH to them, PULL from them, found through a raw-bytes cache.
+            let codec: Arc<dyn Codec> = Arc::new(rylm_message::PylmCodec::default());
+            let to_workers =
+                Emit::push(&Endpoint::Bind(config.workers.clone()), codec.clone()).await?;
+            let from_workers =
+                Listen::pull(&Endpoint::Bind("tcp://127.0.0.1:0".into()), codec.clone()).await?;
+            let (push_address, pull_address) = (
+                to_workers.address().to_owned(),
+                from_workers.address().to_owned(),
+            );
+            let store = CacheStore::default().with_raw_replies();
+            let (db_address, _cache_task) = store
+                .clone()
+                .serve(&Endpoint::Bind(config.db.clone()), codec, cache_stopped)
+                .await?;
+            for (key, value) in [
+                ("name", "gateway"),
+                ("worker_push_address", &push_address),
+                ("worker_pull_address", &pull_address),
+                ("db_address", &db_address),
+            ] {
+                store.set(key, value.to_owned());
             }
+            let router = Router::builder()
+                .outbound(
+                    "workers",
+                    move |queue| to_workers.run(queue),
+                    None,
+                    Mode::NonBlocking,
+                )
+                .outbound(
+                    "dealer",
+                    move |queue| dealer.run(queue),
+                    None,
+                    Mode::NonBlocking,
+                )
+                .inbound(
+                    "http",
+                    move |link| gateway_in.run(link),
+                    "workers",
+                    Mode::NonBlocking,
+                )
+                .inbound(
+                    "results",
+                    move |link| from_workers.run(link),
+                    "dealer",
+                    Mode::NonBlocking,
+                )
+                .start()?;
+            (router, push_address, None, Some(db_address))
+        } else {
+            let codec: Arc<dyn Codec> = Arc::new(NativeCodec::default());
+            let pool = WorkerPool::new(
+                &Endpoint::Bind(config.workers.clone()),
+                codec,
+                config.heartbeat.clone(),
+            )
+            .await?;
+            let (worker_address, status) = (pool.address().to_owned(), pool.status());
+            let (results, mut results_in) = mpsc::channel::<Message>(1024);
+            let results_component = move |mut link: InboundLink| async move {
+                loop {
+                    tokio::select! {
+                        _ = link.stopping() => return Ok(()),
+                        result = results_in.recv() => match result {
+                            Some(message) => { link.submit(message).await?; }
+                            None => return Ok(()),
+                        },
+                    }
+                }
+            };
+            let router = Router::builder()
+                .outbound(
+                    "workers",
+                    move |queue| pool.run(queue, ResultSink::Channel(results)),
+                    None,
+                    Mode::NonBlocking,
+                )
+                .outbound(
+                    "dealer",
+                    move |queue| dealer.run(queue),
+                    None,
+                    Mode::NonBlocking,
+                )
+                .inbound(
+                    "http",
+                    move |link| gateway_in.run(link),
+                    "workers",
+                    Mode::NonBlocking,
+                )
+                .inbound("results", results_component, "dealer", Mode::NonBlocking)
+                .start()?;
+            (router, worker_address, Some(status), None)
         };
-        let router = Router::builder()
-            .outbound(
-                "workers",
-                move |queue| pool.run(queue, ResultSink::Channel(results)),
-                None,
-                Mode::NonBlocking,
-            )
-            .outbound(
-                "dealer",
-                move |queue| dealer.run(queue),
-                None,
-                Mode::NonBlocking,
-            )
-            .inbound(
-                "http",
-                move |link| gateway_in.run(link),
-                "workers",
-                Mode::NonBlocking,
-            )
-            .inbound("results", results_component, "dealer", Mode::NonBlocking)
-            .start()?;
 
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
@@ -213,9 +281,11 @@ impl HttpGateway {
         Ok(HttpGateway {
             local_addr,
             worker_address,
+            db_address,
             stop,
             server,
             router,
+            cache_stop,
         })
     }
 
@@ -229,11 +299,18 @@ impl HttpGateway {
         &self.worker_address
     }
 
+    /// In pylm mode, the cache pylm workers read their addresses from (`--db` of a pylm
+    /// Worker).
+    pub fn db_address(&self) -> Option<&str> {
+        self.db_address.as_deref()
+    }
+
     /// Stops accepting connections, lets the requests in hand finish (each within its
     /// deadline), then stops the router.
     pub async fn shutdown(self) -> Result<(), Error> {
         let _ = self.stop.send(true);
         let _ = self.server.await;
+        let _ = self.cache_stop.send(true);
         Ok(self.router.shutdown().await?)
     }
 }
@@ -360,11 +437,17 @@ where
 {
     let path = request.uri().path().to_owned();
     if path == "/" {
-        let body = serde_json::json!({
-            "functions": state.status.functions(),
-            "workers": state.status.live_workers(),
-            "call": "GET or POST /<function> with the payload as the body",
-        });
+        let body = match &state.status {
+            Some(status) => serde_json::json!({
+                "functions": status.functions(),
+                "workers": status.live_workers(),
+                "call": "GET or POST /<function> with the payload as the body",
+            }),
+            None => serde_json::json!({
+                "workers": "pylm workers (they announce neither themselves nor their functions)",
+                "call": "GET or POST /<function> with the payload as the body",
+            }),
+        };
         let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
         response.headers_mut().insert(
             hyper::header::CONTENT_TYPE,
@@ -386,18 +469,20 @@ where
         .split_once('.')
         .map_or(function, |(_, method)| method);
     let method_name = method.split_once(':').map_or(method, |(name, _)| name);
-    if state.status.live_workers() == 0 {
-        return json_error(StatusCode::SERVICE_UNAVAILABLE, "no worker is connected");
-    }
-    let known = state.status.functions();
-    if !known.iter().any(|f| f == method || f == method_name) {
-        return json_error(
-            StatusCode::NOT_FOUND,
-            &format!(
-                "no function {method:?}; the workers have {}",
-                known.join(", ")
-            ),
-        );
+    if let Some(status) = &state.status {
+        if status.live_workers() == 0 {
+            return json_error(StatusCode::SERVICE_UNAVAILABLE, "no worker is connected");
+        }
+        let known = status.functions();
+        if !known.iter().any(|f| f == method || f == method_name) {
+            return json_error(
+                StatusCode::NOT_FOUND,
+                &format!(
+                    "no function {method:?}; the workers have {}",
+                    known.join(", ")
+                ),
+            );
+        }
     }
 
     let mut headers = std::collections::BTreeMap::new();
@@ -440,7 +525,13 @@ where
         .next_id
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         .to_string();
-    let mut message = Message::call(function.to_owned(), body).with_client(id.clone());
+    // pylm workers need `server.method`: name the gateway as the server when the path does not.
+    let function = if state.status.is_none() && !function.contains('.') {
+        format!("gateway.{function}")
+    } else {
+        function.to_owned()
+    };
+    let mut message = Message::call(function, body).with_client(id.clone());
     message.headers = headers;
     let (done, answer) = oneshot::channel();
     state

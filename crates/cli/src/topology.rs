@@ -263,6 +263,10 @@ pub(crate) struct GatewayArgs {
     /// How many requests at once; above it, 503.
     #[arg(long, default_value_t = 10_000)]
     concurrency: usize,
+    /// The workers' wire format: `native`, or `pylm` for pylm workers (`--db` of a pylm
+    /// Worker is then the gateway's cache, which it prints).
+    #[arg(long, default_value = "native", value_parser = ["native", "pylm"])]
+    wire: String,
 }
 
 pub(crate) async fn gateway(args: GatewayArgs) -> Result<()> {
@@ -273,14 +277,18 @@ pub(crate) async fn gateway(args: GatewayArgs) -> Result<()> {
             .context("--deadline is not a number of seconds")?,
         max_body: args.max_body,
         concurrency: args.concurrency,
+        pylm: args.wire == "pylm",
         ..rylm_gateway::GatewayConfig::default()
     };
     let gateway = rylm_gateway::HttpGateway::start(config).await?;
     let http = format!("http://{}", gateway.local_addr());
-    eprintln!(
-        "rylm gateway: HTTP at {http}; workers connect with: rylm worker --connect {}",
-        gateway.worker_address()
-    );
+    match gateway.db_address() {
+        Some(db) => eprintln!("rylm gateway: HTTP at {http}; pylm workers connect with --db {db}"),
+        None => eprintln!(
+            "rylm gateway: HTTP at {http}; workers connect with: rylm worker --connect {}",
+            gateway.worker_address()
+        ),
+    }
     eprintln!("rylm gateway: try curl -d hello {http}/upper; Ctrl-C stops");
     tokio::signal::ctrl_c()
         .await
@@ -290,12 +298,14 @@ pub(crate) async fn gateway(args: GatewayArgs) -> Result<()> {
 }
 
 pub(crate) async fn pipeline(args: ServerArgs, previous: PreviousArgs) -> Result<()> {
-    let server = Server::pipeline(&args.name, &previous.previous_pub, &previous.previous_name)
+    let mut builder = Server::pipeline(&args.name, &previous.previous_pub, &previous.previous_name)
         .pub_address(&args.publish)
         .db_address(&args.db)
-        .functions(builtins())
-        .start()
-        .await?;
+        .functions(builtins());
+    if args.wire == "pylm" {
+        builder = builder.pylm_wire();
+    }
+    let server = builder.start().await?;
     until_ctrl_c(
         "pipeline",
         &[
@@ -312,6 +322,9 @@ pub(crate) async fn sink(args: ServerArgs, previous: Vec<String>) -> Result<()> 
         .pub_address(&args.publish)
         .db_address(&args.db)
         .functions(builtins());
+    if args.wire == "pylm" {
+        builder = builder.pylm_wire();
+    }
     for spec in &previous {
         let (address, name) = spec
             .rsplit_once('=')

@@ -144,7 +144,14 @@ impl MasterBuilder {
         use crate::parts::{Emit, HeldPublisher};
         let codec = self.codec.clone();
         let (stop, stopped) = watch::channel(false);
-        let clients = Listen::pull(&self.inbound, codec.clone()).await?;
+        // A Hub's input is the previous server's stream; a Master's, its clients' PUSH.
+        let clients = match &self.hub_topics {
+            Some(topics) => {
+                let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
+                Either::Sub(Listen::sub(&self.inbound, &topics, codec.clone()).await?)
+            }
+            None => Either::Pull(Listen::pull(&self.inbound, codec.clone()).await?),
+        };
         let to_workers = Emit::push(&self.workers, codec.clone()).await?;
         let from_workers = Listen::pull(&loopback(), codec.clone()).await?;
         let name = self.name.clone();
@@ -160,7 +167,10 @@ impl MasterBuilder {
         )
         .await?;
         let (pull_address, worker_push_address, worker_pull_address, pub_address) = (
-            clients.address().to_owned(),
+            match &clients {
+                Either::Pull(listen) => listen.address().to_owned(),
+                Either::Sub(listen) => listen.address().to_owned(),
+            },
             to_workers.address().to_owned(),
             from_workers.address().to_owned(),
             publish.address().to_owned(),
@@ -187,7 +197,12 @@ impl MasterBuilder {
             .outbound("publish", move |q| publish.run(q), None, Mode::NonBlocking)
             .inbound(
                 "clients",
-                move |link| clients.run(link),
+                move |link| async move {
+                    match clients {
+                        Either::Pull(listen) => listen.run(link).await,
+                        Either::Sub(listen) => listen.run(link).await,
+                    }
+                },
                 "workers",
                 Mode::NonBlocking,
             )
@@ -936,14 +951,17 @@ impl WorkerBuilder {
                     codec.clone(),
                 );
                 running.spawn(async move {
-                    let answer = functions.call(&server, message).await;
-                    match codec.encode_frames(&answer) {
-                        Ok(frames) => {
-                            if let Err(error) = push.lock().await.send(multipart(frames)).await {
-                                tracing::warn!(%error, "could not answer the pylm master");
+                    // A mux function's parts each go back as an answer, as pylm's MuxWorker does.
+                    for answer in functions.call_many(&server, message).await {
+                        match codec.encode_frames(&answer) {
+                            Ok(frames) => {
+                                if let Err(error) = push.lock().await.send(multipart(frames)).await
+                                {
+                                    tracing::warn!(%error, "could not answer the pylm master");
+                                }
                             }
+                            Err(error) => tracing::error!(%error, "could not encode an answer"),
                         }
-                        Err(error) => tracing::error!(%error, "could not encode an answer"),
                     }
                     drop(permit);
                 });

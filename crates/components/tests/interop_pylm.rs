@@ -345,3 +345,48 @@ async fn a_pipeline_mixes_pylm_and_rylm_stages() {
     last.shutdown().await.expect("clean");
     first.shutdown().await.expect("clean");
 }
+
+/// A rylm MuxWorker behind a rylm Master in pylm mode answers one message of a real pylm Client
+/// with several results (pylm's `eval(..., messages=3)`).
+#[tokio::test]
+async fn a_pylm_client_gets_every_result_of_a_rylm_mux_worker() {
+    use rylm_components::{Master, Worker};
+
+    let Some(python) =
+        rylm_testkit::pylm_python("a_pylm_client_gets_every_result_of_a_rylm_mux_worker")
+    else {
+        return;
+    };
+    let master = Master::builder("muxmaster")
+        .pylm_wire()
+        .start()
+        .await
+        .expect("starts");
+    let split = Functions::new().add_mux("split", |p: Bytes| async move {
+        Ok::<_, String>(
+            String::from_utf8_lossy(&p)
+                .split(' ')
+                .map(|w| Bytes::from(w.to_owned()))
+                .collect::<Vec<_>>(),
+        )
+    });
+    let worker = Worker::builder(split)
+        .connect_pylm(master.db_address(), Duration::from_secs(30))
+        .await
+        .expect("joins");
+    let code = "import sys, json\nfrom pylm.clients import Client\nc = Client('muxmaster', sys.argv[1])\nprint(json.dumps(sorted(r.decode() for r in c.eval('muxmaster.split', b'one two three', messages=3))))";
+    let run = tokio::process::Command::new(&python)
+        .args(["-c", code, master.db_address()])
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .expect("pylm finishes")
+        .expect("python runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let got: Value = serde_json::from_str(stdout.lines().last().unwrap_or_default())
+        .unwrap_or_else(|e| panic!("pylm printed {stdout:?}: {e}"));
+    assert_eq!(got, serde_json::json!(["one", "three", "two"]));
+    worker.shutdown().await;
+    master.shutdown().await.expect("clean");
+}

@@ -152,6 +152,18 @@ impl MasterBuilder {
             }
             None => Either::Pull(Listen::pull(&self.inbound, codec.clone()).await?),
         };
+        // A Master's clients all reach it directly: a subscription stays good until a new client
+        // connection arrives (see `HeldPublisher`). A Hub's clients reach an earlier server.
+        let (clients, connections) = match clients {
+            Either::Pull(listen) => {
+                let counter = Arc::new(std::sync::atomic::AtomicU64::new(0));
+                (
+                    Either::Pull(listen.count_connections(counter.clone())),
+                    Some(counter),
+                )
+            }
+            sub => (sub, None),
+        };
         let to_workers = Emit::push(&self.workers, codec.clone()).await?;
         let from_workers = Listen::pull(&loopback(), codec.clone()).await?;
         let name = self.name.clone();
@@ -159,13 +171,16 @@ impl MasterBuilder {
             let name = name.clone();
             Arc::new(move |message: &Message| default_topic(&name, message))
         });
-        let publish = HeldPublisher::xpub(
+        let mut publish = HeldPublisher::xpub(
             &self.publish,
             Arc::new(move |message: &Message| vec![hook(message)]),
             codec.clone(),
             Duration::from_millis(50),
         )
         .await?;
+        if let Some(counter) = connections {
+            publish = publish.cleared_until_new_connection(counter);
+        }
         let (pull_address, worker_push_address, worker_pull_address, pub_address) = (
             match &clients {
                 Either::Pull(listen) => listen.address().to_owned(),

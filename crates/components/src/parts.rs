@@ -14,6 +14,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 use rylm_core_router::{Error as RouterError, InboundLink, OutboundQueue};
@@ -100,7 +101,12 @@ pub struct Listen<S> {
     /// Frames before the message (a SUB's topic).
     skip: usize,
     address: String,
+    /// Connection events, and the count each accepted connection bumps.
+    connections: Option<(Monitor, Arc<AtomicU64>)>,
 }
+
+/// A socket's connection events.
+type Monitor = futures_lite::stream::Boxed<zeromq::SocketEvent>;
 
 impl<S> std::fmt::Debug for Listen<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -120,7 +126,16 @@ impl Listen<PullSocket> {
             codec,
             skip: 0,
             address,
+            connections: None,
         })
+    }
+
+    /// Bumps `counter` for every connection accepted, before any message that comes over it is
+    /// submitted (see [`HeldPublisher::cleared_until_new_connection`]).
+    pub fn count_connections(mut self, counter: Arc<AtomicU64>) -> Self {
+        let monitor = futures_lite::StreamExt::boxed(self.socket.monitor());
+        self.connections = Some((monitor, counter));
+        self
     }
 }
 
@@ -144,6 +159,7 @@ impl Listen<SubSocket> {
             codec,
             skip: 1,
             address,
+            connections: None,
         })
     }
 }
@@ -158,6 +174,20 @@ impl<S: SocketRecv + Send + 'static> Listen<S> {
     pub async fn run(mut self, mut link: InboundLink) -> Result<(), RouterError> {
         loop {
             let received = tokio::select! {
+                // Connection events first: a message must not overtake the news of its connection.
+                biased;
+                event = next_event(&mut self.connections) => {
+                    match event {
+                        Some(zeromq::SocketEvent::Accepted(..)) => {
+                            if let Some((_, counter)) = &self.connections {
+                                counter.fetch_add(1, Ordering::SeqCst);
+                            }
+                        }
+                        Some(_) => {}
+                        None => self.connections = None,
+                    }
+                    continue;
+                }
                 _ = link.stopping() => return Ok(()),
                 received = self.socket.recv() => received,
             };
@@ -180,6 +210,16 @@ impl<S: SocketRecv + Send + 'static> Listen<S> {
                 }
             }
         }
+    }
+}
+
+/// The next connection event, or never when nothing is monitored.
+async fn next_event(
+    connections: &mut Option<(Monitor, Arc<AtomicU64>)>,
+) -> Option<zeromq::SocketEvent> {
+    match connections {
+        Some((monitor, _)) => futures_lite::StreamExt::next(monitor).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -572,15 +612,32 @@ impl DealerOut {
     }
 }
 
-/// A PUB for peers that subscribe just before they send (pylm's client opens a new SUB for
-/// every call): an XPUB that sees subscriptions arrive, and holds each message until a
-/// subscription to its topic arrives *after* the message was ready, or at most `grace`. In the
-/// first case the subscriber was late and is now there; in the second its subscription came
-/// before the message and it is there already. Counting subscriptions instead would not work: a
-/// closed SUB sends no unsubscription, so counts go stale. The price is up to `grace` of
-/// latency when the subscription came first.
+/// A PUB for peers that subscribe just before they send (pylm's client opens a new SUB, and a
+/// new PUSH, for every call): an XPUB that sees subscriptions arrive, and holds each message
+/// until a subscription to its topic arrives *after* the message was ready, or at most `grace`.
+/// In the first case the subscriber was late and is now there; in the second its subscription
+/// came before the message and it is there already. Counting subscriptions instead would not
+/// work: a closed SUB sends no unsubscription, so counts go stale.
+///
+/// With [`HeldPublisher::cleared_until_new_connection`], a topic is *cleared* once a
+/// subscription to it has arrived, or a message for it went out at its deadline (which assumes
+/// the subscriber is there), and no client connection has been accepted on the requests' socket
+/// since; a message for a cleared topic goes out at once, and so does all that waits for a topic
+/// when it is cleared. A new request connection
+/// revokes every clearance, because it may be a per-call client whose new SUB is still on its
+/// way while the one it replaces has closed. The request socket reads connection news ahead of
+/// messages; zeromq sends that news a few instructions after it starts reading the connection,
+/// the one window in which a request could overtake it (and a result then be lost only if the
+/// new SUB's subscription were also still on its way). So a long-lived subscriber pays no latency, and a
+/// per-call one at most once per call what it paid before. This relies on clients that open a new SUB opening a new
+/// request connection with it, as pylm's client does and rylm's (which keeps both) does not need
+/// to. The publisher's own new connections cannot serve instead: zeromq reports an accepted
+/// connection after the peer's subscription may already have been read, and a subscription
+/// read before its connection's news would be forgotten.
 pub struct HeldPublisher {
     socket: zeromq::XPubSocket,
+    /// Connections accepted on the clients' request socket, when clearance is on.
+    connections: Option<Arc<AtomicU64>>,
     codec: Arc<dyn Codec>,
     topic: TopicFn,
     grace: std::time::Duration,
@@ -607,11 +664,20 @@ impl HeldPublisher {
         let address = attach(&mut socket, endpoint).await?;
         Ok(HeldPublisher {
             socket,
+            connections: None,
             codec,
             topic,
             grace,
             address,
         })
+    }
+
+    /// Sends a message for a cleared topic at once (see the type's documentation). `counter`
+    /// must count every connection over which a client's requests can arrive (give it to the
+    /// clients' socket with [`Listen::count_connections`]).
+    pub fn cleared_until_new_connection(mut self, counter: Arc<AtomicU64>) -> Self {
+        self.connections = Some(counter);
+        self
     }
 
     /// The address the socket is on.
@@ -629,6 +695,10 @@ impl HeldPublisher {
     pub async fn run(mut self, mut queue: OutboundQueue) -> Result<(), RouterError> {
         // Messages waiting, by topic: when each may go out at the latest, and its frames.
         let mut held: HashMap<Bytes, Vec<(std::time::Instant, Vec<Bytes>)>> = HashMap::new();
+        // Subscription prefixes seen since the last accepted connection, and that count.
+        let mut cleared: Vec<Bytes> = Vec::new();
+        let mut cleared_at = 0u64;
+        let clearing = self.connections.is_some();
         let mut ticker =
             tokio::time::interval((self.grace / 4).max(std::time::Duration::from_millis(5)));
         loop {
@@ -648,7 +718,13 @@ impl HeldPublisher {
                         let topic = Bytes::from(topic);
                         let mut with_topic = vec![topic.clone()];
                         with_topic.extend(frames.iter().cloned());
-                        held.entry(topic).or_default().push((due, with_topic));
+                        let waiting = held.contains_key(&topic);
+                        revoke_if_connected(&self.connections, &mut cleared, &mut cleared_at);
+                        if clearing && !waiting && cleared.iter().any(|p| topic.starts_with(p)) {
+                            self.send(with_topic).await;
+                        } else {
+                            held.entry(topic).or_default().push((due, with_topic));
+                        }
                     }
                     responder.send(Ok(None));
                 }
@@ -660,6 +736,10 @@ impl HeldPublisher {
                     }
                     // A subscription: what waits for a topic it covers goes out now.
                     let prefix = frame.get(1..).unwrap_or_default();
+                    revoke_if_connected(&self.connections, &mut cleared, &mut cleared_at);
+                    if clearing && !cleared.iter().any(|p| p.as_ref() == prefix) {
+                        cleared.push(Bytes::copy_from_slice(prefix));
+                    }
                     let ready: Vec<Bytes> = held.keys().filter(|t| t.starts_with(prefix)).cloned().collect();
                     for topic in ready {
                         for (_, frames) in held.remove(&topic).unwrap_or_default() {
@@ -670,12 +750,27 @@ impl HeldPublisher {
                 _ = ticker.tick() => {
                     let now = std::time::Instant::now();
                     let mut due = Vec::new();
-                    held.retain(|_, waiting| {
-                        let (now_due, later): (Vec<_>, Vec<_>) = waiting.drain(..).partition(|(at, _)| *at <= now);
-                        due.extend(now_due.into_iter().map(|(_, frames)| frames));
-                        *waiting = later;
-                        !waiting.is_empty()
-                    });
+                    if clearing {
+                        // Sending at the deadline assumes the subscriber came first and is there:
+                        // then it is there for what follows too, until a new connection.
+                        revoke_if_connected(&self.connections, &mut cleared, &mut cleared_at);
+                        let topics: Vec<Bytes> = held
+                            .iter()
+                            .filter(|(_, waiting)| waiting.iter().any(|(at, _)| *at <= now))
+                            .map(|(topic, _)| topic.clone())
+                            .collect();
+                        for topic in topics {
+                            due.extend(held.remove(&topic).unwrap_or_default().into_iter().map(|(_, frames)| frames));
+                            cleared.push(topic);
+                        }
+                    } else {
+                        held.retain(|_, waiting| {
+                            let (now_due, later): (Vec<_>, Vec<_>) = waiting.drain(..).partition(|(at, _)| *at <= now);
+                            due.extend(now_due.into_iter().map(|(_, frames)| frames));
+                            *waiting = later;
+                            !waiting.is_empty()
+                        });
+                    }
                     for frames in due {
                         self.send(frames).await;
                     }
@@ -688,5 +783,20 @@ impl HeldPublisher {
             }
         }
         Ok(())
+    }
+}
+
+/// Forgets every clearance when a connection was accepted since they were given.
+fn revoke_if_connected(
+    connections: &Option<Arc<AtomicU64>>,
+    cleared: &mut Vec<Bytes>,
+    cleared_at: &mut u64,
+) {
+    if let Some(counter) = connections {
+        let now = counter.load(Ordering::SeqCst);
+        if now != *cleared_at {
+            cleared.clear();
+            *cleared_at = now;
+        }
     }
 }

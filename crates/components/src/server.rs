@@ -117,11 +117,18 @@ impl ServerBuilder {
         });
         // pylm clients subscribe just before they send: hold their results until the
         // subscription arrives. Native clients make sure of theirs with a handshake.
+        // When every client reaches this server directly, a subscription stays good until a
+        // new client connection arrives (see `HeldPublisher`).
+        let connections = (self.pylm && self.pull.is_some() && self.subscriptions.is_empty())
+            .then(|| Arc::new(std::sync::atomic::AtomicU64::new(0)));
         let (pub_address, mut builder) = if self.pylm {
             let grace = std::time::Duration::from_millis(50);
-            let publish =
+            let mut publish =
                 crate::parts::HeldPublisher::xpub(&self.publish, topics, self.codec.clone(), grace)
                     .await?;
+            if let Some(counter) = &connections {
+                publish = publish.cleared_until_new_connection(counter.clone());
+            }
             let address = publish.address().to_owned();
             let builder = Router::builder().outbound(
                 "publish",
@@ -143,7 +150,10 @@ impl ServerBuilder {
         };
         let mut pull_address = String::new();
         if let Some(endpoint) = &self.pull {
-            let pull = Listen::pull(endpoint, self.codec.clone()).await?;
+            let mut pull = Listen::pull(endpoint, self.codec.clone()).await?;
+            if let Some(counter) = &connections {
+                pull = pull.count_connections(counter.clone());
+            }
             pull_address = pull.address().to_owned();
             builder = builder.inbound(
                 "clients",

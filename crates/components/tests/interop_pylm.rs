@@ -40,6 +40,31 @@ async fn a_pylm_client_calls_a_rylm_server() {
         .start()
         .await
         .expect("starts");
+    // A long-lived rylm client (pylm wire) calls the same server all along: the publisher may
+    // send its results at once, but must not let that clearance leak to pylm's per-call SUBs.
+    let steady = {
+        use rylm_components::{Client, ClientOptions};
+        let db = server.db_address().to_owned();
+        tokio::spawn(async move {
+            let client = Client::connect_with(&db, ClientOptions::pylm(Duration::from_secs(30)))
+                .await
+                .expect("a rylm client connects in pylm mode");
+            let mut answered = 0;
+            for i in 0..200 {
+                let result = tokio::time::timeout(
+                    Duration::from_secs(20),
+                    client.eval("upper", format!("steady {i}")),
+                )
+                .await
+                .expect("answered in time")
+                .expect("answered");
+                assert_eq!(&result[..], format!("STEADY {i}").as_bytes());
+                answered += 1;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            answered
+        })
+    };
     let run = tokio::process::Command::new(&python)
         .arg(SCRIPT)
         .arg("rylmserver")
@@ -70,6 +95,9 @@ async fn a_pylm_client_calls_a_rylm_server() {
     assert_eq!(got["delete"], "a value");
     assert_eq!(got["missing"], "");
     assert_eq!(got["new_key"], 36, "a set without a key answers a new uuid");
+    let expected: Vec<String> = (0..30).map(|i| format!("CALL {i}")).collect();
+    assert_eq!(got["evals"], serde_json::json!(expected));
+    assert_eq!(steady.await.expect("the steady client"), 200);
     server.shutdown().await.expect("clean");
 }
 

@@ -21,4 +21,6 @@ out["get"] = client.get("a-key").decode()
 out["delete"] = client.delete("a-key")
 out["missing"] = client.get("a-key").decode()
 out["new_key"] = len(client.set(b"anonymous"))
+# Back-to-back calls, each on a new SUB and a new PUSH, the case a publisher must not get wrong.
+out["evals"] = [client.eval(name + ".upper", b"call %d" % i).decode() for i in range(30)]
 print(json.dumps(out))

@@ -418,3 +418,55 @@ async fn a_pylm_client_gets_every_result_of_a_rylm_mux_worker() {
     worker.shutdown().await;
     master.shutdown().await.expect("clean");
 }
+
+/// A rylm Hub in pylm mode farms out a rylm Server's stream to a real pylm Worker, and a rylm
+/// Client takes the results from the Hub: the Hub's clients reach an earlier server, so its
+/// publisher must hold results for them without the connection news a Master has.
+#[tokio::test]
+async fn a_rylm_hub_in_pylm_mode_feeds_a_pylm_worker() {
+    use rylm_components::{Client, ClientOptions, Master};
+
+    let Some(python) = rylm_testkit::pylm_python("a_rylm_hub_in_pylm_mode_feeds_a_pylm_worker")
+    else {
+        return;
+    };
+    let first = Server::builder("first")
+        .pylm_wire()
+        .functions(functions())
+        .start()
+        .await
+        .expect("starts");
+    let hub = Master::builder("hub")
+        .pylm_wire()
+        .subscribe_to(first.pub_address(), &["first"])
+        .start()
+        .await
+        .expect("starts");
+    let worker_script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py/pylm_worker.py");
+    let mut worker = tokio::process::Command::new(&python)
+        .args([worker_script, "pyworker", hub.db_address()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("python starts");
+    let mut options = ClientOptions::pylm(Duration::from_secs(30));
+    options.results_from = Some(hub.pub_address().to_owned());
+    let client = Client::connect_with(first.db_address(), options)
+        .await
+        .expect("connects through the hub");
+    for word in ["abc", "hub", "pylm"] {
+        let result = tokio::time::timeout(
+            Duration::from_secs(30),
+            client.eval_stages(&["first.upper", "hub.reverse"], word),
+        )
+        .await
+        .expect("answered in time")
+        .expect("through a rylm server, a rylm hub and a pylm worker");
+        let expected: String = word.to_uppercase().chars().rev().collect();
+        assert_eq!(&result[..], expected.as_bytes());
+    }
+    let _ = worker.kill().await;
+    hub.shutdown().await.expect("clean");
+    first.shutdown().await.expect("clean");
+}

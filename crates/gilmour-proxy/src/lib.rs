@@ -15,5 +15,19 @@
 //!
 //! The protocol logic (envelopes, lock keys, topic names, composition semantics) is plain data,
 //! tested in memory; the Redis I/O is on `fred`, tested against a real Redis. This crate is
-//! being built: both arrive with the Gilmour issue.
+//! being built: [`protocol`] is here, checked against a recorded trace of the Go engine; the
+//! engine, the proxy and their Redis I/O arrive with the rest of the Gilmour issue.
 #![warn(missing_docs)]
+
+pub mod protocol;
+
+/// What can go wrong in this crate.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A topic was empty.
+    #[error("a Gilmour topic cannot be empty")]
+    EmptyTopic,
+    /// A service was registered under a pattern; only slots take patterns.
+    #[error("services answer one topic, not a pattern: {0:?} has a wildcard (slots may)")]
+    WildcardService(String),
+}

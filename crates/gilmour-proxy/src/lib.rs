@@ -15,10 +15,12 @@
 //!
 //! The protocol logic (envelopes, lock keys, topic names, composition semantics) is plain data,
 //! tested in memory; the Redis I/O is on `fred`, tested against a real Redis. This crate is
-//! being built: [`protocol`] is here, checked against a recorded trace of the Go engine; the
-//! engine, the proxy and their Redis I/O arrive with the rest of the Gilmour issue.
+//! being built: [`protocol`] is here, checked against a recorded trace of the Go engine, and
+//! [`engine`] answers and sends requests (exclusion groups, 404, timeouts) on a real Redis;
+//! slots, health, error records, compositions and the proxy arrive with the rest of the issue.
 #![warn(missing_docs)]
 
+pub mod engine;
 pub mod protocol;
 
 /// What can go wrong in this crate.
@@ -30,4 +32,15 @@ pub enum Error {
     /// A service was registered under a pattern; only slots take patterns.
     #[error("services answer one topic, not a pattern: {0:?} has a wildcard (slots may)")]
     WildcardService(String),
+    /// A second service for a topic this node already serves.
+    #[error("this node already serves {0:?}")]
+    AlreadyServed(String),
+    /// Redis refused or failed a step.
+    #[error("Redis, {what}: {message}")]
+    Redis {
+        /// The step.
+        what: &'static str,
+        /// What Redis or the connection said.
+        message: String,
+    },
 }

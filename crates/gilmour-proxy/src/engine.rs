@@ -1,0 +1,288 @@
+//! A Gilmour node on Redis: services that answer requests, and requests to them. One
+//! subscriber connection carries every channel the node listens on, responses included (the
+//! protocol allows it, and it saves the Go engine's subscribe-per-request connections); one
+//! command connection publishes, counts subscribers and takes locks.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use fred::clients::SubscriberClient;
+use fred::prelude::*;
+use fred::types::Message;
+use serde_json::Value;
+use tokio::sync::oneshot;
+
+use crate::Error;
+use crate::protocol::{self, Envelope};
+
+/// What a service's handler returns: the reply's data, or an error answered with code 500.
+pub type HandlerFuture = Pin<Box<dyn Future<Output = Result<Value, String>> + Send>>;
+type Handler = Arc<dyn Fn(Value) -> HandlerFuture + Send + Sync>;
+
+struct Service {
+    group: String,
+    timeout: Duration,
+    handler: Handler,
+}
+
+#[derive(Default)]
+struct State {
+    /// Waiting requesters, by response channel.
+    pending: Mutex<HashMap<String, oneshot::Sender<Envelope>>>,
+    /// Services, by request channel.
+    services: Mutex<HashMap<String, Arc<Service>>>,
+}
+
+/// A Gilmour node.
+pub struct Node {
+    commands: Client,
+    subscriber: SubscriberClient,
+    state: Arc<State>,
+    dispatch: tokio::task::JoinHandle<()>,
+    resubscribe: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node").finish_non_exhaustive()
+    }
+}
+
+const CONNECT_DEADLINE: Duration = Duration::from_secs(10);
+
+fn redis(what: &'static str) -> impl Fn(fred::error::Error) -> Error {
+    move |error| Error::Redis {
+        what,
+        message: error.to_string(),
+    }
+}
+
+impl Node {
+    /// Connects to the Redis at `url` (`redis://host:port/db`), within 10 s.
+    pub async fn connect(url: &str) -> Result<Node, Error> {
+        let config = Config::from_url(url).map_err(redis("reading the Redis URL"))?;
+        let builder = Builder::from_config(config);
+        let commands = builder.build().map_err(redis("building a client"))?;
+        let subscriber = builder
+            .build_subscriber_client()
+            .map_err(redis("building a subscriber"))?;
+        let late = || Error::Redis {
+            what: "connecting",
+            message: format!("no answer from {url} within {CONNECT_DEADLINE:?}"),
+        };
+        tokio::time::timeout(CONNECT_DEADLINE, commands.init())
+            .await
+            .map_err(|_| late())?
+            .map_err(redis("connecting"))?;
+        tokio::time::timeout(CONNECT_DEADLINE, subscriber.init())
+            .await
+            .map_err(|_| late())?
+            .map_err(redis("connecting"))?;
+        // Resubscribes every channel after a reconnect.
+        let resubscribe = subscriber.manage_subscriptions();
+        let state = Arc::new(State::default());
+        let dispatch = tokio::spawn(dispatch(
+            subscriber.message_rx(),
+            commands.clone(),
+            state.clone(),
+        ));
+        Ok(Node {
+            commands,
+            subscriber,
+            state,
+            dispatch,
+            resubscribe,
+        })
+    }
+
+    /// Answers requests on `topic` in exclusion group `group` (one node of a group answers each
+    /// request), each within `timeout` (a reply of 499 after it).
+    pub async fn reply_to<F, Fut>(
+        &self,
+        topic: &str,
+        group: &str,
+        timeout: Duration,
+        handler: F,
+    ) -> Result<(), Error>
+    where
+        F: Fn(Value) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Value, String>> + Send + 'static,
+    {
+        let channel = protocol::request_channel(protocol::service_topic(topic)?);
+        let service = Arc::new(Service {
+            group: group.to_owned(),
+            timeout,
+            handler: Arc::new(move |data| Box::pin(handler(data))),
+        });
+        {
+            let mut services = self
+                .state
+                .services
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if services.contains_key(&channel) {
+                return Err(Error::AlreadyServed(topic.to_owned()));
+            }
+            services.insert(channel.clone(), service);
+        }
+        self.subscriber
+            .subscribe(channel)
+            .await
+            .map_err(redis("subscribing"))
+    }
+
+    /// Sends `data` to `topic` and waits for the reply, at most `deadline` (then code 499).
+    /// Nobody subscribed to the topic is code 404 at once.
+    pub async fn request(
+        &self,
+        topic: &str,
+        data: Value,
+        deadline: Duration,
+    ) -> Result<Envelope, Error> {
+        let channel = protocol::request_channel(protocol::service_topic(topic)?);
+        let counts: Vec<(String, i64)> = self
+            .commands
+            .pubsub_numsub(channel.clone())
+            .await
+            .map_err(redis("counting subscribers"))?;
+        if counts.iter().all(|(_, n)| *n == 0) {
+            return Ok(Envelope {
+                data: Value::from(format!("no subscriber for {topic}")),
+                code: Some(protocol::NOT_FOUND),
+                sender: String::new(),
+            });
+        }
+        let sender = uuid::Uuid::new_v4().to_string();
+        let response = protocol::response_channel(&sender);
+        let (tx, rx) = oneshot::channel();
+        self.state
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(response.clone(), tx);
+        let outcome = async {
+            self.subscriber
+                .subscribe(response.clone())
+                .await
+                .map_err(redis("subscribing"))?;
+            let _: i64 = self
+                .commands
+                .publish(channel, Envelope::request(data, sender.clone()).encode())
+                .await
+                .map_err(redis("publishing"))?;
+            Ok::<_, Error>(
+                tokio::time::timeout(deadline, rx)
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+                    .unwrap_or_else(|| Envelope::timed_out(&sender)),
+            )
+        }
+        .await;
+        self.state
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&response);
+        let _ = self.subscriber.unsubscribe(response).await;
+        outcome
+    }
+
+    /// Stops listening and closes both connections.
+    pub async fn shutdown(self) {
+        self.dispatch.abort();
+        self.resubscribe.abort();
+        let _ = self.subscriber.quit().await;
+        let _ = self.commands.quit().await;
+    }
+}
+
+/// Hands each message to its requester or its service; never stops on bad input.
+async fn dispatch(
+    mut messages: tokio::sync::broadcast::Receiver<Message>,
+    commands: Client,
+    state: Arc<State>,
+) {
+    loop {
+        let message = match messages.recv().await {
+            Ok(message) => message,
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                tracing::warn!(missed = n, "the subscriber fell behind; messages were lost");
+                continue;
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+        };
+        let channel = message.channel.to_string();
+        let envelope = Envelope::decode(message.value.as_bytes().unwrap_or_default());
+        if channel.starts_with("gilmour.response.") {
+            let waiting = state
+                .pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&channel);
+            if let Some(waiting) = waiting {
+                let _ = waiting.send(envelope);
+            }
+            continue;
+        }
+        let service = state
+            .services
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&channel)
+            .cloned();
+        if let Some(service) = service {
+            tokio::spawn(serve(commands.clone(), service, envelope));
+        }
+    }
+}
+
+/// Takes the group's lock for one request and, when this node wins it, answers.
+async fn serve(commands: Client, service: Arc<Service>, request: Envelope) {
+    if request.sender.is_empty() {
+        tracing::warn!("dropped a request without a sender: nobody to answer");
+        return;
+    }
+    let key = protocol::lock_key(&request.sender, &service.group);
+    let won: Result<Option<String>, _> = commands
+        .set(
+            &key,
+            key.as_str(),
+            Some(Expiration::EX(protocol::LOCK_SECONDS as i64)),
+            Some(SetOptions::NX),
+            false,
+        )
+        .await;
+    match won {
+        Ok(Some(_)) => {}
+        Ok(None) => return,
+        Err(error) => {
+            tracing::warn!(%error, "could not take the group's lock; not answering");
+            return;
+        }
+    }
+    let handler = (service.handler)(request.data);
+    let reply = match tokio::time::timeout(service.timeout, tokio::spawn(handler)).await {
+        Ok(Ok(Ok(data))) => Envelope::reply(data, protocol::OK, &request.sender),
+        Ok(Ok(Err(error))) => Envelope::reply(
+            Value::from(error),
+            protocol::HANDLER_FAILED,
+            &request.sender,
+        ),
+        Ok(Err(panic)) => Envelope::reply(
+            Value::from(format!("the handler panicked: {panic}")),
+            protocol::HANDLER_FAILED,
+            &request.sender,
+        ),
+        Err(_) => Envelope::timed_out(&request.sender),
+    };
+    let published: Result<i64, _> = commands
+        .publish(protocol::response_channel(&request.sender), reply.encode())
+        .await;
+    if let Err(error) = published {
+        tracing::warn!(%error, "could not publish a reply");
+    }
+}

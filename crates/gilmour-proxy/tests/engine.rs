@@ -1,0 +1,182 @@
+//! A Gilmour node on the Redis that `cargo xtask test` provisions: requests and replies,
+//! exclusion groups, 404 when nobody listens, handler timeouts and failures, bad input.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use rylm_gilmour_proxy::Error;
+use rylm_gilmour_proxy::engine::Node;
+use serde_json::{Value, json};
+
+const DEADLINE: Duration = Duration::from_secs(10);
+
+async fn node(test: &str) -> Option<Node> {
+    let url = rylm_testkit::redis_url(test)?;
+    Some(Node::connect(&url).await.expect("connects"))
+}
+
+/// A topic of this test run alone (tests share one Redis).
+fn topic(name: &str) -> String {
+    format!("{name}.{}", uuid_like())
+}
+
+fn uuid_like() -> String {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    format!("{}-{nanos}", std::process::id())
+}
+
+#[tokio::test]
+async fn a_request_gets_its_reply_and_failures_get_their_codes() {
+    let Some(server) = node("a_request_gets_its_reply_and_failures_get_their_codes").await else {
+        return;
+    };
+    let client = node("a_request_gets_its_reply")
+        .await
+        .expect("a second node");
+    let (echo, slow, failing) = (topic("echo"), topic("slow"), topic("failing"));
+    server
+        .reply_to(&echo, "echoers", DEADLINE, |data: Value| async move {
+            Ok(json!(format!("echo:{}", data.as_str().unwrap_or_default())))
+        })
+        .await
+        .expect("serves");
+    server
+        .reply_to(&slow, "_default", Duration::from_millis(200), |_| async {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            Ok(Value::Null)
+        })
+        .await
+        .expect("serves");
+    server
+        .reply_to(&failing, "_default", DEADLINE, |_| async {
+            Err("failed on purpose".to_owned())
+        })
+        .await
+        .expect("serves");
+
+    let reply = client
+        .request(&echo, json!("hi"), DEADLINE)
+        .await
+        .expect("replied");
+    assert_eq!((reply.data, reply.code), (json!("echo:hi"), Some(200)));
+    let reply = client
+        .request(&slow, json!("x"), DEADLINE)
+        .await
+        .expect("replied");
+    assert_eq!(
+        (reply.data, reply.code),
+        (json!("Execution timed out"), Some(499)),
+        "the handler's timeout"
+    );
+    let reply = client
+        .request(&failing, json!("x"), DEADLINE)
+        .await
+        .expect("replied");
+    assert_eq!(
+        (reply.data, reply.code),
+        (json!("failed on purpose"), Some(500))
+    );
+    let reply = client
+        .request(&topic("nobody"), json!("x"), DEADLINE)
+        .await
+        .expect("answered");
+    assert_eq!(reply.code, Some(404), "nobody listens");
+    // The requester's own deadline: 499 without waiting out the handler.
+    let reply = client
+        .request(&slow, json!("x"), Duration::from_millis(50))
+        .await
+        .expect("answered");
+    assert_eq!(reply.code, Some(499));
+
+    assert!(matches!(
+        server
+            .reply_to(&echo, "echoers", DEADLINE, |_| async { Ok(Value::Null) })
+            .await,
+        Err(Error::AlreadyServed(_))
+    ));
+    assert!(matches!(
+        server
+            .reply_to("evt.*", "g", DEADLINE, |_| async { Ok(Value::Null) })
+            .await,
+        Err(Error::WildcardService(_))
+    ));
+    client.shutdown().await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn one_node_of_a_group_answers_each_request() {
+    let Some(first) = node("one_node_of_a_group_answers_each_request").await else {
+        return;
+    };
+    let second = node("one_node_of_a_group").await.expect("a second node");
+    let client = node("one_node_of_a_group").await.expect("a third node");
+    let work = topic("work");
+    let runs = Arc::new(AtomicUsize::new(0));
+    for server in [&first, &second] {
+        let runs = runs.clone();
+        server
+            .reply_to(&work, "workers", DEADLINE, move |data| {
+                let runs = runs.clone();
+                async move {
+                    runs.fetch_add(1, Ordering::SeqCst);
+                    Ok(data)
+                }
+            })
+            .await
+            .expect("serves");
+    }
+    for i in 0..20 {
+        let reply = client
+            .request(&work, json!(i), DEADLINE)
+            .await
+            .expect("replied");
+        assert_eq!((reply.data, reply.code), (json!(i), Some(200)));
+    }
+    // Both nodes hear every request; the lock lets one run it. A loser could still be on its
+    // way to the lock: give it time to lose.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(runs.load(Ordering::SeqCst), 20);
+    for node in [client, first, second] {
+        node.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn garbage_on_a_request_channel_does_not_stop_a_node() {
+    let Some(server) = node("garbage_on_a_request_channel_does_not_stop_a_node").await else {
+        return;
+    };
+    let client = node("garbage").await.expect("a second node");
+    let echo = topic("echo");
+    server
+        .reply_to(&echo, "_default", DEADLINE, |data| async move { Ok(data) })
+        .await
+        .expect("serves");
+    let url = rylm_testkit::redis_url("garbage").expect("Redis");
+    let raw =
+        fred::prelude::Builder::from_config(fred::prelude::Config::from_url(&url).expect("a URL"))
+            .build()
+            .expect("a client");
+    use fred::prelude::{ClientLike, PubsubInterface};
+    raw.init().await.expect("connects");
+    for garbage in ["not json", "{\"data\":1}", "[1,2", "\u{0}\u{1}"] {
+        let _: i64 = raw
+            .publish(format!("gilmour.request.{echo}"), garbage)
+            .await
+            .expect("published");
+    }
+    let reply = client
+        .request(&echo, json!({"still": "here"}), DEADLINE)
+        .await
+        .expect("replied");
+    assert_eq!(reply.data, json!({"still": "here"}));
+    let _ = raw.quit().await;
+    client.shutdown().await;
+    server.shutdown().await;
+}

@@ -34,6 +34,20 @@ struct State {
     pending: Mutex<HashMap<String, oneshot::Sender<Envelope>>>,
     /// Services, by request channel.
     services: Mutex<HashMap<String, Arc<Service>>>,
+    /// Slots: by channel, or by pattern for the ones with a wildcard.
+    slots: Mutex<Vec<Arc<Slot>>>,
+}
+
+/// What a slot's handler gets: the concrete topic the signal came on, and its data.
+pub type SlotFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
+type SlotHandler = Arc<dyn Fn(String, Value) -> SlotFuture + Send + Sync>;
+
+struct Slot {
+    /// The channel, or the pattern.
+    channel: String,
+    pattern: bool,
+    group: Option<String>,
+    handler: SlotHandler,
 }
 
 /// A Gilmour node.
@@ -134,6 +148,53 @@ impl Node {
             .map_err(redis("subscribing"))
     }
 
+    /// Runs `handler` for every signal on `topic`, a Redis glob pattern when it has a wildcard
+    /// (`evt.*`). Without a group the slot runs in every node that has it; with one, the
+    /// group's lock lets one node of the group run each signal.
+    pub async fn slot<F, Fut>(
+        &self,
+        topic: &str,
+        group: Option<&str>,
+        handler: F,
+    ) -> Result<(), Error>
+    where
+        F: Fn(String, Value) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let channel = protocol::slot_channel(protocol::slot_topic(topic)?);
+        let pattern = protocol::is_pattern(&channel);
+        let slot = Arc::new(Slot {
+            channel: channel.clone(),
+            pattern,
+            group: group.map(str::to_owned),
+            handler: Arc::new(move |topic, data| Box::pin(handler(topic, data))),
+        });
+        self.state
+            .slots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(slot);
+        let subscribed = if pattern {
+            self.subscriber.psubscribe(channel).await
+        } else {
+            self.subscriber.subscribe(channel).await
+        };
+        subscribed.map_err(redis("subscribing"))
+    }
+
+    /// Publishes a signal on `topic`; nothing replies. Returns how many subscriptions received
+    /// it: 0 means no slot heard it.
+    pub async fn signal(&self, topic: &str, data: Value) -> Result<usize, Error> {
+        let channel = protocol::slot_channel(protocol::service_topic(topic)?);
+        let sender = uuid::Uuid::new_v4().to_string();
+        let receivers: i64 = self
+            .commands
+            .publish(channel, Envelope::request(data, sender).encode())
+            .await
+            .map_err(redis("publishing"))?;
+        Ok(usize::try_from(receivers).unwrap_or(0))
+    }
+
     /// Sends `data` to `topic` and waits for the reply, at most `deadline` (then code 499).
     /// Nobody subscribed to the topic is code 404 at once.
     pub async fn request(
@@ -228,6 +289,35 @@ async fn dispatch(
             }
             continue;
         }
+        if channel.starts_with("gilmour.slot.") {
+            // A pattern's delivery goes to the pattern slots it matches, a channel's to the
+            // slots of that channel: Redis delivers once for each way a node subscribed.
+            let by_pattern = matches!(message.kind, fred::types::MessageKind::PMessage);
+            let slots: Vec<Arc<Slot>> = state
+                .slots
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .filter(|slot| {
+                    slot.pattern == by_pattern
+                        && if by_pattern {
+                            protocol::glob_match(&slot.channel, &channel)
+                        } else {
+                            slot.channel == channel
+                        }
+                })
+                .cloned()
+                .collect();
+            for slot in slots {
+                tokio::spawn(run_slot(
+                    commands.clone(),
+                    slot,
+                    channel.clone(),
+                    envelope.clone(),
+                ));
+            }
+            continue;
+        }
         let service = state
             .services
             .lock()
@@ -240,13 +330,9 @@ async fn dispatch(
     }
 }
 
-/// Takes the group's lock for one request and, when this node wins it, answers.
-async fn serve(commands: Client, service: Arc<Service>, request: Envelope) {
-    if request.sender.is_empty() {
-        tracing::warn!("dropped a request without a sender: nobody to answer");
-        return;
-    }
-    let key = protocol::lock_key(&request.sender, &service.group);
+/// Takes the lock of `group` for the message from `sender`: whether this node runs it.
+async fn lock(commands: &Client, sender: &str, group: &str) -> bool {
+    let key = protocol::lock_key(sender, group);
     let won: Result<Option<String>, _> = commands
         .set(
             &key,
@@ -257,12 +343,39 @@ async fn serve(commands: Client, service: Arc<Service>, request: Envelope) {
         )
         .await;
     match won {
-        Ok(Some(_)) => {}
-        Ok(None) => return,
+        Ok(won) => won.is_some(),
         Err(error) => {
-            tracing::warn!(%error, "could not take the group's lock; not answering");
+            tracing::warn!(%error, "could not take the group's lock; leaving the message to others");
+            false
+        }
+    }
+}
+
+/// Runs a slot for one signal, after its group's lock when it has a group.
+async fn run_slot(commands: Client, slot: Arc<Slot>, channel: String, signal: Envelope) {
+    if let Some(group) = &slot.group {
+        if signal.sender.is_empty() {
+            tracing::warn!("dropped a signal without a sender: its group cannot lock it");
             return;
         }
+        if !lock(&commands, &signal.sender, group).await {
+            return;
+        }
+    }
+    let topic = protocol::topic_of(&channel).to_owned();
+    if let Err(panic) = tokio::spawn((slot.handler)(topic, signal.data)).await {
+        tracing::warn!(%panic, channel = %channel, "a slot's handler panicked");
+    }
+}
+
+/// Takes the group's lock for one request and, when this node wins it, answers.
+async fn serve(commands: Client, service: Arc<Service>, request: Envelope) {
+    if request.sender.is_empty() {
+        tracing::warn!("dropped a request without a sender: nobody to answer");
+        return;
+    }
+    if !lock(&commands, &request.sender, &service.group).await {
+        return;
     }
     let handler = (service.handler)(request.data);
     let reply = match tokio::time::timeout(service.timeout, tokio::spawn(handler)).await {

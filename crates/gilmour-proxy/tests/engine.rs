@@ -180,3 +180,76 @@ async fn garbage_on_a_request_channel_does_not_stop_a_node() {
     client.shutdown().await;
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn slots_hear_signals_by_topic_and_pattern_and_a_group_runs_each_once() {
+    let Some(a) = node("slots_hear_signals_by_topic_and_pattern_and_a_group_runs_each_once").await
+    else {
+        return;
+    };
+    let b = node("slots").await.expect("a second node");
+    let c = node("slots").await.expect("a third node");
+    let base = topic("evt");
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(String, String, Value)>();
+    let record = |who: &'static str| {
+        let tx = tx.clone();
+        move |topic: String, data: Value| {
+            let tx = tx.clone();
+            async move {
+                let _ = tx.send((who.to_owned(), topic, data));
+            }
+        }
+    };
+    a.slot(&format!("{base}.*"), None, record("a-pattern"))
+        .await
+        .expect("listens");
+    a.slot(&format!("{base}.created"), None, record("a-exact"))
+        .await
+        .expect("listens");
+    b.slot(&format!("{base}.*"), Some("g1"), record("group"))
+        .await
+        .expect("listens");
+    c.slot(&format!("{base}.*"), Some("g1"), record("group"))
+        .await
+        .expect("listens");
+    drop(tx);
+
+    let heard = a
+        .signal(&format!("{base}.created"), json!({"id": 1}))
+        .await
+        .expect("published");
+    assert_eq!(heard, 4, "two subscriptions of a, and b's and c's");
+    let mut got = Vec::new();
+    while let Ok(Some(event)) = tokio::time::timeout(Duration::from_millis(500), rx.recv()).await {
+        got.push(event);
+    }
+    got.sort_by(|x, y| (&x.0, &x.1).cmp(&(&y.0, &y.1)));
+    let topic = format!("{base}.created");
+    assert_eq!(
+        got,
+        vec![
+            ("a-exact".to_owned(), topic.clone(), json!({"id": 1})),
+            ("a-pattern".to_owned(), topic.clone(), json!({"id": 1})),
+            ("group".to_owned(), topic.clone(), json!({"id": 1})),
+        ],
+        "every ungrouped slot once, the group once, the concrete topic reported"
+    );
+    assert_eq!(
+        a.signal(&topic_of_nobody(), json!(1))
+            .await
+            .expect("published"),
+        0,
+        "no slot heard it"
+    );
+    assert!(matches!(
+        a.signal("evt.*", json!(1)).await,
+        Err(Error::WildcardService(_))
+    ));
+    for node in [a, b, c] {
+        node.shutdown().await;
+    }
+}
+
+fn topic_of_nobody() -> String {
+    topic("nobody")
+}

@@ -36,6 +36,8 @@ struct State {
     services: Mutex<HashMap<String, Arc<Service>>>,
     /// Slots: by channel, or by pattern for the ones with a wildcard.
     slots: Mutex<Vec<Arc<Slot>>>,
+    /// This node's ident, once health is on.
+    ident: Mutex<Option<String>>,
 }
 
 /// What a slot's handler gets: the concrete topic the signal came on, and its data.
@@ -182,6 +184,51 @@ impl Node {
         subscribed.map_err(redis("subscribing"))
     }
 
+    /// Joins the health registry: `HSET gilmour.known_host.health <ident> true`, and answers
+    /// pings on `gilmour.health.<ident>` with the topics this node serves. Leaves it on
+    /// [`Node::shutdown`]. Returns the ident (`<host>-pid-<pid>-uuid-<uuid>`).
+    pub async fn enable_health(&self) -> Result<String, Error> {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .ok()
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "localhost".to_owned());
+        let ident = format!(
+            "{host}-pid-{}-uuid-{}",
+            std::process::id(),
+            uuid::Uuid::new_v4()
+        );
+        let state = self.state.clone();
+        self.reply_to(
+            &protocol::health_channel(&ident),
+            protocol::HEALTH_GROUP,
+            CONNECT_DEADLINE,
+            move |_| {
+                let state = state.clone();
+                async move {
+                    let mut topics: Vec<String> = state
+                        .services
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .keys()
+                        .filter(|c| c.starts_with("gilmour.request."))
+                        .map(|c| protocol::topic_of(c).to_owned())
+                        .collect();
+                    topics.sort();
+                    Ok(Value::from(topics))
+                }
+            },
+        )
+        .await?;
+        let _: i64 = self
+            .commands
+            .hset(protocol::HEALTH_HASH, (ident.as_str(), "true"))
+            .await
+            .map_err(redis("joining the health registry"))?;
+        *self.state.ident.lock().unwrap_or_else(|e| e.into_inner()) = Some(ident.clone());
+        Ok(ident)
+    }
+
     /// Publishes a signal on `topic`; nothing replies. Returns how many subscriptions received
     /// it: 0 means no slot heard it.
     pub async fn signal(&self, topic: &str, data: Value) -> Result<usize, Error> {
@@ -252,8 +299,21 @@ impl Node {
         outcome
     }
 
-    /// Stops listening and closes both connections.
+    /// Leaves the health registry (when it joined), stops listening and closes both
+    /// connections.
     pub async fn shutdown(self) {
+        let ident = self
+            .state
+            .ident
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(ident) = ident {
+            let left: Result<i64, _> = self.commands.hdel(protocol::HEALTH_HASH, ident).await;
+            if let Err(error) = left {
+                tracing::warn!(%error, "could not leave the health registry");
+            }
+        }
         self.dispatch.abort();
         self.resubscribe.abort();
         let _ = self.subscriber.quit().await;

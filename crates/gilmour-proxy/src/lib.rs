@@ -17,8 +17,8 @@
 //! tested in memory; the Redis I/O is on `fred`, tested against a real Redis. This crate is
 //! being built: [`protocol`] is here, checked against a recorded trace of the Go engine, and
 //! [`engine`] answers and sends requests (exclusion groups, 404, timeouts) and signals slots
-//! (wildcard patterns, grouped slots under the lock) on a real Redis; health, error records,
-//! compositions and the proxy arrive with the rest of the issue.
+//! (wildcard patterns, grouped slots under the lock), and joins the health registry, on a real
+//! Redis; error records, compositions and the proxy arrive with the rest of the issue.
 #![warn(missing_docs)]
 
 pub mod engine;

@@ -253,3 +253,56 @@ async fn slots_hear_signals_by_topic_and_pattern_and_a_group_runs_each_once() {
 fn topic_of_nobody() -> String {
     topic("nobody")
 }
+
+#[tokio::test]
+async fn a_node_joins_the_health_registry_answers_pings_and_leaves() {
+    use fred::prelude::{ClientLike, HashesInterface};
+
+    let Some(server) = node("a_node_joins_the_health_registry_answers_pings_and_leaves").await
+    else {
+        return;
+    };
+    let monitor = node("health").await.expect("a second node");
+    let echo = topic("echo");
+    server
+        .reply_to(&echo, "_default", DEADLINE, |data| async move { Ok(data) })
+        .await
+        .expect("serves");
+    let ident = server.enable_health().await.expect("joins");
+    assert!(
+        ident.contains("-pid-") && ident.contains("-uuid-"),
+        "{ident}"
+    );
+
+    let url = rylm_testkit::redis_url("health").expect("Redis");
+    let raw =
+        fred::prelude::Builder::from_config(fred::prelude::Config::from_url(&url).expect("a URL"))
+            .build()
+            .expect("a client");
+    raw.init().await.expect("connects");
+    let registered: Option<String> = raw
+        .hget(rylm_gilmour_proxy::protocol::HEALTH_HASH, &ident)
+        .await
+        .expect("HGET");
+    assert_eq!(registered.as_deref(), Some("true"));
+
+    // A monitor pings the raw health channel, as health-bulletin does.
+    let pong = monitor
+        .request(
+            &rylm_gilmour_proxy::protocol::health_channel(&ident),
+            Value::Null,
+            DEADLINE,
+        )
+        .await
+        .expect("answered");
+    assert_eq!((pong.data, pong.code), (json!([echo]), Some(200)));
+
+    server.shutdown().await;
+    let registered: Option<String> = raw
+        .hget(rylm_gilmour_proxy::protocol::HEALTH_HASH, &ident)
+        .await
+        .expect("HGET");
+    assert_eq!(registered, None, "left the registry on shutdown");
+    let _ = raw.quit().await;
+    monitor.shutdown().await;
+}

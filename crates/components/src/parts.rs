@@ -714,12 +714,12 @@ impl HeldPublisher {
                         }
                     };
                     let due = std::time::Instant::now() + self.grace;
+                    revoke_if_connected(&self.connections, &mut cleared, &mut cleared_at);
                     for topic in (self.topic)(&message) {
                         let topic = Bytes::from(topic);
                         let mut with_topic = vec![topic.clone()];
                         with_topic.extend(frames.iter().cloned());
                         let waiting = held.contains_key(&topic);
-                        revoke_if_connected(&self.connections, &mut cleared, &mut cleared_at);
                         if clearing && !waiting && cleared.iter().any(|p| topic.starts_with(p)) {
                             self.send(with_topic).await;
                         } else {

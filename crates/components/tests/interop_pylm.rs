@@ -9,6 +9,14 @@ use serde_json::Value;
 
 const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py/pylm_client.py");
 
+/// A port nobody listens on now, for a pylm process to bind.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a port")
+}
+
 fn functions() -> Functions {
     Functions::new()
         .add("upper", |p: Bytes| async move {
@@ -110,13 +118,7 @@ async fn a_rylm_client_calls_a_pylm_server() {
     let Some(python) = rylm_testkit::pylm_python("a_rylm_client_calls_a_pylm_server") else {
         return;
     };
-    let port = || {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("a port")
-    };
-    let (pull, publish, db) = (port(), port(), port());
+    let (pull, publish, db) = (free_port(), free_port(), free_port());
     let address = |p: u16| format!("tcp://127.0.0.1:{p}");
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py/pylm_server.py");
     let mut server = tokio::process::Command::new(&python)
@@ -171,19 +173,13 @@ async fn a_rylm_worker_serves_a_pylm_master() {
     let Some(python) = rylm_testkit::pylm_python("a_rylm_worker_serves_a_pylm_master") else {
         return;
     };
-    let port = || {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("a port")
-    };
     let address = |p: u16| format!("tcp://127.0.0.1:{p}");
     let (pull, publish, worker_pull, worker_push, db) = (
-        address(port()),
-        address(port()),
-        address(port()),
-        address(port()),
-        address(port()),
+        address(free_port()),
+        address(free_port()),
+        address(free_port()),
+        address(free_port()),
+        address(free_port()),
     );
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py/pylm_master.py");
     let mut master = tokio::process::Command::new(&python)
@@ -321,15 +317,9 @@ async fn a_pipeline_mixes_pylm_and_rylm_stages() {
         .start()
         .await
         .expect("starts");
-    let port = || {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("a port")
-    };
     let (middle_db, middle_pub) = (
-        format!("tcp://127.0.0.1:{}", port()),
-        format!("tcp://127.0.0.1:{}", port()),
+        format!("tcp://127.0.0.1:{}", free_port()),
+        format!("tcp://127.0.0.1:{}", free_port()),
     );
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py/pylm_pipeline.py");
     let mut middle = tokio::process::Command::new(&python)

@@ -18,16 +18,19 @@ async fn node(test: &str) -> Option<Node> {
 
 /// A topic of this test run alone (tests share one Redis).
 fn topic(name: &str) -> String {
-    format!("{name}.{}", uuid_like())
+    format!("{name}.{}", uuid::Uuid::new_v4())
 }
 
-fn uuid_like() -> String {
-    use std::time::{SystemTime, UNIX_EPOCH};
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or_default();
-    format!("{}-{nanos}", std::process::id())
+/// A plain fred client on the test Redis, to act outside the protocol.
+async fn raw_client(test: &str) -> fred::prelude::Client {
+    use fred::prelude::ClientLike;
+    let url = rylm_testkit::redis_url(test).expect("Redis");
+    let raw =
+        fred::prelude::Builder::from_config(fred::prelude::Config::from_url(&url).expect("a URL"))
+            .build()
+            .expect("a client");
+    raw.init().await.expect("connects");
+    raw
 }
 
 #[tokio::test]
@@ -158,13 +161,8 @@ async fn garbage_on_a_request_channel_does_not_stop_a_node() {
         .reply_to(&echo, "_default", DEADLINE, |data| async move { Ok(data) })
         .await
         .expect("serves");
-    let url = rylm_testkit::redis_url("garbage").expect("Redis");
-    let raw =
-        fred::prelude::Builder::from_config(fred::prelude::Config::from_url(&url).expect("a URL"))
-            .build()
-            .expect("a client");
     use fred::prelude::{ClientLike, PubsubInterface};
-    raw.init().await.expect("connects");
+    let raw = raw_client("garbage").await;
     for garbage in ["not json", "{\"data\":1}", "[1,2", "\u{0}\u{1}"] {
         let _: i64 = raw
             .publish(format!("gilmour.request.{echo}"), garbage)
@@ -274,12 +272,7 @@ async fn a_node_joins_the_health_registry_answers_pings_and_leaves() {
         "{ident}"
     );
 
-    let url = rylm_testkit::redis_url("health").expect("Redis");
-    let raw =
-        fred::prelude::Builder::from_config(fred::prelude::Config::from_url(&url).expect("a URL"))
-            .build()
-            .expect("a client");
-    raw.init().await.expect("connects");
+    let raw = raw_client("health").await;
     let registered: Option<String> = raw
         .hget(rylm_gilmour_proxy::protocol::HEALTH_HASH, &ident)
         .await

@@ -49,6 +49,8 @@ pub struct Servers {
     pub amqp_url: String,
     /// A script that runs `rabbitmqctl` against the private node (for restart tests).
     pub rabbitmqctl: PathBuf,
+    /// The `redis-server` program, for tests that run and restart a Redis of their own.
+    pub redis_server: PathBuf,
     keep: bool,
 }
 
@@ -59,6 +61,7 @@ impl Servers {
             ("RYLM_REDIS_URL", self.redis_url.clone()),
             ("RYLM_AMQP_URL", self.amqp_url.clone()),
             ("RYLM_RABBITMQCTL", self.rabbitmqctl.display().to_string()),
+            ("RYLM_REDIS_SERVER", self.redis_server.display().to_string()),
         ]
     }
 
@@ -160,6 +163,7 @@ pub fn start() -> Result<Servers> {
             );
             Ok(Servers {
                 rabbitmqctl: dir.join("rabbitmqctl"),
+                redis_server: binaries.redis.clone(),
                 dir,
                 redis_url,
                 amqp_url,

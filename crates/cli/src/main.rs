@@ -68,6 +68,14 @@ enum Command {
         #[command(subcommand)]
         command: syrpc::SyrpcCommand,
     },
+    /// The Gilmour HTTP proxy: programs in any language join a Gilmour network over HTTP
+    /// (`rylm gilmour-proxy --help` for its options).
+    #[command(disable_help_flag = true)]
+    GilmourProxy {
+        /// `--redis URL`, `--listen ADDR`, `--token T` and the rest (see `--help`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Decode one message and print its fields.
     Inspect {
         /// The wire format of the input.
@@ -133,6 +141,19 @@ fn main() -> Result<()> {
         .init();
     match Cli::parse().command {
         Command::Syrpc { command } => runtime()?.block_on(syrpc::run(command)),
+        Command::GilmourProxy { args } => {
+            let Some(config) = rylm_gilmour_proxy::proxy::ProxyConfig::from_args(args)
+                .map_err(|e| anyhow::anyhow!(e))?
+            else {
+                print!(
+                    "{}",
+                    rylm_gilmour_proxy::proxy::USAGE
+                        .replace("rylm-gilmour-proxy", "rylm gilmour-proxy")
+                );
+                return Ok(());
+            };
+            Ok(runtime()?.block_on(rylm_gilmour_proxy::proxy::run_until_stopped(config))?)
+        }
         Command::Service(args) => runtime()?.block_on(services::serve(args)),
         Command::Server(args) => runtime()?.block_on(topology::server(args)),
         Command::Master(args) => runtime()?.block_on(topology::master(args, None)),

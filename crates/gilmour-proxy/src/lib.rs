@@ -21,8 +21,12 @@
 //! Redis; error records, compositions and the proxy arrive with the rest of the issue.
 #![warn(missing_docs)]
 
+pub mod api;
+pub mod compose;
 pub mod engine;
+pub mod metrics;
 pub mod protocol;
+pub mod proxy;
 
 /// What can go wrong in this crate.
 #[derive(Debug, thiserror::Error)]
@@ -33,9 +37,21 @@ pub enum Error {
     /// A service was registered under a pattern; only slots take patterns.
     #[error("services answer one topic, not a pattern: {0:?} has a wildcard (slots may)")]
     WildcardService(String),
+    /// A service without an exclusion group.
+    #[error("the service {0:?} needs an exclusion group")]
+    NoGroup(String),
     /// A second service for a topic this node already serves.
     #[error("this node already serves {0:?}")]
     AlreadyServed(String),
+    /// The proxy could not listen.
+    #[error("cannot listen on {address}: {source}")]
+    Listen {
+        /// The address.
+        address: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// Redis refused or failed a step.
     #[error("Redis, {what}: {message}")]
     Redis {

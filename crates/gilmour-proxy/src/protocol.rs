@@ -355,3 +355,59 @@ pub struct ErrorRecord {
     /// The reply's code.
     pub code: i64,
 }
+
+impl ErrorRecord {
+    /// The record of a reply with a failing `code` to the request `request` made on `topic`, at
+    /// `now` (time since the Unix epoch).
+    pub fn of(topic: &str, request: &Envelope, reply: &Envelope, now: std::time::Duration) -> Self {
+        ErrorRecord {
+            topic: topic.to_owned(),
+            request_data: request.data.clone(),
+            userdata: reply.data.clone(),
+            sender: request.sender.clone(),
+            multi_process: false,
+            timestamp: rfc3339(now),
+            backtrace: Value::Null,
+            code: reply.code(),
+        }
+    }
+
+    /// The envelope it is published in: the record as data, the reply's code, the request's
+    /// sender.
+    pub fn envelope(&self) -> Envelope {
+        Envelope {
+            data: serde_json::to_value(self).unwrap_or(Value::Null),
+            code: Some(self.code),
+            sender: self.sender.clone(),
+        }
+    }
+}
+
+/// `since_epoch` as an RFC 3339 UTC timestamp with milliseconds: `2026-11-22T06:30:00.123Z`.
+pub fn rfc3339(since_epoch: std::time::Duration) -> String {
+    let seconds = since_epoch.as_secs();
+    let days = i64::try_from(seconds / 86_400).unwrap_or(0);
+    let of_day = seconds % 86_400;
+    // Days to a civil date (the proleptic Gregorian calendar), in 400-year eras.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let day_of_era = z.rem_euclid(146_097);
+    let year_of_era =
+        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let shifted_month = (5 * day_of_year + 2) / 153;
+    let day = day_of_year - (153 * shifted_month + 2) / 5 + 1;
+    let month = if shifted_month < 10 {
+        shifted_month + 3
+    } else {
+        shifted_month - 9
+    };
+    let year = year_of_era + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        of_day / 3600,
+        of_day / 60 % 60,
+        of_day % 60,
+        since_epoch.subsec_millis()
+    )
+}

@@ -7,27 +7,8 @@ use serde_json::{Value, json};
 
 const TRACE: &str = include_str!("fixtures/gilmour-go-monitor.log");
 
-/// One MONITOR line's command and arguments, unquoted.
-fn command(line: &str) -> Option<Vec<String>> {
-    let rest = line.split_once("] ")?.1;
-    let mut args = Vec::new();
-    let mut chars = rest.chars();
-    while let Some(c) = chars.next() {
-        if c != '"' {
-            continue;
-        }
-        let mut arg = String::new();
-        loop {
-            match chars.next()? {
-                '"' => break,
-                '\\' => arg.push(chars.next()?),
-                other => arg.push(other),
-            }
-        }
-        args.push(arg);
-    }
-    Some(args)
-}
+mod common;
+use common::command;
 
 fn trace() -> Vec<Vec<String>> {
     TRACE

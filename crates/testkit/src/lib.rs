@@ -58,6 +58,16 @@ pub fn node_peers(test: &str) -> Option<(String, String)> {
     Some((node, modules))
 }
 
+/// The `redis-server` program, for a test that runs (and restarts) a Redis of its own; `None`
+/// (after a loud message) when the test should skip.
+///
+/// # Panics
+///
+/// When it is not given and `RYLM_REQUIRE_SERVERS=1`.
+pub fn redis_server(test: &str) -> Option<String> {
+    server_url("RYLM_REDIS_SERVER", "the redis-server program", test)
+}
+
 /// A Python with pylm installed, as `cargo xtask test` provides it; `None` (after a loud
 /// message) when the test should skip.
 ///

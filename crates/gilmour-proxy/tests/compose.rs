@@ -1,6 +1,8 @@
 //! Composition semantics in memory: a runner whose services are plain functions, so each kind's
 //! rule (what each step gets, where it stops, what it keeps) is checked without I/O. The same
 //! compositions run on a real Redis in `tests/node.rs`.
+// In tests a panic is the failure report.
+#![allow(clippy::unwrap_used)]
 
 use std::sync::Mutex;
 use std::time::Duration;

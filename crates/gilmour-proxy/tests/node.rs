@@ -1,6 +1,8 @@
 //! The node's other duties on a real Redis: compositions of every kind, error records, the
 //! bound on running handlers, removing subscriptions, stopping a handler past its timeout, and
 //! a Redis of the test's own for AUTH and a restart.
+// In tests a panic is the failure report.
+#![allow(clippy::unwrap_used)]
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -467,10 +469,10 @@ async fn nodes_authenticate_and_come_back_after_a_redis_restart() {
             client.request(&echo, json!("after"), Duration::from_secs(2)),
         )
         .await;
-        if let Ok(Ok(reply)) = &attempt {
-            if reply.code() == 200 {
-                break reply.clone();
-            }
+        if let Ok(Ok(reply)) = &attempt
+            && reply.code() == 200
+        {
+            break reply.clone();
         }
         assert!(
             Instant::now() < deadline,

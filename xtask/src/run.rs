@@ -205,7 +205,7 @@ fn parse_test_result(line: &str) -> Option<(u64, u64)> {
 }
 
 /// The examples `cargo xtask demo` runs, in order, with what each shows.
-const DEMO_PARTS: [(&str, &str); 7] = [
+const DEMO_PARTS: [(&str, &str); 8] = [
     (
         "the ground: framed envelopes over ZeroMQ, Redis and RabbitMQ",
         "ground",
@@ -233,6 +233,10 @@ const DEMO_PARTS: [(&str, &str); 7] = [
     (
         "services by path and METHOD: a web front calls a slow service, sync and async",
         "services_web",
+    ),
+    (
+        "Gilmour over HTTP: a Python node joins through the proxy, serves and calls",
+        "gilmour_proxy",
     ),
 ];
 

@@ -288,8 +288,9 @@ pub fn demo(keep_servers: bool) -> Result<()> {
 const CRITERION: [&str; 2] = ["codec", "router"];
 
 /// End-to-end benches: (name, binary of `benches`, whether it needs the provisioned servers).
-const END_TO_END: [(&str, &str, bool); 5] = [
+const END_TO_END: [(&str, &str, bool); 6] = [
     ("syrpc", "syrpc", true),
+    ("gilmour", "gilmour", true),
     ("services", "services", false),
     ("router", "router_e2e", false),
     ("gateway", "gateway", false),

@@ -79,6 +79,7 @@ async fn main() -> Result<()> {
             other => bail!("the proxy did not take the node: {other:?}"),
         }
     };
+    eprintln!("the HTTP node is registered with the proxy");
     let id = registered["id"].as_str().context("a node id")?.to_owned();
     let publish_url = format!("{proxy_base}/request/{id}");
 
@@ -148,9 +149,13 @@ async fn main() -> Result<()> {
     };
 
     // Warm-up, then the measured runs, alternating so that drift hits each.
+    eprintln!("warming up: the Rust API");
     api("warm-up", 300, 8).await?;
+    eprintln!("warming up: through the proxy to the HTTP node");
     to_node("warm-up", 300, 8).await?;
+    eprintln!("warming up: from the HTTP node through the proxy");
     from_node("warm-up", 300, 8).await?;
+    eprintln!("warming up: the raw round trip");
     baseline("warm-up", 300, 8).await?;
     let mut rows: Vec<(Summary, Summary)> = Vec::new();
     for (total, at_once, label) in [

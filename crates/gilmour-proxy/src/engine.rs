@@ -101,6 +101,9 @@ pub struct NodeOptions {
     pub reconnect_delay: Duration,
     /// The deadline of each Redis command. Default 5 s.
     pub command_timeout: Duration,
+    /// Messages the subscriber connection may hold for the node's dispatcher before the oldest
+    /// are lost (and a warning logged). Default 4096.
+    pub message_buffer: usize,
 }
 
 impl Default for NodeOptions {
@@ -111,6 +114,7 @@ impl Default for NodeOptions {
             error_queue: None,
             reconnect_delay: Duration::from_millis(250),
             command_timeout: Duration::from_secs(5),
+            message_buffer: 4096,
         }
     }
 }
@@ -188,7 +192,10 @@ impl Node {
         let delay = u32::try_from(options.reconnect_delay.as_millis()).unwrap_or(u32::MAX);
         builder
             .set_policy(ReconnectPolicy::new_constant(0, delay.max(1)))
-            .with_performance_config(|p| p.default_command_timeout = options.command_timeout)
+            .with_performance_config(|p| {
+                p.default_command_timeout = options.command_timeout;
+                p.broadcast_channel_capacity = options.message_buffer.max(32);
+            })
             .with_connection_config(|c| c.connection_timeout = CONNECT_DEADLINE);
         let commands = builder.build().map_err(redis("building a client"))?;
         let subscriber = builder
@@ -298,9 +305,15 @@ impl Node {
             services.push(service);
             first
         };
-        if first && let Err(error) = self.subscriber.subscribe(channel).await {
-            locked(&self.state.services).retain(|s| s.id != id);
-            return Err(redis("subscribing")(error));
+        if first {
+            let subscribed = match self.subscriber.subscribe(channel).await {
+                Ok(()) => self.confirm().await,
+                Err(error) => Err(redis("subscribing")(error)),
+            };
+            if let Err(error) = subscribed {
+                locked(&self.state.services).retain(|s| s.id != id);
+                return Err(error);
+            }
         }
         Ok(Subscription(id))
     }
@@ -360,9 +373,13 @@ impl Node {
             } else {
                 self.subscriber.subscribe(channel).await
             };
+            let subscribed = match subscribed {
+                Ok(()) => self.confirm().await,
+                Err(error) => Err(redis("subscribing")(error)),
+            };
             if let Err(error) = subscribed {
                 locked(&self.state.slots).retain(|s| s.id != id);
-                return Err(redis("subscribing")(error));
+                return Err(error);
             }
         }
         Ok(Subscription(id))
@@ -497,6 +514,8 @@ impl Node {
                 .subscribe(response.clone())
                 .await
                 .map_err(redis("subscribing"))?;
+            // The reply must not be published before Redis holds the subscription.
+            self.confirm().await?;
             let _: i64 = self
                 .commands
                 .publish(channel, Envelope::request(data, sender.clone()).encode())
@@ -525,6 +544,19 @@ impl Node {
         timeout: Duration,
     ) -> Composed {
         composition.run(input, self, timeout).await
+    }
+
+    /// Returns once Redis has run every (un)subscription sent before on the subscriber
+    /// connection. fred completes SUBSCRIBE when it is written, not when Redis confirms it; a
+    /// PING behind it on the same connection is answered only after it, so that a request is
+    /// published only once its response channel is really subscribed.
+    async fn confirm(&self) -> Result<(), Error> {
+        let _: fred::types::Value = self
+            .subscriber
+            .ping(None)
+            .await
+            .map_err(redis("confirming a subscription"))?;
+        Ok(())
     }
 
     /// Waits until no handler of this node runs, at most `deadline`; whether none does.
@@ -573,9 +605,8 @@ impl Node {
         for channel in health {
             let _ = self.subscriber.unsubscribe(channel).await;
         }
-        // A round trip on the subscriber connection: its unsubscriptions are done before the
-        // registry is left on the other one.
-        let _: Result<(), _> = self.subscriber.ping(None).await;
+        // Its unsubscriptions are done before the registry is left on the other connection.
+        let _ = self.confirm().await;
         let ident = locked(&self.state.ident).take();
         if let Some(ident) = ident {
             let left: Result<i64, _> = self.commands.hdel(protocol::HEALTH_HASH, ident).await;

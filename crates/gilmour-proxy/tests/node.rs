@@ -4,6 +4,8 @@
 // In tests a panic is the failure report.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -268,6 +270,78 @@ async fn futures_join<F: std::future::Future>(futures: impl Iterator<Item = F>) 
     })
     .await;
     outputs.into_iter().flatten().collect()
+}
+
+/// A relay to Redis that holds what the client sends on its second connection (a node's
+/// subscriber; the first is its command connection) for `delay` before passing it on.
+async fn slow_subscriber_relay(redis: &str, delay: Duration) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("binds");
+    let port = listener.local_addr().expect("an address").port();
+    let redis = common::redis_address(redis);
+    tokio::spawn(async move {
+        let mut index = 0;
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = tokio::net::TcpStream::connect(&redis).await else {
+                continue;
+            };
+            let slow = index == 1;
+            index += 1;
+            let (mut client_read, mut client_write) = client.into_split();
+            let (mut server_read, mut server_write) = server.into_split();
+            tokio::spawn(async move {
+                let _ = tokio::io::copy(&mut server_read, &mut client_write).await;
+            });
+            tokio::spawn(async move {
+                let mut buffer = vec![0u8; 64 << 10];
+                while let Ok(n) = client_read.read(&mut buffer).await {
+                    if n == 0 {
+                        break;
+                    }
+                    if slow {
+                        tokio::time::sleep(delay).await;
+                    }
+                    if server_write.write_all(&buffer[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test]
+async fn a_request_is_published_only_once_its_response_channel_is_subscribed() {
+    // fred completes SUBSCRIBE when it is written, not when Redis has run it; a reply published
+    // in between is lost. With the requester's subscriber connection slowed down, every
+    // request would time out unless the node waits for Redis to confirm.
+    let test = "a_request_is_published_only_once_its_response_channel_is_subscribed";
+    let Some(url) = rylm_testkit::redis_url(test) else {
+        return;
+    };
+    let server = Node::connect(&url).await.expect("connects");
+    let echo = topic("echo");
+    server
+        .reply_to(&echo, "g", DEADLINE, |v| async move { Ok(v) })
+        .await
+        .expect("serves");
+    let port = slow_subscriber_relay(&url, Duration::from_millis(150)).await;
+    let db = url.rsplit_once('/').map(|(_, db)| db).unwrap_or("0");
+    let client = Node::connect(&format!("redis://127.0.0.1:{port}/{db}"))
+        .await
+        .expect("connects through the relay");
+    for n in 0..3 {
+        let reply = client
+            .request(&echo, json!(n), Duration::from_secs(3))
+            .await
+            .expect("requests");
+        assert_eq!((reply.code(), reply.data), (200, json!(n)), "request {n}");
+    }
+    client.shutdown().await;
+    server.shutdown().await;
 }
 
 #[tokio::test]

@@ -14,11 +14,31 @@
 //! it answers again.
 //!
 //! The protocol logic (envelopes, lock keys, topic names, composition semantics) is plain data,
-//! tested in memory; the Redis I/O is on `fred`, tested against a real Redis. This crate is
-//! being built: [`protocol`] is here, checked against a recorded trace of the Go engine, and
-//! [`engine`] answers and sends requests (exclusion groups, 404, timeouts) and signals slots
-//! (wildcard patterns, grouped slots under the lock), and joins the health registry, on a real
-//! Redis; error records, compositions and the proxy arrive with the rest of the issue.
+//! tested in memory ([`protocol`], [`compose`], [`api`]); the Redis I/O is on `fred`
+//! ([`engine`]) and the HTTP on `hyper` ([`proxy`]), tested against a real Redis and real HTTP
+//! nodes. A recorded trace of the Go engine is replayed against rylm under Redis's `MONITOR`:
+//! the same commands, the same payloads.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), rylm_gilmour_proxy::Error> {
+//! use std::time::Duration;
+//! use rylm_gilmour_proxy::engine::Node;
+//! use serde_json::{json, Value};
+//!
+//! let node = Node::connect("redis://127.0.0.1:6379").await?;
+//! node.reply_to("echo", "echoers", Duration::from_secs(5), |data: Value| async move {
+//!     Ok(json!({ "echo": data }))
+//! })
+//! .await?;
+//! let reply = node.request("echo", json!("hi"), Duration::from_secs(2)).await?;
+//! assert_eq!(reply.code(), 200);
+//! node.shutdown().await;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! The proxy runs as `rylm gilmour-proxy` or the crate's own `rylm-gilmour-proxy` binary
+//! (feature `bin`, on by default), or in a program through [`proxy::Proxy::start`].
 #![warn(missing_docs)]
 
 pub mod api;

@@ -394,6 +394,7 @@ pub fn publish(dry_run: bool) -> Result<()> {
             bail!("cargo clean failed");
         }
         let _ = std::fs::remove_dir_all(crate::workspace_root().join("target/package"));
+        remove_stale_extractions(&publishable()?);
     }
     let mut command = cargo();
     command.args(["publish", "--workspace"]);
@@ -442,6 +443,45 @@ pub fn fuzz(target: &str, seconds: u64) -> Result<()> {
 }
 
 /// The names of the crates under `crates/` that are published.
+/// Cargo unpacks the packaged siblings of a dry run into its registry folder
+/// (`$CARGO_HOME/registry/src/<local registry>/<name>-<version>`) and never unpacks a version
+/// again once it is there: a later dry run of the same version would verify against the old
+/// sources. rylm's crates come from no real registry, so every unpacked copy is stale.
+fn remove_stale_extractions(packages: &[String]) {
+    let home = std::env::var_os("CARGO_HOME")
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cargo")));
+    let Some(home) = home else {
+        return;
+    };
+    for kind in ["src", "cache"] {
+        let Ok(registries) = std::fs::read_dir(home.join("registry").join(kind)) else {
+            continue;
+        };
+        for registry in registries.flatten() {
+            let Ok(entries) = std::fs::read_dir(registry.path()) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let ours = packages.iter().any(|p| {
+                    name.strip_prefix(p.as_str())
+                        .and_then(|rest| rest.strip_prefix('-'))
+                        .is_some_and(|version| version.starts_with(|c: char| c.is_ascii_digit()))
+                });
+                if ours {
+                    let path = entry.path();
+                    let _ = if path.is_dir() {
+                        std::fs::remove_dir_all(&path)
+                    } else {
+                        std::fs::remove_file(&path)
+                    };
+                }
+            }
+        }
+    }
+}
+
 fn publishable() -> Result<Vec<String>> {
     let mut names = Vec::new();
     for entry in std::fs::read_dir(crate::workspace_root().join("crates"))? {

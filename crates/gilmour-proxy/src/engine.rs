@@ -305,15 +305,9 @@ impl Node {
             services.push(service);
             first
         };
-        if first {
-            let subscribed = match self.subscriber.subscribe(channel).await {
-                Ok(()) => self.confirm().await,
-                Err(error) => Err(redis("subscribing")(error)),
-            };
-            if let Err(error) = subscribed {
-                locked(&self.state.services).retain(|s| s.id != id);
-                return Err(error);
-            }
+        if first && let Err(error) = self.listen(channel, false).await {
+            locked(&self.state.services).retain(|s| s.id != id);
+            return Err(error);
         }
         Ok(Subscription(id))
     }
@@ -367,20 +361,9 @@ impl Node {
             slots.push(slot);
             first
         };
-        if first {
-            let subscribed = if pattern {
-                self.subscriber.psubscribe(channel).await
-            } else {
-                self.subscriber.subscribe(channel).await
-            };
-            let subscribed = match subscribed {
-                Ok(()) => self.confirm().await,
-                Err(error) => Err(redis("subscribing")(error)),
-            };
-            if let Err(error) = subscribed {
-                locked(&self.state.slots).retain(|s| s.id != id);
-                return Err(error);
-            }
+        if first && let Err(error) = self.listen(channel, pattern).await {
+            locked(&self.state.slots).retain(|s| s.id != id);
+            return Err(error);
         }
         Ok(Subscription(id))
     }
@@ -403,6 +386,8 @@ impl Node {
                     .unsubscribe(service.channel.clone())
                     .await
                     .map_err(redis("unsubscribing"))?;
+                // Gone from Redis's count when this returns.
+                self.confirm().await?;
             }
             return Ok(true);
         }
@@ -424,6 +409,7 @@ impl Node {
                 self.subscriber.unsubscribe(slot.channel.clone()).await
             };
             left.map_err(redis("unsubscribing"))?;
+            self.confirm().await?;
         }
         Ok(true)
     }
@@ -546,6 +532,17 @@ impl Node {
         composition.run(input, self, timeout).await
     }
 
+    /// Subscribes to a channel (or a pattern), confirmed.
+    async fn listen(&self, channel: String, pattern: bool) -> Result<(), Error> {
+        let subscribed = if pattern {
+            self.subscriber.psubscribe(channel).await
+        } else {
+            self.subscriber.subscribe(channel).await
+        };
+        subscribed.map_err(redis("subscribing"))?;
+        self.confirm().await
+    }
+
     /// Returns once Redis has run every (un)subscription sent before on the subscriber
     /// connection. fred completes SUBSCRIBE when it is written, not when Redis confirms it; a
     /// PING behind it on the same connection is answered only after it, so that a request is
@@ -628,18 +625,7 @@ impl Runner<Lambda> for Node {
         data: Value,
         timeout: Duration,
     ) -> BoxFuture<'a, Step> {
-        Box::pin(async move {
-            match Node::request(self, topic, data, timeout).await {
-                Ok(reply) => Step {
-                    code: reply.code(),
-                    data: reply.data,
-                },
-                Err(error) => Step {
-                    data: Value::from(error.to_string()),
-                    code: protocol::HANDLER_FAILED,
-                },
-            }
-        })
+        Box::pin(async move { step_of(Node::request(self, topic, data, timeout).await) })
     }
 
     fn lambda<'a>(&'a self, lambda: &'a Lambda, data: Value) -> BoxFuture<'a, Step> {
@@ -659,6 +645,20 @@ impl Runner<Lambda> for Node {
                 },
             }
         })
+    }
+}
+
+/// A request's outcome as a composition's step: the reply, or a failure to send it as a 500.
+pub fn step_of(outcome: Result<Envelope, Error>) -> Step {
+    match outcome {
+        Ok(reply) => Step {
+            code: reply.code(),
+            data: reply.data,
+        },
+        Err(error) => Step {
+            data: Value::from(error.to_string()),
+            code: protocol::HANDLER_FAILED,
+        },
     }
 }
 

@@ -29,7 +29,7 @@ use tokio::sync::watch;
 use crate::Error;
 use crate::api::{self, Handler, Role, Status, Target};
 use crate::compose::{self, BoxFuture, Runner};
-use crate::engine::{Incoming, Node, NodeOptions, Reply, Subscription};
+use crate::engine::{self, Incoming, Node, NodeOptions, Reply, Subscription};
 use crate::metrics::Metrics;
 use crate::protocol::{self, Composed, Step};
 
@@ -741,74 +741,75 @@ async fn subscribe(
     role: Role,
     handler: &Handler,
 ) -> Result<Subscription, Error> {
-    let http = shared.http.clone();
-    let metrics = shared.metrics.clone();
-    let url = entry.url(&handler.path);
-    let timeout = handler.timeout();
-    let max = shared.config.max_body;
+    let call = Arc::new(NodeCall {
+        http: shared.http.clone(),
+        metrics: shared.metrics.clone(),
+        url: entry.url(&handler.path),
+        timeout: handler.timeout(),
+        max: shared.config.max_body,
+        kind: role.name(),
+    });
     match role {
         Role::Service => {
             let group = handler.group.clone().unwrap_or_default();
             entry
                 .gilmour
-                .reply_to_with(
-                    &handler.topic,
-                    &group,
-                    timeout,
-                    move |incoming: Incoming| {
-                        let (http, metrics, url) = (http.clone(), metrics.clone(), url.clone());
-                        async move {
-                            let started = Instant::now();
-                            let body = api::call_body(
-                                Some(&incoming.topic),
-                                &incoming.sender,
-                                &incoming.data,
-                                timeout,
-                            );
-                            let step = call_node(&http, &url, body, timeout, max).await;
-                            metrics.record(
-                                "service",
-                                &incoming.topic,
-                                started.elapsed(),
-                                protocol::is_failure(step.code),
-                            );
-                            Reply {
-                                data: step.data,
-                                code: step.code,
-                            }
+                .reply_to_with(&handler.topic, &group, call.timeout, move |incoming| {
+                    let call = call.clone();
+                    async move {
+                        let step = call.run(incoming).await;
+                        Reply {
+                            data: step.data,
+                            code: step.code,
                         }
-                    },
-                )
+                    }
+                })
                 .await
         }
         Role::Slot => {
             entry
                 .gilmour
-                .slot_with(
-                    &handler.topic,
-                    handler.group.as_deref(),
-                    move |incoming: Incoming| {
-                        let (http, metrics, url) = (http.clone(), metrics.clone(), url.clone());
-                        async move {
-                            let started = Instant::now();
-                            let body = api::call_body(
-                                Some(&incoming.topic),
-                                &incoming.sender,
-                                &incoming.data,
-                                timeout,
-                            );
-                            let step = call_node(&http, &url, body, timeout, max).await;
-                            metrics.record(
-                                "slot",
-                                &incoming.topic,
-                                started.elapsed(),
-                                protocol::is_failure(step.code),
-                            );
-                        }
-                    },
-                )
+                .slot_with(&handler.topic, handler.group.as_deref(), move |incoming| {
+                    let call = call.clone();
+                    async move {
+                        // A slot's answer is ignored; its failures show in the metrics.
+                        call.run(incoming).await;
+                    }
+                })
                 .await
         }
+    }
+}
+
+/// How one slot or service of a node is called.
+struct NodeCall {
+    http: Client,
+    metrics: Arc<Metrics>,
+    url: String,
+    timeout: Duration,
+    max: usize,
+    /// `service` or `slot`, for the metrics.
+    kind: &'static str,
+}
+
+impl NodeCall {
+    /// POSTs the request or signal to the node and counts it.
+    async fn run(&self, incoming: Incoming) -> Step {
+        let started = Instant::now();
+        let body = api::call_body(
+            Some(&incoming.topic),
+            &incoming.sender,
+            &incoming.data,
+            self.timeout,
+        );
+        let step = call_node(&self.http, &self.url, body, self.timeout, self.max).await;
+        self.metrics.record(
+            self.kind,
+            &incoming.topic,
+            started.elapsed(),
+            protocol::is_failure(step.code),
+        );
+        step
     }
 }
 
@@ -1060,16 +1061,7 @@ impl Runner<String> for NodeRunner<'_> {
     ) -> BoxFuture<'a, Step> {
         Box::pin(async move {
             let started = Instant::now();
-            let step = match self.entry.gilmour.request(topic, data, timeout).await {
-                Ok(reply) => Step {
-                    code: reply.code(),
-                    data: reply.data,
-                },
-                Err(error) => Step {
-                    data: Value::from(error.to_string()),
-                    code: protocol::HANDLER_FAILED,
-                },
-            };
+            let step = engine::step_of(self.entry.gilmour.request(topic, data, timeout).await);
             self.shared.metrics.record(
                 "request",
                 topic,

@@ -578,3 +578,71 @@ async fn nodes_authenticate_and_come_back_after_a_redis_restart() {
     server.shutdown().await;
     client.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_ruby_request_is_answered_and_panics_and_code_zero_are_replies_too() {
+    let test = "a_ruby_request_is_answered_and_panics_and_code_zero_are_replies_too";
+    let Some(url) = rylm_testkit::redis_url(test) else {
+        return;
+    };
+    let node = Node::connect(&url).await.expect("connects");
+    let (panics, zero) = (topic("panics"), topic("zero"));
+    node.reply_to(&panics, "g", DEADLINE, |_| async {
+        if true {
+            panic!("on purpose");
+        }
+        Ok(Value::Null)
+    })
+    .await
+    .expect("serves");
+    node.reply_to_with(&zero, "g", DEADLINE, |incoming: rylm_gilmour_proxy::engine::Incoming| async move {
+        rylm_gilmour_proxy::engine::Reply {
+            data: json!({"topic": incoming.topic, "sender": incoming.sender, "data": incoming.data}),
+            code: 0,
+        }
+    })
+    .await
+    .expect("serves");
+    let reply = node.request(&panics, Value::Null, DEADLINE).await.unwrap();
+    assert_eq!(reply.code(), 500);
+    assert!(
+        reply.data.as_str().unwrap_or_default().contains("panicked"),
+        "{}",
+        reply.data
+    );
+
+    // A Ruby requester: code 0, a 32-hex sender, its own subscription to the response channel.
+    let sender = uuid::Uuid::new_v4().simple().to_string();
+    let listener = Builder::from_config(Config::from_url(&url).unwrap())
+        .build_subscriber_client()
+        .unwrap();
+    listener.init().await.unwrap();
+    let mut messages = listener.message_rx();
+    listener
+        .subscribe(format!("gilmour.response.{sender}"))
+        .await
+        .unwrap();
+    let _: fred::types::Value = listener.ping(None).await.unwrap();
+    let raw = Builder::from_config(Config::from_url(&url).unwrap())
+        .build()
+        .unwrap();
+    raw.init().await.unwrap();
+    let ruby = json!({"data": "from ruby", "code": 0, "sender": sender}).to_string();
+    let _: i64 = raw
+        .publish(format!("gilmour.request.{zero}"), ruby)
+        .await
+        .unwrap();
+    let message = tokio::time::timeout(DEADLINE, messages.recv())
+        .await
+        .expect("a reply")
+        .unwrap();
+    let reply = Envelope::decode(message.value.as_bytes().unwrap_or_default());
+    assert_eq!(reply.code, Some(200), "a handler's code 0 is sent as 200");
+    assert_eq!(
+        reply.data,
+        json!({"topic": zero, "sender": sender, "data": "from ruby"})
+    );
+    let _ = listener.quit().await;
+    let _ = raw.quit().await;
+    node.shutdown().await;
+}

@@ -104,6 +104,13 @@ pub struct NodeOptions {
     /// Messages the subscriber connection may hold for the node's dispatcher before the oldest
     /// are lost (and a warning logged). Default 4096.
     pub message_buffer: usize,
+    /// One pattern subscription, `gilmour.response.<node id>.*`, made once, receives the
+    /// replies to every request of this node, whose senders are `<node id>.<n>`; a request then
+    /// costs a subscriber count and a PUBLISH. Off, each request subscribes to its own response
+    /// channel and leaves it after, with a uuid sender, command for command as the Go engine
+    /// does. Either way any Gilmour responder answers: it publishes on
+    /// `gilmour.response.<sender>`, whatever the sender. Default on.
+    pub shared_responses: bool,
 }
 
 impl Default for NodeOptions {
@@ -115,6 +122,7 @@ impl Default for NodeOptions {
             reconnect_delay: Duration::from_millis(250),
             command_timeout: Duration::from_secs(5),
             message_buffer: 4096,
+            shared_responses: true,
         }
     }
 }
@@ -148,6 +156,9 @@ struct State {
     next_id: AtomicU64,
     running: Arc<Semaphore>,
     options: NodeOptions,
+    /// With shared responses: the node's id, the prefix of its requests' senders.
+    responses: Option<String>,
+    next_request: AtomicU64,
 }
 
 fn locked<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -215,12 +226,17 @@ impl Node {
             .map_err(redis("connecting"))?;
         // Subscribes again to every channel and pattern after a reconnect.
         let resubscribe = subscriber.manage_subscriptions();
+        let responses = options
+            .shared_responses
+            .then(|| uuid::Uuid::new_v4().simple().to_string());
         let state = Arc::new(State {
             pending: Mutex::default(),
             services: Mutex::default(),
             slots: Mutex::default(),
             ident: Mutex::default(),
             next_id: AtomicU64::new(1),
+            responses,
+            next_request: AtomicU64::new(0),
             running: Arc::new(Semaphore::new(options.concurrency.max(1))),
             options,
         });
@@ -229,13 +245,21 @@ impl Node {
             commands.clone(),
             state.clone(),
         ));
-        Ok(Node {
+        let node = Node {
             commands,
             subscriber,
             state,
             dispatch,
             resubscribe,
-        })
+        };
+        if let Some(id) = &node.state.responses {
+            let pattern = format!("{}*", protocol::response_channel(&format!("{id}.")));
+            if let Err(error) = node.listen(pattern, true).await {
+                node.shutdown().await;
+                return Err(error);
+            }
+        }
+        Ok(node)
     }
 
     /// Answers requests on `topic` in exclusion group `group` (one node of a group answers each
@@ -491,17 +515,26 @@ impl Node {
                 });
             }
         }
-        let sender = uuid::Uuid::new_v4().to_string();
+        let shared = self.state.responses.as_deref();
+        let sender = match shared {
+            Some(id) => format!(
+                "{id}.{}",
+                self.state.next_request.fetch_add(1, Ordering::Relaxed)
+            ),
+            None => uuid::Uuid::new_v4().to_string(),
+        };
         let response = protocol::response_channel(&sender);
         let (tx, rx) = oneshot::channel();
         locked(&self.state.pending).insert(response.clone(), tx);
         let outcome = async {
-            self.subscriber
-                .subscribe(response.clone())
-                .await
-                .map_err(redis("subscribing"))?;
-            // The reply must not be published before Redis holds the subscription.
-            self.confirm().await?;
+            if shared.is_none() {
+                self.subscriber
+                    .subscribe(response.clone())
+                    .await
+                    .map_err(redis("subscribing"))?;
+                // The reply must not be published before Redis holds the subscription.
+                self.confirm().await?;
+            }
             let _: i64 = self
                 .commands
                 .publish(channel, Envelope::request(data, sender.clone()).encode())
@@ -517,7 +550,9 @@ impl Node {
         }
         .await;
         locked(&self.state.pending).remove(&response);
-        let _ = self.subscriber.unsubscribe(response).await;
+        if shared.is_none() {
+            let _ = self.subscriber.unsubscribe(response).await;
+        }
         outcome
     }
 
@@ -592,6 +627,12 @@ impl Node {
             if !list.contains(&slot.channel) {
                 list.push(slot.channel.clone());
             }
+        }
+        if let Some(id) = &self.state.responses {
+            patterns.push(format!(
+                "{}*",
+                protocol::response_channel(&format!("{id}."))
+            ));
         }
         for channel in channels {
             let _ = self.subscriber.unsubscribe(channel).await;

@@ -328,19 +328,30 @@ async fn a_request_is_published_only_once_its_response_channel_is_subscribed() {
         .reply_to(&echo, "g", DEADLINE, |v| async move { Ok(v) })
         .await
         .expect("serves");
-    let port = slow_subscriber_relay(&url, Duration::from_millis(150)).await;
-    let db = url.rsplit_once('/').map(|(_, db)| db).unwrap_or("0");
-    let client = Node::connect(&format!("redis://127.0.0.1:{port}/{db}"))
-        .await
-        .expect("connects through the relay");
-    for n in 0..3 {
-        let reply = client
-            .request(&echo, json!(n), Duration::from_secs(3))
+    // Both ways of receiving replies: a subscription per request, and the node's one pattern.
+    for shared_responses in [false, true] {
+        let port = slow_subscriber_relay(&url, Duration::from_millis(150)).await;
+        let db = url.rsplit_once('/').map(|(_, db)| db).unwrap_or("0");
+        let options = NodeOptions {
+            shared_responses,
+            ..NodeOptions::default()
+        };
+        let client = Node::connect_with(&format!("redis://127.0.0.1:{port}/{db}"), options)
             .await
-            .expect("requests");
-        assert_eq!((reply.code(), reply.data), (200, json!(n)), "request {n}");
+            .expect("connects through the relay");
+        for n in 0..3 {
+            let reply = client
+                .request(&echo, json!(n), Duration::from_secs(3))
+                .await
+                .expect("requests");
+            assert_eq!(
+                (reply.code(), reply.data),
+                (200, json!(n)),
+                "request {n}, shared responses {shared_responses}"
+            );
+        }
+        client.shutdown().await;
     }
-    client.shutdown().await;
     server.shutdown().await;
 }
 

@@ -510,10 +510,10 @@ async fn requests_and_signals_cross_between_http_nodes_and_rust_nodes() {
     assert_eq!(reply.data["echo"], json!({"n": 1}));
     assert_eq!(reply.data["topic"], json!(echo));
     assert_eq!(reply.data["timeout"], json!(5));
-    assert_eq!(
-        reply.data["sender"].as_str().map(str::len),
-        Some(36),
-        "the request's sender"
+    assert!(
+        reply.data["sender"].as_str().is_some_and(|s| s.len() >= 32),
+        "the request's sender: {}",
+        reply.data["sender"]
     );
     let reply = rust.request(&text, json!(null), DEADLINE).await.unwrap();
     assert_eq!(

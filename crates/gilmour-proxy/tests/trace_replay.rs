@@ -17,7 +17,7 @@ mod common;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use rylm_gilmour_proxy::engine::Node;
+use rylm_gilmour_proxy::engine::{Node, NodeOptions};
 use rylm_gilmour_proxy::protocol::{Envelope, ErrorRecord};
 use serde_json::{Value, json};
 
@@ -93,7 +93,12 @@ async fn rylm_replays_the_go_engines_trace_command_for_command() {
         return;
     };
     let monitor = common::Monitor::start(&url).await;
-    let node = Node::connect(&url).await.expect("connects");
+    // Each request on a response channel of its own, as the Go engine makes them.
+    let options = NodeOptions {
+        shared_responses: false,
+        ..NodeOptions::default()
+    };
+    let node = Node::connect_with(&url, options).await.expect("connects");
     let ident = node.enable_health().await.expect("health");
     node.reply_to(
         "echo",
@@ -163,9 +168,13 @@ async fn rylm_replays_the_go_engines_trace_command_for_command() {
     let mut senders: Vec<String> = Vec::new();
     for command in &seen {
         if command[0] == "PUBLISH"
-            && ["gilmour.request.", "gilmour.slot.evt."]
-                .iter()
-                .any(|p| command[1].starts_with(p))
+            && [
+                "gilmour.request.echo",
+                "gilmour.request.slow",
+                "gilmour.request.nobody",
+            ]
+            .contains(&command[1].as_str())
+            || command[0] == "PUBLISH" && command[1].starts_with("gilmour.slot.evt.")
         {
             senders.push(Envelope::decode(command[2].as_bytes()).sender);
         }
@@ -248,4 +257,98 @@ async fn rylm_replays_the_go_engines_trace_command_for_command() {
             show(&got)
         );
     }
+}
+
+#[tokio::test]
+async fn with_shared_responses_a_request_is_a_count_and_a_publish_that_any_responder_answers() {
+    use fred::prelude::*;
+    let test =
+        "with_shared_responses_a_request_is_a_count_and_a_publish_that_any_responder_answers";
+    let Some(url) = rylm_testkit::redis_url(test) else {
+        return;
+    };
+    // A responder that knows only the protocol, as a Go or Ruby one: it answers on
+    // `gilmour.response.<sender>`, whatever the sender looks like.
+    let topic = format!("plain.{}", uuid::Uuid::new_v4());
+    let config = Config::from_url(&url).expect("a URL");
+    let listener = Builder::from_config(config.clone())
+        .build_subscriber_client()
+        .expect("a subscriber");
+    listener.init().await.expect("connects");
+    let publisher = Builder::from_config(config).build().expect("a client");
+    publisher.init().await.expect("connects");
+    let mut requests = listener.message_rx();
+    listener
+        .subscribe(format!("gilmour.request.{topic}"))
+        .await
+        .expect("subscribes");
+    let _: fred::types::Value = listener.ping(None).await.expect("PING");
+    let responder = tokio::spawn(async move {
+        while let Ok(message) = requests.recv().await {
+            let request = Envelope::decode(message.value.as_bytes().unwrap_or_default());
+            let channel = format!("gilmour.response.{}", request.sender);
+            let reply = json!({"data": request.data, "code": 200, "sender": channel}).to_string();
+            let _: Result<i64, _> = publisher.publish(channel, reply).await;
+        }
+    });
+
+    let monitor = common::Monitor::start(&url).await;
+    let node = Node::connect(&url).await.expect("connects");
+    for n in 0..3 {
+        let reply = node
+            .request(&topic, json!(n), Duration::from_secs(5))
+            .await
+            .expect("requests");
+        assert_eq!((reply.code(), reply.data), (200, json!(n)));
+    }
+    let seen = monitor.stop().await;
+    node.shutdown().await;
+    responder.abort();
+
+    let channel = format!("gilmour.request.{topic}");
+    let requests: Vec<&Vec<String>> = seen
+        .iter()
+        .filter(|c| c[0] == "PUBLISH" && c[1] == channel)
+        .collect();
+    assert_eq!(requests.len(), 3);
+    let mut senders = Vec::new();
+    for request in requests {
+        let sender = Envelope::decode(request[2].as_bytes()).sender;
+        senders.push(sender.clone());
+        let response = format!("gilmour.response.{sender}");
+        let mine: Vec<&str> = seen
+            .iter()
+            .filter(|c| c[1..].iter().any(|a| a.contains(&sender) || *a == channel))
+            .filter(|c| c[0] != "PING")
+            .map(|c| c[0].as_str())
+            .collect();
+        assert!(
+            !seen
+                .iter()
+                .any(|c| c[0].ends_with("SUBSCRIBE") && c[1] == response),
+            "no subscription per request"
+        );
+        assert!(mine.contains(&"PUBLISH"), "{mine:?}");
+    }
+    let counts = seen
+        .iter()
+        .filter(|c| c.len() >= 3 && c[0] == "PUBSUB" && c[2] == channel)
+        .count();
+    let prefix = senders
+        .first()
+        .and_then(|s| s.split_once('.'))
+        .map(|(id, _)| id.to_owned());
+    let prefix = prefix.expect("senders of the form <node id>.<n>");
+    let subscriptions = seen
+        .iter()
+        .filter(|c| c[0].ends_with("SUBSCRIBE") && c[1].contains(&prefix))
+        .map(|c| c[1].clone())
+        .collect::<Vec<_>>();
+    assert_eq!(
+        subscriptions,
+        [format!("gilmour.response.{prefix}.*")],
+        "the node's one pattern, subscribed once when it connected; nothing per request"
+    );
+    assert_eq!(counts, 3, "a subscriber count per request");
+    let _ = listener.quit().await;
 }

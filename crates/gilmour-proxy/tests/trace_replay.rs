@@ -167,16 +167,18 @@ async fn rylm_replays_the_go_engines_trace_command_for_command() {
     // messages (the shared Redis also serves other tests).
     let mut senders: Vec<String> = Vec::new();
     for command in &seen {
-        if command[0] == "PUBLISH"
-            && [
-                "gilmour.request.echo",
-                "gilmour.request.slow",
-                "gilmour.request.nobody",
-            ]
-            .contains(&command[1].as_str())
-            || command[0] == "PUBLISH" && command[1].starts_with("gilmour.slot.evt.")
-        {
-            senders.push(Envelope::decode(command[2].as_bytes()).sender);
+        let [verb, channel, payload] = command.as_slice() else {
+            continue;
+        };
+        let traced = [
+            "gilmour.request.echo",
+            "gilmour.request.slow",
+            "gilmour.request.nobody",
+        ]
+        .contains(&channel.as_str())
+            || channel.starts_with("gilmour.slot.evt.");
+        if verb == "PUBLISH" && traced {
+            senders.push(Envelope::decode(payload.as_bytes()).sender);
         }
     }
     let needles: Vec<String> = [

@@ -253,7 +253,7 @@ impl Node {
             resubscribe,
         };
         if let Some(id) = &node.state.responses {
-            let pattern = format!("{}*", protocol::response_channel(&format!("{id}.")));
+            let pattern = protocol::shared_response_pattern(id);
             if let Err(error) = node.listen(pattern, true).await {
                 node.shutdown().await;
                 return Err(error);
@@ -406,10 +406,7 @@ impl Node {
                 .iter()
                 .any(|s| s.channel == service.channel);
             if last {
-                self.subscriber
-                    .unsubscribe(service.channel.clone())
-                    .await
-                    .map_err(redis("unsubscribing"))?;
+                self.unlisten(service.channel.clone(), false).await?;
                 // Gone from Redis's count when this returns.
                 self.confirm().await?;
             }
@@ -427,12 +424,7 @@ impl Node {
             .iter()
             .any(|s| s.channel == slot.channel && s.pattern == slot.pattern);
         if last {
-            let left = if slot.pattern {
-                self.subscriber.punsubscribe(slot.channel.clone()).await
-            } else {
-                self.subscriber.unsubscribe(slot.channel.clone()).await
-            };
-            left.map_err(redis("unsubscribing"))?;
+            self.unlisten(slot.channel.clone(), slot.pattern).await?;
             self.confirm().await?;
         }
         Ok(true)
@@ -517,10 +509,9 @@ impl Node {
         }
         let shared = self.state.responses.as_deref();
         let sender = match shared {
-            Some(id) => format!(
-                "{id}.{}",
-                self.state.next_request.fetch_add(1, Ordering::Relaxed)
-            ),
+            Some(id) => {
+                protocol::shared_sender(id, self.state.next_request.fetch_add(1, Ordering::Relaxed))
+            }
             None => uuid::Uuid::new_v4().to_string(),
         };
         let response = protocol::response_channel(&sender);
@@ -528,12 +519,8 @@ impl Node {
         locked(&self.state.pending).insert(response.clone(), tx);
         let outcome = async {
             if shared.is_none() {
-                self.subscriber
-                    .subscribe(response.clone())
-                    .await
-                    .map_err(redis("subscribing"))?;
-                // The reply must not be published before Redis holds the subscription.
-                self.confirm().await?;
+                // Confirmed: the reply must not be published before Redis holds it.
+                self.listen(response.clone(), false).await?;
             }
             let _: i64 = self
                 .commands
@@ -551,7 +538,7 @@ impl Node {
         .await;
         locked(&self.state.pending).remove(&response);
         if shared.is_none() {
-            let _ = self.subscriber.unsubscribe(response).await;
+            let _ = self.unlisten(response, false).await;
         }
         outcome
     }
@@ -576,6 +563,16 @@ impl Node {
         };
         subscribed.map_err(redis("subscribing"))?;
         self.confirm().await
+    }
+
+    /// Unsubscribes from a channel (or a pattern), unconfirmed: see [`Node::confirm`].
+    async fn unlisten(&self, channel: String, pattern: bool) -> Result<(), Error> {
+        let left = if pattern {
+            self.subscriber.punsubscribe(channel).await
+        } else {
+            self.subscriber.unsubscribe(channel).await
+        };
+        left.map_err(redis("unsubscribing"))
     }
 
     /// Returns once Redis has run every (un)subscription sent before on the subscriber
@@ -605,43 +602,45 @@ impl Node {
     pub async fn shutdown(&self) {
         // Unsubscribes each channel and pattern, services before slots and the health channel
         // last, as the Go engine does, before leaving the registry.
-        let mut channels: Vec<String> = Vec::new();
-        let mut health = Vec::new();
-        for service in locked(&self.state.services).drain(..) {
-            let list = if service.channel.starts_with("gilmour.health.") {
-                &mut health
-            } else {
-                &mut channels
-            };
-            if !list.contains(&service.channel) {
-                list.push(service.channel.clone());
+        let services: Vec<Arc<Service>> = locked(&self.state.services).drain(..).collect();
+        let slots: Vec<Arc<Slot>> = locked(&self.state.slots).drain(..).collect();
+        let is_health = |channel: &str| channel.starts_with("gilmour.health.");
+        let mut leaving: Vec<(String, bool)> = Vec::new();
+        let in_order = services
+            .iter()
+            .filter(|s| !is_health(&s.channel))
+            .map(|s| (s.channel.clone(), false))
+            .chain(
+                slots
+                    .iter()
+                    .filter(|s| !s.pattern)
+                    .map(|s| (s.channel.clone(), false)),
+            )
+            .chain(
+                slots
+                    .iter()
+                    .filter(|s| s.pattern)
+                    .map(|s| (s.channel.clone(), true)),
+            )
+            .chain(
+                self.state
+                    .responses
+                    .iter()
+                    .map(|id| (protocol::shared_response_pattern(id), true)),
+            )
+            .chain(
+                services
+                    .iter()
+                    .filter(|s| is_health(&s.channel))
+                    .map(|s| (s.channel.clone(), false)),
+            );
+        for subscription in in_order {
+            if !leaving.contains(&subscription) {
+                leaving.push(subscription);
             }
         }
-        let mut patterns: Vec<String> = Vec::new();
-        for slot in locked(&self.state.slots).drain(..) {
-            let list = if slot.pattern {
-                &mut patterns
-            } else {
-                &mut channels
-            };
-            if !list.contains(&slot.channel) {
-                list.push(slot.channel.clone());
-            }
-        }
-        if let Some(id) = &self.state.responses {
-            patterns.push(format!(
-                "{}*",
-                protocol::response_channel(&format!("{id}."))
-            ));
-        }
-        for channel in channels {
-            let _ = self.subscriber.unsubscribe(channel).await;
-        }
-        for pattern in patterns {
-            let _ = self.subscriber.punsubscribe(pattern).await;
-        }
-        for channel in health {
-            let _ = self.subscriber.unsubscribe(channel).await;
+        for (channel, pattern) in leaving {
+            let _ = self.unlisten(channel, pattern).await;
         }
         // Its unsubscriptions are done before the registry is left on the other connection.
         let _ = self.confirm().await;

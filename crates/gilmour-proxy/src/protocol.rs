@@ -58,6 +58,18 @@ pub fn response_channel(sender: &str) -> String {
     format!("{PREFIX}response.{sender}")
 }
 
+/// The sender of request number `n` of the node `node` when its replies share one pattern
+/// subscription: `<node>.<n>`.
+pub fn shared_sender(node: &str, n: u64) -> String {
+    format!("{node}.{n}")
+}
+
+/// The pattern that receives the replies to every request of the node `node` whose senders
+/// are [`shared_sender`]s: `gilmour.response.<node>.*`.
+pub fn shared_response_pattern(node: &str) -> String {
+    response_channel(&format!("{node}.*"))
+}
+
 /// The channel a node answers health pings on.
 pub fn health_channel(ident: &str) -> String {
     format!("{PREFIX}health.{ident}")

@@ -11,6 +11,7 @@
 
 use std::collections::HashMap;
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -191,6 +192,27 @@ struct Inner {
     refused: u32,
     slots: Vec<Live>,
     services: Vec<Live>,
+}
+
+impl Inner {
+    /// The node's slots or services.
+    fn list(&mut self, role: Role) -> &mut Vec<Live> {
+        match role {
+            Role::Slot => &mut self.slots,
+            Role::Service => &mut self.services,
+        }
+    }
+}
+
+/// Handlers not subscribed yet.
+fn unsubscribed(handlers: Vec<Handler>) -> Vec<Live> {
+    handlers
+        .into_iter()
+        .map(|handler| Live {
+            handler,
+            subscription: None,
+        })
+        .collect()
 }
 
 struct Entry {
@@ -547,11 +569,7 @@ async fn route(
                     };
                     match method {
                         Method::GET => {
-                            let inner = entry.inner.lock().await;
-                            let list = match role {
-                                Role::Slot => handlers(&inner.slots),
-                                Role::Service => handlers(&inner.services),
-                            };
+                            let list = handlers(entry.inner.lock().await.list(role));
                             json(StatusCode::OK, &serde_json::json!({ *kind: list }))
                         }
                         Method::POST => match read_json(request, max).await {
@@ -637,22 +655,8 @@ async fn register(shared: &Arc<Shared>, host: IpAddr, body: &Value) -> Response<
             status: Status::Ok,
             failures: 0,
             refused: 0,
-            slots: registration
-                .slots
-                .into_iter()
-                .map(|handler| Live {
-                    handler,
-                    subscription: None,
-                })
-                .collect(),
-            services: registration
-                .services
-                .into_iter()
-                .map(|handler| Live {
-                    handler,
-                    subscription: None,
-                })
-                .collect(),
+            slots: unsubscribed(registration.slots),
+            services: unsubscribed(registration.services),
         }),
         watchdog: Mutex::new(None),
     });
@@ -795,22 +799,33 @@ struct NodeCall {
 impl NodeCall {
     /// POSTs the request or signal to the node and counts it.
     async fn run(&self, incoming: Incoming) -> Step {
-        let started = Instant::now();
         let body = api::call_body(
             Some(&incoming.topic),
             &incoming.sender,
             &incoming.data,
             self.timeout,
         );
-        let step = call_node(&self.http, &self.url, body, self.timeout, self.max).await;
-        self.metrics.record(
-            self.kind,
-            &incoming.topic,
-            started.elapsed(),
-            protocol::is_failure(step.code),
-        );
-        step
+        let call = call_node(&self.http, &self.url, body, self.timeout, self.max);
+        timed(&self.metrics, self.kind, &incoming.topic, call).await
     }
+}
+
+/// Runs `call` and counts it under `kind` and `topic`: its time, and whether it failed.
+async fn timed(
+    metrics: &Metrics,
+    kind: &str,
+    topic: &str,
+    call: impl Future<Output = Step>,
+) -> Step {
+    let started = Instant::now();
+    let step = call.await;
+    metrics.record(
+        kind,
+        topic,
+        started.elapsed(),
+        protocol::is_failure(step.code),
+    );
+    step
 }
 
 /// POSTs `body` to the node, at most `timeout`: past it the connection is dropped (so the
@@ -968,11 +983,7 @@ async fn add(
     if status == Status::Dirty {
         return refuse(StatusCode::GONE, "the node is dirty; register again");
     }
-    let list = match role {
-        Role::Slot => &inner.slots,
-        Role::Service => &inner.services,
-    };
-    let clash = list.iter().any(|l| {
+    let clash = inner.list(role).iter().any(|l| {
         l.handler.topic == handler.topic
             && match role {
                 Role::Service => l.handler.group == handler.group,
@@ -998,14 +1009,10 @@ async fn add(
     } else {
         None
     };
-    let live = Live {
+    inner.list(role).push(Live {
         handler,
         subscription,
-    };
-    match role {
-        Role::Slot => inner.slots.push(live),
-        Role::Service => inner.services.push(live),
-    }
+    });
     ok()
 }
 
@@ -1017,10 +1024,7 @@ async fn remove(
     path: Option<&str>,
 ) -> Response<Full<Bytes>> {
     let mut inner = entry.inner.lock().await;
-    let list = match role {
-        Role::Slot => &mut inner.slots,
-        Role::Service => &mut inner.services,
-    };
+    let list = inner.list(role);
     let (gone, kept): (Vec<Live>, Vec<Live>) = list
         .drain(..)
         .partition(|l| l.handler.topic == topic && path.is_none_or(|p| l.handler.path == p));
@@ -1059,40 +1063,26 @@ impl Runner<String> for NodeRunner<'_> {
         data: Value,
         timeout: Duration,
     ) -> BoxFuture<'a, Step> {
-        Box::pin(async move {
-            let started = Instant::now();
-            let step = engine::step_of(self.entry.gilmour.request(topic, data, timeout).await);
-            self.shared.metrics.record(
-                "request",
-                topic,
-                started.elapsed(),
-                protocol::is_failure(step.code),
-            );
-            step
-        })
+        let request = self.entry.gilmour.request(topic, data, timeout);
+        Box::pin(timed(&self.shared.metrics, "request", topic, async move {
+            engine::step_of(request.await)
+        }))
     }
 
     fn lambda<'a>(&'a self, path: &'a String, data: Value) -> BoxFuture<'a, Step> {
-        Box::pin(async move {
-            let started = Instant::now();
-            let sender = uuid::Uuid::new_v4().to_string();
-            let body = api::call_body(None, &sender, &data, self.timeout);
-            let step = call_node(
+        let sender = uuid::Uuid::new_v4().to_string();
+        let body = api::call_body(None, &sender, &data, self.timeout);
+        let url = self.entry.url(path);
+        Box::pin(timed(&self.shared.metrics, "lambda", path, async move {
+            call_node(
                 &self.shared.http,
-                &self.entry.url(path),
+                &url,
                 body,
                 self.timeout,
                 self.shared.config.max_body,
             )
-            .await;
-            self.shared.metrics.record(
-                "lambda",
-                path,
-                started.elapsed(),
-                protocol::is_failure(step.code),
-            );
-            step
-        })
+            .await
+        }))
     }
 }
 

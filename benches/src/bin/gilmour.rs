@@ -84,31 +84,16 @@ async fn main() -> Result<()> {
     let publish_url = format!("{proxy_base}/request/{id}");
 
     let data = json!({"text": "x".repeat(64)});
-    let api = |name: &str, total, at_once| {
+    // A rylm node's requests to `topic`: the Rust API (`bench.echo`, a rylm responder) or
+    // through the proxy to the HTTP node (`bench.http`).
+    let via_node = |topic: &'static str, name: &str, total, at_once| {
         let (requester, data) = (requester.clone(), data.clone());
         let name = name.to_owned();
         async move {
             measure(&name, total, at_once, move |_| {
                 let (requester, data) = (requester.clone(), data.clone());
                 async move {
-                    let reply = requester.request("bench.echo", data, DEADLINE).await?;
-                    if reply.code() != 200 {
-                        bail!("code {}", reply.code());
-                    }
-                    Ok(())
-                }
-            })
-            .await
-        }
-    };
-    let to_node = |name: &str, total, at_once| {
-        let (requester, data) = (requester.clone(), data.clone());
-        let name = name.to_owned();
-        async move {
-            measure(&name, total, at_once, move |_| {
-                let (requester, data) = (requester.clone(), data.clone());
-                async move {
-                    let reply = requester.request("bench.http", data, DEADLINE).await?;
+                    let reply = requester.request(topic, data, DEADLINE).await?;
                     if reply.code() != 200 {
                         bail!("code {}: {}", reply.code(), reply.data);
                     }
@@ -118,6 +103,8 @@ async fn main() -> Result<()> {
             .await
         }
     };
+    let api = |name: &str, total, at_once| via_node("bench.echo", name, total, at_once);
+    let to_node = |name: &str, total, at_once| via_node("bench.http", name, total, at_once);
     let from_node = |name: &str, total, at_once| {
         let (http, data, publish_url) = (http.clone(), data.clone(), publish_url.clone());
         let name = name.to_owned();

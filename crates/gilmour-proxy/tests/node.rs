@@ -217,7 +217,7 @@ async fn handlers_run_at_most_the_configured_number_at_once() {
         ..NodeOptions::default()
     };
     let server = Node::connect_with(&url, options).await.expect("connects");
-    let client = Node::connect(&url).await.expect("connects");
+    let client = Arc::new(Node::connect(&url).await.expect("connects"));
     let (running, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
     let busy = topic("busy");
     let (r, m) = (running.clone(), most.clone());
@@ -234,42 +234,22 @@ async fn handlers_run_at_most_the_configured_number_at_once() {
         })
         .await
         .expect("serves");
-    let calls = (0..8).map(|i| client.request(&busy, json!(i), DEADLINE));
-    let replies = futures_join(calls).await;
-    for (i, reply) in replies.into_iter().enumerate() {
+    let mut calls = tokio::task::JoinSet::new();
+    for i in 0..8 {
+        let (client, busy) = (client.clone(), busy.clone());
+        calls.spawn(async move { (i, client.request(&busy, json!(i), DEADLINE).await) });
+    }
+    let mut answered = 0;
+    while let Some(done) = calls.join_next().await {
+        let (i, reply) = done.expect("a call");
         let reply = reply.expect("requests");
         assert_eq!((reply.code(), reply.data), (200, json!(i)));
+        answered += 1;
     }
+    assert_eq!(answered, 8);
     assert_eq!(most.load(Ordering::SeqCst), 2, "two at once, never more");
     server.shutdown().await;
     client.shutdown().await;
-}
-
-/// Awaits every future at once.
-async fn futures_join<F: std::future::Future>(futures: impl Iterator<Item = F>) -> Vec<F::Output> {
-    let mut set = Vec::new();
-    for future in futures {
-        set.push(Box::pin(future));
-    }
-    let mut outputs: Vec<Option<F::Output>> = set.iter().map(|_| None).collect();
-    std::future::poll_fn(|cx| {
-        let mut pending = false;
-        for (future, output) in set.iter_mut().zip(outputs.iter_mut()) {
-            if output.is_none() {
-                match future.as_mut().poll(cx) {
-                    std::task::Poll::Ready(value) => *output = Some(value),
-                    std::task::Poll::Pending => pending = true,
-                }
-            }
-        }
-        if pending {
-            std::task::Poll::Pending
-        } else {
-            std::task::Poll::Ready(())
-        }
-    })
-    .await;
-    outputs.into_iter().flatten().collect()
 }
 
 /// A relay to Redis that holds what the client sends on its second connection (a node's

@@ -5,17 +5,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use rylm_components::{Functions, Server};
+use rylm_testkit::free_port;
 use serde_json::Value;
 
 const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py/pylm_client.py");
-
-/// A port nobody listens on now, for a pylm process to bind.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a port")
-}
 
 fn functions() -> Functions {
     Functions::new()

@@ -416,10 +416,7 @@ struct OwnRedis {
 
 impl OwnRedis {
     fn start(program: &str, password: &str) -> OwnRedis {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
+        let port = rylm_testkit::free_port();
         let dir = std::env::temp_dir().join(format!("rylm-gilmour-redis-{port}"));
         std::fs::create_dir_all(&dir).expect("a directory");
         let mut redis = OwnRedis {

@@ -412,11 +412,7 @@ async fn bad_input_gets_a_4xx_with_a_status_and_changes_nothing() {
     let sick = TestNode::start().await;
     sick.healthy.store(false, Ordering::SeqCst);
     let garbage = garbage_listener().await;
-    let closed = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let closed = rylm_testkit::free_port();
     let service = |t: &str| json!({"topic": t, "group": "g", "path": "/echo"});
     let raw = |s: &str| s.to_owned();
     let cases: Vec<(&str, String, Option<String>, u16, &str)> = vec![
@@ -1010,11 +1006,7 @@ struct ProxyProcess {
 
 impl ProxyProcess {
     fn start(redis: &str) -> ProxyProcess {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = rylm_testkit::free_port();
         let child = std::process::Command::new(env!("CARGO_BIN_EXE_rylm-gilmour-proxy"))
             .args(["--redis", redis, "--listen", &format!("127.0.0.1:{port}")])
             .stdout(std::process::Stdio::null())

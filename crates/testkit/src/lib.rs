@@ -78,6 +78,18 @@ pub fn pylm_python(test: &str) -> Option<String> {
     server_url("RYLM_PYTHON", "a Python with pylm", test)
 }
 
+/// A loopback port nobody listens on now, for a process or server a test starts.
+///
+/// # Panics
+///
+/// When the system has no free port.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
 fn server_url(variable: &str, server: &str, test: &str) -> Option<String> {
     match std::env::var(variable) {
         Ok(url) if !url.is_empty() => Some(url),

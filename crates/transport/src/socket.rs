@@ -1,0 +1,212 @@
+//! The socket: rylm's handle on one ZeroMQ socket of the implementation.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use crate::events::{Event, Events, Stats, StatsSnapshot, Throttle};
+use crate::{Error, Kind, Options};
+
+/// How often a socket may log a warning about its peers.
+const WARN_EVERY: Duration = Duration::from_secs(10);
+
+/// One ZeroMQ socket. Cheap to clone: every clone is the same socket, so one task can receive
+/// while others send. Messages are lists of frames.
+///
+/// Created with [`Options`] (safe defaults); a watcher task counts its connection events in
+/// [`Socket::stats`] and logs misbehaving peers at most once per ten seconds.
+#[derive(Clone)]
+pub struct Socket {
+    inner: omq_tokio::Socket,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    kind: Kind,
+    send_timeout: Duration,
+    /// The first address bound or connected, for error messages.
+    address: Mutex<String>,
+    stats: Arc<Stats>,
+}
+
+impl std::fmt::Debug for Socket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Socket")
+            .field("kind", &self.shared.kind)
+            .field("address", &self.address())
+            .finish()
+    }
+}
+
+impl Socket {
+    /// A new socket of `kind`. Must be called within a tokio runtime.
+    pub fn new(kind: Kind, options: &Options) -> Result<Self, Error> {
+        let inner = omq_tokio::Socket::try_new(kind.omq(), options.omq()?)
+            .map_err(Error::socket("create", "(new socket)"))?;
+        let stats = Arc::new(Stats::default());
+        tokio::spawn(watch(kind, inner.monitor(), stats.clone()));
+        Ok(Socket {
+            inner,
+            shared: Arc::new(Shared {
+                kind,
+                send_timeout: options.send_timeout,
+                address: Mutex::new(String::new()),
+                stats,
+            }),
+        })
+    }
+
+    /// The socket's pattern.
+    pub fn kind(&self) -> Kind {
+        self.shared.kind
+    }
+
+    /// The first address this socket was bound or connected to (empty before).
+    pub fn address(&self) -> String {
+        self.shared
+            .address
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn remember(&self, address: &str) {
+        let mut first = self
+            .shared
+            .address
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if first.is_empty() {
+            *first = address.to_owned();
+        }
+    }
+
+    /// Binds `address` (`tcp://HOST:PORT`, port 0 picks a free one; `ipc://PATH`;
+    /// `inproc://NAME`) and returns the address actually bound.
+    pub async fn bind(&self, address: &str) -> Result<String, Error> {
+        let bound = self
+            .inner
+            .bind(address)
+            .await
+            .map_err(Error::socket("bind", address))?
+            .to_string();
+        self.remember(&bound);
+        Ok(bound)
+    }
+
+    /// Connects to `address`. The connection is made in the background and made again,
+    /// with backoff, whenever it is lost; messages sent meanwhile wait in the queue (up to
+    /// the high-water mark).
+    pub async fn connect(&self, address: &str) -> Result<(), Error> {
+        self.inner
+            .connect(address)
+            .await
+            .map_err(Error::socket("connect", address))?;
+        self.remember(address);
+        Ok(())
+    }
+
+    /// Subscribes a SUB socket to messages whose first frame starts with `prefix`.
+    pub async fn subscribe(&self, prefix: impl Into<Bytes>) -> Result<(), Error> {
+        let prefix = prefix.into();
+        self.inner
+            .subscribe(prefix)
+            .await
+            .map_err(Error::socket("subscribe", &self.address()))
+    }
+
+    /// Sends one message, waiting at most the socket's send timeout for a peer to take it
+    /// (a PUB never waits: what no subscriber takes is dropped, as ZeroMQ does).
+    pub async fn send(&self, frames: Vec<Bytes>) -> Result<(), Error> {
+        self.send_within(frames, self.shared.send_timeout).await
+    }
+
+    /// Sends one message, waiting at most `deadline` for a peer to take it.
+    pub async fn send_within(&self, frames: Vec<Bytes>, deadline: Duration) -> Result<(), Error> {
+        let message = omq_tokio::Message::multipart(frames);
+        match tokio::time::timeout(deadline, self.inner.send(message)).await {
+            Ok(sent) => sent.map_err(Error::socket("send", &self.address())),
+            Err(_) => Err(Error::SendTimeout {
+                address: self.address(),
+                waited: deadline,
+            }),
+        }
+    }
+
+    /// Receives the next message (a ROUTER's starts with the peer's identity; an XPUB's
+    /// subscriptions come as `\x01prefix` and `\x00prefix`).
+    pub async fn recv(&self) -> Result<Vec<Bytes>, Error> {
+        let message = self
+            .inner
+            .recv()
+            .await
+            .map_err(Error::socket("receive", &self.address()))?;
+        Ok((0..message.len())
+            .map(|i| message.part_bytes(i).unwrap_or_default())
+            .collect())
+    }
+
+    /// The socket's connection events from now on.
+    pub fn events(&self) -> Events {
+        Events {
+            stream: self.inner.monitor(),
+        }
+    }
+
+    /// How many peers have completed their handshake and are connected now.
+    pub fn peers(&self) -> usize {
+        self.inner.ready_peer_count()
+    }
+
+    /// Waits until at least `count` peers are ready, or fails after `deadline`.
+    pub async fn wait_for_peers(&self, count: usize, deadline: Duration) -> Result<usize, Error> {
+        self.inner
+            .wait_connected(count, deadline)
+            .await
+            .map_err(Error::socket("wait for peers", &self.address()))
+    }
+
+    /// The counters of this socket's connections.
+    pub fn stats(&self) -> StatsSnapshot {
+        self.shared.stats.snapshot()
+    }
+
+    /// Closes the socket gracefully: what was accepted for sending is flushed for at most the
+    /// linger, then every connection is closed. Other clones fail with [`Error::Closed`].
+    pub async fn close(self) {
+        let address = self.address();
+        if let Err(error) = self.inner.close().await {
+            tracing::debug!(%address, %error, "closing");
+        }
+    }
+}
+
+/// Counts a socket's events and warns, at a bounded rate, about peers that misbehave.
+async fn watch(kind: Kind, mut monitor: omq_tokio::MonitorStream, stats: Arc<Stats>) {
+    let mut warnings = Throttle::new(WARN_EVERY);
+    loop {
+        let event = match monitor.recv().await {
+            Ok(event) => event,
+            Err(omq_tokio::MonitorRecvError::Lagged(_)) => continue,
+            Err(_) => return,
+        };
+        let Some(event) = Event::from_omq(event) else {
+            continue;
+        };
+        stats.count(&event);
+        let reason = match &event {
+            Event::Disconnected {
+                dropped: true,
+                reason,
+                ..
+            }
+            | Event::HandshakeFailed { reason }
+            | Event::Refused { reason } => reason,
+            _ => continue,
+        };
+        if let Some(held) = warnings.admit(Instant::now()) {
+            tracing::warn!(?kind, %reason, similar_held_back = held, "a ZeroMQ peer was dropped");
+        }
+    }
+}

@@ -87,9 +87,9 @@ where
 
 /// Binds a ROUTER at `address` that echoes every message, in a task; returns where it listens.
 pub async fn serve_echo(address: &str) -> anyhow::Result<String> {
-    use zeromq::{RouterSocket, Socket, SocketRecv, SocketSend};
-    let mut router = RouterSocket::new();
-    let endpoint = router.bind(address).await?.to_string();
+    use rylm_transport::{Kind, Options, Socket};
+    let router = Socket::new(Kind::Router, &Options::default())?;
+    let endpoint = router.bind(address).await?;
     tokio::spawn(async move {
         while let Ok(message) = router.recv().await {
             if router.send(message).await.is_err() {
@@ -100,31 +100,30 @@ pub async fn serve_echo(address: &str) -> anyhow::Result<String> {
     Ok(endpoint)
 }
 
+type Waiting = std::sync::Arc<
+    std::sync::Mutex<std::collections::HashMap<u64, tokio::sync::oneshot::Sender<()>>>,
+>;
+
 /// A DEALER whose calls to an echo are matched by an id frame, so that many can be in flight:
-/// the baseline of what ZeroMQ allows.
+/// the baseline of what ZeroMQ (through `rylm-transport`) allows.
 #[allow(missing_debug_implementations)]
 pub struct RawEcho {
-    sender: tokio::sync::Mutex<zeromq::DealerSendHalf>,
-    waiting: std::sync::Arc<
-        std::sync::Mutex<std::collections::HashMap<u64, tokio::sync::oneshot::Sender<()>>>,
-    >,
+    socket: rylm_transport::Socket,
+    waiting: Waiting,
 }
 
 impl RawEcho {
     /// Connects to the echo at `endpoint`.
     pub async fn connect(endpoint: &str) -> anyhow::Result<RawEcho> {
-        use zeromq::{DealerSocket, Socket, SocketRecv};
-        let mut dealer = DealerSocket::new();
-        dealer.connect(endpoint).await?;
-        let (sender, mut receiver) = dealer.split();
-        let waiting: std::sync::Arc<
-            std::sync::Mutex<std::collections::HashMap<u64, tokio::sync::oneshot::Sender<()>>>,
-        > = Default::default();
-        let dispatch = waiting.clone();
+        use rylm_transport::{Kind, Options, Socket};
+        let socket = Socket::new(Kind::Dealer, &Options::default())?;
+        socket.connect(endpoint).await?;
+        let waiting: Waiting = Default::default();
+        let (dispatch, receiver) = (waiting.clone(), socket.clone());
         tokio::spawn(async move {
             while let Ok(message) = receiver.recv().await {
                 let Some(id) = message
-                    .get(0)
+                    .first()
                     .and_then(|f| <[u8; 8]>::try_from(f.as_ref()).ok())
                 else {
                     continue;
@@ -138,24 +137,18 @@ impl RawEcho {
                 }
             }
         });
-        Ok(RawEcho {
-            sender: tokio::sync::Mutex::new(sender),
-            waiting,
-        })
+        Ok(RawEcho { socket, waiting })
     }
 
     /// One echo of `payload`, matched by `id`, within 30 s.
     pub async fn call(&self, id: u64, payload: bytes::Bytes) -> anyhow::Result<()> {
-        use zeromq::SocketSend;
         let (done, answered) = tokio::sync::oneshot::channel();
         self.waiting
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(id, done);
-        let mut message =
-            zeromq::ZmqMessage::from(bytes::Bytes::copy_from_slice(&id.to_be_bytes()));
-        message.push_back(payload);
-        self.sender.lock().await.send(message).await?;
+        let frames = vec![bytes::Bytes::copy_from_slice(&id.to_be_bytes()), payload];
+        self.socket.send(frames).await?;
         match tokio::time::timeout(Duration::from_secs(30), answered).await {
             Ok(Ok(())) => Ok(()),
             _ => anyhow::bail!("no echo within 30 s"),

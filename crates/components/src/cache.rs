@@ -11,11 +11,11 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use rylm_message::{Codec, Message};
+use rylm_transport::Kind;
 use tokio::sync::watch;
-use zeromq::{RepSocket, Socket, SocketRecv, SocketSend};
 
 use crate::Error;
-use crate::parts::{Endpoint, attach, error_reply, multipart};
+use crate::parts::{Endpoint, Transport, error_reply};
 
 /// The header set on the answer to a `get` or `delete` of a missing key.
 pub const MISSING: &str = "missing";
@@ -84,20 +84,24 @@ impl CacheStore {
     pub async fn serve(
         self,
         endpoint: &Endpoint,
+        transport: &Transport,
         codec: Arc<dyn Codec>,
         mut stop: watch::Receiver<bool>,
     ) -> Result<(String, tokio::task::JoinHandle<()>), Error> {
-        let mut socket = RepSocket::new();
-        let address = attach(&mut socket, endpoint).await?;
+        let (socket, address) = transport.open(Kind::Rep, endpoint).await?;
         let served = address.clone();
         let task = tokio::spawn(async move {
             loop {
                 let received = tokio::select! {
-                    _ = stop.changed() => return,
+                    _ = stop.changed() => break,
                     received = socket.recv() => received,
                 };
-                let Ok(received) = received else { continue };
-                let reply = match codec.decode_frames(&received.into_vec()) {
+                let received = match received {
+                    Ok(received) => received,
+                    Err(error) if error.is_closed() => return,
+                    Err(_) => continue,
+                };
+                let reply = match codec.decode_frames(&received) {
                     Ok(request) => self.answer(&request),
                     Err(error) => error_reply(&Message::default(), "malformed", &error.to_string()),
                 };
@@ -109,10 +113,11 @@ impl CacheStore {
                     };
                     frames
                 };
-                if let Err(error) = socket.send(multipart(frames)).await {
+                if let Err(error) = socket.send(frames).await {
                     tracing::warn!(address = %served, %error, "could not answer a cache request");
                 }
             }
+            socket.close().await;
         });
         Ok((address, task))
     }

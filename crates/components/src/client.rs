@@ -7,12 +7,12 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use rylm_message::{Codec, Message, NativeCodec, new_id};
+use rylm_transport::{Event, Kind, Socket};
 use tokio::sync::{Mutex, mpsc};
-use zeromq::{PushSocket, Socket, SocketRecv, SocketSend, SubSocket};
 
 use crate::cache::MISSING;
 use crate::functions::SYNC_FUNCTION;
-use crate::parts::{Ask, Endpoint, multipart};
+use crate::parts::{Ask, Endpoint, Transport};
 use crate::{ERROR_KIND, ERROR_MESSAGE, Error};
 
 /// How a [`Client`] connects.
@@ -26,6 +26,8 @@ pub struct ClientOptions {
     pub deadline: Duration,
     /// The server's cache answers raw bytes (a pylm server's does).
     pub raw_cache: bool,
+    /// Socket options (the client connects every socket: `transport.connected` counts).
+    pub transport: Transport,
 }
 
 impl ClientOptions {
@@ -49,6 +51,7 @@ impl Default for ClientOptions {
             codec: Arc::new(NativeCodec::default()),
             deadline: Duration::from_secs(30),
             raw_cache: false,
+            transport: Transport::default(),
         }
     }
 }
@@ -65,6 +68,13 @@ impl std::fmt::Debug for ClientOptions {
 
 type Pending = Arc<std::sync::Mutex<HashMap<String, mpsc::UnboundedSender<Message>>>>;
 
+/// What the client knows of its connections to the server.
+#[derive(Debug, Default)]
+struct Link {
+    /// A connection was lost: the next call first makes sure the subscription is live again.
+    resync: std::sync::atomic::AtomicBool,
+}
+
 /// A client of a Server (or of a Master): `eval`, `job`, and the cache.
 ///
 /// It subscribes to its own id on the server's PUB socket and, before its first call, makes
@@ -80,17 +90,21 @@ struct Inner {
     session: std::sync::Mutex<String>,
     server: String,
     codec: Arc<dyn Codec>,
-    push: Mutex<PushSocket>,
+    pull_address: String,
+    push: Socket,
     cache: Mutex<Ask>,
     pending: Pending,
+    link: Arc<Link>,
     calls: std::sync::atomic::AtomicU64,
     deadline: Duration,
     receiver: tokio::task::JoinHandle<()>,
+    watcher: tokio::task::JoinHandle<()>,
 }
 
 impl Drop for Inner {
     fn drop(&mut self) {
         self.receiver.abort();
+        self.watcher.abort();
     }
 }
 
@@ -146,9 +160,16 @@ impl Client {
             codec,
             deadline,
             raw_cache,
+            transport,
         } = options;
         let started = Instant::now();
-        let mut cache = Ask::req(&Endpoint::Connect(db_address.to_owned()), codec.clone()).await?;
+        let mut cache = Ask::req(
+            &Endpoint::Connect(db_address.to_owned()),
+            &transport,
+            codec.clone(),
+        )
+        .await?
+        .with_deadline(deadline);
         if raw_cache {
             cache = cache.with_raw_replies();
         }
@@ -160,24 +181,19 @@ impl Client {
         };
 
         let id = new_id();
-        let mut sub = SubSocket::new();
-        sub.subscribe(&id)
-            .await
-            .map_err(Error::socket("subscribe", &pub_address))?;
-        sub.connect(&pub_address)
-            .await
-            .map_err(Error::socket("connect", &pub_address))?;
-        let mut push = PushSocket::new();
-        push.connect(&pull_address)
-            .await
-            .map_err(Error::socket("connect", &pull_address))?;
+        let sub = Socket::new(Kind::Sub, &transport.connected)?;
+        sub.subscribe(Bytes::from(id.clone())).await?;
+        sub.connect(&pub_address).await?;
+        let push = Socket::new(Kind::Push, &transport.connected)?;
+        push.connect(&pull_address).await?;
 
         let pending: Pending = Arc::default();
+        let link = Arc::new(Link::default());
+        let watcher = tokio::spawn(watch_link(sub.events(), pending.clone(), link.clone()));
         let receiver = {
             let (pending, codec) = (pending.clone(), codec.clone());
             tokio::spawn(async move {
-                while let Ok(received) = sub.recv().await {
-                    let frames = received.into_vec();
+                while let Ok(frames) = sub.recv().await {
                     match codec.decode_frames(frames.get(1..).unwrap_or_default()) {
                         Ok(result) => {
                             let waiter = pending
@@ -202,12 +218,15 @@ impl Client {
                 session: std::sync::Mutex::new(new_id()),
                 server,
                 codec,
-                push: Mutex::new(push),
+                pull_address,
+                push,
                 cache: Mutex::new(cache),
                 pending,
+                link,
                 calls: std::sync::atomic::AtomicU64::new(0),
                 deadline,
                 receiver,
+                watcher,
             }),
         };
         client
@@ -257,7 +276,7 @@ impl Client {
         let mut wait = Duration::from_millis(20);
         while started.elapsed() < within {
             let message = Message::call(SYNC_FUNCTION, Bytes::new());
-            if self.send_and_wait(message, wait).await.is_ok() {
+            if self.send_and_wait_now(message, wait).await.is_ok() {
                 return Ok(());
             }
             wait = (wait * 2).min(Duration::from_millis(500));
@@ -269,6 +288,39 @@ impl Client {
     }
 
     async fn send_and_wait(&self, message: Message, deadline: Duration) -> Result<Message, Error> {
+        self.resync_if_needed(deadline).await?;
+        self.send_and_wait_now(message, deadline).await
+    }
+
+    /// After a lost connection, a round trip before the next call: results published before
+    /// the subscription reached the server again would be lost.
+    async fn resync_if_needed(&self, deadline: Duration) -> Result<(), Error> {
+        use std::sync::atomic::Ordering;
+        if !self.inner.link.resync.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let mut wait = Duration::from_millis(20);
+        while started.elapsed() < deadline {
+            self.inner.link.resync.store(false, Ordering::SeqCst);
+            let message = Message::call(SYNC_FUNCTION, Bytes::new());
+            if self.send_and_wait_now(message, wait).await.is_ok() {
+                return Ok(());
+            }
+            self.inner.link.resync.store(true, Ordering::SeqCst);
+            wait = (wait * 2).min(Duration::from_millis(500));
+        }
+        Err(Error::Timeout {
+            what: format!("the server at {} to come back", self.inner.pull_address),
+            waited: deadline,
+        })
+    }
+
+    async fn send_and_wait_now(
+        &self,
+        message: Message,
+        deadline: Duration,
+    ) -> Result<Message, Error> {
         let mut answers = self.exchange(message, deadline, false).await?;
         answers.pop().ok_or(Error::Closed)
     }
@@ -294,17 +346,7 @@ impl Client {
             .insert(key.clone(), parts);
         let collect = async {
             let frames = self.inner.codec.encode_frames(&message)?;
-            self.inner
-                .push
-                .lock()
-                .await
-                .send(multipart(frames))
-                .await
-                .map_err(|error| Error::Socket {
-                    operation: "send",
-                    address: "server".into(),
-                    reason: error.to_string(),
-                })?;
+            self.inner.push.send_within(frames, deadline).await?;
             let mut collected = Vec::new();
             while let Some(answer) = answers.recv().await {
                 let more = all && answer.header(crate::functions::MORE).is_some();
@@ -316,7 +358,10 @@ impl Client {
                     return Ok(collected);
                 }
             }
-            Err(Error::Closed)
+            // The link watcher dropped this call: its server went away.
+            Err(Error::ServerGone {
+                address: self.inner.pull_address.clone(),
+            })
         };
         let outcome = match tokio::time::timeout(deadline, collect).await {
             Ok(outcome) => outcome,
@@ -474,14 +519,31 @@ impl Client {
     }
 
     async fn cache_request(&self, request: &Message) -> Result<Option<Bytes>, Error> {
-        let deadline = self.inner.deadline;
+        // The cache socket has the client's deadline of its own (and stays usable after it).
         let mut cache = self.inner.cache.lock().await;
-        tokio::time::timeout(deadline, cache_ask(&mut cache, request))
-            .await
-            .map_err(|_| Error::Timeout {
-                what: "the cache".into(),
-                waited: deadline,
-            })?
+        cache_ask(&mut cache, request).await
+    }
+}
+
+/// Fails every pending call with [`Error::ServerGone`] when the connection its results come
+/// over is lost, and asks the next call to resynchronise once it is back. (The requests'
+/// connection may close first on a graceful stop, while the results still come.)
+async fn watch_link(mut results: rylm_transport::Events, pending: Pending, link: Arc<Link>) {
+    use std::sync::atomic::Ordering;
+    loop {
+        match results.next().await {
+            None => return,
+            Some(Event::Disconnected { reason, .. }) => {
+                link.resync.store(true, Ordering::SeqCst);
+                let failed: Vec<_> = pending
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .drain()
+                    .collect();
+                tracing::warn!(%reason, failed = failed.len(), "lost the connection to the server; its calls failed");
+            }
+            Some(_) => {}
+        }
     }
 }
 

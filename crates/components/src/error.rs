@@ -6,16 +6,9 @@ use std::time::Duration;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// A socket could not bind, connect, send or receive.
-    #[error("ZeroMQ {operation} on {address} failed: {reason}")]
-    Socket {
-        /// What was being done.
-        operation: &'static str,
-        /// The address involved.
-        address: String,
-        /// The transport's error.
-        reason: String,
-    },
+    /// The transport refused or failed (a send timeout, a closed socket, a bad key).
+    #[error(transparent)]
+    Transport(#[from] rylm_transport::Error),
 
     /// A message could not be encoded or decoded.
     #[error(transparent)]
@@ -54,21 +47,15 @@ pub enum Error {
         reason: String,
     },
 
+    /// The connection to the server was lost while the call was pending. The call may or may
+    /// not have run; later calls go through once the server is back.
+    #[error("the server at {address} went away while the call was pending")]
+    ServerGone {
+        /// The server's address.
+        address: String,
+    },
+
     /// The client or server was closed.
     #[error("closed")]
     Closed,
-}
-
-impl Error {
-    pub(crate) fn socket(
-        operation: &'static str,
-        address: &str,
-    ) -> impl FnOnce(zeromq::ZmqError) -> Error {
-        let address = address.to_owned();
-        move |e| Error::Socket {
-            operation,
-            address,
-            reason: e.to_string(),
-        }
-    }
 }

@@ -43,7 +43,11 @@
 //! # Ok(()) }
 //! ```
 //!
-//! It depends on `rylm-message` and `rylm-core-router` only; HTTP lives in `rylm-gateway`.
+//! Sockets come from `rylm-transport` (safe defaults, reconnect, CURVE; see [`Transport`]).
+//! A worker announces itself again when its master comes back; a client's pending calls fail
+//! with [`Error::ServerGone`] when its server goes away, and its later calls go through once
+//! the server is back. It depends on `rylm-message`, `rylm-core-router` and `rylm-transport`;
+//! HTTP lives in `rylm-gateway`.
 #![warn(missing_docs)]
 
 mod cache;
@@ -62,7 +66,8 @@ pub use master::{
     CREDITS, FUNCTIONS, HEARTBEAT_FUNCTION, Heartbeat, Hook, Master, MasterBuilder, PoolStatus,
     READY_FUNCTION, ResultSink, StreamHook, Worker, WorkerBuilder, WorkerPool, default_topic,
 };
-pub use parts::{Answer, Ask, DealerOut, Emit, Endpoint, Listen, RouterIn};
+pub use parts::{Answer, Ask, DealerOut, Emit, Endpoint, Listen, PartSocket, RouterIn, Transport};
+pub use rylm_transport;
 pub use server::{Server, ServerBuilder};
 
 /// pylm's MuxWorker: a [`Worker`] whose [`Functions`] include mux functions

@@ -16,12 +16,12 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use rylm_core_router::{Mode, OutboundQueue, Router};
 use rylm_message::{Codec, Message, NativeCodec};
-use tokio::sync::{Mutex, Semaphore, watch};
-use zeromq::{DealerSocket, PubSocket, RouterSocket, Socket, SocketRecv, SocketSend};
+use rylm_transport::{Event, Kind, Socket};
+use tokio::sync::{Semaphore, watch};
 
 use crate::cache::CacheStore;
 use crate::functions::SYNC_FUNCTION;
-use crate::parts::{Endpoint, Listen, attach, error_reply, multipart};
+use crate::parts::{Endpoint, Listen, Transport, error_reply};
 use crate::{Error, Functions};
 
 /// A worker says it is ready, with header [`CREDITS`].
@@ -73,6 +73,7 @@ pub struct MasterBuilder {
     drain_for: Duration,
     codec: Arc<dyn Codec>,
     pylm: bool,
+    transport: Transport,
 }
 
 impl std::fmt::Debug for MasterBuilder {
@@ -126,6 +127,13 @@ impl MasterBuilder {
         self
     }
 
+    /// Socket options, security among them (default: `rylm-transport`'s safe defaults, NULL
+    /// security).
+    pub fn transport(mut self, transport: Transport) -> Self {
+        self.transport = transport;
+        self
+    }
+
     /// Speaks pylm's wire format and layout, so that pylm clients and pylm workers (and rylm
     /// workers with [`WorkerBuilder::connect_pylm`]) use this master: PalmMessage frames, a PUSH
     /// to the workers at `worker_push_address` and a PULL from them at `worker_pull_address`, a
@@ -148,9 +156,13 @@ impl MasterBuilder {
         let clients = match &self.hub_topics {
             Some(topics) => {
                 let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
-                Either::Sub(Listen::sub(&self.inbound, &topics, codec.clone()).await?)
+                Either::Sub(
+                    Listen::sub(&self.inbound, &topics, &self.transport, codec.clone()).await?,
+                )
             }
-            None => Either::Pull(Listen::pull(&self.inbound, codec.clone()).await?),
+            None => {
+                Either::Pull(Listen::pull(&self.inbound, &self.transport, codec.clone()).await?)
+            }
         };
         // A Master's clients all reach it directly: a subscription stays good until a new client
         // connection arrives (see `HeldPublisher`). A Hub's clients reach an earlier server.
@@ -164,8 +176,8 @@ impl MasterBuilder {
             }
             sub => (sub, None),
         };
-        let to_workers = Emit::push(&self.workers, codec.clone()).await?;
-        let from_workers = Listen::pull(&loopback(), codec.clone()).await?;
+        let to_workers = Emit::push(&self.workers, &self.transport, codec.clone()).await?;
+        let from_workers = Listen::pull(&loopback(), &self.transport, codec.clone()).await?;
         let name = self.name.clone();
         let hook = self.handle_stream.unwrap_or_else(|| {
             let name = name.clone();
@@ -174,6 +186,7 @@ impl MasterBuilder {
         let mut publish = HeldPublisher::xpub(
             &self.publish,
             Arc::new(move |message: &Message| vec![hook(message)]),
+            &self.transport,
             codec.clone(),
             Duration::from_millis(50),
         )
@@ -191,7 +204,10 @@ impl MasterBuilder {
             publish.address().to_owned(),
         );
         let store = CacheStore::default().with_raw_replies();
-        let (db_address, cache_task) = store.clone().serve(&self.cache, codec, stopped).await?;
+        let (db_address, cache_task) = store
+            .clone()
+            .serve(&self.cache, &self.transport, codec, stopped)
+            .await?;
         for (key, value) in [
             ("name", self.name.as_str()),
             ("pull_address", &pull_address),
@@ -290,25 +306,24 @@ impl MasterBuilder {
         }
         let codec = self.codec.clone();
         let (stop, stopped) = watch::channel(false);
-        let mut workers = RouterSocket::new();
-        let worker_address = attach(&mut workers, &self.workers).await?;
-        let mut publish = PubSocket::new();
-        let pub_address = attach(&mut publish, &self.publish).await?;
+        let (workers, worker_address) = self.transport.open(Kind::Router, &self.workers).await?;
+        let (publish, pub_address) = self.transport.open(Kind::Pub, &self.publish).await?;
         let (inbound_address, inbound) = match &self.hub_topics {
             Some(topics) => {
                 let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
-                let listen = Listen::sub(&self.inbound, &topics, codec.clone()).await?;
+                let listen =
+                    Listen::sub(&self.inbound, &topics, &self.transport, codec.clone()).await?;
                 (listen.address().to_owned(), Either::Sub(listen))
             }
             None => {
-                let listen = Listen::pull(&self.inbound, codec.clone()).await?;
+                let listen = Listen::pull(&self.inbound, &self.transport, codec.clone()).await?;
                 (listen.address().to_owned(), Either::Pull(listen))
             }
         };
         let store = CacheStore::default();
         let (db_address, cache_task) = store
             .clone()
-            .serve(&self.cache, codec.clone(), stopped)
+            .serve(&self.cache, &self.transport, codec.clone(), stopped)
             .await?;
         store.set("name", self.name.clone());
         store.set("pull_address", inbound_address.clone());
@@ -368,8 +383,8 @@ impl MasterBuilder {
 }
 
 enum Either {
-    Pull(Listen<zeromq::PullSocket>),
-    Sub(Listen<zeromq::SubSocket>),
+    Pull(Listen),
+    Sub(Listen),
 }
 
 /// The default `handle_stream`: a result goes to its client, unless it moves on to another
@@ -412,6 +427,7 @@ impl Master {
             drain_for: Duration::from_secs(10),
             codec: Arc::new(NativeCodec::default()),
             pylm: false,
+            transport: Transport::default(),
         }
     }
 
@@ -453,7 +469,7 @@ impl Master {
 /// Where a worker pool's results go.
 pub enum ResultSink {
     /// Published on a PUB socket under `handle_stream`'s topic (a Master).
-    Publish(PubSocket),
+    Publish(Socket),
     /// Handed to a channel, for a component in the same process (a gateway).
     Channel(tokio::sync::mpsc::Sender<Message>),
 }
@@ -504,7 +520,7 @@ impl PoolStatus {
 /// [`ResultSink`].
 pub struct WorkerPool {
     pool: Pool,
-    socket: RouterSocket,
+    socket: Socket,
     address: String,
 }
 
@@ -520,11 +536,11 @@ impl WorkerPool {
     /// Binds (or connects) the workers' ROUTER.
     pub async fn new(
         workers: &Endpoint,
+        transport: &Transport,
         codec: Arc<dyn Codec>,
         heartbeat: Heartbeat,
     ) -> Result<WorkerPool, Error> {
-        let mut socket = RouterSocket::new();
-        let address = attach(&mut socket, workers).await?;
+        let (socket, address) = transport.open(Kind::Router, workers).await?;
         let pool = Pool {
             codec,
             heartbeat,
@@ -595,10 +611,9 @@ impl Pool {
     async fn run(
         mut self,
         mut queue: OutboundQueue,
-        workers: RouterSocket,
+        workers: Socket,
         mut publish: ResultSink,
     ) -> Result<(), rylm_core_router::Error> {
-        let (mut to_workers, mut from_workers) = workers.split();
         let mut ticker = tokio::time::interval(self.heartbeat.interval);
         let mut draining_since: Option<Instant> = None;
         loop {
@@ -636,24 +651,27 @@ impl Pool {
                     }
                     None => draining_since = Some(Instant::now()),
                 },
-                received = from_workers.recv() => {
-                    if let Ok(received) = received {
-                        let mut frames = received.into_vec();
-                        if !frames.is_empty() {
-                            let identity = frames.remove(0);
-                            match self.codec.decode_frames(&frames) {
-                                Ok(message) => self.on_worker_frame(identity, message, &mut publish).await,
-                                Err(error) => tracing::warn!(%error, "dropped a worker frame that does not decode"),
-                            }
+                received = workers.recv() => match received {
+                    Ok(mut frames) if !frames.is_empty() => {
+                        let identity = frames.remove(0);
+                        match self.codec.decode_frames(&frames) {
+                            Ok(message) => self.on_worker_frame(identity, message, &workers, &mut publish).await,
+                            Err(error) => tracing::warn!(%error, "dropped a worker frame that does not decode"),
                         }
                     }
-                }
+                    Ok(_) => {}
+                    Err(error) if error.is_closed() => break,
+                    Err(error) => tracing::warn!(%error, "receiving from the workers failed"),
+                },
                 _ = ticker.tick() => self.bury_the_dead(&mut publish).await,
             }
-            self.dispatch(&mut to_workers).await;
+            self.dispatch(&workers).await;
         }
-        // No LINGER in this ZeroMQ: give the last results a moment to leave.
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        // Flush the last results (the transport's linger), then close.
+        if let ResultSink::Publish(socket) = publish {
+            socket.close().await;
+        }
+        workers.close().await;
         Ok(())
     }
 
@@ -664,7 +682,7 @@ impl Pool {
                 match self.codec.encode_frames(&message) {
                     Ok(mut frames) => {
                         frames.insert(0, Bytes::from(topic));
-                        if let Err(error) = socket.send(multipart(frames)).await {
+                        if let Err(error) = socket.send(frames).await {
                             tracing::warn!(%error, "could not publish a result");
                         }
                     }
@@ -683,6 +701,7 @@ impl Pool {
         &mut self,
         identity: Bytes,
         mut message: Message,
+        workers: &Socket,
         publish: &mut ResultSink,
     ) {
         let now = Instant::now();
@@ -708,8 +727,11 @@ impl Pool {
                 return;
             }
             Some(HEARTBEAT_FUNCTION) => {
-                if let Some(worker) = self.workers.get_mut(&identity) {
-                    worker.last_seen = now;
+                match self.workers.get_mut(&identity) {
+                    Some(worker) => worker.last_seen = now,
+                    // A worker this master does not know (it restarted, or buried the worker
+                    // while it was alive): ask it to announce itself again.
+                    None => self.ask_to_announce(identity, workers).await,
                 }
                 return;
             }
@@ -733,8 +755,13 @@ impl Pool {
         }
         if let Some(worker) = self.workers.get_mut(&identity) {
             worker.last_seen = now;
+            // A credit comes back only for what this master gave this worker: an answer to a
+            // dispatch of an earlier master (or one buried) does not add one.
+            let held = worker.holds.len();
             worker.holds.retain(|held| *held != dispatch);
-            worker.credits += 1;
+            if worker.holds.len() < held {
+                worker.credits += 1;
+            }
         }
         if self.in_flight.remove(&dispatch).is_none() {
             // Answered twice (a re-dispatch raced a slow worker): the first answer went out.
@@ -782,7 +809,23 @@ impl Pool {
         }
     }
 
-    async fn dispatch(&mut self, to_workers: &mut zeromq::RouterSendHalf) {
+    async fn ask_to_announce(&self, identity: Bytes, workers: &Socket) {
+        match self
+            .codec
+            .encode_frames(&Message::call(READY_FUNCTION, Bytes::new()))
+        {
+            Ok(frames) => {
+                let mut with_identity = vec![identity];
+                with_identity.extend(frames);
+                if let Err(error) = workers.send(with_identity).await {
+                    tracing::debug!(%error, "could not ask a worker to announce itself");
+                }
+            }
+            Err(error) => tracing::error!(%error, "could not encode a request to announce"),
+        }
+    }
+
+    async fn dispatch(&mut self, to_workers: &Socket) {
         while !self.waiting.is_empty() {
             let Some((identity, worker)) = self
                 .workers
@@ -813,7 +856,7 @@ impl Pool {
             message.headers.remove(DISPATCH);
             self.in_flight
                 .insert(dispatch, Dispatched { message, retried });
-            if let Err(error) = to_workers.send(multipart(with_identity)).await {
+            if let Err(error) = to_workers.send(with_identity).await {
                 tracing::warn!(%error, "could not reach a worker; it will be taken for dead");
             }
         }
@@ -827,6 +870,7 @@ pub struct WorkerBuilder {
     credits: usize,
     heartbeat: Duration,
     server: String,
+    transport: Transport,
 }
 
 impl std::fmt::Debug for WorkerBuilder {
@@ -856,6 +900,12 @@ impl WorkerBuilder {
         self
     }
 
+    /// Socket options, security among them (a worker connects: `transport.connected` counts).
+    pub fn transport(mut self, transport: Transport) -> Self {
+        self.transport = transport;
+        self
+    }
+
     /// Connects to the master whose cache is at `db_address` (the worker address is read from
     /// it) and starts working.
     pub async fn connect_via_cache(
@@ -864,8 +914,13 @@ impl WorkerBuilder {
         deadline: Duration,
     ) -> Result<Worker, Error> {
         let codec = self.codec.clone();
-        let mut cache =
-            crate::parts::Ask::req(&Endpoint::Connect(db_address.to_owned()), codec).await?;
+        let mut cache = crate::parts::Ask::req(
+            &Endpoint::Connect(db_address.to_owned()),
+            &self.transport,
+            codec,
+        )
+        .await?
+        .with_deadline(deadline);
         let lookup = async {
             let name = cache.ask(&Message::call("cache.get", "name")).await?;
             let address = cache
@@ -899,12 +954,15 @@ impl WorkerBuilder {
     /// runs up to `credits` messages at once.
     #[cfg(feature = "pylm")]
     pub async fn connect_pylm(self, db_address: &str, deadline: Duration) -> Result<Worker, Error> {
-        use zeromq::{PullSocket, PushSocket};
         let codec: Arc<dyn Codec> = Arc::new(rylm_message::PylmCodec::default());
-        let mut cache =
-            crate::parts::Ask::req(&Endpoint::Connect(db_address.to_owned()), codec.clone())
-                .await?
-                .with_raw_replies();
+        let mut cache = crate::parts::Ask::req(
+            &Endpoint::Connect(db_address.to_owned()),
+            &self.transport,
+            codec.clone(),
+        )
+        .await?
+        .with_raw_replies()
+        .with_deadline(deadline);
         let lookup = async {
             let mut values = Vec::new();
             for key in ["name", "worker_push_address", "worker_pull_address"] {
@@ -928,19 +986,14 @@ impl WorkerBuilder {
                 })??;
         let [server, from_master, to_master] =
             <[String; 3]>::try_from(values).map_err(|_| Error::Closed)?;
-        let mut pull = PullSocket::new();
-        pull.connect(&from_master)
-            .await
-            .map_err(Error::socket("connect", &from_master))?;
-        let mut push = PushSocket::new();
-        push.connect(&to_master)
-            .await
-            .map_err(Error::socket("connect", &to_master))?;
+        let pull = Socket::new(Kind::Pull, &self.transport.connected)?;
+        pull.connect(&from_master).await?;
+        let push = Socket::new(Kind::Push, &self.transport.connected)?;
+        push.connect(&to_master).await?;
         let (stop, mut stopped) = watch::channel(false);
         let functions = Arc::new(self.functions.failure_payload("0"));
         let slots = Arc::new(Semaphore::new(self.credits));
         let task = tokio::spawn(async move {
-            let push = Arc::new(Mutex::new(push));
             let mut running = tokio::task::JoinSet::new();
             loop {
                 let received = tokio::select! {
@@ -948,8 +1001,12 @@ impl WorkerBuilder {
                     received = pull.recv() => received,
                 };
                 while running.try_join_next().is_some() {}
-                let Ok(received) = received else { continue };
-                let message = match codec.decode_frames(&received.into_vec()) {
+                let received = match received {
+                    Ok(received) => received,
+                    Err(error) if error.is_closed() => break,
+                    Err(_) => continue,
+                };
+                let message = match codec.decode_frames(&received) {
                     Ok(message) => message,
                     Err(error) => {
                         tracing::warn!(%error, "dropped a frame from the pylm master that does not decode");
@@ -970,8 +1027,7 @@ impl WorkerBuilder {
                     for answer in functions.call_many(&server, message).await {
                         match codec.encode_frames(&answer) {
                             Ok(frames) => {
-                                if let Err(error) = push.lock().await.send(multipart(frames)).await
-                                {
+                                if let Err(error) = push.send(frames).await {
                                     tracing::warn!(%error, "could not answer the pylm master");
                                 }
                             }
@@ -982,7 +1038,8 @@ impl WorkerBuilder {
                 });
             }
             while running.join_next().await.is_some() {}
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            pull.close().await;
+            push.close().await;
         });
         Ok(Worker { stop, task })
     }
@@ -990,15 +1047,12 @@ impl WorkerBuilder {
     /// Connects to the master's worker address and starts working.
     pub async fn connect(self, worker_address: &str) -> Result<Worker, Error> {
         let codec = self.codec.clone();
-        let mut socket = DealerSocket::new();
-        socket
-            .connect(worker_address)
-            .await
-            .map_err(Error::socket("connect", worker_address))?;
-        let (sender, receiver) = socket.split();
-        let sender = Arc::new(Mutex::new(sender));
+        let socket = Socket::new(Kind::Dealer, &self.transport.connected)?;
+        // Watch before connecting, so that the first connection's news is not missed.
+        let events = socket.events();
+        socket.connect(worker_address).await?;
         let (stop, stopped) = watch::channel(false);
-        let task = tokio::spawn(work(self, codec, sender, receiver, stopped));
+        let task = tokio::spawn(work(self, codec, socket, events, stopped));
         Ok(Worker { stop, task })
     }
 }
@@ -1019,6 +1073,7 @@ impl Worker {
             credits: 8,
             heartbeat: Duration::from_secs(1),
             server: String::new(),
+            transport: Transport::default(),
         }
     }
 
@@ -1034,14 +1089,10 @@ impl Worker {
     }
 }
 
-async fn send_to_master(
-    sender: &Mutex<zeromq::DealerSendHalf>,
-    codec: &dyn Codec,
-    message: &Message,
-) {
+async fn send_to_master(socket: &Socket, codec: &dyn Codec, message: &Message) {
     match codec.encode_frames(message) {
         Ok(frames) => {
-            if let Err(error) = sender.lock().await.send(multipart(frames)).await {
+            if let Err(error) = socket.send(frames).await {
                 tracing::warn!(%error, "could not reach the master");
             }
         }
@@ -1049,45 +1100,71 @@ async fn send_to_master(
     }
 }
 
+/// The READY of a worker with `free` credits and these functions.
+fn ready(free: usize, names: &str) -> Message {
+    Message::call(READY_FUNCTION, Bytes::new())
+        .with_header(CREDITS, free.to_string())
+        .with_header(FUNCTIONS, names)
+}
+
 async fn work(
     builder: WorkerBuilder,
     codec: Arc<dyn Codec>,
-    sender: Arc<Mutex<zeromq::DealerSendHalf>>,
-    mut receiver: zeromq::DealerRecvHalf,
+    socket: Socket,
+    mut events: rylm_transport::Events,
     mut stopped: watch::Receiver<bool>,
 ) {
     let mut names: Vec<&str> = builder.functions.names().collect();
     names.sort_unstable();
-    let ready = Message::call(READY_FUNCTION, Bytes::new())
-        .with_header(CREDITS, builder.credits.to_string())
-        .with_header(FUNCTIONS, names.join(","));
-    send_to_master(&sender, codec.as_ref(), &ready).await;
+    let names = names.join(",");
+    let slots = Arc::new(Semaphore::new(builder.credits));
+    // READY is sent whenever a connection to the master is (again) ready, and whenever the
+    // master asks: a restarted master learns of its workers without a restart of theirs.
+    send_to_master(&socket, codec.as_ref(), &ready(builder.credits, &names)).await;
     let functions = Arc::new(builder.functions);
     let server: Arc<str> = builder.server.into();
-    let slots = Arc::new(Semaphore::new(builder.credits));
     let mut ticker = tokio::time::interval(builder.heartbeat);
     let mut running = tokio::task::JoinSet::new();
+    let mut connections = 0u64;
     loop {
         tokio::select! {
             _ = stopped.changed() => break,
             _ = ticker.tick() => {
-                send_to_master(&sender, codec.as_ref(), &Message::call(HEARTBEAT_FUNCTION, Bytes::new())).await;
+                send_to_master(&socket, codec.as_ref(), &Message::call(HEARTBEAT_FUNCTION, Bytes::new())).await;
             }
-            received = receiver.recv() => {
+            event = events.next() => {
+                if let Some(Event::Ready { .. }) = event {
+                    connections += 1;
+                    // The first READY went out with the first message; later ones announce again.
+                    if connections > 1 {
+                        tracing::info!("the master is back; announcing again");
+                        send_to_master(&socket, codec.as_ref(), &ready(slots.available_permits(), &names)).await;
+                    }
+                }
+            }
+            received = socket.recv() => {
                 while running.try_join_next().is_some() {}
-                let Ok(received) = received else { continue };
-                let message = match codec.decode_frames(&received.into_vec()) {
+                let received = match received {
+                    Ok(received) => received,
+                    Err(error) if error.is_closed() => break,
+                    Err(_) => continue,
+                };
+                let message = match codec.decode_frames(&received) {
                     Ok(message) => message,
                     Err(error) => {
                         tracing::warn!(%error, "dropped a frame from the master that does not decode");
                         continue;
                     }
                 };
+                if message.function_name() == Some(READY_FUNCTION) {
+                    send_to_master(&socket, codec.as_ref(), &ready(slots.available_permits(), &names)).await;
+                    continue;
+                }
                 let Ok(permit) = slots.clone().acquire_owned().await else { break };
-                let (functions, server, sender, codec) = (functions.clone(), server.clone(), sender.clone(), codec.clone());
+                let (functions, server, socket, codec) = (functions.clone(), server.clone(), socket.clone(), codec.clone());
                 running.spawn(async move {
                     for answer in functions.call_many(&server, message).await {
-                        send_to_master(&sender, codec.as_ref(), &answer).await;
+                        send_to_master(&socket, codec.as_ref(), &answer).await;
                     }
                     drop(permit);
                 });
@@ -1099,9 +1176,9 @@ async fn work(
         tokio::select! {
             done = running.join_next() => if done.is_none() { break },
             _ = ticker.tick() => {
-                send_to_master(&sender, codec.as_ref(), &Message::call(HEARTBEAT_FUNCTION, Bytes::new())).await;
+                send_to_master(&socket, codec.as_ref(), &Message::call(HEARTBEAT_FUNCTION, Bytes::new())).await;
             }
         }
     }
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    socket.close().await;
 }

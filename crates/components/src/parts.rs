@@ -9,21 +9,22 @@
 //! | REQ | outbound | [`Ask`] | yes, one at a time: the reply is the feedback |
 //! | DEALER | outbound | [`DealerOut`] | yes, many at once, matched by the message's `cache` id |
 //!
-//! Messages are read and written with the part's [`Codec`]; a frame that does not decode is
-//! logged and dropped (an [`Answer`] replies with an error message, as REP must reply).
+//! Every part is one shape: a [`PartSocket`] (a `rylm-transport` socket, its codec and its
+//! address) and the loop of its pattern. Sockets come from `rylm-transport` with its safe
+//! defaults and the [`Transport`] options given (security among them): connecting parts
+//! reconnect by themselves when their peer comes back. Messages are read and written with the
+//! part's [`Codec`]; a frame that does not decode is logged and dropped (an [`Answer`] replies
+//! with an error message, as REP must reply).
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use bytes::Bytes;
 use rylm_core_router::{Error as RouterError, InboundLink, OutboundQueue};
 use rylm_message::{Codec, Message};
-use tokio::sync::Mutex;
-use zeromq::{
-    DealerSocket, PubSocket, PullSocket, PushSocket, RepSocket, ReqSocket, RouterSocket, Socket,
-    SocketRecv, SocketSend, SubSocket, ZmqMessage,
-};
+use rylm_transport::{Event, Events, Kind, Options, Security, Socket};
 
 use crate::Error;
 
@@ -36,32 +37,130 @@ pub enum Endpoint {
     Connect(String),
 }
 
-/// Binds or connects `socket`; returns the address it ended up on.
-pub async fn attach<S: Socket>(socket: &mut S, endpoint: &Endpoint) -> Result<String, Error> {
-    match endpoint {
-        Endpoint::Bind(address) => Ok(socket
-            .bind(address)
-            .await
-            .map_err(Error::socket("bind", address))?
-            .to_string()),
-        Endpoint::Connect(address) => {
-            socket
-                .connect(address)
-                .await
-                .map_err(Error::socket("connect", address))?;
-            Ok(address.clone())
+/// The socket options of a server, worker or client: one set for the sockets it binds, one
+/// for those it connects (CURVE has a server side and a client side).
+#[derive(Clone, Debug, Default)]
+pub struct Transport {
+    /// Options of bound sockets.
+    pub bound: Options,
+    /// Options of connected sockets.
+    pub connected: Options,
+}
+
+impl Transport {
+    /// Bound sockets are CURVE servers with `keypair`, admitting the clients in `allowed`
+    /// (or any client that knows the server's public key, with `None`).
+    pub fn curve_server(
+        mut self,
+        keypair: rylm_transport::Keypair,
+        allowed: Option<Vec<rylm_transport::PublicKey>>,
+    ) -> Self {
+        self.bound = self
+            .bound
+            .security(Security::CurveServer { keypair, allowed });
+        self
+    }
+
+    /// Connected sockets are CURVE clients with `keypair`, of a server whose key is `server`.
+    pub fn curve_client(
+        mut self,
+        keypair: rylm_transport::Keypair,
+        server: rylm_transport::PublicKey,
+    ) -> Self {
+        self.connected = self
+            .connected
+            .security(Security::CurveClient { keypair, server });
+        self
+    }
+
+    /// The options for a socket going to `endpoint`.
+    pub fn options(&self, endpoint: &Endpoint) -> &Options {
+        match endpoint {
+            Endpoint::Bind(_) => &self.bound,
+            Endpoint::Connect(_) => &self.connected,
         }
+    }
+
+    /// A socket of `kind` bound or connected as `endpoint` says, and the address it is on.
+    pub async fn open(&self, kind: Kind, endpoint: &Endpoint) -> Result<(Socket, String), Error> {
+        let socket = Socket::new(kind, self.options(endpoint))?;
+        let address = match endpoint {
+            Endpoint::Bind(address) => socket.bind(address).await?,
+            Endpoint::Connect(address) => {
+                socket.connect(address).await?;
+                address.clone()
+            }
+        };
+        Ok((socket, address))
     }
 }
 
-/// Frames as one multipart message.
-pub fn multipart(frames: Vec<Bytes>) -> ZmqMessage {
-    let mut frames = frames.into_iter();
-    let mut message = ZmqMessage::from(frames.next().unwrap_or_default());
-    for frame in frames {
-        message.push_back(frame);
+/// What every part holds: its socket, its codec and the address it is on.
+#[derive(Clone)]
+pub struct PartSocket {
+    socket: Socket,
+    codec: Arc<dyn Codec>,
+    address: String,
+}
+
+impl std::fmt::Debug for PartSocket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PartSocket")
+            .field("kind", &self.socket.kind())
+            .field("address", &self.address)
+            .finish()
     }
-    message
+}
+
+impl PartSocket {
+    /// Opens a socket of `kind` at `endpoint` with `transport`'s options.
+    pub async fn open(
+        kind: Kind,
+        endpoint: &Endpoint,
+        transport: &Transport,
+        codec: Arc<dyn Codec>,
+    ) -> Result<Self, Error> {
+        let (socket, address) = transport.open(kind, endpoint).await?;
+        Ok(PartSocket {
+            socket,
+            codec,
+            address,
+        })
+    }
+
+    /// The address the socket is on.
+    pub fn address(&self) -> &str {
+        &self.address
+    }
+
+    /// The socket itself.
+    pub fn socket(&self) -> &Socket {
+        &self.socket
+    }
+
+    /// Encodes and sends `message`, after `prefix` frames (a topic, an identity).
+    async fn send(&self, prefix: Option<Bytes>, message: &Message) -> Result<(), Error> {
+        let mut frames = self.codec.encode_frames(message)?;
+        if let Some(prefix) = prefix {
+            frames.insert(0, prefix);
+        }
+        Ok(self.socket.send(frames).await?)
+    }
+
+    /// The next message's frames; `None` once the socket is closed. Receive errors other than
+    /// a close are logged and skipped.
+    async fn recv(&self) -> Option<Vec<Bytes>> {
+        loop {
+            match self.socket.recv().await {
+                Ok(frames) => return Some(frames),
+                Err(error) if error.is_closed() => return None,
+                Err(error) => {
+                    tracing::warn!(address = %self.address, %error, "receiving failed");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        }
+    }
 }
 
 /// The frame of an error answer: the request's envelope, no payload, the error in headers.
@@ -95,37 +194,45 @@ fn router_error(error: Error) -> RouterError {
 }
 
 /// PULL or SUB: submits every message it receives.
-pub struct Listen<S> {
-    socket: S,
-    codec: Arc<dyn Codec>,
+#[derive(Debug)]
+pub struct Listen {
+    part: PartSocket,
     /// Frames before the message (a SUB's topic).
     skip: usize,
-    address: String,
     /// Connection events, and the count each accepted connection bumps.
-    connections: Option<(Monitor, Arc<AtomicU64>)>,
+    connections: Option<(Events, Arc<AtomicU64>)>,
 }
 
-/// A socket's connection events.
-type Monitor = futures_lite::stream::Boxed<zeromq::SocketEvent>;
-
-impl<S> std::fmt::Debug for Listen<S> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Listen")
-            .field("address", &self.address)
-            .finish()
-    }
-}
-
-impl Listen<PullSocket> {
+impl Listen {
     /// A PULL service or connection.
-    pub async fn pull(endpoint: &Endpoint, codec: Arc<dyn Codec>) -> Result<Self, Error> {
-        let mut socket = PullSocket::new();
-        let address = attach(&mut socket, endpoint).await?;
+    pub async fn pull(
+        endpoint: &Endpoint,
+        transport: &Transport,
+        codec: Arc<dyn Codec>,
+    ) -> Result<Self, Error> {
         Ok(Listen {
-            socket,
-            codec,
+            part: PartSocket::open(Kind::Pull, endpoint, transport, codec).await?,
             skip: 0,
-            address,
+            connections: None,
+        })
+    }
+
+    /// A SUB service or connection subscribed to `topics` (an empty string takes everything).
+    pub async fn sub(
+        endpoint: &Endpoint,
+        topics: &[&str],
+        transport: &Transport,
+        codec: Arc<dyn Codec>,
+    ) -> Result<Self, Error> {
+        let part = PartSocket::open(Kind::Sub, endpoint, transport, codec).await?;
+        for topic in topics {
+            part.socket
+                .subscribe(Bytes::from(topic.to_string()))
+                .await?;
+        }
+        Ok(Listen {
+            part,
+            skip: 1,
             connections: None,
         })
     }
@@ -133,41 +240,13 @@ impl Listen<PullSocket> {
     /// Bumps `counter` for every connection accepted, before any message that comes over it is
     /// submitted (see [`HeldPublisher::cleared_until_new_connection`]).
     pub fn count_connections(mut self, counter: Arc<AtomicU64>) -> Self {
-        let monitor = futures_lite::StreamExt::boxed(self.socket.monitor());
-        self.connections = Some((monitor, counter));
+        self.connections = Some((self.part.socket.events(), counter));
         self
     }
-}
 
-impl Listen<SubSocket> {
-    /// A SUB service or connection subscribed to `topics` (an empty string takes everything).
-    pub async fn sub(
-        endpoint: &Endpoint,
-        topics: &[&str],
-        codec: Arc<dyn Codec>,
-    ) -> Result<Self, Error> {
-        let mut socket = SubSocket::new();
-        for topic in topics {
-            socket
-                .subscribe(topic)
-                .await
-                .map_err(Error::socket("subscribe", topic))?;
-        }
-        let address = attach(&mut socket, endpoint).await?;
-        Ok(Listen {
-            socket,
-            codec,
-            skip: 1,
-            address,
-            connections: None,
-        })
-    }
-}
-
-impl<S: SocketRecv + Send + 'static> Listen<S> {
     /// The address the socket is on.
     pub fn address(&self) -> &str {
-        &self.address
+        self.part.address()
     }
 
     /// The router component.
@@ -178,7 +257,7 @@ impl<S: SocketRecv + Send + 'static> Listen<S> {
                 biased;
                 event = next_event(&mut self.connections) => {
                     match event {
-                        Some(zeromq::SocketEvent::Accepted(..)) => {
+                        Some(Event::Accepted { .. }) => {
                             if let Some((_, counter)) = &self.connections {
                                 counter.fetch_add(1, Ordering::SeqCst);
                             }
@@ -189,16 +268,13 @@ impl<S: SocketRecv + Send + 'static> Listen<S> {
                     continue;
                 }
                 _ = link.stopping() => return Ok(()),
-                received = self.socket.recv() => received,
+                received = self.part.recv() => received,
             };
-            let frames = match received {
-                Ok(message) => message.into_vec(),
-                Err(error) => {
-                    tracing::warn!(address = %self.address, %error, "receiving failed");
-                    continue;
-                }
+            let Some(frames) = received else {
+                return Ok(());
             };
             match self
+                .part
                 .codec
                 .decode_frames(frames.get(self.skip..).unwrap_or_default())
             {
@@ -206,7 +282,7 @@ impl<S: SocketRecv + Send + 'static> Listen<S> {
                     link.submit(message).await?;
                 }
                 Err(error) => {
-                    tracing::warn!(address = %self.address, %error, "dropped a message that does not decode")
+                    tracing::warn!(address = %self.part.address, %error, "dropped a message that does not decode")
                 }
             }
         }
@@ -214,203 +290,145 @@ impl<S: SocketRecv + Send + 'static> Listen<S> {
 }
 
 /// The next connection event, or never when nothing is monitored.
-async fn next_event(
-    connections: &mut Option<(Monitor, Arc<AtomicU64>)>,
-) -> Option<zeromq::SocketEvent> {
+async fn next_event(connections: &mut Option<(Events, Arc<AtomicU64>)>) -> Option<Event> {
     match connections {
-        Some((monitor, _)) => futures_lite::StreamExt::next(monitor).await,
+        Some((events, _)) => events.next().await,
         None => std::future::pending().await,
     }
 }
 
 /// PUSH or PUB: sends every message it is given; a PUB prefixes the topic `topic(message)`.
-pub struct Emit<S> {
-    socket: S,
-    codec: Arc<dyn Codec>,
+pub struct Emit {
+    part: PartSocket,
     topic: Option<TopicFn>,
-    address: String,
+}
+
+impl std::fmt::Debug for Emit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Emit").field("part", &self.part).finish()
+    }
 }
 
 /// The topics a PUB part publishes a message under (usually one).
 pub type TopicFn = Arc<dyn Fn(&Message) -> Vec<String> + Send + Sync>;
 
-impl<S> std::fmt::Debug for Emit<S> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Emit")
-            .field("address", &self.address)
-            .finish()
-    }
-}
-
-impl Emit<PushSocket> {
-    /// A PUSH service or connection.
-    pub async fn push(endpoint: &Endpoint, codec: Arc<dyn Codec>) -> Result<Self, Error> {
-        let mut socket = PushSocket::new();
-        let address = attach(&mut socket, endpoint).await?;
+impl Emit {
+    /// A PUSH service or connection. A message waits (up to the transport's send timeout)
+    /// for a peer: a worker that joins late still gets what was sent before it came.
+    pub async fn push(
+        endpoint: &Endpoint,
+        transport: &Transport,
+        codec: Arc<dyn Codec>,
+    ) -> Result<Self, Error> {
         Ok(Emit {
-            socket,
-            codec,
+            part: PartSocket::open(Kind::Push, endpoint, transport, codec).await?,
             topic: None,
-            address,
         })
     }
-}
 
-impl Emit<PubSocket> {
     /// A PUB service or connection publishing each message under each of `topic(message)`.
     pub async fn publish(
         endpoint: &Endpoint,
         topic: TopicFn,
+        transport: &Transport,
         codec: Arc<dyn Codec>,
     ) -> Result<Self, Error> {
-        let mut socket = PubSocket::new();
-        let address = attach(&mut socket, endpoint).await?;
         Ok(Emit {
-            socket,
-            codec,
+            part: PartSocket::open(Kind::Pub, endpoint, transport, codec).await?,
             topic: Some(topic),
-            address,
         })
     }
-}
 
-impl<S: SocketSend + Send + 'static> Emit<S> {
     /// The address the socket is on.
     pub fn address(&self) -> &str {
-        &self.address
+        self.part.address()
     }
 
     /// The router component.
-    pub async fn run(mut self, mut queue: OutboundQueue) -> Result<(), RouterError> {
+    pub async fn run(self, mut queue: OutboundQueue) -> Result<(), RouterError> {
         while let Some(delivery) = queue.recv().await {
             let (message, responder) = delivery.into_parts();
-            let frames = match self.codec.encode_frames(&message) {
-                Ok(frames) => frames,
-                Err(error) => {
-                    responder.send(Err(router_error(error.into())));
-                    continue;
+            let sent = match &self.topic {
+                None => self.part.send(None, &message).await,
+                Some(topics) => {
+                    let mut sent = Ok(());
+                    for topic in topics(&message) {
+                        sent = sent.and(self.part.send(Some(Bytes::from(topic)), &message).await);
+                    }
+                    sent
                 }
             };
-            let mut sent = Ok(());
-            match &self.topic {
-                None => sent = send_when_connected(&mut self.socket, multipart(frames)).await,
-                Some(topics) => {
-                    for topic in topics(&message) {
-                        let mut with_topic = vec![Bytes::from(topic)];
-                        with_topic.extend(frames.iter().cloned());
-                        sent = sent.and(self.socket.send(multipart(with_topic)).await);
-                    }
-                }
-            }
-            responder.send(
-                sent.map(|()| None)
-                    .map_err(|e| router_error(Error::socket("send", &self.address)(e))),
-            );
+            responder.send(sent.map(|()| None).map_err(router_error));
         }
+        self.part.socket.close().await;
         Ok(())
     }
 }
 
-/// How long a PUSH waits for a first peer before it gives a message up.
-const NO_PEER_PATIENCE: std::time::Duration = std::time::Duration::from_secs(10);
-
-/// Sends, waiting (up to [`NO_PEER_PATIENCE`]) while the socket has no peer at all: this ZeroMQ
-/// refuses a PUSH with no connected peer where libzmq would wait for one, and a worker that
-/// joins late must still get what was sent before it came.
-async fn send_when_connected<S: SocketSend>(
-    socket: &mut S,
-    message: ZmqMessage,
-) -> zeromq::ZmqResult<()> {
-    let started = std::time::Instant::now();
-    let mut backoff = std::time::Duration::from_millis(5);
-    let mut message = message;
-    loop {
-        match socket.send(message).await {
-            Err(zeromq::ZmqError::ReturnToSender { message: back, .. })
-                if started.elapsed() < NO_PEER_PATIENCE =>
-            {
-                message = back;
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(std::time::Duration::from_millis(200));
-            }
-            other => return other,
-        }
-    }
-}
-
 /// REP: submits each request and replies with its feedback (or an error message).
+#[derive(Debug)]
 pub struct Answer {
-    socket: RepSocket,
-    codec: Arc<dyn Codec>,
-    address: String,
-}
-
-impl std::fmt::Debug for Answer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Answer")
-            .field("address", &self.address)
-            .finish()
-    }
+    part: PartSocket,
 }
 
 impl Answer {
     /// A REP service or connection.
-    pub async fn rep(endpoint: &Endpoint, codec: Arc<dyn Codec>) -> Result<Self, Error> {
-        let mut socket = RepSocket::new();
-        let address = attach(&mut socket, endpoint).await?;
+    pub async fn rep(
+        endpoint: &Endpoint,
+        transport: &Transport,
+        codec: Arc<dyn Codec>,
+    ) -> Result<Self, Error> {
         Ok(Answer {
-            socket,
-            codec,
-            address,
+            part: PartSocket::open(Kind::Rep, endpoint, transport, codec).await?,
         })
     }
 
     /// The router component (register it blocking).
-    pub async fn run(mut self, mut link: InboundLink) -> Result<(), RouterError> {
+    pub async fn run(self, mut link: InboundLink) -> Result<(), RouterError> {
         loop {
             let received = tokio::select! {
                 _ = link.stopping() => return Ok(()),
-                received = self.socket.recv() => received,
+                received = self.part.recv() => received,
             };
-            let Ok(received) = received else { continue };
-            let reply = answer(&link, self.codec.as_ref(), &received.into_vec()).await;
-            let frames = self
-                .codec
-                .encode_frames(&reply)
-                .map_err(|e| router_error(e.into()))?;
-            if let Err(error) = self.socket.send(multipart(frames)).await {
-                tracing::warn!(address = %self.address, %error, "could not send a reply");
+            let Some(received) = received else {
+                return Ok(());
+            };
+            let reply = answer(&link, self.part.codec.as_ref(), &received).await;
+            if let Err(error) = self.part.send(None, &reply).await {
+                tracing::warn!(address = %self.part.address, %error, "could not send a reply");
             }
         }
     }
 }
 
-/// REQ: sends each message and hands back the reply as feedback, one at a time.
-pub struct Ask {
-    socket: ReqSocket,
-    codec: Arc<dyn Codec>,
-    address: String,
-    raw_replies: bool,
-}
+/// How long an [`Ask`] waits for its reply by default.
+pub const ASK_DEADLINE: Duration = Duration::from_secs(10);
 
-impl std::fmt::Debug for Ask {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Ask")
-            .field("address", &self.address)
-            .finish()
-    }
+/// REQ: sends each message and hands back the reply as feedback, one at a time. A request
+/// without a reply within its deadline fails, and the socket is opened afresh (REQ cannot send
+/// again before it has a reply).
+#[derive(Debug)]
+pub struct Ask {
+    part: PartSocket,
+    endpoint: Endpoint,
+    transport: Transport,
+    raw_replies: bool,
+    deadline: Duration,
 }
 
 impl Ask {
     /// A REQ service or connection.
-    pub async fn req(endpoint: &Endpoint, codec: Arc<dyn Codec>) -> Result<Self, Error> {
-        let mut socket = ReqSocket::new();
-        let address = attach(&mut socket, endpoint).await?;
+    pub async fn req(
+        endpoint: &Endpoint,
+        transport: &Transport,
+        codec: Arc<dyn Codec>,
+    ) -> Result<Self, Error> {
         Ok(Ask {
-            socket,
-            codec,
-            address,
+            part: PartSocket::open(Kind::Req, endpoint, transport, codec).await?,
+            endpoint: endpoint.clone(),
+            transport: transport.clone(),
             raw_replies: false,
+            deadline: ASK_DEADLINE,
         })
     }
 
@@ -421,20 +439,44 @@ impl Ask {
         self
     }
 
+    /// Waits at most `deadline` for each reply (default [`ASK_DEADLINE`]).
+    pub fn with_deadline(mut self, deadline: Duration) -> Self {
+        self.deadline = deadline;
+        self
+    }
+
     /// One request and its reply.
     pub async fn ask(&mut self, message: &Message) -> Result<Message, Error> {
-        let frames = self.codec.encode_frames(message)?;
-        self.socket
-            .send(multipart(frames))
-            .await
-            .map_err(Error::socket("send", &self.address))?;
-        let reply = self
-            .socket
-            .recv()
-            .await
-            .map_err(Error::socket("receive", &self.address))?;
+        let exchange = async {
+            self.part.send(None, message).await?;
+            self.part.recv().await.ok_or(Error::Closed)
+        };
+        let reply = match tokio::time::timeout(self.deadline, exchange).await {
+            Ok(Ok(reply)) => reply,
+            failed => {
+                // The REQ is stuck waiting for a reply that may never come: start afresh.
+                let fresh = PartSocket::open(
+                    Kind::Req,
+                    &self.endpoint,
+                    &self.transport,
+                    self.part.codec.clone(),
+                )
+                .await?;
+                std::mem::replace(&mut self.part, fresh)
+                    .socket
+                    .close()
+                    .await;
+                return Err(match failed {
+                    Ok(Err(error)) => error,
+                    _ => Error::Timeout {
+                        what: format!("a reply from {}", self.endpoint_address()),
+                        waited: self.deadline,
+                    },
+                });
+            }
+        };
         if self.raw_replies {
-            let payload: Bytes = reply.into_vec().concat().into();
+            let payload: Bytes = reply.concat().into();
             let reply = message.reply(payload.clone());
             return Ok(if payload.is_empty() {
                 reply.with_header(crate::MISSING, "true")
@@ -442,7 +484,18 @@ impl Ask {
                 reply
             });
         }
-        Ok(self.codec.decode_frames(&reply.into_vec())?)
+        Ok(self.part.codec.decode_frames(&reply)?)
+    }
+
+    fn endpoint_address(&self) -> &str {
+        match &self.endpoint {
+            Endpoint::Bind(address) | Endpoint::Connect(address) => address,
+        }
+    }
+
+    /// The address the socket is on.
+    pub fn address(&self) -> &str {
+        self.part.address()
     }
 
     /// The router component (register it blocking).
@@ -456,63 +509,47 @@ impl Ask {
 }
 
 /// ROUTER: submits each request, many at once, and sends each feedback back to its peer.
+#[derive(Debug)]
 pub struct RouterIn {
-    socket: RouterSocket,
-    codec: Arc<dyn Codec>,
-    address: String,
-}
-
-impl std::fmt::Debug for RouterIn {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RouterIn")
-            .field("address", &self.address)
-            .finish()
-    }
+    part: PartSocket,
 }
 
 impl RouterIn {
     /// A ROUTER service or connection.
-    pub async fn router(endpoint: &Endpoint, codec: Arc<dyn Codec>) -> Result<Self, Error> {
-        let mut socket = RouterSocket::new();
-        let address = attach(&mut socket, endpoint).await?;
+    pub async fn router(
+        endpoint: &Endpoint,
+        transport: &Transport,
+        codec: Arc<dyn Codec>,
+    ) -> Result<Self, Error> {
         Ok(RouterIn {
-            socket,
-            codec,
-            address,
+            part: PartSocket::open(Kind::Router, endpoint, transport, codec).await?,
         })
+    }
+
+    /// The address the socket is on.
+    pub fn address(&self) -> &str {
+        self.part.address()
     }
 
     /// The router component (register it blocking).
     pub async fn run(self, mut link: InboundLink) -> Result<(), RouterError> {
-        let (sender, mut receiver) = self.socket.split();
-        let sender = Arc::new(Mutex::new(sender));
         let mut calls = tokio::task::JoinSet::new();
         loop {
             let received = tokio::select! {
                 _ = link.stopping() => break,
-                received = receiver.recv() => received,
+                received = self.part.recv() => received,
             };
             while calls.try_join_next().is_some() {}
-            let Ok(received) = received else { continue };
-            let mut frames = received.into_vec();
+            let Some(mut frames) = received else { break };
             if frames.is_empty() {
                 continue;
             }
             let identity = frames.remove(0);
-            let (link, sender, codec, address) = (
-                link.clone(),
-                sender.clone(),
-                self.codec.clone(),
-                self.address.clone(),
-            );
+            let (link, part) = (link.clone(), self.part.clone());
             calls.spawn(async move {
-                let reply = answer(&link, codec.as_ref(), &frames).await;
-                let Ok(mut frames) = codec.encode_frames(&reply) else {
-                    return;
-                };
-                frames.insert(0, identity);
-                if let Err(error) = sender.lock().await.send(multipart(frames)).await {
-                    tracing::warn!(%address, %error, "could not send a reply; the peer is gone");
+                let reply = answer(&link, part.codec.as_ref(), &frames).await;
+                if let Err(error) = part.send(Some(identity), &reply).await {
+                    tracing::warn!(address = %part.address, %error, "could not send a reply; the peer is gone");
                 }
             });
         }
@@ -523,92 +560,77 @@ impl RouterIn {
 
 /// DEALER: sends each message and hands back the answer carrying the same `cache` id as
 /// feedback; many at once.
+#[derive(Debug)]
 pub struct DealerOut {
-    socket: DealerSocket,
-    codec: Arc<dyn Codec>,
-    address: String,
+    part: PartSocket,
 }
 
-impl std::fmt::Debug for DealerOut {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DealerOut")
-            .field("address", &self.address)
-            .finish()
-    }
-}
+type Pending = Arc<std::sync::Mutex<HashMap<String, rylm_core_router::Responder>>>;
 
 impl DealerOut {
     /// A DEALER service or connection.
-    pub async fn dealer(endpoint: &Endpoint, codec: Arc<dyn Codec>) -> Result<Self, Error> {
-        let mut socket = DealerSocket::new();
-        let address = attach(&mut socket, endpoint).await?;
+    pub async fn dealer(
+        endpoint: &Endpoint,
+        transport: &Transport,
+        codec: Arc<dyn Codec>,
+    ) -> Result<Self, Error> {
         Ok(DealerOut {
-            socket,
-            codec,
-            address,
+            part: PartSocket::open(Kind::Dealer, endpoint, transport, codec).await?,
         })
+    }
+
+    /// The address the socket is on.
+    pub fn address(&self) -> &str {
+        self.part.address()
     }
 
     /// The router component (register it blocking). A message without a `cache` id gets one.
     pub async fn run(self, mut queue: OutboundQueue) -> Result<(), RouterError> {
-        let (mut sender, mut receiver) = self.socket.split();
-        let pending: Arc<std::sync::Mutex<HashMap<String, rylm_core_router::Responder>>> =
-            Arc::default();
-        let answers = {
-            let (pending, codec, address) =
-                (pending.clone(), self.codec.clone(), self.address.clone());
-            tokio::spawn(async move {
-                while let Ok(received) = receiver.recv().await {
-                    let answer = match codec.decode_frames(&received.into_vec()) {
-                        Ok(answer) => answer,
-                        Err(error) => {
-                            tracing::warn!(%address, %error, "dropped an answer that does not decode");
-                            continue;
-                        }
-                    };
-                    let responder = pending
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .remove(&answer.cache);
-                    match responder {
-                        Some(responder) => responder.send(Ok(Some(answer))),
-                        None => {
-                            tracing::debug!(%address, cache = %answer.cache, "an answer nobody waits for")
-                        }
-                    }
-                }
-            })
-        };
+        let pending: Pending = Arc::default();
+        let answers = tokio::spawn(Self::answers(self.part.clone(), pending.clone()));
         while let Some(delivery) = queue.recv().await {
             let (mut message, responder) = delivery.into_parts();
             if message.cache.is_empty() {
                 message.cache = rylm_message::new_id();
             }
-            let frames = match self.codec.encode_frames(&message) {
-                Ok(frames) => frames,
-                Err(error) => {
-                    responder.send(Err(router_error(error.into())));
-                    continue;
-                }
-            };
             pending
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .insert(message.cache.clone(), responder);
-            if let Err(error) = sender.send(multipart(frames)).await {
+            if let Err(error) = self.part.send(None, &message).await {
                 let responder = pending
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .remove(&message.cache);
                 if let Some(responder) = responder {
-                    responder.send(Err(router_error(Error::socket("send", &self.address)(
-                        error,
-                    ))));
+                    responder.send(Err(router_error(error)));
                 }
             }
         }
         answers.abort();
         Ok(())
+    }
+
+    async fn answers(part: PartSocket, pending: Pending) {
+        while let Some(received) = part.recv().await {
+            let answer = match part.codec.decode_frames(&received) {
+                Ok(answer) => answer,
+                Err(error) => {
+                    tracing::warn!(address = %part.address, %error, "dropped an answer that does not decode");
+                    continue;
+                }
+            };
+            let responder = pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&answer.cache);
+            match responder {
+                Some(responder) => responder.send(Ok(Some(answer))),
+                None => {
+                    tracing::debug!(address = %part.address, cache = %answer.cache, "an answer nobody waits for")
+                }
+            }
+        }
     }
 }
 
@@ -623,19 +645,17 @@ impl DealerOut {
 /// subscription to it has arrived, or a message for it went out at its deadline (which assumes
 /// the subscriber is there), and no client connection has been accepted on the requests' socket
 /// since; a message for a cleared topic goes out at once, and so does all that waits for a topic
-/// when it is cleared. A new request connection
-/// revokes every clearance, because it may be a per-call client whose new SUB is still on its
-/// way while the one it replaces has closed. The request socket reads connection news ahead of
-/// messages; zeromq sends that news a few instructions after it starts reading the connection,
-/// the one window in which a request could overtake it (and a result then be lost only if the
-/// new SUB's subscription were also still on its way). So a long-lived subscriber pays no latency, and a
-/// per-call one at most once per call what it paid before. This relies on clients that open a new SUB opening a new
-/// request connection with it, as pylm's client does and rylm's (which keeps both) does not need
-/// to. The publisher's own new connections cannot serve instead: zeromq reports an accepted
-/// connection after the peer's subscription may already have been read, and a subscription
-/// read before its connection's news would be forgotten.
+/// when it is cleared. A new request connection revokes every clearance, because it may be a
+/// per-call client whose new SUB is still on its way while the one it replaces has closed. The
+/// request socket reads connection news ahead of messages, and the transport publishes that
+/// news when it accepts the connection, before its handshake, so a request cannot overtake
+/// it. So a long-lived subscriber pays no latency, and a per-call one at most once per call
+/// what it paid before. This relies on clients that open a new SUB opening a new request
+/// connection with it, as pylm's client does and rylm's (which keeps both) does not need to. The publisher's own new connections cannot serve instead: an accepted connection may be
+/// reported after the peer's subscription was already read, and a subscription read before
+/// its connection's news would be forgotten.
 pub struct HeldPublisher {
-    socket: zeromq::XPubSocket,
+    socket: Socket,
     /// Connections accepted on the clients' request socket, when clearance is on.
     connections: Option<Arc<AtomicU64>>,
     codec: Arc<dyn Codec>,
@@ -657,11 +677,11 @@ impl HeldPublisher {
     pub async fn xpub(
         endpoint: &Endpoint,
         topic: TopicFn,
+        transport: &Transport,
         codec: Arc<dyn Codec>,
         grace: std::time::Duration,
     ) -> Result<Self, Error> {
-        let mut socket = zeromq::XPubSocket::new();
-        let address = attach(&mut socket, endpoint).await?;
+        let (socket, address) = transport.open(Kind::XPub, endpoint).await?;
         Ok(HeldPublisher {
             socket,
             connections: None,
@@ -686,7 +706,7 @@ impl HeldPublisher {
     }
 
     async fn send(&mut self, frames: Vec<Bytes>) {
-        if let Err(error) = self.socket.send(multipart(frames)).await {
+        if let Err(error) = self.socket.send(frames).await {
             tracing::warn!(address = %self.address, %error, "could not publish");
         }
     }
@@ -729,7 +749,11 @@ impl HeldPublisher {
                     responder.send(Ok(None));
                 }
                 received = self.socket.recv() => {
-                    let Ok(received) = received else { continue };
+                    let received = match received {
+                        Ok(received) => received,
+                        Err(error) if error.is_closed() => break,
+                        Err(_) => continue,
+                    };
                     let Some(frame) = received.get(0) else { continue };
                     if frame.first() != Some(&1) {
                         continue;

@@ -7,7 +7,7 @@ use rylm_message::{Codec, Message, NativeCodec};
 use tokio::sync::watch;
 
 use crate::cache::CacheStore;
-use crate::parts::{Emit, Endpoint, Listen, TopicFn};
+use crate::parts::{Emit, Endpoint, Listen, TopicFn, Transport};
 use crate::{Error, Functions, SYNC_FUNCTION};
 
 /// Builds a [`Server`]. Every address defaults to a free loopback tcp port.
@@ -21,6 +21,7 @@ pub struct ServerBuilder {
     codec: Arc<dyn Codec>,
     handle_stream: Arc<dyn Fn(&Message) -> String + Send + Sync>,
     pylm: bool,
+    transport: Transport,
 }
 
 impl std::fmt::Debug for ServerBuilder {
@@ -90,6 +91,13 @@ impl ServerBuilder {
         self
     }
 
+    /// Socket options, security among them (default: `rylm-transport`'s safe defaults, NULL
+    /// security).
+    pub fn transport(mut self, transport: Transport) -> Self {
+        self.transport = transport;
+        self
+    }
+
     /// pylm's `handle_stream` hook: the topic a result is published under. The default is the
     /// client's id, which is what its client subscribes to, or this server's name when the
     /// message goes on to another server's stage.
@@ -123,9 +131,14 @@ impl ServerBuilder {
             .then(|| Arc::new(std::sync::atomic::AtomicU64::new(0)));
         let (pub_address, mut builder) = if self.pylm {
             let grace = std::time::Duration::from_millis(50);
-            let mut publish =
-                crate::parts::HeldPublisher::xpub(&self.publish, topics, self.codec.clone(), grace)
-                    .await?;
+            let mut publish = crate::parts::HeldPublisher::xpub(
+                &self.publish,
+                topics,
+                &self.transport,
+                self.codec.clone(),
+                grace,
+            )
+            .await?;
             if let Some(counter) = &connections {
                 publish = publish.cleared_until_new_connection(counter.clone());
             }
@@ -138,7 +151,8 @@ impl ServerBuilder {
             );
             (address, builder)
         } else {
-            let publish = Emit::publish(&self.publish, topics, self.codec.clone()).await?;
+            let publish =
+                Emit::publish(&self.publish, topics, &self.transport, self.codec.clone()).await?;
             let address = publish.address().to_owned();
             let builder = Router::builder().outbound(
                 "publish",
@@ -150,7 +164,7 @@ impl ServerBuilder {
         };
         let mut pull_address = String::new();
         if let Some(endpoint) = &self.pull {
-            let mut pull = Listen::pull(endpoint, self.codec.clone()).await?;
+            let mut pull = Listen::pull(endpoint, &self.transport, self.codec.clone()).await?;
             if let Some(counter) = &connections {
                 pull = pull.count_connections(counter.clone());
             }
@@ -164,7 +178,7 @@ impl ServerBuilder {
         }
         for (i, (endpoint, topics)) in self.subscriptions.iter().enumerate() {
             let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
-            let sub = Listen::sub(endpoint, &topics, self.codec.clone()).await?;
+            let sub = Listen::sub(endpoint, &topics, &self.transport, self.codec.clone()).await?;
             builder = builder.inbound(
                 &format!("previous-{i}"),
                 move |link| sub.run(link),
@@ -179,7 +193,7 @@ impl ServerBuilder {
         };
         let (db_address, cache_task) = store
             .clone()
-            .serve(&self.cache, self.codec.clone(), stopped)
+            .serve(&self.cache, &self.transport, self.codec.clone(), stopped)
             .await?;
         store.set("name", self.name.clone());
         store.set("pull_address", pull_address.clone());
@@ -239,6 +253,7 @@ impl Server {
             cache: loopback(),
             functions: Functions::new(),
             pylm: false,
+            transport: Transport::default(),
             codec: Arc::new(NativeCodec::default()),
             handle_stream: {
                 let name = name.to_owned();

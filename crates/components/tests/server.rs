@@ -3,8 +3,8 @@
 use std::time::Duration;
 
 use bytes::Bytes;
+use rylm_components::rylm_transport::{Kind, Options, Socket};
 use rylm_components::{Client, Error, Functions, Server};
-use zeromq::{PushSocket, Socket, SocketSend, ZmqMessage};
 
 const DEADLINE: Duration = Duration::from_secs(10);
 
@@ -196,10 +196,10 @@ async fn a_call_past_its_deadline_fails_and_malformed_frames_are_dropped() {
         .await;
     assert!(matches!(outcome, Err(Error::Timeout { .. })), "{outcome:?}");
 
-    let mut raw = PushSocket::new();
+    let raw = Socket::new(Kind::Push, &Options::default()).expect("socket");
     raw.connect(server.pull_address()).await.expect("connects");
     for garbage in [&b"not a frame"[..], b"RYLM\x01", b"\x00\x01\x02"] {
-        raw.send(ZmqMessage::from(Bytes::from_static(garbage)))
+        raw.send(vec![Bytes::from_static(garbage)])
             .await
             .expect("sends");
     }

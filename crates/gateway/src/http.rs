@@ -13,7 +13,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
-use rylm_components::parts::{Emit, Endpoint, Listen};
+use rylm_components::parts::{Emit, Endpoint, Listen, Transport};
 use rylm_components::{
     CacheStore, ERROR_KIND, ERROR_MESSAGE, Heartbeat, PoolStatus, ResultSink, WorkerPool,
 };
@@ -51,6 +51,8 @@ pub struct GatewayConfig {
     pub pylm: bool,
     /// In pylm mode, where the cache answers (default a free loopback tcp port).
     pub db: String,
+    /// The workers' sockets' options, security among them (default: safe defaults, NULL).
+    pub transport: Transport,
 }
 
 impl Default for GatewayConfig {
@@ -64,6 +66,7 @@ impl Default for GatewayConfig {
             heartbeat: Heartbeat::default(),
             pylm: false,
             db: "tcp://127.0.0.1:0".into(),
+            transport: Transport::default(),
         }
     }
 }
@@ -164,10 +167,18 @@ impl HttpGateway {
         let (router, worker_address, status, db_address) = if config.pylm {
             // pylm workers: PUSH to them, PULL from them, found through a raw-bytes cache.
             let codec: Arc<dyn Codec> = Arc::new(rylm_message::PylmCodec::default());
-            let to_workers =
-                Emit::push(&Endpoint::Bind(config.workers.clone()), codec.clone()).await?;
-            let from_workers =
-                Listen::pull(&Endpoint::Bind("tcp://127.0.0.1:0".into()), codec.clone()).await?;
+            let to_workers = Emit::push(
+                &Endpoint::Bind(config.workers.clone()),
+                &config.transport,
+                codec.clone(),
+            )
+            .await?;
+            let from_workers = Listen::pull(
+                &Endpoint::Bind("tcp://127.0.0.1:0".into()),
+                &config.transport,
+                codec.clone(),
+            )
+            .await?;
             let (push_address, pull_address) = (
                 to_workers.address().to_owned(),
                 from_workers.address().to_owned(),
@@ -175,7 +186,12 @@ impl HttpGateway {
             let store = CacheStore::default().with_raw_replies();
             let (db_address, _cache_task) = store
                 .clone()
-                .serve(&Endpoint::Bind(config.db.clone()), codec, cache_stopped)
+                .serve(
+                    &Endpoint::Bind(config.db.clone()),
+                    &config.transport,
+                    codec,
+                    cache_stopped,
+                )
                 .await?;
             for (key, value) in [
                 ("name", "gateway"),
@@ -216,6 +232,7 @@ impl HttpGateway {
             let codec: Arc<dyn Codec> = Arc::new(NativeCodec::default());
             let pool = WorkerPool::new(
                 &Endpoint::Bind(config.workers.clone()),
+                &config.transport,
                 codec,
                 config.heartbeat.clone(),
             )

@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use regex::Regex;
+use rylm_transport::{Event, Kind, Options, Socket};
 use serde_json::{Map, Value};
-use tokio::sync::{Mutex, Notify, oneshot};
-use zeromq::{DealerSendHalf, DealerSocket, Socket, SocketRecv, SocketSend, ZmqMessage};
+use tokio::sync::{Notify, oneshot};
 
 use crate::protocol::{
     self, Decoded, Frame, Method, RouteInfo, Secret, WireControl, WireRequest, WireResponse,
@@ -102,6 +102,9 @@ pub struct ClientConfig {
     pub heartbeat_misses: u32,
     /// The deadline of calls that give none (default 30 s).
     pub default_deadline: Duration,
+    /// The sockets' options, security among them (default: `rylm-transport`'s safe defaults,
+    /// NULL security).
+    pub transport: Options,
 }
 
 impl Default for ClientConfig {
@@ -110,6 +113,7 @@ impl Default for ClientConfig {
             heartbeat_interval: Duration::from_secs(1),
             heartbeat_misses: 3,
             default_deadline: Duration::from_secs(30),
+            transport: Options::default(),
         }
     }
 }
@@ -129,7 +133,7 @@ struct Pending {
 struct Instance {
     address: String,
     secret: Secret,
-    sender: Mutex<Option<DealerSendHalf>>,
+    socket: std::sync::Mutex<Option<Socket>>,
     state: std::sync::Mutex<InstanceState>,
 }
 
@@ -236,7 +240,7 @@ impl ServiceClient {
             let instance = Arc::new(Instance {
                 address: (*address).to_owned(),
                 secret: registered.secret.clone(),
-                sender: Mutex::new(None),
+                socket: std::sync::Mutex::new(None),
                 state: std::sync::Mutex::new(InstanceState::default()),
             });
             registered.instances.push(instance.clone());
@@ -526,20 +530,16 @@ fn release(inner: &Inner, address: &str) {
 
 async fn send_frame(instance: &Instance, frame: &Frame) -> Result<(), Error> {
     let frames = protocol::encode(frame, &instance.secret)?;
-    let mut message = ZmqMessage::from(frames[0].clone());
-    for part in frames.into_iter().skip(1) {
-        message.push_back(part);
-    }
-    let mut sender = instance.sender.lock().await;
-    let sender = sender.as_mut().ok_or_else(|| Error::Socket {
-        operation: "send",
-        address: instance.address.clone(),
-        reason: "not connected yet".into(),
-    })?;
-    sender
-        .send(message)
-        .await
-        .map_err(Error::socket("send", &instance.address))
+    let socket = instance
+        .socket
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone()
+        .ok_or_else(|| Error::NoLiveInstance {
+            service: instance.address.clone(),
+            waited: Duration::ZERO,
+        })?;
+    Ok(socket.send(frames).await?)
 }
 
 /// Connects to one instance, pings it, and routes what it sends back.
@@ -547,41 +547,42 @@ async fn run_instance(inner: Weak<Inner>, instance: Arc<Instance>) {
     let Some(config) = inner.upgrade().map(|i| i.config.clone()) else {
         return;
     };
-    let mut socket = DealerSocket::new();
-    // zeromq retries the connection until the instance is there; stop if the client goes.
-    loop {
-        if inner.upgrade().is_none() {
+    // The transport dials in the background and again whenever the instance goes away; the
+    // instance is live again as soon as it answers a ping.
+    let socket = match Socket::new(Kind::Dealer, &config.transport) {
+        Ok(socket) => socket,
+        Err(error) => {
+            tracing::error!(address = %instance.address, %error, "cannot create a socket for the instance");
             return;
         }
-        match tokio::time::timeout(
-            config.heartbeat_interval * 2,
-            socket.connect(&instance.address),
-        )
-        .await
-        {
-            Ok(Ok(())) => break,
-            Ok(Err(error)) => {
-                tracing::warn!(address = %instance.address, %error, "cannot connect to the instance; retrying");
-                tokio::time::sleep(config.heartbeat_interval).await;
-            }
-            Err(_) => {}
-        }
+    };
+    let mut events = socket.events();
+    if let Err(error) = socket.connect(&instance.address).await {
+        tracing::error!(address = %instance.address, %error, "cannot connect to the instance");
+        return;
     }
-    let (sender, mut receiver) = socket.split();
-    *instance.sender.lock().await = Some(sender);
+    *instance.socket.lock().unwrap_or_else(|e| e.into_inner()) = Some(socket.clone());
     let dead_after = config.heartbeat_interval * config.heartbeat_misses;
     let mut ticker = tokio::time::interval(config.heartbeat_interval);
     loop {
         tokio::select! {
-            message = receiver.recv() => {
-                let Some(inner) = inner.upgrade() else { return };
+            message = socket.recv() => {
+                let Some(inner) = inner.upgrade() else { break };
                 match message {
-                    Ok(message) => on_frame(&inner, &instance, message.into_vec()),
+                    Ok(frames) => on_frame(&inner, &instance, frames),
+                    Err(error) if error.is_closed() => break,
                     Err(error) => tracing::warn!(address = %instance.address, %error, "receiving failed"),
                 }
             }
+            event = events.next() => {
+                let Some(inner) = inner.upgrade() else { break };
+                // A lost connection fails the calls on it at once, rather than at the deadline.
+                if let Some(Event::Disconnected { .. }) = event {
+                    mark_dead(&inner, &instance, Duration::ZERO);
+                }
+            }
             _ = ticker.tick() => {
-                let Some(inner) = inner.upgrade() else { return };
+                let Some(inner) = inner.upgrade() else { break };
                 let silent_for = {
                     let state = instance.state.lock().unwrap_or_else(|e| e.into_inner());
                     state.last_seen.map(|seen| seen.elapsed())
@@ -596,6 +597,12 @@ async fn run_instance(inner: Weak<Inner>, instance: Arc<Instance>) {
             }
         }
     }
+    instance
+        .socket
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take();
+    socket.close().await;
 }
 
 fn mark_dead(inner: &Inner, instance: &Instance, silent_for: Duration) {

@@ -21,16 +21,9 @@ pub enum Error {
     )]
     UnknownMethod(String),
 
-    /// A ZeroMQ socket failed.
-    #[error("ZeroMQ {operation} on {address} failed: {reason}")]
-    Socket {
-        /// What was being done.
-        operation: &'static str,
-        /// The address involved.
-        address: String,
-        /// The transport's error.
-        reason: String,
-    },
+    /// A ZeroMQ socket failed (bind, connect, send, a bad key).
+    #[error(transparent)]
+    Transport(#[from] rylm_transport::Error),
 
     /// A frame could not be read.
     #[error("malformed frame: {0}")]
@@ -89,18 +82,4 @@ pub enum Error {
     /// The client was shut down while the call waited.
     #[error("the service client was shut down")]
     Closed,
-}
-
-impl Error {
-    pub(crate) fn socket(
-        operation: &'static str,
-        address: &str,
-    ) -> impl FnOnce(zeromq::ZmqError) -> Error {
-        let address = address.to_owned();
-        move |e| Error::Socket {
-            operation,
-            address,
-            reason: e.to_string(),
-        }
-    }
 }

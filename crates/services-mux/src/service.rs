@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use regex::Regex;
+use rylm_transport::{Kind, Options, Socket};
 use serde_json::{Map, Value};
-use tokio::sync::{Mutex, Semaphore, watch};
-use zeromq::{RouterSendHalf, RouterSocket, Socket, SocketRecv, SocketSend, ZmqMessage};
+use tokio::sync::{Semaphore, watch};
 
 use crate::Error;
 use crate::protocol::{
@@ -162,6 +162,7 @@ pub struct Service {
     routes: Vec<Route>,
     concurrency: usize,
     replay_window: Duration,
+    transport: Options,
 }
 
 impl std::fmt::Debug for Service {
@@ -181,6 +182,7 @@ impl Service {
             secret: Secret::new(secret),
             routes: Vec::new(),
             concurrency: 64,
+            transport: Options::default(),
             replay_window: Duration::from_secs(30),
         }
     }
@@ -221,6 +223,14 @@ impl Service {
     /// How many handlers run at once (default 64); further requests wait for a free slot.
     pub fn with_concurrency(mut self, concurrency: usize) -> Service {
         self.concurrency = concurrency.max(1);
+        self
+    }
+
+    /// The socket's options, security among them (default: `rylm-transport`'s safe defaults,
+    /// NULL security; a CURVE server refuses callers whose keys it does not allow before any
+    /// of their frames is read).
+    pub fn with_transport(mut self, transport: Options) -> Service {
+        self.transport = transport;
         self
     }
 
@@ -303,21 +313,10 @@ impl Service {
     /// Binds `address` (`tcp://127.0.0.1:0` picks a free port) and serves until the handle is
     /// shut down or dropped.
     pub async fn serve(self, address: &str) -> Result<ServiceHandle, Error> {
-        let mut socket = RouterSocket::new();
-        let endpoint = socket
-            .bind(address)
-            .await
-            .map_err(Error::socket("bind", address))?;
-        let bound = endpoint.to_string();
-        let (sender, receiver) = socket.split();
+        let socket = Socket::new(Kind::Router, &self.transport)?;
+        let bound = socket.bind(address).await?;
         let (stop, stopped) = watch::channel(false);
-        let task = tokio::spawn(run(
-            Arc::new(self),
-            Arc::new(Mutex::new(sender)),
-            receiver,
-            stopped,
-            bound.clone(),
-        ));
+        let task = tokio::spawn(run(Arc::new(self), socket, stopped, bound.clone()));
         tracing::info!(address = %bound, "service listening");
         Ok(ServiceHandle {
             address: bound,
@@ -365,19 +364,16 @@ impl Drop for ServiceHandle {
     }
 }
 
-async fn send(sender: &Mutex<RouterSendHalf>, identity: Bytes, frame: &Frame, secret: &Secret) {
-    let frames = match protocol::encode(frame, secret) {
+async fn send(socket: &Socket, identity: Bytes, frame: &Frame, secret: &Secret) {
+    let mut frames = match protocol::encode(frame, secret) {
         Ok(frames) => frames,
         Err(error) => {
             tracing::error!(%error, "cannot encode a reply");
             return;
         }
     };
-    let mut message = ZmqMessage::from(identity);
-    for part in frames {
-        message.push_back(part);
-    }
-    if let Err(error) = sender.lock().await.send(message).await {
+    frames.insert(0, identity);
+    if let Err(error) = socket.send(frames).await {
         // The caller went away: a ROUTER cannot send to an identity it no longer knows.
         tracing::warn!(%error, "could not send a reply; the caller is gone");
     }
@@ -385,8 +381,7 @@ async fn send(sender: &Mutex<RouterSendHalf>, identity: Bytes, frame: &Frame, se
 
 async fn run(
     service: Arc<Service>,
-    sender: Arc<Mutex<RouterSendHalf>>,
-    mut receiver: zeromq::RouterRecvHalf,
+    socket: Socket,
     mut stopped: watch::Receiver<bool>,
     address: String,
 ) {
@@ -414,10 +409,11 @@ async fn run(
                 }
                 continue;
             }
-            message = receiver.recv() => message,
+            message = socket.recv() => message,
         };
         let mut frames = match message {
-            Ok(message) => message.into_vec(),
+            Ok(frames) => frames,
+            Err(error) if error.is_closed() => break,
             Err(error) => {
                 tracing::warn!(%error, %address, "receiving failed");
                 continue;
@@ -428,8 +424,8 @@ async fn run(
         }
         let identity = frames.remove(0);
         let reply = |frame: Frame| {
-            let (sender, service, identity) = (sender.clone(), service.clone(), identity.clone());
-            async move { send(&sender, identity, &frame, &service.secret).await }
+            let (socket, service, identity) = (socket.clone(), service.clone(), identity.clone());
+            async move { send(&socket, identity, &frame, &service.secret).await }
         };
         let frame = match protocol::decode(&frames, &service.secret) {
             Ok(Decoded::Frame(frame)) => frame,
@@ -468,12 +464,12 @@ async fn run(
                 let Ok(permit) = slots.clone().acquire_owned().await else {
                     break;
                 };
-                let (service, sender) = (service.clone(), sender.clone());
+                let (service, socket) = (service.clone(), socket.clone());
                 handlers.spawn(async move {
                     let (id, path) = (request.id.clone(), request.path.clone());
                     let response = service.dispatch(request).await.into_wire(&id, &path);
                     send(
-                        &sender,
+                        &socket,
                         identity,
                         &Frame::Response(response),
                         &service.secret,
@@ -504,9 +500,9 @@ async fn run(
             }
         }
     }
-    // Graceful: the running handlers have finished and answered before the socket goes.
-    // No LINGER in this ZeroMQ: give the last answers a moment to leave.
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // Graceful: the running handlers have finished and answered before the socket goes, and
+    // the close flushes their answers (the transport's linger).
+    socket.close().await;
     tracing::info!(%address, "service stopped");
 }
 

@@ -6,12 +6,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use rylm_services_mux::brubeck::{self, BrubeckRequest, BrubeckResponse};
+use rylm_transport::{Kind, Options, Socket};
 use serde_json::json;
-use zeromq::util::PeerIdentity;
-use zeromq::{
-    DealerSocket, PullSocket, PushSocket, RouterSocket, Socket, SocketOptions, SocketRecv,
-    SocketSend, ZmqMessage,
-};
 
 const DEADLINE: Duration = Duration::from_secs(10);
 
@@ -20,27 +16,19 @@ async fn a_request_and_its_response_cross_the_brubeck_sockets() {
     let sender_id = "365e4b3ae1b04a4e94a2f0c3f0e313db";
 
     // The caller's side.
-    let mut requests = PushSocket::new();
-    let request_addr = requests
-        .bind("tcp://127.0.0.1:0")
-        .await
-        .expect("binds")
-        .to_string();
-    let mut options = SocketOptions::default();
-    options.peer_identity(
-        PeerIdentity::try_from(Bytes::from_static(sender_id.as_bytes())).expect("an identity"),
-    );
-    let mut responses = DealerSocket::with_options(options);
-    let response_addr = responses
-        .bind("tcp://127.0.0.1:0")
-        .await
-        .expect("binds")
-        .to_string();
+    let requests = Socket::new(Kind::Push, &Options::default()).expect("socket");
+    let request_addr = requests.bind("tcp://127.0.0.1:0").await.expect("binds");
+    let responses = Socket::new(
+        Kind::Dealer,
+        &Options::default().identity(Bytes::from_static(sender_id.as_bytes())),
+    )
+    .expect("socket");
+    let response_addr = responses.bind("tcp://127.0.0.1:0").await.expect("binds");
 
     // The service's side.
-    let mut pull = PullSocket::new();
+    let pull = Socket::new(Kind::Pull, &Options::default()).expect("socket");
     pull.connect(&request_addr).await.expect("connects");
-    let mut router = RouterSocket::new();
+    let router = Socket::new(Kind::Router, &Options::default()).expect("socket");
     router.connect(&response_addr).await.expect("connects");
 
     let request = BrubeckRequest {
@@ -60,7 +48,7 @@ async fn a_request_and_its_response_cross_the_brubeck_sockets() {
     };
     let frame = brubeck::encode_request(&request).expect("encodes");
     requests
-        .send(ZmqMessage::from(frame))
+        .send(vec![Bytes::from(frame)])
         .await
         .expect("pushes");
 
@@ -68,7 +56,7 @@ async fn a_request_and_its_response_cross_the_brubeck_sockets() {
         .await
         .expect("arrives")
         .expect("receives");
-    let got = brubeck::decode_request(&received.into_vec().concat()).expect("decodes");
+    let got = brubeck::decode_request(&received.concat()).expect("decodes");
     assert_eq!(got, request);
 
     let response = BrubeckResponse {
@@ -95,16 +83,18 @@ async fn a_request_and_its_response_cross_the_brubeck_sockets() {
         Bytes::new(),
         Bytes::from(brubeck::encode_response(&response).expect("encodes")),
     ];
+    // A ROUTER routes only to a peer whose handshake (and so identity) it has.
     router
-        .send(ZmqMessage::try_from(frames).expect("frames"))
+        .wait_for_peers(1, DEADLINE)
         .await
-        .expect("routes to the caller");
+        .expect("the caller's DEALER is connected");
+    router.send(frames).await.expect("routes to the caller");
 
     let answer = tokio::time::timeout(DEADLINE, responses.recv())
         .await
         .expect("arrives")
         .expect("receives");
-    let parts = answer.into_vec();
+    let parts = answer;
     assert_eq!(parts.len(), 2, "an empty delimiter, then the frame");
     assert!(parts[0].is_empty());
     let back = brubeck::decode_response(&parts[1]).expect("decodes");

@@ -9,8 +9,8 @@ use rylm_services_mux::protocol::{self, Decoded, Frame, Secret, WireRequest};
 use rylm_services_mux::{
     Call, ClientConfig, Error, Method, Service, ServiceClient, ServiceHandle, ServiceResponse,
 };
+use rylm_transport::{Kind, Options, Socket};
 use serde_json::{Value, json};
-use zeromq::{DealerSocket, Socket, SocketRecv, SocketSend, ZmqMessage};
 
 const SECRET: &str = "my_shared_secret";
 const DEADLINE: Duration = Duration::from_secs(10);
@@ -21,6 +21,7 @@ fn client() -> ServiceClient {
         heartbeat_interval: Duration::from_millis(100),
         heartbeat_misses: 3,
         default_deadline: DEADLINE,
+        ..ClientConfig::default()
     })
 }
 
@@ -388,11 +389,11 @@ async fn a_wrong_secret_gets_an_explicit_401() {
     );
 
     // A request itself (not only a heartbeat) is refused by its id.
-    let mut raw = DealerSocket::new();
+    let raw = Socket::new(Kind::Dealer, &Options::default()).expect("socket");
     raw.connect(service.address()).await.expect("connects");
     let request = request_frame("r-1", protocol::now_ms());
-    send(&mut raw, &request, &Secret::new("not-the-secret")).await;
-    match receive(&mut raw).await {
+    send(&raw, &request, &Secret::new("not-the-secret")).await;
+    match receive(&raw).await {
         Frame::Refusal(refusal) => {
             assert_eq!(refusal.id, "r-1");
             assert!(
@@ -417,20 +418,17 @@ fn request_frame(id: &str, ts: u64) -> Frame {
     })
 }
 
-async fn send(socket: &mut DealerSocket, frame: &Frame, secret: &Secret) {
+async fn send(socket: &Socket, frame: &Frame, secret: &Secret) {
     let frames = protocol::encode(frame, secret).expect("encodes");
-    socket
-        .send(ZmqMessage::try_from(frames).expect("frames"))
-        .await
-        .expect("sends");
+    socket.send(frames).await.expect("sends");
 }
 
-async fn receive(socket: &mut DealerSocket) -> Frame {
+async fn receive(socket: &Socket) -> Frame {
     let message = tokio::time::timeout(DEADLINE, socket.recv())
         .await
         .expect("an answer within the deadline")
         .expect("receives");
-    match protocol::decode(&message.into_vec(), &Secret::new(SECRET)).expect("well formed") {
+    match protocol::decode(&message, &Secret::new(SECRET)).expect("well formed") {
         Decoded::Frame(frame) => frame,
         other => panic!("{other:?}"),
     }
@@ -439,15 +437,15 @@ async fn receive(socket: &mut DealerSocket) -> Frame {
 #[tokio::test]
 async fn a_replayed_or_stale_frame_is_refused() {
     let service = start("a").await;
-    let mut raw = DealerSocket::new();
+    let raw = Socket::new(Kind::Dealer, &Options::default()).expect("socket");
     raw.connect(service.address()).await.expect("connects");
     let secret = Secret::new(SECRET);
     let request = request_frame("once", protocol::now_ms());
-    send(&mut raw, &request, &secret).await;
-    assert!(matches!(receive(&mut raw).await, Frame::Response(r) if r.status == 200));
+    send(&raw, &request, &secret).await;
+    assert!(matches!(receive(&raw).await, Frame::Response(r) if r.status == 200));
 
-    send(&mut raw, &request, &secret).await; // the very same frame again
-    match receive(&mut raw).await {
+    send(&raw, &request, &secret).await; // the very same frame again
+    match receive(&raw).await {
         Frame::Refusal(refusal) => assert!(
             refusal.reason.contains("already seen"),
             "{}",
@@ -456,12 +454,12 @@ async fn a_replayed_or_stale_frame_is_refused() {
         other => panic!("a replay must be refused, got {other:?}"),
     }
     send(
-        &mut raw,
+        &raw,
         &request_frame("old", protocol::now_ms() - 120_000),
         &secret,
     )
     .await;
-    match receive(&mut raw).await {
+    match receive(&raw).await {
         Frame::Refusal(refusal) => assert!(refusal.reason.contains("window"), "{}", refusal.reason),
         other => panic!("a stale request must be refused, got {other:?}"),
     }
@@ -470,7 +468,7 @@ async fn a_replayed_or_stale_frame_is_refused() {
 #[tokio::test]
 async fn malformed_frames_are_dropped_and_the_service_goes_on() {
     let service = start("a").await;
-    let mut raw = DealerSocket::new();
+    let raw = Socket::new(Kind::Dealer, &Options::default()).expect("socket");
     raw.connect(service.address()).await.expect("connects");
     for garbage in [
         vec![Bytes::from_static(b"hello")],
@@ -487,18 +485,16 @@ async fn malformed_frames_are_dropped_and_the_service_goes_on() {
         ],
         vec![Bytes::from(vec![0u8; 100_000])],
     ] {
-        raw.send(ZmqMessage::try_from(garbage).expect("frames"))
-            .await
-            .expect("sends");
+        raw.send(garbage).await.expect("sends");
     }
     let secret = Secret::new(SECRET);
     send(
-        &mut raw,
+        &raw,
         &request_frame("after-garbage", protocol::now_ms()),
         &secret,
     )
     .await;
-    assert!(matches!(receive(&mut raw).await, Frame::Response(r) if r.id == "after-garbage"));
+    assert!(matches!(receive(&raw).await, Frame::Response(r) if r.id == "after-garbage"));
 }
 
 #[tokio::test]

@@ -101,8 +101,8 @@ impl Keypair {
 
     /// The pair of a secret key given as 40 Z85 characters.
     pub fn from_secret_z85(text: &str, origin: &str) -> Result<Self, Error> {
-        let secret = omq_tokio::CurveSecretKey::from_z85(text.trim())
-            .map_err(|e| key_error(origin, e))?;
+        let secret =
+            omq_tokio::CurveSecretKey::from_z85(text.trim()).map_err(|e| key_error(origin, e))?;
         Ok(Keypair {
             public: PublicKey(*secret.derive_public().as_bytes()),
             secret: *secret.as_bytes(),
@@ -150,12 +150,16 @@ impl Keypair {
         let header = "#   ZeroMQ CURVE certificate written by rylm keygen\n";
         write_new(
             &public_path,
-            &format!("{header}#   public: give it to peers\n\nmetadata\ncurve\n    public-key = \"{public}\"\n"),
+            &format!(
+                "{header}#   public: give it to peers\n\nmetadata\ncurve\n    public-key = \"{public}\"\n"
+            ),
             false,
         )?;
         write_new(
             &secret_path,
-            &format!("{header}#   SECRET: keep it to this host\n\nmetadata\ncurve\n    public-key = \"{public}\"\n    secret-key = \"{secret}\"\n"),
+            &format!(
+                "{header}#   SECRET: keep it to this host\n\nmetadata\ncurve\n    public-key = \"{public}\"\n    secret-key = \"{secret}\"\n"
+            ),
             true,
         )?;
         Ok((public_path, secret_path))
@@ -242,7 +246,10 @@ mod tests {
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            let mode = std::fs::metadata(&secret).expect("meta").permissions().mode();
+            let mode = std::fs::metadata(&secret)
+                .expect("meta")
+                .permissions()
+                .mode();
             assert_eq!(mode & 0o077, 0, "secret readable by others");
         }
         let list = dir.join("allowed");

@@ -48,7 +48,8 @@ async fn only_allowed_client_keys_reach_the_server() {
             .send_within(vec!["intrusion".into()], Duration::from_millis(300))
             .await;
     }
-    let friend = Socket::new(Kind::Dealer, &client_options(&allowed, &server_keys)).expect("dealer");
+    let friend =
+        Socket::new(Kind::Dealer, &client_options(&allowed, &server_keys)).expect("dealer");
     friend.connect(&address).await.expect("connect");
     friend.send(vec!["friend".into()]).await.expect("send");
 
@@ -135,9 +136,13 @@ async fn curve_interoperates_with_libzmq_both_ways() {
     };
     let mut lines = tokio::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
     let ready = tokio::time::timeout(DEADLINE, lines.next_line()).await;
-    assert!(matches!(ready, Ok(Ok(Some(ref l))) if l == "ready"), "{ready:?}");
+    assert!(
+        matches!(ready, Ok(Ok(Some(ref l))) if l == "ready"),
+        "{ready:?}"
+    );
     let client_keys = Keypair::generate();
-    let client = Socket::new(Kind::Dealer, &client_options(&client_keys, &server_keys)).expect("dealer");
+    let client =
+        Socket::new(Kind::Dealer, &client_options(&client_keys, &server_keys)).expect("dealer");
     client
         .connect(&format!("tcp://127.0.0.1:{port}"))
         .await
@@ -168,7 +173,9 @@ async fn curve_interoperates_with_libzmq_both_ways() {
         let server = server.clone();
         tokio::spawn(async move {
             for _ in 0..3 {
-                let Ok(frames) = server.recv().await else { return };
+                let Ok(frames) = server.recv().await else {
+                    return;
+                };
                 let reply = [b"rust:".as_slice(), &frames[1]].concat();
                 let _ = server.send(vec![frames[0].clone(), reply.into()]).await;
             }

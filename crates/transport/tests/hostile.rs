@@ -58,7 +58,10 @@ async fn echo_server(options: Options) -> (Socket, String, tokio::task::JoinHand
 }
 
 async fn round_trip(client: &Socket, text: &str) {
-    client.send(vec![Bytes::from(text.to_owned())]).await.expect("send");
+    client
+        .send(vec![Bytes::from(text.to_owned())])
+        .await
+        .expect("send");
     let reply = tokio::time::timeout(DEADLINE, client.recv())
         .await
         .expect("a reply in time")
@@ -184,7 +187,9 @@ async fn five_thousand_silent_connections_are_closed_while_a_client_is_served() 
 async fn garbage_instead_of_a_greeting_is_dropped() {
     let (_server, address, _echo) = echo_server(Options::default()).await;
     let mut hostile = TcpStream::connect(tcp_port(&address)).await.expect("tcp");
-    let _ = hostile.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    let _ = hostile
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await;
     let _ = hostile.write_all(&[0u8; 200]).await;
     assert!(closed_by_peer(&mut hostile, DEADLINE).await, "not dropped");
     let client = Socket::new(Kind::Dealer, &Options::default()).expect("dealer");

@@ -112,5 +112,8 @@ async fn a_send_with_no_peer_fails_after_its_deadline() {
         .send_within(vec!["nobody".into()], Duration::from_millis(100))
         .await
         .expect_err("no peer");
-    assert!(matches!(error, rylm_transport::Error::SendTimeout { .. }), "{error}");
+    assert!(
+        matches!(error, rylm_transport::Error::SendTimeout { .. }),
+        "{error}"
+    );
 }

@@ -14,7 +14,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
 use rylm_message::{Codec, JsonCodec, Message, NativeCodec, PylmCodec, new_id};
-use zeromq::{DealerSocket, RouterSocket, Socket, SocketRecv, SocketSend, ZmqMessage};
+use rylm_transport::{Kind, Options, Socket};
 
 /// Every wait in this demo has this deadline.
 const DEADLINE: Duration = Duration::from_secs(10);
@@ -34,12 +34,6 @@ async fn within<T>(what: &str, future: impl Future<Output = T>) -> Result<T> {
         .with_context(|| format!("{what} did not happen within {DEADLINE:?}"))
 }
 
-/// Frames as one ZeroMQ multipart message (which cannot be empty).
-fn multipart(frames: Vec<Bytes>) -> Result<ZmqMessage> {
-    ZmqMessage::try_from(frames)
-        .map_err(|_| anyhow::anyhow!("a ZeroMQ message needs at least one frame"))
-}
-
 fn env_url(variable: &str) -> Result<String> {
     std::env::var(variable).with_context(|| {
         format!(
@@ -50,10 +44,10 @@ fn env_url(variable: &str) -> Result<String> {
 
 /// The ROUTER side: answer each native message with its payload in upper case; answer
 /// anything else with an error message whose `error` header says what was wrong.
-async fn serve(mut router: RouterSocket, requests: usize) -> Result<()> {
+async fn serve(router: Socket, requests: usize) -> Result<()> {
     let codec = NativeCodec::default();
     for _ in 0..requests {
-        let mut frames = within("a request", router.recv()).await??.into_vec();
+        let mut frames = within("a request", router.recv()).await??;
         if frames.is_empty() {
             continue;
         }
@@ -64,21 +58,21 @@ async fn serve(mut router: RouterSocket, requests: usize) -> Result<()> {
         };
         let mut answer = vec![identity];
         answer.extend(codec.encode_frames(&reply)?);
-        within("sending a reply", router.send(multipart(answer)?)).await??;
+        within("sending a reply", router.send(answer)).await??;
     }
     Ok(())
 }
 
 async fn zeromq_round_trips() -> Result<()> {
     println!("== 1. envelopes over a real ZeroMQ DEALER/ROUTER pair (tcp, loopback)");
-    let mut router = RouterSocket::new();
+    let router = Socket::new(Kind::Router, &Options::default())?;
     let endpoint = router.bind("tcp://127.0.0.1:0").await?;
     println!("ROUTER bound at {endpoint}");
     let texts = ["hello", "rylm", "messages"];
     let server = tokio::spawn(serve(router, texts.len() + 1));
 
-    let mut dealer = DealerSocket::new();
-    within("connecting", dealer.connect(&endpoint.to_string())).await??;
+    let dealer = Socket::new(Kind::Dealer, &Options::default())?;
+    within("connecting", dealer.connect(&endpoint)).await??;
     let codec = NativeCodec::default();
     let client = new_id();
     for text in texts {
@@ -87,8 +81,8 @@ async fn zeromq_round_trips() -> Result<()> {
             .with_pipeline(new_id());
         let frames = codec.encode_frames(&request)?;
         let sizes: Vec<usize> = frames.iter().map(Bytes::len).collect();
-        within("sending", dealer.send(multipart(frames)?)).await??;
-        let reply = codec.decode_frames(&within("a reply", dealer.recv()).await??.into_vec())?;
+        within("sending", dealer.send(frames)).await??;
+        let reply = codec.decode_frames(&within("a reply", dealer.recv()).await??)?;
         if reply.pipeline != request.pipeline
             || &reply.payload[..] != text.to_ascii_uppercase().as_bytes()
         {
@@ -102,8 +96,8 @@ async fn zeromq_round_trips() -> Result<()> {
 
     // A peer in another protocol: one pylm PalmMessage frame.
     let foreign = PylmCodec::default().encode(&Message::call("ground.upper", "from pylm"))?;
-    within("sending", dealer.send(ZmqMessage::from(foreign))).await??;
-    let reply = codec.decode_frames(&within("a reply", dealer.recv()).await??.into_vec())?;
+    within("sending", dealer.send(vec![Bytes::from(foreign)])).await??;
+    let reply = codec.decode_frames(&within("a reply", dealer.recv()).await??)?;
     let error = reply
         .header("error")
         .context("the answer to a foreign frame carries an error")?;

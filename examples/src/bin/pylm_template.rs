@@ -11,21 +11,23 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use rylm_components::parts::{Emit, Endpoint, Listen, multipart};
+use rylm_components::parts::{Emit, Endpoint, Listen, Transport};
 use rylm_core_router::{Mode, OutboundQueue, Router};
 use rylm_message::{Codec, Message, NativeCodec};
-use zeromq::{PushSocket, Socket, SocketRecv, SocketSend, SubSocket};
+use rylm_transport::{Kind, Options, Socket};
 
 #[tokio::main]
 async fn main() -> Result<()> {
     let codec: Arc<dyn Codec> = Arc::new(NativeCodec::default());
     let loopback = || Endpoint::Bind("tcp://127.0.0.1:0".into());
+    let transport = Transport::default();
 
     // The parts: a PULL service in, a PUB service out (topic: the client's id).
-    let pull = Listen::pull(&loopback(), codec.clone()).await?;
+    let pull = Listen::pull(&loopback(), &transport, codec.clone()).await?;
     let publish = Emit::publish(
         &loopback(),
         Arc::new(|m: &Message| vec![m.client.clone()]),
+        &transport,
         codec.clone(),
     )
     .await?;
@@ -57,21 +59,21 @@ async fn main() -> Result<()> {
     println!("== a hand-built server: PULL {pull_address} -> numbering -> PUB {pub_address}");
 
     // A client from parts: SUB to its own id, then PUSH.
-    let mut sub = SubSocket::new();
+    let sub = Socket::new(Kind::Sub, &Options::default())?;
     sub.subscribe("client-1").await?;
     sub.connect(&pub_address).await?;
-    let mut push = PushSocket::new();
+    let push = Socket::new(Kind::Push, &Options::default())?;
     push.connect(&pull_address).await?;
     // Raw PUB/SUB cannot tell when a subscription has reached the publisher (the slow-joiner
     // race); `rylm_components::Client` settles it with a handshake. Built from parts, wait.
     tokio::time::sleep(Duration::from_millis(200)).await;
     for text in ["first", "second", "third"] {
         let message = Message::call("template.number", text).with_client("client-1");
-        push.send(multipart(codec.encode_frames(&message)?)).await?;
+        push.send(codec.encode_frames(&message)?).await?;
         let received = tokio::time::timeout(Duration::from_secs(5), sub.recv())
             .await
             .context("no answer")??;
-        let answer = codec.decode_frames(received.into_vec().get(1..).unwrap_or_default())?;
+        let answer = codec.decode_frames(received.get(1..).unwrap_or_default())?;
         println!(
             "sent {text:?} -> published {:?}",
             String::from_utf8_lossy(&answer.payload)

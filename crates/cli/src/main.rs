@@ -4,9 +4,11 @@
 //! what one needs to look at a captured frame or to feed a peer by hand; it serves and calls
 //! SyRPC (`rylm syrpc serve|call|put|get`), and services by path and METHOD (`rylm service`,
 //! `rylm call`), and runs pylm's topologies (`rylm server|master|hub|worker|pipeline|sink|client`)
-//! with built-in functions, and the HTTP gateway (`rylm gateway`). The Gilmour proxy joins it as
-//! its crate lands.
+//! with built-in functions, and the HTTP gateway (`rylm gateway`), and the Gilmour proxy
+//! (`rylm gilmour-proxy`). Every ZeroMQ command takes CURVE flags (`--curve-secret`,
+//! `--curve-server-key`, `--curve-allow`), and `rylm keygen` writes the key pairs.
 
+mod security;
 mod services;
 mod syrpc;
 mod topology;
@@ -76,6 +78,8 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Writes a CURVE key pair: BASE.key (public) and BASE.key_secret (secret).
+    Keygen(security::KeygenArgs),
     /// Decode one message and print its fields.
     Inspect {
         /// The wire format of the input.
@@ -168,6 +172,7 @@ fn main() -> Result<()> {
         Command::Client(args) => runtime()?.block_on(topology::client(args)),
         Command::Gateway(args) => runtime()?.block_on(topology::gateway(args)),
         Command::Call(args) => runtime()?.block_on(services::call(args)),
+        Command::Keygen(args) => security::keygen(args),
         Command::Inspect { wire, file } => {
             let mut input = Vec::new();
             match &file {

@@ -7,6 +7,8 @@ use clap::Args;
 use rylm_services_mux::{Call, Method, Service, ServiceClient, ServiceResponse};
 use serde_json::Value;
 
+use crate::security::SecurityArgs;
+
 #[derive(Args, Debug)]
 pub(crate) struct ServeArgs {
     /// Where to listen.
@@ -18,6 +20,8 @@ pub(crate) struct ServeArgs {
     /// The service's name, as discovery reports it.
     #[arg(long, default_value = "rylm")]
     name: String,
+    #[command(flatten)]
+    security: SecurityArgs,
 }
 
 #[derive(Args, Debug)]
@@ -42,6 +46,8 @@ pub(crate) struct CallArgs {
     /// How long to wait, in seconds.
     #[arg(long, default_value_t = 10.0)]
     timeout: f64,
+    #[command(flatten)]
+    security: SecurityArgs,
 }
 
 fn parse_argument(text: &str) -> Result<(String, Value), String> {
@@ -93,6 +99,7 @@ pub(crate) fn builtin_service(name: &str, secret: &str) -> Result<Service> {
 
 pub(crate) async fn serve(args: ServeArgs) -> Result<()> {
     let handle = builtin_service(&args.name, &args.secret)?
+        .with_transport(args.security.binding()?)
         .serve(&args.bind)
         .await?;
     eprintln!(
@@ -109,7 +116,10 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<()> {
 }
 
 pub(crate) async fn call(args: CallArgs) -> Result<()> {
-    let client = ServiceClient::new();
+    let client = ServiceClient::with_config(rylm_services_mux::ClientConfig {
+        transport: args.security.connecting()?,
+        ..rylm_services_mux::ClientConfig::default()
+    });
     let addresses: Vec<&str> = args.connect.iter().map(String::as_str).collect();
     client.register("target", &addresses, &args.secret);
     let deadline = Duration::try_from_secs_f64(args.timeout)

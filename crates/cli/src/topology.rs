@@ -8,6 +8,8 @@ use bytes::Bytes;
 use clap::{Args, Subcommand};
 use rylm_components::{Client, Functions, Master, Server, Worker};
 
+use crate::security::SecurityArgs;
+
 /// pylm's customary ports on loopback, so that the commands find each other with no flags.
 const PULL: &str = "tcp://127.0.0.1:5555";
 const PUB: &str = "tcp://127.0.0.1:5556";
@@ -58,6 +60,8 @@ pub(crate) struct ServerArgs {
     /// The wire format: `native`, or `pylm` so that pylm clients use it.
     #[arg(long, default_value = "native", value_parser = ["native", "pylm"])]
     wire: String,
+    #[command(flatten)]
+    security: SecurityArgs,
 }
 
 #[derive(Args, Debug)]
@@ -93,6 +97,8 @@ pub(crate) struct WorkerArgs {
     /// The wire format: `native`, or `pylm` to serve a pylm master (or a rylm one in pylm mode).
     #[arg(long, default_value = "native", value_parser = ["native", "pylm"])]
     wire: String,
+    #[command(flatten)]
+    security: SecurityArgs,
 }
 
 #[derive(Subcommand, Debug)]
@@ -155,6 +161,8 @@ pub(crate) struct ClientArgs {
     /// The wire format: `native`, or `pylm` to call a pylm server or master.
     #[arg(long, default_value = "native", value_parser = ["native", "pylm"])]
     wire: String,
+    #[command(flatten)]
+    security: SecurityArgs,
     #[command(subcommand)]
     action: ClientAction,
 }
@@ -178,7 +186,8 @@ pub(crate) async fn server(args: ServerArgs) -> Result<()> {
         .pull_address(&args.pull)
         .pub_address(&args.publish)
         .db_address(&args.db)
-        .functions(builtins());
+        .functions(builtins())
+        .transport(args.security.transport()?);
     if args.wire == "pylm" {
         builder = builder.pylm_wire();
     }
@@ -199,7 +208,8 @@ pub(crate) async fn master(args: MasterArgs, previous: Option<PreviousArgs>) -> 
     let mut builder = Master::builder(&args.server.name)
         .pub_address(&args.server.publish)
         .worker_address(&args.workers)
-        .db_address(&args.server.db);
+        .db_address(&args.server.db)
+        .transport(args.server.security.transport()?);
     if args.server.wire == "pylm" {
         builder = builder.pylm_wire();
     }
@@ -225,7 +235,13 @@ pub(crate) async fn master(args: MasterArgs, previous: Option<PreviousArgs>) -> 
 }
 
 pub(crate) async fn worker(args: WorkerArgs) -> Result<()> {
-    let builder = Worker::builder(builtins()).credits(args.credits);
+    let transport = rylm_components::Transport {
+        connected: args.security.connecting()?,
+        ..rylm_components::Transport::default()
+    };
+    let builder = Worker::builder(builtins())
+        .credits(args.credits)
+        .transport(transport);
     let (worker, target) = match &args.connect {
         _ if args.wire == "pylm" => (
             builder
@@ -267,6 +283,8 @@ pub(crate) struct GatewayArgs {
     /// Worker is then the gateway's cache, which it prints).
     #[arg(long, default_value = "native", value_parser = ["native", "pylm"])]
     wire: String,
+    #[command(flatten)]
+    security: SecurityArgs,
 }
 
 pub(crate) async fn gateway(args: GatewayArgs) -> Result<()> {
@@ -278,6 +296,7 @@ pub(crate) async fn gateway(args: GatewayArgs) -> Result<()> {
         max_body: args.max_body,
         concurrency: args.concurrency,
         pylm: args.wire == "pylm",
+        transport: args.security.transport()?,
         ..rylm_gateway::GatewayConfig::default()
     };
     let gateway = rylm_gateway::HttpGateway::start(config).await?;
@@ -301,7 +320,8 @@ pub(crate) async fn pipeline(args: ServerArgs, previous: PreviousArgs) -> Result
     let mut builder = Server::pipeline(&args.name, &previous.previous_pub, &previous.previous_name)
         .pub_address(&args.publish)
         .db_address(&args.db)
-        .functions(builtins());
+        .functions(builtins())
+        .transport(args.security.transport()?);
     if args.wire == "pylm" {
         builder = builder.pylm_wire();
     }
@@ -321,7 +341,8 @@ pub(crate) async fn sink(args: ServerArgs, previous: Vec<String>) -> Result<()> 
     let mut builder = Server::sink(&args.name)
         .pub_address(&args.publish)
         .db_address(&args.db)
-        .functions(builtins());
+        .functions(builtins())
+        .transport(args.security.transport()?);
     if args.wire == "pylm" {
         builder = builder.pylm_wire();
     }
@@ -355,6 +376,10 @@ pub(crate) async fn client(args: ClientArgs) -> Result<()> {
         }
     };
     options.results_from = args.results_from.clone();
+    options.transport = rylm_components::Transport {
+        connected: args.security.connecting()?,
+        ..rylm_components::Transport::default()
+    };
     let client = Client::connect_with(&args.db, options).await?;
     let text = |bytes: &Bytes| String::from_utf8_lossy(bytes).into_owned();
     match args.action {

@@ -754,7 +754,7 @@ impl HeldPublisher {
                         Err(error) if error.is_closed() => break,
                         Err(_) => continue,
                     };
-                    let Some(frame) = received.get(0) else { continue };
+                    let Some(frame) = received.first() else { continue };
                     if frame.first() != Some(&1) {
                         continue;
                     }

@@ -116,13 +116,13 @@ impl Keypair {
         let text = read(path)?;
         let secret = field(&text, "secret-key").unwrap_or_else(|| text.trim().to_owned());
         let pair = Keypair::from_secret_z85(&secret, &origin)?;
-        if let Some(public) = field(&text, "public-key") {
-            if PublicKey::from_z85(&public, &origin)? != pair.public {
-                return Err(Error::Key {
-                    origin,
-                    reason: "the public key does not belong to the secret key".into(),
-                });
-            }
+        if let Some(public) = field(&text, "public-key")
+            && PublicKey::from_z85(&public, &origin)? != pair.public
+        {
+            return Err(Error::Key {
+                origin,
+                reason: "the public key does not belong to the secret key".into(),
+            });
         }
         Ok(pair)
     }

@@ -96,7 +96,7 @@ async fn zeromq_round_trips() -> Result<()> {
 
     // A peer in another protocol: one pylm PalmMessage frame.
     let foreign = PylmCodec::default().encode(&Message::call("ground.upper", "from pylm"))?;
-    within("sending", dealer.send(vec![Bytes::from(foreign)])).await??;
+    within("sending", dealer.send(vec![foreign])).await??;
     let reply = codec.decode_frames(&within("a reply", dealer.recv()).await??)?;
     let error = reply
         .header("error")

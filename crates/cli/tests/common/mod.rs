@@ -1,0 +1,111 @@
+//! Running `rylm` processes in tests: started on free loopback ports, ready when they say so,
+//! killed and reaped when dropped (on failure too).
+
+#![allow(dead_code)]
+
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+pub const DEADLINE: Duration = Duration::from_secs(20);
+
+/// A running `rylm` process.
+pub struct Rylm {
+    pub child: Child,
+    pub args: Vec<String>,
+}
+
+impl Rylm {
+    /// Starts `rylm ARGS` and waits (bounded) for the line that says it serves.
+    pub async fn start(args: &[&str]) -> Rylm {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let mut child = Command::new(env!("CARGO_BIN_EXE_rylm"))
+                .args(args)
+                .env("RUST_LOG", "warn")
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .kill_on_drop(true)
+                .spawn()
+                .expect("rylm starts");
+            let stderr = child.stderr.take().expect("stderr");
+            let mut lines = BufReader::new(stderr).lines();
+            let ready = tokio::time::timeout(DEADLINE, async {
+                while let Ok(Some(line)) = lines.next_line().await {
+                    if line.contains("Ctrl-C stops") {
+                        return true;
+                    }
+                }
+                false
+            })
+            .await;
+            if ready == Ok(true) {
+                // Keep reading its log, so that it never blocks on a full pipe.
+                tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+                return Rylm {
+                    child,
+                    args: args.iter().map(|a| (*a).to_owned()).collect(),
+                };
+            }
+            // A port of a process just killed may still be held for a moment: retry, bounded.
+            let _ = child.kill().await;
+            assert!(
+                Instant::now() < deadline,
+                "rylm {args:?} did not start within {DEADLINE:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Kills it with SIGKILL, as a crash would, and reaps it.
+    pub async fn kill(mut self) {
+        self.child.kill().await.expect("killed");
+    }
+
+    /// Still running?
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Its peak resident memory, in KiB (VmHWM).
+    pub fn peak_rss_kib(&self) -> u64 {
+        let pid = self.child.id().expect("running");
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .expect("VmHWM")
+    }
+}
+
+/// `tcp://127.0.0.1:<a free port>`.
+pub fn free_address() -> String {
+    format!("tcp://127.0.0.1:{}", rylm_testkit::free_port())
+}
+
+/// Retries `attempt` until it succeeds or `within` passes; the time it took.
+pub async fn until_ok<T, E: std::fmt::Debug, F, Fut>(
+    within: Duration,
+    mut attempt: F,
+) -> (T, Duration)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    let started = Instant::now();
+    loop {
+        match attempt().await {
+            Ok(value) => return (value, started.elapsed()),
+            Err(error) => {
+                assert!(
+                    started.elapsed() < within,
+                    "no success within {within:?}; last error: {error:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}

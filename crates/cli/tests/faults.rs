@@ -1,0 +1,290 @@
+//! The `rylm` processes against hostile peers and crashes: every bound ZeroMQ port survives a
+//! frame header declaring 2^46 bytes, and a master, a server and a service instance killed with
+//! SIGKILL and started again on the same addresses are used again by the workers, clients and
+//! callers that kept running.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{DEADLINE, Rylm, free_address, until_ok};
+use rylm_components::Client;
+use rylm_services_mux::{Call, Method, ServiceClient};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// A ZMTP 3.0 greeting (NULL) and a long-frame header declaring 2^46 bytes: 73 bytes.
+fn hostile_bytes() -> Vec<u8> {
+    let mut bytes = vec![0xFF, 0, 0, 0, 0, 0, 0, 0, 1, 0x7F, 3, 0];
+    let mut mechanism = b"NULL".to_vec();
+    mechanism.resize(20, 0);
+    bytes.extend(mechanism);
+    bytes.resize(64, 0);
+    bytes.push(0x02);
+    bytes.extend((1u64 << 46).to_be_bytes());
+    bytes
+}
+
+/// Sends the hostile bytes to `address` and waits (bounded) for the peer to close.
+async fn attack(address: &str) {
+    let mut stream = TcpStream::connect(address.trim_start_matches("tcp://"))
+        .await
+        .expect("the port is open");
+    let _ = stream.write_all(&hostile_bytes()).await;
+    let mut buffer = [0u8; 256];
+    let closed = tokio::time::timeout(DEADLINE, async {
+        loop {
+            match stream.read(&mut buffer).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "{address} kept the hostile connection open");
+}
+
+async fn eval_upper(db: &str) -> Result<String, rylm_components::Error> {
+    let client = Client::connect(db, Duration::from_secs(5)).await?;
+    let result = client.eval("upper", "still here").await?;
+    Ok(String::from_utf8_lossy(&result).into_owned())
+}
+
+async fn http_upper(listen: &str) -> std::io::Result<String> {
+    let mut stream = TcpStream::connect(listen).await?;
+    stream
+        .write_all(b"POST /upper HTTP/1.1\r\nHost: rylm\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello")
+        .await?;
+    let mut response = String::new();
+    tokio::time::timeout(DEADLINE, stream.read_to_string(&mut response))
+        .await
+        .map_err(|_| std::io::Error::other("no HTTP response"))??;
+    Ok(response)
+}
+
+fn service_client() -> ServiceClient {
+    ServiceClient::new()
+}
+
+async fn service_upper(client: &ServiceClient) -> Result<u16, rylm_services_mux::Error> {
+    let reply = client
+        .call(
+            "s",
+            Call::new("/upper/abc").method(Method::Get),
+            Some(Duration::from_secs(2)),
+        )
+        .await?;
+    Ok(reply.response.status)
+}
+
+#[tokio::test]
+async fn a_frame_declaring_2_to_the_46_bytes_stops_no_rylm_process() {
+    // A server, a master with a worker, a gateway with a worker, and a service.
+    let server = [free_address(), free_address(), free_address()];
+    let mut server_process = Rylm::start(&[
+        "server", "--name", "s", "--pull", &server[0], "--pub", &server[1], "--db", &server[2],
+    ])
+    .await;
+    let master = [
+        free_address(),
+        free_address(),
+        free_address(),
+        free_address(),
+    ];
+    let mut master_process = Rylm::start(&[
+        "master",
+        "--name",
+        "m",
+        "--pull",
+        &master[0],
+        "--pub",
+        &master[1],
+        "--db",
+        &master[2],
+        "--workers",
+        &master[3],
+    ])
+    .await;
+    let _master_worker = Rylm::start(&["worker", "--db", &master[2]]).await;
+    let gateway_workers = free_address();
+    let listen = format!("127.0.0.1:{}", rylm_testkit::free_port());
+    let mut gateway_process = Rylm::start(&[
+        "gateway",
+        "--listen",
+        &listen,
+        "--workers",
+        &gateway_workers,
+    ])
+    .await;
+    let _gateway_worker = Rylm::start(&["worker", "--connect", &gateway_workers]).await;
+    let service = free_address();
+    let mut service_process = Rylm::start(&[
+        "service", "--bind", &service, "--secret", "s3cret", "--name", "s",
+    ])
+    .await;
+
+    let targets: Vec<&String> = server
+        .iter()
+        .chain(&master)
+        .chain([&gateway_workers, &service])
+        .collect();
+    for address in &targets {
+        attack(address).await;
+    }
+
+    for (name, process) in [
+        ("server", &mut server_process),
+        ("master", &mut master_process),
+        ("gateway", &mut gateway_process),
+        ("service", &mut service_process),
+    ] {
+        assert!(process.alive(), "rylm {name} died of a hostile frame");
+        let rss = process.peak_rss_kib();
+        eprintln!("hostile-peer run: rylm {name} peak RSS {rss} KiB");
+        assert!(rss < 100 * 1024, "rylm {name} grew to {rss} KiB");
+    }
+    assert_eq!(
+        eval_upper(&server[2]).await.expect("server serves"),
+        "STILL HERE"
+    );
+    assert_eq!(
+        eval_upper(&master[2]).await.expect("master serves"),
+        "STILL HERE"
+    );
+    let response = http_upper(&listen).await.expect("gateway answers");
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    assert!(response.ends_with("HELLO"), "{response}");
+    let client = service_client();
+    client.register("s", &[service.as_str()], "s3cret");
+    assert_eq!(service_upper(&client).await.expect("service serves"), 200);
+}
+
+#[tokio::test]
+async fn a_master_killed_and_started_again_is_used_again_by_its_worker_and_client() {
+    let addresses = [
+        free_address(),
+        free_address(),
+        free_address(),
+        free_address(),
+    ];
+    let args = [
+        "master",
+        "--name",
+        "m",
+        "--pull",
+        &addresses[0],
+        "--pub",
+        &addresses[1],
+        "--db",
+        &addresses[2],
+        "--workers",
+        &addresses[3],
+    ];
+    let master = Rylm::start(&args).await;
+    let mut worker = Rylm::start(&["worker", "--db", &addresses[2], "--credits", "4"]).await;
+    let client = Client::connect(&addresses[2], DEADLINE)
+        .await
+        .expect("connects");
+    let eval = || {
+        let client = client.clone();
+        async move {
+            client
+                .eval_within("upper", "again", Duration::from_secs(2))
+                .await
+        }
+    };
+    until_ok(DEADLINE, eval).await;
+
+    master.kill().await;
+    let restarted = Instant::now();
+    let _master = Rylm::start(&args).await;
+    let (result, took) = until_ok(Duration::from_secs(15), eval).await;
+    assert_eq!(&result[..], b"AGAIN");
+    eprintln!(
+        "master restart: calls succeed again {:?} after the restart ({took:?} of retries)",
+        restarted.elapsed()
+    );
+    for _ in 0..20 {
+        assert_eq!(&eval().await.expect("served")[..], b"AGAIN");
+    }
+    assert!(worker.alive(), "the worker was not restarted");
+}
+
+#[tokio::test]
+async fn a_server_killed_and_started_again_is_used_again_by_its_client() {
+    let addresses = [free_address(), free_address(), free_address()];
+    let args = [
+        "server",
+        "--name",
+        "s",
+        "--pull",
+        &addresses[0],
+        "--pub",
+        &addresses[1],
+        "--db",
+        &addresses[2],
+    ];
+    let server = Rylm::start(&args).await;
+    let client = Client::connect(&addresses[2], DEADLINE)
+        .await
+        .expect("connects");
+    let eval = || {
+        let client = client.clone();
+        async move {
+            client
+                .eval_within("upper", "again", Duration::from_secs(2))
+                .await
+        }
+    };
+    until_ok(DEADLINE, eval).await;
+
+    // A call in flight when the server dies fails with a clear error, not a timeout.
+    let pending = {
+        let client = client.clone();
+        tokio::spawn(async move { client.eval_within("sleep:5000", "x", DEADLINE).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    server.kill().await;
+    let outcome = tokio::time::timeout(DEADLINE, pending)
+        .await
+        .expect("the pending call ends before its deadline")
+        .expect("task");
+    assert!(
+        matches!(outcome, Err(rylm_components::Error::ServerGone { .. })),
+        "{outcome:?}"
+    );
+
+    let restarted = Instant::now();
+    let _server = Rylm::start(&args).await;
+    let (result, _) = until_ok(Duration::from_secs(15), eval).await;
+    assert_eq!(&result[..], b"AGAIN");
+    eprintln!(
+        "server restart: calls succeed again {:?} after the restart",
+        restarted.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn a_service_instance_killed_and_started_again_is_called_again() {
+    let address = free_address();
+    let args = [
+        "service", "--bind", &address, "--secret", "s3cret", "--name", "s",
+    ];
+    let instance = Rylm::start(&args).await;
+    let client = service_client();
+    client.register("s", &[address.as_str()], "s3cret");
+    until_ok(DEADLINE, || service_upper(&client)).await;
+
+    instance.kill().await;
+    let restarted = Instant::now();
+    let _instance = Rylm::start(&args).await;
+    let (status, _) = until_ok(Duration::from_secs(15), || service_upper(&client)).await;
+    assert_eq!(status, 200);
+    eprintln!(
+        "service restart: calls succeed again {:?} after the restart",
+        restarted.elapsed()
+    );
+    for _ in 0..20 {
+        assert_eq!(service_upper(&client).await.expect("served"), 200);
+    }
+}

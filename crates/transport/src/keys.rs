@@ -4,7 +4,8 @@
 //! `NAME.key` holds `public-key = "..."`, and `NAME.key_secret` holds both keys (and is
 //! created readable by its owner only). A file may also hold one bare Z85 key. A list of
 //! allowed clients is a file with one public key per line (bare Z85 or `public-key = "..."`;
-//! a line that starts with `#` is a comment).
+//! a line that starts with `#` is a comment), or public certificates concatenated
+//! (`cat worker.key client.key > allowed`).
 
 use std::path::Path;
 
@@ -58,7 +59,12 @@ impl PublicKey {
             if line.is_empty() || line.starts_with('#') {
                 continue;
             }
-            let z85 = field(line, "public-key").unwrap_or_else(|| line.to_owned());
+            // Certificates may be concatenated: their other lines are not keys.
+            let z85 = match field(line, "public-key") {
+                Some(z85) => z85,
+                None if line.contains(" = ") || line == "metadata" || line == "curve" => continue,
+                None => line.to_owned(),
+            };
             keys.push(PublicKey::from_z85(
                 &z85,
                 &format!("{origin}, line {}", number + 1),
@@ -253,16 +259,17 @@ mod tests {
             assert_eq!(mode & 0o077, 0, "secret readable by others");
         }
         let list = dir.join("allowed");
+        let certificate = std::fs::read_to_string(&public).expect("certificate");
         std::fs::write(
             &list,
             format!(
-                "# clients\n{}\n  public-key = \"{}\"\n",
+                "# clients\n{}\n  public-key = \"{}\"\n{certificate}",
                 pair.public,
                 Keypair::generate().public
             ),
         )
         .expect("list");
-        assert_eq!(PublicKey::load_list(&list).expect("list").len(), 2);
+        assert_eq!(PublicKey::load_list(&list).expect("list").len(), 3);
         std::fs::remove_dir_all(&dir).expect("cleanup");
     }
 

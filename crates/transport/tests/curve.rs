@@ -215,3 +215,40 @@ fn secret_z85(pair: &Keypair) -> String {
         .trim_matches('"')
         .to_owned()
 }
+
+#[tokio::test]
+async fn plain_admits_the_right_password_only() {
+    let server = Socket::new(
+        Kind::Pull,
+        &Options::default().security(Security::PlainServer {
+            users: vec![("worker".into(), "right".into())],
+        }),
+    )
+    .expect("pull");
+    let address = server.bind("tcp://127.0.0.1:0").await.expect("bind");
+    let client = |password: &str| {
+        Socket::new(
+            Kind::Push,
+            &Options::default().security(Security::PlainClient {
+                user: "worker".into(),
+                password: password.into(),
+            }),
+        )
+        .expect("push")
+    };
+    let wrong = client("wrong");
+    wrong.connect(&address).await.expect("connect");
+    let _ = wrong
+        .send_within(vec!["intrusion".into()], Duration::from_millis(300))
+        .await;
+    let right = client("right");
+    right.connect(&address).await.expect("connect");
+    right.send(vec!["welcome".into()]).await.expect("send");
+    let first = tokio::time::timeout(DEADLINE, server.recv())
+        .await
+        .expect("the right password's message")
+        .expect("receive");
+    assert_eq!(first, vec![Bytes::from("welcome")]);
+    let more = tokio::time::timeout(Duration::from_secs(1), server.recv()).await;
+    assert!(more.is_err(), "a wrong password got through: {more:?}");
+}

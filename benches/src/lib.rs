@@ -226,6 +226,150 @@ pub fn table(rows: &[(&Summary, &Summary)]) -> String {
     out
 }
 
+/// One row of a comparison: a subject and the two raw echoes, each over the same repetitions.
+#[derive(Debug)]
+pub struct Compared<'a> {
+    /// What the row is (a payload size, a mode).
+    pub label: String,
+    /// The subject's runs.
+    pub subject: &'a [Summary],
+    /// The raw echo on rylm-transport, in the same repetitions.
+    pub echo: &'a [Summary],
+    /// The raw echo on `zeromq` 0.7, in the same repetitions.
+    pub old: &'a [Summary],
+}
+
+/// A Markdown table of `rows`: rates as median (min-max), the subject's ratio to the
+/// same-run echo and the two transports' echoes' ratio, each as min / median / max over the
+/// repetitions; then each run's median repetition's latencies.
+pub fn compared_table(title: &str, subject: &str, rows: &[Compared<'_>]) -> String {
+    let rates = |runs: &[Summary]| runs.iter().map(Summary::rate).collect::<Vec<_>>();
+    let cell = |runs: &[Summary]| {
+        let (min, median, max) = spread(&rates(runs));
+        format!("{median:.0} ({min:.0}-{max:.0})")
+    };
+    let ratio = |a: &[Summary], b: &[Summary]| {
+        let ratios: Vec<f64> = a
+            .iter()
+            .zip(b)
+            .map(|(a, b)| a.rate() / b.rate().max(f64::EPSILON))
+            .collect();
+        let (min, median, max) = spread(&ratios);
+        format!("{min:.2} / {median:.2} / {max:.2}")
+    };
+    let mut out = format!(
+        "{title}; ops/s as median (min-max)\n\n| run | {subject} ops/s | echo ops/s, rylm-transport | echo ops/s, zeromq 0.7 | {subject} / echo (min / median / max) | rylm-transport echo / zeromq 0.7 echo (min / median / max) |\n|---|---:|---:|---:|---:|---:|\n"
+    );
+    for row in rows {
+        out.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} |\n",
+            row.label,
+            cell(row.subject),
+            cell(row.echo),
+            cell(row.old),
+            ratio(row.subject, row.echo),
+            ratio(row.echo, row.old)
+        ));
+    }
+    out.push_str("\n| run (median repetition) | p50 | p99 |\n|---|---:|---:|\n");
+    for row in rows {
+        for runs in [row.subject, row.echo, row.old] {
+            let mut sorted: Vec<&Summary> = runs.iter().collect();
+            sorted.sort_by(|a, b| a.rate().total_cmp(&b.rate()));
+            if let Some(summary) = sorted.get(sorted.len() / 2) {
+                out.push_str(&format!(
+                    "| {} | {:.3} ms | {:.3} ms |\n",
+                    summary.name,
+                    summary.p50.as_secs_f64() * 1e3,
+                    summary.p99.as_secs_f64() * 1e3
+                ));
+            }
+        }
+    }
+    out
+}
+
+/// min / median / max of `values` (NaN-free), for ratios over repetitions.
+pub fn spread(values: &[f64]) -> (f64, f64, f64) {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let at = |i: usize| sorted.get(i).copied().unwrap_or(f64::NAN);
+    (
+        at(0),
+        at(sorted.len() / 2),
+        at(sorted.len().saturating_sub(1)),
+    )
+}
+
+/// The `zeromq` 0.7 echo of `benches/zeromq-echo` (the old transport, a baseline beside
+/// rylm-transport's): its path from `RYLM_ZEROMQ_ECHO`, which `cargo xtask bench` sets.
+pub fn zeromq_echo() -> anyhow::Result<std::path::PathBuf> {
+    use anyhow::Context;
+    let path = std::env::var_os("RYLM_ZEROMQ_ECHO")
+        .context("RYLM_ZEROMQ_ECHO is not set: run the bench through `cargo xtask bench`")?;
+    Ok(path.into())
+}
+
+/// Starts the `zeromq` 0.7 echo server at `address` and waits (up to 10 s) until it listens.
+pub fn start_zeromq_echo(address: &str) -> anyhow::Result<Process> {
+    let process = spawn(
+        "zeromq 0.7 echo server",
+        &zeromq_echo()?,
+        &["serve".to_owned(), address.to_owned()],
+    )?;
+    let port = address.trim_start_matches("tcp://");
+    let started = std::time::Instant::now();
+    while std::net::TcpStream::connect(port).is_err() {
+        if started.elapsed() > Duration::from_secs(10) {
+            anyhow::bail!("the zeromq echo server did not listen at {address}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(process)
+}
+
+/// One run of the `zeromq` 0.7 echo's load client (a process of its own): the summary and the
+/// client's peak RSS in KiB.
+pub fn zeromq_echo_load(
+    name: &str,
+    address: &str,
+    total: usize,
+    in_flight: usize,
+    size: usize,
+) -> anyhow::Result<(Summary, u64)> {
+    use anyhow::Context;
+    let output = std::process::Command::new(zeromq_echo()?)
+        .args(["load", address])
+        .args([total, in_flight, size].map(|n| n.to_string()))
+        .output()
+        .context("running the zeromq echo load")?;
+    if !output.status.success() {
+        anyhow::bail!(
+            "the zeromq echo load failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    let text = String::from_utf8_lossy(&output.stdout);
+    let fields: Vec<f64> = text
+        .split_whitespace()
+        .map(str::parse)
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("unexpected output {text:?}"))?;
+    let [count, elapsed, p50, p99, rss] = fields[..] else {
+        anyhow::bail!("unexpected output {text:?}");
+    };
+    Ok((
+        Summary {
+            name: name.to_owned(),
+            count: count as usize,
+            elapsed: Duration::from_secs_f64(elapsed),
+            p50: Duration::from_secs_f64(p50),
+            p99: Duration::from_secs_f64(p99),
+        },
+        rss as u64,
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -238,5 +382,6 @@ mod tests {
         assert_eq!(s.p99, Duration::from_millis(99));
         assert!((s.rate() - 50.0).abs() < 1e-9);
         assert!(peak_rss_kib(std::process::id()).is_some_and(|kib| kib > 0));
+        assert_eq!(spread(&[3.0, 1.0, 2.0]), (1.0, 2.0, 3.0));
     }
 }

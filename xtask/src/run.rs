@@ -345,6 +345,33 @@ pub fn bench(name: Option<&str>, quick: bool) -> Result<()> {
     if !status_ok(cargo().args(build))? {
         bail!("the end-to-end benches did not build");
     }
+    // The ZeroMQ benches set rylm-transport's echo beside the same echo on `zeromq` 0.7, the
+    // transport rylm used before: a workspace of its own, so that no rylm crate depends on it.
+    let root = crate::workspace_root();
+    let zeromq_echo = if end_to_end
+        .iter()
+        .any(|(bench, _, _)| matches!(*bench, "router" | "services"))
+    {
+        let manifest = root.join("benches/zeromq-echo/Cargo.toml");
+        let built = status_ok(
+            cargo()
+                .args(["build", "--release", "--quiet", "--manifest-path"])
+                .arg(&manifest)
+                .arg("--target-dir")
+                .arg(root.join("target")),
+        )?;
+        if !built {
+            bail!("the zeromq 0.7 baseline echo did not build");
+        }
+        vec![(
+            "RYLM_ZEROMQ_ECHO",
+            root.join("target/release/rylm-zeromq-echo")
+                .display()
+                .to_string(),
+        )]
+    } else {
+        Vec::new()
+    };
     let servers = if end_to_end.iter().any(|(_, _, needs)| *needs) {
         Some(provision::start()?)
     } else {
@@ -361,7 +388,8 @@ pub fn bench(name: Option<&str>, quick: bool) -> Result<()> {
         if !status_ok(
             Command::new(&binary)
                 .envs(servers.iter().flat_map(|s| s.env()))
-                .envs(python),
+                .envs(python)
+                .envs(zeromq_echo.iter().cloned()),
         )? {
             bail!("the {bench} bench failed");
         }

@@ -1,7 +1,9 @@
 //! `cargo xtask bench router`, end to end: client -> Master -> 2 Workers -> client over loopback
 //! tcp, the master and the workers each a `rylm` process as a user would run them, many messages
-//! in flight, 64-byte and 1 KiB payloads; beside a raw zeromq DEALER/ROUTER pipelined echo whose
-//! server is a process too (this binary with `--echo-server`), in the same run.
+//! in flight, 64-byte and 1 KiB payloads; beside two raw DEALER/ROUTER pipelined echoes whose
+//! servers are processes too, in the same run, interleaved, three times: one on rylm-transport
+//! (this binary with `--echo-server`), one on `zeromq` 0.7 (`benches/zeromq-echo`, the
+//! transport rylm used before).
 //!
 //! A message on the master's path crosses four sockets where the echo crosses two, so 0.5 of the
 //! echo is the ceiling.
@@ -13,12 +15,14 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
 use rylm_benches::{
-    RawEcho, Summary, free_address, measure, peak_rss_kib, serve_echo, spawn, table,
+    Compared, RawEcho, Summary, compared_table, free_address, measure, peak_rss_kib, serve_echo,
+    spawn, start_zeromq_echo, zeromq_echo_load,
 };
 use rylm_components::Client;
 
 const TOTAL: usize = 20_000;
 const IN_FLIGHT: usize = 200;
+const REPETITIONS: usize = 3;
 
 fn sibling(binary: &str) -> Result<PathBuf> {
     let me = std::env::current_exe()?;
@@ -53,7 +57,8 @@ fn main() -> Result<()> {
 
 async fn run() -> Result<()> {
     let rylm = sibling("rylm")?;
-    let (pull, publish, workers, db, echo) = (
+    let (pull, publish, workers, db, echo, old_echo) = (
+        free_address()?,
         free_address()?,
         free_address()?,
         free_address()?,
@@ -87,17 +92,21 @@ async fn run() -> Result<()> {
         )?);
     }
     processes.push(spawn(
-        "echo server",
+        "echo server (rylm-transport)",
         &std::env::current_exe()?,
         &["--echo-server".to_owned(), echo.clone()],
     )?);
+    processes.push(start_zeromq_echo(&old_echo)?);
 
     let client = Client::connect(&db, Duration::from_secs(30))
         .await
         .context("connecting to the master")?;
     let raw = Arc::new(RawEcho::connect(&echo).await?);
 
-    let mut rows = Vec::new();
+    // Per size: the master's path, the echo on rylm-transport, the echo on zeromq 0.7; three
+    // repetitions, interleaved, so that the machine's noise falls on all three alike.
+    let mut runs: Vec<(usize, Vec<Summary>, Vec<Summary>, Vec<Summary>)> = Vec::new();
+    let mut old_client_rss = 0;
     for size in [64usize, 1024] {
         let payload = Bytes::from(vec![b'x'; size]);
         let through_master = |name: String, total: usize| {
@@ -125,36 +134,59 @@ async fn run() -> Result<()> {
         };
         through_master("warm-up".into(), 2_000).await?;
         echoed("warm-up".into(), 2_000).await?;
-        let master = through_master(
-            format!("client -> master -> 2 workers, {size} B, {IN_FLIGHT} in flight"),
-            TOTAL,
-        )
-        .await?;
-        let echo = echoed(
-            format!("raw DEALER/ROUTER echo, {size} B, {IN_FLIGHT} in flight"),
-            TOTAL,
-        )
-        .await?;
-        rows.push((master, echo));
+        let (mut master, mut echo, mut old) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..REPETITIONS {
+            master.push(
+                through_master(
+                    format!("client -> master -> 2 workers, {size} B, {IN_FLIGHT} in flight"),
+                    TOTAL,
+                )
+                .await?,
+            );
+            echo.push(
+                echoed(
+                    format!("raw DEALER/ROUTER echo, rylm-transport, {size} B"),
+                    TOTAL,
+                )
+                .await?,
+            );
+            let (summary, rss) = zeromq_echo_load(
+                &format!("raw DEALER/ROUTER echo, zeromq 0.7, {size} B"),
+                &old_echo,
+                TOTAL,
+                IN_FLIGHT,
+                size,
+            )?;
+            old.push(summary);
+            old_client_rss = old_client_rss.max(rss);
+        }
+        runs.push((size, master, echo, old));
     }
-    let pairs: Vec<(&Summary, &Summary)> = rows.iter().map(|(a, b)| (a, b)).collect();
-    println!("{}", table(&pairs));
-    println!("| baseline run | ops | ops/s | p50 | p99 |\n|---|---:|---:|---:|---:|");
-    for (_, echo) in &rows {
-        println!(
-            "| {} | {} | {:.0} | {:.2} ms | {:.2} ms |",
-            echo.name,
-            echo.count,
-            echo.rate(),
-            echo.p50.as_secs_f64() * 1e3,
-            echo.p99.as_secs_f64() * 1e3
-        );
-    }
+    let rows: Vec<Compared<'_>> = runs
+        .iter()
+        .map(|(size, master, echo, old)| Compared {
+            label: format!("{size} B"),
+            subject: master,
+            echo,
+            old,
+        })
+        .collect();
+    print!(
+        "{}",
+        compared_table(
+            &format!(
+                "{REPETITIONS} interleaved repetitions of {TOTAL} calls, {IN_FLIGHT} in flight"
+            ),
+            "master path",
+            &rows
+        )
+    );
     println!("\npeak RSS of each process:");
     println!(
         "- bench client (this process): {} KiB",
         peak_rss_kib(std::process::id()).unwrap_or(0)
     );
+    println!("- zeromq 0.7 echo load client: {old_client_rss} KiB");
     for process in &processes {
         println!(
             "- {} (pid {}): {} KiB",

@@ -1,13 +1,17 @@
 //! `cargo xtask bench services`: services-mux calls over loopback tcp, one at a time and many
-//! in flight, beside a raw zeromq DEALER/ROUTER echo in the same run (the baseline of what the
-//! transport allows, with the same correlation by id and the same tasks).
+//! in flight, beside raw DEALER/ROUTER echoes in the same run (the baseline of what the
+//! transport allows, with the same correlation by id): one on rylm-transport in this process,
+//! one on `zeromq` 0.7 (`benches/zeromq-echo`, server and load client processes of their own).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Result, bail};
 use bytes::Bytes;
-use rylm_benches::{RawEcho, Summary, measure, peak_rss_kib, serve_echo, table};
+use rylm_benches::{
+    Compared, RawEcho, compared_table, free_address, measure, peak_rss_kib, serve_echo,
+    start_zeromq_echo, zeromq_echo_load,
+};
 use rylm_services_mux::{Call, Method, Service, ServiceClient, ServiceResponse};
 
 const ONE_AT_A_TIME: usize = 3_000;
@@ -15,6 +19,7 @@ const IN_FLIGHT_TOTAL: usize = 20_000;
 const IN_FLIGHT: usize = 100;
 const DEADLINE: Duration = Duration::from_secs(30);
 const SECRET: &str = "bench-secret";
+const REPETITIONS: usize = 3;
 
 #[tokio::main]
 async fn main() -> Result<()> {
@@ -30,6 +35,9 @@ async fn main() -> Result<()> {
     let client = ServiceClient::new();
     client.register("bench", &[service.address()], SECRET);
     let raw = Arc::new(RawEcho::connect(&serve_echo("tcp://127.0.0.1:0").await?).await?);
+    let old_echo = free_address()?;
+    let old_server = start_zeromq_echo(&old_echo)?;
+    let mut old_client_rss = 0;
 
     let rylm = |name: String, total: usize, in_flight: usize| {
         let (client, data) = (client.clone(), data.clone());
@@ -66,49 +74,57 @@ async fn main() -> Result<()> {
 
     rylm("warm-up".into(), 500, 10).await?;
     baseline("warm-up".into(), 500, 10).await?;
-    let rylm_serial = rylm("services-mux call, one at a time".into(), ONE_AT_A_TIME, 1).await?;
-    let raw_serial = baseline(
-        "raw DEALER/ROUTER echo, one at a time".into(),
-        ONE_AT_A_TIME,
-        1,
-    )
-    .await?;
-    let rylm_parallel = rylm(
-        format!("services-mux call, {IN_FLIGHT} in flight"),
-        IN_FLIGHT_TOTAL,
-        IN_FLIGHT,
-    )
-    .await?;
-    let raw_parallel = baseline(
-        format!("raw echo, {IN_FLIGHT} in flight"),
-        IN_FLIGHT_TOTAL,
-        IN_FLIGHT,
-    )
-    .await?;
-
-    println!(
+    // Subject, echo on rylm-transport and echo on zeromq 0.7, interleaved, three times.
+    let mut rows = Vec::new();
+    for (mode, total, in_flight) in [
+        ("one at a time".to_owned(), ONE_AT_A_TIME, 1),
+        (format!("{IN_FLIGHT} in flight"), IN_FLIGHT_TOTAL, IN_FLIGHT),
+    ] {
+        let (mut subject, mut echo, mut old) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..REPETITIONS {
+            subject.push(rylm(format!("services-mux call, {mode}"), total, in_flight).await?);
+            echo.push(
+                baseline(
+                    format!("raw echo, rylm-transport, {mode}"),
+                    total,
+                    in_flight,
+                )
+                .await?,
+            );
+            let (summary, rss) = zeromq_echo_load(
+                &format!("raw echo, zeromq 0.7, {mode}"),
+                &old_echo,
+                total,
+                in_flight,
+                data.len(),
+            )?;
+            old.push(summary);
+            old_client_rss = old_client_rss.max(rss);
+        }
+        rows.push((mode, subject, echo, old));
+    }
+    let compared: Vec<Compared<'_>> = rows
+        .iter()
+        .map(|(mode, subject, echo, old)| Compared {
+            label: mode.clone(),
+            subject,
+            echo,
+            old,
+        })
+        .collect();
+    print!(
         "{}",
-        table(&[(&rylm_serial, &raw_serial), (&rylm_parallel, &raw_parallel)])
+        compared_table(
+            &format!("{REPETITIONS} interleaved repetitions, 64-character argument"),
+            "services-mux call",
+            &compared
+        )
     );
-    print_baseline(&[&raw_serial, &raw_parallel]);
     println!(
-        "\npeak RSS of the bench process (service, client, raw echo server and client): {} KiB",
-        peak_rss_kib(std::process::id()).unwrap_or(0)
+        "\npeak RSS: bench process (service, client, rylm-transport echo server and client) {} KiB; zeromq 0.7 echo server {} KiB; its load client {old_client_rss} KiB",
+        peak_rss_kib(std::process::id()).unwrap_or(0),
+        peak_rss_kib(old_server.child.id()).unwrap_or(0),
     );
     service.shutdown().await;
     Ok(())
-}
-
-fn print_baseline(runs: &[&Summary]) {
-    println!("| baseline run | ops | ops/s | p50 | p99 |\n|---|---:|---:|---:|---:|");
-    for s in runs {
-        println!(
-            "| {} | {} | {:.0} | {:.3} ms | {:.3} ms |",
-            s.name,
-            s.count,
-            s.rate(),
-            s.p50.as_secs_f64() * 1e3,
-            s.p99.as_secs_f64() * 1e3
-        );
-    }
 }

@@ -7,7 +7,7 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{DEADLINE, Rylm, free_address};
+use common::{DEADLINE, Ports, Rylm};
 use rylm_components::rylm_transport::{Keypair, PublicKey};
 use rylm_components::{Client, ClientOptions, Transport};
 
@@ -71,45 +71,30 @@ async fn a_curve_master_admits_only_the_keys_it_allows() {
         .map(|base| std::fs::read_to_string(base.with_extension("key")).expect("public"));
     std::fs::write(&allowed, certificates.concat()).expect("allow-list");
 
-    let addresses = [
-        free_address(),
-        free_address(),
-        free_address(),
-        free_address(),
-    ];
+    let ports = Ports::new();
     let secret = |base: &Path| base.with_extension("key_secret").display().to_string();
     let public = |base: &Path| base.with_extension("key").display().to_string();
-    let _master = Rylm::start(&[
-        "master",
-        "--name",
-        "m",
-        "--pull",
-        &addresses[0],
-        "--pub",
-        &addresses[1],
-        "--db",
-        &addresses[2],
-        "--workers",
-        &addresses[3],
-        "--curve-secret",
-        &secret(&master_keys),
-        "--curve-allow",
-        &allowed.display().to_string(),
-    ])
-    .await;
+    let mut args = ports.master("m");
+    args.extend([
+        "--curve-secret".to_owned(),
+        secret(&master_keys),
+        "--curve-allow".to_owned(),
+        allowed.display().to_string(),
+    ]);
+    let _master = Rylm::start(&args).await;
 
     // A worker with a key the master does not know connects straight to the workers' port.
     let _intruder_worker = Rylm::start(&[
         "worker",
         "--connect",
-        &addresses[3],
+        &ports.workers,
         "--curve-secret",
         &secret(&intruder_keys),
         "--curve-server-key",
         &public(&master_keys),
     ])
     .await;
-    let allowed_client = client(&addresses[2], Some(&client_keys), &master_keys)
+    let allowed_client = client(&ports.db, Some(&client_keys), &master_keys)
         .await
         .expect("an allowed client connects");
     let outcome = allowed_client
@@ -124,7 +109,7 @@ async fn a_curve_master_admits_only_the_keys_it_allows() {
     let _worker = Rylm::start(&[
         "worker",
         "--db",
-        &addresses[2],
+        &ports.db,
         "--curve-secret",
         &secret(&worker_keys),
         "--curve-server-key",
@@ -138,8 +123,8 @@ async fn a_curve_master_admits_only_the_keys_it_allows() {
     assert_eq!(&result[..], b"CURVE");
 
     // Clients with an unknown key, or none, never get an answer.
-    let intruder = client(&addresses[2], Some(&intruder_keys), &master_keys).await;
+    let intruder = client(&ports.db, Some(&intruder_keys), &master_keys).await;
     assert!(intruder.is_err(), "an unknown key was admitted");
-    let plain = client(&addresses[2], None, &master_keys).await;
+    let plain = client(&ports.db, None, &master_keys).await;
     assert!(plain.is_err(), "a client without CURVE was admitted");
 }

@@ -7,7 +7,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{DEADLINE, Rylm, free_address, until_ok};
+use common::{DEADLINE, Ports, Rylm, free_address, until_ok};
 use rylm_components::Client;
 use rylm_services_mux::{Call, Method, ServiceClient};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -62,6 +62,13 @@ async fn http_upper(listen: &str) -> std::io::Result<String> {
     Ok(response)
 }
 
+/// One call of `upper` with a short deadline of its own.
+async fn eval_again(client: &Client) -> Result<bytes::Bytes, rylm_components::Error> {
+    client
+        .eval_within("upper", "again", Duration::from_secs(2))
+        .await
+}
+
 fn service_client() -> ServiceClient {
     ServiceClient::new()
 }
@@ -80,32 +87,11 @@ async fn service_upper(client: &ServiceClient) -> Result<u16, rylm_services_mux:
 #[tokio::test]
 async fn a_frame_declaring_2_to_the_46_bytes_stops_no_rylm_process() {
     // A server, a master with a worker, a gateway with a worker, and a service.
-    let server = [free_address(), free_address(), free_address()];
-    let mut server_process = Rylm::start(&[
-        "server", "--name", "s", "--pull", &server[0], "--pub", &server[1], "--db", &server[2],
-    ])
-    .await;
-    let master = [
-        free_address(),
-        free_address(),
-        free_address(),
-        free_address(),
-    ];
-    let mut master_process = Rylm::start(&[
-        "master",
-        "--name",
-        "m",
-        "--pull",
-        &master[0],
-        "--pub",
-        &master[1],
-        "--db",
-        &master[2],
-        "--workers",
-        &master[3],
-    ])
-    .await;
-    let _master_worker = Rylm::start(&["worker", "--db", &master[2]]).await;
+    let server = Ports::new();
+    let mut server_process = Rylm::start(&server.server("s")).await;
+    let master = Ports::new();
+    let mut master_process = Rylm::start(&master.master("m")).await;
+    let _master_worker = Rylm::start(&["worker", "--db", &master.db]).await;
     let gateway_workers = free_address();
     let listen = format!("127.0.0.1:{}", rylm_testkit::free_port());
     let mut gateway_process = Rylm::start(&[
@@ -123,11 +109,17 @@ async fn a_frame_declaring_2_to_the_46_bytes_stops_no_rylm_process() {
     ])
     .await;
 
-    let targets: Vec<&String> = server
-        .iter()
-        .chain(&master)
-        .chain([&gateway_workers, &service])
-        .collect();
+    let targets = [
+        &server.pull,
+        &server.publish,
+        &server.db,
+        &master.pull,
+        &master.publish,
+        &master.db,
+        &master.workers,
+        &gateway_workers,
+        &service,
+    ];
     for address in &targets {
         attack(address).await;
     }
@@ -144,11 +136,11 @@ async fn a_frame_declaring_2_to_the_46_bytes_stops_no_rylm_process() {
         assert!(rss < 100 * 1024, "rylm {name} grew to {rss} KiB");
     }
     assert_eq!(
-        eval_upper(&server[2]).await.expect("server serves"),
+        eval_upper(&server.db).await.expect("server serves"),
         "STILL HERE"
     );
     assert_eq!(
-        eval_upper(&master[2]).await.expect("master serves"),
+        eval_upper(&master.db).await.expect("master serves"),
         "STILL HERE"
     );
     let response = http_upper(&listen).await.expect("gateway answers");
@@ -161,38 +153,14 @@ async fn a_frame_declaring_2_to_the_46_bytes_stops_no_rylm_process() {
 
 #[tokio::test]
 async fn a_master_killed_and_started_again_is_used_again_by_its_worker_and_client() {
-    let addresses = [
-        free_address(),
-        free_address(),
-        free_address(),
-        free_address(),
-    ];
-    let args = [
-        "master",
-        "--name",
-        "m",
-        "--pull",
-        &addresses[0],
-        "--pub",
-        &addresses[1],
-        "--db",
-        &addresses[2],
-        "--workers",
-        &addresses[3],
-    ];
+    let ports = Ports::new();
+    let args = ports.master("m");
     let master = Rylm::start(&args).await;
-    let mut worker = Rylm::start(&["worker", "--db", &addresses[2], "--credits", "4"]).await;
-    let client = Client::connect(&addresses[2], DEADLINE)
+    let mut worker = Rylm::start(&["worker", "--db", &ports.db, "--credits", "4"]).await;
+    let client = Client::connect(&ports.db, DEADLINE)
         .await
         .expect("connects");
-    let eval = || {
-        let client = client.clone();
-        async move {
-            client
-                .eval_within("upper", "again", Duration::from_secs(2))
-                .await
-        }
-    };
+    let eval = || eval_again(&client);
     until_ok(DEADLINE, eval).await;
 
     master.kill().await;
@@ -212,30 +180,13 @@ async fn a_master_killed_and_started_again_is_used_again_by_its_worker_and_clien
 
 #[tokio::test]
 async fn a_server_killed_and_started_again_is_used_again_by_its_client() {
-    let addresses = [free_address(), free_address(), free_address()];
-    let args = [
-        "server",
-        "--name",
-        "s",
-        "--pull",
-        &addresses[0],
-        "--pub",
-        &addresses[1],
-        "--db",
-        &addresses[2],
-    ];
+    let ports = Ports::new();
+    let args = ports.server("s");
     let server = Rylm::start(&args).await;
-    let client = Client::connect(&addresses[2], DEADLINE)
+    let client = Client::connect(&ports.db, DEADLINE)
         .await
         .expect("connects");
-    let eval = || {
-        let client = client.clone();
-        async move {
-            client
-                .eval_within("upper", "again", Duration::from_secs(2))
-                .await
-        }
-    };
+    let eval = || eval_again(&client);
     until_ok(DEADLINE, eval).await;
 
     // A call in flight when the server dies fails with a clear error, not a timeout.

@@ -18,11 +18,12 @@ pub struct Rylm {
 
 impl Rylm {
     /// Starts `rylm ARGS` and waits (bounded) for the line that says it serves.
-    pub async fn start(args: &[&str]) -> Rylm {
+    pub async fn start<S: AsRef<str>>(args: &[S]) -> Rylm {
+        let args: Vec<&str> = args.iter().map(AsRef::as_ref).collect();
         let deadline = Instant::now() + DEADLINE;
         loop {
             let mut child = Command::new(env!("CARGO_BIN_EXE_rylm"))
-                .args(args)
+                .args(&args)
                 .env("RUST_LOG", "warn")
                 .stdin(std::process::Stdio::null())
                 .stdout(std::process::Stdio::null())
@@ -78,6 +79,50 @@ impl Rylm {
             .find_map(|l| l.strip_prefix("VmHWM:"))
             .and_then(|v| v.split_whitespace().next()?.parse().ok())
             .expect("VmHWM")
+    }
+}
+
+/// The addresses of a server (`pull`, `pub`, `db`) or master (and `workers`) on free ports.
+pub struct Ports {
+    pub pull: String,
+    pub publish: String,
+    pub db: String,
+    pub workers: String,
+}
+
+impl Ports {
+    pub fn new() -> Ports {
+        Ports {
+            pull: free_address(),
+            publish: free_address(),
+            db: free_address(),
+            workers: free_address(),
+        }
+    }
+
+    /// `rylm server` named `name` on these ports.
+    pub fn server(&self, name: &str) -> Vec<String> {
+        [
+            "server",
+            "--name",
+            name,
+            "--pull",
+            &self.pull,
+            "--pub",
+            &self.publish,
+            "--db",
+            &self.db,
+        ]
+        .map(str::to_owned)
+        .to_vec()
+    }
+
+    /// `rylm master` named `name` on these ports.
+    pub fn master(&self, name: &str) -> Vec<String> {
+        let mut args = self.server(name);
+        args[0] = "master".into();
+        args.extend(["--workers".to_owned(), self.workers.clone()]);
+        args
     }
 }
 

@@ -24,6 +24,9 @@ const TOTAL: usize = 20_000;
 const IN_FLIGHT: usize = 200;
 const REPETITIONS: usize = 3;
 
+/// A payload size, and the runs of the master's path, the rylm-transport echo and the zeromq echo.
+type SizeRuns = (usize, Vec<Summary>, Vec<Summary>, Vec<Summary>);
+
 fn sibling(binary: &str) -> Result<PathBuf> {
     let me = std::env::current_exe()?;
     let path = me.with_file_name(binary);
@@ -105,7 +108,7 @@ async fn run() -> Result<()> {
 
     // Per size: the master's path, the echo on rylm-transport, the echo on zeromq 0.7; three
     // repetitions, interleaved, so that the machine's noise falls on all three alike.
-    let mut runs: Vec<(usize, Vec<Summary>, Vec<Summary>, Vec<Summary>)> = Vec::new();
+    let mut runs: Vec<SizeRuns> = Vec::new();
     let mut old_client_rss = 0;
     for size in [64usize, 1024] {
         let payload = Bytes::from(vec![b'x'; size]);

@@ -14,7 +14,8 @@ use serde_json::{Map, Value};
 use tokio::sync::{Notify, oneshot};
 
 use crate::protocol::{
-    self, Decoded, Frame, Method, RouteInfo, Secret, WireControl, WireRequest, WireResponse,
+    self, Binding, Decoded, Frame, Method, RouteInfo, Secret, WireControl, WireRequest,
+    WireResponse,
 };
 use crate::{Error, ServiceResponse};
 
@@ -128,13 +129,33 @@ struct Pending {
     instance: String,
     path: String,
     waiter: Waiter,
+    /// When the call's deadline passes (an asynchronous call's handler then gets a 504).
+    expires: Instant,
 }
 
 struct Instance {
     address: String,
-    secret: Secret,
+    /// The shared secret; `register` may replace it (rotation).
+    secret: std::sync::Mutex<Secret>,
+    /// What requests to this instance are bound to, from its last pong; `None` until then.
+    binding: std::sync::Mutex<Option<Binding>>,
     socket: std::sync::Mutex<Option<Socket>>,
     state: std::sync::Mutex<InstanceState>,
+    /// Its connection and heartbeat task, stopped when the instance is removed.
+    task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl Instance {
+    fn secret(&self) -> Secret {
+        self.secret.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn binding(&self) -> Option<Binding> {
+        self.binding
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
 }
 
 #[derive(Default)]
@@ -218,10 +239,12 @@ impl ServiceClient {
         }
     }
 
-    /// Registers `service` at these instance addresses with its shared secret. Registering an
-    /// address again is a no-op; new addresses join the service's instances. Connections are
-    /// made in the background; calls wait (within their deadline) for a live instance.
+    /// Registers `service` at these instance addresses with its shared secret. New addresses
+    /// join the service's instances; the secret replaces the one the service had, for every
+    /// instance (a rotation: calls from now on are signed with it). Connections are made in
+    /// the background; calls wait (within their deadline) for a live instance.
     pub fn register(&self, service: &str, addresses: &[&str], secret: impl AsRef<[u8]>) {
+        let secret = Secret::new(&secret);
         let mut services = self
             .inner
             .services
@@ -230,22 +253,54 @@ impl ServiceClient {
         let registered = services
             .entry(service.to_owned())
             .or_insert_with(|| Registered {
-                secret: Secret::new(&secret),
+                secret: secret.clone(),
                 instances: Vec::new(),
             });
+        registered.secret = secret.clone();
+        for instance in &registered.instances {
+            *instance.secret.lock().unwrap_or_else(|e| e.into_inner()) = secret.clone();
+        }
         for address in addresses {
             if registered.instances.iter().any(|i| i.address == *address) {
                 continue;
             }
             let instance = Arc::new(Instance {
                 address: (*address).to_owned(),
-                secret: registered.secret.clone(),
+                secret: std::sync::Mutex::new(secret.clone()),
+                binding: std::sync::Mutex::new(None),
                 socket: std::sync::Mutex::new(None),
                 state: std::sync::Mutex::new(InstanceState::default()),
+                task: std::sync::Mutex::new(None),
             });
             registered.instances.push(instance.clone());
-            tokio::spawn(run_instance(Arc::downgrade(&self.inner), instance));
+            let task = tokio::spawn(run_instance(Arc::downgrade(&self.inner), instance.clone()));
+            *instance.task.lock().unwrap_or_else(|e| e.into_inner()) = Some(task);
         }
+    }
+
+    /// Removes the instance at `address` from `service`: its connection closes and the calls
+    /// waiting on it fail. False when it was not registered.
+    pub fn remove(&self, service: &str, address: &str) -> bool {
+        let removed = {
+            let mut services = self
+                .inner
+                .services
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            let Some(registered) = services.get_mut(service) else {
+                return false;
+            };
+            let Some(index) = registered.instances.iter().position(|i| i.address == address)
+            else {
+                return false;
+            };
+            registered.instances.remove(index)
+        };
+        if let Some(task) = removed.task.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            task.abort();
+        }
+        mark_dead(&self.inner, &removed, Duration::ZERO);
+        true
     }
 
     /// Registers the handler that gets the responses on paths matching `pattern`: the
@@ -281,24 +336,40 @@ impl ServiceClient {
         let deadline = deadline.unwrap_or(self.inner.config.default_deadline);
         let started = Instant::now();
         let path = call.path.clone();
-        let (sender, receiver) = oneshot::channel();
-        let (id, instance) = self
-            .dispatch(service, call, Waiter::Sync(sender), deadline)
-            .await?;
-        let _cleanup = PendingGuard {
-            inner: &self.inner,
-            id: id.clone(),
-        };
-        let remaining = deadline.saturating_sub(started.elapsed());
-        let response = match tokio::time::timeout(remaining, receiver).await {
-            Err(_) => {
-                return Err(Error::Timeout {
-                    path,
-                    waited: deadline,
-                });
+        // An instance at capacity answers `503 busy` at once: try the others, each once.
+        let mut busy: Vec<String> = Vec::new();
+        let (id, instance, response) = loop {
+            let (sender, receiver) = oneshot::channel();
+            let (id, instance) = self
+                .dispatch(
+                    service,
+                    call.clone(),
+                    Waiter::Sync(sender),
+                    deadline.saturating_sub(started.elapsed()),
+                    &busy,
+                )
+                .await?;
+            let _cleanup = PendingGuard {
+                inner: &self.inner,
+                id: id.clone(),
+            };
+            let remaining = deadline.saturating_sub(started.elapsed());
+            let response = match tokio::time::timeout(remaining, receiver).await {
+                Err(_) => {
+                    return Err(Error::Timeout {
+                        path,
+                        waited: deadline,
+                    });
+                }
+                Ok(Err(_)) => return Err(Error::Closed),
+                Ok(Ok(outcome)) => outcome?,
+            };
+            if response.status == 503 && response.headers.contains_key(crate::service::BUSY) {
+                tracing::debug!(%instance, "the instance is busy; trying another");
+                busy.push(instance);
+                continue;
             }
-            Ok(Err(_)) => return Err(Error::Closed),
-            Ok(Ok(outcome)) => outcome?,
+            break (id, instance, response);
         };
         let response = ServiceResponse::from_wire(response);
         let handled = match self.response_handler(&path) {
@@ -319,7 +390,7 @@ impl ServiceClient {
     pub async fn send(&self, service: &str, call: Call) -> Result<String, Error> {
         let deadline = self.inner.config.default_deadline;
         let (id, _) = self
-            .dispatch(service, call, Waiter::Async, deadline)
+            .dispatch(service, call, Waiter::Async, deadline, &[])
             .await?;
         Ok(id)
     }
@@ -332,7 +403,7 @@ impl ServiceClient {
     ) -> Result<Vec<RouteInfo>, Error> {
         let deadline = deadline.unwrap_or(self.inner.config.default_deadline);
         let started = Instant::now();
-        let instance = self.live_instance(service, deadline).await?;
+        let instance = self.live_instance(service, deadline, &[]).await?;
         let id = rylm_message::new_id();
         let (sender, receiver) = oneshot::channel();
         self.inner
@@ -345,6 +416,7 @@ impl ServiceClient {
                     instance: instance.address.clone(),
                     path: "*".into(),
                     waiter: Waiter::Discover(sender),
+                    expires: started + deadline,
                 },
             );
         let _cleanup = PendingGuard {
@@ -354,7 +426,7 @@ impl ServiceClient {
         let frame = Frame::Discover(WireControl {
             id,
             ts: protocol::now_ms(),
-            reason: String::new(),
+            ..WireControl::default()
         });
         send_frame(&instance, &frame).await?;
         match tokio::time::timeout(deadline.saturating_sub(started.elapsed()), receiver).await {
@@ -388,12 +460,14 @@ impl ServiceClient {
             .map(|(_, h)| h.clone())
     }
 
-    /// Picks a live instance (fewest calls in flight, ties in turn), waiting for one up to
-    /// `deadline`.
+    /// Picks a live instance (fewest calls in flight, ties in turn) other than those in
+    /// `busy`, waiting for one up to `deadline`; [`Error::Busy`] at once when every live
+    /// instance is in `busy`.
     async fn live_instance(
         &self,
         service: &str,
         deadline: Duration,
+        busy: &[String],
     ) -> Result<Arc<Instance>, Error> {
         let started = Instant::now();
         loop {
@@ -409,16 +483,25 @@ impl ServiceClient {
                     .ok_or_else(|| Error::UnknownService(service.to_owned()))?;
                 let turn = self.inner.round_robin.fetch_add(1, Ordering::Relaxed);
                 let count = registered.instances.len().max(1);
-                let best = (0..registered.instances.len())
+                let live: Vec<(usize, &Arc<Instance>)> = (0..registered.instances.len())
                     .map(|k| &registered.instances[(turn + k) % count])
                     .filter_map(|instance| {
                         let state = instance.state.lock().unwrap_or_else(|e| e.into_inner());
                         state.live.then_some((state.in_flight, instance))
                     })
+                    .collect();
+                let best = live
+                    .iter()
+                    .filter(|(_, instance)| !busy.contains(&instance.address))
                     .min_by_key(|(in_flight, _)| *in_flight)
-                    .map(|(_, instance)| instance.clone());
+                    .map(|(_, instance)| (*instance).clone());
                 if let Some(instance) = best {
                     return Ok(instance);
+                }
+                if !live.is_empty() {
+                    return Err(Error::Busy {
+                        service: service.to_owned(),
+                    });
                 }
                 // Every instance refuses us: a wrong secret. Say so now, not at the deadline.
                 let refusals: Vec<(String, String)> = registered
@@ -454,8 +537,9 @@ impl ServiceClient {
         call: Call,
         waiter: Waiter,
         deadline: Duration,
+        busy: &[String],
     ) -> Result<(String, String), Error> {
-        let instance = self.live_instance(service, deadline).await?;
+        let instance = self.live_instance(service, deadline, busy).await?;
         let id = rylm_message::new_id();
         let frame = Frame::Request(WireRequest {
             id: id.clone(),
@@ -476,6 +560,7 @@ impl ServiceClient {
                     instance: instance.address.clone(),
                     path: call.path,
                     waiter,
+                    expires: Instant::now() + deadline,
                 },
             );
         instance
@@ -529,7 +614,18 @@ fn release(inner: &Inner, address: &str) {
 }
 
 async fn send_frame(instance: &Instance, frame: &Frame) -> Result<(), Error> {
-    let frames = protocol::encode(frame, &instance.secret)?;
+    let binding = match (frame, instance.binding()) {
+        (_, Some(binding)) => binding,
+        // A request is bound to the instance it goes to: it waits for the instance's pong.
+        (Frame::Request(_), None) => {
+            return Err(Error::NoLiveInstance {
+                service: instance.address.clone(),
+                waited: Duration::ZERO,
+            });
+        }
+        (_, None) => Binding::default(),
+    };
+    let frames = protocol::encode(frame, &instance.secret(), &binding)?;
     let socket = instance
         .socket
         .lock()
@@ -590,7 +686,8 @@ async fn run_instance(inner: Weak<Inner>, instance: Arc<Instance>) {
                 if let Some(silent_for) = silent_for.filter(|s| *s > dead_after) {
                     mark_dead(&inner, &instance, silent_for);
                 }
-                let ping = Frame::Ping(WireControl { id: rylm_message::new_id(), ts: protocol::now_ms(), reason: String::new() });
+                expire_async(&inner, &instance.address);
+                let ping = Frame::Ping(WireControl { id: rylm_message::new_id(), ts: protocol::now_ms(), ..WireControl::default() });
                 if let Err(error) = send_frame(&instance, &ping).await {
                     tracing::debug!(address = %instance.address, %error, "ping failed");
                 }
@@ -614,6 +711,12 @@ fn mark_dead(inner: &Inner, instance: &Instance, silent_for: Duration) {
         state.live = false;
         state.in_flight = 0;
     }
+    // A new start of the instance has a new id: learn it from its next pong.
+    instance
+        .binding
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take();
     tracing::warn!(address = %instance.address, ?silent_for, "instance stopped answering heartbeats");
     let failed: Vec<(String, Pending)> = {
         let mut pending = inner.pending.lock().unwrap_or_else(|e| e.into_inner());
@@ -646,6 +749,30 @@ fn mark_dead(inner: &Inner, instance: &Instance, silent_for: Duration) {
     }
 }
 
+/// Asynchronous calls on `address` past their deadline: removed, and their handlers answered
+/// 504 (a synchronous call's own timeout removes it).
+fn expire_async(inner: &Inner, address: &str) {
+    let now = Instant::now();
+    let expired: Vec<(String, Pending)> = {
+        let mut pending = inner.pending.lock().unwrap_or_else(|e| e.into_inner());
+        let ids: Vec<String> = pending
+            .iter()
+            .filter(|(_, p)| {
+                p.instance == address && p.expires <= now && matches!(p.waiter, Waiter::Async)
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        ids.into_iter()
+            .filter_map(|id| pending.remove(&id).map(|p| (id, p)))
+            .collect()
+    };
+    for (id, pending) in expired {
+        release(inner, address);
+        let response = ServiceResponse::new(504, "no response within the call's deadline");
+        deliver_async(inner, id, pending.path, response);
+    }
+}
+
 fn deliver_async(inner: &Inner, id: String, path: String, response: ServiceResponse) {
     let handler = {
         let handlers = inner.handlers.read().unwrap_or_else(|e| e.into_inner());
@@ -667,8 +794,9 @@ fn deliver_async(inner: &Inner, id: String, path: String, response: ServiceRespo
 }
 
 fn on_frame(inner: &Inner, instance: &Instance, frames: Vec<Bytes>) {
-    let frame = match protocol::decode(&frames, &instance.secret) {
-        Ok(Decoded::Frame(frame)) => frame,
+    let binding = instance.binding().unwrap_or_default();
+    let frame = match protocol::decode(&frames, &[instance.secret()], &binding) {
+        Ok(Decoded::Frame(frame, _)) => frame,
         Ok(Decoded::BadMac { id }) => {
             tracing::warn!(address = %instance.address, call = %id, "dropped a response whose MAC does not match");
             return;
@@ -678,7 +806,19 @@ fn on_frame(inner: &Inner, instance: &Instance, frames: Vec<Bytes>) {
             return;
         }
     };
-    if !matches!(frame, Frame::Refusal(_)) {
+    if let Frame::Pong(pong) = &frame {
+        let learned = Binding {
+            service: pong.service.clone(),
+            instance: pong.instance.clone(),
+        };
+        let mut binding = instance.binding.lock().unwrap_or_else(|e| e.into_inner());
+        if binding.as_ref() != Some(&learned) {
+            tracing::debug!(address = %instance.address, instance = %learned.instance, "bound to the instance");
+            *binding = Some(learned);
+        }
+    }
+    // Live once it answers a ping (and so is bound); any other authenticated frame is news too.
+    if !matches!(frame, Frame::Refusal(_)) && instance.binding().is_some() {
         let became_live = {
             let mut state = instance.state.lock().unwrap_or_else(|e| e.into_inner());
             state.last_seen = Some(Instant::now());

@@ -61,6 +61,14 @@ pub enum Error {
         silent_for: Duration,
     },
 
+    /// Every live instance answered that it is at capacity (`503 busy`): retry later, or add
+    /// instances. Unlike [`Error::InstanceDead`], the instances are alive.
+    #[error("every live instance of {service} is busy (503); the call did not run")]
+    Busy {
+        /// The service.
+        service: String,
+    },
+
     /// The service refused the caller's credentials (wrong shared secret).
     #[error("the service at {address} refused the call: 401 {reason}")]
     Refused {

@@ -61,4 +61,4 @@ mod service;
 pub use client::{Call, ClientConfig, Reply, ServiceClient};
 pub use error::Error;
 pub use protocol::{Method, RouteInfo};
-pub use service::{Service, ServiceHandle, ServiceRequest, ServiceResponse};
+pub use service::{BUSY, Service, ServiceHandle, ServiceRequest, ServiceResponse};

@@ -8,11 +8,17 @@
 //! | 1 | the marker `RYLM-SVC` and the protocol version (1) |
 //! | 2 | the kind, one byte: `Q` request, `R` response, `P` ping, `O` pong, `D` discover, `L` route list, `X` refusal |
 //! | 3 | the body, MessagePack with named fields |
-//! | 4 | HMAC-SHA256 of kind and body, keyed by the shared secret (absent on `X`) |
+//! | 4 | HMAC-SHA256 keyed by the shared secret (absent on `X`), see below |
 //!
-//! The secret never travels. Every body carries an id and a timestamp, so a replayed frame is
-//! refused. A refusal (`X`) cannot carry a valid MAC (the caller's secret is the wrong one), so
-//! a caller accepts it only for a call it is waiting on, and it can only fail that call.
+//! The secret never travels. The MAC covers the kind, the body and, for requests and responses,
+//! a [`Binding`]: the service's name and the id of the instance, which changes at every start
+//! and which a caller learns from the instance's pong. So a captured request is refused by
+//! another instance and by the same one after a restart (its MAC does not match), and within
+//! one instance's life its id and timestamp are checked by the [`ReplayGuard`]. The MAC is
+//! checked over the raw bytes before anything of the body is parsed: an unauthenticated frame
+//! costs its bytes and one pass that looks for its id, nothing more. A refusal (`X`) cannot
+//! carry a valid MAC (the caller's secret is the wrong one), so a caller accepts it only for a
+//! call it is waiting on, and it can only fail that call.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
@@ -189,7 +195,7 @@ pub struct WireResponse {
 }
 
 /// A heartbeat or its answer, a discovery request, or a refusal.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct WireControl {
     /// A nonce (the call id for a refusal).
     pub id: String,
@@ -198,6 +204,22 @@ pub struct WireControl {
     /// For a refusal: why.
     #[serde(default)]
     pub reason: String,
+    /// For a pong: the service's name, to which requests are bound.
+    #[serde(default)]
+    pub service: String,
+    /// For a pong: the instance's id (new at every start), to which requests are bound.
+    #[serde(default)]
+    pub instance: String,
+}
+
+/// What a request's or response's MAC covers beyond the frame: the service's name and the
+/// instance's id. Control frames (pings, pongs, discovery) are not bound.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Binding {
+    /// The service's name, as the instance reports it.
+    pub service: String,
+    /// The instance's id, new at every start.
+    pub instance: String,
 }
 
 /// One route as discovery lists it.
@@ -298,6 +320,20 @@ impl fmt::Debug for Secret {
     }
 }
 
+/// The MAC of a frame of `kind` with `body`, bound to `binding` for requests and responses.
+fn mac_of(secret: &Secret, kind: Kind, binding: &Binding, body: &[u8]) -> HmacSha256 {
+    let mut mac = secret.mac();
+    mac.update(&[kind.byte()]);
+    if matches!(kind, Kind::Request | Kind::Response) {
+        for part in [&binding.service, &binding.instance] {
+            mac.update(&(part.len() as u32).to_be_bytes());
+            mac.update(part.as_bytes());
+        }
+    }
+    mac.update(body);
+    mac
+}
+
 fn body_of(frame: &Frame) -> Result<Vec<u8>, Error> {
     let encoded = match frame {
         Frame::Request(r) => rmp_serde::to_vec_named(r),
@@ -310,8 +346,9 @@ fn body_of(frame: &Frame) -> Result<Vec<u8>, Error> {
     encoded.map_err(|e| Error::Malformed(format!("cannot encode: {e}")))
 }
 
-/// The frames of `frame`, MAC'd with `secret` (a refusal is not MAC'd).
-pub fn encode(frame: &Frame, secret: &Secret) -> Result<Vec<Bytes>, Error> {
+/// The frames of `frame`, MAC'd with `secret` and (requests and responses) bound to `binding`;
+/// a refusal is not MAC'd.
+pub fn encode(frame: &Frame, secret: &Secret, binding: &Binding) -> Result<Vec<Bytes>, Error> {
     let kind = frame.kind();
     let body = body_of(frame)?;
     let mut frames = vec![
@@ -320,9 +357,7 @@ pub fn encode(frame: &Frame, secret: &Secret) -> Result<Vec<Bytes>, Error> {
         Bytes::from(body),
     ];
     if kind != Kind::Refusal {
-        let mut mac = secret.mac();
-        mac.update(&[kind.byte()]);
-        mac.update(&frames[2]);
+        let mac = mac_of(secret, kind, binding, &frames[2]);
         frames.push(Bytes::from(mac.finalize().into_bytes().to_vec()));
     }
     Ok(frames)
@@ -331,8 +366,9 @@ pub fn encode(frame: &Frame, secret: &Secret) -> Result<Vec<Bytes>, Error> {
 /// What reading a frame gave.
 #[derive(Debug)]
 pub enum Decoded {
-    /// A well-formed frame whose MAC checks out (or a refusal, which has none).
-    Frame(Frame),
+    /// A well-formed frame whose MAC checks out (or a refusal, which has none), and the index
+    /// of the secret that checked it (answer with the same one).
+    Frame(Frame, usize),
     /// A well-formed frame whose MAC does not match: answer it with a refusal for `id`.
     BadMac {
         /// The id the frame claims, for the refusal.
@@ -344,8 +380,28 @@ fn parse<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, Error> {
     rmp_serde::from_slice(body).map_err(|e| Error::Malformed(format!("bad body: {e}")))
 }
 
-/// Reads the frames after the routing identity. Compares the MAC in constant time.
-pub fn decode(frames: &[Bytes], secret: &Secret) -> Result<Decoded, Error> {
+/// The longest id a refusal echoes.
+const MAX_REFUSED_ID: usize = 128;
+
+/// The id of a frame that failed its MAC, for the refusal: read without keeping anything
+/// else of the body (other fields are skipped, not built).
+fn unauthenticated_id(body: &[u8]) -> Result<String, Error> {
+    #[derive(Deserialize)]
+    struct IdOnly {
+        #[serde(default)]
+        id: String,
+    }
+    let IdOnly { mut id } = parse(body)?;
+    if id.len() > MAX_REFUSED_ID {
+        id = String::new();
+    }
+    Ok(id)
+}
+
+/// Reads the frames after the routing identity: checks the MAC (in constant time, against
+/// each of `secrets` in turn, requests and responses bound to `binding`) over the raw bytes,
+/// and only then parses the body.
+pub fn decode(frames: &[Bytes], secrets: &[Secret], binding: &Binding) -> Result<Decoded, Error> {
     let [marker, kind, body, rest @ ..] = frames else {
         return Err(Error::Malformed(format!(
             "expected 3 or 4 frames, got {}",
@@ -373,6 +429,20 @@ pub fn decode(frames: &[Bytes], secret: &Secret) -> Result<Decoded, Error> {
             body.len()
         )));
     }
+    if kind == Kind::Refusal {
+        return Ok(Decoded::Frame(Frame::Refusal(parse(body)?), 0));
+    }
+    let [tag] = rest else {
+        return Err(Error::Malformed("a MAC frame is required".into()));
+    };
+    let Some(secret) = secrets
+        .iter()
+        .position(|secret| mac_of(secret, kind, binding, body).verify_slice(tag).is_ok())
+    else {
+        return Ok(Decoded::BadMac {
+            id: unauthenticated_id(body)?,
+        });
+    };
     let frame = match kind {
         Kind::Request => Frame::Request(parse(body)?),
         Kind::Response => Frame::Response(parse(body)?),
@@ -380,23 +450,15 @@ pub fn decode(frames: &[Bytes], secret: &Secret) -> Result<Decoded, Error> {
         Kind::Ping => Frame::Ping(parse(body)?),
         Kind::Pong => Frame::Pong(parse(body)?),
         Kind::Discover => Frame::Discover(parse(body)?),
-        Kind::Refusal => return Ok(Decoded::Frame(Frame::Refusal(parse(body)?))),
+        Kind::Refusal => Frame::Refusal(parse(body)?),
     };
-    let [tag] = rest else {
-        return Err(Error::Malformed("a MAC frame is required".into()));
-    };
-    let mut mac = secret.mac();
-    mac.update(&[kind.byte()]);
-    mac.update(body);
-    if mac.verify_slice(tag).is_err() {
-        return Ok(Decoded::BadMac {
-            id: frame.id().to_owned(),
-        });
-    }
-    Ok(Decoded::Frame(frame))
+    Ok(Decoded::Frame(frame, secret))
 }
 
-/// Refuses replayed and stale frames: each id once, timestamps within a window of now.
+/// Refuses replayed and stale frames: each id once, timestamps within a window of now. It
+/// forgets an id only once the id's timestamp is out of the window (then the timestamp check
+/// refuses it); when it holds `capacity` ids still inside the window, it refuses new ones
+/// rather than forget any.
 #[derive(Debug)]
 pub struct ReplayGuard {
     window_ms: u64,
@@ -407,7 +469,7 @@ pub struct ReplayGuard {
 
 impl ReplayGuard {
     /// A guard accepting timestamps within `window_ms` of now, remembering up to `capacity`
-    /// ids (older ones fall out of the window anyway).
+    /// ids.
     pub fn new(window_ms: u64, capacity: usize) -> ReplayGuard {
         ReplayGuard {
             window_ms,
@@ -426,10 +488,10 @@ impl ReplayGuard {
                 self.window_ms
             )));
         }
+        // An id seen at `seen_at` was sent within the window of it: once `seen_at` is two
+        // windows old, its timestamp is out of the window of now, and it can go.
         while let Some((seen_at, _)) = self.order.front() {
-            if now.saturating_sub(*seen_at) > 2 * self.window_ms
-                || self.order.len() >= self.capacity
-            {
+            if now.saturating_sub(*seen_at) > 2 * self.window_ms {
                 if let Some((_, old)) = self.order.pop_front() {
                     self.seen.remove(&old);
                 }
@@ -439,6 +501,12 @@ impl ReplayGuard {
         }
         if self.seen.contains_key(id) {
             return Err(Error::Replayed(format!("id {id} was already seen")));
+        }
+        if self.seen.len() >= self.capacity {
+            return Err(Error::Replayed(format!(
+                "the replay guard holds {} ids inside its window; try again shortly",
+                self.capacity
+            )));
         }
         self.seen.insert(id.to_owned(), now);
         self.order.push_back((now, id.to_owned()));
@@ -473,25 +541,87 @@ mod tests {
         })
     }
 
+    fn bound(instance: &str) -> Binding {
+        Binding {
+            service: "svc".into(),
+            instance: instance.into(),
+        }
+    }
+
     #[test]
     fn frames_round_trip_with_a_mac() {
         let secret = Secret::new("s3cret");
-        let frames = encode(&request(), &secret).expect("encodes");
+        let frames = encode(&request(), &secret, &bound("i1")).expect("encodes");
         assert_eq!(frames.len(), 4);
         assert_eq!(frames[3].len(), 32);
-        match decode(&frames, &secret).expect("decodes") {
-            Decoded::Frame(frame) => assert_eq!(frame, request()),
+        match decode(&frames, &[secret], &bound("i1")).expect("decodes") {
+            Decoded::Frame(frame, 0) => assert_eq!(frame, request()),
             other => panic!("{other:?}"),
         }
     }
 
     #[test]
     fn the_secret_never_travels_and_a_wrong_one_is_detected() {
-        let frames = encode(&request(), &Secret::new("my_shared_secret")).expect("encodes");
+        let frames =
+            encode(&request(), &Secret::new("my_shared_secret"), &bound("i1")).expect("encodes");
         let wire: Vec<u8> = frames.iter().flat_map(|f| f.to_vec()).collect();
         assert!(!wire.windows(16).any(|w| w == b"my_shared_secret"));
-        match decode(&frames, &Secret::new("another")).expect("well formed") {
+        match decode(&frames, &[Secret::new("another")], &bound("i1")).expect("well formed") {
             Decoded::BadMac { id } => assert_eq!(id, "id-1"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_request_bound_to_one_instance_is_refused_by_another_and_by_another_service() {
+        let secret = Secret::new("k");
+        let frames = encode(&request(), &secret, &bound("before-restart")).expect("encodes");
+        for binding in [
+            bound("after-restart"),
+            Binding {
+                service: "other".into(),
+                instance: "before-restart".into(),
+            },
+        ] {
+            assert!(matches!(
+                decode(&frames, &[secret.clone()], &binding),
+                Ok(Decoded::BadMac { .. })
+            ));
+        }
+        // Control frames are not bound: a pong reaches a caller that has no binding yet.
+        let ping = Frame::Ping(WireControl::default());
+        let frames = encode(&ping, &secret, &bound("x")).expect("encodes");
+        assert!(matches!(
+            decode(&frames, &[secret], &Binding::default()),
+            Ok(Decoded::Frame(_, 0))
+        ));
+    }
+
+    #[test]
+    fn the_next_secret_is_accepted_beside_the_current_one() {
+        let (current, next) = (Secret::new("current"), Secret::new("next"));
+        let frames = encode(&request(), &next, &bound("i")).expect("encodes");
+        assert!(matches!(
+            decode(&frames, &[current, next], &bound("i")),
+            Ok(Decoded::Frame(_, 1))
+        ));
+    }
+
+    #[test]
+    fn an_unauthenticated_body_is_not_parsed() {
+        // A body of a million MessagePack nils under one key: parsed, it would be a million
+        // JSON values; refused, it costs one pass over the bytes.
+        let mut body = vec![0x82, 0xa2, b'i', b'd', 0xa1, b'x', 0xa1, b'a', 0xdd];
+        body.extend(1_000_000u32.to_be_bytes());
+        body.extend(std::iter::repeat_n(0xc0, 1_000_000));
+        let frames = vec![
+            Bytes::from_static(MARKER),
+            Bytes::from_static(b"Q"),
+            Bytes::from(body),
+            Bytes::from(vec![0u8; 32]),
+        ];
+        match decode(&frames, &[Secret::new("k")], &bound("i")).expect("well formed") {
+            Decoded::BadMac { id } => assert_eq!(id, "x"),
             other => panic!("{other:?}"),
         }
     }
@@ -499,13 +629,13 @@ mod tests {
     #[test]
     fn tampering_is_detected() {
         let secret = Secret::new("k");
-        let mut frames = encode(&request(), &secret).expect("encodes");
+        let mut frames = encode(&request(), &secret, &bound("i")).expect("encodes");
         let mut body = frames[2].to_vec();
         let last = body.len() - 1;
         body[last] ^= 1;
         frames[2] = Bytes::from(body);
         assert!(matches!(
-            decode(&frames, &secret),
+            decode(&frames, &[secret], &bound("i")),
             Ok(Decoded::BadMac { .. })
         ));
     }
@@ -513,7 +643,7 @@ mod tests {
     #[test]
     fn malformed_frames_are_errors() {
         let secret = Secret::new("k");
-        let good = encode(&request(), &secret).expect("encodes");
+        let good = encode(&request(), &secret, &bound("i")).expect("encodes");
         for frames in [
             vec![],
             vec![Bytes::from_static(b"x")],
@@ -538,7 +668,10 @@ mod tests {
             vec![good[0].clone(), good[1].clone(), good[2].clone()],
         ] {
             assert!(
-                matches!(decode(&frames, &secret), Err(Error::Malformed(_))),
+                matches!(
+                    decode(&frames, &[secret.clone()], &bound("i")),
+                    Err(Error::Malformed(_))
+                ),
                 "{frames:?}"
             );
         }
@@ -552,6 +685,17 @@ mod tests {
         assert!(guard.check("b", 8_000, 10_200).is_err(), "stale");
         assert!(guard.check("c", 12_000, 10_200).is_err(), "from the future");
         assert!(guard.check("d", 10_150, 10_200).is_ok());
+    }
+
+    #[test]
+    fn a_full_replay_guard_refuses_instead_of_forgetting() {
+        let mut guard = ReplayGuard::new(1_000, 2);
+        assert!(guard.check("a", 10_000, 10_000).is_ok());
+        assert!(guard.check("b", 10_000, 10_000).is_ok());
+        assert!(guard.check("c", 10_000, 10_000).is_err(), "full");
+        assert!(guard.check("a", 10_000, 10_500).is_err(), "still remembered");
+        // Two windows later the old ids are out of the window, and forgotten.
+        assert!(guard.check("c", 12_100, 12_100).is_ok());
     }
 
     #[test]

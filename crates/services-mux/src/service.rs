@@ -14,8 +14,8 @@ use tokio::sync::{Semaphore, watch};
 
 use crate::Error;
 use crate::protocol::{
-    self, Decoded, Frame, Method, ReplayGuard, RouteInfo, Secret, WireControl, WireRequest,
-    WireResponse, WireRoutes,
+    self, Binding, Decoded, Frame, Method, ReplayGuard, RouteInfo, Secret, WireControl,
+    WireRequest, WireResponse, WireRoutes,
 };
 
 /// A request as a handler sees it.
@@ -141,7 +141,7 @@ type Handler = Arc<dyn Fn(ServiceRequest) -> HandlerFuture + Send + Sync>;
 
 struct Route {
     pattern: Regex,
-    methods: BTreeMap<Method, Handler>,
+    methods: BTreeMap<Method, (Handler, Option<Duration>)>,
 }
 
 /// A service definition: its name, its shared secret and its routes.
@@ -158,10 +158,13 @@ struct Route {
 /// ```
 pub struct Service {
     name: String,
-    secret: Secret,
+    /// The secrets accepted: the current one, then (while callers move over) the next.
+    secrets: Vec<Secret>,
     routes: Vec<Route>,
     concurrency: usize,
     replay_window: Duration,
+    replay_capacity: usize,
+    handler_timeout: Duration,
     transport: Options,
 }
 
@@ -179,28 +182,42 @@ impl Service {
     pub fn new(name: impl Into<String>, secret: impl AsRef<[u8]>) -> Service {
         Service {
             name: name.into(),
-            secret: Secret::new(secret),
+            secrets: vec![Secret::new(secret)],
             routes: Vec::new(),
             concurrency: 64,
             transport: Options::default(),
             replay_window: Duration::from_secs(30),
+            replay_capacity: 1_000_000,
+            handler_timeout: Duration::from_secs(30),
         }
     }
 
     /// Routes `method` on paths matching `pattern` (a regular expression; anchor it with `^`
     /// and `$` to match whole paths) to `handler`. Routes match in the order they are added;
     /// adding a method to an existing pattern extends that route.
-    pub fn route<F, Fut>(
+    pub fn route<F, Fut>(self, pattern: &str, method: Method, handler: F) -> Result<Service, Error>
+    where
+        F: Fn(ServiceRequest) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ServiceResponse> + Send + 'static,
+    {
+        self.route_within(pattern, method, None, handler)
+    }
+
+    /// [`Service::route`] with a timeout of its own for this handler (instead of the service's
+    /// [`Service::with_handler_timeout`]); a handler past it is stopped and answered 504.
+    pub fn route_within<F, Fut>(
         mut self,
         pattern: &str,
         method: Method,
+        timeout: Option<Duration>,
         handler: F,
     ) -> Result<Service, Error>
     where
         F: Fn(ServiceRequest) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = ServiceResponse> + Send + 'static,
     {
-        let handler: Handler = Arc::new(move |request| Box::pin(handler(request)));
+        let handler: (Handler, Option<Duration>) =
+            (Arc::new(move |request| Box::pin(handler(request))), timeout);
         if let Some(route) = self
             .routes
             .iter_mut()
@@ -220,9 +237,35 @@ impl Service {
         Ok(self)
     }
 
-    /// How many handlers run at once (default 64); further requests wait for a free slot.
+    /// How many handlers run at once (default 64). A request beyond them is answered at once
+    /// with `503` and the header `busy` (the caller may try another instance); heartbeats are
+    /// answered whatever the handlers are doing.
     pub fn with_concurrency(mut self, concurrency: usize) -> Service {
         self.concurrency = concurrency.max(1);
+        self
+    }
+
+    /// How long a handler may run (default 30 s); past it, it is stopped and the call is
+    /// answered `504`.
+    pub fn with_handler_timeout(mut self, timeout: Duration) -> Service {
+        self.handler_timeout = timeout;
+        self
+    }
+
+    /// Accepts `secret` beside the current one, for a rotation without downtime: give the
+    /// instances the next secret, move the callers over (`register` again with it), then start
+    /// the instances with the next secret alone. Each answer is signed with the secret its
+    /// request was signed with.
+    pub fn with_next_secret(mut self, secret: impl AsRef<[u8]>) -> Service {
+        self.secrets.truncate(1);
+        self.secrets.push(Secret::new(secret));
+        self
+    }
+
+    /// How many request ids the replay guard holds inside its window (default 1,000,000);
+    /// beyond it, requests are refused rather than ids forgotten.
+    pub fn with_replay_capacity(mut self, capacity: usize) -> Service {
+        self.replay_capacity = capacity.max(1);
         self
     }
 
@@ -262,7 +305,7 @@ impl Service {
             let Some(captures) = route.pattern.captures(&request.path) else {
                 continue;
             };
-            let Some(handler) = route.methods.get(&method) else {
+            let Some((handler, timeout)) = route.methods.get(&method) else {
                 allowed.extend(route.methods.keys().map(|m| m.as_str()));
                 continue;
             };
@@ -289,12 +332,20 @@ impl Service {
                 headers: request.headers.clone(),
                 body: Bytes::from(request.body.clone()),
             };
-            // A task of its own, so that a panic becomes a 500 instead of killing the service.
-            return match tokio::spawn(handler(view)).await {
-                Ok(response) => response,
-                Err(join_error) => {
+            // A task of its own, so that a panic becomes a 500 instead of killing the service,
+            // and one that is aborted at its deadline.
+            let timeout = timeout.unwrap_or(self.handler_timeout);
+            let mut task = tokio::spawn(handler(view));
+            return match tokio::time::timeout(timeout, &mut task).await {
+                Ok(Ok(response)) => response,
+                Ok(Err(join_error)) => {
                     tracing::error!(path = %request.path, %join_error, "a service handler panicked");
                     ServiceResponse::new(500, "the handler panicked")
+                }
+                Err(_) => {
+                    task.abort();
+                    tracing::warn!(path = %request.path, ?timeout, "a service handler ran past its timeout");
+                    ServiceResponse::new(504, format!("the handler did not answer within {timeout:?}"))
                 }
             };
         }
@@ -316,10 +367,16 @@ impl Service {
         let socket = Socket::new(Kind::Router, &self.transport)?;
         let bound = socket.bind(address).await?;
         let (stop, stopped) = watch::channel(false);
-        let task = tokio::spawn(run(Arc::new(self), socket, stopped, bound.clone()));
-        tracing::info!(address = %bound, "service listening");
+        let binding = Binding {
+            service: self.name.clone(),
+            instance: rylm_message::new_id(),
+        };
+        let instance = binding.instance.clone();
+        let task = tokio::spawn(run(Arc::new(self), socket, binding, stopped, bound.clone()));
+        tracing::info!(address = %bound, %instance, "service listening");
         Ok(ServiceHandle {
             address: bound,
+            instance,
             stop,
             task: Some(task),
         })
@@ -330,6 +387,7 @@ impl Service {
 #[derive(Debug)]
 pub struct ServiceHandle {
     address: String,
+    instance: String,
     stop: watch::Sender<bool>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -340,11 +398,26 @@ impl ServiceHandle {
         &self.address
     }
 
-    /// Stops taking requests, lets the running handlers finish and answer, then closes.
-    pub async fn shutdown(mut self) {
+    /// This instance's id: new at every start, and bound into every request's MAC.
+    pub fn instance(&self) -> &str {
+        &self.instance
+    }
+
+    /// Stops taking requests, lets the running handlers finish and answer (each within its
+    /// timeout), then closes.
+    pub async fn shutdown(self) {
+        self.shutdown_within(Duration::from_secs(60)).await
+    }
+
+    /// Like [`ServiceHandle::shutdown`], but stops at once whatever is still running after
+    /// `limit`.
+    pub async fn shutdown_within(mut self, limit: Duration) {
         let _ = self.stop.send(true);
-        if let Some(task) = self.task.take() {
-            let _ = task.await;
+        if let Some(mut task) = self.task.take()
+            && tokio::time::timeout(limit, &mut task).await.is_err()
+        {
+            tracing::warn!(address = %self.address, ?limit, "shutdown took too long; stopping the handlers");
+            task.abort();
         }
     }
 
@@ -364,32 +437,71 @@ impl Drop for ServiceHandle {
     }
 }
 
-async fn send(socket: &Socket, identity: Bytes, frame: &Frame, secret: &Secret) {
-    let mut frames = match protocol::encode(frame, secret) {
-        Ok(frames) => frames,
-        Err(error) => {
-            tracing::error!(%error, "cannot encode a reply");
-            return;
+/// Everything a running instance needs to answer.
+struct Replier {
+    socket: Socket,
+    service: Arc<Service>,
+    binding: Binding,
+    /// Replies from the receive loop (pongs, refusals, `busy`) on their way out: bounded, so
+    /// that a peer that never reads cannot stall the loop or pile up tasks.
+    outgoing: Arc<Semaphore>,
+}
+
+/// Replies the receive loop may have on their way out at once; beyond, one is dropped.
+const OUTGOING: usize = 1024;
+/// How long a reply waits for a peer that does not read.
+const REPLY_DEADLINE: Duration = Duration::from_secs(5);
+
+impl Replier {
+    /// Sends `frame` to `identity`, signed with secret number `secret`.
+    async fn send(&self, identity: Bytes, frame: &Frame, secret: usize) {
+        let key = self.service.secrets.get(secret).unwrap_or(&self.service.secrets[0]);
+        let mut frames = match protocol::encode(frame, key, &self.binding) {
+            Ok(frames) => frames,
+            Err(error) => {
+                tracing::error!(%error, "cannot encode a reply");
+                return;
+            }
+        };
+        frames.insert(0, identity);
+        if let Err(error) = self.socket.send_within(frames, REPLY_DEADLINE).await {
+            // The caller went away, or does not read.
+            tracing::debug!(%error, "could not send a reply; the caller is gone");
         }
-    };
-    frames.insert(0, identity);
-    if let Err(error) = socket.send(frames).await {
-        // The caller went away: a ROUTER cannot send to an identity it no longer knows.
-        tracing::warn!(%error, "could not send a reply; the caller is gone");
+    }
+
+    /// Sends from a task of its own, without waiting: the receive loop never blocks on a peer.
+    fn send_later(self: &Arc<Self>, identity: Bytes, frame: Frame, secret: usize) {
+        let Ok(permit) = self.outgoing.clone().try_acquire_owned() else {
+            tracing::debug!("too many replies on their way out; dropped one");
+            return;
+        };
+        let replier = self.clone();
+        tokio::spawn(async move {
+            replier.send(identity, &frame, secret).await;
+            drop(permit);
+        });
     }
 }
 
 async fn run(
     service: Arc<Service>,
     socket: Socket,
+    binding: Binding,
     mut stopped: watch::Receiver<bool>,
     address: String,
 ) {
     let slots = Arc::new(Semaphore::new(service.concurrency));
-    let guard = Arc::new(std::sync::Mutex::new(ReplayGuard::new(
+    let mut guard = ReplayGuard::new(
         service.replay_window.as_millis() as u64,
-        100_000,
-    )));
+        service.replay_capacity,
+    );
+    let replier = Arc::new(Replier {
+        socket: socket.clone(),
+        service: service.clone(),
+        binding: binding.clone(),
+        outgoing: Arc::new(Semaphore::new(OUTGOING)),
+    });
     let mut handlers = tokio::task::JoinSet::new();
     // While draining, heartbeats are still answered (so that callers do not take the instance
     // for dead while it finishes their calls) and new requests get a 503.
@@ -423,19 +535,18 @@ async fn run(
             continue;
         }
         let identity = frames.remove(0);
-        let reply = |frame: Frame| {
-            let (socket, service, identity) = (socket.clone(), service.clone(), identity.clone());
-            async move { send(&socket, identity, &frame, &service.secret).await }
-        };
-        let frame = match protocol::decode(&frames, &service.secret) {
-            Ok(Decoded::Frame(frame)) => frame,
+        let (frame, secret) = match protocol::decode(&frames, &service.secrets, &binding) {
+            Ok(Decoded::Frame(frame, secret)) => (frame, secret),
             Ok(Decoded::BadMac { id }) => {
-                tracing::warn!(%address, call = %id, "refused a frame whose MAC does not match: wrong shared secret");
-                reply(refusal(
-                    id,
-                    "wrong shared secret (the frame's MAC does not match)",
-                ))
-                .await;
+                tracing::warn!(%address, call = %id, "refused a frame whose MAC does not match: wrong shared secret, or bound to another instance");
+                replier.send_later(
+                    identity,
+                    refusal(
+                        id,
+                        "wrong shared secret, or a request bound to another instance (the frame's MAC does not match)",
+                    ),
+                    0,
+                );
                 continue;
             }
             Err(error) => {
@@ -445,56 +556,56 @@ async fn run(
         };
         match frame {
             Frame::Request(request) => {
-                let checked = guard.lock().unwrap_or_else(|e| e.into_inner()).check(
-                    &request.id,
-                    request.ts,
-                    protocol::now_ms(),
-                );
-                if let Err(error) = checked {
+                if let Err(error) = guard.check(&request.id, request.ts, protocol::now_ms()) {
                     tracing::warn!(%address, call = %request.id, %error, "refused a replayed or stale request");
-                    reply(refusal(request.id, &error.to_string())).await;
+                    replier.send_later(identity, refusal(request.id, &error.to_string()), secret);
                     continue;
                 }
-                if draining {
-                    let response = ServiceResponse::new(503, "the service is shutting down")
-                        .into_wire(&request.id, &request.path);
-                    reply(Frame::Response(response)).await;
-                    continue;
-                }
-                let Ok(permit) = slots.clone().acquire_owned().await else {
-                    break;
+                let busy = |message: &str| {
+                    ServiceResponse::new(503, message)
+                        .with_header(BUSY, "true")
+                        .into_wire(&request.id, &request.path)
                 };
-                let (service, socket) = (service.clone(), socket.clone());
+                if draining {
+                    let response = busy("the service is shutting down");
+                    replier.send_later(identity, Frame::Response(response), secret);
+                    continue;
+                }
+                // At capacity: say so at once, so that the caller can go elsewhere.
+                let Ok(permit) = slots.clone().try_acquire_owned() else {
+                    let response = busy("busy: every handler slot is taken");
+                    replier.send_later(identity, Frame::Response(response), secret);
+                    continue;
+                };
+                let (service, replier) = (service.clone(), replier.clone());
                 handlers.spawn(async move {
                     let (id, path) = (request.id.clone(), request.path.clone());
                     let response = service.dispatch(request).await.into_wire(&id, &path);
-                    send(
-                        &socket,
-                        identity,
-                        &Frame::Response(response),
-                        &service.secret,
-                    )
-                    .await;
+                    replier.send(identity, &Frame::Response(response), secret).await;
                     drop(permit);
                 });
             }
-            Frame::Ping(ping) => {
-                reply(Frame::Pong(WireControl {
+            Frame::Ping(ping) => replier.send_later(
+                identity,
+                Frame::Pong(WireControl {
                     id: ping.id,
                     ts: protocol::now_ms(),
-                    reason: String::new(),
-                }))
-                .await
-            }
-            Frame::Discover(discover) => {
-                reply(Frame::Routes(WireRoutes {
+                    service: binding.service.clone(),
+                    instance: binding.instance.clone(),
+                    ..WireControl::default()
+                }),
+                secret,
+            ),
+            Frame::Discover(discover) => replier.send_later(
+                identity,
+                Frame::Routes(WireRoutes {
                     id: discover.id,
                     ts: protocol::now_ms(),
                     service: service.name.clone(),
                     routes: service.routes(),
-                }))
-                .await
-            }
+                }),
+                secret,
+            ),
             other => {
                 tracing::warn!(%address, frame = ?other, "ignored a frame a service does not expect")
             }
@@ -511,5 +622,10 @@ fn refusal(id: String, reason: &str) -> Frame {
         id,
         ts: protocol::now_ms(),
         reason: reason.to_owned(),
+        ..WireControl::default()
     })
 }
+
+/// The header of a `503` that says the instance is at capacity (as opposed to failing): the
+/// caller may try another instance.
+pub const BUSY: &str = "busy";

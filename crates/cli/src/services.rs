@@ -20,14 +20,40 @@ pub(crate) struct ServeArgs {
     /// The service's name, as discovery reports it.
     #[arg(long, default_value = "rylm")]
     name: String,
+    /// The wire: `native` (bind `--bind`), or `brubeck` to serve Brubeck 0.1.4 callers
+    /// (connect to their `--brubeck-requests` and `--brubeck-responses`).
+    #[arg(long, default_value = "native", value_parser = ["native", "brubeck"])]
+    wire: String,
+    #[command(flatten)]
+    brubeck: BrubeckArgs,
     #[command(flatten)]
     security: SecurityArgs,
 }
 
 #[derive(Args, Debug)]
+pub(crate) struct BrubeckArgs {
+    /// Brubeck's request address (the caller's PUSH binds it; the service's PULL connects).
+    #[arg(long, value_name = "ADDRESS")]
+    brubeck_requests: Option<String>,
+    /// Brubeck's response address (the caller's DEALER binds it; the service's ROUTER
+    /// connects).
+    #[arg(long, value_name = "ADDRESS")]
+    brubeck_responses: Option<String>,
+}
+
+impl BrubeckArgs {
+    fn addresses(&self) -> Result<(&str, &str)> {
+        match (&self.brubeck_requests, &self.brubeck_responses) {
+            (Some(requests), Some(responses)) => Ok((requests, responses)),
+            _ => bail!("--wire brubeck needs --brubeck-requests and --brubeck-responses"),
+        }
+    }
+}
+
+#[derive(Args, Debug)]
 pub(crate) struct CallArgs {
-    /// The instance(s) to call; several are load-balanced.
-    #[arg(long, required = true)]
+    /// The instance(s) to call; several are load-balanced (native wire).
+    #[arg(long, required_unless_present = "brubeck_requests")]
     connect: Vec<String>,
     /// The shared secret.
     #[arg(long, env = "RYLM_SERVICE_SECRET")]
@@ -46,6 +72,12 @@ pub(crate) struct CallArgs {
     /// How long to wait, in seconds.
     #[arg(long, default_value_t = 10.0)]
     timeout: f64,
+    /// The wire: `native`, or `brubeck` to call a Brubeck-framed service (bind
+    /// `--brubeck-requests` and `--brubeck-responses`, and wait for it to connect).
+    #[arg(long, default_value = "native", value_parser = ["native", "brubeck"])]
+    wire: String,
+    #[command(flatten)]
+    brubeck: BrubeckArgs,
     #[command(flatten)]
     security: SecurityArgs,
 }
@@ -98,10 +130,19 @@ pub(crate) fn builtin_service(name: &str, secret: &str) -> Result<Service> {
 }
 
 pub(crate) async fn serve(args: ServeArgs) -> Result<()> {
-    let handle = builtin_service(&args.name, &args.secret)?
-        .with_transport(args.security.binding()?)
-        .serve(&args.bind)
-        .await?;
+    let service = builtin_service(&args.name, &args.secret)?;
+    let handle = if args.wire == "brubeck" {
+        let (requests, responses) = args.brubeck.addresses()?;
+        service
+            .with_transport(args.security.connecting()?)
+            .serve_brubeck(requests, responses)
+            .await?
+    } else {
+        service
+            .with_transport(args.security.binding()?)
+            .serve(&args.bind)
+            .await?
+    };
     eprintln!(
         "rylm service: {:?} listening at {} (routes /echo, /upper/<text>, /slow/<ms>, /fail); Ctrl-C stops",
         args.name,
@@ -116,6 +157,9 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<()> {
 }
 
 pub(crate) async fn call(args: CallArgs) -> Result<()> {
+    if args.wire == "brubeck" {
+        return call_brubeck(args).await;
+    }
     let client = ServiceClient::with_config(rylm_services_mux::ClientConfig {
         transport: args.security.connecting()?,
         ..rylm_services_mux::ClientConfig::default()
@@ -141,6 +185,41 @@ pub(crate) async fn call(args: CallArgs) -> Result<()> {
     println!("{}", Value::Object(reply.response.payload));
     if reply.response.status >= 400 {
         bail!("the service answered {}", reply.response.status);
+    }
+    Ok(())
+}
+
+/// `rylm call --wire brubeck`: binds Brubeck's caller sockets, waits (within the timeout) for
+/// the service to connect, then calls.
+async fn call_brubeck(args: CallArgs) -> Result<()> {
+    let deadline = Duration::try_from_secs_f64(args.timeout)
+        .context("--timeout is not a number of seconds")?;
+    let (requests, responses) = args.brubeck.addresses()?;
+    let caller = rylm_services_mux::BrubeckCaller::bind(
+        requests,
+        responses,
+        &args.secret,
+        &args.security.binding()?,
+    )
+    .await?;
+    let started = std::time::Instant::now();
+    caller
+        .wait_for_services(1, deadline)
+        .await
+        .context("no Brubeck service connected in time")?;
+    let arguments = args.arguments.into_iter().collect();
+    let response = caller
+        .call(
+            &args.path,
+            args.method.parse()?,
+            arguments,
+            deadline.saturating_sub(started.elapsed()),
+        )
+        .await?;
+    println!("{} {}", response.status_code, response.status_msg);
+    println!("{}", response.body);
+    if response.status_code.as_u64().is_none_or(|status| status >= 400) {
+        bail!("the service answered {}", response.status_code);
     }
     Ok(())
 }

@@ -53,11 +53,13 @@
 #![warn(missing_docs)]
 
 pub mod brubeck;
+mod brubeck_io;
 mod client;
 mod error;
 pub mod protocol;
 mod service;
 
+pub use brubeck_io::BrubeckCaller;
 pub use client::{Call, ClientConfig, Reply, ServiceClient};
 pub use error::Error;
 pub use protocol::{Method, RouteInfo};

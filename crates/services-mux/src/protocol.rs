@@ -307,6 +307,18 @@ impl Secret {
         Secret(secret.as_ref().to_vec())
     }
 
+    /// Whether `candidate` is this secret, compared in constant time (for Brubeck's
+    /// passphrase, which travels in clear text).
+    pub(crate) fn matches(&self, candidate: &[u8]) -> bool {
+        self.0.len() == candidate.len()
+            && self
+                .0
+                .iter()
+                .zip(candidate)
+                .fold(0u8, |difference, (a, b)| difference | (a ^ b))
+                == 0
+    }
+
     fn mac(&self) -> HmacSha256 {
         // HMAC takes keys of any length; this cannot fail.
         <HmacSha256 as Mac>::new_from_slice(&self.0)

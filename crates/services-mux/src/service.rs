@@ -159,13 +159,13 @@ struct Route {
 pub struct Service {
     name: String,
     /// The secrets accepted: the current one, then (while callers move over) the next.
-    secrets: Vec<Secret>,
+    pub(crate) secrets: Vec<Secret>,
     routes: Vec<Route>,
-    concurrency: usize,
+    pub(crate) concurrency: usize,
     replay_window: Duration,
     replay_capacity: usize,
     handler_timeout: Duration,
-    transport: Options,
+    pub(crate) transport: Options,
 }
 
 impl std::fmt::Debug for Service {
@@ -295,7 +295,7 @@ impl Service {
     }
 
     /// The response to `request`: its handler's, or 404 / 405.
-    async fn dispatch(&self, request: WireRequest) -> ServiceResponse {
+    pub(crate) async fn dispatch(&self, request: WireRequest) -> ServiceResponse {
         let method: Method = match request.method.parse() {
             Ok(method) => method,
             Err(error) => return ServiceResponse::new(405, error.to_string()),
@@ -374,12 +374,7 @@ impl Service {
         let instance = binding.instance.clone();
         let task = tokio::spawn(run(Arc::new(self), socket, binding, stopped, bound.clone()));
         tracing::info!(address = %bound, %instance, "service listening");
-        Ok(ServiceHandle {
-            address: bound,
-            instance,
-            stop,
-            task: Some(task),
-        })
+        Ok(ServiceHandle::new(bound, instance, stop, task))
     }
 }
 

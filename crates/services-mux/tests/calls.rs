@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use rylm_services_mux::protocol::{self, Decoded, Frame, Secret, WireRequest};
+use rylm_services_mux::protocol::{self, Binding, Decoded, Frame, Secret, WireRequest};
 use rylm_services_mux::{
     Call, ClientConfig, Error, Method, Service, ServiceClient, ServiceHandle, ServiceResponse,
 };
@@ -391,9 +391,10 @@ async fn a_wrong_secret_gets_an_explicit_401() {
     // A request itself (not only a heartbeat) is refused by its id.
     let raw = Socket::new(Kind::Dealer, &Options::default()).expect("socket");
     raw.connect(service.address()).await.expect("connects");
+    let bound = binding("a", &service);
     let request = request_frame("r-1", protocol::now_ms());
-    send(&raw, &request, &Secret::new("not-the-secret")).await;
-    match receive(&raw).await {
+    send(&raw, &request, &Secret::new("not-the-secret"), &bound).await;
+    match receive(&raw, &bound).await {
         Frame::Refusal(refusal) => {
             assert_eq!(refusal.id, "r-1");
             assert!(
@@ -418,18 +419,26 @@ fn request_frame(id: &str, ts: u64) -> Frame {
     })
 }
 
-async fn send(socket: &Socket, frame: &Frame, secret: &Secret) {
-    let frames = protocol::encode(frame, secret).expect("encodes");
+/// What requests to `service` (started by `start(name)`) are bound to.
+fn binding(name: &str, service: &ServiceHandle) -> Binding {
+    Binding {
+        service: name.into(),
+        instance: service.instance().into(),
+    }
+}
+
+async fn send(socket: &Socket, frame: &Frame, secret: &Secret, binding: &Binding) {
+    let frames = protocol::encode(frame, secret, binding).expect("encodes");
     socket.send(frames).await.expect("sends");
 }
 
-async fn receive(socket: &Socket) -> Frame {
+async fn receive(socket: &Socket, binding: &Binding) -> Frame {
     let message = tokio::time::timeout(DEADLINE, socket.recv())
         .await
         .expect("an answer within the deadline")
         .expect("receives");
-    match protocol::decode(&message, &Secret::new(SECRET)).expect("well formed") {
-        Decoded::Frame(frame) => frame,
+    match protocol::decode(&message, &[Secret::new(SECRET)], binding).expect("well formed") {
+        Decoded::Frame(frame, _) => frame,
         other => panic!("{other:?}"),
     }
 }
@@ -440,12 +449,13 @@ async fn a_replayed_or_stale_frame_is_refused() {
     let raw = Socket::new(Kind::Dealer, &Options::default()).expect("socket");
     raw.connect(service.address()).await.expect("connects");
     let secret = Secret::new(SECRET);
+    let bound = binding("a", &service);
     let request = request_frame("once", protocol::now_ms());
-    send(&raw, &request, &secret).await;
-    assert!(matches!(receive(&raw).await, Frame::Response(r) if r.status == 200));
+    send(&raw, &request, &secret, &bound).await;
+    assert!(matches!(receive(&raw, &bound).await, Frame::Response(r) if r.status == 200));
 
-    send(&raw, &request, &secret).await; // the very same frame again
-    match receive(&raw).await {
+    send(&raw, &request, &secret, &bound).await; // the very same frame again
+    match receive(&raw, &bound).await {
         Frame::Refusal(refusal) => assert!(
             refusal.reason.contains("already seen"),
             "{}",
@@ -457,9 +467,10 @@ async fn a_replayed_or_stale_frame_is_refused() {
         &raw,
         &request_frame("old", protocol::now_ms() - 120_000),
         &secret,
+        &bound,
     )
     .await;
-    match receive(&raw).await {
+    match receive(&raw, &bound).await {
         Frame::Refusal(refusal) => assert!(refusal.reason.contains("window"), "{}", refusal.reason),
         other => panic!("a stale request must be refused, got {other:?}"),
     }
@@ -488,13 +499,17 @@ async fn malformed_frames_are_dropped_and_the_service_goes_on() {
         raw.send(garbage).await.expect("sends");
     }
     let secret = Secret::new(SECRET);
+    let bound = binding("a", &service);
     send(
         &raw,
         &request_frame("after-garbage", protocol::now_ms()),
         &secret,
+        &bound,
     )
     .await;
-    assert!(matches!(receive(&raw).await, Frame::Response(r) if r.id == "after-garbage"));
+    assert!(
+        matches!(receive(&raw, &bound).await, Frame::Response(r) if r.id == "after-garbage")
+    );
 }
 
 #[tokio::test]

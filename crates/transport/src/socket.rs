@@ -125,6 +125,19 @@ impl Socket {
     /// Sends one message, waiting at most `deadline` for a peer to take it.
     pub async fn send_within(&self, frames: Vec<Bytes>, deadline: Duration) -> Result<(), Error> {
         let message = omq_tokio::Message::multipart(frames);
+        // The common case, room in the queue, needs neither a timer nor a wait.
+        let message = match self.inner.try_send(message) {
+            Ok(()) => return Ok(()),
+            Err(omq_tokio::TrySendError::Full(message)) => message,
+            Err(omq_tokio::TrySendError::Closed) => {
+                return Err(Error::Closed {
+                    address: self.address(),
+                });
+            }
+            Err(omq_tokio::TrySendError::Error(error)) => {
+                return Err(Error::socket("send", &self.address())(error));
+            }
+        };
         match tokio::time::timeout(deadline, self.inner.send(message)).await {
             Ok(sent) => sent.map_err(Error::socket("send", &self.address())),
             Err(_) => Err(Error::SendTimeout {

@@ -30,6 +30,8 @@ async fn main() -> Result<()> {
             let data = request.argument("data").cloned().unwrap_or_default();
             ServiceResponse::new(200, "OK").with("data", data)
         })?
+        // 100 in flight on 64 handler slots: the surplus waits in the queue, not `busy`.
+        .with_queue(1_000)
         .serve("tcp://127.0.0.1:0")
         .await?;
     let client = ServiceClient::new();

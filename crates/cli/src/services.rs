@@ -20,6 +20,12 @@ pub(crate) struct ServeArgs {
     /// The service's name, as discovery reports it.
     #[arg(long, default_value = "rylm")]
     name: String,
+    /// How many handlers run at once; beyond them (and the queue), `503 busy` at once.
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    /// How many requests may wait for a handler slot.
+    #[arg(long, default_value_t = 0)]
+    queue: usize,
     /// The wire: `native` (bind `--bind`), or `brubeck` to serve Brubeck 0.1.4 callers
     /// (connect to their `--brubeck-requests` and `--brubeck-responses`).
     #[arg(long, default_value = "native", value_parser = ["native", "brubeck"])]
@@ -130,7 +136,9 @@ pub(crate) fn builtin_service(name: &str, secret: &str) -> Result<Service> {
 }
 
 pub(crate) async fn serve(args: ServeArgs) -> Result<()> {
-    let service = builtin_service(&args.name, &args.secret)?;
+    let service = builtin_service(&args.name, &args.secret)?
+        .with_concurrency(args.concurrency)
+        .with_queue(args.queue);
     let handle = if args.wire == "brubeck" {
         let (requests, responses) = args.brubeck.addresses()?;
         service
@@ -218,7 +226,11 @@ async fn call_brubeck(args: CallArgs) -> Result<()> {
         .await?;
     println!("{} {}", response.status_code, response.status_msg);
     println!("{}", response.body);
-    if response.status_code.as_u64().is_none_or(|status| status >= 400) {
+    if response
+        .status_code
+        .as_u64()
+        .is_none_or(|status| status >= 400)
+    {
         bail!("the service answered {}", response.status_code);
     }
     Ok(())

@@ -27,7 +27,11 @@ use crate::{Error, ServiceResponse};
 impl Service {
     /// Serves Brubeck 0.1.4 callers: connects a PULL to the caller's request address and a
     /// ROUTER to its response address. The passphrase must be one of the service's secrets.
-    pub async fn serve_brubeck(self, requests: &str, responses: &str) -> Result<ServiceHandle, Error> {
+    pub async fn serve_brubeck(
+        self,
+        requests: &str,
+        responses: &str,
+    ) -> Result<ServiceHandle, Error> {
         let pull = Socket::new(Kind::Pull, &self.transport)?;
         pull.connect(requests).await?;
         let router = Socket::new(Kind::Router, &self.transport)?;
@@ -120,7 +124,12 @@ fn to_wire(request: &BrubeckRequest) -> WireRequest {
     }
 }
 
-async fn answer(router: &Socket, request: &BrubeckRequest, response: ServiceResponse, started: u64) {
+async fn answer(
+    router: &Socket,
+    request: &BrubeckRequest,
+    response: ServiceResponse,
+    started: u64,
+) {
     let mut headers: Map<String, Value> = response
         .headers
         .into_iter()
@@ -270,7 +279,9 @@ impl BrubeckCaller {
             .unwrap_or_else(|e| e.into_inner())
             .insert(conn_id.clone(), sender);
         let exchange = async {
-            self.requests.send_within(vec![Bytes::from(frame)], deadline).await?;
+            self.requests
+                .send_within(vec![Bytes::from(frame)], deadline)
+                .await?;
             answered.await.map_err(|_| Error::Closed)
         };
         let outcome = tokio::time::timeout(deadline, exchange).await;

@@ -135,8 +135,9 @@ struct Pending {
 
 struct Instance {
     address: String,
-    /// The shared secret; `register` may replace it (rotation).
-    secret: std::sync::Mutex<Secret>,
+    /// The shared secret, and the one it replaced (answers to calls signed with the previous
+    /// one may still be on their way); `register` may replace it (rotation).
+    secret: std::sync::Mutex<(Secret, Option<Secret>)>,
     /// What requests to this instance are bound to, from its last pong; `None` until then.
     binding: std::sync::Mutex<Option<Binding>>,
     socket: std::sync::Mutex<Option<Socket>>,
@@ -147,7 +148,27 @@ struct Instance {
 
 impl Instance {
     fn secret(&self) -> Secret {
-        self.secret.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.secret
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .0
+            .clone()
+    }
+
+    /// The secrets an answer may be signed with: the current one, then the previous one.
+    fn secrets(&self) -> Vec<Secret> {
+        let (current, previous) = self
+            .secret
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        std::iter::once(current).chain(previous).collect()
+    }
+
+    fn rotate(&self, secret: &Secret) {
+        let mut secrets = self.secret.lock().unwrap_or_else(|e| e.into_inner());
+        let current = std::mem::replace(&mut secrets.0, secret.clone());
+        secrets.1 = Some(current);
     }
 
     fn binding(&self) -> Option<Binding> {
@@ -258,7 +279,7 @@ impl ServiceClient {
             });
         registered.secret = secret.clone();
         for instance in &registered.instances {
-            *instance.secret.lock().unwrap_or_else(|e| e.into_inner()) = secret.clone();
+            instance.rotate(&secret);
         }
         for address in addresses {
             if registered.instances.iter().any(|i| i.address == *address) {
@@ -266,7 +287,7 @@ impl ServiceClient {
             }
             let instance = Arc::new(Instance {
                 address: (*address).to_owned(),
-                secret: std::sync::Mutex::new(secret.clone()),
+                secret: std::sync::Mutex::new((secret.clone(), None)),
                 binding: std::sync::Mutex::new(None),
                 socket: std::sync::Mutex::new(None),
                 state: std::sync::Mutex::new(InstanceState::default()),
@@ -290,13 +311,21 @@ impl ServiceClient {
             let Some(registered) = services.get_mut(service) else {
                 return false;
             };
-            let Some(index) = registered.instances.iter().position(|i| i.address == address)
+            let Some(index) = registered
+                .instances
+                .iter()
+                .position(|i| i.address == address)
             else {
                 return false;
             };
             registered.instances.remove(index)
         };
-        if let Some(task) = removed.task.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        if let Some(task) = removed
+            .task
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
             task.abort();
         }
         mark_dead(&self.inner, &removed, Duration::ZERO);
@@ -795,7 +824,7 @@ fn deliver_async(inner: &Inner, id: String, path: String, response: ServiceRespo
 
 fn on_frame(inner: &Inner, instance: &Instance, frames: Vec<Bytes>) {
     let binding = instance.binding().unwrap_or_default();
-    let frame = match protocol::decode(&frames, &[instance.secret()], &binding) {
+    let frame = match protocol::decode(&frames, &instance.secrets(), &binding) {
         Ok(Decoded::Frame(frame, _)) => frame,
         Ok(Decoded::BadMac { id }) => {
             tracing::warn!(address = %instance.address, call = %id, "dropped a response whose MAC does not match");

@@ -447,10 +447,11 @@ pub fn decode(frames: &[Bytes], secrets: &[Secret], binding: &Binding) -> Result
     let [tag] = rest else {
         return Err(Error::Malformed("a MAC frame is required".into()));
     };
-    let Some(secret) = secrets
-        .iter()
-        .position(|secret| mac_of(secret, kind, binding, body).verify_slice(tag).is_ok())
-    else {
+    let Some(secret) = secrets.iter().position(|secret| {
+        mac_of(secret, kind, binding, body)
+            .verify_slice(tag)
+            .is_ok()
+    }) else {
         return Ok(Decoded::BadMac {
             id: unauthenticated_id(body)?,
         });
@@ -596,7 +597,7 @@ mod tests {
             },
         ] {
             assert!(matches!(
-                decode(&frames, &[secret.clone()], &binding),
+                decode(&frames, std::slice::from_ref(&secret), &binding),
                 Ok(Decoded::BadMac { .. })
             ));
         }
@@ -681,7 +682,7 @@ mod tests {
         ] {
             assert!(
                 matches!(
-                    decode(&frames, &[secret.clone()], &bound("i")),
+                    decode(&frames, std::slice::from_ref(&secret), &bound("i")),
                     Err(Error::Malformed(_))
                 ),
                 "{frames:?}"
@@ -705,7 +706,10 @@ mod tests {
         assert!(guard.check("a", 10_000, 10_000).is_ok());
         assert!(guard.check("b", 10_000, 10_000).is_ok());
         assert!(guard.check("c", 10_000, 10_000).is_err(), "full");
-        assert!(guard.check("a", 10_000, 10_500).is_err(), "still remembered");
+        assert!(
+            guard.check("a", 10_000, 10_500).is_err(),
+            "still remembered"
+        );
         // Two windows later the old ids are out of the window, and forgotten.
         assert!(guard.check("c", 12_100, 12_100).is_ok());
     }

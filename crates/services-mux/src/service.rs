@@ -162,6 +162,8 @@ pub struct Service {
     pub(crate) secrets: Vec<Secret>,
     routes: Vec<Route>,
     pub(crate) concurrency: usize,
+    /// How many requests may wait for a handler slot (beyond them: `busy`).
+    pub(crate) queue: usize,
     replay_window: Duration,
     replay_capacity: usize,
     handler_timeout: Duration,
@@ -185,6 +187,7 @@ impl Service {
             secrets: vec![Secret::new(secret)],
             routes: Vec::new(),
             concurrency: 64,
+            queue: 0,
             transport: Options::default(),
             replay_window: Duration::from_secs(30),
             replay_capacity: 1_000_000,
@@ -242,6 +245,14 @@ impl Service {
     /// answered whatever the handlers are doing.
     pub fn with_concurrency(mut self, concurrency: usize) -> Service {
         self.concurrency = concurrency.max(1);
+        self
+    }
+
+    /// How many requests may wait for a handler slot when all are taken (default 0: none; a
+    /// request beyond the slots and this queue is answered `busy` at once). A waiting request
+    /// waits off the receive loop, so heartbeats are still answered.
+    pub fn with_queue(mut self, queue: usize) -> Service {
+        self.queue = queue;
         self
     }
 
@@ -345,7 +356,10 @@ impl Service {
                 Err(_) => {
                     task.abort();
                     tracing::warn!(path = %request.path, ?timeout, "a service handler ran past its timeout");
-                    ServiceResponse::new(504, format!("the handler did not answer within {timeout:?}"))
+                    ServiceResponse::new(
+                        504,
+                        format!("the handler did not answer within {timeout:?}"),
+                    )
                 }
             };
         }
@@ -388,6 +402,20 @@ pub struct ServiceHandle {
 }
 
 impl ServiceHandle {
+    pub(crate) fn new(
+        address: String,
+        instance: String,
+        stop: watch::Sender<bool>,
+        task: tokio::task::JoinHandle<()>,
+    ) -> ServiceHandle {
+        ServiceHandle {
+            address,
+            instance,
+            stop,
+            task: Some(task),
+        }
+    }
+
     /// The address the instance is bound to, with the real port.
     pub fn address(&self) -> &str {
         &self.address
@@ -450,7 +478,11 @@ const REPLY_DEADLINE: Duration = Duration::from_secs(5);
 impl Replier {
     /// Sends `frame` to `identity`, signed with secret number `secret`.
     async fn send(&self, identity: Bytes, frame: &Frame, secret: usize) {
-        let key = self.service.secrets.get(secret).unwrap_or(&self.service.secrets[0]);
+        let key = self
+            .service
+            .secrets
+            .get(secret)
+            .unwrap_or(&self.service.secrets[0]);
         let mut frames = match protocol::encode(frame, key, &self.binding) {
             Ok(frames) => frames,
             Err(error) => {
@@ -487,6 +519,7 @@ async fn run(
     address: String,
 ) {
     let slots = Arc::new(Semaphore::new(service.concurrency));
+    let queue = Arc::new(Semaphore::new(service.queue));
     let mut guard = ReplayGuard::new(
         service.replay_window.as_millis() as u64,
         service.replay_capacity,
@@ -566,17 +599,37 @@ async fn run(
                     replier.send_later(identity, Frame::Response(response), secret);
                     continue;
                 }
-                // At capacity: say so at once, so that the caller can go elsewhere.
-                let Ok(permit) = slots.clone().try_acquire_owned() else {
-                    let response = busy("busy: every handler slot is taken");
-                    replier.send_later(identity, Frame::Response(response), secret);
-                    continue;
+                // At capacity and with the queue full: say so at once, so that the caller can
+                // go elsewhere.
+                let permit = match slots.clone().try_acquire_owned() {
+                    Ok(permit) => Ok(permit),
+                    Err(_) => match queue.clone().try_acquire_owned() {
+                        Ok(place) => Err(place),
+                        Err(_) => {
+                            let response = busy("busy: every handler slot is taken");
+                            replier.send_later(identity, Frame::Response(response), secret);
+                            continue;
+                        }
+                    },
                 };
-                let (service, replier) = (service.clone(), replier.clone());
+                let (service, replier, slots) = (service.clone(), replier.clone(), slots.clone());
                 handlers.spawn(async move {
+                    let permit = match permit {
+                        Ok(permit) => permit,
+                        // A place in the queue: wait for a slot, off the receive loop.
+                        Err(place) => {
+                            let Ok(permit) = slots.acquire_owned().await else {
+                                return;
+                            };
+                            drop(place);
+                            permit
+                        }
+                    };
                     let (id, path) = (request.id.clone(), request.path.clone());
                     let response = service.dispatch(request).await.into_wire(&id, &path);
-                    replier.send(identity, &Frame::Response(response), secret).await;
+                    replier
+                        .send(identity, &Frame::Response(response), secret)
+                        .await;
                     drop(permit);
                 });
             }

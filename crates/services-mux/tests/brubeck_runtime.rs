@@ -93,7 +93,10 @@ async fn a_rylm_service_answers_the_spec_example_as_brubeck_would() {
     // A wrong passphrase is answered 401 (Brubeck stayed silent).
     let wrong = EXAMPLE
         .replace("16:my_shared_secret", "16:not_the_secret!!")
-        .replace("3725c0d2e7a44d2fb0c4b6a1e9f8506e", "00000000000000000000000000000001");
+        .replace(
+            "3725c0d2e7a44d2fb0c4b6a1e9f8506e",
+            "00000000000000000000000000000001",
+        );
     let response = response_to(&push, &dealer, &wrong).await;
     assert_eq!(response.status_code, json!(401));
     assert_eq!(response.conn_id, "00000000000000000000000000000001");
@@ -112,7 +115,9 @@ async fn a_rylm_caller_calls_a_brubeck_framed_service() {
     .expect("binds");
     // A peer that answers as Brubeck's service does, from the frames alone.
     let pull = Socket::new(Kind::Pull, &Options::default()).expect("pull");
-    pull.connect(caller.requests_address()).await.expect("connects");
+    pull.connect(caller.requests_address())
+        .await
+        .expect("connects");
     let router = Socket::new(Kind::Router, &Options::default()).expect("router");
     router
         .connect(caller.responses_address())

@@ -28,6 +28,7 @@ fn client() -> ServiceClient {
 /// The seed's slow echo, plus routes that show captures, methods, errors and the instance.
 async fn start(name: &'static str) -> ServiceHandle {
     Service::new(name, SECRET)
+        .with_queue(1_000)
         .route(r"^/service/slow$", Method::Request, |request| async move {
             let millis = request
                 .argument("SLEEP_MS")
@@ -507,9 +508,7 @@ async fn malformed_frames_are_dropped_and_the_service_goes_on() {
         &bound,
     )
     .await;
-    assert!(
-        matches!(receive(&raw, &bound).await, Frame::Response(r) if r.id == "after-garbage")
-    );
+    assert!(matches!(receive(&raw, &bound).await, Frame::Response(r) if r.id == "after-garbage"));
 }
 
 #[tokio::test]

@@ -3,7 +3,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
@@ -126,7 +126,7 @@ enum Waiter {
 }
 
 struct Pending {
-    instance: String,
+    instance: Arc<Instance>,
     path: String,
     waiter: Waiter,
     /// When the call's deadline passes (an asynchronous call's handler then gets a 504).
@@ -139,7 +139,7 @@ struct Instance {
     /// one may still be on their way); `register` may replace it (rotation).
     secret: std::sync::Mutex<(Secret, Option<Secret>)>,
     /// What requests to this instance are bound to, from its last pong; `None` until then.
-    binding: std::sync::Mutex<Option<Binding>>,
+    binding: std::sync::Mutex<Option<Arc<Binding>>>,
     socket: std::sync::Mutex<Option<Socket>>,
     state: std::sync::Mutex<InstanceState>,
     /// Its connection and heartbeat task, stopped when the instance is removed.
@@ -155,23 +155,13 @@ impl Instance {
             .clone()
     }
 
-    /// The secrets an answer may be signed with: the current one, then the previous one.
-    fn secrets(&self) -> Vec<Secret> {
-        let (current, previous) = self
-            .secret
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        std::iter::once(current).chain(previous).collect()
-    }
-
     fn rotate(&self, secret: &Secret) {
         let mut secrets = self.secret.lock().unwrap_or_else(|e| e.into_inner());
         let current = std::mem::replace(&mut secrets.0, secret.clone());
         secrets.1 = Some(current);
     }
 
-    fn binding(&self) -> Option<Binding> {
+    fn binding(&self) -> Option<Arc<Binding>> {
         self.binding
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -201,6 +191,37 @@ struct Inner {
     /// Signalled whenever an instance becomes live.
     live_changed: Notify,
     round_robin: AtomicUsize,
+    ids: Ids,
+}
+
+/// Call ids: unique per client (a random prefix, then a counter), which is what the services'
+/// replay guards need; cheaper than a random id per call.
+struct Ids {
+    prefix: String,
+    counter: AtomicU64,
+}
+
+impl Ids {
+    fn new() -> Ids {
+        Ids {
+            prefix: rylm_message::new_id(),
+            counter: AtomicU64::new(0),
+        }
+    }
+
+    fn next(&self) -> String {
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        let mut id = String::with_capacity(self.prefix.len() + 17);
+        id.push_str(&self.prefix);
+        id.push('-');
+        let digits = 16 - (n.leading_zeros() as usize / 4).min(15);
+        for shift in (0..digits).rev() {
+            id.push(char::from(
+                b"0123456789abcdef"[((n >> (shift * 4)) & 0xf) as usize],
+            ));
+        }
+        id
+    }
 }
 
 /// The calling side of services-mux. Cheap to clone; clones share everything.
@@ -256,6 +277,7 @@ impl ServiceClient {
                 handlers: std::sync::RwLock::new(Vec::new()),
                 live_changed: Notify::new(),
                 round_robin: AtomicUsize::new(0),
+                ids: Ids::new(),
             }),
         }
     }
@@ -433,7 +455,7 @@ impl ServiceClient {
         let deadline = deadline.unwrap_or(self.inner.config.default_deadline);
         let started = Instant::now();
         let instance = self.live_instance(service, deadline, &[]).await?;
-        let id = rylm_message::new_id();
+        let id = self.inner.ids.next();
         let (sender, receiver) = oneshot::channel();
         self.inner
             .pending
@@ -442,7 +464,7 @@ impl ServiceClient {
             .insert(
                 id.clone(),
                 Pending {
-                    instance: instance.address.clone(),
+                    instance: instance.clone(),
                     path: "*".into(),
                     waiter: Waiter::Discover(sender),
                     expires: started + deadline,
@@ -512,22 +534,26 @@ impl ServiceClient {
                     .ok_or_else(|| Error::UnknownService(service.to_owned()))?;
                 let turn = self.inner.round_robin.fetch_add(1, Ordering::Relaxed);
                 let count = registered.instances.len().max(1);
-                let live: Vec<(usize, &Arc<Instance>)> = (0..registered.instances.len())
-                    .map(|k| &registered.instances[(turn + k) % count])
-                    .filter_map(|instance| {
-                        let state = instance.state.lock().unwrap_or_else(|e| e.into_inner());
-                        state.live.then_some((state.in_flight, instance))
-                    })
-                    .collect();
-                let best = live
-                    .iter()
-                    .filter(|(_, instance)| !busy.contains(&instance.address))
-                    .min_by_key(|(in_flight, _)| *in_flight)
-                    .map(|(_, instance)| (*instance).clone());
-                if let Some(instance) = best {
-                    return Ok(instance);
+                let mut any_live = false;
+                let mut best: Option<(usize, &Arc<Instance>)> = None;
+                for k in 0..registered.instances.len() {
+                    let instance = &registered.instances[(turn + k) % count];
+                    let state = instance.state.lock().unwrap_or_else(|e| e.into_inner());
+                    if !state.live {
+                        continue;
+                    }
+                    any_live = true;
+                    if busy.contains(&instance.address) {
+                        continue;
+                    }
+                    if best.is_none_or(|(in_flight, _)| state.in_flight < in_flight) {
+                        best = Some((state.in_flight, instance));
+                    }
                 }
-                if !live.is_empty() {
+                if let Some((_, instance)) = best {
+                    return Ok(instance.clone());
+                }
+                if any_live {
                     return Err(Error::Busy {
                         service: service.to_owned(),
                     });
@@ -569,7 +595,7 @@ impl ServiceClient {
         busy: &[String],
     ) -> Result<(String, String), Error> {
         let instance = self.live_instance(service, deadline, busy).await?;
-        let id = rylm_message::new_id();
+        let id = self.inner.ids.next();
         let frame = Frame::Request(WireRequest {
             id: id.clone(),
             ts: protocol::now_ms(),
@@ -586,7 +612,7 @@ impl ServiceClient {
             .insert(
                 id.clone(),
                 Pending {
-                    instance: instance.address.clone(),
+                    instance: instance.clone(),
                     path: call.path,
                     waiter,
                     expires: Instant::now() + deadline,
@@ -626,20 +652,15 @@ impl Drop for PendingGuard<'_> {
             .unwrap_or_else(|e| e.into_inner())
             .remove(&self.id);
         if let Some(pending) = removed {
-            release(self.inner, &pending.instance);
+            release(&pending.instance);
         }
     }
 }
 
-/// One call on `address` is over.
-fn release(inner: &Inner, address: &str) {
-    let services = inner.services.lock().unwrap_or_else(|e| e.into_inner());
-    for registered in services.values() {
-        for instance in registered.instances.iter().filter(|i| i.address == address) {
-            let mut state = instance.state.lock().unwrap_or_else(|e| e.into_inner());
-            state.in_flight = state.in_flight.saturating_sub(1);
-        }
-    }
+/// One call on `instance` is over.
+fn release(instance: &Instance) {
+    let mut state = instance.state.lock().unwrap_or_else(|e| e.into_inner());
+    state.in_flight = state.in_flight.saturating_sub(1);
 }
 
 async fn send_frame(instance: &Instance, frame: &Frame) -> Result<(), Error> {
@@ -652,7 +673,7 @@ async fn send_frame(instance: &Instance, frame: &Frame) -> Result<(), Error> {
                 waited: Duration::ZERO,
             });
         }
-        (_, None) => Binding::default(),
+        (_, None) => Arc::default(),
     };
     let frames = protocol::encode(frame, &instance.secret(), &binding)?;
     let socket = instance
@@ -715,8 +736,8 @@ async fn run_instance(inner: Weak<Inner>, instance: Arc<Instance>) {
                 if let Some(silent_for) = silent_for.filter(|s| *s > dead_after) {
                     mark_dead(&inner, &instance, silent_for);
                 }
-                expire_async(&inner, &instance.address);
-                let ping = Frame::Ping(WireControl { id: rylm_message::new_id(), ts: protocol::now_ms(), ..WireControl::default() });
+                expire_async(&inner, &instance);
+                let ping = Frame::Ping(WireControl { id: inner.ids.next(), ts: protocol::now_ms(), ..WireControl::default() });
                 if let Err(error) = send_frame(&instance, &ping).await {
                     tracing::debug!(address = %instance.address, %error, "ping failed");
                 }
@@ -751,7 +772,7 @@ fn mark_dead(inner: &Inner, instance: &Instance, silent_for: Duration) {
         let mut pending = inner.pending.lock().unwrap_or_else(|e| e.into_inner());
         let ids: Vec<String> = pending
             .iter()
-            .filter(|(_, p)| p.instance == instance.address)
+            .filter(|(_, p)| std::ptr::eq(&*p.instance, instance))
             .map(|(id, _)| id.clone())
             .collect();
         ids.into_iter()
@@ -780,14 +801,16 @@ fn mark_dead(inner: &Inner, instance: &Instance, silent_for: Duration) {
 
 /// Asynchronous calls on `address` past their deadline: removed, and their handlers answered
 /// 504 (a synchronous call's own timeout removes it).
-fn expire_async(inner: &Inner, address: &str) {
+fn expire_async(inner: &Inner, instance: &Instance) {
     let now = Instant::now();
     let expired: Vec<(String, Pending)> = {
         let mut pending = inner.pending.lock().unwrap_or_else(|e| e.into_inner());
         let ids: Vec<String> = pending
             .iter()
             .filter(|(_, p)| {
-                p.instance == address && p.expires <= now && matches!(p.waiter, Waiter::Async)
+                std::ptr::eq(&*p.instance, instance)
+                    && p.expires <= now
+                    && matches!(p.waiter, Waiter::Async)
             })
             .map(|(id, _)| id.clone())
             .collect();
@@ -796,7 +819,7 @@ fn expire_async(inner: &Inner, address: &str) {
             .collect()
     };
     for (id, pending) in expired {
-        release(inner, address);
+        release(instance);
         let response = ServiceResponse::new(504, "no response within the call's deadline");
         deliver_async(inner, id, pending.path, response);
     }
@@ -824,7 +847,20 @@ fn deliver_async(inner: &Inner, id: String, path: String, response: ServiceRespo
 
 fn on_frame(inner: &Inner, instance: &Instance, frames: Vec<Bytes>) {
     let binding = instance.binding().unwrap_or_default();
-    let frame = match protocol::decode(&frames, &instance.secrets(), &binding) {
+    let (current, previous) = instance
+        .secret
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    let both;
+    let secrets: &[Secret] = match previous {
+        Some(previous) => {
+            both = [current, previous];
+            &both
+        }
+        None => std::slice::from_ref(&current),
+    };
+    let frame = match protocol::decode(&frames, secrets, &binding) {
         Ok(Decoded::Frame(frame, _)) => frame,
         Ok(Decoded::BadMac { id }) => {
             tracing::warn!(address = %instance.address, call = %id, "dropped a response whose MAC does not match");
@@ -841,9 +877,9 @@ fn on_frame(inner: &Inner, instance: &Instance, frames: Vec<Bytes>) {
             instance: pong.instance.clone(),
         };
         let mut binding = instance.binding.lock().unwrap_or_else(|e| e.into_inner());
-        if binding.as_ref() != Some(&learned) {
+        if binding.as_deref() != Some(&learned) {
             tracing::debug!(address = %instance.address, instance = %learned.instance, "bound to the instance");
-            *binding = Some(learned);
+            *binding = Some(Arc::new(learned));
         }
     }
     // Live once it answers a ping (and so is bound); any other authenticated frame is news too.
@@ -859,12 +895,11 @@ fn on_frame(inner: &Inner, instance: &Instance, frames: Vec<Bytes>) {
             inner.live_changed.notify_waiters();
         }
     }
-    let id = frame.id().to_owned();
     let pending = inner
         .pending
         .lock()
         .unwrap_or_else(|e| e.into_inner())
-        .remove(&id);
+        .remove(frame.id());
     let Some(pending) = pending else {
         if let Frame::Refusal(refusal) = &frame {
             // A refused heartbeat: this instance does not accept our secret.
@@ -878,20 +913,20 @@ fn on_frame(inner: &Inner, instance: &Instance, frames: Vec<Bytes>) {
             return;
         }
         if !matches!(frame, Frame::Pong(_)) {
-            tracing::debug!(call = %id, "dropped an answer nobody waits for (late, or replayed)");
+            tracing::debug!(call = %frame.id(), "dropped an answer nobody waits for (late, or replayed)");
         }
         return;
     };
-    if pending.instance != instance.address {
+    if !std::ptr::eq(&*pending.instance, instance) {
         // An answer for a call made elsewhere: not this instance's to settle.
         inner
             .pending
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(id, pending);
+            .insert(frame.id().to_owned(), pending);
         return;
     }
-    release(inner, &instance.address);
+    release(instance);
     match (frame, pending.waiter) {
         (Frame::Response(response), Waiter::Sync(sender)) => {
             let _ = sender.send(Ok(response));
@@ -899,7 +934,7 @@ fn on_frame(inner: &Inner, instance: &Instance, frames: Vec<Bytes>) {
         (Frame::Response(response), Waiter::Async) => {
             deliver_async(
                 inner,
-                id,
+                response.id.clone(),
                 pending.path,
                 ServiceResponse::from_wire(response),
             );
@@ -922,12 +957,32 @@ fn on_frame(inner: &Inner, instance: &Instance, frames: Vec<Bytes>) {
                 }
                 Waiter::Async => deliver_async(
                     inner,
-                    id,
+                    refusal.id,
                     pending.path,
                     ServiceResponse::new(401, refusal.reason),
                 ),
             }
         }
         (other, _) => tracing::warn!(frame = ?other, "an answer of the wrong kind"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Ids;
+
+    #[test]
+    fn ids_are_the_prefix_and_a_hex_counter() {
+        let ids = Ids::new();
+        let first = ids.next();
+        assert_eq!(first, format!("{}-0", ids.prefix));
+        for expected in 1..=300u64 {
+            assert_eq!(ids.next(), format!("{}-{expected:x}", ids.prefix));
+        }
+        ids.counter
+            .store(u64::MAX, std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(ids.next(), format!("{}-ffffffffffffffff", ids.prefix));
+        // Two clients never share a prefix.
+        assert_ne!(Ids::new().prefix, ids.prefix);
     }
 }

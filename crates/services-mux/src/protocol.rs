@@ -20,11 +20,11 @@
 //! carry a valid MAC (the caller's secret is the wrong one), so a caller accepts it only for a
 //! call it is waiting on, and it can only fail that call.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::fmt;
 use std::str::FromStr;
 
-use bytes::Bytes;
+use bytes::{BufMut, Bytes};
 use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -60,14 +60,19 @@ pub enum Kind {
 
 impl Kind {
     fn byte(self) -> u8 {
+        self.tag()[0]
+    }
+
+    /// The kind frame, without an allocation.
+    fn tag(self) -> &'static [u8] {
         match self {
-            Kind::Request => b'Q',
-            Kind::Response => b'R',
-            Kind::Ping => b'P',
-            Kind::Pong => b'O',
-            Kind::Discover => b'D',
-            Kind::Routes => b'L',
-            Kind::Refusal => b'X',
+            Kind::Request => b"Q",
+            Kind::Response => b"R",
+            Kind::Ping => b"P",
+            Kind::Pong => b"O",
+            Kind::Discover => b"D",
+            Kind::Routes => b"L",
+            Kind::Refusal => b"X",
         }
     }
 
@@ -297,22 +302,27 @@ impl Frame {
     }
 }
 
-/// A shared secret, kept out of `Debug` output.
+/// A shared secret, kept out of `Debug` output. It holds the HMAC already keyed with it, so
+/// that a MAC costs the frame's bytes and not the key schedule; clones share both.
 #[derive(Clone)]
-pub struct Secret(Vec<u8>);
+pub struct Secret(std::sync::Arc<(Vec<u8>, HmacSha256)>);
 
 impl Secret {
     /// The secret from its bytes.
     pub fn new(secret: impl AsRef<[u8]>) -> Secret {
-        Secret(secret.as_ref().to_vec())
+        let bytes = secret.as_ref().to_vec();
+        // HMAC takes keys of any length; this cannot fail.
+        let keyed = <HmacSha256 as Mac>::new_from_slice(&bytes)
+            .unwrap_or_else(|_| unreachable!("HMAC accepts any key length"));
+        Secret(std::sync::Arc::new((bytes, keyed)))
     }
 
     /// Whether `candidate` is this secret, compared in constant time (for Brubeck's
     /// passphrase, which travels in clear text).
     pub(crate) fn matches(&self, candidate: &[u8]) -> bool {
-        self.0.len() == candidate.len()
-            && self
-                .0
+        let bytes = &self.0.0;
+        bytes.len() == candidate.len()
+            && bytes
                 .iter()
                 .zip(candidate)
                 .fold(0u8, |difference, (a, b)| difference | (a ^ b))
@@ -320,9 +330,7 @@ impl Secret {
     }
 
     fn mac(&self) -> HmacSha256 {
-        // HMAC takes keys of any length; this cannot fail.
-        <HmacSha256 as Mac>::new_from_slice(&self.0)
-            .unwrap_or_else(|_| unreachable!("HMAC accepts any key length"))
+        self.0.1.clone()
     }
 }
 
@@ -346,31 +354,47 @@ fn mac_of(secret: &Secret, kind: Kind, binding: &Binding, body: &[u8]) -> HmacSh
     mac
 }
 
-fn body_of(frame: &Frame) -> Result<Vec<u8>, Error> {
-    let encoded = match frame {
-        Frame::Request(r) => rmp_serde::to_vec_named(r),
-        Frame::Response(r) => rmp_serde::to_vec_named(r),
-        Frame::Routes(r) => rmp_serde::to_vec_named(r),
+/// Writes the MessagePack body of `frame` into `out`.
+fn write_body(frame: &Frame, out: &mut impl std::io::Write) -> Result<(), Error> {
+    let written = match frame {
+        Frame::Request(r) => rmp_serde::encode::write_named(out, r),
+        Frame::Response(r) => rmp_serde::encode::write_named(out, r),
+        Frame::Routes(r) => rmp_serde::encode::write_named(out, r),
         Frame::Ping(c) | Frame::Pong(c) | Frame::Discover(c) | Frame::Refusal(c) => {
-            rmp_serde::to_vec_named(c)
+            rmp_serde::encode::write_named(out, c)
         }
     };
-    encoded.map_err(|e| Error::Malformed(format!("cannot encode: {e}")))
+    written.map_err(|e| Error::Malformed(format!("cannot encode: {e}")))
 }
 
 /// The frames of `frame`, MAC'd with `secret` and (requests and responses) bound to `binding`;
 /// a refusal is not MAC'd.
 pub fn encode(frame: &Frame, secret: &Secret, binding: &Binding) -> Result<Vec<Bytes>, Error> {
+    encode_to(None, frame, secret, binding)
+}
+
+/// [`encode`], after a routing identity when there is one (a ROUTER's reply). The body and its
+/// MAC share one buffer.
+pub(crate) fn encode_to(
+    identity: Option<Bytes>,
+    frame: &Frame,
+    secret: &Secret,
+    binding: &Binding,
+) -> Result<Vec<Bytes>, Error> {
     let kind = frame.kind();
-    let body = body_of(frame)?;
-    let mut frames = vec![
-        Bytes::from_static(MARKER),
-        Bytes::from(vec![kind.byte()]),
-        Bytes::from(body),
-    ];
+    let mut buffer = bytes::BytesMut::with_capacity(256).writer();
+    write_body(frame, &mut buffer)?;
+    let mut buffer = buffer.into_inner();
+    let body = buffer.split().freeze();
+    let mut frames = Vec::with_capacity(5);
+    frames.extend(identity);
+    frames.push(Bytes::from_static(MARKER));
+    frames.push(Bytes::from_static(kind.tag()));
+    frames.push(body);
     if kind != Kind::Refusal {
-        let mac = mac_of(secret, kind, binding, &frames[2]);
-        frames.push(Bytes::from(mac.finalize().into_bytes().to_vec()));
+        let mac = mac_of(secret, kind, binding, &frames[frames.len() - 1]);
+        buffer.extend_from_slice(&mac.finalize().into_bytes());
+        frames.push(buffer.freeze());
     }
     Ok(frames)
 }
@@ -476,8 +500,9 @@ pub fn decode(frames: &[Bytes], secrets: &[Secret], binding: &Binding) -> Result
 pub struct ReplayGuard {
     window_ms: u64,
     capacity: usize,
-    seen: HashMap<String, u64>,
-    order: VecDeque<(u64, String)>,
+    /// The ids inside the window (the set and the queue share each id's one allocation).
+    seen: HashSet<std::sync::Arc<str>>,
+    order: VecDeque<(u64, std::sync::Arc<str>)>,
 }
 
 impl ReplayGuard {
@@ -487,7 +512,7 @@ impl ReplayGuard {
         ReplayGuard {
             window_ms,
             capacity: capacity.max(1),
-            seen: HashMap::new(),
+            seen: HashSet::new(),
             order: VecDeque::new(),
         }
     }
@@ -512,7 +537,7 @@ impl ReplayGuard {
                 break;
             }
         }
-        if self.seen.contains_key(id) {
+        if self.seen.contains(id) {
             return Err(Error::Replayed(format!("id {id} was already seen")));
         }
         if self.seen.len() >= self.capacity {
@@ -521,8 +546,9 @@ impl ReplayGuard {
                 self.capacity
             )));
         }
-        self.seen.insert(id.to_owned(), now);
-        self.order.push_back((now, id.to_owned()));
+        let id: std::sync::Arc<str> = id.into();
+        self.seen.insert(id.clone());
+        self.order.push_back((now, id));
         Ok(())
     }
 }

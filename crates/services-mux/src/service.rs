@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_lite::FutureExt;
 use regex::Regex;
 use rylm_transport::{Kind, Options, Socket};
 use serde_json::{Map, Value};
@@ -330,32 +331,40 @@ impl Service {
                         .map(|m| (name.to_owned(), m.as_str().to_owned()))
                 })
                 .collect();
+            let captures = captures
+                .iter()
+                .map(|c| c.map(|m| m.as_str().to_owned()))
+                .collect();
+            let path = request.path.clone();
             let view = ServiceRequest {
-                id: request.id.clone(),
-                path: request.path.clone(),
+                id: request.id,
+                path: request.path,
                 method,
-                captures: captures
-                    .iter()
-                    .map(|c| c.map(|m| m.as_str().to_owned()))
-                    .collect(),
+                captures,
                 named,
-                arguments: request.arguments.clone(),
-                headers: request.headers.clone(),
-                body: Bytes::from(request.body.clone()),
+                arguments: request.arguments,
+                headers: request.headers,
+                body: Bytes::from(request.body),
             };
-            // A task of its own, so that a panic becomes a 500 instead of killing the service,
-            // and one that is aborted at its deadline.
+            // Run in the calling task (no task of its own: a hop between threads costs more
+            // than most handlers), stopped at its deadline; a panic becomes a 500 instead of
+            // taking the service down.
             let timeout = timeout.unwrap_or(self.handler_timeout);
-            let mut task = tokio::spawn(handler(view));
-            return match tokio::time::timeout(timeout, &mut task).await {
+            let mut run =
+                std::pin::pin!(std::panic::AssertUnwindSafe(handler(view)).catch_unwind());
+            // A handler that answers at once needs no timer.
+            let outcome = match futures_lite::future::poll_once(run.as_mut()).await {
+                Some(outcome) => Ok(outcome),
+                None => tokio::time::timeout(timeout, run).await,
+            };
+            return match outcome {
                 Ok(Ok(response)) => response,
-                Ok(Err(join_error)) => {
-                    tracing::error!(path = %request.path, %join_error, "a service handler panicked");
+                Ok(Err(_)) => {
+                    tracing::error!(%path, "a service handler panicked");
                     ServiceResponse::new(500, "the handler panicked")
                 }
                 Err(_) => {
-                    task.abort();
-                    tracing::warn!(path = %request.path, ?timeout, "a service handler ran past its timeout");
+                    tracing::warn!(%path, ?timeout, "a service handler ran past its timeout");
                     ServiceResponse::new(
                         504,
                         format!("the handler did not answer within {timeout:?}"),
@@ -470,6 +479,8 @@ struct Replier {
     outgoing: Arc<Semaphore>,
 }
 
+/// How long a handler may compute in the receive loop before its first await (see `run`).
+const INLINE_LIMIT: Duration = Duration::from_millis(2);
 /// Replies the receive loop may have on their way out at once; beyond, one is dropped.
 const OUTGOING: usize = 1024;
 /// How long a reply waits for a peer that does not read.
@@ -483,14 +494,13 @@ impl Replier {
             .secrets
             .get(secret)
             .unwrap_or(&self.service.secrets[0]);
-        let mut frames = match protocol::encode(frame, key, &self.binding) {
+        let frames = match protocol::encode_to(Some(identity), frame, key, &self.binding) {
             Ok(frames) => frames,
             Err(error) => {
                 tracing::error!(%error, "cannot encode a reply");
                 return;
             }
         };
-        frames.insert(0, identity);
         if let Err(error) = self.socket.send_within(frames, REPLY_DEADLINE).await {
             // The caller went away, or does not read.
             tracing::debug!(%error, "could not send a reply; the caller is gone");
@@ -534,6 +544,7 @@ async fn run(
     // While draining, heartbeats are still answered (so that callers do not take the instance
     // for dead while it finishes their calls) and new requests get a 503.
     let mut draining = false;
+    let mut inline = true;
     loop {
         let message = tokio::select! {
             _ = stopped.changed(), if !draining => {
@@ -543,14 +554,18 @@ async fn run(
                 }
                 continue;
             }
-            Some(_) = handlers.join_next(), if !handlers.is_empty() => {
-                if draining && handlers.is_empty() {
+            // Only a draining loop waits for its handlers: otherwise each handler that ends
+            // would wake it, and a wake-up per call costs a thread hop.
+            Some(_) = handlers.join_next(), if draining && !handlers.is_empty() => {
+                if handlers.is_empty() {
                     break;
                 }
                 continue;
             }
             message = socket.recv() => message,
         };
+        // Forget the handlers that have ended (at most the slots and the queue).
+        while handlers.try_join_next().is_some() {}
         let mut frames = match message {
             Ok(frames) => frames,
             Err(error) if error.is_closed() => break,
@@ -613,7 +628,7 @@ async fn run(
                     },
                 };
                 let (service, replier, slots) = (service.clone(), replier.clone(), slots.clone());
-                handlers.spawn(async move {
+                let mut call = Box::pin(async move {
                     let permit = match permit {
                         Ok(permit) => permit,
                         // A place in the queue: wait for a slot, off the receive loop.
@@ -632,6 +647,27 @@ async fn run(
                         .await;
                     drop(permit);
                 });
+                // One step in this loop first: a handler that answers without waiting (most
+                // do) is answered here, without a task and a hop between threads; one that
+                // waits goes on in a task of its own. A handler that computes for long before
+                // it first waits would hold up this loop (and the heartbeats): after one such,
+                // every handler starts in a task of its own.
+                if !inline {
+                    handlers.spawn(call);
+                    continue;
+                }
+                let started = std::time::Instant::now();
+                let done = futures_lite::future::poll_once(call.as_mut())
+                    .await
+                    .is_some();
+                let took = started.elapsed();
+                if took > INLINE_LIMIT {
+                    inline = false;
+                    tracing::warn!(%address, ?took, "a handler computed for long before its first await; from now on every handler starts in a task of its own");
+                }
+                if !done {
+                    handlers.spawn(call);
+                }
             }
             Frame::Ping(ping) => replier.send_later(
                 identity,

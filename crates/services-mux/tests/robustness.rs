@@ -384,3 +384,47 @@ async fn instances_can_be_removed_and_added() {
     a.shutdown().await;
     b.shutdown().await;
 }
+
+/// Handlers that answer without waiting run in the receive loop (no task, no hop between
+/// threads); after one that computes for long before its first await, which would hold up the
+/// loop and its heartbeats, every handler gets a task of its own. Seen through the id of the
+/// task each handler runs in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_that_blocks_sends_the_others_to_tasks_of_their_own() {
+    let service = Service::new("b", SECRET)
+        .route(r"^/block$", Method::Request, |_| async move {
+            // Computes (blocks its thread) before any await: what a handler should not do.
+            std::thread::sleep(Duration::from_millis(20));
+            ServiceResponse::new(200, "blocked")
+        })
+        .expect("route")
+        .route(r"^/task$", Method::Request, |_| async move {
+            let task = tokio::task::try_id()
+                .map(|id| id.to_string())
+                .unwrap_or_default();
+            ServiceResponse::new(200, "quick").with("task", task)
+        })
+        .expect("route")
+        .serve("tcp://127.0.0.1:0")
+        .await
+        .expect("serves");
+    let caller = client(DEADLINE);
+    caller.register("b", &[service.address()], SECRET);
+    let mut tasks = Vec::new();
+    for path in ["/task", "/task", "/block", "/task", "/task"] {
+        let reply = caller
+            .call("b", Call::new(path), Some(DEADLINE))
+            .await
+            .expect("answered");
+        assert_eq!(reply.response.status, 200);
+        if let Some(task) = reply.response.payload.get("task") {
+            tasks.push(task.as_str().expect("a task id").to_owned());
+        }
+    }
+    assert!(tasks.iter().all(|t| !t.is_empty()), "{tasks:?}");
+    // Before: both in the receive loop's task. After: each in one of its own.
+    assert_eq!(tasks[0], tasks[1], "{tasks:?}");
+    assert_ne!(tasks[2], tasks[3], "{tasks:?}");
+    assert!(!tasks[2..].contains(&tasks[0]), "{tasks:?}");
+    service.shutdown().await;
+}

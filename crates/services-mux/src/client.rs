@@ -14,7 +14,7 @@ use serde_json::{Map, Value};
 use tokio::sync::{Notify, oneshot};
 
 use crate::protocol::{
-    self, Binding, Decoded, Frame, Method, RouteInfo, Secret, WireControl, WireRequest,
+    self, Binding, Decoded, Frame, Method, RequestView, RouteInfo, Secret, WireControl,
     WireResponse,
 };
 use crate::{Error, ServiceResponse};
@@ -186,7 +186,8 @@ struct Registered {
 struct Inner {
     config: ClientConfig,
     services: std::sync::Mutex<HashMap<String, Registered>>,
-    pending: std::sync::Mutex<HashMap<String, Pending>>,
+    /// By call number ([`Ids`]).
+    pending: std::sync::Mutex<HashMap<u64, Pending>>,
     handlers: std::sync::RwLock<Vec<(Regex, ResponseHandler)>>,
     /// Signalled whenever an instance becomes live.
     live_changed: Notify,
@@ -201,26 +202,67 @@ struct Ids {
     counter: AtomicU64,
 }
 
+/// The longest id [`Ids`] writes: a uuid, a dash and 16 hex digits.
+const ID_CAPACITY: usize = 64;
+
+/// An id as text, on the stack.
+struct IdText {
+    bytes: [u8; ID_CAPACITY],
+    len: usize,
+}
+
+impl IdText {
+    fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.bytes[..self.len]).unwrap_or_default()
+    }
+}
+
 impl Ids {
     fn new() -> Ids {
+        let mut prefix = rylm_message::new_id();
+        prefix.truncate(ID_CAPACITY - 17);
         Ids {
-            prefix: rylm_message::new_id(),
+            prefix,
             counter: AtomicU64::new(0),
         }
     }
 
-    fn next(&self) -> String {
-        let n = self.counter.fetch_add(1, Ordering::Relaxed);
-        let mut id = String::with_capacity(self.prefix.len() + 17);
-        id.push_str(&self.prefix);
-        id.push('-');
+    /// The next call's number; [`Ids::text`] gives the id on the wire.
+    fn next(&self) -> u64 {
+        self.counter.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The id of call `n`: the prefix, a dash, `n` in hex without leading zeros.
+    fn text(&self, n: u64) -> IdText {
+        let mut text = IdText {
+            bytes: [0; ID_CAPACITY],
+            len: self.prefix.len() + 1,
+        };
+        text.bytes[..self.prefix.len()].copy_from_slice(self.prefix.as_bytes());
+        text.bytes[self.prefix.len()] = b'-';
         let digits = 16 - (n.leading_zeros() as usize / 4).min(15);
         for shift in (0..digits).rev() {
-            id.push(char::from(
-                b"0123456789abcdef"[((n >> (shift * 4)) & 0xf) as usize],
-            ));
+            text.bytes[text.len] = b"0123456789abcdef"[((n >> (shift * 4)) & 0xf) as usize];
+            text.len += 1;
         }
-        id
+        text
+    }
+
+    /// The number of a call of this client from its id on the wire (None for any other id,
+    /// and for ids not written as [`Ids::text`] writes them).
+    fn parse(&self, id: &str) -> Option<u64> {
+        let digits = id.strip_prefix(self.prefix.as_str())?.strip_prefix('-')?;
+        if digits.is_empty() || digits.len() > 16 || (digits.len() > 1 && digits.starts_with('0')) {
+            return None;
+        }
+        digits.bytes().try_fold(0u64, |n, digit| {
+            let value = match digit {
+                b'0'..=b'9' => digit - b'0',
+                b'a'..=b'f' => digit - b'a' + 10,
+                _ => return None,
+            };
+            Some((n << 4) | u64::from(value))
+        })
     }
 }
 
@@ -386,15 +428,14 @@ impl ServiceClient {
     ) -> Result<Reply, Error> {
         let deadline = deadline.unwrap_or(self.inner.config.default_deadline);
         let started = Instant::now();
-        let path = call.path.clone();
         // An instance at capacity answers `503 busy` at once: try the others, each once.
-        let mut busy: Vec<String> = Vec::new();
+        let mut busy: Vec<Arc<Instance>> = Vec::new();
         let (id, instance, response) = loop {
             let (sender, receiver) = oneshot::channel();
             let (id, instance) = self
                 .dispatch(
                     service,
-                    call.clone(),
+                    &call,
                     Waiter::Sync(sender),
                     deadline.saturating_sub(started.elapsed()),
                     &busy,
@@ -402,13 +443,13 @@ impl ServiceClient {
                 .await?;
             let _cleanup = PendingGuard {
                 inner: &self.inner,
-                id: id.clone(),
+                id,
             };
             let remaining = deadline.saturating_sub(started.elapsed());
             let response = match tokio::time::timeout(remaining, receiver).await {
                 Err(_) => {
                     return Err(Error::Timeout {
-                        path,
+                        path: call.path,
                         waited: deadline,
                     });
                 }
@@ -416,20 +457,20 @@ impl ServiceClient {
                 Ok(Ok(outcome)) => outcome?,
             };
             if response.status == 503 && response.headers.contains_key(crate::service::BUSY) {
-                tracing::debug!(%instance, "the instance is busy; trying another");
+                tracing::debug!(instance = %instance.address, "the instance is busy; trying another");
                 busy.push(instance);
                 continue;
             }
             break (id, instance, response);
         };
         let response = ServiceResponse::from_wire(response);
-        let handled = match self.response_handler(&path) {
-            Some(handler) => Some(handler(path, response.clone()).await),
+        let handled = match self.response_handler(&call.path) {
+            Some(handler) => Some(handler(call.path, response.clone()).await),
             None => None,
         };
         Ok(Reply {
-            id,
-            instance,
+            id: self.inner.ids.text(id).as_str().to_owned(),
+            instance: instance.address.clone(),
             response,
             handled,
         })
@@ -441,9 +482,9 @@ impl ServiceClient {
     pub async fn send(&self, service: &str, call: Call) -> Result<String, Error> {
         let deadline = self.inner.config.default_deadline;
         let (id, _) = self
-            .dispatch(service, call, Waiter::Async, deadline, &[])
+            .dispatch(service, &call, Waiter::Async, deadline, &[])
             .await?;
-        Ok(id)
+        Ok(self.inner.ids.text(id).as_str().to_owned())
     }
 
     /// The routes of `service`, as one of its instances lists them.
@@ -462,7 +503,7 @@ impl ServiceClient {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(
-                id.clone(),
+                id,
                 Pending {
                     instance: instance.clone(),
                     path: "*".into(),
@@ -472,10 +513,10 @@ impl ServiceClient {
             );
         let _cleanup = PendingGuard {
             inner: &self.inner,
-            id: id.clone(),
+            id,
         };
         let frame = Frame::Discover(WireControl {
-            id,
+            id: self.inner.ids.text(id).as_str().to_owned(),
             ts: protocol::now_ms(),
             ..WireControl::default()
         });
@@ -518,7 +559,7 @@ impl ServiceClient {
         &self,
         service: &str,
         deadline: Duration,
-        busy: &[String],
+        busy: &[Arc<Instance>],
     ) -> Result<Arc<Instance>, Error> {
         let started = Instant::now();
         loop {
@@ -543,7 +584,7 @@ impl ServiceClient {
                         continue;
                     }
                     any_live = true;
-                    if busy.contains(&instance.address) {
+                    if busy.iter().any(|b| Arc::ptr_eq(b, instance)) {
                         continue;
                     }
                     if best.is_none_or(|(in_flight, _)| state.in_flight < in_flight) {
@@ -589,31 +630,27 @@ impl ServiceClient {
     async fn dispatch(
         &self,
         service: &str,
-        call: Call,
+        call: &Call,
         waiter: Waiter,
         deadline: Duration,
-        busy: &[String],
-    ) -> Result<(String, String), Error> {
+        busy: &[Arc<Instance>],
+    ) -> Result<(u64, Arc<Instance>), Error> {
         let instance = self.live_instance(service, deadline, busy).await?;
         let id = self.inner.ids.next();
-        let frame = Frame::Request(WireRequest {
-            id: id.clone(),
-            ts: protocol::now_ms(),
-            path: call.path.clone(),
-            method: call.method.as_str().to_owned(),
-            arguments: call.arguments,
-            headers: call.headers,
-            body: call.body.to_vec(),
-        });
+        // Only an asynchronous call's response handler needs the path later.
+        let path = match waiter {
+            Waiter::Async => call.path.clone(),
+            _ => String::new(),
+        };
         self.inner
             .pending
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(
-                id.clone(),
+                id,
                 Pending {
                     instance: instance.clone(),
-                    path: call.path,
+                    path,
                     waiter,
                     expires: Instant::now() + deadline,
                 },
@@ -623,7 +660,17 @@ impl ServiceClient {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .in_flight += 1;
-        if let Err(error) = send_frame(&instance, &frame).await {
+        let text = self.inner.ids.text(id);
+        let request = RequestView {
+            id: text.as_str(),
+            ts: protocol::now_ms(),
+            path: &call.path,
+            method: call.method.as_str(),
+            arguments: &call.arguments,
+            headers: &call.headers,
+            body: &call.body,
+        };
+        if let Err(error) = send_request(&instance, &request).await {
             self.inner
                 .pending
                 .lock()
@@ -633,14 +680,14 @@ impl ServiceClient {
             state.in_flight = state.in_flight.saturating_sub(1);
             return Err(error);
         }
-        Ok((id, instance.address.clone()))
+        Ok((id, instance))
     }
 }
 
 /// Removes a call's pending entry however the call ends (answer, deadline, cancellation).
 struct PendingGuard<'a> {
     inner: &'a Inner,
-    id: String,
+    id: u64,
 }
 
 impl Drop for PendingGuard<'_> {
@@ -663,6 +710,31 @@ fn release(instance: &Instance) {
     state.in_flight = state.in_flight.saturating_sub(1);
 }
 
+/// Sends a call's request to `instance`, bound to it: it waits for the instance's pong.
+async fn send_request(instance: &Instance, request: &RequestView<'_>) -> Result<(), Error> {
+    let Some(binding) = instance.binding() else {
+        return Err(Error::NoLiveInstance {
+            service: instance.address.clone(),
+            waited: Duration::ZERO,
+        });
+    };
+    let frames = protocol::encode_request(request, &instance.secret(), &binding)?;
+    send_frames(instance, frames).await
+}
+
+async fn send_frames(instance: &Instance, frames: Vec<Bytes>) -> Result<(), Error> {
+    let socket = instance
+        .socket
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone()
+        .ok_or_else(|| Error::NoLiveInstance {
+            service: instance.address.clone(),
+            waited: Duration::ZERO,
+        })?;
+    Ok(socket.send(frames).await?)
+}
+
 async fn send_frame(instance: &Instance, frame: &Frame) -> Result<(), Error> {
     let binding = match (frame, instance.binding()) {
         (_, Some(binding)) => binding,
@@ -676,16 +748,7 @@ async fn send_frame(instance: &Instance, frame: &Frame) -> Result<(), Error> {
         (_, None) => Arc::default(),
     };
     let frames = protocol::encode(frame, &instance.secret(), &binding)?;
-    let socket = instance
-        .socket
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .clone()
-        .ok_or_else(|| Error::NoLiveInstance {
-            service: instance.address.clone(),
-            waited: Duration::ZERO,
-        })?;
-    Ok(socket.send(frames).await?)
+    send_frames(instance, frames).await
 }
 
 /// Connects to one instance, pings it, and routes what it sends back.
@@ -712,10 +775,10 @@ async fn run_instance(inner: Weak<Inner>, instance: Arc<Instance>) {
     let mut ticker = tokio::time::interval(config.heartbeat_interval);
     loop {
         tokio::select! {
-            message = socket.recv() => {
+            message = socket.recv_message() => {
                 let Some(inner) = inner.upgrade() else { break };
                 match message {
-                    Ok(frames) => on_frame(&inner, &instance, frames),
+                    Ok(message) => on_frame(&inner, &instance, &message),
                     Err(error) if error.is_closed() => break,
                     Err(error) => tracing::warn!(address = %instance.address, %error, "receiving failed"),
                 }
@@ -737,7 +800,7 @@ async fn run_instance(inner: Weak<Inner>, instance: Arc<Instance>) {
                     mark_dead(&inner, &instance, silent_for);
                 }
                 expire_async(&inner, &instance);
-                let ping = Frame::Ping(WireControl { id: inner.ids.next(), ts: protocol::now_ms(), ..WireControl::default() });
+                let ping = Frame::Ping(WireControl { id: inner.ids.text(inner.ids.next()).as_str().to_owned(), ts: protocol::now_ms(), ..WireControl::default() });
                 if let Err(error) = send_frame(&instance, &ping).await {
                     tracing::debug!(address = %instance.address, %error, "ping failed");
                 }
@@ -768,12 +831,12 @@ fn mark_dead(inner: &Inner, instance: &Instance, silent_for: Duration) {
         .unwrap_or_else(|e| e.into_inner())
         .take();
     tracing::warn!(address = %instance.address, ?silent_for, "instance stopped answering heartbeats");
-    let failed: Vec<(String, Pending)> = {
+    let failed: Vec<(u64, Pending)> = {
         let mut pending = inner.pending.lock().unwrap_or_else(|e| e.into_inner());
-        let ids: Vec<String> = pending
+        let ids: Vec<u64> = pending
             .iter()
             .filter(|(_, p)| std::ptr::eq(&*p.instance, instance))
-            .map(|(id, _)| id.clone())
+            .map(|(id, _)| *id)
             .collect();
         ids.into_iter()
             .filter_map(|id| pending.remove(&id).map(|p| (id, p)))
@@ -793,6 +856,7 @@ fn mark_dead(inner: &Inner, instance: &Instance, silent_for: Duration) {
             }
             Waiter::Async => {
                 let response = ServiceResponse::new(503, error().to_string());
+                let id = inner.ids.text(id).as_str().to_owned();
                 deliver_async(inner, id, pending.path, response);
             }
         }
@@ -803,16 +867,16 @@ fn mark_dead(inner: &Inner, instance: &Instance, silent_for: Duration) {
 /// 504 (a synchronous call's own timeout removes it).
 fn expire_async(inner: &Inner, instance: &Instance) {
     let now = Instant::now();
-    let expired: Vec<(String, Pending)> = {
+    let expired: Vec<(u64, Pending)> = {
         let mut pending = inner.pending.lock().unwrap_or_else(|e| e.into_inner());
-        let ids: Vec<String> = pending
+        let ids: Vec<u64> = pending
             .iter()
             .filter(|(_, p)| {
                 std::ptr::eq(&*p.instance, instance)
                     && p.expires <= now
                     && matches!(p.waiter, Waiter::Async)
             })
-            .map(|(id, _)| id.clone())
+            .map(|(id, _)| *id)
             .collect();
         ids.into_iter()
             .filter_map(|id| pending.remove(&id).map(|p| (id, p)))
@@ -821,6 +885,7 @@ fn expire_async(inner: &Inner, instance: &Instance) {
     for (id, pending) in expired {
         release(instance);
         let response = ServiceResponse::new(504, "no response within the call's deadline");
+        let id = inner.ids.text(id).as_str().to_owned();
         deliver_async(inner, id, pending.path, response);
     }
 }
@@ -845,7 +910,17 @@ fn deliver_async(inner: &Inner, id: String, path: String, response: ServiceRespo
     }
 }
 
-fn on_frame(inner: &Inner, instance: &Instance, frames: Vec<Bytes>) {
+fn on_frame(inner: &Inner, instance: &Instance, message: &rylm_transport::Received) {
+    // Borrowed: nothing is copied before the MAC is checked.
+    let mut parts: [&[u8]; 4] = [&[]; 4];
+    if message.len() > parts.len() {
+        tracing::warn!(address = %instance.address, frames = message.len(), "dropped a message of too many frames");
+        return;
+    }
+    for (index, part) in parts.iter_mut().enumerate().take(message.len()) {
+        *part = message.part(index).unwrap_or_default();
+    }
+    let frames = &parts[..message.len()];
     let binding = instance.binding().unwrap_or_default();
     let (current, previous) = instance
         .secret
@@ -860,7 +935,7 @@ fn on_frame(inner: &Inner, instance: &Instance, frames: Vec<Bytes>) {
         }
         None => std::slice::from_ref(&current),
     };
-    let frame = match protocol::decode(&frames, secrets, &binding) {
+    let frame = match protocol::decode(frames, secrets, &binding) {
         Ok(Decoded::Frame(frame, _)) => frame,
         Ok(Decoded::BadMac { id }) => {
             tracing::warn!(address = %instance.address, call = %id, "dropped a response whose MAC does not match");
@@ -895,12 +970,15 @@ fn on_frame(inner: &Inner, instance: &Instance, frames: Vec<Bytes>) {
             inner.live_changed.notify_waiters();
         }
     }
-    let pending = inner
-        .pending
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .remove(frame.id());
-    let Some(pending) = pending else {
+    let key = inner.ids.parse(frame.id());
+    let pending = key.and_then(|key| {
+        inner
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&key)
+    });
+    let (Some(key), Some(pending)) = (key, pending) else {
         if let Frame::Refusal(refusal) = &frame {
             // A refused heartbeat: this instance does not accept our secret.
             tracing::warn!(address = %instance.address, reason = %refusal.reason, "the instance refuses this client");
@@ -923,7 +1001,7 @@ fn on_frame(inner: &Inner, instance: &Instance, frames: Vec<Bytes>) {
             .pending
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(frame.id().to_owned(), pending);
+            .insert(key, pending);
         return;
     }
     release(instance);
@@ -975,14 +1053,34 @@ mod tests {
     fn ids_are_the_prefix_and_a_hex_counter() {
         let ids = Ids::new();
         let first = ids.next();
-        assert_eq!(first, format!("{}-0", ids.prefix));
+        assert_eq!(ids.text(first).as_str(), format!("{}-0", ids.prefix));
         for expected in 1..=300u64 {
-            assert_eq!(ids.next(), format!("{}-{expected:x}", ids.prefix));
+            let n = ids.next();
+            let text = ids.text(n);
+            assert_eq!(text.as_str(), format!("{}-{expected:x}", ids.prefix));
+            assert_eq!(ids.parse(text.as_str()), Some(expected));
         }
         ids.counter
             .store(u64::MAX, std::sync::atomic::Ordering::Relaxed);
-        assert_eq!(ids.next(), format!("{}-ffffffffffffffff", ids.prefix));
+        let last = ids.text(ids.next());
+        assert_eq!(last.as_str(), format!("{}-ffffffffffffffff", ids.prefix));
+        assert_eq!(ids.parse(last.as_str()), Some(u64::MAX));
         // Two clients never share a prefix.
         assert_ne!(Ids::new().prefix, ids.prefix);
+    }
+
+    #[test]
+    fn only_this_clients_ids_in_their_own_spelling_parse() {
+        let ids = Ids::new();
+        let other = Ids::new();
+        assert_eq!(ids.parse(other.text(5).as_str()), None);
+        for foreign in ["", "-1", "x", "1"] {
+            assert_eq!(ids.parse(foreign), None, "{foreign:?}");
+        }
+        for spelling in ["", "05", "A", "g", "10000000000000000", "+1"] {
+            let id = format!("{}-{spelling}", ids.prefix);
+            assert_eq!(ids.parse(&id), None, "{id}");
+        }
+        assert_eq!(ids.parse(&format!("{}-0", ids.prefix)), Some(0));
     }
 }

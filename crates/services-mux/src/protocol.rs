@@ -199,6 +199,58 @@ pub struct WireResponse {
     pub payload: Map<String, Value>,
 }
 
+/// A [`WireRequest`] of borrowed fields, for writing.
+#[derive(Serialize)]
+pub(crate) struct RequestView<'a> {
+    pub id: &'a str,
+    pub ts: u64,
+    pub path: &'a str,
+    pub method: &'a str,
+    pub arguments: &'a Map<String, Value>,
+    pub headers: &'a BTreeMap<String, String>,
+    #[serde(with = "serde_bytes")]
+    pub body: &'a [u8],
+}
+
+/// A [`WireResponse`] of borrowed fields, for writing; its headers gain `METHOD: response`.
+#[derive(Serialize)]
+pub(crate) struct ResponseView<'a> {
+    pub id: &'a str,
+    pub ts: u64,
+    pub path: &'a str,
+    pub status: u16,
+    pub status_msg: &'a str,
+    pub headers: WithMethod<'a>,
+    pub payload: &'a Map<String, Value>,
+}
+
+/// Headers written with `METHOD` set to `response`, in key order like the map they come from.
+pub(crate) struct WithMethod<'a>(pub &'a BTreeMap<String, String>);
+
+impl Serialize for WithMethod<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        const KEY: &str = "METHOD";
+        const VALUE: &str = "response";
+        let len = self.0.len() + usize::from(!self.0.contains_key(KEY));
+        let mut map = serializer.serialize_map(Some(len))?;
+        let mut written = false;
+        for (key, value) in self.0 {
+            if !written && key.as_str() >= KEY {
+                map.serialize_entry(KEY, VALUE)?;
+                written = true;
+            }
+            if key != KEY {
+                map.serialize_entry(key, value)?;
+            }
+        }
+        if !written {
+            map.serialize_entry(KEY, VALUE)?;
+        }
+        map.end()
+    }
+}
+
 /// A heartbeat or its answer, a discovery request, or a refusal.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct WireControl {
@@ -373,17 +425,57 @@ pub fn encode(frame: &Frame, secret: &Secret, binding: &Binding) -> Result<Vec<B
     encode_to(None, frame, secret, binding)
 }
 
-/// [`encode`], after a routing identity when there is one (a ROUTER's reply). The body and its
-/// MAC share one buffer.
+/// [`encode`], after a routing identity when there is one (a ROUTER's reply).
 pub(crate) fn encode_to(
     identity: Option<Bytes>,
     frame: &Frame,
     secret: &Secret,
     binding: &Binding,
 ) -> Result<Vec<Bytes>, Error> {
-    let kind = frame.kind();
+    seal(identity, frame.kind(), secret, binding, |out| {
+        write_body(frame, out)
+    })
+}
+
+/// The frames of a request, written from borrowed fields (the caller keeps its call): the
+/// same bytes as [`encode`] of the owned [`WireRequest`].
+pub(crate) fn encode_request(
+    request: &RequestView<'_>,
+    secret: &Secret,
+    binding: &Binding,
+) -> Result<Vec<Bytes>, Error> {
+    seal(None, Kind::Request, secret, binding, |out| {
+        rmp_serde::encode::write_named(out, request)
+            .map_err(|e| Error::Malformed(format!("cannot encode: {e}")))
+    })
+}
+
+/// The frames of a response to `identity`, written from borrowed fields, with the `METHOD`
+/// header set to `response` whatever the handler put there: the same bytes as [`encode_to`]
+/// of the owned [`WireResponse`] after that header's insertion.
+pub(crate) fn encode_response(
+    identity: Bytes,
+    response: &ResponseView<'_>,
+    secret: &Secret,
+    binding: &Binding,
+) -> Result<Vec<Bytes>, Error> {
+    seal(Some(identity), Kind::Response, secret, binding, |out| {
+        rmp_serde::encode::write_named(out, response)
+            .map_err(|e| Error::Malformed(format!("cannot encode: {e}")))
+    })
+}
+
+/// Writes a body with `write`, then the frames around it; the body and its MAC share one
+/// buffer.
+fn seal(
+    identity: Option<Bytes>,
+    kind: Kind,
+    secret: &Secret,
+    binding: &Binding,
+    write: impl FnOnce(&mut bytes::buf::Writer<bytes::BytesMut>) -> Result<(), Error>,
+) -> Result<Vec<Bytes>, Error> {
     let mut buffer = bytes::BytesMut::with_capacity(256).writer();
-    write_body(frame, &mut buffer)?;
+    write(&mut buffer)?;
     let mut buffer = buffer.into_inner();
     let body = buffer.split().freeze();
     let mut frames = Vec::with_capacity(5);
@@ -437,7 +529,11 @@ fn unauthenticated_id(body: &[u8]) -> Result<String, Error> {
 /// Reads the frames after the routing identity: checks the MAC (in constant time, against
 /// each of `secrets` in turn, requests and responses bound to `binding`) over the raw bytes,
 /// and only then parses the body.
-pub fn decode(frames: &[Bytes], secrets: &[Secret], binding: &Binding) -> Result<Decoded, Error> {
+pub fn decode<F: AsRef<[u8]>>(
+    frames: &[F],
+    secrets: &[Secret],
+    binding: &Binding,
+) -> Result<Decoded, Error> {
     let [marker, kind, body, rest @ ..] = frames else {
         return Err(Error::Malformed(format!(
             "expected 3 or 4 frames, got {}",
@@ -459,6 +555,7 @@ pub fn decode(frames: &[Bytes], secrets: &[Secret], binding: &Binding) -> Result
             )));
         }
     };
+    let body = body.as_ref();
     if body.len() > MAX_BODY {
         return Err(Error::Malformed(format!(
             "body of {} bytes is above {MAX_BODY}",
@@ -471,6 +568,7 @@ pub fn decode(frames: &[Bytes], secrets: &[Secret], binding: &Binding) -> Result
     let [tag] = rest else {
         return Err(Error::Malformed("a MAC frame is required".into()));
     };
+    let tag = tag.as_ref();
     let Some(secret) = secrets.iter().position(|secret| {
         mac_of(secret, kind, binding, body)
             .verify_slice(tag)
@@ -596,6 +694,69 @@ mod tests {
         match decode(&frames, &[secret], &bound("i1")).expect("decodes") {
             Decoded::Frame(frame, 0) => assert_eq!(frame, request()),
             other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn borrowed_views_write_the_bytes_of_the_owned_frames() {
+        let (secret, binding) = (Secret::new("k"), bound("i1"));
+        let Frame::Request(owned) = request() else {
+            unreachable!("a request")
+        };
+        let view = RequestView {
+            id: &owned.id,
+            ts: owned.ts,
+            path: &owned.path,
+            method: &owned.method,
+            arguments: &owned.arguments,
+            headers: &owned.headers,
+            body: &owned.body,
+        };
+        assert_eq!(
+            encode_request(&view, &secret, &binding).expect("encodes"),
+            encode(&Frame::Request(owned.clone()), &secret, &binding).expect("encodes")
+        );
+        // Responses gain `METHOD: response` in key order, replacing what the handler set.
+        let payload = serde_json::json!({"a": 1})
+            .as_object()
+            .cloned()
+            .unwrap_or_default();
+        for given in [
+            vec![],
+            vec![("A", "1")],
+            vec![("Z", "1")],
+            vec![("A", "1"), ("METHOD", "request"), ("Z", "2")],
+        ] {
+            let headers: BTreeMap<String, String> = given
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            let view = ResponseView {
+                id: "id-1",
+                ts: 5,
+                path: "/p",
+                status: 200,
+                status_msg: "OK",
+                headers: WithMethod(&headers),
+                payload: &payload,
+            };
+            let mut with_method = headers.clone();
+            with_method.insert("METHOD".into(), "response".into());
+            let owned = Frame::Response(WireResponse {
+                id: "id-1".into(),
+                ts: 5,
+                path: "/p".into(),
+                status: 200,
+                status_msg: "OK".into(),
+                headers: with_method,
+                payload: payload.clone(),
+            });
+            let identity = Bytes::from_static(b"peer");
+            assert_eq!(
+                encode_response(identity.clone(), &view, &secret, &binding).expect("encodes"),
+                encode_to(Some(identity), &owned, &secret, &binding).expect("encodes"),
+                "{given:?}"
+            );
         }
     }
 

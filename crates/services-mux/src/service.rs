@@ -15,8 +15,8 @@ use tokio::sync::{Semaphore, watch};
 
 use crate::Error;
 use crate::protocol::{
-    self, Binding, Decoded, Frame, Method, ReplayGuard, RouteInfo, Secret, WireControl,
-    WireRequest, WireResponse, WireRoutes,
+    self, Binding, Decoded, Frame, Method, ReplayGuard, ResponseView, RouteInfo, Secret,
+    WireControl, WireRequest, WireResponse, WireRoutes, WithMethod,
 };
 
 /// A request as a handler sees it.
@@ -314,28 +314,37 @@ impl Service {
         };
         let mut allowed = BTreeSet::new();
         for route in &self.routes {
-            let Some(captures) = route.pattern.captures(&request.path) else {
-                continue;
+            // A pattern without groups needs only its match (no captures to allocate).
+            let (captures, named) = if route.pattern.captures_len() == 1 {
+                let Some(whole) = route.pattern.find(&request.path) else {
+                    continue;
+                };
+                (vec![Some(whole.as_str().to_owned())], HashMap::new())
+            } else {
+                let Some(captures) = route.pattern.captures(&request.path) else {
+                    continue;
+                };
+                let named = route
+                    .pattern
+                    .capture_names()
+                    .flatten()
+                    .filter_map(|name| {
+                        captures
+                            .name(name)
+                            .map(|m| (name.to_owned(), m.as_str().to_owned()))
+                    })
+                    .collect();
+                let captures = captures
+                    .iter()
+                    .map(|c| c.map(|m| m.as_str().to_owned()))
+                    .collect();
+                (captures, named)
             };
             let Some((handler, timeout)) = route.methods.get(&method) else {
                 allowed.extend(route.methods.keys().map(|m| m.as_str()));
                 continue;
             };
-            let named = route
-                .pattern
-                .capture_names()
-                .flatten()
-                .filter_map(|name| {
-                    captures
-                        .name(name)
-                        .map(|m| (name.to_owned(), m.as_str().to_owned()))
-                })
-                .collect();
-            let captures = captures
-                .iter()
-                .map(|c| c.map(|m| m.as_str().to_owned()))
-                .collect();
-            let path = request.path.clone();
+            let route_pattern = route.pattern.as_str();
             let view = ServiceRequest {
                 id: request.id,
                 path: request.path,
@@ -360,11 +369,11 @@ impl Service {
             return match outcome {
                 Ok(Ok(response)) => response,
                 Ok(Err(_)) => {
-                    tracing::error!(%path, "a service handler panicked");
+                    tracing::error!(route = %route_pattern, "a service handler panicked");
                     ServiceResponse::new(500, "the handler panicked")
                 }
                 Err(_) => {
-                    tracing::warn!(%path, ?timeout, "a service handler ran past its timeout");
+                    tracing::warn!(route = %route_pattern, ?timeout, "a service handler ran past its timeout");
                     ServiceResponse::new(
                         504,
                         format!("the handler did not answer within {timeout:?}"),
@@ -479,6 +488,9 @@ struct Replier {
     outgoing: Arc<Semaphore>,
 }
 
+/// The most frames a message may have after its routing identity (a services-mux frame has
+/// three or four).
+const MAX_FRAMES: usize = 4;
 /// How long a handler may compute in the receive loop before its first await (see `run`).
 const INLINE_LIMIT: Duration = Duration::from_millis(2);
 /// Replies the receive loop may have on their way out at once; beyond, one is dropped.
@@ -489,18 +501,54 @@ const REPLY_DEADLINE: Duration = Duration::from_secs(5);
 impl Replier {
     /// Sends `frame` to `identity`, signed with secret number `secret`.
     async fn send(&self, identity: Bytes, frame: &Frame, secret: usize) {
-        let key = self
-            .service
+        let frames =
+            match protocol::encode_to(Some(identity), frame, self.key(secret), &self.binding) {
+                Ok(frames) => frames,
+                Err(error) => {
+                    tracing::error!(%error, "cannot encode a reply");
+                    return;
+                }
+            };
+        self.deliver(frames).await;
+    }
+
+    /// Sends a handler's `response` to call `id` on `path` to `identity`.
+    async fn send_response(
+        &self,
+        identity: Bytes,
+        id: &str,
+        path: &str,
+        response: &ServiceResponse,
+        secret: usize,
+    ) {
+        let view = ResponseView {
+            id,
+            ts: protocol::now_ms(),
+            path,
+            status: response.status,
+            status_msg: &response.status_msg,
+            headers: WithMethod(&response.headers),
+            payload: &response.payload,
+        };
+        let frames =
+            match protocol::encode_response(identity, &view, self.key(secret), &self.binding) {
+                Ok(frames) => frames,
+                Err(error) => {
+                    tracing::error!(%error, "cannot encode a reply");
+                    return;
+                }
+            };
+        self.deliver(frames).await;
+    }
+
+    fn key(&self, secret: usize) -> &Secret {
+        self.service
             .secrets
             .get(secret)
-            .unwrap_or(&self.service.secrets[0]);
-        let frames = match protocol::encode_to(Some(identity), frame, key, &self.binding) {
-            Ok(frames) => frames,
-            Err(error) => {
-                tracing::error!(%error, "cannot encode a reply");
-                return;
-            }
-        };
+            .unwrap_or(&self.service.secrets[0])
+    }
+
+    async fn deliver(&self, frames: Vec<Bytes>) {
         if let Err(error) = self.socket.send_within(frames, REPLY_DEADLINE).await {
             // The caller went away, or does not read.
             tracing::debug!(%error, "could not send a reply; the caller is gone");
@@ -562,23 +610,33 @@ async fn run(
                 }
                 continue;
             }
-            message = socket.recv() => message,
+            message = socket.recv_message() => message,
         };
         // Forget the handlers that have ended (at most the slots and the queue).
         while handlers.try_join_next().is_some() {}
-        let mut frames = match message {
-            Ok(frames) => frames,
+        let message = match message {
+            Ok(message) => message,
             Err(error) if error.is_closed() => break,
             Err(error) => {
                 tracing::warn!(%error, %address, "receiving failed");
                 continue;
             }
         };
-        if frames.is_empty() {
+        // The frames after the routing identity, borrowed: nothing is copied before the MAC
+        // is checked.
+        let mut parts: [&[u8]; MAX_FRAMES] = [&[]; MAX_FRAMES];
+        let count = message.len().saturating_sub(1);
+        let Some(identity) = message.bytes(0) else {
+            continue;
+        };
+        if count > MAX_FRAMES {
+            tracing::warn!(%address, frames = count, "dropped a message of too many frames");
             continue;
         }
-        let identity = frames.remove(0);
-        let (frame, secret) = match protocol::decode(&frames, &service.secrets, &binding) {
+        for (index, part) in parts.iter_mut().enumerate().take(count) {
+            *part = message.part(index + 1).unwrap_or_default();
+        }
+        let (frame, secret) = match protocol::decode(&parts[..count], &service.secrets, &binding) {
             Ok(Decoded::Frame(frame, secret)) => (frame, secret),
             Ok(Decoded::BadMac { id }) => {
                 tracing::warn!(%address, call = %id, "refused a frame whose MAC does not match: wrong shared secret, or bound to another instance");
@@ -641,9 +699,9 @@ async fn run(
                         }
                     };
                     let (id, path) = (request.id.clone(), request.path.clone());
-                    let response = service.dispatch(request).await.into_wire(&id, &path);
+                    let response = service.dispatch(request).await;
                     replier
-                        .send(identity, &Frame::Response(response), secret)
+                        .send_response(identity, &id, &path, &response, secret)
                         .await;
                     drop(permit);
                 });

@@ -43,7 +43,7 @@ impl Socket {
     /// A new socket of `kind`. Must be called within a tokio runtime.
     pub fn new(kind: Kind, options: &Options) -> Result<Self, Error> {
         let inner = omq_tokio::Socket::try_new(kind.omq(), options.omq()?)
-            .map_err(Error::socket("create", "(new socket)"))?;
+            .map_err(|e| Error::socket("create", "(new socket)")(e))?;
         let stats = Arc::new(Stats::default());
         tokio::spawn(watch(kind, inner.monitor(), stats.clone()));
         Ok(Socket {
@@ -89,7 +89,7 @@ impl Socket {
             .inner
             .bind(address)
             .await
-            .map_err(Error::socket("bind", address))?
+            .map_err(|e| Error::socket("bind", address)(e))?
             .to_string();
         self.remember(&bound);
         Ok(bound)
@@ -102,7 +102,7 @@ impl Socket {
         self.inner
             .connect(address)
             .await
-            .map_err(Error::socket("connect", address))?;
+            .map_err(|e| Error::socket("connect", address)(e))?;
         self.remember(address);
         Ok(())
     }
@@ -113,7 +113,7 @@ impl Socket {
         self.inner
             .subscribe(prefix)
             .await
-            .map_err(Error::socket("subscribe", &self.address()))
+            .map_err(|e| Error::socket("subscribe", &self.address())(e))
     }
 
     /// Sends one message, waiting at most the socket's send timeout for a peer to take it
@@ -139,7 +139,7 @@ impl Socket {
             }
         };
         match tokio::time::timeout(deadline, self.inner.send(message)).await {
-            Ok(sent) => sent.map_err(Error::socket("send", &self.address())),
+            Ok(sent) => sent.map_err(|e| Error::socket("send", &self.address())(e)),
             Err(_) => Err(Error::SendTimeout {
                 address: self.address(),
                 waited: deadline,
@@ -150,14 +150,18 @@ impl Socket {
     /// Receives the next message (a ROUTER's starts with the peer's identity; an XPUB's
     /// subscriptions come as `\x01prefix` and `\x00prefix`).
     pub async fn recv(&self) -> Result<Vec<Bytes>, Error> {
+        Ok(self.recv_message().await?.into_frames())
+    }
+
+    /// Receives the next message without copying its frames out: [`Received::part`] borrows
+    /// them, which saves an allocation per small frame for a reader that only parses.
+    pub async fn recv_message(&self) -> Result<Received, Error> {
         let message = self
             .inner
             .recv()
             .await
-            .map_err(Error::socket("receive", &self.address()))?;
-        Ok((0..message.len())
-            .map(|i| message.part_bytes(i).unwrap_or_default())
-            .collect())
+            .map_err(|e| Error::socket("receive", &self.address())(e))?;
+        Ok(Received { message })
     }
 
     /// The socket's connection events from now on.
@@ -177,7 +181,7 @@ impl Socket {
         self.inner
             .wait_connected(count, deadline)
             .await
-            .map_err(Error::socket("wait for peers", &self.address()))
+            .map_err(|e| Error::socket("wait for peers", &self.address())(e))
     }
 
     /// The counters of this socket's connections.
@@ -192,6 +196,48 @@ impl Socket {
         if let Err(error) = self.inner.close().await {
             tracing::debug!(%address, %error, "closing");
         }
+    }
+}
+
+/// One received message, its frames borrowed from the transport's buffers.
+pub struct Received {
+    message: omq_tokio::Message,
+}
+
+impl std::fmt::Debug for Received {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Received")
+            .field("frames", &self.len())
+            .finish()
+    }
+}
+
+impl Received {
+    /// How many frames the message has.
+    pub fn len(&self) -> usize {
+        self.message.len()
+    }
+
+    /// Whether the message has no frame.
+    pub fn is_empty(&self) -> bool {
+        self.message.is_empty()
+    }
+
+    /// Frame `index`, borrowed.
+    pub fn part(&self, index: usize) -> Option<&[u8]> {
+        self.message.part_slice(index)
+    }
+
+    /// Frame `index`, owned (small frames are copied).
+    pub fn bytes(&self, index: usize) -> Option<Bytes> {
+        self.message.part_bytes(index)
+    }
+
+    /// Every frame, owned.
+    pub fn into_frames(self) -> Vec<Bytes> {
+        (0..self.message.len())
+            .map(|i| self.message.part_bytes(i).unwrap_or_default())
+            .collect()
     }
 }
 

@@ -19,11 +19,43 @@ pub(crate) struct Connection {
     /// The app name: servers and clients of one app share its queues.
     #[arg(long, default_value = "syrpc")]
     app: String,
+    /// How long a result waits in its queue, in seconds (`x-message-ttl`; a result fetched
+    /// later is gone). Every peer of the app must use the same value: the broker refuses to
+    /// declare a queue again with other arguments.
+    #[arg(long, default_value_t = 10.0, env = "RYLM_SYRPC_MSG_TTL")]
+    msg_ttl: f64,
+    /// How long an unused result queue lives, in seconds (`x-expires`). Every peer of the app
+    /// must use the same value.
+    #[arg(long, default_value_t = 10_800.0, env = "RYLM_SYRPC_QUEUE_TTL")]
+    queue_ttl: f64,
+    /// How many result queues results are spread over. Every peer of the app must use the
+    /// same number, or results go to queues nobody reads.
+    #[arg(long, default_value_t = 64, env = "RYLM_SYRPC_NUM_QUEUES")]
+    num_queues: u32,
+    /// Give up reconnecting to the broker after this many seconds (default: never).
+    #[arg(long, env = "RYLM_SYRPC_RECONNECT_FOR")]
+    reconnect_for: Option<f64>,
+    /// How long a handler may run, in seconds; past it, the caller gets an exception.
+    #[arg(long, default_value_t = 300.0, env = "RYLM_SYRPC_HANDLER_TIMEOUT")]
+    handler_timeout: f64,
+    /// How long a publish may wait for the broker's confirm, in seconds.
+    #[arg(long, default_value_t = 30.0, env = "RYLM_SYRPC_CONFIRM_TIMEOUT")]
+    confirm_timeout: f64,
 }
 
 impl Connection {
-    fn settings(&self) -> Settings {
-        Settings::new(&self.app, &self.url)
+    fn settings(&self) -> Result<Settings> {
+        let reconnect_for = self.reconnect_for.map(seconds).transpose()?;
+        let settings = Settings::new(&self.app, &self.url)
+            .with_ttls(seconds(self.queue_ttl)?, seconds(self.msg_ttl)?)
+            .with_num_queues(self.num_queues)
+            .with_connect_timeouts(Duration::from_secs(10), reconnect_for)
+            .with_limits(
+                seconds(self.handler_timeout)?,
+                seconds(self.confirm_timeout)?,
+            );
+        settings.validate()?;
+        Ok(settings)
     }
 }
 
@@ -113,7 +145,7 @@ pub(crate) async fn run(command: SyrpcCommand) -> Result<()> {
             connection,
             prefetch,
         } => {
-            let server = Server::connect(connection.settings().with_prefetch(prefetch)).await?;
+            let server = Server::connect(connection.settings()?.with_prefetch(prefetch)).await?;
             eprintln!(
                 "rylm syrpc: serving app {:?} (echo, upper, reverse, sleep, fail); Ctrl-C stops",
                 connection.app
@@ -133,7 +165,7 @@ pub(crate) async fn run(command: SyrpcCommand) -> Result<()> {
             data,
             timeout,
         } => {
-            let client = Client::connect(connection.settings()).await?;
+            let client = Client::connect(connection.settings()?).await?;
             let result = client
                 .call(&type_, &parse_data(&data), Some(seconds(timeout)?))
                 .await;
@@ -145,7 +177,7 @@ pub(crate) async fn run(command: SyrpcCommand) -> Result<()> {
             type_,
             data,
         } => {
-            let client = Client::connect(connection.settings()).await?;
+            let client = Client::connect(connection.settings()?).await?;
             let id = client.put_request(&type_, &parse_data(&data)).await?;
             client.close().await;
             println!("{id}");
@@ -156,7 +188,7 @@ pub(crate) async fn run(command: SyrpcCommand) -> Result<()> {
             result_id,
             timeout,
         } => {
-            let client = Client::connect(connection.settings()).await?;
+            let client = Client::connect(connection.settings()?).await?;
             let result = client
                 .get_result(&ResultId::from(result_id), Some(seconds(timeout)?))
                 .await;
@@ -188,6 +220,52 @@ mod tests {
         assert_eq!(parse_data("hello"), Value::from("hello"));
         assert_eq!(parse_data("[1,2]"), serde_json::json!([1, 2]));
         assert_eq!(parse_data("\"quoted\""), Value::from("quoted"));
+    }
+
+    #[test]
+    fn every_setting_peers_must_share_comes_from_the_command_line() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Wrapper {
+            #[command(flatten)]
+            connection: Connection,
+        }
+        let parse = |args: &[&str]| {
+            Wrapper::try_parse_from(std::iter::once("rylm").chain(args.iter().copied()))
+                .expect("parses")
+                .connection
+                .settings()
+        };
+        let settings = parse(&[
+            "--app",
+            "shop",
+            "--msg-ttl",
+            "30",
+            "--queue-ttl",
+            "600",
+            "--num-queues",
+            "8",
+            "--reconnect-for",
+            "5",
+            "--handler-timeout",
+            "2.5",
+            "--confirm-timeout",
+            "3",
+        ])
+        .expect("valid");
+        assert_eq!(settings.msg_ttl, Duration::from_secs(30));
+        assert_eq!(settings.ttl, Duration::from_secs(600));
+        assert_eq!(settings.num_queues, 8);
+        assert_eq!(settings.reconnect_for, Some(Duration::from_secs(5)));
+        assert_eq!(settings.handler_timeout, Duration::from_millis(2500));
+        assert_eq!(settings.confirm_timeout, Duration::from_secs(3));
+        // The defaults are the peers'; reconnecting goes on for as long as it runs.
+        let defaults = parse(&[]).expect("valid");
+        assert_eq!(defaults.msg_ttl, Duration::from_secs(10));
+        assert_eq!(defaults.num_queues, 64);
+        assert_eq!(defaults.reconnect_for, None);
+        assert!(parse(&["--num-queues", "0"]).is_err());
+        assert!(parse(&["--msg-ttl=-1"]).is_err());
     }
 
     #[tokio::test]

@@ -1,17 +1,34 @@
 //! The client: put a request, get its result by id, from any process.
 //!
-//! Results for many ids share a result queue (a bucket). While callers of this client wait on a
-//! bucket, one reader task consumes it on a channel of its own:
+//! # Waiting on a shared bucket
 //!
-//! - a result some caller waits for is acknowledged and handed over;
-//! - a result nobody here waits for is **held**, unacknowledged, so that a caller of this client
-//!   who asks for it a moment later gets it at once; after `hold_foreign_for` it is handed back
-//!   to the broker (one `nack` with requeue), where another process can take it;
-//! - when no caller waits any more, the reader closes its channel, which hands every held result
-//!   back to the broker and leaves no consumer behind.
+//! The wire fixes where a result goes: the result exchange routes it by its bucket number
+//! (`0..num_queues`, a hash of its id) to that bucket's queue, which every client of the app
+//! that waits for a result in the bucket consumes. Several waiting clients, in one process or
+//! many, compete for one queue, and each of them takes messages meant for the others. The
+//! published clients reject and requeue those in a hot loop; holding them and handing them
+//! back (rylm's first design) still let two clients hold each other's results until they
+//! expired. So, while callers of this client wait on a bucket, its reader task does this:
 //!
-//! So a result meant for someone else is never lost and never bounced back and forth thousands
-//! of times a second, as the published clients' reject-requeue loop does.
+//! - It binds a **private queue** of its own (exclusive, deleted with its channel) to the
+//!   result exchange with the bucket's routing key, so that every result published to the
+//!   bucket while it waits is also copied to it: a result published after its caller started
+//!   waiting reaches it at once, whoever else waits on the bucket.
+//! - It consumes the **bucket queue** too, for results published before anyone waited (the
+//!   stateless pattern: put now, get later from elsewhere). A result some caller here waits
+//!   for is acknowledged and handed over. A result nobody here waits for is **published again
+//!   once**, marked, so that the private queue of whichever client waits for it gets a copy,
+//!   and then acknowledged (the new copy is in the bucket queue for later fetchers). A marked
+//!   result nobody here waits for is **held** a moment (a caller here may ask for it) and then
+//!   handed back to the broker (one `nack` with requeue), never bounced in a loop.
+//! - The copy of a result it already delivered (an original after its private copy, or the
+//!   other way round) is acknowledged and dropped.
+//! - When no caller waits any more, the reader closes its channel: the private queue goes, and
+//!   every held result goes back to the broker.
+//!
+//! A result is therefore delivered to its waiting caller within one publish of its arrival,
+//! and a result may be delivered more than once (to two callers of the same id in different
+//! processes, or again after a reconnect): results are at-least-once.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -21,14 +38,17 @@ use std::time::{Duration, Instant};
 use futures_lite::StreamExt;
 use lapin::Acker;
 use lapin::Channel;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
-use lapin::types::FieldTable;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, QueueBindOptions,
+    QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
 use serde::Serialize;
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::Error;
-use crate::link::{Link, Outgoing};
+use crate::link::{FANNED_OUT, Link, Outgoing};
 use crate::protocol::{self, ResultId, Settings};
 
 /// How many unacknowledged results one bucket reader may hold.
@@ -56,6 +76,14 @@ pub struct ClientStats {
     pub delivered: AtomicU64,
     /// Malformed messages found on result queues, acknowledged and dropped.
     pub malformed: AtomicU64,
+    /// Results nobody here waited for, published again once so that their waiting clients
+    /// get a copy.
+    pub fanned_out: AtomicU64,
+    /// Second copies of results already delivered here, acknowledged and dropped.
+    pub duplicates_dropped: AtomicU64,
+    /// Times a bucket's reader had to open its consumers again (a lost connection, a queue
+    /// deleted under it, a consumer cancelled by the broker).
+    pub reopened: AtomicU64,
 }
 
 struct Inner {
@@ -114,8 +142,19 @@ impl Client {
     }
 
     /// Publishes a request of `type_` with `data` and returns its result id at once; the
-    /// broker has confirmed the request when this returns.
+    /// broker has confirmed the request when this returns. While the broker is unreachable it
+    /// keeps trying, up to the settings' `timeout` (then [`Error::PublishTimeout`]).
     pub async fn put_request(&self, type_: &str, data: &impl Serialize) -> Result<ResultId, Error> {
+        self.put_request_within(type_, data, self.inner.link.settings.timeout)
+            .await
+    }
+
+    async fn put_request_within(
+        &self,
+        type_: &str,
+        data: &impl Serialize,
+        deadline: Option<Duration>,
+    ) -> Result<ResultId, Error> {
         let data = serde_json::to_value(data).map_err(|e| Error::Encode(e.to_string()))?;
         let result_id = ResultId::new();
         let body = protocol::encode_request(&result_id, type_, &data)?;
@@ -123,14 +162,18 @@ impl Client {
         let exchange = settings.request_exchange();
         self.inner
             .link
-            .publish(Outgoing {
-                what: "request",
-                exchange: &exchange,
-                routing_key: &exchange,
-                body: &body,
-                expiration: settings.request_ttl,
-                bucket: None,
-            })
+            .publish(
+                Outgoing {
+                    what: "request",
+                    exchange: &exchange,
+                    routing_key: &exchange,
+                    body: &body,
+                    expiration: settings.request_ttl,
+                    bucket: None,
+                    fanned_out: false,
+                },
+                deadline,
+            )
             .await?;
         Ok(result_id)
     }
@@ -175,15 +218,18 @@ impl Client {
         }
     }
 
-    /// `put_request` then `get_result`.
+    /// `put_request` then `get_result`, both within `deadline` (or the settings' `timeout`).
     pub async fn call(
         &self,
         type_: &str,
         data: &impl Serialize,
         deadline: Option<Duration>,
     ) -> Result<Value, Error> {
-        let result_id = self.put_request(type_, data).await?;
-        self.get_result(&result_id, deadline).await
+        let deadline = deadline.or(self.inner.link.settings.timeout);
+        let started = Instant::now();
+        let result_id = self.put_request_within(type_, data, deadline).await?;
+        let remaining = deadline.map(|limit| limit.saturating_sub(started.elapsed()));
+        self.get_result(&result_id, remaining).await
     }
 
     /// Closes the connection; calls still waiting fail with [`Error::Closed`].
@@ -228,11 +274,25 @@ struct Held {
     since: Instant,
 }
 
+/// Which queue a delivery came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Source {
+    /// The bucket's queue, shared with every other client of the app.
+    Bucket,
+    /// This reader's own copy of what is published to the bucket.
+    Private,
+}
+
 struct Reader {
     bucket: u32,
     waiters: HashMap<ResultId, Vec<Reply>>,
     held: HashMap<ResultId, Held>,
+    /// Results delivered here lately (their other copy may still come by), and when.
+    delivered: HashMap<ResultId, Instant>,
 }
+
+/// How many delivered ids a reader remembers at most (each for a message TTL).
+const REMEMBERED: usize = 100_000;
 
 impl Reader {
     fn has_waiters(&self) -> bool {
@@ -248,17 +308,44 @@ impl Reader {
         });
     }
 
+    fn remember_delivered(&mut self, result_id: ResultId) {
+        if self.delivered.len() >= REMEMBERED {
+            // Forgetting early only means a second copy is handled as a foreign result.
+            let oldest = self
+                .delivered
+                .iter()
+                .min_by_key(|(_, at)| **at)
+                .map(|(id, _)| id.clone());
+            if let Some(oldest) = oldest {
+                self.delivered.remove(&oldest);
+            }
+        }
+        self.delivered.insert(result_id, Instant::now());
+    }
+
+    fn deliver(&mut self, inner: &Inner, result_id: ResultId, replies: Vec<Reply>, data: Value) {
+        inner.stats.delivered.fetch_add(1, Ordering::Relaxed);
+        for reply in replies {
+            let _ = reply.send(Ok(data.clone()));
+        }
+        self.remember_delivered(result_id);
+    }
+
     async fn on_wait(&mut self, inner: &Inner, result_id: ResultId, reply: Reply) {
         if let Some(held) = self.held.remove(&result_id) {
             let _ = held.acker.ack(BasicAckOptions::default()).await;
-            inner.stats.delivered.fetch_add(1, Ordering::Relaxed);
-            let _ = reply.send(Ok(held.data));
+            self.deliver(inner, result_id, vec![reply], held.data);
         } else {
             self.waiters.entry(result_id).or_default().push(reply);
         }
     }
 
-    async fn on_result(&mut self, inner: &Inner, delivery: lapin::message::Delivery) {
+    async fn on_result(
+        &mut self,
+        inner: &Inner,
+        source: Source,
+        delivery: lapin::message::Delivery,
+    ) {
         let body = match protocol::decode_result(&delivery.data) {
             Ok(body) => body,
             Err(error) => {
@@ -268,31 +355,77 @@ impl Reader {
                 return;
             }
         };
-        match self.waiters.remove(&body.result_id) {
-            Some(replies) => {
-                let _ = delivery.acker.ack(BasicAckOptions::default()).await;
-                inner.stats.delivered.fetch_add(1, Ordering::Relaxed);
-                for reply in replies {
-                    let _ = reply.send(Ok(body.data.clone()));
-                }
+        if let Some(replies) = self.waiters.remove(&body.result_id) {
+            let _ = delivery.acker.ack(BasicAckOptions::default()).await;
+            self.deliver(inner, body.result_id, replies, body.data);
+            return;
+        }
+        if source == Source::Private || self.delivered.contains_key(&body.result_id) {
+            // A copy: of a result delivered here already, or (private) of one that nobody here
+            // waits for, whose original is in the bucket queue.
+            if self.delivered.contains_key(&body.result_id) {
+                inner
+                    .stats
+                    .duplicates_dropped
+                    .fetch_add(1, Ordering::Relaxed);
             }
-            None => {
-                let held = Held {
-                    acker: delivery.acker,
-                    data: body.data,
-                    since: Instant::now(),
-                };
-                // A duplicate (at-least-once delivery): keep the newer, hand the older back.
-                if let Some(older) = self.held.insert(body.result_id, held) {
-                    let _ = older.acker.nack(requeue()).await;
-                    inner.stats.handed_back.fetch_add(1, Ordering::Relaxed);
-                }
+            let _ = delivery.acker.ack(BasicAckOptions::default()).await;
+            return;
+        }
+        let marked = delivery
+            .properties
+            .headers()
+            .as_ref()
+            .is_some_and(|headers| headers.inner().contains_key(FANNED_OUT));
+        if !marked && self.fan_out(inner, &delivery.data).await {
+            let _ = delivery.acker.ack(BasicAckOptions::default()).await;
+            inner.stats.fanned_out.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let held = Held {
+            acker: delivery.acker,
+            data: body.data,
+            since: Instant::now(),
+        };
+        // A duplicate (at-least-once delivery): keep the newer, hand the older back.
+        if let Some(older) = self.held.insert(body.result_id, held) {
+            let _ = older.acker.nack(requeue()).await;
+            inner.stats.handed_back.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Publishes a result again, marked, so that every client waiting on the bucket gets a
+    /// copy in its private queue; true once the broker confirmed it.
+    async fn fan_out(&self, inner: &Inner, body: &[u8]) -> bool {
+        let settings = &inner.link.settings;
+        let routing_key = self.bucket.to_string();
+        let published = inner
+            .link
+            .publish(
+                Outgoing {
+                    what: "result",
+                    exchange: &settings.result_exchange(),
+                    routing_key: &routing_key,
+                    body,
+                    expiration: None,
+                    bucket: Some(self.bucket),
+                    fanned_out: true,
+                },
+                Some(settings.confirm_timeout),
+            )
+            .await;
+        match published {
+            Ok(()) => true,
+            Err(error) => {
+                tracing::debug!(bucket = self.bucket, %error, "could not publish a foreign result again; holding it");
+                false
             }
         }
     }
 
-    /// Hands results held longer than `hold` back to the broker, for other processes.
-    async fn release_stale(&mut self, inner: &Inner, hold: Duration) {
+    /// Hands results held longer than `hold` back to the broker, for other processes, and
+    /// forgets deliveries older than `remember`.
+    async fn release_stale(&mut self, inner: &Inner, hold: Duration, remember: Duration) {
         let stale: Vec<ResultId> = self
             .held
             .iter()
@@ -305,6 +438,25 @@ impl Reader {
                 inner.stats.handed_back.fetch_add(1, Ordering::Relaxed);
             }
         }
+        self.delivered.retain(|_, at| at.elapsed() < remember);
+    }
+
+    /// Fails every caller waiting here, and every command not yet read, with `error`.
+    fn fail_all(
+        &mut self,
+        commands: &mut mpsc::UnboundedReceiver<Command>,
+        error: impl Fn() -> Error,
+    ) {
+        for (_, replies) in self.waiters.drain() {
+            for reply in replies {
+                let _ = reply.send(Err(error()));
+            }
+        }
+        while let Ok(command) = commands.try_recv() {
+            if let Command::Wait { reply, .. } = command {
+                let _ = reply.send(Err(error()));
+            }
+        }
     }
 }
 
@@ -315,23 +467,80 @@ fn requeue() -> BasicNackOptions {
     }
 }
 
-async fn open_consumer(link: &Link, bucket: u32) -> Result<(Channel, lapin::Consumer), Error> {
+/// A bucket's consumers: its shared queue, and a private queue bound to the same routing key.
+struct Consumers {
+    channel: Channel,
+    bucket: lapin::Consumer,
+    private: lapin::Consumer,
+}
+
+async fn open_consumers(link: &Link, bucket: u32) -> Result<Consumers, Error> {
     let (channel, generation) = link.channel().await?;
     channel
         .basic_qos(READER_PREFETCH, BasicQosOptions::default())
         .await
         .map_err(Error::amqp("basic.qos"))?;
+    // Declared again at every opening: the queue may be what went away.
+    link.forget_bucket(bucket);
     link.ensure_bucket(&channel, generation, bucket).await?;
-    let consumer = channel
+    let settings = &link.settings;
+    let mut arguments = FieldTable::default();
+    let (_, message_ttl) = settings.result_queue_arguments();
+    arguments.insert("x-message-ttl".into(), AMQPValue::LongInt(message_ttl));
+    let private = channel
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..QueueDeclareOptions::default()
+            },
+            arguments,
+        )
+        .await
+        .map_err(Error::amqp("queue.declare (private result copy)"))?;
+    channel
+        .queue_bind(
+            private.name().as_str().into(),
+            settings.result_exchange().as_str().into(),
+            bucket.to_string().as_str().into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(Error::amqp("queue.bind (private result copy)"))?;
+    let private = channel
         .basic_consume(
-            link.settings.result_queue(bucket).as_str().into(),
+            private.name().as_str().into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(Error::amqp("basic.consume (private result copy)"))?;
+    let shared = channel
+        .basic_consume(
+            settings.result_queue(bucket).as_str().into(),
             "".into(),
             BasicConsumeOptions::default(),
             FieldTable::default(),
         )
         .await
         .map_err(Error::amqp("basic.consume (result)"))?;
-    Ok((channel, consumer))
+    Ok(Consumers {
+        channel,
+        bucket: shared,
+        private,
+    })
+}
+
+/// Whether a failure to open a reader's consumers is final for its callers (the link gave
+/// up reconnecting, or the broker refuses us); others are retried.
+fn is_final(error: &Error) -> bool {
+    matches!(
+        error,
+        Error::Unreachable { .. } | Error::AccessRefused { .. } | Error::InvalidSettings(_)
+    )
 }
 
 async fn run_reader(
@@ -343,35 +552,65 @@ async fn run_reader(
         bucket,
         waiters: HashMap::new(),
         held: HashMap::new(),
+        delivered: HashMap::new(),
     };
     let mut idle_since: Option<Instant> = None;
+    let mut backoff = Duration::from_millis(100);
+    let mut opened_before = false;
     'connection: loop {
         let Some(strong) = inner.upgrade() else {
             return;
         };
         let hold = strong.link.settings.hold_foreign_for;
+        let remember = strong.link.settings.msg_ttl * 2;
         let tick = (hold / 2).clamp(Duration::from_millis(20), Duration::from_millis(250));
-        let (channel, mut consumer) = match open_consumer(&strong.link, bucket).await {
+        let consumers = match open_consumers(&strong.link, bucket).await {
             Ok(opened) => opened,
             Err(error) => {
-                // Nothing more can be done for the callers: tell them why.
-                for (_, replies) in reader.waiters.drain() {
-                    for reply in replies {
-                        let _ = reply.send(Err(Error::Unreachable {
-                            url: protocol::redact(&strong.link.settings.url),
-                            tried_for: strong.link.settings.reconnect_for,
-                            reason: error.to_string(),
-                        }));
+                // Read what came meanwhile, so that a caller who asked is counted.
+                while let Ok(command) = commands.try_recv() {
+                    match command {
+                        Command::Wait { result_id, reply } => {
+                            reader.waiters.entry(result_id).or_default().push(reply);
+                        }
+                        Command::GaveUp => reader.drop_abandoned(),
                     }
                 }
-                strong
-                    .readers
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(&bucket);
-                return;
+                reader.drop_abandoned();
+                if is_final(&error) || !reader.has_waiters() {
+                    // Leave under the map's lock, so that no command is sent to a reader that
+                    // is going away; whoever waits gets the reason.
+                    let _removed = strong
+                        .readers
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(&bucket);
+                    reader.fail_all(&mut commands, || Error::Unreachable {
+                        url: protocol::redact(&strong.link.settings.url),
+                        tried_for: strong.link.settings.reconnect_for.unwrap_or_default(),
+                        reason: error.to_string(),
+                    });
+                    return;
+                }
+                // A queue deleted under us, a channel error: try again while callers wait
+                // (each has its own deadline).
+                tracing::warn!(bucket, %error, "cannot consume the result queue; retrying in {backoff:?}");
+                drop(strong);
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+                continue 'connection;
             }
         };
+        if opened_before {
+            strong.stats.reopened.fetch_add(1, Ordering::Relaxed);
+        }
+        opened_before = true;
+        backoff = Duration::from_millis(100);
+        let Consumers {
+            channel,
+            bucket: mut shared,
+            mut private,
+        } = consumers;
         drop(strong);
         let mut ticker = tokio::time::interval(tick);
         loop {
@@ -382,6 +621,7 @@ async fn run_reader(
             let linger_until =
                 idle_since.map(|since| tokio::time::Instant::from_std(since + READER_LINGER));
             let mut leave = false;
+            let mut lost: Option<String> = None;
             tokio::select! {
                 command = commands.recv() => match command {
                     Some(Command::Wait { result_id, reply }) => {
@@ -394,24 +634,28 @@ async fn run_reader(
                         return;
                     }
                 },
-                delivery = consumer.next() => match delivery {
-                    Some(Ok(delivery)) => reader.on_result(&strong, delivery).await,
-                    Some(Err(error)) => {
-                        tracing::warn!(bucket, %error, "result consumer failed; reopening");
-                        reader.held.clear(); // the broker requeues them with the channel
-                        continue 'connection;
-                    }
-                    None => {
-                        tracing::warn!(bucket, "result consumer ended; reopening");
-                        reader.held.clear();
-                        continue 'connection;
-                    }
+                delivery = shared.next() => match delivery {
+                    Some(Ok(delivery)) => reader.on_result(&strong, Source::Bucket, delivery).await,
+                    Some(Err(error)) => lost = Some(error.to_string()),
+                    None => lost = Some("the broker cancelled the consumer (was the queue deleted?)".into()),
+                },
+                delivery = private.next() => match delivery {
+                    Some(Ok(delivery)) => reader.on_result(&strong, Source::Private, delivery).await,
+                    Some(Err(error)) => lost = Some(error.to_string()),
+                    None => lost = Some("the broker cancelled the private consumer".into()),
                 },
                 _ = ticker.tick() => {
                     reader.drop_abandoned();
-                    reader.release_stale(&strong, hold).await;
+                    reader.release_stale(&strong, hold, remember).await;
                 }
                 _ = sleep_until_or_never(linger_until) => leave = true,
+            }
+            if let Some(reason) = lost {
+                tracing::warn!(bucket, %reason, "result consumer stopped; opening it again");
+                // Held results go back to the broker with the channel.
+                reader.held.clear();
+                let _ = channel.close(200, "reopening".into()).await;
+                continue 'connection;
             }
             if reader.has_waiters() {
                 idle_since = None;

@@ -51,6 +51,30 @@ pub enum Error {
         what: &'static str,
     },
 
+    /// The broker did not confirm a publish in time (a memory or disk alarm blocks
+    /// publishers), or the publish could not be done within its deadline.
+    #[error("the broker did not confirm the {what} within {waited:?}")]
+    PublishTimeout {
+        /// What was published.
+        what: &'static str,
+        /// The deadline that passed.
+        waited: Duration,
+    },
+
+    /// The broker could not route a message (published `mandatory`) to any queue, even after
+    /// its queue was declared again.
+    #[error(
+        "the broker could not route the {what} (exchange {exchange}, routing key {routing_key})"
+    )]
+    Unroutable {
+        /// What was published.
+        what: &'static str,
+        /// The exchange.
+        exchange: String,
+        /// The routing key.
+        routing_key: String,
+    },
+
     /// A message on the wire is not valid SyRPC.
     #[error("malformed SyRPC {what}: {reason}")]
     Malformed {
@@ -94,6 +118,19 @@ pub enum Error {
 impl Error {
     pub(crate) fn amqp(operation: &'static str) -> impl FnOnce(lapin::Error) -> Error {
         move |source| Error::Amqp { operation, source }
+    }
+
+    /// True when the broker said NOT_FOUND: an exchange or queue we count on is gone.
+    pub(crate) fn is_not_found(&self) -> bool {
+        use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+        match self {
+            Error::Amqp { source, .. } => matches!(
+                source.kind(),
+                lapin::ErrorKind::ProtocolError(e)
+                    if matches!(e.kind(), AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND))
+            ),
+            _ => false,
+        }
     }
 
     /// True for failures that a new connection may cure.

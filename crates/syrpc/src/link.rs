@@ -1,10 +1,11 @@
 //! The connection to the broker: connecting, reconnecting after a loss, declaring the topology
 //! the peers expect, and publishing with confirms.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use lapin::Confirmation;
 use lapin::options::{
     BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
     QueueDeclareOptions,
@@ -18,6 +19,14 @@ use crate::protocol::{CONTENT_ENCODING, CONTENT_TYPE, Settings, redact};
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// While reconnecting, at most one warning per this long.
+const WARN_EVERY: Duration = Duration::from_secs(30);
+/// A result queue is declared again when its last declaration is this old (and at most a
+/// quarter of its `x-expires`), so that a queue the broker deleted while we were not looking
+/// comes back before results are routed nowhere.
+const REDECLARE_EVERY: Duration = Duration::from_secs(60);
+/// How often an unroutable result is declared-for and published again before it is an error.
+const UNROUTABLE_RETRIES: u32 = 3;
 
 /// One message to publish.
 pub(crate) struct Outgoing<'a> {
@@ -28,11 +37,18 @@ pub(crate) struct Outgoing<'a> {
     pub(crate) body: &'a [u8],
     /// A per-message time to live.
     pub(crate) expiration: Option<Duration>,
-    /// The result queue to declare first, for results.
+    /// The result queue to declare first, for results (which are then published `mandatory`:
+    /// a result the broker cannot route comes back, and its queue is declared again).
     pub(crate) bucket: Option<u32>,
+    /// A result a client publishes again so that every waiting client gets a copy (see the
+    /// client's module documentation): marked, so that it is done once.
+    pub(crate) fanned_out: bool,
 }
 
-/// One live connection and the channels made on it.
+/// The header that marks a result published again by a client.
+pub(crate) const FANNED_OUT: &str = "x-rylm-fanned-out";
+
+/// One live connection and the channel made on it for publishing.
 struct Live {
     connection: Arc<Connection>,
     /// A channel in confirm mode for publishing.
@@ -46,8 +62,8 @@ pub(crate) struct Link {
     pub(crate) settings: Arc<Settings>,
     live: Mutex<Option<Live>>,
     generation: std::sync::atomic::AtomicU64,
-    /// Result queues declared on the current connection.
-    declared_buckets: std::sync::Mutex<(u64, HashSet<u32>)>,
+    /// Result queues declared on the current connection, and when.
+    declared_buckets: std::sync::Mutex<(u64, HashMap<u32, Instant>)>,
 }
 
 impl Link {
@@ -59,36 +75,58 @@ impl Link {
             settings: Arc::new(settings),
             live: Mutex::new(None),
             generation: std::sync::atomic::AtomicU64::new(0),
-            declared_buckets: std::sync::Mutex::new((0, HashSet::new())),
+            declared_buckets: std::sync::Mutex::new((0, HashMap::new())),
         });
         let within = link.settings.connect_timeout;
-        link.live_connection(within).await?;
+        link.live_connection(Some(within)).await?;
         Ok(link)
     }
 
-    /// The current connection and its generation, reconnecting (for up to `within`) when it
-    /// was lost.
+    /// The current connection, its publishing channel and its generation: a new channel when
+    /// only the channel was closed (a channel error), a new connection (for up to `within`,
+    /// `None`: as long as it takes) when the connection was lost.
     async fn live_connection(
         &self,
-        within: Duration,
+        within: Option<Duration>,
     ) -> Result<(Arc<Connection>, Channel, u64), Error> {
         let mut live = self.live.lock().await;
-        if let Some(current) = live.as_ref() {
-            if current.connection.status().connected() && current.publisher.status().connected() {
-                return Ok((
-                    current.connection.clone(),
-                    current.publisher.clone(),
-                    current.generation,
-                ));
+        if let Some(current) = live.as_mut() {
+            if current.connection.status().connected() {
+                if current.publisher.status().connected() {
+                    return Ok((
+                        current.connection.clone(),
+                        current.publisher.clone(),
+                        current.generation,
+                    ));
+                }
+                // A channel error closes the channel, not the connection: a new channel on
+                // the same connection, whose consumers go on.
+                tracing::info!("the AMQP publishing channel was closed; opening another");
+                match publishing_channel(&current.connection).await {
+                    Ok(publisher) => {
+                        current.publisher = publisher;
+                        return Ok((
+                            current.connection.clone(),
+                            current.publisher.clone(),
+                            current.generation,
+                        ));
+                    }
+                    Err(error) => tracing::warn!(%error, "cannot open a channel; reconnecting"),
+                }
             }
             tracing::warn!(url = %redact(&self.settings.url), "AMQP connection lost; reconnecting");
         }
         *live = None;
         let started = Instant::now();
         let mut backoff = FIRST_BACKOFF;
+        let mut warned: Option<Instant> = None;
+        let mut failures = 0u64;
         loop {
             match self.open().await {
                 Ok(fresh) => {
+                    if failures > 0 {
+                        tracing::info!(after = ?started.elapsed(), failures, "reconnected to the AMQP broker");
+                    }
                     let result = (
                         fresh.connection.clone(),
                         fresh.publisher.clone(),
@@ -100,7 +138,8 @@ impl Link {
                 Err(error @ Error::AccessRefused { .. })
                 | Err(error @ Error::InvalidSettings(_)) => return Err(error),
                 Err(error) => {
-                    if started.elapsed() + backoff > within {
+                    failures += 1;
+                    if within.is_some_and(|within| started.elapsed() + backoff > within) {
                         let reason = match error {
                             Error::Unreachable { reason, .. } => reason,
                             other => other.to_string(),
@@ -111,7 +150,10 @@ impl Link {
                             reason,
                         });
                     }
-                    tracing::debug!(%error, "AMQP connect failed; retrying in {backoff:?}");
+                    if warned.is_none_or(|at| at.elapsed() >= WARN_EVERY) {
+                        warned = Some(Instant::now());
+                        tracing::warn!(%error, down_for = ?started.elapsed(), failures, "the AMQP broker is unreachable; still trying");
+                    }
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
@@ -138,14 +180,7 @@ impl Link {
             Ok(Err(error)) => return Err(classify_connect_error(url, error)),
             Ok(Ok(connection)) => Arc::new(connection),
         };
-        let publisher = connection
-            .create_channel()
-            .await
-            .map_err(Error::amqp("channel.open"))?;
-        publisher
-            .confirm_select(ConfirmSelectOptions::default())
-            .await
-            .map_err(Error::amqp("confirm.select"))?;
+        let publisher = publishing_channel(&connection).await?;
         declare_topology(&publisher, &self.settings).await?;
         let generation = self
             .generation
@@ -169,24 +204,37 @@ impl Link {
         Ok((channel, generation))
     }
 
+    /// Declares the request exchange, queue and binding and the result exchange again (one may
+    /// have been deleted under a long-lived connection).
+    pub(crate) async fn declare_topology(&self, channel: &Channel) -> Result<(), Error> {
+        declare_topology(channel, &self.settings).await
+    }
+
     /// The generation of the live connection, without reconnecting.
     pub(crate) fn generation(&self) -> u64 {
         self.generation.load(std::sync::atomic::Ordering::SeqCst)
     }
 
-    /// Declares result queue `bucket` (once per connection) on `channel`.
+    /// Declares result queue `bucket` on `channel`, unless it was declared on this connection
+    /// a short while ago.
     pub(crate) async fn ensure_bucket(
         &self,
         channel: &Channel,
         generation: u64,
         bucket: u32,
     ) -> Result<(), Error> {
+        let fresh_for = REDECLARE_EVERY.min(self.settings.ttl / 4);
         {
             let declared = self
                 .declared_buckets
                 .lock()
                 .unwrap_or_else(|e| e.into_inner());
-            if declared.0 == generation && declared.1.contains(&bucket) {
+            if declared.0 == generation
+                && declared
+                    .1
+                    .get(&bucket)
+                    .is_some_and(|at| at.elapsed() < fresh_for)
+            {
                 return Ok(());
             }
         }
@@ -196,28 +244,84 @@ impl Link {
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         if declared.0 != generation {
-            *declared = (generation, HashSet::new());
+            *declared = (generation, HashMap::new());
         }
-        declared.1.insert(bucket);
+        declared.1.insert(bucket, Instant::now());
         Ok(())
     }
 
+    /// Forgets that `bucket` was declared (it was found missing).
+    pub(crate) fn forget_bucket(&self, bucket: u32) {
+        self.declared_buckets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .1
+            .remove(&bucket);
+    }
+
     /// Publishes one JSON message and waits for the broker's confirm, reconnecting and
-    /// retrying while the connection is down (for up to `reconnect_for`).
-    pub(crate) async fn publish(&self, message: Outgoing<'_>) -> Result<(), Error> {
+    /// retrying while the connection is down, for up to `deadline` (and `reconnect_for`).
+    pub(crate) async fn publish(
+        &self,
+        message: Outgoing<'_>,
+        deadline: Option<Duration>,
+    ) -> Result<(), Error> {
         let started = Instant::now();
-        let mut backoff = FIRST_BACKOFF;
-        loop {
-            match self.publish_once(&message).await {
-                Err(error)
-                    if error.is_connection_loss()
-                        && started.elapsed() < self.settings.reconnect_for =>
-                {
-                    tracing::warn!(%error, "publishing the {} failed; retrying after reconnecting", message.what);
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
+        let attempt = async {
+            let mut backoff = FIRST_BACKOFF;
+            let mut unroutable = 0;
+            loop {
+                match self.publish_once(&message).await {
+                    Err(Error::Unroutable { .. }) if unroutable < UNROUTABLE_RETRIES => {
+                        // The result queue is gone (expired, or deleted by hand): declare it
+                        // again and publish again, rather than confirm a result routed nowhere.
+                        unroutable += 1;
+                        if let Some(bucket) = message.bucket {
+                            tracing::warn!(
+                                bucket,
+                                "a result could not be routed; declaring its queue again"
+                            );
+                            self.forget_bucket(bucket);
+                        }
+                    }
+                    Err(error) if error.is_not_found() && unroutable < UNROUTABLE_RETRIES => {
+                        // An exchange is gone: declare everything again, on a new channel (the
+                        // error closed the old one).
+                        unroutable += 1;
+                        tracing::warn!(%error, "publishing the {} found an exchange missing; declaring the topology again", message.what);
+                        let (_, publisher, _) =
+                            self.live_connection(self.settings.reconnect_for).await?;
+                        declare_topology(&publisher, &self.settings).await?;
+                        self.declared_buckets
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .1
+                            .clear();
+                    }
+                    Err(error)
+                        if error.is_connection_loss()
+                            && self
+                                .settings
+                                .reconnect_for
+                                .is_none_or(|limit| started.elapsed() < limit) =>
+                    {
+                        tracing::debug!(%error, "publishing the {} failed; retrying after reconnecting", message.what);
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(MAX_BACKOFF);
+                    }
+                    other => return other,
                 }
-                other => return other,
+            }
+        };
+        match deadline {
+            None => attempt.await,
+            Some(limit) => {
+                tokio::time::timeout(limit, attempt)
+                    .await
+                    .map_err(|_| Error::PublishTimeout {
+                        what: message.what,
+                        waited: limit,
+                    })?
             }
         }
     }
@@ -234,22 +338,41 @@ impl Link {
         if let Some(ttl) = message.expiration {
             properties = properties.with_expiration(ttl.as_millis().to_string().into());
         }
+        if message.fanned_out {
+            let mut headers = FieldTable::default();
+            headers.insert(FANNED_OUT.into(), AMQPValue::Boolean(true));
+            properties = properties.with_headers(headers);
+        }
         let confirm = publisher
             .basic_publish(
                 message.exchange.into(),
                 message.routing_key.into(),
-                BasicPublishOptions::default(),
+                BasicPublishOptions {
+                    mandatory: message.bucket.is_some(),
+                    ..BasicPublishOptions::default()
+                },
                 message.body,
                 properties,
             )
             .await
-            .map_err(Error::amqp("basic.publish"))?
+            .map_err(Error::amqp("basic.publish"))?;
+        let limit = self.settings.confirm_timeout;
+        let confirm = tokio::time::timeout(limit, confirm)
             .await
+            .map_err(|_| Error::PublishTimeout {
+                what: message.what,
+                waited: limit,
+            })?
             .map_err(Error::amqp("publisher confirm"))?;
-        if confirm.is_nack() {
-            return Err(Error::NotConfirmed { what: message.what });
+        match confirm {
+            Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
+            Confirmation::Ack(Some(_)) => Err(Error::Unroutable {
+                what: message.what,
+                exchange: message.exchange.to_owned(),
+                routing_key: message.routing_key.to_owned(),
+            }),
+            Confirmation::Nack(_) => Err(Error::NotConfirmed { what: message.what }),
         }
-        Ok(())
     }
 
     /// Closes the connection.
@@ -258,6 +381,19 @@ impl Link {
             let _ = live.connection.close(200, "closing".into()).await;
         }
     }
+}
+
+/// A channel in confirm mode.
+async fn publishing_channel(connection: &Connection) -> Result<Channel, Error> {
+    let publisher = connection
+        .create_channel()
+        .await
+        .map_err(Error::amqp("channel.open"))?;
+    publisher
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .map_err(Error::amqp("confirm.select"))?;
+    Ok(publisher)
 }
 
 fn classify_connect_error(url: &str, error: lapin::Error) -> Error {

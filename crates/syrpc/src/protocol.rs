@@ -101,7 +101,7 @@ pub enum AckMode {
 /// assert_eq!(settings.request_exchange(), "billing_request");
 /// assert_eq!(settings.result_queue(3), "billing_result_queue_3");
 /// ```
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Settings {
     /// Every server with the same app name must serve the same request types.
     pub app_name: String,
@@ -113,7 +113,8 @@ pub struct Settings {
     pub msg_ttl: Duration,
     /// How many result queues results are spread over; default 64.
     pub num_queues: u32,
-    /// The default deadline of `get_result`; `None` waits until the result comes.
+    /// The default deadline of `get_result` (and of `call`); default 60 seconds. `None` waits
+    /// until the result comes, however long.
     pub timeout: Option<Duration>,
     /// How many requests a server holds unacknowledged at once; default 1, so that idle
     /// servers share the work.
@@ -126,8 +127,15 @@ pub struct Settings {
     pub request_ttl: Option<Duration>,
     /// How long the first connection may take before `connect` fails; default 10 seconds.
     pub connect_timeout: Duration,
-    /// How long to keep trying to reconnect after the connection is lost; default 60 seconds.
-    pub reconnect_for: Duration,
+    /// How long to keep trying to reconnect after the connection is lost; `None` (the
+    /// default) keeps trying for as long as the client or server runs.
+    pub reconnect_for: Option<Duration>,
+    /// How long a publish may wait for the broker's confirm (a broker under a memory or disk
+    /// alarm blocks publishers); default 30 seconds.
+    pub confirm_timeout: Duration,
+    /// How long a handler of [`crate::Server::serve`] may run; past it, the caller gets an
+    /// `exception` result and the request is acknowledged. Default 5 minutes.
+    pub handler_timeout: Duration,
     /// How long a client keeps a result meant for another caller before handing it back to
     /// the broker for others; default 1 second.
     pub hold_foreign_for: Duration,
@@ -142,19 +150,22 @@ impl Settings {
             ttl: Duration::from_secs(3 * 60 * 60),
             msg_ttl: Duration::from_secs(10),
             num_queues: 64,
-            timeout: None,
+            timeout: Some(Duration::from_secs(60)),
             prefetch: 1,
             ack_mode: AckMode::AfterResult,
             request_ttl: None,
             connect_timeout: Duration::from_secs(10),
-            reconnect_for: Duration::from_secs(60),
+            reconnect_for: None,
+            confirm_timeout: Duration::from_secs(30),
+            handler_timeout: Duration::from_secs(300),
             hold_foreign_for: Duration::from_secs(1),
         }
     }
 
     /// Settings from the fields the Python and JavaScript packages take (`amq_host`,
     /// `amq_virtualhost`, `amq_user`, `amq_password`); the port is AMQP's 5672 unless `host`
-    /// names one (`host:port`).
+    /// names one (`host:port`). The user, the password and the virtual host are
+    /// percent-encoded, so any character may appear in them.
     pub fn from_parts(
         app_name: &str,
         host: &str,
@@ -167,11 +178,11 @@ impl Settings {
         } else {
             format!("{host}:5672")
         };
-        let vhost = if virtualhost == "/" {
-            "%2F".to_owned()
-        } else {
-            virtualhost.to_owned()
+        let encode = |part: &str| {
+            percent_encoding::utf8_percent_encode(part, percent_encoding::NON_ALPHANUMERIC)
+                .to_string()
         };
+        let (user, password, vhost) = (encode(user), encode(password), encode(virtualhost));
         Settings::new(app_name, format!("amqp://{user}:{password}@{host}/{vhost}"))
     }
 
@@ -212,14 +223,22 @@ impl Settings {
         self
     }
 
-    /// Sets how long connecting and reconnecting may take.
+    /// Sets how long connecting may take, and how long reconnecting may go on (`None`: for as
+    /// long as the client or server runs).
     pub fn with_connect_timeouts(
         mut self,
         connect_timeout: Duration,
-        reconnect_for: Duration,
+        reconnect_for: Option<Duration>,
     ) -> Self {
         self.connect_timeout = connect_timeout;
         self.reconnect_for = reconnect_for;
+        self
+    }
+
+    /// Sets how long a handler may run, and how long a publish may wait for its confirm.
+    pub fn with_limits(mut self, handler_timeout: Duration, confirm_timeout: Duration) -> Self {
+        self.handler_timeout = handler_timeout;
+        self.confirm_timeout = confirm_timeout;
         self
     }
 
@@ -249,6 +268,14 @@ impl Settings {
         }
         if self.prefetch == 0 {
             return invalid("prefetch must be at least 1".into());
+        }
+        for (name, value) in [
+            ("confirm_timeout", self.confirm_timeout),
+            ("handler_timeout", self.handler_timeout),
+        ] {
+            if value.is_zero() {
+                return invalid(format!("{name} must be above zero"));
+            }
         }
         for (name, value) in [("ttl", self.ttl), ("msg_ttl", self.msg_ttl)] {
             if millis_i32(value).is_none() || value.is_zero() {
@@ -288,6 +315,28 @@ impl Settings {
             millis_i32(self.ttl).unwrap_or(i32::MAX),
             millis_i32(self.msg_ttl).unwrap_or(i32::MAX),
         )
+    }
+}
+
+impl fmt::Debug for Settings {
+    /// Every field, the URL's password replaced.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Settings")
+            .field("app_name", &self.app_name)
+            .field("url", &redact(&self.url))
+            .field("ttl", &self.ttl)
+            .field("msg_ttl", &self.msg_ttl)
+            .field("num_queues", &self.num_queues)
+            .field("timeout", &self.timeout)
+            .field("prefetch", &self.prefetch)
+            .field("ack_mode", &self.ack_mode)
+            .field("request_ttl", &self.request_ttl)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("reconnect_for", &self.reconnect_for)
+            .field("confirm_timeout", &self.confirm_timeout)
+            .field("handler_timeout", &self.handler_timeout)
+            .field("hold_foreign_for", &self.hold_foreign_for)
+            .finish()
     }
 }
 
@@ -467,5 +516,22 @@ mod tests {
     fn passwords_are_redacted() {
         assert_eq!(redact("amqp://u:secret@h:1/v"), "amqp://u:***@h:1/v");
         assert_eq!(redact("amqp://h/v"), "amqp://h/v");
+        let settings = Settings::from_parts("a", "h", "/", "u", "p@ss:w/rd");
+        let printed = format!("{settings:?}");
+        assert!(
+            !printed.contains("p@ss") && !printed.contains("p%40ss"),
+            "{printed}"
+        );
+        assert!(printed.contains("u:***@h:5672"), "{printed}");
+    }
+
+    #[test]
+    fn reserved_characters_in_credentials_are_percent_encoded() {
+        let s = Settings::from_parts("a", "h", "/", "us er", "p%a/s?s#w@rd:");
+        assert_eq!(s.url, "amqp://us%20er:p%25a%2Fs%3Fs%23w%40rd%3A@h:5672/%2F");
+        let uri: lapin::uri::AMQPUri = s.url.parse().expect("lapin parses it");
+        assert_eq!(uri.authority.userinfo.username, "us er");
+        assert_eq!(uri.authority.userinfo.password, "p%a/s?s#w@rd:");
+        assert_eq!(uri.vhost, "/");
     }
 }

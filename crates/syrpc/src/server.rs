@@ -1,6 +1,6 @@
 //! The server: take requests, publish results; and a handler loop on top.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use futures_lite::StreamExt;
 use lapin::Acker;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, BasicRejectOptions};
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, BasicRejectOptions,
+};
 use lapin::types::FieldTable;
 use serde::Serialize;
 use serde_json::Value;
@@ -17,6 +19,15 @@ use tokio::sync::{Mutex, Semaphore, mpsc};
 use crate::Error;
 use crate::link::{Link, Outgoing};
 use crate::protocol::{self, AckMode, ResultId, Settings};
+
+/// The first pause before consuming requests again after a failure; it doubles up to
+/// `RETRY_MAX`.
+const RETRY_FIRST: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(2);
+/// While retrying, at most one warning per this long.
+const RETRY_WARN_EVERY: Duration = Duration::from_secs(30);
+/// [`Handlers::run`]'s limit: the settings' default `handler_timeout`.
+const DEFAULT_HANDLER_LIMIT: Duration = Duration::from_secs(300);
 
 /// One request taken from the request queue.
 #[derive(Clone, Debug, PartialEq)]
@@ -46,7 +57,9 @@ struct Incoming {
 pub struct Server {
     link: Arc<Link>,
     incoming: Arc<Mutex<mpsc::Receiver<Incoming>>>,
-    pending: Arc<std::sync::Mutex<HashMap<ResultId, Pending>>>,
+    /// Requests taken and not yet answered, by result id; a list, since two requests may
+    /// (wrongly) share an id, and each must still be acknowledged.
+    pending: Arc<std::sync::Mutex<HashMap<ResultId, VecDeque<Pending>>>>,
     consumer_task: Arc<tokio::task::JoinHandle<()>>,
 }
 
@@ -107,18 +120,81 @@ impl Server {
                     acker: incoming.acker,
                     generation: incoming.generation,
                 };
-                self.pending
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(incoming.request.result_id.clone(), pending);
+                let mut taken = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+                let same_id = taken.entry(incoming.request.result_id.clone()).or_default();
+                if !same_id.is_empty() {
+                    tracing::warn!(result_id = %incoming.request.result_id, "two requests share a result id; both are answered, and both results go to the one id");
+                }
+                same_id.push_back(pending);
             }
         }
         Ok(incoming.request)
     }
 
     /// Publishes the result of `result_id` (the broker has confirmed it when this returns),
-    /// then acknowledges the request.
+    /// then acknowledges the request. While the broker is unreachable it keeps trying (up to
+    /// the settings' `reconnect_for`). If the result cannot be published, the request goes
+    /// back to the queue (it will be taken again) and the error is returned.
+    ///
+    /// A result that can never be published (it cannot be encoded, the broker refuses it) is
+    /// replaced by an `exception` result that says why, so that the caller learns it at once
+    /// and the request is not run again and again; the error is still returned.
     pub async fn put_result(
+        &self,
+        result_id: &ResultId,
+        data: &impl Serialize,
+    ) -> Result<(), Error> {
+        let mut published = self.publish_result(result_id, data).await;
+        if let Err(error) = &published
+            && !error.is_connection_loss()
+        {
+            tracing::error!(%result_id, %error, "cannot publish a result; publishing an exception in its place");
+            let replaced = self
+                .publish_result(
+                    result_id,
+                    &protocol::exception(format!(
+                        "the server could not publish the result: {error}"
+                    )),
+                )
+                .await;
+            if replaced.is_ok() {
+                // The caller is answered: settle the request as done.
+                let pending = self.take_pending(result_id);
+                if let Some(pending) = pending
+                    && pending.generation == self.link.generation()
+                {
+                    let _ = pending.acker.ack(BasicAckOptions::default()).await;
+                }
+                return published;
+            }
+            published = replaced;
+        }
+        let pending = self.take_pending(result_id);
+        if let Some(pending) = pending {
+            // After a reconnect the old channel is gone and the broker has requeued the
+            // request; it will come again (at-least-once), so there is nothing to settle.
+            if pending.generation == self.link.generation() {
+                let settled = match &published {
+                    Ok(()) => pending.acker.ack(BasicAckOptions::default()).await,
+                    Err(_) => {
+                        pending
+                            .acker
+                            .nack(BasicNackOptions {
+                                multiple: false,
+                                requeue: true,
+                            })
+                            .await
+                    }
+                };
+                if let Err(error) = settled {
+                    tracing::debug!(%result_id, %error, "could not settle a request (its channel is gone; the broker requeues it)");
+                }
+            }
+        }
+        published
+    }
+
+    async fn publish_result(
         &self,
         result_id: &ResultId,
         data: &impl Serialize,
@@ -129,28 +205,30 @@ impl Server {
         let bucket = settings.bucket(result_id.as_str());
         let routing_key = bucket.to_string();
         self.link
-            .publish(Outgoing {
-                what: "result",
-                exchange: &settings.result_exchange(),
-                routing_key: &routing_key,
-                body: &body,
-                expiration: None,
-                bucket: Some(bucket),
-            })
-            .await?;
-        let pending = self
-            .pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(result_id);
-        if let Some(pending) = pending {
-            // After a reconnect the old channel is gone and the broker has requeued the
-            // request; it will come again (at-least-once), so there is nothing to ack.
-            if pending.generation == self.link.generation() {
-                let _ = pending.acker.ack(BasicAckOptions::default()).await;
-            }
+            .publish(
+                Outgoing {
+                    what: "result",
+                    exchange: &settings.result_exchange(),
+                    routing_key: &routing_key,
+                    body: &body,
+                    expiration: None,
+                    bucket: Some(bucket),
+                    fanned_out: false,
+                },
+                None,
+            )
+            .await
+    }
+
+    /// The oldest request taken with `result_id` and not yet settled.
+    fn take_pending(&self, result_id: &ResultId) -> Option<Pending> {
+        let mut taken = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        let same_id = taken.get_mut(result_id)?;
+        let pending = same_id.pop_front();
+        if same_id.is_empty() {
+            taken.remove(result_id);
         }
-        Ok(())
+        pending
     }
 
     /// Serves requests with `handlers` until `shutdown` completes, running up to `prefetch`
@@ -178,8 +256,9 @@ impl Server {
             };
             let server = self.clone();
             let handlers = handlers.clone();
+            let limit = self.link.settings.handler_timeout;
             running.spawn(async move {
-                let answer = handlers.run(&request).await;
+                let answer = handlers.run_within(&request, limit).await;
                 if let Err(error) = server.put_result(&request.result_id, &answer).await {
                     tracing::error!(result_id = %request.result_id, %error, "could not publish a result");
                 }
@@ -198,11 +277,16 @@ impl Server {
     }
 }
 
-/// Consumes the request queue, reconnecting after a loss, and forwards well-formed requests.
+/// Consumes the request queue, reconnecting after a loss (for as long as the settings allow)
+/// and opening the consumer again whenever the broker ends it, and forwards well-formed
+/// requests.
 async fn consume_requests(link: Arc<Link>, sender: mpsc::Sender<Incoming>) {
+    let mut backoff = RETRY_FIRST;
+    let mut warned: Option<std::time::Instant> = None;
     loop {
         let opened = async {
             let (channel, generation) = link.channel().await?;
+            link.declare_topology(&channel).await?;
             channel
                 .basic_qos(link.settings.prefetch, BasicQosOptions::default())
                 .await
@@ -219,12 +303,29 @@ async fn consume_requests(link: Arc<Link>, sender: mpsc::Sender<Incoming>) {
             Ok::<_, Error>((channel, consumer, generation))
         };
         let (channel, mut consumer, generation) = match opened.await {
-            Ok(opened) => opened,
-            Err(error) => {
+            Ok(opened) => {
+                backoff = RETRY_FIRST;
+                opened
+            }
+            Err(error @ (Error::Unreachable { .. } | Error::AccessRefused { .. })) => {
+                // The link gave up (a `reconnect_for` was set and passed), or we are refused.
                 tracing::error!(%error, "cannot consume requests; the server stops taking them");
                 return;
             }
+            Err(error) => {
+                if warned.is_none_or(|at| at.elapsed() >= RETRY_WARN_EVERY) {
+                    warned = Some(std::time::Instant::now());
+                    tracing::warn!(%error, "cannot consume requests yet; retrying");
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(RETRY_MAX);
+                if sender.is_closed() {
+                    return;
+                }
+                continue;
+            }
         };
+        tracing::info!(generation, "consuming requests");
         while let Some(delivery) = consumer.next().await {
             let delivery = match delivery {
                 Ok(delivery) => delivery,
@@ -321,8 +422,13 @@ impl Handlers {
     }
 
     /// The result data for `request`: the handler's value, or an `exception` for an unknown
-    /// type, an error, or a panic.
+    /// type, an error, a panic, or a handler that ran past the default limit of 5 minutes.
     pub async fn run(&self, request: &Request) -> Value {
+        self.run_within(request, DEFAULT_HANDLER_LIMIT).await
+    }
+
+    /// [`Handlers::run`], the handler stopped and answered with an `exception` after `limit`.
+    pub async fn run_within(&self, request: &Request, limit: Duration) -> Value {
         let Some(handler) = self.map.get(&request.type_) else {
             let mut known: Vec<&str> = self.types().collect();
             known.sort_unstable();
@@ -333,7 +439,19 @@ impl Handlers {
             ));
         };
         // A task of its own, so that a panic is caught and answered instead of killing the loop.
-        match tokio::spawn(handler(request.data.clone())).await {
+        let mut task = tokio::spawn(handler(request.data.clone()));
+        let joined = match tokio::time::timeout(limit, &mut task).await {
+            Ok(joined) => joined,
+            Err(_) => {
+                task.abort();
+                tracing::warn!(type_ = %request.type_, ?limit, "a SyRPC handler ran past its limit; stopped");
+                return protocol::exception(format!(
+                    "the handler of {:?} ran past its limit of {limit:?}",
+                    request.type_
+                ));
+            }
+        };
+        match joined {
             Ok(Ok(value)) => value,
             Ok(Err(message)) => protocol::exception(message),
             Err(join_error) => {

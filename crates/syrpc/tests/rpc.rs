@@ -216,8 +216,17 @@ async fn results_for_others_are_kept_handed_back_once_and_no_consumer_is_left() 
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    // Published clients requeue such a result thousands of times a second; this one hands it
-    // back once per hold period (0.5 s) and once more when it stops waiting.
+    // It published the foreign result again once, marked, so that the client waiting for it
+    // (none here) would get a copy at once.
+    assert_eq!(
+        client
+            .stats()
+            .fanned_out
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    // Published clients requeue such a result thousands of times a second; this one hands the
+    // marked copy back once per hold period (0.5 s) and once more when it stops waiting.
     let handed_back = client
         .stats()
         .handed_back
@@ -406,7 +415,7 @@ async fn connection_failures_are_typed_and_fast() {
         return;
     };
     let unreachable = Settings::new("app", "amqp://guest:guest@127.0.0.1:1/%2F")
-        .with_connect_timeouts(Duration::from_secs(1), Duration::from_secs(1));
+        .with_connect_timeouts(Duration::from_secs(1), Some(Duration::from_secs(1)));
     let started = Instant::now();
     match Client::connect(unreachable).await {
         Err(Error::Unreachable { url, .. }) => {

@@ -24,7 +24,7 @@ pub fn settings(test: &str) -> Option<Settings> {
     );
     Some(
         Settings::new(app, url)
-            .with_connect_timeouts(Duration::from_secs(10), Duration::from_secs(30)),
+            .with_connect_timeouts(Duration::from_secs(10), Some(Duration::from_secs(30))),
     )
 }
 
@@ -58,4 +58,22 @@ pub fn serve_in_background(
             .await
     });
     (stop, serving)
+}
+
+/// Runs the private broker's `rabbitmqctl` with `args`, within a deadline, and fails the test
+/// if it fails.
+pub async fn rabbitmqctl(ctl: &str, args: &[&str]) {
+    let output = tokio::process::Command::new(ctl)
+        .args(args)
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(Duration::from_secs(120), output)
+        .await
+        .expect("rabbitmqctl finishes")
+        .expect("rabbitmqctl runs");
+    assert!(
+        output.status.success(),
+        "rabbitmqctl {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
 }

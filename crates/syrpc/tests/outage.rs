@@ -1,0 +1,96 @@
+//! A long broker outage, alone in its binary: it stops the broker's application, which would
+//! pull the broker from under any test running beside it.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{rabbitmqctl, serve_in_background, settings};
+use rylm_syrpc::{Client, Handlers, Server, Settings};
+use serde_json::{Value, json};
+
+/// Longer than the 60 s after which servers used to give up for good.
+const OUTAGE: Duration = Duration::from_secs(90);
+/// Each call's deadline: it must outlast the outage.
+const CALL_DEADLINE: Duration = Duration::from_secs(240);
+
+/// The broker is down for 90 s under a steady stream of calls: the server and the client
+/// reconnect by themselves (no reconnect limit is set, the default), and every call, made
+/// before, during or after the outage, is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ninety_second_outage_under_a_steady_stream_loses_nothing() {
+    let Some(settings) = settings("outage") else {
+        return;
+    };
+    let Some(ctl) = rylm_testkit::rabbitmqctl("a_ninety_second_outage_under_a_steady_stream")
+    else {
+        return;
+    };
+    let settings = Settings::with_connect_timeouts(settings, Duration::from_secs(10), None)
+        .with_timeout(Some(CALL_DEADLINE))
+        .with_prefetch(8);
+    let server = Server::connect(settings.clone()).await.expect("server");
+    let (_stop, _serving) = serve_in_background(
+        server,
+        Handlers::new().on("echo", |data: Value| async move { Ok::<_, String>(data) }),
+    );
+    let client = Client::connect(settings).await.expect("client");
+
+    // A call every 100 ms until a while after the broker is back.
+    let (stop_stream, mut stopped) = tokio::sync::watch::channel(false);
+    let stream = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            let mut calls = tokio::task::JoinSet::new();
+            let mut n = 0u64;
+            while !*stopped.borrow() {
+                let client = client.clone();
+                calls.spawn(async move {
+                    let started = Instant::now();
+                    let answer = client.call("echo", &n, Some(CALL_DEADLINE)).await;
+                    (n, answer, started, Instant::now())
+                });
+                n += 1;
+                let _ = tokio::time::timeout(Duration::from_millis(100), stopped.changed()).await;
+            }
+            let mut answers = Vec::new();
+            while let Some(done) = calls.join_next().await {
+                answers.push(done.expect("call task"));
+            }
+            answers
+        })
+    };
+
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let down = Instant::now();
+    rabbitmqctl(&ctl, &["stop_app"]).await;
+    tokio::time::sleep(OUTAGE.saturating_sub(down.elapsed())).await;
+    rabbitmqctl(&ctl, &["start_app"]).await;
+    let up = Instant::now();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let _ = stop_stream.send(true);
+
+    let answers = tokio::time::timeout(CALL_DEADLINE + Duration::from_secs(30), stream)
+        .await
+        .expect("every call ends")
+        .expect("stream task");
+    let failed: Vec<_> = answers
+        .iter()
+        .filter(|(n, answer, _, _)| answer.as_ref().ok() != Some(&json!(n)))
+        .collect();
+    // When the calls made before the broker was back were all answered, from `start_app`.
+    let caught_up = answers
+        .iter()
+        .filter(|(_, _, started, _)| *started < up)
+        .map(|(_, _, _, finished)| finished.saturating_duration_since(up))
+        .max()
+        .unwrap_or_default();
+    eprintln!(
+        "outage of {:?}: {} calls, {} failed; every call answered {caught_up:?} after start_app",
+        up - down,
+        answers.len(),
+        failed.len(),
+    );
+    assert!(answers.len() > 900, "the stream ran: {}", answers.len());
+    assert!(failed.is_empty(), "calls failed: {failed:?}");
+}

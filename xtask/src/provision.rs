@@ -51,6 +51,10 @@ pub struct Servers {
     pub rabbitmqctl: PathBuf,
     /// The `redis-server` program, for tests that run and restart a Redis of their own.
     pub redis_server: PathBuf,
+    /// A three-node RabbitMQ cluster: each node's AMQP URL, comma-separated.
+    pub cluster_urls: String,
+    /// Each cluster node's `rabbitmqctl` script, comma-separated, in the order of the URLs.
+    pub cluster_ctls: String,
     keep: bool,
 }
 
@@ -62,6 +66,8 @@ impl Servers {
             ("RYLM_AMQP_URL", self.amqp_url.clone()),
             ("RYLM_RABBITMQCTL", self.rabbitmqctl.display().to_string()),
             ("RYLM_REDIS_SERVER", self.redis_server.display().to_string()),
+            ("RYLM_AMQP_CLUSTER_URLS", self.cluster_urls.clone()),
+            ("RYLM_AMQP_CLUSTER_CTLS", self.cluster_ctls.clone()),
         ]
     }
 
@@ -154,10 +160,14 @@ pub fn start() -> Result<Servers> {
     let dir = make_dir()?;
     *STARTED_DIR.lock().unwrap_or_else(|e| e.into_inner()) = Some(dir.clone());
     let started_at = Instant::now();
-    match start_in(&dir, &binaries) {
-        Ok((redis_url, amqp_url)) => {
+    let started = start_in(&dir, &binaries).and_then(|(redis_url, amqp_url, epmd_port)| {
+        let cluster = start_cluster(&dir, &binaries, epmd_port)?;
+        Ok((redis_url, amqp_url, cluster))
+    });
+    match started {
+        Ok((redis_url, amqp_url, cluster)) => {
             eprintln!(
-                "xtask: Redis and RabbitMQ ready in {:.1} s ({})",
+                "xtask: Redis, RabbitMQ and a three-node RabbitMQ cluster ready in {:.1} s ({})",
                 started_at.elapsed().as_secs_f64(),
                 dir.display()
             );
@@ -167,6 +177,16 @@ pub fn start() -> Result<Servers> {
                 dir,
                 redis_url,
                 amqp_url,
+                cluster_urls: cluster
+                    .iter()
+                    .map(|(url, _)| url.as_str())
+                    .collect::<Vec<_>>()
+                    .join(","),
+                cluster_ctls: cluster
+                    .iter()
+                    .map(|(_, ctl)| ctl.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(","),
                 keep: false,
             })
         }
@@ -183,6 +203,9 @@ pub fn stop_dir(dir: &Path) -> Result<()> {
         bail!("{} holds no rylm server pid files", dir.display());
     }
     for (name, grace) in [
+        ("rabbit-c3", Duration::from_secs(30)),
+        ("rabbit-c2", Duration::from_secs(30)),
+        ("rabbit-c1", Duration::from_secs(30)),
         ("rabbit", Duration::from_secs(30)),
         ("epmd", Duration::from_secs(2)),
         ("redis", Duration::from_secs(5)),
@@ -206,7 +229,7 @@ pub fn stop_dir(dir: &Path) -> Result<()> {
 
 fn expected_command(name: &str) -> &'static str {
     match name {
-        "rabbit" => "rabbitmq-server",
+        "rabbit" | "rabbit-c1" | "rabbit-c2" | "rabbit-c3" => "rabbitmq-server",
         "epmd" => "epmd",
         _ => "redis-server",
     }
@@ -316,7 +339,7 @@ fn free_ports<const N: usize>() -> Result<[u16; N]> {
     Ok(ports)
 }
 
-fn start_in(dir: &Path, bin: &Binaries) -> Result<(String, String)> {
+fn start_in(dir: &Path, bin: &Binaries) -> Result<(String, String, u16)> {
     let [redis_port, amqp_port, dist_port, epmd_port] = free_ports()?;
 
     let redis_dir = dir.join("redis");
@@ -335,55 +358,7 @@ fn start_in(dir: &Path, bin: &Binaries) -> Result<(String, String)> {
     std::fs::write(rabbit.join("enabled_plugins"), "[].\n")?;
     std::fs::write(rabbit.join("rabbitmq.conf"), "")?;
     let node = format!("rylm-{}-{amqp_port}@localhost", std::process::id());
-    let dist_args = "-kernel inet_dist_use_interface {127,0,0,1}";
-    let erlang_env: Vec<(&str, String)> = vec![
-        ("HOME", rabbit.display().to_string()),
-        ("ERL_EPMD_PORT", epmd_port.to_string()),
-        ("ERL_EPMD_ADDRESS", "127.0.0.1".into()),
-        (
-            "ERL_CRASH_DUMP",
-            rabbit.join("erl_crash.dump").display().to_string(),
-        ),
-        ("RABBITMQ_NODENAME", node),
-        ("RABBITMQ_NODE_IP_ADDRESS", "127.0.0.1".into()),
-        ("RABBITMQ_NODE_PORT", amqp_port.to_string()),
-        ("RABBITMQ_DIST_PORT", dist_port.to_string()),
-        // A path that does not exist, so that /etc/rabbitmq/rabbitmq-env.conf is not read.
-        (
-            "RABBITMQ_CONF_ENV_FILE",
-            rabbit.join("rabbitmq-env.conf").display().to_string(),
-        ),
-        (
-            "RABBITMQ_CONFIG_FILE",
-            rabbit.join("rabbitmq.conf").display().to_string(),
-        ),
-        (
-            "RABBITMQ_CONFIG_FILES",
-            rabbit.join("conf.d").display().to_string(),
-        ),
-        (
-            "RABBITMQ_ADVANCED_CONFIG_FILE",
-            rabbit.join("advanced.config").display().to_string(),
-        ),
-        (
-            "RABBITMQ_ENABLED_PLUGINS_FILE",
-            rabbit.join("enabled_plugins").display().to_string(),
-        ),
-        (
-            "RABBITMQ_MNESIA_BASE",
-            rabbit.join("mnesia").display().to_string(),
-        ),
-        (
-            "RABBITMQ_LOG_BASE",
-            rabbit.join("log").display().to_string(),
-        ),
-        (
-            "RABBITMQ_PID_FILE",
-            rabbit.join("rabbit.pid").display().to_string(),
-        ),
-        ("RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS", dist_args.into()),
-        ("RABBITMQ_CTL_ERL_ARGS", dist_args.into()),
-    ];
+    let erlang_env = node_env(&rabbit, &rabbit, &node, amqp_port, dist_port, epmd_port);
 
     // Our own epmd, so that RabbitMQ neither joins the shared one nor daemonizes one.
     let mut epmd = Command::new(&bin.epmd);
@@ -392,7 +367,7 @@ fn start_in(dir: &Path, bin: &Binaries) -> Result<(String, String)> {
         .envs(erlang_env.iter().map(|(k, v)| (*k, v.as_str())));
     spawn(dir, "epmd", epmd, Duration::from_secs(2))?;
 
-    write_rabbitmqctl(dir, &bin.rabbitmq, &erlang_env)?;
+    write_rabbitmqctl(&dir.join("rabbitmqctl"), &bin.rabbitmq, &erlang_env)?;
     let mut rabbitmq = Command::new(&bin.rabbitmq);
     rabbitmq
         .current_dir(&rabbit)
@@ -417,12 +392,154 @@ fn start_in(dir: &Path, bin: &Binaries) -> Result<(String, String)> {
     Ok((
         format!("redis://127.0.0.1:{redis_port}/0"),
         format!("amqp://guest:guest@127.0.0.1:{amqp_port}/%2F"),
+        epmd_port,
     ))
+}
+
+/// The environment of one RabbitMQ node whose files are under `files` and whose Erlang
+/// cookie is in `home`.
+fn node_env(
+    home: &Path,
+    files: &Path,
+    node: &str,
+    amqp_port: u16,
+    dist_port: u16,
+    epmd_port: u16,
+) -> Vec<(&'static str, String)> {
+    let dist_args = "-kernel inet_dist_use_interface {127,0,0,1}";
+    let path = |name: &str| files.join(name).display().to_string();
+    vec![
+        ("HOME", home.display().to_string()),
+        ("ERL_EPMD_PORT", epmd_port.to_string()),
+        ("ERL_EPMD_ADDRESS", "127.0.0.1".into()),
+        ("ERL_CRASH_DUMP", path("erl_crash.dump")),
+        ("RABBITMQ_NODENAME", node.to_owned()),
+        ("RABBITMQ_NODE_IP_ADDRESS", "127.0.0.1".into()),
+        ("RABBITMQ_NODE_PORT", amqp_port.to_string()),
+        ("RABBITMQ_DIST_PORT", dist_port.to_string()),
+        // A path that does not exist, so that /etc/rabbitmq/rabbitmq-env.conf is not read.
+        ("RABBITMQ_CONF_ENV_FILE", path("rabbitmq-env.conf")),
+        ("RABBITMQ_CONFIG_FILE", path("rabbitmq.conf")),
+        ("RABBITMQ_CONFIG_FILES", path("conf.d")),
+        ("RABBITMQ_ADVANCED_CONFIG_FILE", path("advanced.config")),
+        ("RABBITMQ_ENABLED_PLUGINS_FILE", path("enabled_plugins")),
+        ("RABBITMQ_MNESIA_BASE", path("mnesia")),
+        ("RABBITMQ_LOG_BASE", path("log")),
+        ("RABBITMQ_PID_FILE", path("rabbit.pid")),
+        ("RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS", dist_args.into()),
+        ("RABBITMQ_CTL_ERL_ARGS", dist_args.into()),
+    ]
+}
+
+/// The cluster's nodes, named for the process groups they run in.
+const CLUSTER_NODES: [&str; 3] = ["rabbit-c1", "rabbit-c2", "rabbit-c3"];
+
+/// A three-node RabbitMQ cluster on loopback beside the single node: its own node names and
+/// ports, one Erlang cookie shared by the three (and their `rabbitmqctl` scripts), every file
+/// under `<dir>/cluster`. The first node starts alone; the other two find it through the
+/// classic-config peer discovery and join it. Returns each node's AMQP URL and `rabbitmqctl`.
+fn start_cluster(dir: &Path, bin: &Binaries, epmd_port: u16) -> Result<Vec<(String, PathBuf)>> {
+    let home = dir.join("cluster");
+    std::fs::create_dir_all(&home)?;
+    // The shared cookie, readable by its owner only, as Erlang demands.
+    let cookie_path = home.join(".erlang.cookie");
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    std::fs::write(
+        &cookie_path,
+        format!("RYLMCLUSTER{nanos}{}", std::process::id()),
+    )?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&cookie_path, std::fs::Permissions::from_mode(0o400))?;
+
+    let ports: [u16; 6] = free_ports()?;
+    let names: Vec<String> = (0..3)
+        .map(|i| {
+            format!(
+                "rylm-c{}-{}-{}@localhost",
+                i + 1,
+                std::process::id(),
+                ports[i]
+            )
+        })
+        .collect();
+    let mut config = String::from("cluster_formation.peer_discovery_backend = classic_config\n");
+    for (i, name) in names.iter().enumerate() {
+        config.push_str(&format!(
+            "cluster_formation.classic_config.nodes.{} = {name}\n",
+            i + 1
+        ));
+    }
+    let mut nodes = Vec::new();
+    for (i, group) in CLUSTER_NODES.iter().enumerate() {
+        let files = home.join(group);
+        std::fs::create_dir_all(files.join("mnesia"))?;
+        std::fs::create_dir_all(files.join("log"))?;
+        std::fs::write(files.join("enabled_plugins"), "[].\n")?;
+        std::fs::write(files.join("rabbitmq.conf"), &config)?;
+        let env = node_env(&home, &files, &names[i], ports[i], ports[i + 3], epmd_port);
+        let ctl = home.join(format!("{group}.rabbitmqctl"));
+        write_rabbitmqctl(&ctl, &bin.rabbitmq, &env)?;
+        let mut command = Command::new(&bin.rabbitmq);
+        command
+            .current_dir(&files)
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())));
+        nodes.push((group, command, ports[i], ctl));
+    }
+    let mut urls = Vec::new();
+    let mut ready = Vec::new();
+    // The first alone, so that the others have someone to join; then the two together.
+    for (i, (group, command, port, ctl)) in nodes.into_iter().enumerate() {
+        spawn(dir, group, command, Duration::from_secs(30))?;
+        ready.push((group, port));
+        if i == 0 {
+            wait_until(
+                "RabbitMQ cluster node 1",
+                dir,
+                group,
+                RABBITMQ_READY_WITHIN,
+                || amqp_handshake(port),
+            )?;
+        }
+        urls.push((format!("amqp://guest:guest@127.0.0.1:{port}/%2F"), ctl));
+    }
+    for (group, port) in ready {
+        wait_until(
+            "RabbitMQ cluster node",
+            dir,
+            group,
+            RABBITMQ_READY_WITHIN,
+            || amqp_handshake(port),
+        )?;
+    }
+    // Joined: every node sees three running nodes.
+    let first_ctl = &urls[0].1;
+    wait_until(
+        "the RabbitMQ cluster",
+        dir,
+        CLUSTER_NODES[0],
+        RABBITMQ_READY_WITHIN,
+        || {
+            Command::new(first_ctl)
+                .args(["cluster_status", "--formatter", "json"])
+                .output()
+                .is_ok_and(|out| {
+                    let text = String::from_utf8_lossy(&out.stdout);
+                    names
+                        .iter()
+                        .all(|name| text.matches(name.as_str()).count() >= 2)
+                        && text.contains("running_nodes")
+                })
+        },
+    )?;
+    Ok(urls)
 }
 
 /// `<dir>/rabbitmqctl`: the broker's own CLI with the private node's environment (its cookie,
 /// epmd and node name), so that tests can stop and start the broker's application.
-fn write_rabbitmqctl(dir: &Path, server: &Path, env: &[(&str, String)]) -> Result<()> {
+fn write_rabbitmqctl(path: &Path, server: &Path, env: &[(&str, String)]) -> Result<()> {
     let ctl = server.with_file_name("rabbitmqctl");
     let mut script = String::from(
         "#!/bin/sh\n# Written by cargo xtask: rabbitmqctl for this private RabbitMQ node.\n",
@@ -434,10 +551,9 @@ fn write_rabbitmqctl(dir: &Path, server: &Path, env: &[(&str, String)]) -> Resul
         ));
     }
     script.push_str(&format!("exec '{}' \"$@\"\n", ctl.display()));
-    let path = dir.join("rabbitmqctl");
-    std::fs::write(&path, script)?;
+    std::fs::write(path, script)?;
     use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755))?;
     Ok(())
 }
 

@@ -4,18 +4,24 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
-use rylm_syrpc::{Client, Handlers, ResultId, Server, Settings};
+use rylm_syrpc::{Client, Handlers, QueueType, ResultId, Server, Settings};
 use serde_json::Value;
 
 #[derive(Args, Debug)]
 pub(crate) struct Connection {
-    /// The broker, as an AMQP URI.
+    /// The broker, as an AMQP URI; several nodes of one cluster, comma-separated (or the
+    /// option repeated), are tried in turn.
     #[arg(
         long,
         env = "RYLM_AMQP_URL",
-        default_value = "amqp://guest:guest@127.0.0.1:5672/%2F"
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2F",
+        value_delimiter = ','
     )]
-    url: String,
+    url: Vec<String>,
+    /// The kind of the app's queues: `classic` (what the published peers declare) or
+    /// `quorum` (replicated over a cluster). Every peer of the app must use the same.
+    #[arg(long, default_value = "classic", value_parser = ["classic", "quorum"], env = "RYLM_SYRPC_QUEUE_TYPE")]
+    queue_type: String,
     /// The app name: servers and clients of one app share its queues.
     #[arg(long, default_value = "syrpc")]
     app: String,
@@ -46,7 +52,13 @@ pub(crate) struct Connection {
 impl Connection {
     fn settings(&self) -> Result<Settings> {
         let reconnect_for = self.reconnect_for.map(seconds).transpose()?;
-        let settings = Settings::new(&self.app, &self.url)
+        let queue_type = match self.queue_type.as_str() {
+            "quorum" => QueueType::Quorum,
+            _ => QueueType::Classic,
+        };
+        let settings = Settings::new(&self.app, "")
+            .with_urls(self.url.iter().cloned())
+            .with_queue_type(queue_type)
             .with_ttls(seconds(self.queue_ttl)?, seconds(self.msg_ttl)?)
             .with_num_queues(self.num_queues)
             .with_connect_timeouts(Duration::from_secs(10), reconnect_for)
@@ -239,6 +251,10 @@ mod tests {
         let settings = parse(&[
             "--app",
             "shop",
+            "--url",
+            "amqp://a:1/%2F,amqp://b:2/%2F",
+            "--queue-type",
+            "quorum",
             "--msg-ttl",
             "30",
             "--queue-ttl",
@@ -259,11 +275,17 @@ mod tests {
         assert_eq!(settings.reconnect_for, Some(Duration::from_secs(5)));
         assert_eq!(settings.handler_timeout, Duration::from_millis(2500));
         assert_eq!(settings.confirm_timeout, Duration::from_secs(3));
+        assert_eq!(
+            settings.urls().collect::<Vec<_>>(),
+            ["amqp://a:1/%2F", "amqp://b:2/%2F"]
+        );
+        assert_eq!(settings.queue_type, QueueType::Quorum);
         // The defaults are the peers'; reconnecting goes on for as long as it runs.
         let defaults = parse(&[]).expect("valid");
         assert_eq!(defaults.msg_ttl, Duration::from_secs(10));
         assert_eq!(defaults.num_queues, 64);
         assert_eq!(defaults.reconnect_for, None);
+        assert_eq!(defaults.queue_type, QueueType::Classic);
         assert!(parse(&["--num-queues", "0"]).is_err());
         assert!(parse(&["--msg-ttl=-1"]).is_err());
     }

@@ -58,5 +58,5 @@ mod server;
 
 pub use client::{Client, ClientStats};
 pub use error::Error;
-pub use protocol::{AckMode, ResultId, Settings};
+pub use protocol::{AckMode, QueueType, ResultId, Settings};
 pub use server::{Handlers, Request, Server};

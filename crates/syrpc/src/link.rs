@@ -15,7 +15,7 @@ use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Exchange
 use tokio::sync::Mutex;
 
 use crate::Error;
-use crate::protocol::{CONTENT_ENCODING, CONTENT_TYPE, Settings, redact};
+use crate::protocol::{CONTENT_ENCODING, CONTENT_TYPE, QueueType, Settings, redact};
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
@@ -64,6 +64,8 @@ pub(crate) struct Link {
     generation: std::sync::atomic::AtomicU64,
     /// Result queues declared on the current connection, and when.
     declared_buckets: std::sync::Mutex<(u64, HashMap<u32, Instant>)>,
+    /// The node (of `Settings::urls`) to try first: the last one that answered.
+    preferred: std::sync::atomic::AtomicUsize,
 }
 
 impl Link {
@@ -76,6 +78,7 @@ impl Link {
             live: Mutex::new(None),
             generation: std::sync::atomic::AtomicU64::new(0),
             declared_buckets: std::sync::Mutex::new((0, HashMap::new())),
+            preferred: std::sync::atomic::AtomicUsize::new(0),
         });
         let within = link.settings.connect_timeout;
         link.live_connection(Some(within)).await?;
@@ -161,8 +164,32 @@ impl Link {
         }
     }
 
+    /// Connects to the first node that answers, starting with the preferred one.
     async fn open(&self) -> Result<Live, Error> {
-        let url = &self.settings.url;
+        let urls: Vec<&str> = self.settings.urls().collect();
+        let first = self.preferred.load(std::sync::atomic::Ordering::Relaxed) % urls.len();
+        let mut last_error = None;
+        for offset in 0..urls.len() {
+            let index = (first + offset) % urls.len();
+            match self.open_at(urls[index]).await {
+                Ok(live) => {
+                    self.preferred
+                        .store(index, std::sync::atomic::Ordering::Relaxed);
+                    return Ok(live);
+                }
+                Err(error @ Error::AccessRefused { .. }) => return Err(error),
+                Err(error) => {
+                    if urls.len() > 1 {
+                        tracing::debug!(url = %redact(urls[index]), %error, "AMQP node unreachable; trying the next");
+                    }
+                    last_error = Some(error);
+                }
+            }
+        }
+        Err(last_error.unwrap_or_else(|| Error::InvalidSettings("no broker URL".into())))
+    }
+
+    async fn open_at(&self, url: &str) -> Result<Live, Error> {
         let properties = ConnectionProperties::default()
             .with_connection_name(format!("rylm-syrpc {}", self.settings.app_name).into());
         let attempt = tokio::time::timeout(
@@ -298,6 +325,20 @@ impl Link {
                             .1
                             .clear();
                     }
+                    Err(error @ Error::NotConfirmed { .. })
+                        if self
+                            .settings
+                            .reconnect_for
+                            .is_none_or(|limit| started.elapsed() < limit) =>
+                    {
+                        // A negative confirm: a quorum queue between two leaders refuses for a
+                        // moment, and a channel that published to it then may go on refusing
+                        // after the new leader is there. Publish again on a new channel.
+                        tracing::debug!(%error, "the broker refused the {}; retrying on a new channel", message.what);
+                        self.discard_publisher().await;
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(MAX_BACKOFF);
+                    }
                     Err(error)
                         if error.is_connection_loss()
                             && self
@@ -375,6 +416,17 @@ impl Link {
         }
     }
 
+    /// Closes the publishing channel, so that the next publish opens another.
+    async fn discard_publisher(&self) {
+        let live = self.live.lock().await;
+        if let Some(current) = live.as_ref() {
+            let _ = current
+                .publisher
+                .close(200, "refused a publish".into())
+                .await;
+        }
+    }
+
     /// Closes the connection.
     pub(crate) async fn close(&self) {
         if let Some(live) = self.live.lock().await.take() {
@@ -418,6 +470,18 @@ fn classify_connect_error(url: &str, error: lapin::Error) -> Error {
     }
 }
 
+/// `x-queue-type` for quorum queues; nothing for classic ones (as the peers declare them).
+fn queue_type_arguments(settings: &Settings) -> FieldTable {
+    let mut arguments = FieldTable::default();
+    if settings.queue_type == QueueType::Quorum {
+        arguments.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString(QueueType::Quorum.as_str().into()),
+        );
+    }
+    arguments
+}
+
 /// The request exchange, queue and binding, and the result exchange, as the peers declare them.
 async fn declare_topology(channel: &Channel, settings: &Settings) -> Result<(), Error> {
     let request = settings.request_exchange();
@@ -441,7 +505,7 @@ async fn declare_topology(channel: &Channel, settings: &Settings) -> Result<(), 
                 durable: true,
                 ..QueueDeclareOptions::default()
             },
-            FieldTable::default(),
+            queue_type_arguments(settings),
         )
         .await
         .map_err(Error::amqp("queue.declare (request)"))?;
@@ -471,7 +535,7 @@ async fn declare_topology(channel: &Channel, settings: &Settings) -> Result<(), 
 async fn declare_bucket(channel: &Channel, settings: &Settings, bucket: u32) -> Result<(), Error> {
     let queue = settings.result_queue(bucket);
     let (expires, message_ttl) = settings.result_queue_arguments();
-    let mut arguments = FieldTable::default();
+    let mut arguments = queue_type_arguments(settings);
     arguments.insert("x-expires".into(), AMQPValue::LongInt(expires));
     arguments.insert("x-message-ttl".into(), AMQPValue::LongInt(message_ttl));
     channel

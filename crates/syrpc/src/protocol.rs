@@ -89,6 +89,29 @@ pub enum AckMode {
     OnReceipt,
 }
 
+/// The kind of the app's request and result queues.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum QueueType {
+    /// RabbitMQ's classic queues, as the published implementations declare them.
+    #[default]
+    Classic,
+    /// Quorum queues (`x-queue-type: quorum`), replicated over a RabbitMQ cluster: a request
+    /// or result the broker confirmed survives the loss of a minority of the nodes. Every peer
+    /// of the app must use them (the broker refuses to declare a queue again as another type),
+    /// so the published peers cannot join such an app.
+    Quorum,
+}
+
+impl QueueType {
+    /// The name RabbitMQ gives it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QueueType::Classic => "classic",
+            QueueType::Quorum => "quorum",
+        }
+    }
+}
+
 /// Connection and protocol settings, with the published implementations' defaults.
 ///
 /// ```
@@ -107,6 +130,11 @@ pub struct Settings {
     pub app_name: String,
     /// The broker, as an AMQP URI (`amqp://user:password@host:port/vhost`).
     pub url: String,
+    /// Other nodes of the same broker (a cluster), tried in turn when the current one cannot
+    /// be reached.
+    pub fallback_urls: Vec<String>,
+    /// The kind of the request and result queues; default classic.
+    pub queue_type: QueueType,
     /// How long an unused result queue lives (`x-expires`); default 3 hours.
     pub ttl: Duration,
     /// How long a result waits in its queue (`x-message-ttl`); default 10 seconds.
@@ -147,6 +175,8 @@ impl Settings {
         Settings {
             app_name: app_name.into(),
             url: url.into(),
+            fallback_urls: Vec::new(),
+            queue_type: QueueType::Classic,
             ttl: Duration::from_secs(3 * 60 * 60),
             msg_ttl: Duration::from_secs(10),
             num_queues: 64,
@@ -184,6 +214,28 @@ impl Settings {
         };
         let (user, password, vhost) = (encode(user), encode(password), encode(virtualhost));
         Settings::new(app_name, format!("amqp://{user}:{password}@{host}/{vhost}"))
+    }
+
+    /// Sets several nodes of one broker cluster: the first is tried first, the others in turn
+    /// whenever the current one cannot be reached. An empty list changes nothing.
+    pub fn with_urls<I: IntoIterator<Item = S>, S: Into<String>>(mut self, urls: I) -> Self {
+        let mut urls = urls.into_iter().map(Into::into);
+        if let Some(first) = urls.next() {
+            self.url = first;
+            self.fallback_urls = urls.collect();
+        }
+        self
+    }
+
+    /// Sets the kind of the request and result queues (every peer of the app must agree).
+    pub fn with_queue_type(mut self, queue_type: QueueType) -> Self {
+        self.queue_type = queue_type;
+        self
+    }
+
+    /// Every node to connect to, the first one first.
+    pub fn urls(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.url.as_str()).chain(self.fallback_urls.iter().map(String::as_str))
     }
 
     /// Sets the default deadline of `get_result`.
@@ -257,11 +309,13 @@ impl Settings {
                 self.app_name
             ));
         }
-        if !(self.url.starts_with("amqp://") || self.url.starts_with("amqps://")) {
-            return invalid(format!(
-                "url {:?} is not an AMQP URI (amqp://user:password@host:port/vhost)",
-                redact(&self.url)
-            ));
+        for url in self.urls() {
+            if !(url.starts_with("amqp://") || url.starts_with("amqps://")) {
+                return invalid(format!(
+                    "url {:?} is not an AMQP URI (amqp://user:password@host:port/vhost)",
+                    redact(url)
+                ));
+            }
         }
         if self.num_queues == 0 {
             return invalid("num_queues must be at least 1".into());
@@ -324,6 +378,15 @@ impl fmt::Debug for Settings {
         f.debug_struct("Settings")
             .field("app_name", &self.app_name)
             .field("url", &redact(&self.url))
+            .field(
+                "fallback_urls",
+                &self
+                    .fallback_urls
+                    .iter()
+                    .map(|u| redact(u))
+                    .collect::<Vec<_>>(),
+            )
+            .field("queue_type", &self.queue_type)
             .field("ttl", &self.ttl)
             .field("msg_ttl", &self.msg_ttl)
             .field("num_queues", &self.num_queues)

@@ -46,6 +46,27 @@ pub fn rabbitmqctl(test: &str) -> Option<String> {
     server_url("RYLM_RABBITMQCTL", "the RabbitMQ control script", test)
 }
 
+/// The provisioned three-node RabbitMQ cluster: each node's AMQP URL and `rabbitmqctl`
+/// script, or `None` (after a loud message) when the test should skip.
+///
+/// # Panics
+///
+/// When it is not given and `RYLM_REQUIRE_SERVERS=1`.
+pub fn amqp_cluster(test: &str) -> Option<Vec<(String, String)>> {
+    let urls = server_url("RYLM_AMQP_CLUSTER_URLS", "a RabbitMQ cluster", test)?;
+    let ctls = server_url(
+        "RYLM_AMQP_CLUSTER_CTLS",
+        "the cluster's control scripts",
+        test,
+    )?;
+    Some(
+        urls.split(',')
+            .map(str::to_owned)
+            .zip(ctls.split(',').map(str::to_owned))
+            .collect(),
+    )
+}
+
 /// Node.js and the folder of installed npm peers (`node_modules`), as `cargo xtask test`
 /// installs them; `None` (after a loud message) when the test should skip.
 ///

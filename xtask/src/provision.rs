@@ -426,7 +426,12 @@ fn node_env(
         ("RABBITMQ_MNESIA_BASE", path("mnesia")),
         ("RABBITMQ_LOG_BASE", path("log")),
         ("RABBITMQ_PID_FILE", path("rabbit.pid")),
-        ("RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS", dist_args.into()),
+        // No scheduler busy-waiting: four brokers (the node and the cluster) spinning on two
+        // cores would slow every one of them, and the benches with them.
+        (
+            "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS",
+            format!("{dist_args} +sbwt none +sbwtdcpu none +sbwtdio none"),
+        ),
         ("RABBITMQ_CTL_ERL_ARGS", dist_args.into()),
     ]
 }

@@ -2,8 +2,10 @@
 //! in flight, beside a raw lapin request/response with direct reply-to in the same run (the
 //! baseline of what the broker allows).
 //!
-//! Both sides run in this process, each with connections of its own. xtask provisions the
-//! broker, passes `RYLM_AMQP_URL`, and reports the broker's peak memory after the run.
+//! Both sides run in this process, each with connections of its own. Three repetitions,
+//! subject and baseline interleaved. Also: eight clients sharing one result queue, and the
+//! same calls on a three-node cluster with quorum queues. xtask provisions the brokers,
+//! passes `RYLM_AMQP_URL` and `RYLM_AMQP_CLUSTER_URLS`, and reports their peak memory.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -16,14 +18,56 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
-use rylm_benches::{Summary, measure, peak_rss_kib, table};
-use rylm_syrpc::{Client, Handlers, Server, Settings};
+use rylm_benches::{Summary, measure, peak_rss_kib, spread};
+use rylm_syrpc::{Client, Handlers, QueueType, Server, Settings};
 use tokio::sync::oneshot;
 
 const ONE_AT_A_TIME: usize = 1_000;
 const IN_FLIGHT_TOTAL: usize = 4_000;
 const IN_FLIGHT: usize = 200;
 const DEADLINE: Duration = Duration::from_secs(30);
+const REPETITIONS: usize = 3;
+/// The shared-bucket run: this many clients, each on its own connection, every result id in
+/// one bucket, `IN_FLIGHT` calls in flight between them.
+const SHARED_CLIENTS: usize = 8;
+
+/// One row: the subject's runs and the baseline's, in the same repetitions.
+struct Row {
+    label: String,
+    subject: Vec<Summary>,
+    baseline: Vec<Summary>,
+}
+
+fn print_rows(title: &str, rows: &[Row]) {
+    println!(
+        "{title}; calls/s as median (min-max) over {REPETITIONS} interleaved repetitions\n\n| run | rylm calls/s | raw lapin calls/s | rylm / raw (min / median / max) | rylm p50 / p99 (median repetition) |\n|---|---:|---:|---:|---:|"
+    );
+    for row in rows {
+        let rates = |runs: &[Summary]| {
+            let (min, median, max) = spread(&runs.iter().map(Summary::rate).collect::<Vec<_>>());
+            format!("{median:.0} ({min:.0}-{max:.0})")
+        };
+        let ratios: Vec<f64> = row
+            .subject
+            .iter()
+            .zip(&row.baseline)
+            .map(|(a, b)| a.rate() / b.rate().max(f64::EPSILON))
+            .collect();
+        let (min, median, max) = spread(&ratios);
+        let mut by_rate: Vec<&Summary> = row.subject.iter().collect();
+        by_rate.sort_by(|a, b| a.rate().total_cmp(&b.rate()));
+        let middle = by_rate[by_rate.len() / 2];
+        println!(
+            "| {} | {} | {} | {min:.2} / {median:.2} / {max:.2} | {:.2} ms / {:.2} ms |",
+            row.label,
+            rates(&row.subject),
+            rates(&row.baseline),
+            middle.p50.as_secs_f64() * 1e3,
+            middle.p99.as_secs_f64() * 1e3,
+        );
+    }
+    println!();
+}
 
 #[tokio::main]
 async fn main() -> Result<()> {
@@ -31,64 +75,134 @@ async fn main() -> Result<()> {
         .context("RYLM_AMQP_URL is not set: run `cargo xtask bench syrpc`")?;
     let payload = serde_json::json!({"text": "x".repeat(64)});
 
-    // Warm-up, then the measured runs, alternating systems so that drift hits both.
-    let rylm = Rylm::start(&url).await?;
+    let rylm = Rylm::start(
+        Settings::new(format!("bench_{}", std::process::id()), &url),
+        1,
+    )
+    .await?;
+    let shared = Rylm::start(
+        Settings::new(format!("bench_shared_{}", std::process::id()), &url).with_num_queues(1),
+        SHARED_CLIENTS,
+    )
+    .await?;
     let raw = Arc::new(Raw::start(&url).await?);
     rylm.run("warm-up", 200, 20, &payload).await?;
+    shared.run("warm-up", 200, 20, &payload).await?;
     raw.run("warm-up", 200, 20).await?;
 
-    let rylm_serial = rylm
-        .run("rylm SyRPC, one at a time", ONE_AT_A_TIME, 1, &payload)
-        .await?;
-    let raw_serial = raw
-        .run("raw lapin, one at a time", ONE_AT_A_TIME, 1)
-        .await?;
-    let rylm_parallel = rylm
-        .run(
-            &format!("rylm SyRPC, {IN_FLIGHT} in flight"),
-            IN_FLIGHT_TOTAL,
-            IN_FLIGHT,
-            &payload,
-        )
-        .await?;
-    let raw_parallel = raw
-        .run(
-            &format!("raw lapin, {IN_FLIGHT} in flight"),
-            IN_FLIGHT_TOTAL,
-            IN_FLIGHT,
-        )
-        .await?;
+    // Subject and baseline alternate, so that drift hits both.
+    let mut rows = vec![
+        Row {
+            label: "one at a time, 1,000 calls".into(),
+            subject: Vec::new(),
+            baseline: Vec::new(),
+        },
+        Row {
+            label: format!("{IN_FLIGHT} in flight, 4,000 calls"),
+            subject: Vec::new(),
+            baseline: Vec::new(),
+        },
+        Row {
+            label: format!(
+                "shared bucket: {SHARED_CLIENTS} clients, one result queue, {IN_FLIGHT} in flight"
+            ),
+            subject: Vec::new(),
+            baseline: Vec::new(),
+        },
+    ];
+    for _ in 0..REPETITIONS {
+        rows[0].subject.push(
+            rylm.run("rylm, one at a time", ONE_AT_A_TIME, 1, &payload)
+                .await?,
+        );
+        rows[0]
+            .baseline
+            .push(raw.run("raw, one at a time", ONE_AT_A_TIME, 1).await?);
+        rows[1].subject.push(
+            rylm.run("rylm, in flight", IN_FLIGHT_TOTAL, IN_FLIGHT, &payload)
+                .await?,
+        );
+        rows[1].baseline.push(
+            raw.run("raw, in flight", IN_FLIGHT_TOTAL, IN_FLIGHT)
+                .await?,
+        );
+        rows[2].subject.push(
+            shared
+                .run("rylm, shared bucket", IN_FLIGHT_TOTAL, IN_FLIGHT, &payload)
+                .await?,
+        );
+        rows[2].baseline.push(
+            raw.run("raw, in flight", IN_FLIGHT_TOTAL, IN_FLIGHT)
+                .await?,
+        );
+    }
+    print_rows("single RabbitMQ node, classic queues", &rows);
 
-    println!(
-        "{}",
-        table(&[(&rylm_serial, &raw_serial), (&rylm_parallel, &raw_parallel)])
-    );
-    println!("| baseline run | ops | ops/s | p50 | p99 |\n|---|---:|---:|---:|---:|");
-    for s in [&raw_serial, &raw_parallel] {
-        println!(
-            "| {} | {} | {:.0} | {:.2} ms | {:.2} ms |",
-            s.name,
-            s.count,
-            s.rate(),
-            s.p50.as_secs_f64() * 1e3,
-            s.p99.as_secs_f64() * 1e3
+    // The same on the three-node cluster with quorum queues, against the raw baseline on its
+    // first node (a classic queue: what one node allows).
+    if let Some(cluster) = std::env::var("RYLM_AMQP_CLUSTER_URLS")
+        .ok()
+        .filter(|urls| !urls.is_empty())
+    {
+        let urls: Vec<String> = cluster.split(',').map(str::to_owned).collect();
+        let settings = Settings::new(format!("bench_quorum_{}", std::process::id()), "")
+            .with_urls(urls.clone())
+            .with_queue_type(QueueType::Quorum);
+        let quorum = Rylm::start(settings, 1).await?;
+        let raw = Arc::new(Raw::start(&urls[0]).await?);
+        quorum.run("warm-up", 200, 20, &payload).await?;
+        raw.run("warm-up", 200, 20).await?;
+        let mut rows = vec![
+            Row {
+                label: "quorum queues, one at a time, 1,000 calls".into(),
+                subject: Vec::new(),
+                baseline: Vec::new(),
+            },
+            Row {
+                label: format!("quorum queues, {IN_FLIGHT} in flight, 4,000 calls"),
+                subject: Vec::new(),
+                baseline: Vec::new(),
+            },
+        ];
+        for _ in 0..REPETITIONS {
+            rows[0].subject.push(
+                quorum
+                    .run("quorum, one at a time", ONE_AT_A_TIME, 1, &payload)
+                    .await?,
+            );
+            rows[0]
+                .baseline
+                .push(raw.run("raw, one at a time", ONE_AT_A_TIME, 1).await?);
+            rows[1].subject.push(
+                quorum
+                    .run("quorum, in flight", IN_FLIGHT_TOTAL, IN_FLIGHT, &payload)
+                    .await?,
+            );
+            rows[1].baseline.push(
+                raw.run("raw, in flight", IN_FLIGHT_TOTAL, IN_FLIGHT)
+                    .await?,
+            );
+        }
+        print_rows(
+            "three-node RabbitMQ cluster, quorum queues (raw lapin: a classic queue on node 1)",
+            &rows,
         );
     }
     println!(
-        "\npeak RSS of the bench process (rylm client and server, raw client and server): {} KiB",
+        "peak RSS of the bench process (every rylm client and server, raw clients and servers): {} KiB",
         peak_rss_kib(std::process::id()).unwrap_or(0)
     );
     Ok(())
 }
 
+/// A rylm server and `clients` clients (each on its own connection) of one app.
 struct Rylm {
-    client: Client,
+    clients: Vec<Client>,
     _stop: oneshot::Sender<()>,
 }
 
 impl Rylm {
-    async fn start(url: &str) -> Result<Rylm> {
-        let settings = Settings::new(format!("bench_{}", std::process::id()), url);
+    async fn start(settings: Settings, clients: usize) -> Result<Rylm> {
         let server = Server::connect(settings.clone().with_prefetch(64)).await?;
         let (stop, stopped) = oneshot::channel::<()>();
         let handlers = Handlers::new().on("echo", |data| async move { Ok::<_, String>(data) });
@@ -99,8 +213,12 @@ impl Rylm {
                 })
                 .await
         });
+        let mut connected = Vec::new();
+        for _ in 0..clients.max(1) {
+            connected.push(Client::connect(settings.clone()).await?);
+        }
         Ok(Rylm {
-            client: Client::connect(settings).await?,
+            clients: connected,
             _stop: stop,
         })
     }
@@ -112,9 +230,9 @@ impl Rylm {
         in_flight: usize,
         payload: &serde_json::Value,
     ) -> Result<Summary> {
-        let (client, payload) = (self.client.clone(), payload.clone());
-        measure(name, total, in_flight, move |_| {
-            let (client, payload) = (client.clone(), payload.clone());
+        let (clients, payload) = (Arc::new(self.clients.clone()), payload.clone());
+        measure(name, total, in_flight, move |n| {
+            let (client, payload) = (clients[n % clients.len()].clone(), payload.clone());
             async move {
                 client.call("echo", &payload, Some(DEADLINE)).await?;
                 Ok(())

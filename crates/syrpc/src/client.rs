@@ -10,25 +10,27 @@
 //! back (rylm's first design) still let two clients hold each other's results until they
 //! expired. So, while callers of this client wait on a bucket, its reader task does this:
 //!
-//! - It binds a **private queue** of its own (exclusive, deleted with its channel) to the
-//!   result exchange with the bucket's routing key, so that every result published to the
-//!   bucket while it waits is also copied to it: a result published after its caller started
-//!   waiting reaches it at once, whoever else waits on the bucket.
-//! - It consumes the **bucket queue** too, for results published before anyone waited (the
-//!   stateless pattern: put now, get later from elsewhere). A result some caller here waits
-//!   for is acknowledged and handed over. A result nobody here waits for is **published again
-//!   once**, marked, so that the private queue of whichever client waits for it gets a copy,
-//!   and then acknowledged (the new copy is in the bucket queue for later fetchers). A marked
-//!   result nobody here waits for is **held** a moment (a caller here may ask for it) and then
-//!   handed back to the broker (one `nack` with requeue), never bounced in a loop.
-//! - The copy of a result it already delivered (an original after its private copy, or the
-//!   other way round) is acknowledged and dropped.
-//! - When no caller waits any more, the reader closes its channel: the private queue goes, and
-//!   every held result goes back to the broker.
+//! - It consumes the bucket's queue. A result some caller here waits for is acknowledged and
+//!   handed over.
+//! - A result nobody here waits for is **held** for a moment (`LOCAL_GRACE`), unacknowledged:
+//!   a caller here who asks for it a moment later gets it at once (put now, get a moment later
+//!   is the common case). Then it is **forwarded**: published, `mandatory` and confirmed, to
+//!   rylm's own direct exchange `{app}_rylm_by_id` with its result id as the routing key, and
+//!   only then acknowledged. The client that waits for it has bound its **private queue**
+//!   (exclusive, deleted with its channel) to that exchange under the id, so the copy reaches
+//!   it and nobody else: one more publish, not a broadcast.
+//! - A waiter binds its id only once it has waited `BIND_AFTER`, so that a result that comes
+//!   straight to its own reader (one client, or luck) costs no binding; a forward finding no
+//!   binding yet (the broker returns it) is tried again at the next tick.
+//! - A result still unclaimed after `hold_foreign_for` is handed back to the broker (one
+//!   `nack` with requeue), for a client of the published packages or a later fetcher.
+//! - When no caller waits any more, the reader closes its channel: the private queue and its
+//!   bindings go, and every held result goes back to the broker.
 //!
-//! A result is therefore delivered to its waiting caller within one publish of its arrival,
-//! and a result may be delivered more than once (to two callers of the same id in different
-//! processes, or again after a reconnect): results are at-least-once.
+//! A result is therefore delivered to its waiting rylm caller within about `LOCAL_GRACE` plus
+//! `BIND_AFTER` plus one tick of its arrival, whoever took it; it may be delivered more than
+//! once (to two callers of one id in different processes, or again after a reconnect):
+//! results are at-least-once.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -39,8 +41,8 @@ use futures_lite::StreamExt;
 use lapin::Acker;
 use lapin::Channel;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, QueueBindOptions,
-    QueueDeclareOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, ConfirmSelectOptions,
+    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
 use serde::Serialize;
@@ -48,13 +50,13 @@ use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::Error;
-use crate::link::{FANNED_OUT, Link, Outgoing};
+use crate::link::{Link, Outgoing, forward_exchange, publish_on};
 use crate::protocol::{self, ResultId, Settings};
 
 /// How many unacknowledged results one bucket reader may hold.
 const READER_PREFETCH: u16 = 512;
 /// How long an idle reader lingers before it closes, so that back-to-back calls reuse it.
-const READER_LINGER: Duration = Duration::from_millis(100);
+const READER_LINGER: Duration = Duration::from_secs(1);
 
 type Reply = oneshot::Sender<Result<Value, Error>>;
 
@@ -76,9 +78,8 @@ pub struct ClientStats {
     pub delivered: AtomicU64,
     /// Malformed messages found on result queues, acknowledged and dropped.
     pub malformed: AtomicU64,
-    /// Results nobody here waited for, published again once so that their waiting clients
-    /// get a copy.
-    pub fanned_out: AtomicU64,
+    /// Results nobody here waited for, forwarded to the client that waits for them.
+    pub forwarded: AtomicU64,
     /// Second copies of results already delivered here, acknowledged and dropped.
     pub duplicates_dropped: AtomicU64,
     /// Times a bucket's reader had to open its consumers again (a lost connection, a queue
@@ -155,9 +156,12 @@ impl Client {
         data: &impl Serialize,
         deadline: Option<Duration>,
     ) -> Result<ResultId, Error> {
-        let data = serde_json::to_value(data).map_err(|e| Error::Encode(e.to_string()))?;
-        let result_id = ResultId::new();
-        let body = protocol::encode_request(&result_id, type_, &data)?;
+        let (result_id, body) = request_body(type_, data)?;
+        self.publish_request(&body, deadline).await?;
+        Ok(result_id)
+    }
+
+    async fn publish_request(&self, body: &[u8], deadline: Option<Duration>) -> Result<(), Error> {
         let settings = &self.inner.link.settings;
         let exchange = settings.request_exchange();
         self.inner
@@ -167,15 +171,14 @@ impl Client {
                     what: "request",
                     exchange: &exchange,
                     routing_key: &exchange,
-                    body: &body,
+                    body,
                     expiration: settings.request_ttl,
                     bucket: None,
-                    fanned_out: false,
+                    forward: false,
                 },
                 deadline,
             )
-            .await?;
-        Ok(result_id)
+            .await
     }
 
     /// Waits for the result of `result_id` until `deadline` (or the settings' `timeout` when
@@ -187,6 +190,44 @@ impl Client {
         deadline: Option<Duration>,
     ) -> Result<Value, Error> {
         let deadline = deadline.or(self.inner.link.settings.timeout);
+        let answer = self.wait_for(result_id);
+        self.answer(result_id, answer, deadline).await
+    }
+
+    /// `put_request` then `get_result`, both within `deadline` (or the settings' `timeout`).
+    ///
+    /// The wait starts before the request is published, and the result is taken as soon as
+    /// it comes, even before the broker's confirm of the request (a result proves that the
+    /// request arrived): one call costs one round trip through the server, not two confirms.
+    pub async fn call(
+        &self,
+        type_: &str,
+        data: &impl Serialize,
+        deadline: Option<Duration>,
+    ) -> Result<Value, Error> {
+        let deadline = deadline.or(self.inner.link.settings.timeout);
+        let (result_id, body) = request_body(type_, data)?;
+        let answer = self.wait_for(&result_id);
+        let publish = self.publish_request(&body, deadline);
+        let answer = self.answer(&result_id, answer, deadline);
+        tokio::pin!(publish, answer);
+        let mut published = false;
+        loop {
+            tokio::select! {
+                sent = &mut publish, if !published => match sent {
+                    Ok(()) => published = true,
+                    Err(error) => {
+                        self.tell_reader_gave_up(self.inner.link.settings.bucket(result_id.as_str()));
+                        return Err(error);
+                    }
+                },
+                outcome = &mut answer => return outcome,
+            }
+        }
+    }
+
+    /// Registers a wait for `result_id` with its bucket's reader.
+    fn wait_for(&self, result_id: &ResultId) -> oneshot::Receiver<Result<Value, Error>> {
         let (reply, answer) = oneshot::channel();
         self.send_to_reader(
             self.inner.link.settings.bucket(result_id.as_str()),
@@ -195,6 +236,16 @@ impl Client {
                 reply,
             },
         );
+        answer
+    }
+
+    /// The result `answer` brings, within `deadline`.
+    async fn answer(
+        &self,
+        result_id: &ResultId,
+        answer: oneshot::Receiver<Result<Value, Error>>,
+        deadline: Option<Duration>,
+    ) -> Result<Value, Error> {
         let outcome = match deadline {
             Some(limit) => match tokio::time::timeout(limit, answer).await {
                 Ok(outcome) => outcome,
@@ -216,20 +267,6 @@ impl Client {
             }),
             None => Ok(data),
         }
-    }
-
-    /// `put_request` then `get_result`, both within `deadline` (or the settings' `timeout`).
-    pub async fn call(
-        &self,
-        type_: &str,
-        data: &impl Serialize,
-        deadline: Option<Duration>,
-    ) -> Result<Value, Error> {
-        let deadline = deadline.or(self.inner.link.settings.timeout);
-        let started = Instant::now();
-        let result_id = self.put_request_within(type_, data, deadline).await?;
-        let remaining = deadline.map(|limit| limit.saturating_sub(started.elapsed()));
-        self.get_result(&result_id, remaining).await
     }
 
     /// Closes the connection; calls still waiting fail with [`Error::Closed`].
@@ -267,11 +304,32 @@ impl Client {
     }
 }
 
+/// A fresh result id and the request's body.
+fn request_body(type_: &str, data: &impl Serialize) -> Result<(ResultId, Vec<u8>), Error> {
+    let data = serde_json::to_value(data).map_err(|e| Error::Encode(e.to_string()))?;
+    let result_id = ResultId::new();
+    let body = protocol::encode_request(&result_id, type_, &data)?;
+    Ok((result_id, body))
+}
+
 /// A result held for a moment because nobody here waited for it.
 struct Held {
     acker: Acker,
     data: Value,
+    /// The message as it came, to forward.
+    body: Vec<u8>,
     since: Instant,
+    /// When to try forwarding it (again): after `LOCAL_GRACE`, then at doubling intervals.
+    next_try: Instant,
+    tries: u32,
+}
+
+/// Callers of this client waiting for one result id.
+struct Waiting {
+    replies: Vec<Reply>,
+    since: Instant,
+    /// Whether the private queue is bound to the forward exchange under this id.
+    bound: bool,
 }
 
 /// Which queue a delivery came from.
@@ -279,33 +337,59 @@ struct Held {
 enum Source {
     /// The bucket's queue, shared with every other client of the app.
     Bucket,
-    /// This reader's own copy of what is published to the bucket.
+    /// This reader's private queue: results other clients forwarded here.
     Private,
 }
 
+/// How long a result nobody here waits for is held before it is forwarded.
+const LOCAL_GRACE: Duration = Duration::from_millis(20);
+/// How long a caller waits before its reader binds the id, so that others can forward.
+const BIND_AFTER: Duration = Duration::from_millis(10);
+/// How often a reader forwards, binds and hands back.
+const TICK: Duration = Duration::from_millis(20);
+/// How many delivered ids a reader remembers at most (each for twice the message TTL).
+const REMEMBERED: usize = 100_000;
+
 struct Reader {
     bucket: u32,
-    waiters: HashMap<ResultId, Vec<Reply>>,
+    /// The private queue of the current channel.
+    private: String,
+    waiters: HashMap<ResultId, Waiting>,
     held: HashMap<ResultId, Held>,
-    /// Results delivered here lately (their other copy may still come by), and when.
+    /// Results delivered here lately (a second copy may still come by), and when.
     delivered: HashMap<ResultId, Instant>,
 }
 
-/// How many delivered ids a reader remembers at most (each for a message TTL).
-const REMEMBERED: usize = 100_000;
-
 impl Reader {
+    /// Whether a caller has waited long enough to bind its id, or a result is due to be
+    /// forwarded: what the private queue is for.
+    fn needs_private(&self) -> bool {
+        self.waiters
+            .values()
+            .any(|w| w.since.elapsed() >= BIND_AFTER)
+            || self.held.values().any(|h| h.next_try <= Instant::now())
+    }
+
     fn has_waiters(&self) -> bool {
         self.waiters
             .values()
-            .any(|replies| replies.iter().any(|r| !r.is_closed()))
+            .any(|waiting| waiting.replies.iter().any(|r| !r.is_closed()))
     }
 
-    fn drop_abandoned(&mut self) {
-        self.waiters.retain(|_, replies| {
-            replies.retain(|r| !r.is_closed());
-            !replies.is_empty()
+    /// Forgets callers that gave up; their ids are unbound.
+    fn drop_abandoned(&mut self, channel: &Channel, inner: &Inner) {
+        let mut unbind = Vec::new();
+        self.waiters.retain(|id, waiting| {
+            waiting.replies.retain(|r| !r.is_closed());
+            let keep = !waiting.replies.is_empty();
+            if !keep && waiting.bound {
+                unbind.push(id.clone());
+            }
+            keep
         });
+        for id in unbind {
+            spawn_unbind(channel, inner, &self.private, id);
+        }
     }
 
     fn remember_delivered(&mut self, result_id: ResultId) {
@@ -323,25 +407,55 @@ impl Reader {
         self.delivered.insert(result_id, Instant::now());
     }
 
-    fn deliver(&mut self, inner: &Inner, result_id: ResultId, replies: Vec<Reply>, data: Value) {
+    fn deliver(
+        &mut self,
+        channel: &Channel,
+        inner: &Inner,
+        result_id: ResultId,
+        waiting: Waiting,
+        data: Value,
+    ) {
         inner.stats.delivered.fetch_add(1, Ordering::Relaxed);
-        for reply in replies {
+        for reply in waiting.replies {
             let _ = reply.send(Ok(data.clone()));
+        }
+        if waiting.bound {
+            spawn_unbind(channel, inner, &self.private, result_id.clone());
         }
         self.remember_delivered(result_id);
     }
 
-    async fn on_wait(&mut self, inner: &Inner, result_id: ResultId, reply: Reply) {
+    async fn on_wait(
+        &mut self,
+        channel: &Channel,
+        inner: &Inner,
+        result_id: ResultId,
+        reply: Reply,
+    ) {
         if let Some(held) = self.held.remove(&result_id) {
             let _ = held.acker.ack(BasicAckOptions::default()).await;
-            self.deliver(inner, result_id, vec![reply], held.data);
+            let waiting = Waiting {
+                replies: vec![reply],
+                since: Instant::now(),
+                bound: false,
+            };
+            self.deliver(channel, inner, result_id, waiting, held.data);
         } else {
-            self.waiters.entry(result_id).or_default().push(reply);
+            self.waiters
+                .entry(result_id)
+                .or_insert_with(|| Waiting {
+                    replies: Vec::new(),
+                    since: Instant::now(),
+                    bound: false,
+                })
+                .replies
+                .push(reply);
         }
     }
 
     async fn on_result(
         &mut self,
+        channel: &Channel,
         inner: &Inner,
         source: Source,
         delivery: lapin::message::Delivery,
@@ -355,14 +469,14 @@ impl Reader {
                 return;
             }
         };
-        if let Some(replies) = self.waiters.remove(&body.result_id) {
+        if let Some(waiting) = self.waiters.remove(&body.result_id) {
             let _ = delivery.acker.ack(BasicAckOptions::default()).await;
-            self.deliver(inner, body.result_id, replies, body.data);
+            self.deliver(channel, inner, body.result_id, waiting, body.data);
             return;
         }
         if source == Source::Private || self.delivered.contains_key(&body.result_id) {
-            // A copy: of a result delivered here already, or (private) of one that nobody here
-            // waits for, whose original is in the bucket queue.
+            // A second copy of a result delivered here already, or a forwarded one whose
+            // caller has given up.
             if self.delivered.contains_key(&body.result_id) {
                 inner
                     .stats
@@ -372,20 +486,13 @@ impl Reader {
             let _ = delivery.acker.ack(BasicAckOptions::default()).await;
             return;
         }
-        let marked = delivery
-            .properties
-            .headers()
-            .as_ref()
-            .is_some_and(|headers| headers.inner().contains_key(FANNED_OUT));
-        if !marked && self.fan_out(inner, &delivery.data).await {
-            let _ = delivery.acker.ack(BasicAckOptions::default()).await;
-            inner.stats.fanned_out.fetch_add(1, Ordering::Relaxed);
-            return;
-        }
         let held = Held {
             acker: delivery.acker,
             data: body.data,
+            body: delivery.data,
             since: Instant::now(),
+            next_try: Instant::now() + LOCAL_GRACE,
+            tries: 0,
         };
         // A duplicate (at-least-once delivery): keep the newer, hand the older back.
         if let Some(older) = self.held.insert(body.result_id, held) {
@@ -394,51 +501,78 @@ impl Reader {
         }
     }
 
-    /// Publishes a result again, marked, so that every client waiting on the bucket gets a
-    /// copy in its private queue; true once the broker confirmed it.
-    async fn fan_out(&self, inner: &Inner, body: &[u8]) -> bool {
+    /// Binds the ids waited for long enough, forwards results held past the local grace, and
+    /// hands back those nobody claimed within `hold`.
+    async fn tick(&mut self, channel: &Channel, inner: &Inner, hold: Duration) {
         let settings = &inner.link.settings;
-        let routing_key = self.bucket.to_string();
-        let published = inner
-            .link
-            .publish(
-                Outgoing {
-                    what: "result",
-                    exchange: &settings.result_exchange(),
-                    routing_key: &routing_key,
-                    body,
-                    expiration: None,
-                    bucket: Some(self.bucket),
-                    fanned_out: true,
-                },
-                Some(settings.confirm_timeout),
-            )
-            .await;
-        match published {
-            Ok(()) => true,
-            Err(error) => {
-                tracing::debug!(bucket = self.bucket, %error, "could not publish a foreign result again; holding it");
-                false
+        let exchange = forward_exchange(settings);
+        for (id, waiting) in self.waiters.iter_mut() {
+            if waiting.bound || waiting.since.elapsed() < BIND_AFTER {
+                continue;
+            }
+            let bound = channel
+                .queue_bind(
+                    self.private.as_str().into(),
+                    exchange.as_str().into(),
+                    id.as_str().into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await;
+            match bound {
+                Ok(()) => waiting.bound = true,
+                Err(error) => {
+                    tracing::debug!(bucket = self.bucket, %error, "could not bind a waited-for id");
+                    break;
+                }
             }
         }
-    }
-
-    /// Hands results held longer than `hold` back to the broker, for other processes, and
-    /// forgets deliveries older than `remember`.
-    async fn release_stale(&mut self, inner: &Inner, hold: Duration, remember: Duration) {
-        let stale: Vec<ResultId> = self
+        let due: Vec<ResultId> = self
             .held
             .iter()
-            .filter(|(_, held)| held.since.elapsed() >= hold)
+            .filter(|(_, held)| held.next_try <= Instant::now())
             .map(|(id, _)| id.clone())
             .collect();
-        for id in stale {
-            if let Some(held) = self.held.remove(&id) {
-                let _ = held.acker.nack(requeue()).await;
-                inner.stats.handed_back.fetch_add(1, Ordering::Relaxed);
+        for id in due {
+            let Some(mut held) = self.held.remove(&id) else {
+                continue;
+            };
+            // On the reader's own channel: what the broker returns there is a forward's.
+            let forwarded = publish_on(
+                channel,
+                &Outgoing {
+                    what: "result",
+                    exchange: &exchange,
+                    routing_key: id.as_str(),
+                    body: &held.body,
+                    expiration: Some(settings.msg_ttl),
+                    bucket: None,
+                    forward: true,
+                },
+                settings.confirm_timeout,
+            )
+            .await;
+            match forwarded {
+                Ok(()) => {
+                    // The waiting client has its copy: the original is done.
+                    let _ = held.acker.ack(BasicAckOptions::default()).await;
+                    inner.stats.forwarded.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(_) if held.since.elapsed() >= hold => {
+                    // Nobody waits for it, as far as rylm clients go: back to the broker.
+                    let _ = held.acker.nack(requeue()).await;
+                    inner.stats.handed_back.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(_) => {
+                    // No binding yet (its caller may not have asked yet): try again later.
+                    held.tries += 1;
+                    held.next_try = Instant::now() + LOCAL_GRACE * 2u32.pow(held.tries.min(6));
+                    self.held.insert(id, held);
+                }
             }
         }
-        self.delivered.retain(|_, at| at.elapsed() < remember);
+        self.delivered
+            .retain(|_, at| at.elapsed() < settings.msg_ttl * 2);
     }
 
     /// Fails every caller waiting here, and every command not yet read, with `error`.
@@ -447,8 +581,8 @@ impl Reader {
         commands: &mut mpsc::UnboundedReceiver<Command>,
         error: impl Fn() -> Error,
     ) {
-        for (_, replies) in self.waiters.drain() {
-            for reply in replies {
+        for (_, waiting) in self.waiters.drain() {
+            for reply in waiting.replies {
                 let _ = reply.send(Err(error()));
             }
         }
@@ -460,6 +594,23 @@ impl Reader {
     }
 }
 
+/// Unbinds a waited-for id from the private queue, off the reader's loop (the binding goes
+/// with the queue anyway when the reader closes).
+fn spawn_unbind(channel: &Channel, inner: &Inner, private: &str, id: ResultId) {
+    let (channel, exchange) = (channel.clone(), forward_exchange(&inner.link.settings));
+    let private = private.to_owned();
+    tokio::spawn(async move {
+        let _ = channel
+            .queue_unbind(
+                private.as_str().into(),
+                exchange.as_str().into(),
+                id.as_str().into(),
+                FieldTable::default(),
+            )
+            .await;
+    });
+}
+
 fn requeue() -> BasicNackOptions {
     BasicNackOptions {
         multiple: false,
@@ -467,23 +618,61 @@ fn requeue() -> BasicNackOptions {
     }
 }
 
-/// A bucket's consumers: its shared queue, and a private queue bound to the same routing key.
+/// A bucket's reader channel and its consumer of the shared queue.
 struct Consumers {
     channel: Channel,
     bucket: lapin::Consumer,
-    private: lapin::Consumer,
 }
 
-async fn open_consumers(link: &Link, bucket: u32) -> Result<Consumers, Error> {
+/// Opens the reader's channel and consumes the bucket's queue; the queue is declared again
+/// when `redeclare` (a reopening: the queue may be what went away) or when not declared on
+/// this connection lately.
+async fn open_consumers(link: &Link, bucket: u32, redeclare: bool) -> Result<Consumers, Error> {
     let (channel, generation) = link.channel().await?;
     channel
         .basic_qos(READER_PREFETCH, BasicQosOptions::default())
         .await
         .map_err(Error::amqp("basic.qos"))?;
-    // Declared again at every opening: the queue may be what went away.
-    link.forget_bucket(bucket);
+    if redeclare {
+        link.forget_bucket(bucket);
+    }
     link.ensure_bucket(&channel, generation, bucket).await?;
+    let shared = channel
+        .basic_consume(
+            link.settings.result_queue(bucket).as_str().into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(Error::amqp("basic.consume (result)"))?;
+    Ok(Consumers {
+        channel,
+        bucket: shared,
+    })
+}
+
+/// The reader's private queue, opened when first needed (a caller who waited `BIND_AFTER`,
+/// or a result to forward): puts the channel in confirm mode (for forwards), declares the
+/// forward exchange and the queue, and consumes it. Returns the queue's name and consumer.
+async fn open_private(channel: &Channel, link: &Link) -> Result<(String, lapin::Consumer), Error> {
     let settings = &link.settings;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .map_err(Error::amqp("confirm.select"))?;
+    channel
+        .exchange_declare(
+            forward_exchange(settings).as_str().into(),
+            lapin::ExchangeKind::Direct,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(Error::amqp("exchange.declare (forward)"))?;
     let mut arguments = FieldTable::default();
     let (_, message_ttl) = settings.result_queue_arguments();
     arguments.insert("x-message-ttl".into(), AMQPValue::LongInt(message_ttl));
@@ -498,40 +687,28 @@ async fn open_consumers(link: &Link, bucket: u32) -> Result<Consumers, Error> {
             arguments,
         )
         .await
-        .map_err(Error::amqp("queue.declare (private result copy)"))?;
-    channel
-        .queue_bind(
-            private.name().as_str().into(),
-            settings.result_exchange().as_str().into(),
-            bucket.to_string().as_str().into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .map_err(Error::amqp("queue.bind (private result copy)"))?;
-    let private = channel
+        .map_err(Error::amqp("queue.declare (private)"))?;
+    let name = private.name().as_str().to_owned();
+    let consumer = channel
         .basic_consume(
-            private.name().as_str().into(),
+            name.as_str().into(),
             "".into(),
             BasicConsumeOptions::default(),
             FieldTable::default(),
         )
         .await
-        .map_err(Error::amqp("basic.consume (private result copy)"))?;
-    let shared = channel
-        .basic_consume(
-            settings.result_queue(bucket).as_str().into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .map_err(Error::amqp("basic.consume (result)"))?;
-    Ok(Consumers {
-        channel,
-        bucket: shared,
-        private,
-    })
+        .map_err(Error::amqp("basic.consume (private)"))?;
+    Ok((name, consumer))
+}
+
+/// The next delivery of `consumer`, or never without one.
+async fn next_or_never(
+    consumer: &mut Option<lapin::Consumer>,
+) -> Option<Result<lapin::message::Delivery, lapin::Error>> {
+    match consumer {
+        Some(consumer) => consumer.next().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Whether a failure to open a reader's consumers is final for its callers (the link gave
@@ -550,6 +727,7 @@ async fn run_reader(
 ) {
     let mut reader = Reader {
         bucket,
+        private: String::new(),
         waiters: HashMap::new(),
         held: HashMap::new(),
         delivered: HashMap::new(),
@@ -562,21 +740,35 @@ async fn run_reader(
             return;
         };
         let hold = strong.link.settings.hold_foreign_for;
-        let remember = strong.link.settings.msg_ttl * 2;
-        let tick = (hold / 2).clamp(Duration::from_millis(20), Duration::from_millis(250));
-        let consumers = match open_consumers(&strong.link, bucket).await {
+        let consumers = match open_consumers(&strong.link, bucket, opened_before).await {
             Ok(opened) => opened,
             Err(error) => {
                 // Read what came meanwhile, so that a caller who asked is counted.
                 while let Ok(command) = commands.try_recv() {
                     match command {
                         Command::Wait { result_id, reply } => {
-                            reader.waiters.entry(result_id).or_default().push(reply);
+                            reader
+                                .waiters
+                                .entry(result_id)
+                                .or_insert_with(|| Waiting {
+                                    replies: Vec::new(),
+                                    since: Instant::now(),
+                                    bound: false,
+                                })
+                                .replies
+                                .push(reply);
                         }
-                        Command::GaveUp => reader.drop_abandoned(),
+                        Command::GaveUp => {}
                     }
                 }
-                reader.drop_abandoned();
+                for waiting in reader.waiters.values_mut() {
+                    waiting.replies.retain(|r| !r.is_closed());
+                    // The channel (and the bindings) went with the failure.
+                    waiting.bound = false;
+                }
+                reader
+                    .waiters
+                    .retain(|_, waiting| !waiting.replies.is_empty());
                 if is_final(&error) || !reader.has_waiters() {
                     // Leave under the map's lock, so that no command is sent to a reader that
                     // is going away; whoever waits gets the reason.
@@ -609,10 +801,16 @@ async fn run_reader(
         let Consumers {
             channel,
             bucket: mut shared,
-            mut private,
         } = consumers;
+        // The private queue (and its bindings) of an old channel went with it.
+        let mut private: Option<lapin::Consumer> = None;
+        reader.private.clear();
+        for waiting in reader.waiters.values_mut() {
+            waiting.bound = false;
+        }
         drop(strong);
-        let mut ticker = tokio::time::interval(tick);
+        let mut ticker = tokio::time::interval(TICK);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let Some(strong) = inner.upgrade() else {
                 let _ = channel.close(200, "client dropped".into()).await;
@@ -626,27 +824,38 @@ async fn run_reader(
                 command = commands.recv() => match command {
                     Some(Command::Wait { result_id, reply }) => {
                         idle_since = None;
-                        reader.on_wait(&strong, result_id, reply).await;
+                        reader.on_wait(&channel, &strong, result_id, reply).await;
                     }
-                    Some(Command::GaveUp) => reader.drop_abandoned(),
+                    Some(Command::GaveUp) => reader.drop_abandoned(&channel, &strong),
                     None => {
                         let _ = channel.close(200, "client closed".into()).await;
                         return;
                     }
                 },
                 delivery = shared.next() => match delivery {
-                    Some(Ok(delivery)) => reader.on_result(&strong, Source::Bucket, delivery).await,
+                    Some(Ok(delivery)) => reader.on_result(&channel, &strong, Source::Bucket, delivery).await,
                     Some(Err(error)) => lost = Some(error.to_string()),
                     None => lost = Some("the broker cancelled the consumer (was the queue deleted?)".into()),
                 },
-                delivery = private.next() => match delivery {
-                    Some(Ok(delivery)) => reader.on_result(&strong, Source::Private, delivery).await,
+                delivery = next_or_never(&mut private) => match delivery {
+                    Some(Ok(delivery)) => reader.on_result(&channel, &strong, Source::Private, delivery).await,
                     Some(Err(error)) => lost = Some(error.to_string()),
                     None => lost = Some("the broker cancelled the private consumer".into()),
                 },
                 _ = ticker.tick() => {
-                    reader.drop_abandoned();
-                    reader.release_stale(&strong, hold, remember).await;
+                    reader.drop_abandoned(&channel, &strong);
+                    if private.is_none() && reader.needs_private() {
+                        match open_private(&channel, &strong.link).await {
+                            Ok((name, consumer)) => {
+                                reader.private = name;
+                                private = Some(consumer);
+                            }
+                            Err(error) => lost = Some(error.to_string()),
+                        }
+                    }
+                    if private.is_some() {
+                        reader.tick(&channel, &strong, hold).await;
+                    }
                 }
                 _ = sleep_until_or_never(linger_until) => leave = true,
             }
@@ -678,7 +887,7 @@ async fn run_reader(
             match late_command {
                 Some(Command::Wait { result_id, reply }) => {
                     idle_since = None;
-                    reader.on_wait(&strong, result_id, reply).await;
+                    reader.on_wait(&channel, &strong, result_id, reply).await;
                 }
                 Some(Command::GaveUp) => idle_since = Some(Instant::now()),
                 None => {

@@ -40,13 +40,18 @@ pub(crate) struct Outgoing<'a> {
     /// The result queue to declare first, for results (which are then published `mandatory`:
     /// a result the broker cannot route comes back, and its queue is declared again).
     pub(crate) bucket: Option<u32>,
-    /// A result a client publishes again so that every waiting client gets a copy (see the
-    /// client's module documentation): marked, so that it is done once.
-    pub(crate) fanned_out: bool,
+    /// A result a client forwards to the client that waits for it (see the client's module
+    /// documentation): published `mandatory` and transient, to the private queue of whoever
+    /// bound its id, and never retried when nobody did.
+    pub(crate) forward: bool,
 }
 
-/// The header that marks a result published again by a client.
-pub(crate) const FANNED_OUT: &str = "x-rylm-fanned-out";
+/// `{app}_rylm_by_id`: the direct exchange through which a client forwards a result it took
+/// from a shared result queue to the client that waits for it (bound by result id). rylm's
+/// own; the published peers neither declare nor use it.
+pub(crate) fn forward_exchange(settings: &Settings) -> String {
+    format!("{}_rylm_by_id", settings.app_name)
+}
 
 /// One live connection and the channel made on it for publishing.
 struct Live {
@@ -299,7 +304,9 @@ impl Link {
             let mut unroutable = 0;
             loop {
                 match self.publish_once(&message).await {
-                    Err(Error::Unroutable { .. }) if unroutable < UNROUTABLE_RETRIES => {
+                    Err(Error::Unroutable { .. })
+                        if message.bucket.is_some() && unroutable < UNROUTABLE_RETRIES =>
+                    {
                         // The result queue is gone (expired, or deleted by hand): declare it
                         // again and publish again, rather than confirm a result routed nowhere.
                         unroutable += 1;
@@ -372,48 +379,7 @@ impl Link {
         if let Some(bucket) = message.bucket {
             self.ensure_bucket(&publisher, generation, bucket).await?;
         }
-        let mut properties = BasicProperties::default()
-            .with_content_type(CONTENT_TYPE.into())
-            .with_content_encoding(CONTENT_ENCODING.into())
-            .with_delivery_mode(2);
-        if let Some(ttl) = message.expiration {
-            properties = properties.with_expiration(ttl.as_millis().to_string().into());
-        }
-        if message.fanned_out {
-            let mut headers = FieldTable::default();
-            headers.insert(FANNED_OUT.into(), AMQPValue::Boolean(true));
-            properties = properties.with_headers(headers);
-        }
-        let confirm = publisher
-            .basic_publish(
-                message.exchange.into(),
-                message.routing_key.into(),
-                BasicPublishOptions {
-                    mandatory: message.bucket.is_some(),
-                    ..BasicPublishOptions::default()
-                },
-                message.body,
-                properties,
-            )
-            .await
-            .map_err(Error::amqp("basic.publish"))?;
-        let limit = self.settings.confirm_timeout;
-        let confirm = tokio::time::timeout(limit, confirm)
-            .await
-            .map_err(|_| Error::PublishTimeout {
-                what: message.what,
-                waited: limit,
-            })?
-            .map_err(Error::amqp("publisher confirm"))?;
-        match confirm {
-            Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
-            Confirmation::Ack(Some(_)) => Err(Error::Unroutable {
-                what: message.what,
-                exchange: message.exchange.to_owned(),
-                routing_key: message.routing_key.to_owned(),
-            }),
-            Confirmation::Nack(_) => Err(Error::NotConfirmed { what: message.what }),
-        }
+        publish_on(&publisher, message, self.settings.confirm_timeout).await
     }
 
     /// Closes the publishing channel, so that the next publish opens another.
@@ -435,8 +401,56 @@ impl Link {
     }
 }
 
+/// Publishes `message` on `channel` (in confirm mode) and waits up to `limit` for the
+/// broker's confirm.
+pub(crate) async fn publish_on(
+    channel: &Channel,
+    message: &Outgoing<'_>,
+    limit: Duration,
+) -> Result<(), Error> {
+    let mut properties = BasicProperties::default()
+        .with_content_type(CONTENT_TYPE.into())
+        .with_content_encoding(CONTENT_ENCODING.into())
+        // A forwarded copy goes to a private, transient queue; the original stays persistent
+        // until the copy is confirmed.
+        .with_delivery_mode(if message.forward { 1 } else { 2 });
+    if let Some(ttl) = message.expiration {
+        properties = properties.with_expiration(ttl.as_millis().to_string().into());
+    }
+    let mandatory = message.bucket.is_some() || message.forward;
+    let confirm = channel
+        .basic_publish(
+            message.exchange.into(),
+            message.routing_key.into(),
+            BasicPublishOptions {
+                mandatory,
+                ..BasicPublishOptions::default()
+            },
+            message.body,
+            properties,
+        )
+        .await
+        .map_err(Error::amqp("basic.publish"))?;
+    let confirm = tokio::time::timeout(limit, confirm)
+        .await
+        .map_err(|_| Error::PublishTimeout {
+            what: message.what,
+            waited: limit,
+        })?
+        .map_err(Error::amqp("publisher confirm"))?;
+    match confirm {
+        Confirmation::Ack(Some(_)) if mandatory => Err(Error::Unroutable {
+            what: message.what,
+            exchange: message.exchange.to_owned(),
+            routing_key: message.routing_key.to_owned(),
+        }),
+        Confirmation::Ack(_) | Confirmation::NotRequested => Ok(()),
+        Confirmation::Nack(_) => Err(Error::NotConfirmed { what: message.what }),
+    }
+}
+
 /// A channel in confirm mode.
-async fn publishing_channel(connection: &Connection) -> Result<Channel, Error> {
+pub(crate) async fn publishing_channel(connection: &Connection) -> Result<Channel, Error> {
     let publisher = connection
         .create_channel()
         .await

@@ -213,7 +213,7 @@ impl Server {
                     body: &body,
                     expiration: None,
                     bucket: Some(bucket),
-                    fanned_out: false,
+                    forward: false,
                 },
                 None,
             )

@@ -122,7 +122,7 @@ fn main() -> Result<()> {
         Task::Fuzz { target, seconds } => run::fuzz(&target, seconds),
         Task::Servers { action } => match action {
             ServersAction::Start => {
-                let mut servers = provision::start()?;
+                let mut servers = provision::start(true)?;
                 servers.keep();
                 run::print_exports(&servers);
                 Ok(())

@@ -154,20 +154,30 @@ pub fn peak_rss() -> Vec<(String, u64)> {
     found
 }
 
-/// Starts a private Redis and RabbitMQ and waits until both answer.
-pub fn start() -> Result<Servers> {
+/// Starts a private Redis and RabbitMQ (and, with `cluster`, a three-node RabbitMQ cluster)
+/// and waits until all answer.
+pub fn start(cluster: bool) -> Result<Servers> {
     let binaries = find_or_install()?;
     let dir = make_dir()?;
     *STARTED_DIR.lock().unwrap_or_else(|e| e.into_inner()) = Some(dir.clone());
     let started_at = Instant::now();
     let started = start_in(&dir, &binaries).and_then(|(redis_url, amqp_url, epmd_port)| {
-        let cluster = start_cluster(&dir, &binaries, epmd_port)?;
-        Ok((redis_url, amqp_url, cluster))
+        let nodes = if cluster {
+            start_cluster(&dir, &binaries, epmd_port)?
+        } else {
+            Vec::new()
+        };
+        Ok((redis_url, amqp_url, nodes))
     });
     match started {
         Ok((redis_url, amqp_url, cluster)) => {
             eprintln!(
-                "xtask: Redis, RabbitMQ and a three-node RabbitMQ cluster ready in {:.1} s ({})",
+                "xtask: Redis and RabbitMQ{} ready in {:.1} s ({})",
+                if cluster.is_empty() {
+                    ""
+                } else {
+                    " and a three-node RabbitMQ cluster"
+                },
                 started_at.elapsed().as_secs_f64(),
                 dir.display()
             );

@@ -105,7 +105,7 @@ pub fn test(keep_servers: bool, cargo_args: &[String]) -> Result<()> {
     );
 
     banner("Redis and RabbitMQ for the tests");
-    let mut servers = match provision::start() {
+    let mut servers = match provision::start(true) {
         Ok(servers) => Some(servers),
         Err(error) => {
             // The tests still run: those that need a server fail and say so.
@@ -247,7 +247,7 @@ pub fn demo(keep_servers: bool) -> Result<()> {
         bail!("the demo did not build");
     }
     banner("Redis and RabbitMQ for the demo");
-    let mut servers = provision::start()?;
+    let mut servers = provision::start(false)?;
     // The mixed pylm cluster needs a Python with pylm; made once under target/ when python3 is
     // there, skipped with a word when not.
     let python = match peers::ensure_pylm() {
@@ -373,7 +373,7 @@ pub fn bench(name: Option<&str>, quick: bool) -> Result<()> {
         Vec::new()
     };
     let servers = if end_to_end.iter().any(|(_, _, needs)| *needs) {
-        Some(provision::start()?)
+        Some(provision::start(true)?)
     } else {
         None
     };

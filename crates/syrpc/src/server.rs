@@ -438,12 +438,14 @@ impl Handlers {
                 known.join(", ")
             ));
         };
-        // A task of its own, so that a panic is caught and answered instead of killing the loop.
-        let mut task = tokio::spawn(handler(request.data.clone()));
-        let joined = match tokio::time::timeout(limit, &mut task).await {
+        // A panic is caught and answered instead of killing the loop; no task of its own (the
+        // caller already runs in one), so no hop between threads.
+        let run = futures_lite::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(handler(
+            request.data.clone(),
+        )));
+        let joined = match tokio::time::timeout(limit, run).await {
             Ok(joined) => joined,
             Err(_) => {
-                task.abort();
                 tracing::warn!(type_ = %request.type_, ?limit, "a SyRPC handler ran past its limit; stopped");
                 return protocol::exception(format!(
                     "the handler of {:?} ran past its limit of {limit:?}",
@@ -454,15 +456,12 @@ impl Handlers {
         match joined {
             Ok(Ok(value)) => value,
             Ok(Err(message)) => protocol::exception(message),
-            Err(join_error) => {
-                let message = match join_error.try_into_panic() {
-                    Ok(panic) => panic
-                        .downcast_ref::<&str>()
-                        .map(|s| (*s).to_owned())
-                        .or_else(|| panic.downcast_ref::<String>().cloned())
-                        .unwrap_or_else(|| "a panic".to_owned()),
-                    Err(_) => "cancelled".to_owned(),
-                };
+            Err(panic) => {
+                let message = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "a panic".to_owned());
                 tracing::error!(type_ = %request.type_, %message, "a SyRPC handler panicked");
                 protocol::exception(format!(
                     "the handler of {:?} panicked: {message}",

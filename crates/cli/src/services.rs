@@ -26,10 +26,6 @@ pub(crate) struct ServeArgs {
     /// How many requests may wait for a handler slot.
     #[arg(long, default_value_t = 0)]
     queue: usize,
-    /// The wire: `native` (bind `--bind`), or `brubeck` to serve Brubeck 0.1.4 callers
-    /// (connect to their `--brubeck-requests` and `--brubeck-responses`).
-    #[arg(long, default_value = "native", value_parser = ["native", "brubeck"])]
-    wire: String,
     #[command(flatten)]
     brubeck: BrubeckArgs,
     #[command(flatten)]
@@ -38,6 +34,11 @@ pub(crate) struct ServeArgs {
 
 #[derive(Args, Debug)]
 pub(crate) struct BrubeckArgs {
+    /// The wire: `native`, or `brubeck` for Brubeck 0.1.4's socket layout and framing: a
+    /// service connects to its callers' `--brubeck-requests` and `--brubeck-responses`, a
+    /// caller binds them and waits for a service to connect.
+    #[arg(long, default_value = "native", value_parser = ["native", "brubeck"])]
+    wire: String,
     /// Brubeck's request address (the caller's PUSH binds it; the service's PULL connects).
     #[arg(long, value_name = "ADDRESS")]
     brubeck_requests: Option<String>,
@@ -78,10 +79,6 @@ pub(crate) struct CallArgs {
     /// How long to wait, in seconds.
     #[arg(long, default_value_t = 10.0)]
     timeout: f64,
-    /// The wire: `native`, or `brubeck` to call a Brubeck-framed service (bind
-    /// `--brubeck-requests` and `--brubeck-responses`, and wait for it to connect).
-    #[arg(long, default_value = "native", value_parser = ["native", "brubeck"])]
-    wire: String,
     #[command(flatten)]
     brubeck: BrubeckArgs,
     #[command(flatten)]
@@ -139,7 +136,7 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<()> {
     let service = builtin_service(&args.name, &args.secret)?
         .with_concurrency(args.concurrency)
         .with_queue(args.queue);
-    let handle = if args.wire == "brubeck" {
+    let handle = if args.brubeck.wire == "brubeck" {
         let (requests, responses) = args.brubeck.addresses()?;
         service
             .with_transport(args.security.connecting()?)
@@ -165,7 +162,7 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<()> {
 }
 
 pub(crate) async fn call(args: CallArgs) -> Result<()> {
-    if args.wire == "brubeck" {
+    if args.brubeck.wire == "brubeck" {
         return call_brubeck(args).await;
     }
     let client = ServiceClient::with_config(rylm_services_mux::ClientConfig {

@@ -326,25 +326,28 @@ pub fn decode_response(frame: &[u8]) -> Result<BrubeckResponse, Error> {
     Ok(response)
 }
 
+/// The request frame of the spec's example (`../shared/specs/brubeck-services.md`), with the two
+/// ids the spec elides written out in full: a golden frame for tests of Brubeck's wire.
+pub const SPEC_EXAMPLE: &str = concat!(
+    "365e4b3ae1b04a4e94a2f0c3f0e313db ",
+    "32:3725c0d2e7a44d2fb0c4b6a1e9f8506e ",
+    "13:1358433619512 ",
+    "16:my_shared_secret ",
+    "36:34f9ceee-cd52-4b7f-b197-88bf2f0ec378 ",
+    "1:1 ",
+    "20:tcp://127.0.0.1:9998 ",
+    "1:1 ",
+    "13:/service/slow ",
+    "7:request ",
+    "37:{\"RETURN_DATA\":\"I made a round trip\"}2:{}2:{}"
+);
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
 
-    /// The spec's example frame, with the two ids the spec elides written out in full.
-    const EXAMPLE: &str = concat!(
-        "365e4b3ae1b04a4e94a2f0c3f0e313db ",
-        "32:3725c0d2e7a44d2fb0c4b6a1e9f8506e ",
-        "13:1358433619512 ",
-        "16:my_shared_secret ",
-        "36:34f9ceee-cd52-4b7f-b197-88bf2f0ec378 ",
-        "1:1 ",
-        "20:tcp://127.0.0.1:9998 ",
-        "1:1 ",
-        "13:/service/slow ",
-        "7:request ",
-        "37:{\"RETURN_DATA\":\"I made a round trip\"}2:{}2:{}"
-    );
+    const EXAMPLE: &str = SPEC_EXAMPLE;
 
     #[test]
     fn reads_the_spec_example_and_writes_it_back_byte_for_byte() {

@@ -12,21 +12,7 @@ use rylm_transport::{Kind, Options, Socket};
 use serde_json::json;
 
 const DEADLINE: Duration = Duration::from_secs(10);
-
-/// The spec's example request frame, with the ids it elides written out.
-const EXAMPLE: &str = concat!(
-    "365e4b3ae1b04a4e94a2f0c3f0e313db ",
-    "32:3725c0d2e7a44d2fb0c4b6a1e9f8506e ",
-    "13:1358433619512 ",
-    "16:my_shared_secret ",
-    "36:34f9ceee-cd52-4b7f-b197-88bf2f0ec378 ",
-    "1:1 ",
-    "20:tcp://127.0.0.1:9998 ",
-    "1:1 ",
-    "13:/service/slow ",
-    "7:request ",
-    "37:{\"RETURN_DATA\":\"I made a round trip\"}2:{}2:{}"
-);
+const EXAMPLE: &str = brubeck::SPEC_EXAMPLE;
 
 fn slow_echo() -> Service {
     Service::new("slow-echo", "my_shared_secret")

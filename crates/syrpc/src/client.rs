@@ -50,7 +50,7 @@ use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::Error;
-use crate::link::{Link, Outgoing, forward_exchange, publish_on};
+use crate::link::{Link, Outgoing, forward_exchange, publish_on, within};
 use crate::protocol::{self, ResultId, Settings};
 
 /// How many unacknowledged results one bucket reader may hold.
@@ -510,15 +510,17 @@ impl Reader {
             if waiting.bound || waiting.since.elapsed() < BIND_AFTER {
                 continue;
             }
-            let bound = channel
-                .queue_bind(
-                    self.private.as_str().into(),
-                    exchange.as_str().into(),
-                    id.as_str().into(),
-                    QueueBindOptions::default(),
-                    FieldTable::default(),
-                )
-                .await;
+            let bind = channel.queue_bind(
+                self.private.as_str().into(),
+                exchange.as_str().into(),
+                id.as_str().into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            );
+            let bound = within(settings.confirm_timeout, "queue.bind (forward)", async {
+                bind.await.map_err(Error::amqp("queue.bind (forward)"))
+            })
+            .await;
             match bound {
                 Ok(()) => waiting.bound = true,
                 Err(error) => {
@@ -740,7 +742,16 @@ async fn run_reader(
             return;
         };
         let hold = strong.link.settings.hold_foreign_for;
-        let consumers = match open_consumers(&strong.link, bucket, opened_before).await {
+        let opening = open_consumers(&strong.link, bucket, opened_before);
+        // Reconnecting may take as long as the settings allow; opening on a live connection
+        // takes a few round trips.
+        let limit = strong
+            .link
+            .settings
+            .reconnect_for
+            .unwrap_or(Duration::MAX / 4)
+            .saturating_add(strong.link.settings.connect_timeout);
+        let consumers = match within(limit, "opening a result consumer", opening).await {
             Ok(opened) => opened,
             Err(error) => {
                 // Read what came meanwhile, so that a caller who asked is counted.
@@ -845,7 +856,9 @@ async fn run_reader(
                 _ = ticker.tick() => {
                     reader.drop_abandoned(&channel, &strong);
                     if private.is_none() && reader.needs_private() {
-                        match open_private(&channel, &strong.link).await {
+                        let opening = open_private(&channel, &strong.link);
+                        let limit = strong.link.settings.connect_timeout;
+                        match within(limit, "opening a private queue", opening).await {
                             Ok((name, consumer)) => {
                                 reader.private = name;
                                 private = Some(consumer);

@@ -61,6 +61,15 @@ pub enum Error {
         waited: Duration,
     },
 
+    /// The broker did not answer an operation in time.
+    #[error("the AMQP broker did not answer {operation} within {waited:?}")]
+    BrokerTimeout {
+        /// What was being done.
+        operation: &'static str,
+        /// The deadline that passed.
+        waited: Duration,
+    },
+
     /// The broker could not route a message (published `mandatory`) to any queue, even after
     /// its queue was declared again.
     #[error(

@@ -401,6 +401,20 @@ impl Link {
     }
 }
 
+/// `operation` within `limit`, or [`Error::BrokerTimeout`].
+pub(crate) async fn within<T>(
+    limit: Duration,
+    operation: &'static str,
+    run: impl std::future::Future<Output = Result<T, Error>>,
+) -> Result<T, Error> {
+    tokio::time::timeout(limit, run)
+        .await
+        .map_err(|_| Error::BrokerTimeout {
+            operation,
+            waited: limit,
+        })?
+}
+
 /// Publishes `message` on `channel` (in confirm mode) and waits up to `limit` for the
 /// broker's confirm.
 pub(crate) async fn publish_on(

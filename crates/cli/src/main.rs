@@ -7,6 +7,10 @@
 //! with built-in functions, and the HTTP gateway (`rylm gateway`), and the Gilmour proxy
 //! (`rylm gilmour-proxy`). Every ZeroMQ command takes CURVE flags (`--curve-secret`,
 //! `--curve-server-key`, `--curve-allow`), and `rylm keygen` writes the key pairs.
+//!
+//! Logs go to standard error through `tracing`, filtered by `RUST_LOG` (default `warn`); the
+//! records that libraries write through the `log` crate (fred's, for Redis) are bridged into
+//! the same output.
 
 mod security;
 mod services;

@@ -1,0 +1,48 @@
+//! Libraries that log through the `log` crate (fred, Redis's client) reach `rylm`'s own log:
+//! the binary bridges `log` records into `tracing`.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+/// `rylm gilmour-proxy` connecting to Redis with fred's records enabled: a line of fred's (its
+/// `log` target is `fred::...`) shows on standard error, formatted by `tracing`.
+#[tokio::test]
+async fn log_records_of_libraries_reach_the_log() {
+    let Some(redis) = rylm_testkit::redis_url("log_records_of_libraries_reach_the_log") else {
+        return;
+    };
+    let listen = format!("127.0.0.1:{}", rylm_testkit::free_port());
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_rylm"))
+        .args(["gilmour-proxy", "--redis", &redis, "--listen", &listen])
+        .env("RUST_LOG", "fred=trace")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("rylm starts");
+    let stderr = child.stderr.take().expect("piped");
+    let mut lines = BufReader::new(stderr).lines();
+    let found = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if line.contains("fred") {
+                return Some(line);
+            }
+        }
+        None
+    })
+    .await;
+    let _ = child.kill().await;
+    let line = found
+        .expect("a fred record within 20 s")
+        .expect("stderr stayed open");
+    // The tracing formatter writes the level; a raw `log` line would not be there at all.
+    assert!(
+        ["TRACE", "DEBUG", "INFO", "WARN", "ERROR"]
+            .iter()
+            .any(|level| line.contains(level)),
+        "{line}"
+    );
+}

@@ -19,9 +19,11 @@
 //!   only then acknowledged. The client that waits for it has bound its **private queue**
 //!   (exclusive, deleted with its channel) to that exchange under the id, so the copy reaches
 //!   it and nobody else: one more publish, not a broadcast.
-//! - A waiter binds its id only once it has waited `BIND_AFTER`, so that a result that comes
-//!   straight to its own reader (one client, or luck) costs no binding; a forward finding no
-//!   binding yet (the broker returns it) is tried again at the next tick.
+//! - A waiter binds its id only once it has waited `BIND_AFTER` (10 ms) on a bucket where
+//!   other clients' results were seen in the last 10 s, or `BIND_AFTER_ALONE` (250 ms) on
+//!   one where none were: a result that comes straight to its own reader costs no binding (a
+//!   binding and its removal are two broker round trips). A forward finding no binding yet
+//!   (the broker returns it) is tried again at doubling intervals.
 //! - A result still unclaimed after `hold_foreign_for` is handed back to the broker (one
 //!   `nack` with requeue), for a client of the published packages or a later fetcher.
 //! - When no caller waits any more, the reader closes its channel: the private queue and its
@@ -343,8 +345,14 @@ enum Source {
 
 /// How long a result nobody here waits for is held before it is forwarded.
 const LOCAL_GRACE: Duration = Duration::from_millis(20);
-/// How long a caller waits before its reader binds the id, so that others can forward.
+/// How long a caller waits before its reader binds the id, so that others can forward, on a
+/// bucket where results of other clients were seen lately (`SHARED_FOR`).
 const BIND_AFTER: Duration = Duration::from_millis(10);
+/// The same on a bucket where no other client's result was seen lately: a binding costs two
+/// broker round trips, which a result that comes straight here does not need.
+const BIND_AFTER_ALONE: Duration = Duration::from_millis(250);
+/// How long a result of another client makes a bucket count as shared.
+const SHARED_FOR: Duration = Duration::from_secs(10);
 /// How often a reader forwards, binds and hands back.
 const TICK: Duration = Duration::from_millis(20);
 /// How many delivered ids a reader remembers at most (each for twice the message TTL).
@@ -358,16 +366,27 @@ struct Reader {
     held: HashMap<ResultId, Held>,
     /// Results delivered here lately (a second copy may still come by), and when.
     delivered: HashMap<ResultId, Instant>,
+    /// When a result nobody here waited for came last: other clients wait on this bucket.
+    foreign_seen: Option<Instant>,
 }
 
 impl Reader {
     /// Whether a caller has waited long enough to bind its id, or a result is due to be
     /// forwarded: what the private queue is for.
     fn needs_private(&self) -> bool {
+        let bind_after = self.bind_after();
         self.waiters
             .values()
-            .any(|w| w.since.elapsed() >= BIND_AFTER)
+            .any(|w| w.since.elapsed() >= bind_after)
             || self.held.values().any(|h| h.next_try <= Instant::now())
+    }
+
+    /// How long a caller waits before its id is bound: short when the bucket is shared.
+    fn bind_after(&self) -> Duration {
+        match self.foreign_seen {
+            Some(seen) if seen.elapsed() < SHARED_FOR => BIND_AFTER,
+            _ => BIND_AFTER_ALONE,
+        }
     }
 
     fn has_waiters(&self) -> bool {
@@ -486,6 +505,7 @@ impl Reader {
             let _ = delivery.acker.ack(BasicAckOptions::default()).await;
             return;
         }
+        self.foreign_seen = Some(Instant::now());
         let held = Held {
             acker: delivery.acker,
             data: body.data,
@@ -506,8 +526,9 @@ impl Reader {
     async fn tick(&mut self, channel: &Channel, inner: &Inner, hold: Duration) {
         let settings = &inner.link.settings;
         let exchange = forward_exchange(settings);
+        let bind_after = self.bind_after();
         for (id, waiting) in self.waiters.iter_mut() {
-            if waiting.bound || waiting.since.elapsed() < BIND_AFTER {
+            if waiting.bound || waiting.since.elapsed() < bind_after {
                 continue;
             }
             let bind = channel.queue_bind(
@@ -733,6 +754,7 @@ async fn run_reader(
         waiters: HashMap::new(),
         held: HashMap::new(),
         delivered: HashMap::new(),
+        foreign_seen: None,
     };
     let mut idle_since: Option<Instant> = None;
     let mut backoff = Duration::from_millis(100);

@@ -289,6 +289,61 @@ pub fn compared_table(title: &str, subject: &str, rows: &[Compared<'_>]) -> Stri
     out
 }
 
+/// One row's runs: the subject, the echo on rylm-transport and the echo on `zeromq` 0.7.
+#[derive(Debug, Default)]
+pub struct ThreeWay {
+    /// The subject's runs.
+    pub subject: Vec<Summary>,
+    /// The rylm-transport echo's runs.
+    pub echo: Vec<Summary>,
+    /// The `zeromq` 0.7 echo's runs.
+    pub old: Vec<Summary>,
+    /// The peak RSS of the `zeromq` 0.7 load client over the runs, KiB.
+    pub old_client_rss: u64,
+}
+
+/// What the `zeromq` 0.7 echo load runs: its name, the echo's address, the calls, how many in
+/// flight, the payload size.
+#[derive(Debug, Clone, Copy)]
+pub struct OldEchoLoad<'a> {
+    /// The run's name.
+    pub name: &'a str,
+    /// The echo server's address.
+    pub address: &'a str,
+    /// How many calls.
+    pub total: usize,
+    /// How many in flight.
+    pub in_flight: usize,
+    /// The payload's size in bytes.
+    pub size: usize,
+}
+
+/// `repetitions` rounds of the subject, the rylm-transport echo and the `zeromq` 0.7 echo,
+/// interleaved, so that the machine's noise falls on all three alike.
+pub async fn interleaved<S, SF, E, EF>(
+    repetitions: usize,
+    mut subject: S,
+    mut echo: E,
+    old: OldEchoLoad<'_>,
+) -> anyhow::Result<ThreeWay>
+where
+    S: FnMut() -> SF,
+    SF: std::future::Future<Output = anyhow::Result<Summary>>,
+    E: FnMut() -> EF,
+    EF: std::future::Future<Output = anyhow::Result<Summary>>,
+{
+    let mut runs = ThreeWay::default();
+    for _ in 0..repetitions {
+        runs.subject.push(subject().await?);
+        runs.echo.push(echo().await?);
+        let (summary, rss) =
+            zeromq_echo_load(old.name, old.address, old.total, old.in_flight, old.size)?;
+        runs.old.push(summary);
+        runs.old_client_rss = runs.old_client_rss.max(rss);
+    }
+    Ok(runs)
+}
+
 /// min / median / max of `values` (NaN-free), for ratios over repetitions.
 pub fn spread(values: &[f64]) -> (f64, f64, f64) {
     let mut sorted = values.to_vec();

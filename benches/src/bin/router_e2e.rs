@@ -15,8 +15,8 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
 use rylm_benches::{
-    Compared, RawEcho, Summary, compared_table, free_address, measure, peak_rss_kib, serve_echo,
-    spawn, start_zeromq_echo, zeromq_echo_load,
+    Compared, OldEchoLoad, RawEcho, Summary, compared_table, free_address, interleaved, measure,
+    peak_rss_kib, serve_echo, spawn, start_zeromq_echo,
 };
 use rylm_components::Client;
 
@@ -137,33 +137,36 @@ async fn run() -> Result<()> {
         };
         through_master("warm-up".into(), 2_000).await?;
         echoed("warm-up".into(), 2_000).await?;
-        let (mut master, mut echo, mut old) = (Vec::new(), Vec::new(), Vec::new());
-        for _ in 0..REPETITIONS {
-            master.push(
+        let runs_of_size = interleaved(
+            REPETITIONS,
+            || {
                 through_master(
                     format!("client -> master -> 2 workers, {size} B, {IN_FLIGHT} in flight"),
                     TOTAL,
                 )
-                .await?,
-            );
-            echo.push(
+            },
+            || {
                 echoed(
                     format!("raw DEALER/ROUTER echo, rylm-transport, {size} B"),
                     TOTAL,
                 )
-                .await?,
-            );
-            let (summary, rss) = zeromq_echo_load(
-                &format!("raw DEALER/ROUTER echo, zeromq 0.7, {size} B"),
-                &old_echo,
-                TOTAL,
-                IN_FLIGHT,
+            },
+            OldEchoLoad {
+                name: &format!("raw DEALER/ROUTER echo, zeromq 0.7, {size} B"),
+                address: &old_echo,
+                total: TOTAL,
+                in_flight: IN_FLIGHT,
                 size,
-            )?;
-            old.push(summary);
-            old_client_rss = old_client_rss.max(rss);
-        }
-        runs.push((size, master, echo, old));
+            },
+        )
+        .await?;
+        old_client_rss = old_client_rss.max(runs_of_size.old_client_rss);
+        runs.push((
+            size,
+            runs_of_size.subject,
+            runs_of_size.echo,
+            runs_of_size.old,
+        ));
     }
     let rows: Vec<Compared<'_>> = runs
         .iter()

@@ -9,8 +9,8 @@ use std::time::Duration;
 use anyhow::{Result, bail};
 use bytes::Bytes;
 use rylm_benches::{
-    Compared, RawEcho, compared_table, free_address, measure, peak_rss_kib, serve_echo,
-    start_zeromq_echo, zeromq_echo_load,
+    Compared, OldEchoLoad, RawEcho, compared_table, free_address, interleaved, measure,
+    peak_rss_kib, serve_echo, start_zeromq_echo,
 };
 use rylm_services_mux::{Call, Method, Service, ServiceClient, ServiceResponse};
 
@@ -82,28 +82,27 @@ async fn main() -> Result<()> {
         ("one at a time".to_owned(), ONE_AT_A_TIME, 1),
         (format!("{IN_FLIGHT} in flight"), IN_FLIGHT_TOTAL, IN_FLIGHT),
     ] {
-        let (mut subject, mut echo, mut old) = (Vec::new(), Vec::new(), Vec::new());
-        for _ in 0..REPETITIONS {
-            subject.push(rylm(format!("services-mux call, {mode}"), total, in_flight).await?);
-            echo.push(
+        let runs = interleaved(
+            REPETITIONS,
+            || rylm(format!("services-mux call, {mode}"), total, in_flight),
+            || {
                 baseline(
                     format!("raw echo, rylm-transport, {mode}"),
                     total,
                     in_flight,
                 )
-                .await?,
-            );
-            let (summary, rss) = zeromq_echo_load(
-                &format!("raw echo, zeromq 0.7, {mode}"),
-                &old_echo,
+            },
+            OldEchoLoad {
+                name: &format!("raw echo, zeromq 0.7, {mode}"),
+                address: &old_echo,
                 total,
                 in_flight,
-                data.len(),
-            )?;
-            old.push(summary);
-            old_client_rss = old_client_rss.max(rss);
-        }
-        rows.push((mode, subject, echo, old));
+                size: data.len(),
+            },
+        )
+        .await?;
+        old_client_rss = old_client_rss.max(runs.old_client_rss);
+        rows.push((mode, runs.subject, runs.echo, runs.old));
     }
     let compared: Vec<Compared<'_>> = rows
         .iter()

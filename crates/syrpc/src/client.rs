@@ -358,14 +358,52 @@ const TICK: Duration = Duration::from_millis(20);
 /// How many delivered ids a reader remembers at most (each for twice the message TTL).
 const REMEMBERED: usize = 100_000;
 
+/// The ids a reader delivered lately, oldest first: a second copy of one is dropped. Bounded by
+/// count and by age; forgetting early only means a second copy is handled as a foreign result.
+#[derive(Default)]
+struct Delivered {
+    ids: std::collections::HashSet<ResultId>,
+    order: std::collections::VecDeque<(Instant, ResultId)>,
+}
+
+impl Delivered {
+    fn contains(&self, id: &ResultId) -> bool {
+        self.ids.contains(id)
+    }
+
+    fn remember(&mut self, id: ResultId) {
+        if self.ids.contains(&id) {
+            return;
+        }
+        if self.ids.len() >= REMEMBERED
+            && let Some((_, oldest)) = self.order.pop_front()
+        {
+            self.ids.remove(&oldest);
+        }
+        self.ids.insert(id.clone());
+        self.order.push_back((Instant::now(), id));
+    }
+
+    fn forget_older_than(&mut self, age: Duration) {
+        while let Some((at, _)) = self.order.front() {
+            if at.elapsed() < age {
+                break;
+            }
+            if let Some((_, id)) = self.order.pop_front() {
+                self.ids.remove(&id);
+            }
+        }
+    }
+}
+
 struct Reader {
     bucket: u32,
     /// The private queue of the current channel.
     private: String,
     waiters: HashMap<ResultId, Waiting>,
     held: HashMap<ResultId, Held>,
-    /// Results delivered here lately (a second copy may still come by), and when.
-    delivered: HashMap<ResultId, Instant>,
+    /// Results delivered here lately (a second copy may still come by).
+    delivered: Delivered,
     /// When a result nobody here waited for came last: other clients wait on this bucket.
     foreign_seen: Option<Instant>,
 }
@@ -411,21 +449,6 @@ impl Reader {
         }
     }
 
-    fn remember_delivered(&mut self, result_id: ResultId) {
-        if self.delivered.len() >= REMEMBERED {
-            // Forgetting early only means a second copy is handled as a foreign result.
-            let oldest = self
-                .delivered
-                .iter()
-                .min_by_key(|(_, at)| **at)
-                .map(|(id, _)| id.clone());
-            if let Some(oldest) = oldest {
-                self.delivered.remove(&oldest);
-            }
-        }
-        self.delivered.insert(result_id, Instant::now());
-    }
-
     fn deliver(
         &mut self,
         channel: &Channel,
@@ -441,7 +464,7 @@ impl Reader {
         if waiting.bound {
             spawn_unbind(channel, inner, &self.private, result_id.clone());
         }
-        self.remember_delivered(result_id);
+        self.delivered.remember(result_id);
     }
 
     async fn on_wait(
@@ -493,10 +516,10 @@ impl Reader {
             self.deliver(channel, inner, body.result_id, waiting, body.data);
             return;
         }
-        if source == Source::Private || self.delivered.contains_key(&body.result_id) {
+        if source == Source::Private || self.delivered.contains(&body.result_id) {
             // A second copy of a result delivered here already, or a forwarded one whose
             // caller has given up.
-            if self.delivered.contains_key(&body.result_id) {
+            if self.delivered.contains(&body.result_id) {
                 inner
                     .stats
                     .duplicates_dropped
@@ -594,8 +617,7 @@ impl Reader {
                 }
             }
         }
-        self.delivered
-            .retain(|_, at| at.elapsed() < settings.msg_ttl * 2);
+        self.delivered.forget_older_than(settings.msg_ttl * 2);
     }
 
     /// Fails every caller waiting here, and every command not yet read, with `error`.
@@ -753,7 +775,7 @@ async fn run_reader(
         private: String::new(),
         waiters: HashMap::new(),
         held: HashMap::new(),
-        delivered: HashMap::new(),
+        delivered: Delivered::default(),
         foreign_seen: None,
     };
     let mut idle_since: Option<Instant> = None;
@@ -945,5 +967,30 @@ async fn sleep_until_or_never(deadline: Option<tokio::time::Instant>) {
     match deadline {
         Some(deadline) => tokio::time::sleep_until(deadline).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delivered_ids_are_bounded_by_count_and_forgotten_by_age() {
+        let mut delivered = Delivered::default();
+        for n in 0..REMEMBERED + 10 {
+            delivered.remember(ResultId::from(n.to_string()));
+        }
+        // The oldest went first, once the count was reached.
+        assert_eq!(delivered.ids.len(), REMEMBERED);
+        assert_eq!(delivered.order.len(), REMEMBERED);
+        assert!(!delivered.contains(&ResultId::from("0")));
+        assert!(!delivered.contains(&ResultId::from("9")));
+        assert!(delivered.contains(&ResultId::from("10")));
+        // Remembering an id twice keeps one entry.
+        delivered.remember(ResultId::from("10"));
+        assert_eq!(delivered.order.len(), REMEMBERED);
+        // Everything is older than no time at all.
+        delivered.forget_older_than(Duration::ZERO);
+        assert!(delivered.ids.is_empty() && delivered.order.is_empty());
     }
 }

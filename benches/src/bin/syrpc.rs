@@ -38,6 +38,16 @@ struct Row {
     baseline: Vec<Summary>,
 }
 
+impl Row {
+    fn new(label: impl Into<String>) -> Row {
+        Row {
+            label: label.into(),
+            subject: Vec::new(),
+            baseline: Vec::new(),
+        }
+    }
+}
+
 fn print_rows(title: &str, rows: &[Row]) {
     println!(
         "{title}; calls/s as median (min-max) over {REPETITIONS} interleaved repetitions\n\n| run | rylm calls/s | raw lapin calls/s | rylm / raw (min / median / max) | rylm p50 / p99 (median repetition) |\n|---|---:|---:|---:|---:|"
@@ -92,23 +102,11 @@ async fn main() -> Result<()> {
 
     // Subject and baseline alternate, so that drift hits both.
     let mut rows = vec![
-        Row {
-            label: "one at a time, 1,000 calls".into(),
-            subject: Vec::new(),
-            baseline: Vec::new(),
-        },
-        Row {
-            label: format!("{IN_FLIGHT} in flight, 4,000 calls"),
-            subject: Vec::new(),
-            baseline: Vec::new(),
-        },
-        Row {
-            label: format!(
-                "shared bucket: {SHARED_CLIENTS} clients, one result queue, {IN_FLIGHT} in flight"
-            ),
-            subject: Vec::new(),
-            baseline: Vec::new(),
-        },
+        Row::new("one at a time, 1,000 calls"),
+        Row::new(format!("{IN_FLIGHT} in flight, 4,000 calls")),
+        Row::new(format!(
+            "shared bucket: {SHARED_CLIENTS} clients, one result queue, {IN_FLIGHT} in flight"
+        )),
     ];
     for _ in 0..REPETITIONS {
         rows[0].subject.push(
@@ -153,16 +151,8 @@ async fn main() -> Result<()> {
         quorum.run("warm-up", 200, 20, &payload).await?;
         raw.run("warm-up", 200, 20).await?;
         let mut rows = vec![
-            Row {
-                label: "quorum queues, one at a time, 1,000 calls".into(),
-                subject: Vec::new(),
-                baseline: Vec::new(),
-            },
-            Row {
-                label: format!("quorum queues, {IN_FLIGHT} in flight, 4,000 calls"),
-                subject: Vec::new(),
-                baseline: Vec::new(),
-            },
+            Row::new("quorum queues, one at a time, 1,000 calls"),
+            Row::new(format!("quorum queues, {IN_FLIGHT} in flight, 4,000 calls")),
         ];
         for _ in 0..REPETITIONS {
             rows[0].subject.push(

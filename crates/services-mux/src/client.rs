@@ -735,19 +735,10 @@ async fn send_frames(instance: &Instance, frames: Vec<Bytes>) -> Result<(), Erro
     Ok(socket.send(frames).await?)
 }
 
+/// Sends a control frame (a ping, a discovery request) to `instance`; control frames are not
+/// bound to an instance (requests go through [`send_request`]).
 async fn send_frame(instance: &Instance, frame: &Frame) -> Result<(), Error> {
-    let binding = match (frame, instance.binding()) {
-        (_, Some(binding)) => binding,
-        // A request is bound to the instance it goes to: it waits for the instance's pong.
-        (Frame::Request(_), None) => {
-            return Err(Error::NoLiveInstance {
-                service: instance.address.clone(),
-                waited: Duration::ZERO,
-            });
-        }
-        (_, None) => Arc::default(),
-    };
-    let frames = protocol::encode(frame, &instance.secret(), &binding)?;
+    let frames = protocol::encode(frame, &instance.secret(), &Binding::default())?;
     send_frames(instance, frames).await
 }
 

@@ -334,6 +334,16 @@ struct Waiting {
     bound: bool,
 }
 
+impl Waiting {
+    fn new(replies: Vec<Reply>) -> Waiting {
+        Waiting {
+            replies,
+            since: Instant::now(),
+            bound: false,
+        }
+    }
+}
+
 /// Which queue a delivery came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Source {
@@ -476,23 +486,25 @@ impl Reader {
     ) {
         if let Some(held) = self.held.remove(&result_id) {
             let _ = held.acker.ack(BasicAckOptions::default()).await;
-            let waiting = Waiting {
-                replies: vec![reply],
-                since: Instant::now(),
-                bound: false,
-            };
-            self.deliver(channel, inner, result_id, waiting, held.data);
+            self.deliver(
+                channel,
+                inner,
+                result_id,
+                Waiting::new(vec![reply]),
+                held.data,
+            );
         } else {
-            self.waiters
-                .entry(result_id)
-                .or_insert_with(|| Waiting {
-                    replies: Vec::new(),
-                    since: Instant::now(),
-                    bound: false,
-                })
-                .replies
-                .push(reply);
+            self.add_waiter(result_id, reply);
         }
+    }
+
+    /// Counts `reply` among the callers waiting for `result_id`.
+    fn add_waiter(&mut self, result_id: ResultId, reply: Reply) {
+        self.waiters
+            .entry(result_id)
+            .or_insert_with(|| Waiting::new(Vec::new()))
+            .replies
+            .push(reply);
     }
 
     async fn on_result(
@@ -801,18 +813,7 @@ async fn run_reader(
                 // Read what came meanwhile, so that a caller who asked is counted.
                 while let Ok(command) = commands.try_recv() {
                     match command {
-                        Command::Wait { result_id, reply } => {
-                            reader
-                                .waiters
-                                .entry(result_id)
-                                .or_insert_with(|| Waiting {
-                                    replies: Vec::new(),
-                                    since: Instant::now(),
-                                    bound: false,
-                                })
-                                .replies
-                                .push(reply);
-                        }
+                        Command::Wait { result_id, reply } => reader.add_waiter(result_id, reply),
                         Command::GaveUp => {}
                     }
                 }

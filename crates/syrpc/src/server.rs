@@ -145,6 +145,8 @@ impl Server {
         data: &impl Serialize,
     ) -> Result<(), Error> {
         let mut published = self.publish_result(result_id, data).await;
+        // Whether the caller has a result: this one, or an exception in its place.
+        let mut answered = published.is_ok();
         if let Err(error) = &published
             && !error.is_connection_loss()
         {
@@ -157,41 +159,40 @@ impl Server {
                     )),
                 )
                 .await;
-            if replaced.is_ok() {
-                // The caller is answered: settle the request as done.
-                let pending = self.take_pending(result_id);
-                if let Some(pending) = pending
-                    && pending.generation == self.link.generation()
-                {
-                    let _ = pending.acker.ack(BasicAckOptions::default()).await;
-                }
-                return published;
-            }
-            published = replaced;
-        }
-        let pending = self.take_pending(result_id);
-        if let Some(pending) = pending {
-            // After a reconnect the old channel is gone and the broker has requeued the
-            // request; it will come again (at-least-once), so there is nothing to settle.
-            if pending.generation == self.link.generation() {
-                let settled = match &published {
-                    Ok(()) => pending.acker.ack(BasicAckOptions::default()).await,
-                    Err(_) => {
-                        pending
-                            .acker
-                            .nack(BasicNackOptions {
-                                multiple: false,
-                                requeue: true,
-                            })
-                            .await
-                    }
-                };
-                if let Err(error) = settled {
-                    tracing::debug!(%result_id, %error, "could not settle a request (its channel is gone; the broker requeues it)");
-                }
+            match replaced {
+                Ok(()) => answered = true,
+                Err(error) => published = Err(error),
             }
         }
+        self.settle(result_id, answered).await;
         published
+    }
+
+    /// Settles the oldest request taken with `result_id`: acknowledged once its caller is
+    /// answered, else handed back to the queue (it will be taken again).
+    async fn settle(&self, result_id: &ResultId, answered: bool) {
+        let Some(pending) = self.take_pending(result_id) else {
+            return;
+        };
+        // After a reconnect the old channel is gone and the broker has requeued the request;
+        // it will come again (at-least-once), so there is nothing to settle.
+        if pending.generation != self.link.generation() {
+            return;
+        }
+        let settled = if answered {
+            pending.acker.ack(BasicAckOptions::default()).await
+        } else {
+            pending
+                .acker
+                .nack(BasicNackOptions {
+                    multiple: false,
+                    requeue: true,
+                })
+                .await
+        };
+        if let Err(error) = settled {
+            tracing::debug!(%result_id, %error, "could not settle a request (its channel is gone; the broker requeues it)");
+        }
     }
 
     async fn publish_result(

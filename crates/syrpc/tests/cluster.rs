@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::serve_in_background;
+use common::{rabbitmqctl_output, serve_in_background, steady_calls, wrong_answers};
 use rylm_syrpc::{Client, Handlers, QueueType, Server, Settings};
 use serde_json::{Value, json};
 
@@ -14,22 +14,7 @@ const CALL_DEADLINE: Duration = Duration::from_secs(90);
 /// Runs a cluster node's `rabbitmqctl` and returns its standard output, or the reason it
 /// failed.
 async fn ctl(script: &str, args: &[&str]) -> Result<String, String> {
-    let output = tokio::process::Command::new(script)
-        .args(args)
-        .kill_on_drop(true)
-        .output();
-    let output = tokio::time::timeout(Duration::from_secs(60), output)
-        .await
-        .map_err(|_| format!("rabbitmqctl {args:?} did not finish"))?
-        .map_err(|e| format!("rabbitmqctl {args:?}: {e}"))?;
-    if output.status.success() {
-        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
-    } else {
-        Err(format!(
-            "rabbitmqctl {args:?}: {}",
-            String::from_utf8_lossy(&output.stderr)
-        ))
-    }
+    rabbitmqctl_output(script, args, Duration::from_secs(60)).await
 }
 
 /// The node that leads quorum queue `queue`, as `rabbitmqctl list_queues` names it.
@@ -122,29 +107,8 @@ async fn killing_the_leader_of_quorum_queues_loses_nothing() {
         json!("warm")
     );
 
-    let (stop_stream, mut stopped) = tokio::sync::watch::channel(false);
-    let stream = {
-        let client = client.clone();
-        tokio::spawn(async move {
-            let mut calls = tokio::task::JoinSet::new();
-            let mut n = 0u64;
-            while !*stopped.borrow() {
-                let client = client.clone();
-                calls.spawn(async move {
-                    let started = Instant::now();
-                    let answer = client.call("echo", &n, Some(CALL_DEADLINE)).await;
-                    (n, answer, started, Instant::now())
-                });
-                n += 1;
-                let _ = tokio::time::timeout(Duration::from_millis(20), stopped.changed()).await;
-            }
-            let mut answers = Vec::new();
-            while let Some(done) = calls.join_next().await {
-                answers.push(done.expect("call task"));
-            }
-            answers
-        })
-    };
+    let (stop_stream, stream) =
+        steady_calls(client.clone(), Duration::from_millis(20), CALL_DEADLINE);
 
     tokio::time::sleep(Duration::from_secs(3)).await;
     let pid = ctl(&nodes[leader_index].1, &["eval", "os:getpid().", "-q"])
@@ -166,11 +130,7 @@ async fn killing_the_leader_of_quorum_queues_loses_nothing() {
         .await
         .expect("every call ends")
         .expect("stream task");
-    let failed: Vec<_> = answers
-        .iter()
-        .filter(|(n, answer, _, _)| answer.as_ref().ok() != Some(&json!(n)))
-        .map(|(n, answer, _, _)| (n, answer.as_ref().map_err(|e| e.to_string())))
-        .collect();
+    let failed = wrong_answers(&answers);
     // Recovery: when the first call made after the kill was answered, and the longest call.
     let first_after = answers
         .iter()

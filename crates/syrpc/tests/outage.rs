@@ -5,9 +5,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{rabbitmqctl, serve_in_background, settings};
+use common::{rabbitmqctl, serve_in_background, settings, steady_calls, wrong_answers};
 use rylm_syrpc::{Client, Handlers, Server, Settings};
-use serde_json::{Value, json};
+use serde_json::Value;
 
 /// Longer than the 60 s after which servers used to give up for good.
 const OUTAGE: Duration = Duration::from_secs(90);
@@ -37,29 +37,8 @@ async fn a_ninety_second_outage_under_a_steady_stream_loses_nothing() {
     let client = Client::connect(settings).await.expect("client");
 
     // A call every 100 ms until a while after the broker is back.
-    let (stop_stream, mut stopped) = tokio::sync::watch::channel(false);
-    let stream = {
-        let client = client.clone();
-        tokio::spawn(async move {
-            let mut calls = tokio::task::JoinSet::new();
-            let mut n = 0u64;
-            while !*stopped.borrow() {
-                let client = client.clone();
-                calls.spawn(async move {
-                    let started = Instant::now();
-                    let answer = client.call("echo", &n, Some(CALL_DEADLINE)).await;
-                    (n, answer, started, Instant::now())
-                });
-                n += 1;
-                let _ = tokio::time::timeout(Duration::from_millis(100), stopped.changed()).await;
-            }
-            let mut answers = Vec::new();
-            while let Some(done) = calls.join_next().await {
-                answers.push(done.expect("call task"));
-            }
-            answers
-        })
-    };
+    let (stop_stream, stream) =
+        steady_calls(client.clone(), Duration::from_millis(100), CALL_DEADLINE);
 
     tokio::time::sleep(Duration::from_secs(2)).await;
     let down = Instant::now();
@@ -74,10 +53,7 @@ async fn a_ninety_second_outage_under_a_steady_stream_loses_nothing() {
         .await
         .expect("every call ends")
         .expect("stream task");
-    let failed: Vec<_> = answers
-        .iter()
-        .filter(|(n, answer, _, _)| answer.as_ref().ok() != Some(&json!(n)))
-        .collect();
+    let failed = wrong_answers(&answers);
     // When the calls made before the broker was back were all answered, from `start_app`.
     let caught_up = answers
         .iter()

@@ -60,20 +60,86 @@ pub fn serve_in_background(
     (stop, serving)
 }
 
-/// Runs the private broker's `rabbitmqctl` with `args`, within a deadline, and fails the test
-/// if it fails.
-pub async fn rabbitmqctl(ctl: &str, args: &[&str]) {
+/// Runs a broker's `rabbitmqctl` script with `args` within `limit` and returns its standard
+/// output, or the reason it failed.
+pub async fn rabbitmqctl_output(
+    ctl: &str,
+    args: &[&str],
+    limit: Duration,
+) -> Result<String, String> {
     let output = tokio::process::Command::new(ctl)
         .args(args)
         .kill_on_drop(true)
         .output();
-    let output = tokio::time::timeout(Duration::from_secs(120), output)
+    let output = tokio::time::timeout(limit, output)
         .await
-        .expect("rabbitmqctl finishes")
-        .expect("rabbitmqctl runs");
-    assert!(
-        output.status.success(),
-        "rabbitmqctl {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+        .map_err(|_| format!("rabbitmqctl {args:?} did not finish"))?
+        .map_err(|e| format!("rabbitmqctl {args:?}: {e}"))?;
+    if output.status.success() {
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    } else {
+        Err(format!(
+            "rabbitmqctl {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        ))
+    }
+}
+
+/// Runs the private broker's `rabbitmqctl` with `args`, within a deadline, and fails the test
+/// if it fails.
+pub async fn rabbitmqctl(ctl: &str, args: &[&str]) {
+    if let Err(reason) = rabbitmqctl_output(ctl, args, Duration::from_secs(120)).await {
+        panic!("{reason}");
+    }
+}
+
+/// One call of a steady stream: its number (also its data), its answer, when it started and
+/// when it ended.
+pub type StreamedCall = (
+    u64,
+    Result<serde_json::Value, rylm_syrpc::Error>,
+    std::time::Instant,
+    std::time::Instant,
+);
+
+/// Calls `echo` on `client` every `every`, each within `deadline`, until the returned sender
+/// says stop; the task then waits for every call and returns them all.
+pub fn steady_calls(
+    client: rylm_syrpc::Client,
+    every: Duration,
+    deadline: Duration,
+) -> (
+    tokio::sync::watch::Sender<bool>,
+    tokio::task::JoinHandle<Vec<StreamedCall>>,
+) {
+    let (stop, mut stopped) = tokio::sync::watch::channel(false);
+    let stream = tokio::spawn(async move {
+        let mut calls = tokio::task::JoinSet::new();
+        let mut n = 0u64;
+        while !*stopped.borrow() {
+            let client = client.clone();
+            calls.spawn(async move {
+                let started = std::time::Instant::now();
+                let answer = client.call("echo", &n, Some(deadline)).await;
+                (n, answer, started, std::time::Instant::now())
+            });
+            n += 1;
+            let _ = tokio::time::timeout(every, stopped.changed()).await;
+        }
+        let mut answers = Vec::new();
+        while let Some(done) = calls.join_next().await {
+            answers.push(done.expect("call task"));
+        }
+        answers
+    });
+    (stop, stream)
+}
+
+/// The calls of a stream not answered with their own number, and why.
+pub fn wrong_answers(answers: &[StreamedCall]) -> Vec<(u64, Result<serde_json::Value, String>)> {
+    answers
+        .iter()
+        .filter(|(n, answer, _, _)| answer.as_ref().ok() != Some(&serde_json::json!(n)))
+        .map(|(n, answer, _, _)| (*n, answer.as_ref().cloned().map_err(|e| e.to_string())))
+        .collect()
 }

@@ -334,3 +334,40 @@ async fn shared_bucket_child() {
         serde_json::to_string(&latencies).expect("json")
     );
 }
+
+/// A handler that runs past the server's `handler_timeout` is stopped: its caller gets an
+/// exception saying so at once, and the server goes on serving.
+#[tokio::test]
+async fn a_hung_handler_is_answered_at_its_limit() {
+    let Some(settings) = settings("hung") else {
+        return;
+    };
+    let limit = Duration::from_millis(500);
+    let server = Server::connect(settings.clone().with_limits(limit, Duration::from_secs(30)))
+        .await
+        .expect("server");
+    let handlers = echo().on("hang", |_: Value| async move {
+        std::future::pending::<()>().await;
+        Ok::<_, String>(Value::Null)
+    });
+    let (_stop, _serving) = serve_in_background(server, handlers);
+    let client = Client::connect(settings).await.expect("client");
+    let started = Instant::now();
+    let answer = client.call("hang", &1, Some(DEADLINE)).await;
+    assert!(
+        matches!(&answer, Err(rylm_syrpc::Error::Remote { exception, .. })
+            if exception.as_str().is_some_and(|e| e.contains("ran past its limit"))),
+        "{answer:?}"
+    );
+    assert!(
+        started.elapsed() < DEADLINE,
+        "answered at the limit, not the deadline"
+    );
+    assert_eq!(
+        client
+            .call("echo", &2, Some(DEADLINE))
+            .await
+            .expect("still serving"),
+        json!(2)
+    );
+}

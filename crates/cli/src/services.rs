@@ -149,14 +149,11 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<()> {
             .await?
     };
     eprintln!(
-        "rylm service: {:?} listening at {} (routes /echo, /upper/<text>, /slow/<ms>, /fail); Ctrl-C stops",
+        "rylm service: {:?} listening at {} (routes /echo, /upper/<text>, /slow/<ms>, /fail); SIGTERM or Ctrl-C stops",
         args.name,
         handle.address()
     );
-    tokio::signal::ctrl_c()
-        .await
-        .context("waiting for Ctrl-C")?;
-    eprintln!("rylm service: stopping; answering the calls in hand");
+    crate::lifecycle::until_stopped("service", std::future::pending()).await?;
     handle.shutdown().await;
     Ok(())
 }

@@ -159,13 +159,16 @@ pub(crate) async fn run(command: SyrpcCommand) -> Result<()> {
         } => {
             let server = Server::connect(connection.settings()?.with_prefetch(prefetch)).await?;
             eprintln!(
-                "rylm syrpc: serving app {:?} (echo, upper, reverse, sleep, fail); Ctrl-C stops",
+                "rylm syrpc: serving app {:?} (echo, upper, reverse, sleep, fail); SIGTERM or Ctrl-C stops",
                 connection.app
             );
             server
                 .serve(builtin_handlers(), async {
-                    let _ = tokio::signal::ctrl_c().await;
-                    eprintln!("rylm syrpc: stopping; finishing the requests in hand");
+                    if let Err(error) =
+                        crate::lifecycle::until_stopped("syrpc", std::future::pending()).await
+                    {
+                        eprintln!("rylm syrpc: {error:#}; stopping");
+                    }
                 })
                 .await?;
             server.close().await;

@@ -8,6 +8,7 @@ use bytes::Bytes;
 use clap::{Args, Subcommand};
 use rylm_components::{Client, Functions, Master, Server, Worker};
 
+use crate::lifecycle::{drain, shutdown_limit, until_stopped};
 use crate::security::SecurityArgs;
 
 /// pylm's customary ports on loopback, so that the commands find each other with no flags.
@@ -60,6 +61,9 @@ pub(crate) struct ServerArgs {
     /// The wire format: `native`, or `pylm` so that pylm clients use it.
     #[arg(long, default_value = "native", value_parser = ["native", "pylm"])]
     wire: String,
+    /// Seconds a stop (SIGTERM, SIGINT) waits for the messages in hand.
+    #[arg(long, default_value_t = 10.0)]
+    drain_for: f64,
     #[command(flatten)]
     security: SecurityArgs,
 }
@@ -97,6 +101,9 @@ pub(crate) struct WorkerArgs {
     /// The wire format: `native`, or `pylm` to serve a pylm master (or a rylm one in pylm mode).
     #[arg(long, default_value = "native", value_parser = ["native", "pylm"])]
     wire: String,
+    /// Seconds a stop (SIGTERM, SIGINT) waits for the messages in hand.
+    #[arg(long, default_value_t = 10.0)]
+    drain_for: f64,
     #[command(flatten)]
     security: SecurityArgs,
 }
@@ -167,18 +174,13 @@ pub(crate) struct ClientArgs {
     action: ClientAction,
 }
 
-async fn until_ctrl_c(what: &str, addresses: &[(&str, &str)]) -> Result<()> {
+fn announce(what: &str, addresses: &[(&str, &str)]) {
     for (role, address) in addresses {
         eprintln!("rylm {what}: {role} at {address}");
     }
     eprintln!(
-        "rylm {what}: built-in functions echo, upper, reverse, sleep:<ms>, fail; Ctrl-C stops"
+        "rylm {what}: built-in functions echo, upper, reverse, sleep:<ms>, fail; SIGTERM or Ctrl-C stops"
     );
-    tokio::signal::ctrl_c()
-        .await
-        .context("waiting for Ctrl-C")?;
-    eprintln!("rylm {what}: stopping; finishing the messages in hand");
-    Ok(())
 }
 
 pub(crate) async fn server(args: ServerArgs) -> Result<()> {
@@ -192,16 +194,18 @@ pub(crate) async fn server(args: ServerArgs) -> Result<()> {
         builder = builder.pylm_wire();
     }
     let server = builder.start().await?;
-    until_ctrl_c(
+    announce(
         "server",
         &[
             ("pull", server.pull_address()),
             ("pub", server.pub_address()),
             ("cache", server.db_address()),
         ],
-    )
-    .await?;
-    Ok(server.shutdown().await?)
+    );
+    let drain_for = drain(args.drain_for)?;
+    let stopped = until_stopped("server", server.died()).await;
+    server.shutdown_within(shutdown_limit(drain_for)).await?;
+    stopped
 }
 
 pub(crate) async fn master(args: MasterArgs, previous: Option<PreviousArgs>) -> Result<()> {
@@ -221,7 +225,7 @@ pub(crate) async fn master(args: MasterArgs, previous: Option<PreviousArgs>) -> 
     };
     let master = builder.start().await?;
     let what = if previous.is_some() { "hub" } else { "master" };
-    until_ctrl_c(
+    announce(
         what,
         &[
             ("input", master.pull_address()),
@@ -229,9 +233,11 @@ pub(crate) async fn master(args: MasterArgs, previous: Option<PreviousArgs>) -> 
             ("workers", master.worker_address()),
             ("cache", master.db_address()),
         ],
-    )
-    .await?;
-    Ok(master.shutdown().await?)
+    );
+    let drain_for = drain(args.server.drain_for)?;
+    let stopped = until_stopped(what, master.died()).await;
+    master.shutdown_within(shutdown_limit(drain_for)).await?;
+    stopped
 }
 
 pub(crate) async fn worker(args: WorkerArgs) -> Result<()> {
@@ -257,8 +263,11 @@ pub(crate) async fn worker(args: WorkerArgs) -> Result<()> {
             args.db.as_str(),
         ),
     };
-    until_ctrl_c("worker", &[("master", target)]).await?;
-    worker.shutdown().await;
+    announce("worker", &[("master", target)]);
+    crate::lifecycle::until_stopped("worker", std::future::pending()).await?;
+    if !worker.shutdown_within(drain(args.drain_for)?).await {
+        eprintln!("rylm worker: stopped before its messages in hand were answered");
+    }
     Ok(())
 }
 
@@ -283,6 +292,9 @@ pub(crate) struct GatewayArgs {
     /// Worker is then the gateway's cache, which it prints).
     #[arg(long, default_value = "native", value_parser = ["native", "pylm"])]
     wire: String,
+    /// Seconds a stop (SIGTERM, SIGINT) waits for the requests in hand.
+    #[arg(long, default_value_t = 10.0)]
+    drain_for: f64,
     #[command(flatten)]
     security: SecurityArgs,
 }
@@ -308,12 +320,13 @@ pub(crate) async fn gateway(args: GatewayArgs) -> Result<()> {
             gateway.worker_address()
         ),
     }
-    eprintln!("rylm gateway: try curl -d hello {http}/upper; Ctrl-C stops");
-    tokio::signal::ctrl_c()
-        .await
-        .context("waiting for Ctrl-C")?;
-    eprintln!("rylm gateway: stopping; answering the requests in hand");
-    Ok(gateway.shutdown().await?)
+    eprintln!("rylm gateway: try curl -d hello {http}/upper; SIGTERM or Ctrl-C stops");
+    until_stopped("gateway", std::future::pending()).await?;
+    let limit = shutdown_limit(drain(args.drain_for)?);
+    match tokio::time::timeout(limit, gateway.shutdown()).await {
+        Ok(outcome) => Ok(outcome?),
+        Err(_) => bail!("rylm gateway: the requests in hand were not answered within {limit:?}"),
+    }
 }
 
 pub(crate) async fn pipeline(args: ServerArgs, previous: PreviousArgs) -> Result<()> {
@@ -326,15 +339,17 @@ pub(crate) async fn pipeline(args: ServerArgs, previous: PreviousArgs) -> Result
         builder = builder.pylm_wire();
     }
     let server = builder.start().await?;
-    until_ctrl_c(
+    announce(
         "pipeline",
         &[
             ("pub", server.pub_address()),
             ("cache", server.db_address()),
         ],
-    )
-    .await?;
-    Ok(server.shutdown().await?)
+    );
+    let drain_for = drain(args.drain_for)?;
+    let stopped = until_stopped("pipeline", server.died()).await;
+    server.shutdown_within(shutdown_limit(drain_for)).await?;
+    stopped
 }
 
 pub(crate) async fn sink(args: ServerArgs, previous: Vec<String>) -> Result<()> {
@@ -353,15 +368,17 @@ pub(crate) async fn sink(args: ServerArgs, previous: Vec<String>) -> Result<()> 
         builder = builder.subscribe_to(address, &[name]);
     }
     let server = builder.start().await?;
-    until_ctrl_c(
+    announce(
         "sink",
         &[
             ("pub", server.pub_address()),
             ("cache", server.db_address()),
         ],
-    )
-    .await?;
-    Ok(server.shutdown().await?)
+    );
+    let drain_for = drain(args.drain_for)?;
+    let stopped = until_stopped("sink", server.died()).await;
+    server.shutdown_within(shutdown_limit(drain_for)).await?;
+    stopped
 }
 
 pub(crate) async fn client(args: ClientArgs) -> Result<()> {

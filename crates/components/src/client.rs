@@ -336,7 +336,8 @@ impl Client {
         let message = message
             .with_client(self.inner.id.clone())
             .with_pipeline(self.session())
-            .with_cache(self.next_call_id());
+            .with_cache(self.next_call_id())
+            .with_header(crate::DEADLINE, deadline.as_millis().max(1).to_string());
         let (parts, mut answers) = mpsc::unbounded_channel();
         let key = message.cache.clone();
         self.inner

@@ -28,6 +28,19 @@ type MessageFunction = Arc<dyn Fn(Message) -> FunctionFuture + Send + Sync>;
 pub const MORE: &str = "rylm-more";
 /// The header of the one answer of a mux function that yielded nothing.
 pub const NONE: &str = "rylm-none";
+/// The header with the milliseconds a message has left before its caller stops waiting, as
+/// the sender counted them when it sent the message. Each hop turns it into a deadline on its
+/// own clock (so clocks need not agree), and passes on what is left.
+pub const DEADLINE: &str = "rylm-deadline-ms";
+
+/// The longest deadline a message may carry (a day); longer ones are cut to it.
+const LONGEST_DEADLINE_MS: u64 = 86_400_000;
+
+/// The deadline `message` carries ([`DEADLINE`]), counted from `now`.
+pub fn deadline_of(message: &Message, now: std::time::Instant) -> Option<std::time::Instant> {
+    let millis: u64 = message.header(DEADLINE)?.parse().ok()?;
+    Some(now + std::time::Duration::from_millis(millis.min(LONGEST_DEADLINE_MS)))
+}
 
 /// Functions by name: each takes a payload and returns one, or an error.
 ///
@@ -46,6 +59,7 @@ pub struct Functions {
     parameterized: HashMap<String, ParamFunction>,
     with_message: HashMap<String, MessageFunction>,
     failure_payload: Option<Bytes>,
+    once: std::collections::BTreeSet<String>,
 }
 
 impl std::fmt::Debug for Functions {
@@ -116,6 +130,19 @@ impl Functions {
             Some(payload) => reply.with_payload(payload.clone()),
             None => reply,
         }
+    }
+
+    /// Declares that function `name` must not run twice for one message. A master re-dispatches
+    /// the messages of a worker that died (at-least-once execution); a message of this function
+    /// is failed back (`worker-died`) instead, as it may or may not have run.
+    pub fn must_not_run_twice(mut self, name: &str) -> Self {
+        self.once.insert(name.to_owned());
+        self
+    }
+
+    /// The functions declared with [`Functions::must_not_run_twice`].
+    pub fn once_names(&self) -> impl Iterator<Item = &str> {
+        self.once.iter().map(String::as_str)
     }
 
     /// The registered names.
@@ -309,12 +336,45 @@ impl Functions {
             let (functions, server) = (functions.clone(), server.clone());
             tokio::spawn(async move {
                 let (message, responder) = delivery.into_parts();
-                let reply = functions.call(&server, message).await;
+                let now = std::time::Instant::now();
+                let reply = match deadline_of(&message, now) {
+                    // Its caller stopped waiting: not started.
+                    Some(deadline) if deadline <= now => error_reply(
+                        &message,
+                        "deadline",
+                        "the deadline passed before the function started",
+                    ),
+                    Some(deadline) => {
+                        let call = functions.call(&server, message.clone());
+                        match tokio::time::timeout_at(deadline.into(), call).await {
+                            Ok(reply) => reply,
+                            Err(_) => error_reply(
+                                &message,
+                                "deadline",
+                                "the deadline passed before the function finished",
+                            ),
+                        }
+                    }
+                    None => functions.call(&server, message).await,
+                };
+                // A message that goes on to another server takes what is left of its time.
+                let reply = pass_on_deadline(reply, now);
                 responder.send(Ok(Some(reply)));
             });
         }
         Ok(())
     }
+}
+
+/// Sets [`DEADLINE`] of a message about to leave to what is left of it, counted from `received`.
+pub(crate) fn pass_on_deadline(mut message: Message, received: std::time::Instant) -> Message {
+    if let Some(deadline) = deadline_of(&message, received) {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        message
+            .headers
+            .insert(DEADLINE.into(), left.as_millis().max(1).to_string());
+    }
+    message
 }
 
 fn panic_text(join_error: tokio::task::JoinError) -> String {

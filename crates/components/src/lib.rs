@@ -56,19 +56,23 @@ mod error;
 mod functions;
 mod master;
 pub mod parts;
+mod pool;
 mod server;
+mod worker;
 
-pub use cache::{CacheStore, MISSING};
+pub use cache::{CacheLimits, CacheStore, MISSING};
 pub use client::{Client, ClientOptions};
 pub use error::Error;
-pub use functions::{Functions, MORE, NONE, PIPELINED, SYNC_FUNCTION};
-pub use master::{
-    CREDITS, FUNCTIONS, HEARTBEAT_FUNCTION, Heartbeat, Hook, Master, MasterBuilder, PoolStatus,
-    READY_FUNCTION, ResultSink, StreamHook, Worker, WorkerBuilder, WorkerPool, default_topic,
-};
+pub use functions::{DEADLINE, Functions, MORE, NONE, PIPELINED, SYNC_FUNCTION, deadline_of};
+pub use master::{Master, MasterBuilder, default_topic};
 pub use parts::{Answer, Ask, DealerOut, Emit, Endpoint, Listen, PartSocket, RouterIn, Transport};
+pub use pool::{
+    Admission, CREDITS, FUNCTIONS, HEARTBEAT_FUNCTION, HOLDING, Heartbeat, Hook, ONCE,
+    PoolCounters, PoolStatus, READY_FUNCTION, ResultSink, StreamHook, WorkerPool,
+};
 pub use rylm_transport;
 pub use server::{Server, ServerBuilder};
+pub use worker::{Worker, WorkerBuilder};
 
 /// pylm's MuxWorker: a [`Worker`] whose [`Functions`] include mux functions
 /// ([`Functions::add_mux`]), each yielding any number of results per message.

@@ -22,6 +22,7 @@ pub struct ServerBuilder {
     handle_stream: Arc<dyn Fn(&Message) -> String + Send + Sync>,
     pylm: bool,
     transport: Transport,
+    cache_limits: crate::CacheLimits,
 }
 
 impl std::fmt::Debug for ServerBuilder {
@@ -88,6 +89,12 @@ impl ServerBuilder {
     /// The wire format (default: rylm's native codec).
     pub fn codec(mut self, codec: Arc<dyn Codec>) -> Self {
         self.codec = codec;
+        self
+    }
+
+    /// The bounds of what peers store in the cache (default [`crate::CacheLimits::default`]).
+    pub fn cache_limits(mut self, limits: crate::CacheLimits) -> Self {
+        self.cache_limits = limits;
         self
     }
 
@@ -186,19 +193,20 @@ impl ServerBuilder {
                 Mode::NonBlocking,
             );
         }
+        let store = CacheStore::default().with_limits(self.cache_limits.clone());
         let store = if self.pylm {
-            CacheStore::default().with_raw_replies()
+            store.with_raw_replies()
         } else {
-            CacheStore::default()
+            store
         };
         let (db_address, cache_task) = store
             .clone()
             .serve(&self.cache, &self.transport, self.codec.clone(), stopped)
             .await?;
-        store.set("name", self.name.clone());
-        store.set("pull_address", pull_address.clone());
-        store.set("pub_address", pub_address.clone());
-        store.set("db_address", db_address.clone());
+        store.preset("name", self.name.clone());
+        store.preset("pull_address", pull_address.clone());
+        store.preset("pub_address", pub_address.clone());
+        store.preset("db_address", db_address.clone());
 
         let functions = if self.pylm {
             self.functions.failure_payload("0")
@@ -254,6 +262,7 @@ impl Server {
             functions: Functions::new(),
             pylm: false,
             transport: Transport::default(),
+            cache_limits: crate::CacheLimits::default(),
             codec: Arc::new(NativeCodec::default()),
             handle_stream: {
                 let name = name.to_owned();
@@ -302,13 +311,33 @@ impl Server {
         &self.store
     }
 
+    /// Resolves when a part of the server stops while it runs (a socket closed under it, a
+    /// panic), with what happened: the server can no longer serve, and its process should end
+    /// or restart it. Never resolves while every part runs.
+    pub async fn died(&self) -> String {
+        self.router.died().await
+    }
+
     /// Stops taking requests, finishes and publishes the ones taken, then closes.
     pub async fn shutdown(self) -> Result<(), Error> {
         let outcome = self.router.shutdown().await;
         let _ = self.stop.send(true);
         let _ = self.cache_task.await;
-        // No LINGER in this ZeroMQ: give the last results a moment to leave.
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        Ok(outcome?)
+    }
+
+    /// [`Server::shutdown`] within `limit`: what is still running then is dropped, and the
+    /// result is a router error that says so.
+    pub async fn shutdown_within(self, limit: std::time::Duration) -> Result<(), Error> {
+        let outcome = self.router.shutdown_within(limit).await;
+        let _ = self.stop.send(true);
+        let abort = self.cache_task.abort_handle();
+        if tokio::time::timeout(std::time::Duration::from_secs(1), self.cache_task)
+            .await
+            .is_err()
+        {
+            abort.abort();
+        }
         Ok(outcome?)
     }
 }

@@ -93,7 +93,10 @@ async fn a_pylm_client_calls_a_rylm_server() {
     );
     assert_eq!(got["set"], "a-key");
     assert_eq!(got["get"], "a value");
-    assert_eq!(got["delete"], "a value");
+    assert_eq!(
+        got["delete"], "a-key",
+        "pylm's cache answers a delete with the key"
+    );
     assert_eq!(got["missing"], "");
     assert_eq!(got["new_key"], 36, "a set without a key answers a new uuid");
     let expected: Vec<String> = (0..30).map(|i| format!("CALL {i}")).collect();

@@ -313,3 +313,54 @@ async fn servers_speak_another_codec_over_ipc() {
     master.shutdown().await.expect("clean");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test]
+async fn peers_cannot_change_the_discovery_keys_and_the_cache_is_bounded() {
+    let limits = rylm_components::CacheLimits {
+        max_entries: 3,
+        max_value: 16,
+        max_key: 8,
+    };
+    let server = Server::builder("text")
+        .functions(functions())
+        .cache_limits(limits)
+        .start()
+        .await
+        .expect("starts");
+    let client = Client::connect(server.db_address(), DEADLINE)
+        .await
+        .expect("connects");
+    fn kind<T: std::fmt::Debug>(outcome: Result<T, Error>) -> String {
+        match outcome {
+            Err(Error::Remote { kind, .. }) => kind,
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+    for key in ["name", "pull_address", "pub_address", "db_address"] {
+        let hijack = client.set(Some(key), "tcp://203.0.113.1:1").await;
+        assert_eq!(kind(hijack), "read-only", "{key}");
+        assert_eq!(kind(client.delete(key).await), "read-only", "{key}");
+    }
+    assert_eq!(
+        client.get("pull_address").await.expect("get"),
+        Some(Bytes::from(server.pull_address().to_owned()))
+    );
+    assert_eq!(
+        kind(client.set(Some("k"), vec![0u8; 17]).await),
+        "too-large"
+    );
+    assert_eq!(kind(client.set(Some("a-long-key"), "v").await), "too-large");
+    for key in ["a", "b", "c"] {
+        client.set(Some(key), "v").await.expect("within the bound");
+    }
+    assert_eq!(kind(client.set(Some("d"), "v").await), "cache-full");
+    client
+        .set(Some("a"), "again")
+        .await
+        .expect("a key it holds");
+    client.delete("a").await.expect("delete");
+    client.set(Some("d"), "v").await.expect("room again");
+    // A client that still works after all that.
+    assert_eq!(&client.eval("upper", "ok").await.expect("eval")[..], b"OK");
+    server.shutdown().await.expect("clean");
+}

@@ -334,6 +334,8 @@ impl RouterBuilder {
             self.outbound.into_iter().unzip();
         let table = Table::build(inbound_entries, outbound_entries)?;
 
+        let (stop, stopped) = watch::channel(false);
+        let (ended, _) = watch::channel(None);
         let mut senders = Vec::new();
         let mut outbound_tasks = Vec::new();
         for (entry, component) in table.outbound.iter().zip(outbound_components) {
@@ -343,7 +345,8 @@ impl RouterBuilder {
                 name: entry.name.clone(),
                 receiver,
             };
-            outbound_tasks.push((entry.name.clone(), tokio::spawn(component.run(queue))));
+            let task = watched(entry.name.clone(), component.run(queue), &stopped, &ended);
+            outbound_tasks.push((entry.name.clone(), task));
         }
         let shared = Arc::new(Shared {
             detached: (0..table.inbound.len())
@@ -353,7 +356,6 @@ impl RouterBuilder {
             senders: RwLock::new(Some(senders)),
             capacity,
         });
-        let (stop, stopped) = watch::channel(false);
         let mut inbound_tasks = Vec::new();
         for (index, component) in inbound_components.into_iter().enumerate() {
             let link = InboundLink {
@@ -362,11 +364,13 @@ impl RouterBuilder {
                 stop: stopped.clone(),
             };
             let name = shared.table.inbound[index].name.clone();
-            inbound_tasks.push((name, tokio::spawn(component.run(link))));
+            let task = watched(name.clone(), component.run(link), &stopped, &ended);
+            inbound_tasks.push((name, task));
         }
         Ok(Router {
             shared,
             stop,
+            ended,
             inbound_tasks,
             outbound_tasks,
         })
@@ -375,10 +379,53 @@ impl RouterBuilder {
 
 type Tasks = Vec<(String, tokio::task::JoinHandle<Result<(), Error>>)>;
 
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Runs a component in a task of its own, and reports on `ended` if it ends (returns, fails or
+/// panics) before the router was told to stop.
+fn watched(
+    name: String,
+    run: BoxFuture<Result<(), Error>>,
+    stopping: &watch::Receiver<bool>,
+    ended: &watch::Sender<Option<String>>,
+) -> tokio::task::JoinHandle<Result<(), Error>> {
+    let (stopping, ended) = (stopping.clone(), ended.clone());
+    tokio::spawn(async move {
+        let inner = tokio::spawn(run);
+        // Aborting this task aborts the component too.
+        let _guard = AbortOnDrop(inner.abort_handle());
+        let outcome = match inner.await {
+            Ok(outcome) => outcome,
+            Err(join_error) => Err(Error::ComponentStopped {
+                component: name.clone(),
+                reason: format!("its task failed: {join_error}"),
+            }),
+        };
+        if !*stopping.borrow() {
+            let how = match &outcome {
+                Ok(()) => "returned".to_owned(),
+                Err(error) => error.to_string(),
+            };
+            let what = format!("component {name:?} ended while the router was running: {how}");
+            tracing::error!("{what}");
+            ended.send_replace(Some(what));
+        }
+        outcome
+    })
+}
+
 /// A running router.
 pub struct Router {
     shared: Arc<Shared>,
     stop: watch::Sender<bool>,
+    ended: watch::Sender<Option<String>>,
     inbound_tasks: Tasks,
     outbound_tasks: Tasks,
 }
@@ -400,6 +447,21 @@ impl Router {
     /// The checked routing table.
     pub fn table(&self) -> &Table {
         &self.shared.table
+    }
+
+    /// Resolves when a component ends (returns, fails or panics) while the router runs, with
+    /// what happened; never, as long as every component runs. A server that can no longer do its
+    /// work should stop (or be restarted) then, not keep running headless.
+    pub async fn died(&self) -> String {
+        let mut ended = self.ended.subscribe();
+        loop {
+            if let Some(what) = ended.borrow_and_update().clone() {
+                return what;
+            }
+            if ended.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+        }
     }
 
     /// [`Router::shutdown`], giving up after `limit`: the components still running then are

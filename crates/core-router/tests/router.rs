@@ -372,3 +372,60 @@ async fn a_table_with_a_loop_is_refused_before_anything_starts() {
         .start();
     assert!(matches!(outcome, Err(Error::RouteLoop(_))));
 }
+
+/// An inbound component that submits nothing and ends when told to stop.
+async fn until_stopping(mut link: InboundLink) -> Result<(), Error> {
+    link.stopping().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_component_that_ends_or_panics_while_running_is_reported() {
+    let router = Router::builder()
+        .outbound(
+            "quits",
+            |_queue: OutboundQueue| async move { Err(Error::ComponentGone("on purpose".into())) },
+            None,
+            Mode::NonBlocking,
+        )
+        .inbound("waits", until_stopping, "quits", Mode::NonBlocking)
+        .start()
+        .expect("starts");
+    let what = within(router.died()).await;
+    assert!(
+        what.contains("quits") && what.contains("on purpose"),
+        "{what}"
+    );
+    let _ = router.shutdown_within(DEADLINE).await;
+
+    let router = Router::builder()
+        .outbound(
+            "panics",
+            |_queue: OutboundQueue| async move {
+                if DEADLINE > Duration::ZERO {
+                    panic!("a bug");
+                }
+                Ok(())
+            },
+            None,
+            Mode::NonBlocking,
+        )
+        .inbound("waits", until_stopping, "panics", Mode::NonBlocking)
+        .start()
+        .expect("starts");
+    let what = within(router.died()).await;
+    assert!(what.contains("panics") && what.contains("a bug"), "{what}");
+    let _ = router.shutdown_within(DEADLINE).await;
+}
+
+#[tokio::test]
+async fn a_graceful_shutdown_is_not_a_death() {
+    let router = Router::builder()
+        .outbound("tagger", tagger("!"), None, Mode::Blocking)
+        .inbound("waits", until_stopping, "tagger", Mode::Blocking)
+        .start()
+        .expect("starts");
+    let outcome = tokio::time::timeout(Duration::from_millis(200), router.died()).await;
+    assert!(outcome.is_err(), "nothing died: {outcome:?}");
+    router.shutdown().await.expect("clean");
+}

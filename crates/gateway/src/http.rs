@@ -199,7 +199,7 @@ impl HttpGateway {
                 ("worker_pull_address", &pull_address),
                 ("db_address", &db_address),
             ] {
-                store.set(key, value.to_owned());
+                store.preset(key, value.to_owned());
             }
             let router = Router::builder()
                 .outbound(

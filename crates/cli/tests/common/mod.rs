@@ -65,6 +65,24 @@ impl Rylm {
         self.child.kill().await.expect("killed");
     }
 
+    /// Sends SIGTERM, as systemd, Kubernetes and Docker stop a process, and waits (bounded) for
+    /// it to end: its exit status, and how long it took.
+    pub async fn terminate(mut self, within: Duration) -> (std::process::ExitStatus, Duration) {
+        let pid = self.child.id().expect("running").to_string();
+        let started = Instant::now();
+        let sent = Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .await
+            .expect("kill runs");
+        assert!(sent.success(), "SIGTERM sent");
+        let status = tokio::time::timeout(within, self.child.wait())
+            .await
+            .unwrap_or_else(|_| panic!("rylm {:?} did not stop within {within:?}", self.args))
+            .expect("reaped");
+        (status, started.elapsed())
+    }
+
     /// Still running?
     pub fn alive(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))

@@ -1,0 +1,754 @@
+//! A worker pool: work farmed out by credit to workers on a ROUTER, with heartbeats both ways,
+//! bounded admission, a deadline per message and per dispatch, and exactly one answer per
+//! message.
+//!
+//! A worker connects and says `READY` with its number of credits (how many messages it runs at
+//! once, capped by [`Admission::max_credits`]) and the dispatches it still holds. The pool sends
+//! a message only to a worker with a free credit; each answer to a dispatch the worker holds
+//! returns a credit. Workers send heartbeats and the pool answers each, so both sides notice a
+//! silence. A worker silent for `misses` intervals is buried: each message it held goes to
+//! another worker once (unless its function must not run twice), and is failed back
+//! (`worker-died`) when it was already a second try. A buried worker that speaks again is asked
+//! to announce itself and is readmitted.
+//!
+//! Answers are taken only from a worker the dispatch was sent to, and only once: the first
+//! answer wins, a late one (from a buried worker, or after a re-dispatch) is dropped and
+//! counted. Dispatch ids carry a keyed hash, so a peer cannot guess another's.
+//!
+//! Admission is bounded: beyond [`Admission::max_waiting`] messages waiting for a credit, a new
+//! one is answered `busy` at once. A message carries its caller's deadline
+//! ([`crate::DEADLINE`]); one still waiting at its deadline is answered `deadline` and never
+//! dispatched, and a dispatch unanswered past its deadline (plus the heartbeat grace) is
+//! answered `deadline` and gives its credit back, so credits always come back.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::hash::BuildHasher;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use rylm_core_router::OutboundQueue;
+use rylm_message::{Codec, Message};
+use rylm_transport::{Kind, Socket};
+
+use crate::functions::{SYNC_FUNCTION, deadline_of};
+use crate::parts::{Endpoint, Transport, error_reply};
+use crate::{Error, MORE};
+
+/// A worker says it is ready, with headers [`CREDITS`], [`FUNCTIONS`], [`HOLDING`] and
+/// [`ONCE`].
+pub const READY_FUNCTION: &str = "rylm.ready";
+/// A heartbeat, from a worker and back from the pool.
+pub const HEARTBEAT_FUNCTION: &str = "rylm.heartbeat";
+/// The header of a `READY` that says how many messages the worker runs at once.
+pub const CREDITS: &str = "rylm-credits";
+/// The header of a `READY` that lists the worker's functions.
+pub const FUNCTIONS: &str = "rylm-functions";
+/// The header of a `READY` that lists the dispatches the worker is still running.
+pub const HOLDING: &str = "rylm-holding";
+/// The header of a `READY` that lists the worker's functions that must not run twice.
+pub const ONCE: &str = "rylm-once";
+/// The header that tells the pool which dispatch an answer belongs to.
+pub(crate) const DISPATCH: &str = "rylm-dispatch";
+
+/// Timing of the pool's view of its workers (and theirs of the pool).
+#[derive(Clone, Debug)]
+pub struct Heartbeat {
+    /// How often workers send heartbeats (default 1 s).
+    pub interval: Duration,
+    /// How many silent intervals make a worker dead (default 3).
+    pub misses: u32,
+}
+
+impl Default for Heartbeat {
+    fn default() -> Self {
+        Heartbeat {
+            interval: Duration::from_secs(1),
+            misses: 3,
+        }
+    }
+}
+
+impl Heartbeat {
+    /// How long a silence lasts before the other side is taken for dead.
+    pub fn grace(&self) -> Duration {
+        self.interval * self.misses.max(1)
+    }
+}
+
+/// The bounds of a pool.
+#[derive(Clone, Debug)]
+pub struct Admission {
+    /// Messages waiting for a credit; beyond them a new message is answered `busy` (default
+    /// 10,000).
+    pub max_waiting: usize,
+    /// The most credits one worker may announce (default 256).
+    pub max_credits: usize,
+    /// The deadline of a message that carries none (default 5 minutes).
+    pub default_deadline: Duration,
+}
+
+impl Default for Admission {
+    fn default() -> Self {
+        Admission {
+            max_waiting: 10_000,
+            max_credits: 256,
+            default_deadline: Duration::from_secs(300),
+        }
+    }
+}
+
+/// A hook that turns one message into any number (pylm's `scatter` and `gather`).
+pub type Hook = Arc<dyn Fn(Message) -> Vec<Message> + Send + Sync>;
+/// pylm's `handle_stream`: the topic a result is published under.
+pub type StreamHook = Arc<dyn Fn(&Message) -> String + Send + Sync>;
+
+/// Where a worker pool's results go.
+pub enum ResultSink {
+    /// Published on a PUB socket under `handle_stream`'s topic (a Master).
+    Publish(Socket),
+    /// Handed to a channel, for a component in the same process (a gateway).
+    Channel(tokio::sync::mpsc::Sender<Message>),
+}
+
+impl std::fmt::Debug for ResultSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ResultSink::Publish(_) => "ResultSink::Publish",
+            ResultSink::Channel(_) => "ResultSink::Channel",
+        })
+    }
+}
+
+/// What a pool has done, counted since it started.
+#[derive(Debug, Default)]
+pub struct PoolCounters {
+    /// Messages sent to a worker (re-dispatches included).
+    pub dispatched: AtomicU64,
+    /// Answers passed on.
+    pub answered: AtomicU64,
+    /// Messages sent to a second worker after the first was buried.
+    pub redispatched: AtomicU64,
+    /// Messages answered `busy` because the waiting line was full.
+    pub busy: AtomicU64,
+    /// Messages answered `deadline`: still waiting, or still unanswered, at their deadline.
+    pub expired: AtomicU64,
+    /// Messages failed back because the workers holding them died.
+    pub worker_died: AtomicU64,
+    /// Answers dropped: late duplicates, answers from a worker a dispatch was not sent to,
+    /// answers to unknown dispatches.
+    pub dropped_answers: AtomicU64,
+    /// Frames from workers that did not decode.
+    pub malformed: AtomicU64,
+    /// Workers buried for silence.
+    pub buried: AtomicU64,
+    /// Workers admitted (again, after a burial or a restart, included).
+    pub admitted: AtomicU64,
+}
+
+/// What a worker pool knows of its workers, shared with whoever asks.
+#[derive(Debug, Default)]
+pub struct PoolStatus {
+    live: AtomicUsize,
+    free_credits: AtomicUsize,
+    waiting: AtomicUsize,
+    in_flight: AtomicUsize,
+    functions: std::sync::Mutex<std::collections::BTreeSet<String>>,
+    counters: PoolCounters,
+}
+
+impl PoolStatus {
+    /// How many workers are live now.
+    pub fn live_workers(&self) -> usize {
+        self.live.load(Ordering::Relaxed)
+    }
+
+    /// Free credits over all live workers.
+    pub fn free_credits(&self) -> usize {
+        self.free_credits.load(Ordering::Relaxed)
+    }
+
+    /// Messages waiting for a credit.
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::Relaxed)
+    }
+
+    /// Messages held by workers.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// What the pool has done.
+    pub fn counters(&self) -> &PoolCounters {
+        &self.counters
+    }
+
+    /// The functions the workers have announced.
+    pub fn functions(&self) -> Vec<String> {
+        self.functions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .cloned()
+            .collect()
+    }
+}
+
+fn count(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+/// A Master's worker pool on its own, for a server of another kind (the HTTP gateway): workers
+/// connect to its ROUTER; messages from its router queue go to them by credit; results go to a
+/// [`ResultSink`].
+pub struct WorkerPool {
+    pool: Pool,
+    socket: Socket,
+    address: String,
+}
+
+impl std::fmt::Debug for WorkerPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerPool")
+            .field("address", &self.address)
+            .finish()
+    }
+}
+
+impl WorkerPool {
+    /// Binds (or connects) the workers' ROUTER.
+    pub async fn new(
+        workers: &Endpoint,
+        transport: &Transport,
+        codec: Arc<dyn Codec>,
+        heartbeat: Heartbeat,
+    ) -> Result<WorkerPool, Error> {
+        let (socket, address) = transport.open(Kind::Router, workers).await?;
+        let pool = Pool::new(codec, heartbeat, Arc::new(|m: &Message| m.client.clone()));
+        Ok(WorkerPool {
+            pool,
+            socket,
+            address,
+        })
+    }
+
+    /// The bounds of admission (default [`Admission::default`]).
+    pub fn admission(mut self, admission: Admission) -> Self {
+        self.pool.admission = admission;
+        self
+    }
+
+    /// Where workers connect.
+    pub fn address(&self) -> &str {
+        &self.address
+    }
+
+    /// The pool's view of its workers, kept current while it runs.
+    pub fn status(&self) -> Arc<PoolStatus> {
+        self.pool.status.clone()
+    }
+
+    /// The router component (non-blocking): runs until its queue closes and the workers have
+    /// answered (or `drain_for` has passed).
+    pub async fn run(
+        self,
+        queue: OutboundQueue,
+        sink: ResultSink,
+    ) -> Result<(), rylm_core_router::Error> {
+        self.pool.run(queue, self.socket, sink).await
+    }
+}
+
+struct WorkerState {
+    credits: usize,
+    holds: HashSet<String>,
+    once: HashSet<String>,
+    last_seen: Instant,
+}
+
+/// A message some worker holds (or held, and will be sent to another).
+struct Dispatched {
+    message: Message,
+    /// The workers it was sent to, in turn: an answer from any of them is taken.
+    holders: Vec<Bytes>,
+    deadline: Instant,
+}
+
+/// A message waiting for a credit.
+enum Queued {
+    /// Not sent yet.
+    Fresh(Message, Instant),
+    /// Sent to a worker that was buried; to go to another.
+    Again(String),
+}
+
+pub(crate) struct Pool {
+    codec: Arc<dyn Codec>,
+    heartbeat: Heartbeat,
+    pub(crate) admission: Admission,
+    pub(crate) scatter: Hook,
+    pub(crate) gather: Hook,
+    handle_stream: StreamHook,
+    pub(crate) drain_for: Duration,
+    workers: HashMap<Bytes, WorkerState>,
+    waiting: VecDeque<Queued>,
+    in_flight: HashMap<String, Dispatched>,
+    dispatched: u64,
+    keys: std::hash::RandomState,
+    pub(crate) status: Arc<PoolStatus>,
+}
+
+impl Pool {
+    pub(crate) fn new(codec: Arc<dyn Codec>, heartbeat: Heartbeat, topic: StreamHook) -> Pool {
+        Pool {
+            codec,
+            heartbeat,
+            admission: Admission::default(),
+            scatter: Arc::new(|message| vec![message]),
+            gather: Arc::new(|message| vec![message]),
+            handle_stream: topic,
+            drain_for: Duration::from_secs(10),
+            workers: HashMap::new(),
+            waiting: VecDeque::new(),
+            in_flight: HashMap::new(),
+            dispatched: 0,
+            keys: std::hash::RandomState::new(),
+            status: Arc::default(),
+        }
+    }
+
+    pub(crate) async fn run(
+        mut self,
+        mut queue: OutboundQueue,
+        workers: Socket,
+        mut sink: ResultSink,
+    ) -> Result<(), rylm_core_router::Error> {
+        let mut ticker = tokio::time::interval(self.heartbeat.interval);
+        let mut draining_since: Option<Instant> = None;
+        loop {
+            if draining_since.is_some() && self.waiting.is_empty() && self.in_flight.is_empty() {
+                break;
+            }
+            if draining_since.is_some_and(|since| since.elapsed() >= self.drain_for) {
+                self.fail_everything(&mut sink).await;
+                break;
+            }
+            tokio::select! {
+                delivery = queue.recv(), if draining_since.is_none() => match delivery {
+                    Some(delivery) => {
+                        let (message, _) = delivery.into_parts();
+                        self.admit(message, &mut sink).await;
+                    }
+                    None => draining_since = Some(Instant::now()),
+                },
+                received = workers.recv() => match received {
+                    Ok(mut frames) if !frames.is_empty() => {
+                        let identity = frames.remove(0);
+                        match self.codec.decode_frames(&frames) {
+                            Ok(message) => self.on_worker_frame(identity, message, &workers, &mut sink).await,
+                            Err(error) => {
+                                count(&self.status.counters.malformed);
+                                tracing::debug!(%error, "dropped a worker frame that does not decode");
+                            }
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(error) if error.is_closed() => break,
+                    Err(error) => tracing::warn!(%error, "receiving from the workers failed"),
+                },
+                _ = ticker.tick() => {
+                    self.bury_the_dead(&mut sink).await;
+                    self.expire(&mut sink).await;
+                }
+            }
+            self.dispatch(&workers, &mut sink).await;
+            self.publish_status();
+        }
+        // Flush the last results (the transport's linger), then close.
+        if let ResultSink::Publish(socket) = sink {
+            socket.close().await;
+        }
+        workers.close().await;
+        Ok(())
+    }
+
+    fn publish_status(&self) {
+        let status = &self.status;
+        status.live.store(self.workers.len(), Ordering::Relaxed);
+        status.waiting.store(self.waiting.len(), Ordering::Relaxed);
+        status
+            .in_flight
+            .store(self.in_flight.len(), Ordering::Relaxed);
+        let free = self.workers.values().map(|w| w.credits).sum();
+        status.free_credits.store(free, Ordering::Relaxed);
+    }
+
+    /// Takes a message from the router: answers a client's handshake, refuses it when the line
+    /// is full, else lines up its parts.
+    async fn admit(&mut self, message: Message, sink: &mut ResultSink) {
+        if message.function_name() == Some(SYNC_FUNCTION) {
+            self.publish(sink, message.reply(Bytes::new())).await;
+            return;
+        }
+        let now = Instant::now();
+        for part in (self.scatter)(message) {
+            if self.waiting.len() >= self.admission.max_waiting {
+                count(&self.status.counters.busy);
+                let text = format!(
+                    "{} messages are waiting for a worker; try again later",
+                    self.waiting.len()
+                );
+                self.publish(sink, error_reply(&part, "busy", &text)).await;
+                continue;
+            }
+            let deadline = deadline_of(&part, now).unwrap_or(now + self.admission.default_deadline);
+            self.waiting.push_back(Queued::Fresh(part, deadline));
+        }
+    }
+
+    async fn fail_everything(&mut self, sink: &mut ResultSink) {
+        let mut left: Vec<Message> = Vec::new();
+        for queued in self.waiting.drain(..) {
+            if let Queued::Fresh(message, _) = queued {
+                left.push(message);
+            }
+        }
+        left.extend(self.in_flight.drain().map(|(_, d)| d.message));
+        for message in left {
+            let reply = error_reply(
+                &message,
+                "shutdown",
+                "the master shut down before a worker answered",
+            );
+            self.publish(sink, reply).await;
+        }
+    }
+
+    async fn publish(&self, sink: &mut ResultSink, message: Message) {
+        match sink {
+            ResultSink::Publish(socket) => {
+                let topic = (self.handle_stream)(&message);
+                match self.codec.encode_frames(&message) {
+                    Ok(mut frames) => {
+                        frames.insert(0, Bytes::from(topic));
+                        if let Err(error) = socket.send(frames).await {
+                            tracing::warn!(%error, "could not publish a result");
+                        }
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "a result could not be encoded; its caller gets an error");
+                        let reply = error_reply(&message, "unencodable", &error.to_string());
+                        if let Ok(mut frames) = self.codec.encode_frames(&reply) {
+                            frames.insert(0, Bytes::from((self.handle_stream)(&reply)));
+                            let _ = socket.send(frames).await;
+                        }
+                    }
+                }
+            }
+            ResultSink::Channel(sender) => {
+                if sender.send(message).await.is_err() {
+                    tracing::warn!("a result had nowhere to go: its receiver is gone");
+                }
+            }
+        }
+    }
+
+    async fn on_worker_frame(
+        &mut self,
+        identity: Bytes,
+        mut message: Message,
+        workers: &Socket,
+        sink: &mut ResultSink,
+    ) {
+        let now = Instant::now();
+        match message.function_name() {
+            Some(READY_FUNCTION) => {
+                self.on_ready(identity, &message, now);
+                return;
+            }
+            Some(HEARTBEAT_FUNCTION) => {
+                match self.workers.get_mut(&identity) {
+                    Some(worker) => {
+                        worker.last_seen = now;
+                        let beat = Message::call(HEARTBEAT_FUNCTION, Bytes::new());
+                        self.send_to(workers, identity, &beat).await;
+                    }
+                    // A worker this pool does not know (it restarted, or buried the worker
+                    // while it was alive): ask it to announce itself again.
+                    None => {
+                        let ask = Message::call(READY_FUNCTION, Bytes::new());
+                        self.send_to(workers, identity, &ask).await;
+                    }
+                }
+                return;
+            }
+            _ => {}
+        }
+        let Some(dispatch) = message.headers.remove(DISPATCH) else {
+            count(&self.status.counters.dropped_answers);
+            tracing::debug!("dropped a worker answer without a dispatch id");
+            return;
+        };
+        let more = message.header(MORE).is_some();
+        if let Some(worker) = self.workers.get_mut(&identity) {
+            worker.last_seen = now;
+            // A credit comes back only for what this pool gave this worker, once.
+            if !more && worker.holds.remove(&dispatch) {
+                worker.credits += 1;
+            }
+        }
+        let sent_here = self
+            .in_flight
+            .get(&dispatch)
+            .is_some_and(|d| d.holders.contains(&identity));
+        if !sent_here {
+            // A late duplicate (the first answer went out), an answer from a worker this
+            // dispatch was not sent to, or one to a dispatch of an earlier pool.
+            count(&self.status.counters.dropped_answers);
+            tracing::debug!(%dispatch, "dropped an answer that is not awaited from this worker");
+            return;
+        }
+        if more {
+            // A part of a mux function's results: pass it on, the dispatch is not over yet.
+            for result in (self.gather)(message) {
+                self.publish(sink, result).await;
+            }
+            return;
+        }
+        self.in_flight.remove(&dispatch);
+        count(&self.status.counters.answered);
+        for result in (self.gather)(message) {
+            self.publish(sink, result).await;
+        }
+    }
+
+    fn on_ready(&mut self, identity: Bytes, message: &Message, now: Instant) {
+        let announced = message
+            .header(CREDITS)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(1usize);
+        let credits = announced.clamp(1, self.admission.max_credits.max(1));
+        if credits < announced {
+            tracing::warn!(
+                announced,
+                credits,
+                "a worker announced more credits than allowed; capped"
+            );
+        }
+        let list = |name: &str| -> HashSet<String> {
+            message
+                .header(name)
+                .unwrap_or_default()
+                .split(',')
+                .filter(|n| !n.is_empty())
+                .map(str::to_owned)
+                .collect()
+        };
+        // What the worker still runs holds a credit, whichever pool sent it.
+        let holds: HashSet<String> = list(HOLDING).into_iter().take(credits).collect();
+        let fresh = !self.workers.contains_key(&identity);
+        let worker = self.workers.entry(identity).or_insert_with(|| WorkerState {
+            credits: 0,
+            holds: HashSet::new(),
+            once: HashSet::new(),
+            last_seen: now,
+        });
+        worker.credits = credits.saturating_sub(holds.len());
+        worker.holds = holds;
+        worker.once = list(ONCE);
+        worker.last_seen = now;
+        if fresh {
+            count(&self.status.counters.admitted);
+            tracing::info!(credits, "a worker is ready");
+        }
+        self.status
+            .functions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(list(FUNCTIONS));
+    }
+
+    async fn bury_the_dead(&mut self, sink: &mut ResultSink) {
+        let dead_after = self.heartbeat.grace();
+        let dead: Vec<Bytes> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| w.last_seen.elapsed() > dead_after)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for identity in dead {
+            let Some(worker) = self.workers.remove(&identity) else {
+                continue;
+            };
+            count(&self.status.counters.buried);
+            tracing::warn!(
+                held = worker.holds.len(),
+                "a worker stopped sending heartbeats"
+            );
+            for held in worker.holds {
+                let Some(dispatched) = self.in_flight.get(&held) else {
+                    continue;
+                };
+                let once = dispatched
+                    .message
+                    .method()
+                    .is_some_and(|m| worker.once.contains(m));
+                let reason = if once {
+                    Some("the worker holding this message died; it must not run twice")
+                } else if dispatched.holders.len() >= 2 {
+                    Some("two workers died holding this message; it was not run to the end")
+                } else {
+                    None
+                };
+                match reason {
+                    Some(reason) => {
+                        if let Some(dispatched) = self.in_flight.remove(&held) {
+                            count(&self.status.counters.worker_died);
+                            let reply = error_reply(&dispatched.message, "worker-died", reason);
+                            self.publish(sink, reply).await;
+                        }
+                    }
+                    None => {
+                        count(&self.status.counters.redispatched);
+                        self.waiting.push_front(Queued::Again(held));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Answers `deadline` for what waited or ran past its deadline, and gives the credits of
+    /// overdue dispatches back.
+    async fn expire(&mut self, sink: &mut ResultSink) {
+        let now = Instant::now();
+        let mut late = Vec::new();
+        let in_flight = &self.in_flight;
+        self.waiting.retain(|queued| match queued {
+            Queued::Fresh(message, deadline) if *deadline <= now => {
+                late.push(message.clone());
+                false
+            }
+            Queued::Again(id) => in_flight.contains_key(id),
+            Queued::Fresh(..) => true,
+        });
+        // A worker gets the deadline too and answers by it; the grace covers its way back.
+        let grace = self.heartbeat.grace();
+        let overdue: Vec<String> = self
+            .in_flight
+            .iter()
+            .filter(|(_, d)| d.deadline + grace <= now)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in overdue {
+            let Some(dispatched) = self.in_flight.remove(&id) else {
+                continue;
+            };
+            for holder in &dispatched.holders {
+                if let Some(worker) = self.workers.get_mut(holder)
+                    && worker.holds.remove(&id)
+                {
+                    worker.credits += 1;
+                }
+            }
+            self.waiting
+                .retain(|queued| !matches!(queued, Queued::Again(again) if *again == id));
+            late.push(dispatched.message);
+        }
+        for message in late {
+            count(&self.status.counters.expired);
+            let reply = error_reply(&message, "deadline", "no answer before the deadline");
+            self.publish(sink, reply).await;
+        }
+    }
+
+    async fn send_to(&self, workers: &Socket, identity: Bytes, message: &Message) {
+        match self.codec.encode_frames(message) {
+            Ok(frames) => {
+                let mut with_identity = Vec::with_capacity(frames.len() + 1);
+                with_identity.push(identity);
+                with_identity.extend(frames);
+                if let Err(error) = workers.send(with_identity).await {
+                    tracing::debug!(%error, "could not reach a worker");
+                }
+            }
+            Err(error) => tracing::error!(%error, "could not encode a message for a worker"),
+        }
+    }
+
+    /// A new dispatch id: unique in this pool, and not to be guessed from the others.
+    fn next_dispatch(&mut self) -> String {
+        self.dispatched += 1;
+        let tag = self.keys.hash_one(self.dispatched);
+        format!("{:x}.{tag:016x}", self.dispatched)
+    }
+
+    async fn dispatch(&mut self, to_workers: &Socket, sink: &mut ResultSink) {
+        while !self.waiting.is_empty() {
+            let Some(identity) = self
+                .workers
+                .iter()
+                .filter(|(_, w)| w.credits > 0)
+                .max_by_key(|(_, w)| w.credits)
+                .map(|(id, _)| id.clone())
+            else {
+                return;
+            };
+            let Some(queued) = self.waiting.pop_front() else {
+                return;
+            };
+            let now = Instant::now();
+            let id = match queued {
+                Queued::Fresh(message, deadline) => {
+                    let id = self.next_dispatch();
+                    self.in_flight.insert(
+                        id.clone(),
+                        Dispatched {
+                            message,
+                            holders: Vec::new(),
+                            deadline,
+                        },
+                    );
+                    id
+                }
+                Queued::Again(id) => id,
+            };
+            let Some(dispatched) = self.in_flight.get_mut(&id) else {
+                continue; // answered meanwhile by the worker it was first sent to
+            };
+            if dispatched.deadline <= now {
+                continue; // `expire` answers it
+            }
+            let remaining = dispatched.deadline - now;
+            let mut message = dispatched.message.clone();
+            message.headers.insert(DISPATCH.into(), id.clone());
+            message.headers.insert(
+                crate::DEADLINE.into(),
+                remaining.as_millis().max(1).to_string(),
+            );
+            let frames = match self.codec.encode_frames(&message) {
+                Ok(frames) => frames,
+                Err(error) => {
+                    let text = format!("could not be sent to a worker: {error}");
+                    if let Some(dispatched) = self.in_flight.remove(&id) {
+                        let reply = error_reply(&dispatched.message, "unencodable", &text);
+                        self.publish(sink, reply).await;
+                    }
+                    continue;
+                }
+            };
+            dispatched.holders.push(identity.clone());
+            if let Some(worker) = self.workers.get_mut(&identity) {
+                worker.credits -= 1;
+                worker.holds.insert(id);
+            }
+            count(&self.status.counters.dispatched);
+            let mut with_identity = Vec::with_capacity(frames.len() + 1);
+            with_identity.push(identity);
+            with_identity.extend(frames);
+            if let Err(error) = to_workers.send(with_identity).await {
+                tracing::warn!(%error, "could not reach a worker; it will be taken for dead");
+            }
+        }
+    }
+}

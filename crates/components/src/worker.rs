@@ -1,0 +1,480 @@
+//! The Worker: runs functions for a master, in rylm's layout (a DEALER to the master's ROUTER,
+//! credits and heartbeats both ways) or in pylm's (a PULL from the master's PUSH, a PUSH to its
+//! PULL), with one loop for both.
+//!
+//! A message is never run past its deadline: one that arrives late is answered `deadline`
+//! without running, and an async function still running at the deadline is cancelled and
+//! answered `deadline` (a blocking function runs on, its result dropped). Every message held
+//! gets an answer, so the master's credit comes back: a result too large to encode becomes an
+//! `unencodable` error, and a master that sends more than twice the credits gets `busy`. The
+//! worker never stalls its heartbeats: functions wait for a free slot in tasks of their own.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use rylm_message::{Codec, Message, NativeCodec};
+use rylm_transport::{Event, Kind, Socket};
+use tokio::sync::{Semaphore, watch};
+
+use crate::functions::deadline_of;
+use crate::parts::{Endpoint, Transport, error_reply};
+use crate::pool::{
+    CREDITS, DISPATCH, FUNCTIONS, HEARTBEAT_FUNCTION, HOLDING, ONCE, READY_FUNCTION,
+};
+use crate::{Error, Functions};
+
+/// Builds a [`Worker`].
+pub struct WorkerBuilder {
+    functions: Functions,
+    codec: Arc<dyn Codec>,
+    credits: usize,
+    heartbeat: crate::Heartbeat,
+    server: String,
+    transport: Transport,
+}
+
+impl std::fmt::Debug for WorkerBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerBuilder")
+            .field("credits", &self.credits)
+            .finish()
+    }
+}
+
+impl WorkerBuilder {
+    /// How many messages the worker runs at once (default 8).
+    pub fn credits(mut self, credits: usize) -> Self {
+        self.credits = credits.max(1);
+        self
+    }
+
+    /// The wire format (default: rylm's native codec; match the master's).
+    pub fn codec(mut self, codec: Arc<dyn Codec>) -> Self {
+        self.codec = codec;
+        self
+    }
+
+    /// How often it sends heartbeats (default 1 s; match the master's). The master is taken
+    /// for gone after 3 silent intervals, and the worker announces itself until it answers.
+    pub fn heartbeat(mut self, interval: Duration) -> Self {
+        self.heartbeat.interval = interval;
+        self
+    }
+
+    /// Socket options, security among them (a worker connects: `transport.connected` counts).
+    pub fn transport(mut self, transport: Transport) -> Self {
+        self.transport = transport;
+        self
+    }
+
+    /// Connects to the master whose cache is at `db_address` (the worker address is read from
+    /// it) and starts working.
+    pub async fn connect_via_cache(
+        self,
+        db_address: &str,
+        deadline: Duration,
+    ) -> Result<Worker, Error> {
+        let codec = self.codec.clone();
+        let values = lookup(
+            db_address,
+            &self.transport,
+            codec,
+            false,
+            &["name", "worker_address"],
+            deadline,
+        )
+        .await
+        .map_err(|error| match error {
+            Error::Server { address, .. } => Error::Server {
+                address,
+                reason: "its cache has no worker_address: it is not a master".into(),
+            },
+            other => other,
+        })?;
+        let [server, address] = <[String; 2]>::try_from(values).map_err(|_| Error::Closed)?;
+        let mut builder = self;
+        builder.server = server;
+        builder.connect(&address).await
+    }
+
+    /// Serves a pylm Master whose cache is at `db_address`, in pylm's layout: PULL from its
+    /// `worker_push_address`, PUSH answers to its `worker_pull_address`, PalmMessage frames, and
+    /// `b"0"` for a failed function. pylm masters have no credits or heartbeats: this worker
+    /// runs up to `credits` messages at once.
+    #[cfg(feature = "pylm")]
+    pub async fn connect_pylm(
+        mut self,
+        db_address: &str,
+        deadline: Duration,
+    ) -> Result<Worker, Error> {
+        let codec: Arc<dyn Codec> = Arc::new(rylm_message::PylmCodec::default());
+        let keys = ["name", "worker_push_address", "worker_pull_address"];
+        let values = lookup(
+            db_address,
+            &self.transport,
+            codec.clone(),
+            true,
+            &keys,
+            deadline,
+        )
+        .await?;
+        let [server, from_master, to_master] =
+            <[String; 3]>::try_from(values).map_err(|_| Error::Closed)?;
+        let pull = Socket::new(Kind::Pull, &self.transport.connected)?;
+        pull.connect(&from_master).await?;
+        let push = Socket::new(Kind::Push, &self.transport.connected)?;
+        push.connect(&to_master).await?;
+        self.server = server;
+        self.codec = codec;
+        self.functions = self.functions.failure_payload("0");
+        let link = Link {
+            from: pull,
+            to: push,
+            events: None,
+        };
+        Ok(Worker::spawn(self, link))
+    }
+
+    /// Connects to the master's worker address and starts working.
+    pub async fn connect(self, worker_address: &str) -> Result<Worker, Error> {
+        let socket = Socket::new(Kind::Dealer, &self.transport.connected)?;
+        // Watch before connecting, so that the first connection's news is not missed.
+        let events = socket.events();
+        socket.connect(worker_address).await?;
+        let link = Link {
+            from: socket.clone(),
+            to: socket,
+            events: Some(events),
+        };
+        Ok(Worker::spawn(self, link))
+    }
+}
+
+/// Reads `keys` from the cache at `db_address`, each as text; a missing key is
+/// [`Error::Server`].
+async fn lookup(
+    db_address: &str,
+    transport: &Transport,
+    codec: Arc<dyn Codec>,
+    raw: bool,
+    keys: &[&str],
+    deadline: Duration,
+) -> Result<Vec<String>, Error> {
+    let mut cache =
+        crate::parts::Ask::req(&Endpoint::Connect(db_address.to_owned()), transport, codec)
+            .await?
+            .with_deadline(deadline);
+    if raw {
+        cache = cache.with_raw_replies();
+    }
+    let read = async {
+        let mut values = Vec::with_capacity(keys.len());
+        for key in keys {
+            let reply = cache
+                .ask(&Message::call("cache.get", (*key).to_owned()))
+                .await?;
+            if reply.header(crate::MISSING).is_some() {
+                return Err(Error::Server {
+                    address: db_address.to_owned(),
+                    reason: format!("its cache has no {key:?}"),
+                });
+            }
+            values.push(String::from_utf8_lossy(&reply.payload).into_owned());
+        }
+        Ok(values)
+    };
+    tokio::time::timeout(deadline, read)
+        .await
+        .map_err(|_| Error::Timeout {
+            what: format!("the cache at {db_address}"),
+            waited: deadline,
+        })?
+}
+
+/// The sockets to and from the master; `events` only in rylm's layout, which has READY and
+/// heartbeats.
+struct Link {
+    from: Socket,
+    to: Socket,
+    events: Option<rylm_transport::Events>,
+}
+
+/// A running worker.
+#[derive(Debug)]
+pub struct Worker {
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Worker {
+    /// A builder for a worker that runs `functions`.
+    pub fn builder(functions: Functions) -> WorkerBuilder {
+        WorkerBuilder {
+            functions,
+            codec: Arc::new(NativeCodec::default()),
+            credits: 8,
+            heartbeat: crate::Heartbeat::default(),
+            server: String::new(),
+            transport: Transport::default(),
+        }
+    }
+
+    fn spawn(builder: WorkerBuilder, link: Link) -> Worker {
+        let (stop, stopped) = watch::channel(false);
+        let task = tokio::spawn(work(builder, link, stopped));
+        Worker { stop, task }
+    }
+
+    /// Stops taking messages, finishes and answers the ones it holds, then closes.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+
+    /// [`Worker::shutdown`] within `limit`; what is still running then is abandoned (its master
+    /// re-dispatches it). Returns whether it finished in time.
+    pub async fn shutdown_within(self, limit: Duration) -> bool {
+        let _ = self.stop.send(true);
+        let abort = self.task.abort_handle();
+        match tokio::time::timeout(limit, self.task).await {
+            Ok(_) => true,
+            Err(_) => {
+                abort.abort();
+                false
+            }
+        }
+    }
+
+    /// Stops at once, as a crash would: what it holds is never answered.
+    pub fn abort(self) {
+        self.task.abort();
+    }
+}
+
+/// What the worker's tasks share.
+struct Shared {
+    functions: Functions,
+    server: String,
+    codec: Arc<dyn Codec>,
+    to: Socket,
+    slots: Semaphore,
+    /// The largest message the master takes (the transport's limit).
+    max_message: usize,
+    /// Dispatches being run (announced in READY, so a master counts their credits).
+    holding: Mutex<HashSet<String>>,
+}
+
+impl Shared {
+    async fn send(&self, message: &Message) {
+        let encoded = self.codec.encode_frames(message).and_then(|frames| {
+            let size: usize = frames.iter().map(Bytes::len).sum();
+            if size > self.max_message {
+                Err(rylm_message::Error::TooLarge {
+                    size,
+                    limit: self.max_message,
+                })
+            } else {
+                Ok(frames)
+            }
+        });
+        let frames = match encoded {
+            Ok(frames) => frames,
+            Err(error) => {
+                // Answer anyway, so the master's credit comes back and its caller knows.
+                tracing::warn!(%error, "an answer could not be sent as it is; sending an error instead");
+                let reply = error_reply(message, "unencodable", &error.to_string());
+                match self.codec.encode_frames(&reply) {
+                    Ok(frames) => frames,
+                    Err(error) => {
+                        tracing::error!(%error, "could not encode an error answer");
+                        return;
+                    }
+                }
+            }
+        };
+        if let Err(error) = self.to.send(frames).await {
+            tracing::warn!(%error, "could not reach the master");
+        }
+    }
+
+    /// The READY of this worker: its credits, its functions, what it still runs.
+    fn ready(&self, credits: usize) -> Message {
+        let mut names: Vec<&str> = self.functions.names().collect();
+        names.sort_unstable();
+        let mut once: Vec<&str> = self.functions.once_names().collect();
+        once.sort_unstable();
+        let holding: Vec<String> = self
+            .holding
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .cloned()
+            .collect();
+        Message::call(READY_FUNCTION, Bytes::new())
+            .with_header(CREDITS, credits.to_string())
+            .with_header(FUNCTIONS, names.join(","))
+            .with_header(ONCE, once.join(","))
+            .with_header(HOLDING, holding.join(","))
+    }
+
+    /// Runs one message within its deadline and answers it.
+    async fn run(self: Arc<Self>, message: Message, deadline: Option<Instant>) {
+        let Ok(_permit) = self.slots.acquire().await else {
+            return;
+        };
+        let dispatch = message.header(DISPATCH).map(str::to_owned);
+        if let Some(id) = &dispatch {
+            self.holding
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(id.clone());
+        }
+        let expired = |message: &Message| {
+            error_reply(
+                message,
+                "deadline",
+                "the deadline passed before the function finished",
+            )
+        };
+        let answers = match deadline {
+            Some(deadline) if deadline <= Instant::now() => vec![expired(&message)],
+            Some(deadline) => {
+                let call = self.functions.call_many(&self.server, message.clone());
+                match tokio::time::timeout_at(deadline.into(), call).await {
+                    Ok(answers) => answers,
+                    Err(_) => vec![expired(&message)],
+                }
+            }
+            None => self.functions.call_many(&self.server, message).await,
+        };
+        for answer in answers {
+            self.send(&answer).await;
+        }
+        if let Some(id) = dispatch {
+            self.holding
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&id);
+        }
+    }
+}
+
+async fn work(builder: WorkerBuilder, link: Link, mut stopped: watch::Receiver<bool>) {
+    let Link {
+        from,
+        to,
+        mut events,
+    } = link;
+    let native = events.is_some();
+    let credits = builder.credits;
+    let shared = Arc::new(Shared {
+        functions: builder.functions,
+        server: builder.server,
+        codec: builder.codec,
+        to,
+        slots: Semaphore::new(credits),
+        max_message: builder.transport.connected.max_message_size,
+        holding: Mutex::default(),
+    });
+    let beat = Message::call(HEARTBEAT_FUNCTION, Bytes::new());
+    let grace = builder.heartbeat.grace();
+    // READY goes out now, whenever a connection to the master is (again) ready, whenever the
+    // master asks, and while the master is silent: a restarted master learns of its workers,
+    // and a master that buried this worker readmits it.
+    if native {
+        shared.send(&shared.ready(credits)).await;
+    }
+    let mut ticker = tokio::time::interval(builder.heartbeat.interval);
+    let mut running = tokio::task::JoinSet::new();
+    let mut connections = 0u64;
+    let mut last_heard = Instant::now();
+    let mut silent = false;
+    loop {
+        tokio::select! {
+            _ = stopped.changed() => break,
+            _ = ticker.tick(), if native => {
+                shared.send(&beat).await;
+                if last_heard.elapsed() > grace {
+                    if !silent {
+                        tracing::warn!(silent_for = ?last_heard.elapsed(), "no word from the master; announcing again");
+                        silent = true;
+                    }
+                    shared.send(&shared.ready(credits)).await;
+                }
+            }
+            event = next_event(&mut events) => {
+                if let Some(Event::Ready { .. }) = event {
+                    connections += 1;
+                    // The first READY went out above; later ones announce again.
+                    if connections > 1 {
+                        tracing::info!("the master is back; announcing again");
+                        shared.send(&shared.ready(credits)).await;
+                    }
+                }
+            }
+            received = from.recv() => {
+                while running.try_join_next().is_some() {}
+                let received = match received {
+                    Ok(received) => received,
+                    Err(error) if error.is_closed() => break,
+                    Err(_) => continue,
+                };
+                let message = match shared.codec.decode_frames(&received) {
+                    Ok(message) => message,
+                    Err(error) => {
+                        tracing::warn!(%error, "dropped a frame from the master that does not decode");
+                        continue;
+                    }
+                };
+                last_heard = Instant::now();
+                if silent {
+                    tracing::info!("the master answers again");
+                    silent = false;
+                }
+                if native {
+                    match message.function_name() {
+                        Some(READY_FUNCTION) => {
+                            shared.send(&shared.ready(credits)).await;
+                            continue;
+                        }
+                        Some(HEARTBEAT_FUNCTION) => continue,
+                        _ => {}
+                    }
+                }
+                // A master keeps within the credits; one that sends far more gets `busy`.
+                if running.len() >= credits * 2 {
+                    let text = format!("this worker runs {credits} messages at once and holds as many waiting");
+                    shared.send(&error_reply(&message, "busy", &text)).await;
+                    continue;
+                }
+                let deadline = deadline_of(&message, Instant::now());
+                running.spawn(shared.clone().run(message, deadline));
+            }
+        }
+    }
+    // Finish and answer what is held, heartbeating meanwhile so the master waits for it.
+    loop {
+        tokio::select! {
+            done = running.join_next() => if done.is_none() { break },
+            _ = ticker.tick(), if native => shared.send(&beat).await,
+        }
+    }
+    from.close().await;
+    if !native {
+        shared.to.clone().close().await;
+    }
+}
+
+/// The next connection event; never, once the events have ended (or in pylm's layout).
+async fn next_event(events: &mut Option<rylm_transport::Events>) -> Option<Event> {
+    let Some(stream) = events else {
+        return std::future::pending().await;
+    };
+    let event = stream.next().await;
+    if event.is_none() {
+        *events = None;
+    }
+    event
+}

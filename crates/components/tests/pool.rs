@@ -1,0 +1,417 @@
+//! The worker pool's guarantees, against peers that misbehave: a raw DEALER plays the worker,
+//! so the test decides what it announces, when it answers and when it falls silent.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use rylm_components::rylm_transport::{Kind, Options, Socket};
+use rylm_components::{
+    Admission, CREDITS, Client, Error, Functions, HEARTBEAT_FUNCTION, Heartbeat, Master,
+    READY_FUNCTION, Worker,
+};
+use rylm_message::{Codec, Message, NativeCodec};
+
+const DEADLINE: Duration = Duration::from_secs(10);
+const QUICK: Heartbeat = Heartbeat {
+    interval: Duration::from_millis(100),
+    misses: 3,
+};
+
+/// A worker played by hand.
+struct Fake {
+    socket: Socket,
+    codec: NativeCodec,
+}
+
+impl Fake {
+    async fn connect(master: &Master) -> Fake {
+        let socket = Socket::new(Kind::Dealer, &Options::default()).expect("a socket");
+        socket
+            .connect(master.worker_address())
+            .await
+            .expect("connects");
+        Fake {
+            socket,
+            codec: NativeCodec::default(),
+        }
+    }
+
+    async fn send(&self, message: &Message) {
+        let frames = self.codec.encode_frames(message).expect("encodes");
+        self.socket.send(frames).await.expect("sends");
+    }
+
+    /// A fake worker that announced one credit.
+    async fn ready(master: &Master) -> Fake {
+        let fake = Fake::connect(master).await;
+        fake.announce("1").await;
+        fake
+    }
+
+    async fn announce(&self, credits: &str) {
+        let ready = Message::call(READY_FUNCTION, Bytes::new()).with_header(CREDITS, credits);
+        self.send(&ready).await;
+    }
+
+    async fn beat(&self) {
+        self.send(&Message::call(HEARTBEAT_FUNCTION, Bytes::new()))
+            .await;
+    }
+
+    /// The next message that is work (not a heartbeat or a request to announce), if one comes
+    /// within `within`; heartbeats are sent meanwhile.
+    async fn next_job(&self, within: Duration) -> Option<Message> {
+        let until = Instant::now() + within;
+        loop {
+            let left = until.checked_duration_since(Instant::now())?;
+            let wait = left.min(QUICK.interval);
+            match tokio::time::timeout(wait, self.socket.recv()).await {
+                Ok(Ok(frames)) => {
+                    let message = self.codec.decode_frames(&frames).expect("decodes");
+                    match message.function_name() {
+                        Some(HEARTBEAT_FUNCTION) => {}
+                        Some(READY_FUNCTION) => self.announce("1").await,
+                        _ => return Some(message),
+                    }
+                }
+                Ok(Err(error)) => panic!("the fake worker's socket failed: {error}"),
+                Err(_) => self.beat().await,
+            }
+        }
+    }
+}
+
+/// `client.eval_within(function, payload, within)` in a task of its own.
+fn spawn_eval(
+    client: &Client,
+    function: &'static str,
+    payload: &'static str,
+    within: Duration,
+) -> tokio::task::JoinHandle<Result<Bytes, Error>> {
+    let client = client.clone();
+    tokio::spawn(async move { client.eval_within(function, payload, within).await })
+}
+
+async fn master(admission: Admission) -> Master {
+    Master::builder("m")
+        .heartbeat(QUICK)
+        .admission(admission)
+        .start()
+        .await
+        .expect("starts")
+}
+
+async fn client(master: &Master) -> Client {
+    Client::connect(master.db_address(), DEADLINE)
+        .await
+        .expect("connects")
+}
+
+fn remote_kind(outcome: Result<Bytes, Error>) -> String {
+    match outcome {
+        Err(Error::Remote { kind, .. }) => kind,
+        other => panic!("expected an error answer, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_peer_announcing_huge_credits_gets_the_cap() {
+    let master = master(Admission {
+        max_credits: 4,
+        ..Admission::default()
+    })
+    .await;
+    let greedy = Fake::connect(&master).await;
+    greedy.announce(&u64::MAX.to_string()).await;
+    let client = client(&master).await;
+    let calls: Vec<_> = (0..10)
+        .map(|i| {
+            let client = client.clone();
+            tokio::spawn(async move {
+                client
+                    .eval_within("echo", i.to_string(), Duration::from_secs(3))
+                    .await
+            })
+        })
+        .collect();
+    let mut received = 0;
+    while greedy.next_job(Duration::from_millis(600)).await.is_some() {
+        received += 1;
+    }
+    assert_eq!(
+        received, 4,
+        "the worker got as many messages as the cap allows"
+    );
+    assert_eq!(master.status().waiting(), 6);
+    for call in calls {
+        let _ = call.await;
+    }
+    master.shutdown().await.expect("clean");
+}
+
+#[tokio::test]
+async fn an_answer_counts_only_from_the_worker_it_was_sent_to() {
+    let master = master(Admission::default()).await;
+    let holder = Fake::ready(&master).await;
+    let forger = Fake::ready(&master).await;
+    let client = client(&master).await;
+    let call = spawn_eval(&client, "echo", "x", DEADLINE);
+    // Whichever got it, the other forges its answer with the dispatch id it saw.
+    let (job, holder_has_it) = tokio::select! {
+        job = holder.next_job(DEADLINE) => (job.expect("a job"), true),
+        job = forger.next_job(DEADLINE) => (job.expect("a job"), false),
+    };
+    let (real, other) = if holder_has_it {
+        (&holder, &forger)
+    } else {
+        (&forger, &holder)
+    };
+    other.send(&job.reply("forged")).await;
+    let status = master.status();
+    let dropped = &status.counters().dropped_answers;
+    wait_until(|| dropped.load(Ordering::Relaxed) == 1).await;
+    assert!(!call.is_finished(), "the forged answer was not taken");
+    real.send(&job.reply("real")).await;
+    let answer = call.await.expect("task").expect("answered");
+    assert_eq!(&answer[..], b"real");
+    // The real worker answering twice: the second is dropped as well.
+    real.send(&job.reply("again")).await;
+    wait_until(|| dropped.load(Ordering::Relaxed) == 2).await;
+    master.shutdown().await.expect("clean");
+}
+
+async fn wait_until(condition: impl Fn() -> bool) {
+    let until = Instant::now() + DEADLINE;
+    while !condition() {
+        assert!(
+            Instant::now() < until,
+            "the condition did not come true in time"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_stalled_worker_is_readmitted_and_its_late_answer_dropped() {
+    let master = master(Admission::default()).await;
+    let stalled = Fake::ready(&master).await;
+    let client = client(&master).await;
+    let call = spawn_eval(&client, "upper", "work", DEADLINE);
+    let job = stalled.next_job(DEADLINE).await.expect("a job");
+    // Silent well past the grace: the master buries it and waits for another worker.
+    tokio::time::sleep(QUICK.grace() * 3).await;
+    let status = master.status();
+    assert_eq!(status.counters().buried.load(Ordering::Relaxed), 1);
+    let rescuer = Worker::builder(Functions::new().add("upper", |p: Bytes| async move {
+        Ok::<_, String>(Bytes::from(p.to_ascii_uppercase()))
+    }))
+    .credits(1)
+    .heartbeat(QUICK.interval)
+    .connect(master.worker_address())
+    .await
+    .expect("connects");
+    assert_eq!(&call.await.expect("task").expect("answered")[..], b"WORK");
+    // It speaks again: asked to announce itself, it is readmitted; its late answer is dropped.
+    stalled.beat().await;
+    let admitted = &status.counters().admitted;
+    for _ in 0..100 {
+        if admitted.load(Ordering::Relaxed) == 3 {
+            break;
+        }
+        let _ = stalled.next_job(QUICK.interval).await;
+    }
+    assert_eq!(admitted.load(Ordering::Relaxed), 3, "readmitted");
+    stalled.send(&job.reply("late")).await;
+    let dropped = &status.counters().dropped_answers;
+    wait_until(|| dropped.load(Ordering::Relaxed) == 1).await;
+    assert_eq!(status.counters().answered.load(Ordering::Relaxed), 1);
+    assert_eq!(status.live_workers(), 2);
+    rescuer.shutdown().await;
+    master.shutdown().await.expect("clean");
+}
+
+#[tokio::test]
+async fn beyond_the_waiting_line_callers_get_busy_at_once() {
+    let master = master(Admission {
+        max_waiting: 5,
+        ..Admission::default()
+    })
+    .await;
+    let client = client(&master).await;
+    let calls: Vec<_> = (0..20)
+        .map(|_| {
+            let client = client.clone();
+            tokio::spawn(async move {
+                let started = Instant::now();
+                let outcome = client
+                    .eval_within("echo", "x", Duration::from_secs(2))
+                    .await;
+                (outcome, started.elapsed())
+            })
+        })
+        .collect();
+    let mut busy = 0;
+    let mut other = 0;
+    for call in calls {
+        match call.await.expect("task") {
+            (Err(Error::Remote { kind, .. }), took) if kind == "busy" => {
+                assert!(took < Duration::from_secs(1), "busy came after {took:?}");
+                busy += 1;
+            }
+            _ => other += 1,
+        }
+    }
+    assert_eq!((busy, other), (15, 5));
+    let counters = master.status();
+    assert_eq!(counters.counters().busy.load(Ordering::Relaxed), 15);
+    master.shutdown().await.expect("clean");
+}
+
+fn counting(runs: Arc<AtomicUsize>) -> Functions {
+    Functions::new()
+        .add("count", move |p: Bytes| {
+            let runs = runs.clone();
+            async move {
+                runs.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, String>(p)
+            }
+        })
+        .add("huge", |_p: Bytes| async move {
+            Ok::<_, String>(Bytes::from(vec![7u8; 17 << 20]))
+        })
+        .add("slow", |p: Bytes| async move {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            Ok::<_, String>(p)
+        })
+        .must_not_run_twice("count")
+}
+
+#[tokio::test]
+async fn a_message_past_its_deadline_is_never_dispatched() {
+    let master = master(Admission::default()).await;
+    let client = client(&master).await;
+    let outcome = client
+        .eval_within("count", "late", Duration::from_millis(200))
+        .await;
+    assert!(matches!(outcome, Err(Error::Timeout { .. })), "{outcome:?}");
+    // The master answers it `deadline` at its next tick, and drops it.
+    let status = master.status();
+    let expired = &status.counters().expired;
+    wait_until(|| expired.load(Ordering::Relaxed) == 1).await;
+    let runs = Arc::new(AtomicUsize::new(0));
+    let worker = Worker::builder(counting(runs.clone()))
+        .heartbeat(QUICK.interval)
+        .connect(master.worker_address())
+        .await
+        .expect("connects");
+    assert_eq!(
+        &client.eval("count", "fresh").await.expect("runs")[..],
+        b"fresh"
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "only the fresh call ran");
+    worker.shutdown().await;
+    master.shutdown().await.expect("clean");
+}
+
+#[tokio::test]
+async fn credits_come_back_from_unencodable_results_and_overdue_functions() {
+    let master = master(Admission::default()).await;
+    let runs = Arc::new(AtomicUsize::new(0));
+    let worker = Worker::builder(counting(runs.clone()))
+        .credits(1)
+        .heartbeat(QUICK.interval)
+        .connect(master.worker_address())
+        .await
+        .expect("connects");
+    let client = client(&master).await;
+    for _ in 0..3 {
+        assert_eq!(remote_kind(client.eval("huge", "").await), "unencodable");
+    }
+    // The worker cancels a function at its caller's deadline and answers, so its only credit
+    // comes back.
+    let outcome = client
+        .eval_within("slow", "x", Duration::from_millis(300))
+        .await;
+    assert!(
+        matches!(
+            &outcome,
+            Err(Error::Timeout { .. }) | Err(Error::Remote { .. })
+        ),
+        "{outcome:?}"
+    );
+    assert_eq!(
+        &client.eval("count", "after").await.expect("runs")[..],
+        b"after"
+    );
+    worker.shutdown().await;
+    master.shutdown().await.expect("clean");
+}
+
+#[tokio::test]
+async fn an_overdue_dispatch_gives_its_credit_back() {
+    let master = master(Admission::default()).await;
+    let mute = Fake::ready(&master).await;
+    let client = client(&master).await;
+    let first = spawn_eval(&client, "echo", "1", Duration::from_millis(300));
+    let job = mute.next_job(DEADLINE).await.expect("a job");
+    assert_eq!(&job.payload[..], b"1");
+    // It never answers but keeps beating: past the deadline and the grace its credit returns.
+    assert!(mute.next_job(Duration::from_millis(800)).await.is_none());
+    let _ = first.await;
+    let second = spawn_eval(&client, "echo", "2", DEADLINE);
+    let job = mute.next_job(DEADLINE).await.expect("the credit came back");
+    assert_eq!(&job.payload[..], b"2");
+    mute.send(&job.reply("two")).await;
+    assert_eq!(&second.await.expect("task").expect("answered")[..], b"two");
+    assert_eq!(
+        master.status().counters().expired.load(Ordering::Relaxed),
+        1
+    );
+    master.shutdown().await.expect("clean");
+}
+
+#[tokio::test]
+async fn a_function_that_must_not_run_twice_is_failed_back_when_its_worker_dies() {
+    let master = master(Admission::default()).await;
+    let runs = Arc::new(AtomicUsize::new(0));
+    let gate = Arc::new(tokio::sync::Notify::new());
+    let held = {
+        let (runs, gate) = (runs.clone(), gate.clone());
+        Functions::new()
+            .add("count", move |p: Bytes| {
+                let (runs, gate) = (runs.clone(), gate.clone());
+                async move {
+                    runs.fetch_add(1, Ordering::SeqCst);
+                    gate.notify_one();
+                    tokio::time::sleep(Duration::from_secs(30)).await;
+                    Ok::<_, String>(p)
+                }
+            })
+            .must_not_run_twice("count")
+    };
+    let doomed = Worker::builder(held)
+        .credits(1)
+        .heartbeat(QUICK.interval)
+        .connect(master.worker_address())
+        .await
+        .expect("connects");
+    let client = client(&master).await;
+    let call = spawn_eval(&client, "count", "once", DEADLINE);
+    tokio::time::timeout(DEADLINE, gate.notified())
+        .await
+        .expect("it started");
+    doomed.abort();
+    // A spare worker is there when the master buries the first: still, it is not run again.
+    let spare = Worker::builder(counting(runs.clone()))
+        .credits(1)
+        .heartbeat(QUICK.interval)
+        .connect(master.worker_address())
+        .await
+        .expect("connects");
+    assert_eq!(remote_kind(call.await.expect("task")), "worker-died");
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "it ran once");
+    spare.shutdown().await;
+    master.shutdown().await.expect("clean");
+}

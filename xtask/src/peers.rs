@@ -14,6 +14,7 @@ const SYRPC_JS: &str = "syrpc@1.0.6";
 /// Environment variables that point the tests at the installed peers.
 pub fn prepare() -> Result<Vec<(&'static str, String)>> {
     let node = ensure_node()?;
+    let ip = ensure_ip()?;
     let prefix = crate::workspace_root().join("target/node-peers");
     let installed = prefix.join("node_modules/syrpc/package.json");
     if !installed.is_file() || !is_version(&installed, "1.0.6") {
@@ -42,6 +43,7 @@ pub fn prepare() -> Result<Vec<(&'static str, String)>> {
     }
     let python = ensure_pylm()?;
     Ok(vec![
+        ("RYLM_IP", ip.display().to_string()),
         ("RYLM_PYTHON", python.display().to_string()),
         ("RYLM_NODE", node.display().to_string()),
         (
@@ -95,6 +97,22 @@ pub fn ensure_pylm() -> Result<PathBuf> {
 fn is_version(package_json: &Path, version: &str) -> bool {
     std::fs::read_to_string(package_json)
         .is_ok_and(|text| text.contains(&format!("\"version\": \"{version}\"")))
+}
+
+/// `ip` (iproute2), for the tests that build network namespaces; installed with apt-get when
+/// missing and allowed (root on Debian).
+fn ensure_ip() -> Result<PathBuf> {
+    if let Some(ip) = which("ip") {
+        return Ok(ip);
+    }
+    if !crate::provision::may_install() {
+        bail!(
+            "`ip` (iproute2) is needed for the network-namespace tests. On Debian or Ubuntu:\n    sudo apt-get install -y iproute2"
+        );
+    }
+    eprintln!("xtask: `ip` is missing; installing iproute2 with apt-get (root on Debian)");
+    crate::provision::apt_install(&["iproute2"])?;
+    which("ip").context("apt-get installed iproute2, but `ip` is still not found")
 }
 
 /// Node.js and npm, installed with apt-get when missing and allowed (root on Debian).

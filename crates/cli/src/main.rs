@@ -58,7 +58,7 @@ enum Command {
     Sink {
         #[command(flatten)]
         server: topology::ServerArgs,
-        /// A previous server, as PUB_ADDRESS=NAME; repeatable.
+        /// A previous server, as STREAM_ADDRESS=NAME (its stream address and name); repeatable.
         #[arg(long, required = true)]
         previous: Vec<String>,
     },

@@ -17,7 +17,8 @@ const PUB: &str = "tcp://127.0.0.1:5556";
 const WORKERS: &str = "tcp://127.0.0.1:5557";
 const DB: &str = "tcp://127.0.0.1:5559";
 
-/// The built-in functions: `echo`, `upper`, `reverse`, `sleep:<ms>` and `fail`.
+/// The built-in functions: `echo`, `upper`, `reverse`, `sleep:<ms>`, `fail` and `pid` (the
+/// process id of whoever ran it).
 pub(crate) fn builtins() -> Functions {
     Functions::new()
         .add("echo", |p: Bytes| async move { Ok::<_, String>(p) })
@@ -42,6 +43,9 @@ pub(crate) fn builtins() -> Functions {
         .add("fail", |p: Bytes| async move {
             Err::<Bytes, _>(format!("failed on purpose ({} bytes)", p.len()))
         })
+        .add("pid", |_p: Bytes| async move {
+            Ok::<_, String>(Bytes::from(std::process::id().to_string()))
+        })
 }
 
 #[derive(Args, Debug)]
@@ -49,12 +53,18 @@ pub(crate) struct ServerArgs {
     /// The server's name (clients check it).
     #[arg(long, default_value = "rylm")]
     name: String,
-    /// Where clients push (PULL).
-    #[arg(long, default_value = PULL)]
-    pull: String,
-    /// Where results are published (PUB).
-    #[arg(long = "pub", default_value = PUB)]
+    /// Where callers connect (a ROUTER; in pylm's layout the PULL clients push to). Default:
+    /// tcp://127.0.0.1:5555 for a server, master or hub; a free loopback port, given out by
+    /// its cache, for a pipeline stage or sink.
+    #[arg(long = "clients", visible_alias = "pull")]
+    pull: Option<String>,
+    /// Where the next stage connects (a PUSH; in pylm's layout the PUB of results).
+    #[arg(long = "stream", visible_alias = "pub", default_value = PUB)]
     publish: String,
+    /// The host remote peers dial, given out by the cache in place of the host bound (needed
+    /// when binding 0.0.0.0).
+    #[arg(long)]
+    advertise: Option<String>,
     /// Where the cache answers (REP).
     #[arg(long, default_value = DB)]
     db: String,
@@ -79,10 +89,11 @@ pub(crate) struct MasterArgs {
 
 #[derive(Args, Debug)]
 pub(crate) struct PreviousArgs {
-    /// The previous server's PUB address.
-    #[arg(long)]
+    /// The previous server's stream address (its `--stream`; in pylm's layout its PUB).
+    #[arg(long = "previous", visible_alias = "previous-pub")]
     previous_pub: String,
-    /// The previous server's name (the topic it publishes pipelined results under).
+    /// The previous server's name (in pylm's layout, the topic it publishes pipelined results
+    /// under).
     #[arg(long)]
     previous_name: String,
 }
@@ -159,7 +170,7 @@ pub(crate) struct ClientArgs {
     /// The server's cache address.
     #[arg(long, default_value = DB)]
     db: String,
-    /// Take results from this PUB (the last server of a pipeline).
+    /// Take results from the last server of a pipeline too: its cache address.
     #[arg(long)]
     results_from: Option<String>,
     /// How long to wait, in seconds.
@@ -179,26 +190,29 @@ fn announce(what: &str, addresses: &[(&str, &str)]) {
         eprintln!("rylm {what}: {role} at {address}");
     }
     eprintln!(
-        "rylm {what}: built-in functions echo, upper, reverse, sleep:<ms>, fail; SIGTERM or Ctrl-C stops"
+        "rylm {what}: built-in functions echo, upper, reverse, sleep:<ms>, fail, pid; SIGTERM or Ctrl-C stops"
     );
 }
 
 pub(crate) async fn server(args: ServerArgs) -> Result<()> {
     let mut builder = Server::builder(&args.name)
-        .pull_address(&args.pull)
-        .pub_address(&args.publish)
+        .client_address(args.pull.as_deref().unwrap_or(PULL))
+        .stream_address(&args.publish)
         .db_address(&args.db)
         .functions(builtins())
         .transport(args.security.transport()?);
     if args.wire == "pylm" {
         builder = builder.pylm_wire();
     }
+    if let Some(host) = &args.advertise {
+        builder = builder.advertise(host);
+    }
     let server = builder.start().await?;
     announce(
         "server",
         &[
-            ("pull", server.pull_address()),
-            ("pub", server.pub_address()),
+            ("callers", server.client_address()),
+            ("stream", server.stream_address()),
             ("cache", server.db_address()),
         ],
     );
@@ -210,26 +224,30 @@ pub(crate) async fn server(args: ServerArgs) -> Result<()> {
 
 pub(crate) async fn master(args: MasterArgs, previous: Option<PreviousArgs>) -> Result<()> {
     let mut builder = Master::builder(&args.server.name)
-        .pub_address(&args.server.publish)
+        .stream_address(&args.server.publish)
         .worker_address(&args.workers)
         .db_address(&args.server.db)
         .transport(args.server.security.transport()?);
     if args.server.wire == "pylm" {
         builder = builder.pylm_wire();
     }
+    if let Some(host) = &args.server.advertise {
+        builder = builder.advertise(host);
+    }
     builder = match &previous {
         Some(previous) => {
             builder.subscribe_to(&previous.previous_pub, &[previous.previous_name.as_str()])
         }
-        None => builder.pull_address(&args.server.pull),
+        None => builder,
     };
+    builder = builder.client_address(args.server.pull.as_deref().unwrap_or(PULL));
     let master = builder.start().await?;
     let what = if previous.is_some() { "hub" } else { "master" };
     announce(
         what,
         &[
-            ("input", master.pull_address()),
-            ("pub", master.pub_address()),
+            ("callers", master.client_address()),
+            ("stream", master.stream_address()),
             ("workers", master.worker_address()),
             ("cache", master.db_address()),
         ],
@@ -331,18 +349,25 @@ pub(crate) async fn gateway(args: GatewayArgs) -> Result<()> {
 
 pub(crate) async fn pipeline(args: ServerArgs, previous: PreviousArgs) -> Result<()> {
     let mut builder = Server::pipeline(&args.name, &previous.previous_pub, &previous.previous_name)
-        .pub_address(&args.publish)
+        .stream_address(&args.publish)
         .db_address(&args.db)
         .functions(builtins())
         .transport(args.security.transport()?);
     if args.wire == "pylm" {
         builder = builder.pylm_wire();
     }
+    if let Some(host) = &args.advertise {
+        builder = builder.advertise(host);
+    }
+    if let Some(address) = &args.pull {
+        builder = builder.client_address(address);
+    }
     let server = builder.start().await?;
     announce(
         "pipeline",
         &[
-            ("pub", server.pub_address()),
+            ("callers", server.client_address()),
+            ("stream", server.stream_address()),
             ("cache", server.db_address()),
         ],
     );
@@ -354,24 +379,31 @@ pub(crate) async fn pipeline(args: ServerArgs, previous: PreviousArgs) -> Result
 
 pub(crate) async fn sink(args: ServerArgs, previous: Vec<String>) -> Result<()> {
     let mut builder = Server::sink(&args.name)
-        .pub_address(&args.publish)
+        .stream_address(&args.publish)
         .db_address(&args.db)
         .functions(builtins())
         .transport(args.security.transport()?);
     if args.wire == "pylm" {
         builder = builder.pylm_wire();
     }
+    if let Some(host) = &args.advertise {
+        builder = builder.advertise(host);
+    }
     for spec in &previous {
         let (address, name) = spec
             .rsplit_once('=')
-            .with_context(|| format!("--previous takes PUB_ADDRESS=NAME, got {spec:?}"))?;
+            .with_context(|| format!("--previous takes STREAM_ADDRESS=NAME, got {spec:?}"))?;
         builder = builder.subscribe_to(address, &[name]);
+    }
+    if let Some(address) = &args.pull {
+        builder = builder.client_address(address);
     }
     let server = builder.start().await?;
     announce(
         "sink",
         &[
-            ("pub", server.pub_address()),
+            ("callers", server.client_address()),
+            ("stream", server.stream_address()),
             ("cache", server.db_address()),
         ],
     );

@@ -18,7 +18,8 @@ use crate::{ERROR_KIND, ERROR_MESSAGE, Error};
 /// How a [`Client`] connects.
 #[derive(Clone)]
 pub struct ClientOptions {
-    /// Take results from this PUB (the last server of a pipeline) instead of the server's own.
+    /// The cache address of the last server of a pipeline, whose results this client takes
+    /// (over a connection of its own to that server), as well as its own server's.
     pub results_from: Option<String>,
     /// The wire format (default: rylm's native codec; match the server's).
     pub codec: Arc<dyn Codec>,
@@ -28,6 +29,11 @@ pub struct ClientOptions {
     pub raw_cache: bool,
     /// Socket options (the client connects every socket: `transport.connected` counts).
     pub transport: Transport,
+    /// pylm's layout: PUSH requests, SUB results (see [`ClientOptions::pylm`]).
+    pub pylm_layout: bool,
+    /// When the server answers `busy`, try again (backing off) until the call's deadline
+    /// instead of failing at once (default false).
+    pub retry_busy: bool,
 }
 
 impl ClientOptions {
@@ -38,6 +44,7 @@ impl ClientOptions {
         ClientOptions {
             codec: Arc::new(rylm_message::PylmCodec::default()),
             raw_cache: true,
+            pylm_layout: true,
             deadline,
             ..ClientOptions::default()
         }
@@ -52,6 +59,8 @@ impl Default for ClientOptions {
             deadline: Duration::from_secs(30),
             raw_cache: false,
             transport: Transport::default(),
+            pylm_layout: false,
+            retry_busy: false,
         }
     }
 }
@@ -77,9 +86,12 @@ struct Link {
 
 /// A client of a Server (or of a Master): `eval`, `job`, and the cache.
 ///
-/// It subscribes to its own id on the server's PUB socket and, before its first call, makes
-/// sure the subscription is live with a round trip (PUB/SUB's slow-joiner race would otherwise
-/// lose the first results), so it receives every result of its own calls.
+/// It connects a DEALER to the server's ROUTER, with its id as its routing identity, and each
+/// answer comes back over that connection. A client of a pipeline also connects to the last
+/// server, which answers it there; before its first call it makes sure that connection is live
+/// with a round trip through the whole pipeline. In pylm's layout it pushes requests and
+/// subscribes to its own id on the server's PUB, with the same round trip first (PUB/SUB's
+/// slow-joiner race would otherwise lose the first results).
 #[derive(Clone)]
 pub struct Client {
     inner: Arc<Inner>,
@@ -90,21 +102,23 @@ struct Inner {
     session: std::sync::Mutex<String>,
     server: String,
     codec: Arc<dyn Codec>,
-    pull_address: String,
-    push: Socket,
+    address: String,
+    requests: Socket,
     cache: Mutex<Ask>,
     pending: Pending,
     link: Arc<Link>,
     calls: std::sync::atomic::AtomicU64,
     deadline: Duration,
-    receiver: tokio::task::JoinHandle<()>,
-    watcher: tokio::task::JoinHandle<()>,
+    sync_through: bool,
+    retry_busy: bool,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        self.receiver.abort();
-        self.watcher.abort();
+        for task in &self.tasks {
+            task.abort();
+        }
     }
 }
 
@@ -161,56 +175,99 @@ impl Client {
             deadline,
             raw_cache,
             transport,
+            pylm_layout,
+            retry_busy,
         } = options;
         let started = Instant::now();
-        let mut cache = Ask::req(
-            &Endpoint::Connect(db_address.to_owned()),
-            &transport,
-            codec.clone(),
-        )
-        .await?
-        .with_deadline(deadline);
-        if raw_cache {
-            cache = cache.with_raw_replies();
-        }
+        let open_cache = |address: &str| {
+            let (transport, codec) = (transport.clone(), codec.clone());
+            let address = address.to_owned();
+            async move {
+                let cache = Ask::req(&Endpoint::Connect(address), &transport, codec)
+                    .await?
+                    .with_deadline(deadline);
+                Ok::<_, Error>(if raw_cache {
+                    cache.with_raw_replies()
+                } else {
+                    cache
+                })
+            }
+        };
+        let mut cache = open_cache(db_address).await?;
         let server = preset(&mut cache, db_address, "name", deadline).await?;
-        let pull_address = preset(&mut cache, db_address, "pull_address", deadline).await?;
-        let pub_address = match results_from {
-            Some(address) => address,
-            None => preset(&mut cache, db_address, "pub_address", deadline).await?,
+        // Where requests go, and where the results of the last stage come from.
+        let (requests_key, results_key) = if pylm_layout {
+            ("pull_address", "pub_address")
+        } else {
+            ("client_address", "client_address")
+        };
+        let address = preset(&mut cache, db_address, requests_key, deadline).await?;
+        let results_address = match &results_from {
+            Some(last) => {
+                let mut last_cache = open_cache(last).await?;
+                Some(preset(&mut last_cache, last, results_key, deadline).await?)
+            }
+            None if pylm_layout => {
+                Some(preset(&mut cache, db_address, "pub_address", deadline).await?)
+            }
+            None => None,
         };
 
         let id = new_id();
-        let sub = Socket::new(Kind::Sub, &transport.connected)?;
-        sub.subscribe(Bytes::from(id.clone())).await?;
-        sub.connect(&pub_address).await?;
-        let push = Socket::new(Kind::Push, &transport.connected)?;
-        push.connect(&pull_address).await?;
-
         let pending: Pending = Arc::default();
         let link = Arc::new(Link::default());
-        let watcher = tokio::spawn(watch_link(sub.events(), pending.clone(), link.clone()));
-        let receiver = {
-            let (pending, codec) = (pending.clone(), codec.clone());
-            tokio::spawn(async move {
-                while let Ok(frames) = sub.recv().await {
-                    match codec.decode_frames(frames.get(1..).unwrap_or_default()) {
-                        Ok(result) => {
-                            let waiter = pending
-                                .lock()
-                                .unwrap_or_else(|e| e.into_inner())
-                                .get(&result.cache)
-                                .cloned();
-                            if let Some(waiter) = waiter {
-                                let _ = waiter.send(result);
-                            }
-                        }
-                        Err(error) => {
-                            tracing::warn!(%error, "dropped a result that does not decode")
-                        }
-                    }
+        let mut tasks = Vec::new();
+        let requests = if pylm_layout {
+            let sub = Socket::new(Kind::Sub, &transport.connected)?;
+            sub.subscribe(Bytes::from(id.clone())).await?;
+            sub.connect(results_address.as_deref().unwrap_or_default())
+                .await?;
+            tasks.push(tokio::spawn(watch_link(
+                sub.events(),
+                pending.clone(),
+                link.clone(),
+            )));
+            tasks.push(receive(sub, 1, codec.clone(), pending.clone()));
+            let push = Socket::new(Kind::Push, &transport.connected)?;
+            push.connect(&address).await?;
+            push
+        } else {
+            // Answers are routed back by identity: the client's id.
+            let mut options = transport.connected.clone();
+            options.identity = Bytes::from(id.clone());
+            let dealer = Socket::new(Kind::Dealer, &options)?;
+            let results = match &results_address {
+                Some(last) => {
+                    let results = Socket::new(Kind::Dealer, &options)?;
+                    let events = results.events();
+                    results.connect(last).await?;
+                    Some((results, events))
                 }
-            })
+                None => None,
+            };
+            // The calls in flight fail when the connection their answers come over is lost.
+            let events = match &results {
+                Some(_) => None,
+                None => Some(dealer.events()),
+            };
+            dealer.connect(&address).await?;
+            if let Some((results, events)) = results {
+                tasks.push(tokio::spawn(watch_link(
+                    events,
+                    pending.clone(),
+                    link.clone(),
+                )));
+                tasks.push(receive(results, 0, codec.clone(), pending.clone()));
+            }
+            if let Some(events) = events {
+                tasks.push(tokio::spawn(watch_link(
+                    events,
+                    pending.clone(),
+                    link.clone(),
+                )));
+            }
+            tasks.push(receive(dealer.clone(), 0, codec.clone(), pending.clone()));
+            dealer
         };
         let client = Client {
             inner: Arc::new(Inner {
@@ -218,15 +275,16 @@ impl Client {
                 session: std::sync::Mutex::new(new_id()),
                 server,
                 codec,
-                pull_address,
-                push,
+                address,
+                requests,
                 cache: Mutex::new(cache),
                 pending,
                 link,
                 calls: std::sync::atomic::AtomicU64::new(0),
                 deadline,
-                receiver,
-                watcher,
+                sync_through: results_from.is_some(),
+                retry_busy,
+                tasks,
             }),
         };
         client
@@ -270,12 +328,23 @@ impl Client {
         &self.inner.server
     }
 
-    /// Round trips until one comes back: then the subscription is live.
+    /// The handshake: through the whole pipeline when this client takes its results from its
+    /// last server.
+    fn sync_message(&self) -> Message {
+        let message = Message::call(SYNC_FUNCTION, Bytes::new());
+        if self.inner.sync_through {
+            message.with_header(crate::SYNC_THROUGH, "true")
+        } else {
+            message
+        }
+    }
+
+    /// Round trips until one comes back: then the way back is live.
     async fn sync(&self, within: Duration) -> Result<(), Error> {
         let started = Instant::now();
         let mut wait = Duration::from_millis(20);
         while started.elapsed() < within {
-            let message = Message::call(SYNC_FUNCTION, Bytes::new());
+            let message = self.sync_message();
             if self.send_and_wait_now(message, wait).await.is_ok() {
                 return Ok(());
             }
@@ -288,8 +357,19 @@ impl Client {
     }
 
     async fn send_and_wait(&self, message: Message, deadline: Duration) -> Result<Message, Error> {
+        let started = Instant::now();
         self.resync_if_needed(deadline).await?;
-        self.send_and_wait_now(message, deadline).await
+        let mut backoff = Duration::from_millis(5);
+        loop {
+            let left = deadline.saturating_sub(started.elapsed());
+            let answer = self.send_and_wait_now(message.clone(), left).await?;
+            let busy = answer.header(ERROR_KIND) == Some("busy");
+            if !busy || !self.inner.retry_busy || started.elapsed() + backoff >= deadline {
+                return Ok(answer);
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_millis(200));
+        }
     }
 
     /// After a lost connection, a round trip before the next call: results published before
@@ -303,7 +383,7 @@ impl Client {
         let mut wait = Duration::from_millis(20);
         while started.elapsed() < deadline {
             self.inner.link.resync.store(false, Ordering::SeqCst);
-            let message = Message::call(SYNC_FUNCTION, Bytes::new());
+            let message = self.sync_message();
             if self.send_and_wait_now(message, wait).await.is_ok() {
                 return Ok(());
             }
@@ -311,7 +391,7 @@ impl Client {
             wait = (wait * 2).min(Duration::from_millis(500));
         }
         Err(Error::Timeout {
-            what: format!("the server at {} to come back", self.inner.pull_address),
+            what: format!("the server at {} to come back", self.inner.address),
             waited: deadline,
         })
     }
@@ -347,7 +427,7 @@ impl Client {
             .insert(key.clone(), parts);
         let collect = async {
             let frames = self.inner.codec.encode_frames(&message)?;
-            self.inner.push.send_within(frames, deadline).await?;
+            self.inner.requests.send_within(frames, deadline).await?;
             let mut collected = Vec::new();
             while let Some(answer) = answers.recv().await {
                 let more = all && answer.header(crate::functions::MORE).is_some();
@@ -361,7 +441,7 @@ impl Client {
             }
             // The link watcher dropped this call: its server went away.
             Err(Error::ServerGone {
-                address: self.inner.pull_address.clone(),
+                address: self.inner.address.clone(),
             })
         };
         let outcome = match tokio::time::timeout(deadline, collect).await {
@@ -524,6 +604,33 @@ impl Client {
         let mut cache = self.inner.cache.lock().await;
         cache_ask(&mut cache, request).await
     }
+}
+
+/// Hands every result that comes over `socket` (after `skip` frames: a SUB's topic) to the call
+/// waiting for it.
+fn receive(
+    socket: Socket,
+    skip: usize,
+    codec: Arc<dyn Codec>,
+    pending: Pending,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        while let Ok(frames) = socket.recv().await {
+            match codec.decode_frames(frames.get(skip..).unwrap_or_default()) {
+                Ok(result) => {
+                    let waiter = pending
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .get(&result.cache)
+                        .cloned();
+                    if let Some(waiter) = waiter {
+                        let _ = waiter.send(result);
+                    }
+                }
+                Err(error) => tracing::warn!(%error, "dropped a result that does not decode"),
+            }
+        }
+    })
 }
 
 /// Fails every pending call with [`Error::ServerGone`] when the connection its results come

@@ -55,6 +55,15 @@ pub enum Error {
         address: String,
     },
 
+    /// An address cannot be used as it is.
+    #[error("the address {address} cannot be used: {reason}")]
+    Address {
+        /// The address.
+        address: String,
+        /// Why.
+        reason: String,
+    },
+
     /// The client or server was closed.
     #[error("closed")]
     Closed,

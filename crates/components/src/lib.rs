@@ -51,7 +51,9 @@
 #![warn(missing_docs)]
 
 mod cache;
+pub mod callers;
 mod client;
+mod discovery;
 mod error;
 mod functions;
 mod master;
@@ -61,7 +63,9 @@ mod server;
 mod worker;
 
 pub use cache::{CacheLimits, CacheStore, MISSING};
+pub use callers::{ResultCounters, SYNC_THROUGH};
 pub use client::{Client, ClientOptions};
+pub use discovery::advertised;
 pub use error::Error;
 pub use functions::{DEADLINE, Functions, MORE, NONE, PIPELINED, SYNC_FUNCTION, deadline_of};
 pub use master::{Master, MasterBuilder, default_topic};

@@ -12,6 +12,8 @@ use tokio::sync::watch;
 
 use crate::Error;
 use crate::cache::CacheStore;
+use crate::callers::{CallerSocket, Callers, Results};
+use crate::discovery::advertised;
 use crate::parts::{Endpoint, Listen, Transport};
 use crate::pool::{Admission, Heartbeat, Hook, Pool, PoolStatus, ResultSink, StreamHook};
 
@@ -21,11 +23,12 @@ mod pylm;
 /// Builds a [`Master`] (or, with [`MasterBuilder::subscribe_to`], a Hub).
 pub struct MasterBuilder {
     name: String,
-    inbound: Endpoint,
-    hub_topics: Option<Vec<String>>,
-    publish: Endpoint,
+    clients: Endpoint,
+    previous: Option<(Endpoint, Vec<String>)>,
+    stream: Endpoint,
     workers: Endpoint,
     cache: Endpoint,
+    advertise: Option<String>,
     heartbeat: Heartbeat,
     admission: Admission,
     scatter: Hook,
@@ -50,23 +53,32 @@ pub(crate) fn loopback() -> Endpoint {
 }
 
 impl MasterBuilder {
-    /// Where clients push (PULL, bound).
-    pub fn pull_address(mut self, address: &str) -> Self {
-        self.inbound = Endpoint::Bind(address.to_owned());
+    /// Where callers connect (a ROUTER, bound; in pylm's layout the PULL clients push to).
+    pub fn client_address(mut self, address: &str) -> Self {
+        self.clients = Endpoint::Bind(address.to_owned());
         self
     }
 
-    /// Makes this master a Hub: its input is a SUB connected to a previous server's PUB,
-    /// subscribed to `topics` (usually that server's name), instead of a PULL.
-    pub fn subscribe_to(mut self, pub_address: &str, topics: &[&str]) -> Self {
-        self.inbound = Endpoint::Connect(pub_address.to_owned());
-        self.hub_topics = Some(topics.iter().map(|t| (*t).to_owned()).collect());
+    /// Makes this master a Hub: it also takes what a previous server sends down its stream (a
+    /// PULL connected to its PUSH). In pylm's layout its input is a SUB connected to the
+    /// previous server's PUB, subscribed to `topics` (usually that server's name), instead of
+    /// a PULL.
+    pub fn subscribe_to(mut self, stream_address: &str, topics: &[&str]) -> Self {
+        let topics = topics.iter().map(|t| (*t).to_owned()).collect();
+        self.previous = Some((Endpoint::Connect(stream_address.to_owned()), topics));
         self
     }
 
-    /// Where results are published (PUB, bound).
-    pub fn pub_address(mut self, address: &str) -> Self {
-        self.publish = Endpoint::Bind(address.to_owned());
+    /// Where the next stage connects (a PUSH, bound; in pylm's layout the PUB of results).
+    pub fn stream_address(mut self, address: &str) -> Self {
+        self.stream = Endpoint::Bind(address.to_owned());
+        self
+    }
+
+    /// The host other machines reach this master at: the addresses its cache gives out name
+    /// it instead of the host bound (needed when binding a wildcard such as `0.0.0.0`).
+    pub fn advertise(mut self, host: &str) -> Self {
+        self.advertise = Some(host.to_owned());
         self
     }
 
@@ -163,67 +175,72 @@ impl MasterBuilder {
             return self.start_pylm().await;
         }
         let codec = self.codec.clone();
+        let advertise = self.advertise.as_deref();
         let (stop, stopped) = watch::channel(false);
         let (workers, worker_address) = self.transport.open(Kind::Router, &self.workers).await?;
-        let (publish, pub_address) = self.transport.open(Kind::Pub, &self.publish).await?;
-        let (inbound_address, inbound) = match &self.hub_topics {
-            Some(topics) => {
-                let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
-                let listen =
-                    Listen::sub(&self.inbound, &topics, &self.transport, codec.clone()).await?;
-                (listen.address().to_owned(), Either::Sub(listen))
-            }
-            None => {
-                let listen = Listen::pull(&self.inbound, &self.transport, codec.clone()).await?;
-                (listen.address().to_owned(), Either::Pull(listen))
-            }
-        };
-        let store = CacheStore::default();
-        let (db_address, cache_task) = store
-            .clone()
-            .serve(&self.cache, &self.transport, codec.clone(), stopped)
-            .await?;
-        store.preset("name", self.name.clone());
-        store.preset("pull_address", inbound_address.clone());
-        store.preset("pub_address", pub_address.clone());
-        store.preset("worker_address", worker_address.clone());
-        store.preset("db_address", db_address.clone());
-
+        let worker_address = advertised(&worker_address, advertise)?;
+        let callers = CallerSocket::open(&self.clients, &self.transport, codec.clone()).await?;
         let name = self.name.clone();
         let handle_stream = self.handle_stream.unwrap_or_else(|| {
             let name = name.clone();
             Arc::new(move |message: &Message| default_topic(&name, message))
         });
+        let results = Results::new(
+            callers.clone(),
+            &self.stream,
+            &self.transport,
+            &self.name,
+            handle_stream.clone(),
+        )
+        .await?;
+        let client_address = advertised(callers.address(), advertise)?;
+        let stream_address = advertised(results.stream_address(), advertise)?;
+        let store = CacheStore::default();
+        let (db_address, cache_task) = store
+            .clone()
+            .serve(&self.cache, &self.transport, codec.clone(), stopped)
+            .await?;
+        let db_address = advertised(&db_address, advertise)?;
+        store.preset("name", self.name.clone());
+        store.preset("client_address", client_address.clone());
+        store.preset("stream_address", stream_address.clone());
+        store.preset("worker_address", worker_address.clone());
+        store.preset("db_address", db_address.clone());
+
         let mut pool = Pool::new(codec.clone(), self.heartbeat, handle_stream);
         pool.admission = self.admission;
         pool.scatter = self.scatter;
         pool.gather = self.gather;
         pool.drain_for = self.drain_for;
         let status = pool.status.clone();
-        let router = Router::builder()
+        let mut builder = Router::builder()
             .outbound(
                 "workers",
-                move |queue| pool.run(queue, workers, ResultSink::Publish(publish)),
+                move |queue| pool.run(queue, workers, ResultSink::Answer(Box::new(results))),
                 None,
                 Mode::NonBlocking,
             )
             .inbound(
-                "clients",
-                move |link| async move {
-                    match inbound {
-                        Either::Pull(listen) => listen.run(link).await,
-                        Either::Sub(listen) => listen.run(link).await,
-                    }
-                },
+                "callers",
+                move |link| Callers::new(callers).run(link),
                 "workers",
                 Mode::NonBlocking,
-            )
-            .start()?;
-        tracing::info!(name = %self.name, %inbound_address, %pub_address, %worker_address, %db_address, "master started");
+            );
+        if let Some((endpoint, _)) = &self.previous {
+            let pull = Listen::pull(endpoint, &self.transport, codec.clone()).await?;
+            builder = builder.inbound(
+                "previous",
+                move |link| pull.run(link),
+                "workers",
+                Mode::NonBlocking,
+            );
+        }
+        let router = builder.start()?;
+        tracing::info!(name = %self.name, %client_address, %stream_address, %worker_address, %db_address, "master started");
         Ok(Master {
             name: self.name,
-            pull_address: inbound_address,
-            pub_address,
+            client_address,
+            stream_address,
             worker_address,
             db_address,
             router,
@@ -240,7 +257,8 @@ pub(crate) enum Either {
 }
 
 /// The default `handle_stream`: a result goes to its client, unless it moves on to another
-/// server's stage, in which case it is published under this server's name for the next one.
+/// server's stage, in which case it goes down this server's stream (in pylm's layout, is
+/// published under this server's name) for the next one.
 pub fn default_topic(server: &str, message: &Message) -> String {
     if message.header(crate::functions::PIPELINED).is_some() {
         server.to_owned()
@@ -253,8 +271,8 @@ pub fn default_topic(server: &str, message: &Message) -> String {
 #[derive(Debug)]
 pub struct Master {
     name: String,
-    pull_address: String,
-    pub_address: String,
+    client_address: String,
+    stream_address: String,
     worker_address: String,
     db_address: String,
     router: Router,
@@ -268,11 +286,12 @@ impl Master {
     pub fn builder(name: &str) -> MasterBuilder {
         MasterBuilder {
             name: name.to_owned(),
-            inbound: loopback(),
-            hub_topics: None,
-            publish: loopback(),
+            clients: loopback(),
+            previous: None,
+            stream: loopback(),
             workers: loopback(),
             cache: loopback(),
+            advertise: None,
             heartbeat: Heartbeat::default(),
             admission: Admission::default(),
             scatter: Arc::new(|message| vec![message]),
@@ -290,14 +309,15 @@ impl Master {
         &self.name
     }
 
-    /// Where clients push (or, for a Hub, the PUB it listens to).
-    pub fn pull_address(&self) -> &str {
-        &self.pull_address
+    /// Where callers connect (in pylm's layout, where clients push; for a pylm Hub, the PUB
+    /// it listens to).
+    pub fn client_address(&self) -> &str {
+        &self.client_address
     }
 
-    /// Where results are published.
-    pub fn pub_address(&self) -> &str {
-        &self.pub_address
+    /// Where the next stage connects (in pylm's layout, where results are published).
+    pub fn stream_address(&self) -> &str {
+        &self.stream_address
     }
 
     /// Where workers connect.

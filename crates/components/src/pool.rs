@@ -106,7 +106,9 @@ pub type StreamHook = Arc<dyn Fn(&Message) -> String + Send + Sync>;
 
 /// Where a worker pool's results go.
 pub enum ResultSink {
-    /// Published on a PUB socket under `handle_stream`'s topic (a Master).
+    /// To their callers or down the stream (a Master in rylm's layout).
+    Answer(Box<crate::callers::Results>),
+    /// Published on a PUB socket under `handle_stream`'s topic.
     Publish(Socket),
     /// Handed to a channel, for a component in the same process (a gateway).
     Channel(tokio::sync::mpsc::Sender<Message>),
@@ -115,6 +117,7 @@ pub enum ResultSink {
 impl std::fmt::Debug for ResultSink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
+            ResultSink::Answer(_) => "ResultSink::Answer",
             ResultSink::Publish(_) => "ResultSink::Publish",
             ResultSink::Channel(_) => "ResultSink::Channel",
         })
@@ -366,8 +369,10 @@ impl Pool {
             self.publish_status();
         }
         // Flush the last results (the transport's linger), then close.
-        if let ResultSink::Publish(socket) = sink {
-            socket.close().await;
+        match sink {
+            ResultSink::Publish(socket) => socket.close().await,
+            ResultSink::Answer(results) => (*results).close().await,
+            ResultSink::Channel(_) => {}
         }
         workers.close().await;
         Ok(())
@@ -427,6 +432,7 @@ impl Pool {
 
     async fn publish(&self, sink: &mut ResultSink, message: Message) {
         match sink {
+            ResultSink::Answer(results) => results.deliver(message).await,
             ResultSink::Publish(socket) => {
                 let topic = (self.handle_stream)(&message);
                 match self.codec.encode_frames(&message) {

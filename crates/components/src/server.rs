@@ -1,4 +1,9 @@
-//! The Server: runs user functions itself (PULL from clients, PUB results, REP cache).
+//! The Server: runs user functions itself.
+//!
+//! In rylm's layout callers connect a DEALER to its ROUTER and get each answer back on that
+//! connection ([`crate::callers`]); results that go on to another server's stage go down its
+//! stream, a PUSH the next stage's PULL connects to; the cache answers on a REP. In pylm's
+//! layout (`pylm` submodule) it is PULL, PUB and REP, as pylm's.
 
 use std::sync::Arc;
 
@@ -6,23 +11,31 @@ use rylm_core_router::{Mode, Router};
 use rylm_message::{Codec, Message, NativeCodec};
 use tokio::sync::watch;
 
-use crate::cache::CacheStore;
-use crate::parts::{Emit, Endpoint, Listen, TopicFn, Transport};
-use crate::{Error, Functions, SYNC_FUNCTION};
+use crate::cache::{CacheLimits, CacheStore};
+use crate::callers::{CallerSocket, Callers, ResultCounters, Results};
+use crate::discovery::advertised;
+use crate::parts::{Endpoint, Listen, Transport};
+use crate::{Error, Functions};
+
+#[cfg(feature = "pylm")]
+mod pylm;
 
 /// Builds a [`Server`]. Every address defaults to a free loopback tcp port.
 pub struct ServerBuilder {
     name: String,
-    pull: Option<Endpoint>,
-    subscriptions: Vec<(Endpoint, Vec<String>)>,
-    publish: Endpoint,
+    clients: Endpoint,
+    takes_requests: bool,
+    previous: Vec<(Endpoint, Vec<String>)>,
+    stream: Endpoint,
     cache: Endpoint,
+    advertise: Option<String>,
     functions: Functions,
     codec: Arc<dyn Codec>,
     handle_stream: Arc<dyn Fn(&Message) -> String + Send + Sync>,
     pylm: bool,
     transport: Transport,
-    cache_limits: crate::CacheLimits,
+    cache_limits: CacheLimits,
+    max_in_flight: usize,
 }
 
 impl std::fmt::Debug for ServerBuilder {
@@ -38,36 +51,45 @@ fn loopback() -> Endpoint {
 }
 
 impl ServerBuilder {
-    /// Where clients push requests (PULL, bound).
-    pub fn pull_address(mut self, address: &str) -> Self {
-        self.pull = Some(Endpoint::Bind(address.to_owned()));
+    /// Where callers connect (a ROUTER, bound; in pylm's layout the PULL clients push to).
+    pub fn client_address(mut self, address: &str) -> Self {
+        self.clients = Endpoint::Bind(address.to_owned());
         self
     }
 
-    /// Takes no requests from clients directly (a Pipeline stage or a Sink).
-    pub fn without_pull(mut self) -> Self {
-        self.pull = None;
+    /// Takes no requests from clients directly (a Pipeline stage or a Sink). In rylm's layout
+    /// its callers' ROUTER is still bound: the callers of a pipeline take their answers there.
+    pub(crate) fn without_requests(mut self) -> Self {
+        self.takes_requests = false;
         self
     }
 
-    /// Also takes the messages a previous server publishes under `topics` (usually its name):
-    /// a SUB connected to its PUB. Call it once per previous server (a Sink has several).
-    pub fn subscribe_to(mut self, pub_address: &str, topics: &[&str]) -> Self {
+    /// Also takes what a previous server sends down its stream (`stream_address`): a PULL
+    /// connected to its PUSH. In pylm's layout, a SUB connected to its PUB, subscribed to
+    /// `topics` (usually its name). Call it once per previous server (a Sink has several).
+    pub fn subscribe_to(mut self, stream_address: &str, topics: &[&str]) -> Self {
         let topics = topics.iter().map(|t| (*t).to_owned()).collect();
-        self.subscriptions
-            .push((Endpoint::Connect(pub_address.to_owned()), topics));
+        self.previous
+            .push((Endpoint::Connect(stream_address.to_owned()), topics));
         self
     }
 
-    /// Where results are published (PUB, bound).
-    pub fn pub_address(mut self, address: &str) -> Self {
-        self.publish = Endpoint::Bind(address.to_owned());
+    /// Where the next stage connects (a PUSH, bound; in pylm's layout the PUB of results).
+    pub fn stream_address(mut self, address: &str) -> Self {
+        self.stream = Endpoint::Bind(address.to_owned());
         self
     }
 
     /// Where the cache answers (REP, bound).
     pub fn db_address(mut self, address: &str) -> Self {
         self.cache = Endpoint::Bind(address.to_owned());
+        self
+    }
+
+    /// The host other machines reach this server at: the addresses its cache gives out name
+    /// it instead of the host bound (needed when binding a wildcard such as `0.0.0.0`).
+    pub fn advertise(mut self, host: &str) -> Self {
+        self.advertise = Some(host.to_owned());
         self
     }
 
@@ -78,8 +100,9 @@ impl ServerBuilder {
     }
 
     #[cfg(feature = "pylm")]
-    /// Speaks pylm's wire format, so that real pylm clients use this server: PalmMessage frames,
-    /// a cache that answers raw bytes, and `b"0"` as the result of a failed function.
+    /// Speaks pylm's wire format and layout, so that real pylm clients use this server:
+    /// PalmMessage frames, PULL and PUB, a cache that answers raw bytes, and `b"0"` as the
+    /// result of a failed function.
     pub fn pylm_wire(mut self) -> Self {
         self.codec = Arc::new(rylm_message::PylmCodec::default());
         self.pylm = true;
@@ -92,9 +115,16 @@ impl ServerBuilder {
         self
     }
 
-    /// The bounds of what peers store in the cache (default [`crate::CacheLimits::default`]).
-    pub fn cache_limits(mut self, limits: crate::CacheLimits) -> Self {
+    /// The bounds of what peers store in the cache (default [`CacheLimits::default`]).
+    pub fn cache_limits(mut self, limits: CacheLimits) -> Self {
         self.cache_limits = limits;
+        self
+    }
+
+    /// How many messages from callers it holds at once (default 1024); beyond them a caller
+    /// is answered `busy` at once.
+    pub fn max_in_flight(mut self, messages: usize) -> Self {
+        self.max_in_flight = messages.max(1);
         self
     }
 
@@ -105,9 +135,9 @@ impl ServerBuilder {
         self
     }
 
-    /// pylm's `handle_stream` hook: the topic a result is published under. The default is the
-    /// client's id, which is what its client subscribes to, or this server's name when the
-    /// message goes on to another server's stage.
+    /// pylm's `handle_stream` hook: where a result goes. The default is the client's id (its
+    /// caller), or this server's name when the message goes on to another server's stage (down
+    /// the stream; in pylm's layout, the topic it is published under).
     pub fn handle_stream(
         mut self,
         topic: impl Fn(&Message) -> String + Send + Sync + 'static,
@@ -118,136 +148,94 @@ impl ServerBuilder {
 
     /// Binds every socket, presets the cache, and starts serving.
     pub async fn start(self) -> Result<Server, Error> {
+        #[cfg(feature = "pylm")]
+        if self.pylm {
+            return self.start_pylm().await;
+        }
         let (stop, stopped) = watch::channel(false);
-        // A client's handshake (see `Client`) travels down a pipeline: each stage publishes it to
-        // the client and under its own name, for the next stage.
-        let (hook, name) = (self.handle_stream, self.name.clone());
-        let topics: TopicFn = Arc::new(move |message: &Message| {
-            let topic = hook(message);
-            if message.function_name() == Some(SYNC_FUNCTION) && topic != name {
-                vec![topic, name.clone()]
-            } else {
-                vec![topic]
-            }
-        });
-        // pylm clients subscribe just before they send: hold their results until the
-        // subscription arrives. Native clients make sure of theirs with a handshake.
-        // When every client reaches this server directly, a subscription stays good until a
-        // new client connection arrives (see `HeldPublisher`).
-        let connections = (self.pylm && self.pull.is_some() && self.subscriptions.is_empty())
-            .then(|| Arc::new(std::sync::atomic::AtomicU64::new(0)));
-        let (pub_address, mut builder) = if self.pylm {
-            let grace = std::time::Duration::from_millis(50);
-            let mut publish = crate::parts::HeldPublisher::xpub(
-                &self.publish,
-                topics,
-                &self.transport,
-                self.codec.clone(),
-                grace,
+        let codec = self.codec.clone();
+        let callers = CallerSocket::open(&self.clients, &self.transport, codec.clone()).await?;
+        let counters = callers.counters();
+        let results = Results::new(
+            callers.clone(),
+            &self.stream,
+            &self.transport,
+            &self.name,
+            self.handle_stream.clone(),
+        )
+        .await?;
+        let client_address = advertised(callers.address(), self.advertise.as_deref())?;
+        let stream_address = advertised(results.stream_address(), self.advertise.as_deref())?;
+        let mut builder = Router::builder()
+            .capacity(self.max_in_flight)
+            .outbound(
+                "results",
+                move |queue| results.run(queue),
+                None,
+                Mode::NonBlocking,
             )
-            .await?;
-            if let Some(counter) = &connections {
-                publish = publish.cleared_until_new_connection(counter.clone());
-            }
-            let address = publish.address().to_owned();
-            let builder = Router::builder().outbound(
-                "publish",
-                move |queue| publish.run(queue),
-                None,
+            .inbound(
+                "callers",
+                move |link| Callers::new(callers).run(link),
+                "functions",
                 Mode::NonBlocking,
             );
-            (address, builder)
-        } else {
-            let publish =
-                Emit::publish(&self.publish, topics, &self.transport, self.codec.clone()).await?;
-            let address = publish.address().to_owned();
-            let builder = Router::builder().outbound(
-                "publish",
-                move |queue| publish.run(queue),
-                None,
-                Mode::NonBlocking,
-            );
-            (address, builder)
-        };
-        let mut pull_address = String::new();
-        if let Some(endpoint) = &self.pull {
-            let mut pull = Listen::pull(endpoint, &self.transport, self.codec.clone()).await?;
-            if let Some(counter) = &connections {
-                pull = pull.count_connections(counter.clone());
-            }
-            pull_address = pull.address().to_owned();
+        for (i, (endpoint, _)) in self.previous.iter().enumerate() {
+            let pull = Listen::pull(endpoint, &self.transport, codec.clone()).await?;
             builder = builder.inbound(
-                "clients",
+                &format!("previous-{i}"),
                 move |link| pull.run(link),
                 "functions",
                 Mode::NonBlocking,
             );
         }
-        for (i, (endpoint, topics)) in self.subscriptions.iter().enumerate() {
-            let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
-            let sub = Listen::sub(endpoint, &topics, &self.transport, self.codec.clone()).await?;
-            builder = builder.inbound(
-                &format!("previous-{i}"),
-                move |link| sub.run(link),
-                "functions",
-                Mode::NonBlocking,
-            );
-        }
         let store = CacheStore::default().with_limits(self.cache_limits.clone());
-        let store = if self.pylm {
-            store.with_raw_replies()
-        } else {
-            store
-        };
         let (db_address, cache_task) = store
             .clone()
-            .serve(&self.cache, &self.transport, self.codec.clone(), stopped)
+            .serve(&self.cache, &self.transport, codec, stopped)
             .await?;
+        let db_address = advertised(&db_address, self.advertise.as_deref())?;
         store.preset("name", self.name.clone());
-        store.preset("pull_address", pull_address.clone());
-        store.preset("pub_address", pub_address.clone());
+        store.preset("client_address", client_address.clone());
+        store.preset("stream_address", stream_address.clone());
         store.preset("db_address", db_address.clone());
-
-        let functions = if self.pylm {
-            self.functions.failure_payload("0")
-        } else {
-            self.functions
-        };
-        let name = self.name.clone();
+        let (functions, name) = (self.functions, self.name.clone());
         let router = builder
             .outbound(
                 "functions",
                 move |queue| functions.run(name, queue),
-                Some("publish"),
+                Some("results"),
                 Mode::Blocking,
             )
             .start()?;
-        tracing::info!(name = %self.name, %pull_address, %pub_address, %db_address, "server started");
+        tracing::info!(name = %self.name, %client_address, %stream_address, %db_address, "server started");
         Ok(Server {
             name: self.name,
-            pull_address,
-            pub_address,
+            client_address,
+            stream_address,
             db_address,
             router,
             stop,
             cache_task,
             store,
+            counters,
         })
     }
 }
 
-/// A running Server: clients push to its PULL, get results from its PUB, and find both through
-/// its cache, whose address alone is enough for a [`crate::Client`].
+/// A running Server: callers connect to its client address and find it through its cache,
+/// whose address alone is enough for a [`crate::Client`].
 #[derive(Debug)]
 pub struct Server {
     name: String,
-    pull_address: String,
-    pub_address: String,
+    client_address: String,
+    stream_address: String,
     db_address: String,
     router: Router,
     stop: watch::Sender<bool>,
     cache_task: tokio::task::JoinHandle<()>,
     store: CacheStore,
+    counters: Arc<ResultCounters>,
 }
 
 impl Server {
@@ -255,14 +243,17 @@ impl Server {
     pub fn builder(name: &str) -> ServerBuilder {
         ServerBuilder {
             name: name.to_owned(),
-            pull: Some(loopback()),
-            subscriptions: Vec::new(),
-            publish: loopback(),
+            clients: loopback(),
+            takes_requests: true,
+            previous: Vec::new(),
+            stream: loopback(),
             cache: loopback(),
+            advertise: None,
             functions: Functions::new(),
             pylm: false,
             transport: Transport::default(),
-            cache_limits: crate::CacheLimits::default(),
+            cache_limits: CacheLimits::default(),
+            max_in_flight: rylm_core_router::DEFAULT_CAPACITY,
             codec: Arc::new(NativeCodec::default()),
             handle_stream: {
                 let name = name.to_owned();
@@ -272,18 +263,23 @@ impl Server {
     }
 
     /// A builder for a Pipeline stage named `name`: it takes what the server at
-    /// `previous_pub_address` publishes under `previous_name`, runs its functions, and publishes
-    /// under its own name (for a next stage) or to the client (at the last stage).
-    pub fn pipeline(name: &str, previous_pub_address: &str, previous_name: &str) -> ServerBuilder {
+    /// `previous_stream_address` sends down its stream (in pylm's layout, what it publishes
+    /// under `previous_name`), runs its functions, and sends results on (for a next stage) or
+    /// to their callers (at the last stage).
+    pub fn pipeline(
+        name: &str,
+        previous_stream_address: &str,
+        previous_name: &str,
+    ) -> ServerBuilder {
         Server::builder(name)
-            .without_pull()
-            .subscribe_to(previous_pub_address, &[previous_name])
+            .without_requests()
+            .subscribe_to(previous_stream_address, &[previous_name])
     }
 
     /// A builder for a Sink named `name`: add each previous server with
     /// [`ServerBuilder::subscribe_to`].
     pub fn sink(name: &str) -> ServerBuilder {
-        Server::builder(name).without_pull()
+        Server::builder(name).without_requests()
     }
 
     /// The server's name.
@@ -291,14 +287,14 @@ impl Server {
         &self.name
     }
 
-    /// Where clients push.
-    pub fn pull_address(&self) -> &str {
-        &self.pull_address
+    /// Where callers connect (in pylm's layout, where clients push).
+    pub fn client_address(&self) -> &str {
+        &self.client_address
     }
 
-    /// Where results are published.
-    pub fn pub_address(&self) -> &str {
-        &self.pub_address
+    /// Where the next stage connects (in pylm's layout, where results are published).
+    pub fn stream_address(&self) -> &str {
+        &self.stream_address
     }
 
     /// Where the cache answers.
@@ -311,6 +307,11 @@ impl Server {
         &self.store
     }
 
+    /// What became of its results: answered, streamed, `busy`, dropped (rylm's layout).
+    pub fn counters(&self) -> Arc<ResultCounters> {
+        self.counters.clone()
+    }
+
     /// Resolves when a part of the server stops while it runs (a socket closed under it, a
     /// panic), with what happened: the server can no longer serve, and its process should end
     /// or restart it. Never resolves while every part runs.
@@ -318,7 +319,7 @@ impl Server {
         self.router.died().await
     }
 
-    /// Stops taking requests, finishes and publishes the ones taken, then closes.
+    /// Stops taking requests, finishes and sends the results of the ones taken, then closes.
     pub async fn shutdown(self) -> Result<(), Error> {
         let outcome = self.router.shutdown().await;
         let _ = self.stop.send(true);

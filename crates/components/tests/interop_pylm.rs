@@ -323,7 +323,7 @@ async fn a_pipeline_mixes_pylm_and_rylm_stages() {
             script,
             "middle",
             &middle_db,
-            first.pub_address(),
+            first.stream_address(),
             &middle_pub,
             "first",
         ])
@@ -346,7 +346,7 @@ async fn a_pipeline_mixes_pylm_and_rylm_stages() {
         .expect("starts");
 
     let mut options = ClientOptions::pylm(Duration::from_secs(30));
-    options.results_from = Some(last.pub_address().to_owned());
+    options.results_from = Some(last.db_address().to_owned());
     let client = Client::connect_with(first.db_address(), options)
         .await
         .expect("connects through the chain");
@@ -424,7 +424,7 @@ async fn a_rylm_hub_in_pylm_mode_feeds_a_pylm_worker() {
         .expect("starts");
     let hub = Master::builder("hub")
         .pylm_wire()
-        .subscribe_to(first.pub_address(), &["first"])
+        .subscribe_to(first.stream_address(), &["first"])
         .start()
         .await
         .expect("starts");
@@ -437,7 +437,7 @@ async fn a_rylm_hub_in_pylm_mode_feeds_a_pylm_worker() {
         .spawn()
         .expect("python starts");
     let mut options = ClientOptions::pylm(Duration::from_secs(30));
-    options.results_from = Some(hub.pub_address().to_owned());
+    options.results_from = Some(hub.db_address().to_owned());
     let client = Client::connect_with(first.db_address(), options)
         .await
         .expect("connects through the hub");

@@ -28,14 +28,14 @@ async fn a_server_and_a_pipeline_stage_run_a_list_of_stages() {
         .start()
         .await
         .expect("starts");
-    let second = Server::pipeline("second", first.pub_address(), "first")
+    let second = Server::pipeline("second", first.stream_address(), "first")
         .functions(exclaim())
         .start()
         .await
         .expect("starts");
     // The client pushes to the first server and takes results from the last.
     let client =
-        Client::connect_with_results_from(first.db_address(), Some(second.pub_address()), DEADLINE)
+        Client::connect_with_results_from(first.db_address(), Some(second.db_address()), DEADLINE)
             .await
             .expect("connects through the chain");
     for i in 0..20 {
@@ -62,18 +62,18 @@ async fn a_sink_takes_the_streams_of_two_servers() {
         .await
         .expect("starts");
     let sink = Server::sink("sink")
-        .subscribe_to(left.pub_address(), &["left"])
-        .subscribe_to(right.pub_address(), &["right"])
+        .subscribe_to(left.stream_address(), &["left"])
+        .subscribe_to(right.stream_address(), &["right"])
         .functions(exclaim())
         .start()
         .await
         .expect("starts");
     let via_left =
-        Client::connect_with_results_from(left.db_address(), Some(sink.pub_address()), DEADLINE)
+        Client::connect_with_results_from(left.db_address(), Some(sink.db_address()), DEADLINE)
             .await
             .expect("connects");
     let via_right =
-        Client::connect_with_results_from(right.db_address(), Some(sink.pub_address()), DEADLINE)
+        Client::connect_with_results_from(right.db_address(), Some(sink.db_address()), DEADLINE)
             .await
             .expect("connects");
     let a = via_left
@@ -99,7 +99,7 @@ async fn a_hub_farms_out_a_previous_servers_stream_to_workers() {
         .await
         .expect("starts");
     let hub = Master::builder("hub")
-        .subscribe_to(first.pub_address(), &["first"])
+        .subscribe_to(first.stream_address(), &["first"])
         .start()
         .await
         .expect("starts");
@@ -108,7 +108,7 @@ async fn a_hub_farms_out_a_previous_servers_stream_to_workers() {
         .await
         .expect("connects");
     let client =
-        Client::connect_with_results_from(first.db_address(), Some(hub.pub_address()), DEADLINE)
+        Client::connect_with_results_from(first.db_address(), Some(hub.db_address()), DEADLINE)
             .await
             .expect("connects");
     let result = client

@@ -182,8 +182,8 @@ async fn the_cache_sets_gets_deletes_and_answers_missing_keys() {
         Some(Bytes::from("text"))
     );
     assert_eq!(
-        client.get("pull_address").await.expect("preset"),
-        Some(Bytes::from(server.pull_address().to_owned()))
+        client.get("client_address").await.expect("preset"),
+        Some(Bytes::from(server.client_address().to_owned()))
     );
     server.shutdown().await.expect("clean");
 }
@@ -197,7 +197,9 @@ async fn a_call_past_its_deadline_fails_and_malformed_frames_are_dropped() {
     assert!(matches!(outcome, Err(Error::Timeout { .. })), "{outcome:?}");
 
     let raw = Socket::new(Kind::Push, &Options::default()).expect("socket");
-    raw.connect(server.pull_address()).await.expect("connects");
+    raw.connect(server.client_address())
+        .await
+        .expect("connects");
     for garbage in [&b"not a frame"[..], b"RYLM\x01", b"\x00\x01\x02"] {
         raw.send(vec![Bytes::from_static(garbage)])
             .await
@@ -257,8 +259,8 @@ async fn servers_speak_another_codec_over_ipc() {
     };
 
     let server = Server::builder("ipc")
-        .pull_address(&ipc("pull"))
-        .pub_address(&ipc("pub"))
+        .client_address(&ipc("pull"))
+        .stream_address(&ipc("pub"))
         .db_address(&ipc("db"))
         .codec(json.clone())
         .functions(functions())
@@ -286,8 +288,8 @@ async fn servers_speak_another_codec_over_ipc() {
     server.shutdown().await.expect("clean");
 
     let master = Master::builder("ipc-master")
-        .pull_address(&ipc("m-pull"))
-        .pub_address(&ipc("m-pub"))
+        .client_address(&ipc("m-pull"))
+        .stream_address(&ipc("m-pub"))
         .worker_address(&ipc("m-workers"))
         .db_address(&ipc("m-db"))
         .codec(json.clone())
@@ -336,14 +338,14 @@ async fn peers_cannot_change_the_discovery_keys_and_the_cache_is_bounded() {
             other => panic!("expected a refusal, got {other:?}"),
         }
     }
-    for key in ["name", "pull_address", "pub_address", "db_address"] {
+    for key in ["name", "client_address", "stream_address", "db_address"] {
         let hijack = client.set(Some(key), "tcp://203.0.113.1:1").await;
         assert_eq!(kind(hijack), "read-only", "{key}");
         assert_eq!(kind(client.delete(key).await), "read-only", "{key}");
     }
     assert_eq!(
-        client.get("pull_address").await.expect("get"),
-        Some(Bytes::from(server.pull_address().to_owned()))
+        client.get("client_address").await.expect("get"),
+        Some(Bytes::from(server.client_address().to_owned()))
     );
     assert_eq!(
         kind(client.set(Some("k"), vec![0u8; 17]).await),

@@ -65,6 +65,7 @@ pub mod table;
 
 pub use error::Error;
 pub use router::{
-    Delivery, Inbound, InboundLink, Outbound, OutboundQueue, Responder, Router, RouterBuilder,
+    DEFAULT_CAPACITY, Delivery, Inbound, InboundLink, Outbound, OutboundQueue, Responder, Router,
+    RouterBuilder,
 };
 pub use table::{Mode, Table};

@@ -251,6 +251,20 @@ impl InboundLink {
         }
     }
 
+    /// [`InboundLink::submit`] for a non-blocking component that must not wait: when the router
+    /// already holds its capacity of this component's messages, the message is handed back
+    /// (`Ok(Some(message))`) for the component to refuse, e.g. with a `busy` answer. A blocking
+    /// component's message is submitted as by `submit`.
+    pub async fn try_submit(&self, message: Message) -> Result<Option<Message>, Error> {
+        let entry: &InboundEntry = &self.shared.table.inbound[self.index];
+        if entry.mode == Mode::NonBlocking
+            && self.shared.detached[self.index].available_permits() == 0
+        {
+            return Ok(Some(message));
+        }
+        self.submit(message).await.map(|_| None)
+    }
+
     /// Resolves when the router starts shutting down: stop taking new messages.
     pub async fn stopping(&mut self) {
         while !*self.stop.borrow_and_update() {

@@ -22,12 +22,12 @@ async fn main() -> Result<()> {
         .functions(map("upper", |s| s.to_uppercase()))
         .start()
         .await?;
-    let second = Server::pipeline("second", first.pub_address(), "first")
+    let second = Server::pipeline("second", first.stream_address(), "first")
         .functions(map("exclaim", |s| format!("{s}!")))
         .start()
         .await?;
     let hub = Master::builder("hub")
-        .subscribe_to(second.pub_address(), &["second"])
+        .subscribe_to(second.stream_address(), &["second"])
         .start()
         .await?;
     let worker = Worker::builder(map("brackets", |s| format!("[{s}]")))
@@ -35,7 +35,7 @@ async fn main() -> Result<()> {
         .await?;
 
     let client =
-        Client::connect_with_results_from(first.db_address(), Some(hub.pub_address()), deadline)
+        Client::connect_with_results_from(first.db_address(), Some(hub.db_address()), deadline)
             .await?;
     let result = client
         .eval_stages(
@@ -53,16 +53,16 @@ async fn main() -> Result<()> {
         .start()
         .await?;
     let sink = Server::sink("sink")
-        .subscribe_to(first.pub_address(), &["first"])
-        .subscribe_to(other.pub_address(), &["other"])
+        .subscribe_to(first.stream_address(), &["first"])
+        .subscribe_to(other.stream_address(), &["other"])
         .functions(map("tag", |s| format!("sink saw: {s}")))
         .start()
         .await?;
     let a =
-        Client::connect_with_results_from(first.db_address(), Some(sink.pub_address()), deadline)
+        Client::connect_with_results_from(first.db_address(), Some(sink.db_address()), deadline)
             .await?;
     let b =
-        Client::connect_with_results_from(other.db_address(), Some(sink.pub_address()), deadline)
+        Client::connect_with_results_from(other.db_address(), Some(sink.db_address()), deadline)
             .await?;
     println!(
         "into the Sink from first: {}",

@@ -19,11 +19,29 @@ pub struct Rylm {
 impl Rylm {
     /// Starts `rylm ARGS` and waits (bounded) for the line that says it serves.
     pub async fn start<S: AsRef<str>>(args: &[S]) -> Rylm {
+        Rylm::start_in(None, args).await
+    }
+
+    /// `rylm ARGS` run as a command of its own: in the network namespace `netns` if given.
+    pub fn command<S: AsRef<str>>(netns: Option<&str>, args: &[S]) -> Command {
+        let mut command = match netns {
+            Some(netns) => {
+                let mut command = Command::new(ip());
+                command.args(["netns", "exec", netns, env!("CARGO_BIN_EXE_rylm")]);
+                command
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_rylm")),
+        };
+        command.args(args.iter().map(AsRef::as_ref));
+        command
+    }
+
+    /// [`Rylm::start`] in the network namespace `netns` (if given).
+    pub async fn start_in<S: AsRef<str>>(netns: Option<&str>, args: &[S]) -> Rylm {
         let args: Vec<&str> = args.iter().map(AsRef::as_ref).collect();
         let deadline = Instant::now() + DEADLINE;
         loop {
-            let mut child = Command::new(env!("CARGO_BIN_EXE_rylm"))
-                .args(&args)
+            let mut child = Rylm::command(netns, &args)
                 .env("RUST_LOG", "warn")
                 .stdin(std::process::Stdio::null())
                 .stdout(std::process::Stdio::null())
@@ -43,8 +61,17 @@ impl Rylm {
             })
             .await;
             if ready == Ok(true) {
-                // Keep reading its log, so that it never blocks on a full pipe.
-                tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+                // Keep reading its log, so that it never blocks on a full pipe (and show it
+                // with RYLM_TEST_ECHO=1, when looking into a test).
+                let echo = std::env::var_os("RYLM_TEST_ECHO").is_some();
+                let name = args.first().map(|a| (*a).to_owned()).unwrap_or_default();
+                tokio::spawn(async move {
+                    while let Ok(Some(line)) = lines.next_line().await {
+                        if echo {
+                            eprintln!("[{name}] {line}");
+                        }
+                    }
+                });
                 return Rylm {
                     child,
                     args: args.iter().map(|a| (*a).to_owned()).collect(),
@@ -142,6 +169,11 @@ impl Ports {
         args.extend(["--workers".to_owned(), self.workers.clone()]);
         args
     }
+}
+
+/// The `ip` program (iproute2): `RYLM_IP` when xtask installed it, else from the PATH.
+pub fn ip() -> String {
+    std::env::var("RYLM_IP").unwrap_or_else(|_| "ip".to_owned())
 }
 
 /// `tcp://127.0.0.1:<a free port>`.

@@ -19,15 +19,13 @@ impl MasterBuilder {
         let codec = self.codec.clone();
         let (stop, stopped) = watch::channel(false);
         // A Hub's input is the previous server's stream; a Master's, its clients' PUSH.
-        let clients = match &self.hub_topics {
-            Some(topics) => {
+        let clients = match &self.previous {
+            Some((endpoint, topics)) => {
                 let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
-                Either::Sub(
-                    Listen::sub(&self.inbound, &topics, &self.transport, codec.clone()).await?,
-                )
+                Either::Sub(Listen::sub(endpoint, &topics, &self.transport, codec.clone()).await?)
             }
             None => {
-                Either::Pull(Listen::pull(&self.inbound, &self.transport, codec.clone()).await?)
+                Either::Pull(Listen::pull(&self.clients, &self.transport, codec.clone()).await?)
             }
         };
         // A Master's clients all reach it directly: a subscription stays good until a new client
@@ -50,7 +48,7 @@ impl MasterBuilder {
             Arc::new(move |message: &Message| default_topic(&name, message))
         });
         let mut publish = HeldPublisher::xpub(
-            &self.publish,
+            &self.stream,
             Arc::new(move |message: &Message| vec![hook(message)]),
             &self.transport,
             codec.clone(),
@@ -113,8 +111,8 @@ impl MasterBuilder {
         tracing::info!(name = %self.name, %pull_address, %pub_address, %worker_push_address, %worker_pull_address, %db_address, "pylm-mode master started");
         Ok(Master {
             name: self.name,
-            pull_address,
-            pub_address,
+            client_address: pull_address,
+            stream_address: pub_address,
             worker_address: worker_push_address,
             db_address,
             router,

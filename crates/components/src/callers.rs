@@ -1,0 +1,285 @@
+//! The native layout's two parts: callers' connections and the stream between servers.
+//!
+//! **Callers** ([`Callers`], inbound). A client reaches a server through a DEALER to the
+//! server's ROUTER, announcing its id as its routing identity. Each request is stamped with the
+//! identity it came from (so a caller cannot ask for another's answers) and submitted; when the
+//! server already holds as many messages as it admits, the caller is answered `busy` at once
+//! instead.
+//!
+//! **Results** ([`Results`], outbound). Each result goes where `handle_stream` says: to the
+//! caller whose id it names, back over that caller's own connection to this server's ROUTER, or,
+//! when it names this server (the message goes on to another server's stage), down the stream:
+//! a PUSH that the next stage's PULL connects to. A PUSH waits for room, so a slow next stage
+//! pushes back; one that takes nothing within the send timeout makes the result an error answer
+//! (`next-stage-unavailable`) to its caller. An answer that cannot be delivered (its caller is
+//! gone, or reads nothing for long) is dropped, counted in [`ResultCounters`], and logged.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use rylm_core_router::{Error as RouterError, InboundLink, OutboundQueue};
+use rylm_message::{Codec, Message};
+use rylm_transport::{Kind, Socket};
+
+use crate::parts::{Endpoint, Transport, error_reply};
+use crate::{Error, SYNC_FUNCTION};
+
+/// How long an answer waits for room in its caller's queue before it is dropped: a caller that
+/// reads nothing must not hold up the answers of the others.
+const ANSWER_WAIT: Duration = Duration::from_millis(100);
+
+/// The header of a handshake that travels down a pipeline to its last server (set by a client
+/// that takes its results from there).
+pub const SYNC_THROUGH: &str = "rylm-sync-through";
+
+/// What became of a server's results.
+#[derive(Debug, Default)]
+pub struct ResultCounters {
+    /// Answers sent to their callers.
+    pub answered: AtomicU64,
+    /// Results sent down the stream to the next stage.
+    pub streamed: AtomicU64,
+    /// Requests answered `busy`.
+    pub busy: AtomicU64,
+    /// Answers dropped: the caller is gone or its queue stayed full.
+    pub undeliverable: AtomicU64,
+    /// Results the next stage did not take within the send timeout.
+    pub stream_refused: AtomicU64,
+    /// Requests that did not decode.
+    pub malformed: AtomicU64,
+}
+
+fn count(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+/// The ROUTER callers connect to, shared by [`Callers`] (which reads it) and [`Results`]
+/// (which answers through it).
+#[derive(Clone)]
+pub struct CallerSocket {
+    socket: Socket,
+    address: String,
+    codec: Arc<dyn Codec>,
+    counters: Arc<ResultCounters>,
+}
+
+impl std::fmt::Debug for CallerSocket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CallerSocket")
+            .field("address", &self.address)
+            .finish()
+    }
+}
+
+impl CallerSocket {
+    /// Binds (or connects) the ROUTER.
+    pub async fn open(
+        endpoint: &Endpoint,
+        transport: &Transport,
+        codec: Arc<dyn Codec>,
+    ) -> Result<CallerSocket, Error> {
+        let (socket, address) = transport.open(Kind::Router, endpoint).await?;
+        Ok(CallerSocket {
+            socket,
+            address,
+            codec,
+            counters: Arc::default(),
+        })
+    }
+
+    /// The address callers connect to.
+    pub fn address(&self) -> &str {
+        &self.address
+    }
+
+    /// What became of the results.
+    pub fn counters(&self) -> Arc<ResultCounters> {
+        self.counters.clone()
+    }
+
+    /// Sends `message` to the caller whose routing identity is `caller`; false if it could not
+    /// be delivered (counted and logged).
+    async fn answer(&self, caller: &str, message: &Message) -> bool {
+        let frames = match self.codec.encode_frames(message) {
+            Ok(frames) => frames,
+            Err(error) => {
+                let reply = error_reply(message, "unencodable", &error.to_string());
+                match self.codec.encode_frames(&reply) {
+                    Ok(frames) => frames,
+                    Err(_) => return false,
+                }
+            }
+        };
+        let mut routed = Vec::with_capacity(frames.len() + 1);
+        routed.push(Bytes::copy_from_slice(caller.as_bytes()));
+        routed.extend(frames);
+        match self.socket.send_within(routed, ANSWER_WAIT).await {
+            Ok(()) => {
+                count(&self.counters.answered);
+                true
+            }
+            Err(error) => {
+                count(&self.counters.undeliverable);
+                tracing::debug!(address = %self.address, %caller, %error, "dropped an answer: its caller is gone or not reading");
+                false
+            }
+        }
+    }
+}
+
+/// The inbound part: takes requests from callers' connections.
+#[derive(Debug)]
+pub struct Callers {
+    socket: CallerSocket,
+}
+
+impl Callers {
+    /// Reads requests from `socket`.
+    pub fn new(socket: CallerSocket) -> Callers {
+        Callers { socket }
+    }
+
+    /// The router component (register it non-blocking).
+    pub async fn run(self, mut link: InboundLink) -> Result<(), RouterError> {
+        let socket = &self.socket;
+        loop {
+            let received = tokio::select! {
+                _ = link.stopping() => return Ok(()),
+                received = socket.socket.recv() => received,
+            };
+            let mut frames = match received {
+                Ok(frames) => frames,
+                Err(error) if error.is_closed() => return Ok(()),
+                Err(error) => {
+                    tracing::warn!(address = %socket.address, %error, "receiving from callers failed");
+                    continue;
+                }
+            };
+            if frames.len() < 2 {
+                count(&socket.counters.malformed);
+                continue;
+            }
+            let identity = frames.remove(0);
+            // Answers go back by this identity: a client announces its id as its identity.
+            let Ok(caller) = std::str::from_utf8(&identity).map(str::to_owned) else {
+                count(&socket.counters.malformed);
+                continue;
+            };
+            let mut message = match socket.codec.decode_frames(&frames) {
+                Ok(message) => message,
+                Err(error) => {
+                    count(&socket.counters.malformed);
+                    tracing::debug!(address = %socket.address, %error, "dropped a request that does not decode");
+                    continue;
+                }
+            };
+            message.client = caller;
+            if let Some(refused) = link.try_submit(message).await? {
+                count(&socket.counters.busy);
+                let text = "this server holds as many messages as it admits; try again later";
+                let reply = error_reply(&refused, "busy", text);
+                socket.answer(&refused.client, &reply).await;
+            }
+        }
+    }
+}
+
+/// Where a result goes: to a caller by id, or down the stream (the server's own name).
+pub type Destination = Arc<dyn Fn(&Message) -> String + Send + Sync>;
+
+/// The outbound part: sends each result to its caller or down the stream.
+pub struct Results {
+    callers: CallerSocket,
+    stream: Socket,
+    stream_address: String,
+    server: String,
+    destination: Destination,
+}
+
+impl std::fmt::Debug for Results {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Results")
+            .field("server", &self.server)
+            .finish()
+    }
+}
+
+impl Results {
+    /// Answers through `callers`; results for the next stage go down a PUSH bound (or
+    /// connected) at `stream`.
+    pub async fn new(
+        callers: CallerSocket,
+        stream: &Endpoint,
+        transport: &Transport,
+        server: &str,
+        destination: Destination,
+    ) -> Result<Results, Error> {
+        let (stream, stream_address) = transport.open(Kind::Push, stream).await?;
+        Ok(Results {
+            callers,
+            stream,
+            stream_address,
+            server: server.to_owned(),
+            destination,
+        })
+    }
+
+    /// The address the next stage connects to.
+    pub fn stream_address(&self) -> &str {
+        &self.stream_address
+    }
+
+    /// The router component (register it non-blocking).
+    pub async fn run(self, mut queue: OutboundQueue) -> Result<(), RouterError> {
+        while let Some(delivery) = queue.recv().await {
+            let (message, responder) = delivery.into_parts();
+            self.deliver(message).await;
+            responder.send(Ok(None));
+        }
+        self.close().await;
+        Ok(())
+    }
+
+    /// Closes the stream, flushing what it holds (the transport's linger).
+    pub async fn close(self) {
+        self.stream.close().await;
+    }
+
+    /// Sends `message` to its caller or down the stream.
+    pub async fn deliver(&self, message: Message) {
+        let destination = (self.destination)(&message);
+        let through = message.function_name() == Some(SYNC_FUNCTION)
+            && message.header(SYNC_THROUGH).is_some();
+        // A handshake that travels through goes on while there is a next stage.
+        let downstream = if through {
+            self.stream.peers() > 0
+        } else {
+            destination == self.server
+        };
+        if !downstream {
+            let caller = if through {
+                &message.client
+            } else {
+                &destination
+            };
+            self.callers.answer(caller, &message).await;
+            return;
+        }
+        let sent = match self.callers.codec.encode_frames(&message) {
+            Ok(frames) => self.stream.send(frames).await.map_err(|e| e.to_string()),
+            Err(error) => Err(error.to_string()),
+        };
+        match sent {
+            Ok(()) => count(&self.callers.counters.streamed),
+            Err(error) => {
+                count(&self.callers.counters.stream_refused);
+                tracing::warn!(server = %self.server, %error, "the next stage did not take a result; its caller gets an error");
+                let text = format!("the next stage did not take it: {error}");
+                let reply = error_reply(&message, "next-stage-unavailable", &text);
+                self.callers.answer(&message.client, &reply).await;
+            }
+        }
+    }
+}

@@ -74,6 +74,10 @@ pub(crate) struct ServerArgs {
     /// Seconds a stop (SIGTERM, SIGINT) waits for the messages in hand.
     #[arg(long, default_value_t = 10.0)]
     drain_for: f64,
+    /// Messages from callers held at once (a server, pipeline or sink); beyond them a caller
+    /// is answered `busy`.
+    #[arg(long, default_value_t = 1024)]
+    max_in_flight: usize,
     #[command(flatten)]
     security: SecurityArgs,
 }
@@ -85,6 +89,12 @@ pub(crate) struct MasterArgs {
     /// Where workers connect (ROUTER).
     #[arg(long, default_value = WORKERS)]
     workers: String,
+    /// Messages waiting for a worker; beyond them a caller is answered `busy`.
+    #[arg(long, default_value_t = 10_000)]
+    max_waiting: usize,
+    /// The most credits one worker may announce.
+    #[arg(long, default_value_t = 256)]
+    max_credits: usize,
 }
 
 #[derive(Args, Debug)]
@@ -200,6 +210,7 @@ pub(crate) async fn server(args: ServerArgs) -> Result<()> {
         .stream_address(&args.publish)
         .db_address(&args.db)
         .functions(builtins())
+        .max_in_flight(args.max_in_flight)
         .transport(args.security.transport()?);
     if args.wire == "pylm" {
         builder = builder.pylm_wire();
@@ -227,6 +238,11 @@ pub(crate) async fn master(args: MasterArgs, previous: Option<PreviousArgs>) -> 
         .stream_address(&args.server.publish)
         .worker_address(&args.workers)
         .db_address(&args.server.db)
+        .admission(rylm_components::Admission {
+            max_waiting: args.max_waiting,
+            max_credits: args.max_credits,
+            ..rylm_components::Admission::default()
+        })
         .transport(args.server.security.transport()?);
     if args.server.wire == "pylm" {
         builder = builder.pylm_wire();
@@ -352,6 +368,7 @@ pub(crate) async fn pipeline(args: ServerArgs, previous: PreviousArgs) -> Result
         .stream_address(&args.publish)
         .db_address(&args.db)
         .functions(builtins())
+        .max_in_flight(args.max_in_flight)
         .transport(args.security.transport()?);
     if args.wire == "pylm" {
         builder = builder.pylm_wire();
@@ -382,6 +399,7 @@ pub(crate) async fn sink(args: ServerArgs, previous: Vec<String>) -> Result<()> 
         .stream_address(&args.publish)
         .db_address(&args.db)
         .functions(builtins())
+        .max_in_flight(args.max_in_flight)
         .transport(args.security.transport()?);
     if args.wire == "pylm" {
         builder = builder.pylm_wire();

@@ -6,11 +6,10 @@
 
 mod common;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use common::{Rylm, ip};
-use tokio::io::{AsyncBufReadExt, BufReader};
+use common::{Job, Rylm, ip};
 
 /// Addresses of this test's own: 10.231.<n>.0/24 exist only inside its namespaces.
 const NET: &str = "10.231";
@@ -111,79 +110,6 @@ impl Drop for Hosts {
     }
 }
 
-/// `rylm client ... job` in `netns`: each `index\tvalue` line it prints, as it prints it.
-struct Job {
-    child: tokio::process::Child,
-    lines: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
-    results: BTreeMap<usize, Vec<String>>,
-}
-
-impl Job {
-    fn start(netns: &str, db: &str, function: &str, payloads: &[String]) -> Job {
-        let mut args = vec![
-            "client".to_owned(),
-            "--db".into(),
-            db.into(),
-            "--timeout".into(),
-            "60".into(),
-            "job".into(),
-            function.into(),
-        ];
-        args.extend(payloads.iter().cloned());
-        args.extend(["--in-flight".to_owned(), "8".into()]);
-        let mut child = Rylm::command(Some(netns), &args)
-            .env("RUST_LOG", "warn")
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("the client starts");
-        let stdout = child.stdout.take().expect("stdout");
-        Job {
-            child,
-            lines: BufReader::new(stdout).lines(),
-            results: BTreeMap::new(),
-        }
-    }
-
-    /// Reads results until `count` have come (true) or the output ends (false), bounded.
-    async fn until(&mut self, count: usize, within: Duration) -> bool {
-        let deadline = Instant::now() + within;
-        while self.received() < count {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match tokio::time::timeout(left, self.lines.next_line()).await {
-                Ok(Ok(Some(line))) => self.record(&line),
-                Ok(_) => return false,
-                Err(_) => panic!("{count} results did not come within {within:?}"),
-            }
-        }
-        true
-    }
-
-    fn record(&mut self, line: &str) {
-        let (index, value) = line.split_once('\t').expect("index<TAB>value");
-        let index = index.parse().expect("an index");
-        self.results
-            .entry(index)
-            .or_default()
-            .push(value.to_owned());
-    }
-
-    fn received(&self) -> usize {
-        self.results.values().map(Vec::len).sum()
-    }
-
-    async fn finish(mut self, within: Duration) -> BTreeMap<usize, Vec<String>> {
-        self.until(usize::MAX, within).await;
-        let status = tokio::time::timeout(within, self.child.wait())
-            .await
-            .expect("the client ends")
-            .expect("reaped");
-        assert!(status.success(), "the client failed: {status}");
-        self.results
-    }
-}
-
 #[tokio::test]
 async fn a_workers_link_goes_down_and_up_under_a_steady_stream() {
     let hosts = Hosts::build(&["w1", "w2", "c"]);
@@ -218,7 +144,7 @@ async fn a_workers_link_goes_down_and_up_under_a_steady_stream() {
 
     let total = 4000;
     let payloads: Vec<String> = (0..total).map(|i| format!("p{i}")).collect();
-    let mut job = Job::start(&hosts.name("c"), &db(3), "sleep:20", &payloads);
+    let mut job = Job::start(Some(&hosts.name("c")), &db(3), "sleep:20", &payloads);
     assert!(
         job.until(200, Duration::from_secs(60)).await,
         "the stream runs"
@@ -236,18 +162,7 @@ async fn a_workers_link_goes_down_and_up_under_a_steady_stream() {
     hosts.link("w1", 1, true);
     let results = job.finish(Duration::from_secs(120)).await;
 
-    let mut duplicated = 0;
-    for (index, payload) in payloads.iter().enumerate() {
-        let values = results.get(&index).map(Vec::as_slice).unwrap_or_default();
-        assert!(!values.is_empty(), "call {index} was never answered");
-        duplicated += values.len() - 1;
-        assert!(
-            values.iter().all(|v| v == payload),
-            "call {index}: {values:?}"
-        );
-    }
-    assert_eq!(duplicated, 0, "every answer exactly once");
-    assert_eq!(results.len(), total);
+    common::exactly_once(&payloads, &results);
 
     // w1 is readmitted: both workers serve again.
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -255,9 +170,12 @@ async fn a_workers_link_goes_down_and_up_under_a_steady_stream() {
     while pids.len() < 2 {
         assert!(Instant::now() < deadline, "w1 was not readmitted");
         let calls: Vec<String> = (0..40).map(|i| i.to_string()).collect();
-        let job = Job::start(&hosts.name("c"), &db(3), "pid", &calls);
-        for values in job.finish(Duration::from_secs(60)).await.into_values() {
-            pids.extend(values);
-        }
+        let job = Job::start(Some(&hosts.name("c")), &db(3), "pid", &calls);
+        pids.extend(
+            job.finish(Duration::from_secs(60))
+                .await
+                .into_values()
+                .flatten(),
+        );
     }
 }

@@ -25,6 +25,9 @@ use crate::pool::{
 };
 use crate::{Error, Functions};
 
+/// How long a control message waits for room toward the master.
+const CONTROL_WAIT: Duration = Duration::from_millis(20);
+
 /// Builds a [`Worker`].
 pub struct WorkerBuilder {
     functions: Functions,
@@ -267,6 +270,20 @@ struct Shared {
 }
 
 impl Shared {
+    /// Sends a heartbeat, a READY or a `busy`: at once or not at all, so the worker's loop never
+    /// stalls on a master that is away (heartbeats and announcements go out again anyway).
+    async fn signal(&self, message: &Message) {
+        match self.codec.encode_frames(message) {
+            Ok(frames) => {
+                if let Err(error) = self.to.send_within(frames, CONTROL_WAIT).await {
+                    tracing::debug!(%error, "the master did not take a control message");
+                }
+            }
+            Err(error) => tracing::error!(%error, "could not encode a control message"),
+        }
+    }
+
+    /// Sends an answer, waiting up to the transport's send timeout for the master.
     async fn send(&self, message: &Message) {
         let encoded = self.codec.encode_frames(message).and_then(|frames| {
             let size: usize = frames.iter().map(Bytes::len).sum();
@@ -384,7 +401,7 @@ async fn work(builder: WorkerBuilder, link: Link, mut stopped: watch::Receiver<b
     // master asks, and while the master is silent: a restarted master learns of its workers,
     // and a master that buried this worker readmits it.
     if native {
-        shared.send(&shared.ready(credits)).await;
+        shared.signal(&shared.ready(credits)).await;
     }
     let mut ticker = tokio::time::interval(builder.heartbeat.interval);
     let mut running = tokio::task::JoinSet::new();
@@ -395,13 +412,13 @@ async fn work(builder: WorkerBuilder, link: Link, mut stopped: watch::Receiver<b
         tokio::select! {
             _ = stopped.changed() => break,
             _ = ticker.tick(), if native => {
-                shared.send(&beat).await;
+                shared.signal(&beat).await;
                 if last_heard.elapsed() > grace {
                     if !silent {
                         tracing::warn!(silent_for = ?last_heard.elapsed(), "no word from the master; announcing again");
                         silent = true;
                     }
-                    shared.send(&shared.ready(credits)).await;
+                    shared.signal(&shared.ready(credits)).await;
                 }
             }
             event = next_event(&mut events) => {
@@ -410,7 +427,7 @@ async fn work(builder: WorkerBuilder, link: Link, mut stopped: watch::Receiver<b
                     // The first READY went out above; later ones announce again.
                     if connections > 1 {
                         tracing::info!("the master is back; announcing again");
-                        shared.send(&shared.ready(credits)).await;
+                        shared.signal(&shared.ready(credits)).await;
                     }
                 }
             }
@@ -436,7 +453,7 @@ async fn work(builder: WorkerBuilder, link: Link, mut stopped: watch::Receiver<b
                 if native {
                     match message.function_name() {
                         Some(READY_FUNCTION) => {
-                            shared.send(&shared.ready(credits)).await;
+                            shared.signal(&shared.ready(credits)).await;
                             continue;
                         }
                         Some(HEARTBEAT_FUNCTION) => continue,
@@ -446,7 +463,7 @@ async fn work(builder: WorkerBuilder, link: Link, mut stopped: watch::Receiver<b
                 // A master keeps within the credits; one that sends far more gets `busy`.
                 if running.len() >= credits * 2 {
                     let text = format!("this worker runs {credits} messages at once and holds as many waiting");
-                    shared.send(&error_reply(&message, "busy", &text)).await;
+                    shared.signal(&error_reply(&message, "busy", &text)).await;
                     continue;
                 }
                 let deadline = deadline_of(&message, Instant::now());
@@ -458,7 +475,7 @@ async fn work(builder: WorkerBuilder, link: Link, mut stopped: watch::Receiver<b
     loop {
         tokio::select! {
             done = running.join_next() => if done.is_none() { break },
-            _ = ticker.tick(), if native => shared.send(&beat).await,
+            _ = ticker.tick(), if native => shared.signal(&beat).await,
         }
     }
     from.close().await;

@@ -5,6 +5,8 @@
 
 use std::time::{Duration, Instant};
 
+use std::collections::BTreeMap;
+
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
@@ -117,13 +119,33 @@ impl Rylm {
 
     /// Its peak resident memory, in KiB (VmHWM).
     pub fn peak_rss_kib(&self) -> u64 {
+        self.status_kib("VmHWM:")
+    }
+
+    /// Its resident memory now, in KiB (VmRSS).
+    pub fn rss_kib(&self) -> u64 {
+        self.status_kib("VmRSS:")
+    }
+
+    fn status_kib(&self, field: &str) -> u64 {
         let pid = self.child.id().expect("running");
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
         status
             .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .find_map(|l| l.strip_prefix(field))
             .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .expect("VmHWM")
+            .unwrap_or_else(|| panic!("{field} in /proc/{pid}/status"))
+    }
+
+    /// Sends `signal` (`STOP`, `CONT`, ...) to it.
+    pub async fn signal(&self, signal: &str) {
+        let pid = self.child.id().expect("running").to_string();
+        let sent = Command::new("kill")
+            .args([&format!("-{signal}"), &pid])
+            .status()
+            .await
+            .expect("kill runs");
+        assert!(sent.success(), "SIG{signal} sent");
     }
 }
 
@@ -203,4 +225,97 @@ where
             }
         }
     }
+}
+
+/// `rylm client ... job` (in `netns`, if given): each `index\tvalue` line it prints, as it prints it.
+pub struct Job {
+    child: tokio::process::Child,
+    lines: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
+    results: BTreeMap<usize, Vec<String>>,
+}
+
+impl Job {
+    pub fn start(netns: Option<&str>, db: &str, function: &str, payloads: &[String]) -> Job {
+        let mut args = vec![
+            "client".to_owned(),
+            "--db".into(),
+            db.into(),
+            "--timeout".into(),
+            "60".into(),
+            "job".into(),
+            function.into(),
+        ];
+        args.extend(payloads.iter().cloned());
+        args.extend(["--in-flight".to_owned(), "8".into()]);
+        let mut child = Rylm::command(netns, &args)
+            .env("RUST_LOG", "warn")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("the client starts");
+        let stdout = child.stdout.take().expect("stdout");
+        Job {
+            child,
+            lines: BufReader::new(stdout).lines(),
+            results: BTreeMap::new(),
+        }
+    }
+
+    /// Reads results until `count` have come (true) or the output ends (false), bounded.
+    pub async fn until(&mut self, count: usize, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        while self.received() < count {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, self.lines.next_line()).await {
+                Ok(Ok(Some(line))) => self.record(&line),
+                Ok(_) => return false,
+                Err(_) => panic!("{count} results did not come within {within:?}"),
+            }
+        }
+        true
+    }
+
+    fn record(&mut self, line: &str) {
+        let (index, value) = line.split_once('\t').expect("index<TAB>value");
+        let index = index.parse().expect("an index");
+        self.results
+            .entry(index)
+            .or_default()
+            .push(value.to_owned());
+    }
+
+    pub fn received(&self) -> usize {
+        self.results.values().map(Vec::len).sum()
+    }
+
+    pub async fn finish(mut self, within: Duration) -> BTreeMap<usize, Vec<String>> {
+        self.until(usize::MAX, within).await;
+        let status = tokio::time::timeout(within, self.child.wait())
+            .await
+            .expect("the client ends")
+            .expect("reaped");
+        assert!(status.success(), "the client failed: {status}");
+        self.results
+    }
+}
+
+/// Asserts that call `i` was answered exactly once, with `payloads[i]`.
+pub fn exactly_once(payloads: &[String], results: &BTreeMap<usize, Vec<String>>) {
+    let mut duplicated = 0;
+    for (index, payload) in payloads.iter().enumerate() {
+        let values = results.get(&index).map(Vec::as_slice).unwrap_or_default();
+        assert!(!values.is_empty(), "call {index} was never answered");
+        duplicated += values.len() - 1;
+        assert!(
+            values.iter().all(|v| v == payload),
+            "call {index}: {values:?}"
+        );
+    }
+    assert_eq!(duplicated, 0, "every answer exactly once");
+    assert_eq!(
+        results.len(),
+        payloads.len(),
+        "no answer to a call never made"
+    );
 }

@@ -63,6 +63,8 @@ pub struct CallerSocket {
     address: String,
     codec: Arc<dyn Codec>,
     counters: Arc<ResultCounters>,
+    /// The largest message a caller takes (the transport's limit).
+    max_message: usize,
 }
 
 impl std::fmt::Debug for CallerSocket {
@@ -86,6 +88,7 @@ impl CallerSocket {
             address,
             codec,
             counters: Arc::default(),
+            max_message: transport.options(endpoint).max_message_size,
         })
     }
 
@@ -102,9 +105,22 @@ impl CallerSocket {
     /// Sends `message` to the caller whose routing identity is `caller`; false if it could not
     /// be delivered (counted and logged).
     async fn answer(&self, caller: &str, message: &Message) -> bool {
-        let frames = match self.codec.encode_frames(message) {
+        let encoded = self.codec.encode_frames(message).and_then(|frames| {
+            let size: usize = frames.iter().map(Bytes::len).sum();
+            if size > self.max_message {
+                Err(rylm_message::Error::TooLarge {
+                    size,
+                    limit: self.max_message,
+                })
+            } else {
+                Ok(frames)
+            }
+        });
+        let frames = match encoded {
             Ok(frames) => frames,
             Err(error) => {
+                // The caller learns why, rather than losing its connection to an oversized frame.
+                tracing::warn!(address = %self.address, %error, "a result could not be sent as it is; its caller gets an error");
                 let reply = error_reply(message, "unencodable", &error.to_string());
                 match self.codec.encode_frames(&reply) {
                     Ok(frames) => frames,

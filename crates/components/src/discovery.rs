@@ -34,9 +34,27 @@ pub fn advertised(bound: &str, advertise: Option<&str>) -> Result<String, Error>
     }
 }
 
+/// A second address beside `address`, for a socket that must be reachable wherever `address`
+/// is: the same tcp host on a port of the system's choice, or an ipc path next to it.
+pub fn beside(address: &str) -> String {
+    if let Some(rest) = address.strip_prefix("tcp://")
+        && let Some((host, _)) = rest.rsplit_once(':')
+    {
+        return format!("tcp://{host}:0");
+    }
+    format!("{address}-2")
+}
+
 #[cfg(test)]
 mod tests {
-    use super::advertised;
+    use super::{advertised, beside};
+
+    #[test]
+    fn a_second_address_is_on_the_same_host() {
+        assert_eq!(beside("tcp://0.0.0.0:5557"), "tcp://0.0.0.0:0");
+        assert_eq!(beside("tcp://[::1]:5557"), "tcp://[::1]:0");
+        assert_eq!(beside("ipc:///run/w.sock"), "ipc:///run/w.sock-2");
+    }
 
     #[test]
     fn wildcards_need_a_host_and_the_host_replaces_what_was_bound() {

@@ -110,7 +110,11 @@ impl Functions {
                     .await
                     {
                         Ok(outcome) => outcome,
-                        Err(join_error) => Err(panic_text(join_error)),
+                        // Carried on to the caller, which turns it into a `panicked` reply.
+                        Err(join_error) => match join_error.try_into_panic() {
+                            Ok(panic) => std::panic::resume_unwind(panic),
+                            Err(_) => Err("cancelled".to_owned()),
+                        },
                     }
                 })
             }),
@@ -239,9 +243,9 @@ impl Functions {
         let Some(function) = self.mux.get(&method).cloned() else {
             return vec![self.call(server, message).await];
         };
-        let outcome = match tokio::spawn(function(message.payload.clone())).await {
+        let outcome = match caught(function(message.payload.clone())).await {
             Ok(outcome) => outcome.map_err(|text| ("failed", text)),
-            Err(join_error) => Err(("panicked", panic_text(join_error))),
+            Err(panic) => Err(("panicked", panic)),
         };
         match outcome {
             Err((kind, text)) => vec![self.failed(error_reply(&message, kind, &text))],
@@ -290,11 +294,11 @@ impl Functions {
                 );
                 return self.failed(error_reply(&message, "unknown-function", &text));
             };
-            // A task of its own, so that a panic becomes an error reply, not a dead server.
+            // A panic becomes an error reply, not a dead server.
             let payload = message.payload.clone();
-            let outcome = match tokio::spawn(function(payload)).await {
+            let outcome = match caught(function(payload)).await {
                 Ok(outcome) => outcome.map_err(|text| ("failed", text)),
-                Err(join_error) => Err(("panicked", panic_text(join_error))),
+                Err(panic) => Err(("panicked", panic)),
             };
             match outcome {
                 Ok(result) => message.payload = result,
@@ -377,13 +381,18 @@ pub(crate) fn pass_on_deadline(mut message: Message, received: std::time::Instan
     message
 }
 
-fn panic_text(join_error: tokio::task::JoinError) -> String {
-    match join_error.try_into_panic() {
-        Ok(panic) => panic
-            .downcast_ref::<&str>()
-            .map(|s| (*s).to_owned())
-            .or_else(|| panic.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "a panic".to_owned()),
-        Err(_) => "cancelled".to_owned(),
-    }
+/// Runs `future` in the calling task (a task of its own per call would cost a hop between
+/// threads), with a panic caught and described.
+async fn caught<T>(future: impl Future<Output = T>) -> Result<T, String> {
+    use futures_lite::FutureExt;
+    std::panic::AssertUnwindSafe(future)
+        .catch_unwind()
+        .await
+        .map_err(|panic| {
+            panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic".to_owned())
+        })
 }

@@ -16,17 +16,20 @@
 //! panic come back as an error reply (headers [`ERROR_KIND`] and [`ERROR_MESSAGE`]), and the
 //! server goes on.
 //!
-//! **Servers.** [`Server`] runs functions itself: PULL from clients, a router, PUB of results
-//! under pylm's `handle_stream` topic (the client's id by default), and the cache; with
-//! [`Server::pipeline`] and [`Server::sink`] its input is the stream of previous servers. The
-//! [`Master`] farms work out to [`Worker`]s by credit (a worker says how many messages it runs
-//! at once), notices a dead worker by its heartbeats and sends its messages to another worker
-//! once, then fails them back; with `scatter`, `gather` and `handle_stream` hooks, and as a Hub
-//! when fed by a previous server. A [`MuxWorker`] yields many results per message. The
-//! [`Client`] finds a server from its cache, makes sure its subscription is live before its
-//! first call (no slow-joiner loss, through a whole pipeline too), and offers `eval`,
-//! `eval_stages`, `eval_all`, `job` (a stream with a bounded number in flight), sessions and the
-//! cache. Every wait has a deadline.
+//! **Servers.** [`Server`] runs functions itself: callers connect a DEALER to its ROUTER and get
+//! each answer back over that connection ([`callers`]), a bounded number at once (beyond it,
+//! `busy`); results bound for another server's stage go down its stream, a PUSH that pushes
+//! back; with [`Server::pipeline`] and [`Server::sink`] its input is the stream of previous
+//! servers. The [`Master`] farms work out to [`Worker`]s by credit through its worker pool:
+//! credits capped, heartbeats both ways, a deadline carried by every message and kept per
+//! dispatch, a dead worker's messages sent to another once (unless a function must not run
+//! twice), the first answer taken and late ones dropped, a silent worker readmitted when it
+//! speaks again; with `scatter`, `gather` and `handle_stream` hooks, and as a Hub when fed by a
+//! previous server. A [`MuxWorker`] yields many results per message. The [`Client`] finds a
+//! server from its cache and offers `eval`, `eval_stages`, `eval_all`, `job` (a stream with a
+//! bounded number in flight), sessions and the cache; a client of a pipeline also connects to
+//! its last server and makes a round trip through the whole pipeline first. Every wait has a
+//! deadline. Each server has pylm's layout and wire format as an option.
 //!
 //! ```no_run
 //! # async fn example() -> Result<(), rylm_components::Error> {
@@ -65,7 +68,7 @@ mod worker;
 pub use cache::{CacheLimits, CacheStore, MISSING};
 pub use callers::{ResultCounters, SYNC_THROUGH};
 pub use client::{Client, ClientOptions};
-pub use discovery::advertised;
+pub use discovery::{advertised, beside};
 pub use error::Error;
 pub use functions::{DEADLINE, Functions, MORE, NONE, PIPELINED, SYNC_FUNCTION, deadline_of};
 pub use master::{Master, MasterBuilder, default_topic};

@@ -25,6 +25,10 @@ use crate::pool::{
 };
 use crate::{Error, Functions};
 
+/// The longest first step of a function run in the worker's loop before functions move to tasks
+/// of their own.
+const INLINE_LIMIT: Duration = Duration::from_millis(2);
+
 /// How long a control message waits for room toward the master.
 const CONTROL_WAIT: Duration = Duration::from_millis(20);
 
@@ -408,6 +412,7 @@ async fn work(builder: WorkerBuilder, link: Link, mut stopped: watch::Receiver<b
     let mut connections = 0u64;
     let mut last_heard = Instant::now();
     let mut silent = false;
+    let mut inline = true;
     loop {
         tokio::select! {
             _ = stopped.changed() => break,
@@ -467,7 +472,22 @@ async fn work(builder: WorkerBuilder, link: Link, mut stopped: watch::Receiver<b
                     continue;
                 }
                 let deadline = deadline_of(&message, Instant::now());
-                running.spawn(shared.clone().run(message, deadline));
+                let mut run = Box::pin(shared.clone().run(message, deadline));
+                // Its first step here: a function that answers at once needs no task (a hop
+                // between threads costs more than most functions). One whose first step takes
+                // long sends every later message to a task of its own, so heartbeats stay on time.
+                if inline {
+                    let started = Instant::now();
+                    let done = futures_lite::future::poll_once(run.as_mut()).await.is_some();
+                    if started.elapsed() > INLINE_LIMIT {
+                        tracing::info!(took = ?started.elapsed(), "a function's first step is slow; running each in a task of its own");
+                        inline = false;
+                    }
+                    if done {
+                        continue;
+                    }
+                }
+                running.spawn(run);
             }
         }
     }

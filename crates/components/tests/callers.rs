@@ -193,3 +193,24 @@ async fn a_missing_next_stage_is_an_error_answer_not_a_silent_loss() {
     assert_eq!(lonely.counters().stream_refused.load(Ordering::Relaxed), 1);
     lonely.shutdown().await.expect("clean");
 }
+
+#[tokio::test]
+async fn a_result_too_large_to_send_becomes_an_error_answer() {
+    let server = Server::builder("s")
+        .functions(Functions::new().add("huge", |_p: Bytes| async move {
+            Ok::<_, String>(Bytes::from(vec![1u8; 17 << 20]))
+        }))
+        .start()
+        .await
+        .expect("starts");
+    let client = Client::connect(server.db_address(), DEADLINE)
+        .await
+        .expect("connects");
+    for _ in 0..3 {
+        match client.eval("huge", "").await {
+            Err(Error::Remote { kind, .. }) => assert_eq!(kind, "unencodable"),
+            other => panic!("{other:?}"),
+        }
+    }
+    server.shutdown().await.expect("clean");
+}

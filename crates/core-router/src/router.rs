@@ -225,6 +225,25 @@ impl InboundLink {
         match entry.mode {
             Mode::Blocking => self.shared.dispatch(first, message).instrument(span).await,
             Mode::NonBlocking => {
+                // A route that starts at a non-blocking component with room in its queue: the
+                // message is there at once, with no task to carry it.
+                let message = if self.shared.table.outbound[first].mode == Mode::NonBlocking {
+                    let delivery = Delivery {
+                        message,
+                        responder: Responder { reply: None },
+                    };
+                    match self.shared.sender(first)?.try_send(delivery) {
+                        Ok(()) => return Ok(None),
+                        Err(mpsc::error::TrySendError::Full(delivery)) => delivery.message,
+                        Err(mpsc::error::TrySendError::Closed(_)) => {
+                            return Err(Error::ComponentGone(
+                                self.shared.table.outbound[first].name.clone(),
+                            ));
+                        }
+                    }
+                } else {
+                    message
+                };
                 let permit = self.shared.detached[self.index]
                     .clone()
                     .acquire_owned()

@@ -173,8 +173,9 @@ impl HttpGateway {
                 codec.clone(),
             )
             .await?;
+            // Workers answer on the host they take work from, wherever that is.
             let from_workers = Listen::pull(
-                &Endpoint::Bind("tcp://127.0.0.1:0".into()),
+                &Endpoint::Bind(rylm_components::beside(to_workers.address())),
                 &config.transport,
                 codec.clone(),
             )

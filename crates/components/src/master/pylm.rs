@@ -9,10 +9,11 @@ use rylm_core_router::{Mode, Router};
 use rylm_message::Message;
 use tokio::sync::watch;
 
-use super::{Either, Master, MasterBuilder, default_topic, loopback};
+use super::{Either, Master, MasterBuilder, default_topic};
 use crate::Error;
 use crate::cache::CacheStore;
-use crate::parts::{Emit, HeldPublisher, Listen};
+use crate::discovery::advertised;
+use crate::parts::{Emit, Endpoint, HeldPublisher, Listen};
 
 impl MasterBuilder {
     pub(super) async fn start_pylm(self) -> Result<Master, Error> {
@@ -41,7 +42,9 @@ impl MasterBuilder {
             sub => (sub, None),
         };
         let to_workers = Emit::push(&self.workers, &self.transport, codec.clone()).await?;
-        let from_workers = Listen::pull(&loopback(), &self.transport, codec.clone()).await?;
+        // Workers answer on the host they take work from, wherever that is.
+        let beside = Endpoint::Bind(crate::beside(to_workers.address()));
+        let from_workers = Listen::pull(&beside, &self.transport, codec.clone()).await?;
         let name = self.name.clone();
         let hook = self.handle_stream.unwrap_or_else(|| {
             let name = name.clone();
@@ -58,20 +61,25 @@ impl MasterBuilder {
         if let Some(counter) = connections {
             publish = publish.cleared_until_new_connection(counter);
         }
+        let advertise = self.advertise.as_deref();
         let (pull_address, worker_push_address, worker_pull_address, pub_address) = (
-            match &clients {
-                Either::Pull(listen) => listen.address().to_owned(),
-                Either::Sub(listen) => listen.address().to_owned(),
-            },
-            to_workers.address().to_owned(),
-            from_workers.address().to_owned(),
-            publish.address().to_owned(),
+            advertised(
+                match &clients {
+                    Either::Pull(listen) => listen.address(),
+                    Either::Sub(listen) => listen.address(),
+                },
+                advertise,
+            )?,
+            advertised(to_workers.address(), advertise)?,
+            advertised(from_workers.address(), advertise)?,
+            advertised(publish.address(), advertise)?,
         );
         let store = CacheStore::default().with_raw_replies();
         let (db_address, cache_task) = store
             .clone()
             .serve(&self.cache, &self.transport, codec, stopped)
             .await?;
+        let db_address = advertised(&db_address, advertise)?;
         for (key, value) in [
             ("name", self.name.as_str()),
             ("pull_address", &pull_address),

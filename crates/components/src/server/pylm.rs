@@ -10,6 +10,7 @@ use tokio::sync::watch;
 
 use super::{Server, ServerBuilder};
 use crate::cache::CacheStore;
+use crate::discovery::advertised;
 use crate::parts::{HeldPublisher, Listen, TopicFn};
 use crate::{Error, SYNC_FUNCTION};
 
@@ -82,6 +83,14 @@ impl ServerBuilder {
             .clone()
             .serve(&self.cache, &self.transport, self.codec.clone(), stopped)
             .await?;
+        let advertise = self.advertise.as_deref();
+        let pull_address = if pull_address.is_empty() {
+            pull_address
+        } else {
+            advertised(&pull_address, advertise)?
+        };
+        let pub_address = advertised(&pub_address, advertise)?;
+        let db_address = advertised(&db_address, advertise)?;
         store.preset("name", self.name.clone());
         store.preset("pull_address", pull_address.clone());
         store.preset("pub_address", pub_address.clone());

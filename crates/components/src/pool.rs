@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use rylm_core_router::OutboundQueue;
 use rylm_message::{Codec, Message};
-use rylm_transport::{Kind, Socket};
+use rylm_transport::{Event, Kind, Socket};
 
 use crate::functions::{SYNC_FUNCTION, deadline_of};
 use crate::parts::{Endpoint, Transport, error_reply};
@@ -242,6 +242,14 @@ impl WorkerPool {
         self
     }
 
+    /// When a worker dies and no other is connected, its messages are answered `worker-died`
+    /// at once instead of waiting for another worker (for a gateway, whose callers are HTTP
+    /// clients that should not wait for a worker that may never come).
+    pub fn fail_when_alone(mut self) -> Self {
+        self.pool.fail_alone = true;
+        self
+    }
+
     /// Where workers connect.
     pub fn address(&self) -> &str {
         &self.address
@@ -299,6 +307,8 @@ pub(crate) struct Pool {
     in_flight: HashMap<String, Dispatched>,
     dispatched: u64,
     keys: std::hash::RandomState,
+    /// A dead worker's messages are failed back at once when no other worker is connected.
+    pub(crate) fail_alone: bool,
     pub(crate) status: Arc<PoolStatus>,
 }
 
@@ -317,6 +327,7 @@ impl Pool {
             in_flight: HashMap::new(),
             dispatched: 0,
             keys: std::hash::RandomState::new(),
+            fail_alone: false,
             status: Arc::default(),
         }
     }
@@ -329,6 +340,10 @@ impl Pool {
     ) -> Result<(), rylm_core_router::Error> {
         let mut ticker = tokio::time::interval(self.heartbeat.interval);
         let mut draining_since: Option<Instant> = None;
+        // Which worker each connection carries (workers declare their identity), so that a
+        // closed connection buries its worker at once rather than after the heartbeat grace.
+        let mut events = Some(workers.events());
+        let mut connections: HashMap<u64, Bytes> = HashMap::new();
         loop {
             if draining_since.is_some() && self.waiting.is_empty() && self.in_flight.is_empty() {
                 break;
@@ -364,6 +379,20 @@ impl Pool {
                     self.bury_the_dead(&mut sink).await;
                     self.expire(&mut sink).await;
                 }
+                event = next_event(&mut events) => match event {
+                    Some(Event::Ready { connection, identity: Some(identity) }) => {
+                        connections.insert(connection, identity);
+                    }
+                    Some(Event::Disconnected { connection, reason, .. }) => {
+                        if let Some(identity) = connections.remove(&connection)
+                            && self.workers.contains_key(&identity)
+                        {
+                            tracing::warn!(%reason, "a worker's connection closed");
+                            self.bury(identity, &mut sink).await;
+                        }
+                    }
+                    _ => {}
+                },
             }
             self.dispatch(&workers, &mut sink).await;
             self.publish_status();
@@ -584,41 +613,50 @@ impl Pool {
             .map(|(id, _)| id.clone())
             .collect();
         for identity in dead {
-            let Some(worker) = self.workers.remove(&identity) else {
+            tracing::warn!("a worker stopped sending heartbeats");
+            self.bury(identity, sink).await;
+        }
+    }
+
+    /// Takes a worker for dead: each message it held goes to another worker once, or back to
+    /// its caller (`worker-died`) when that is not allowed or there is no other worker to take
+    /// it (with `fail_alone`).
+    async fn bury(&mut self, identity: Bytes, sink: &mut ResultSink) {
+        let Some(worker) = self.workers.remove(&identity) else {
+            return;
+        };
+        count(&self.status.counters.buried);
+        tracing::warn!(held = worker.holds.len(), "a worker is taken for dead");
+        let alone = self.fail_alone && self.workers.is_empty();
+        for held in worker.holds {
+            let Some(dispatched) = self.in_flight.get(&held) else {
                 continue;
             };
-            count(&self.status.counters.buried);
-            tracing::warn!(
-                held = worker.holds.len(),
-                "a worker stopped sending heartbeats"
-            );
-            for held in worker.holds {
-                let Some(dispatched) = self.in_flight.get(&held) else {
-                    continue;
-                };
-                let once = dispatched
-                    .message
-                    .method()
-                    .is_some_and(|m| worker.once.contains(m));
-                let reason = if once {
-                    Some("the worker holding this message died; it must not run twice")
-                } else if dispatched.holders.len() >= 2 {
-                    Some("two workers died holding this message; it was not run to the end")
-                } else {
-                    None
-                };
-                match reason {
-                    Some(reason) => {
-                        if let Some(dispatched) = self.in_flight.remove(&held) {
-                            count(&self.status.counters.worker_died);
-                            let reply = error_reply(&dispatched.message, "worker-died", reason);
-                            self.publish(sink, reply).await;
-                        }
+            let once = dispatched
+                .message
+                .method()
+                .map(|m| m.split(':').next().unwrap_or(m))
+                .is_some_and(|m| worker.once.contains(m));
+            let reason = if once {
+                Some("the worker holding this message died; it must not run twice")
+            } else if dispatched.holders.len() >= 2 {
+                Some("two workers died holding this message; it was not run to the end")
+            } else if alone {
+                Some("the worker holding this message died, and no other worker is connected")
+            } else {
+                None
+            };
+            match reason {
+                Some(reason) => {
+                    if let Some(dispatched) = self.in_flight.remove(&held) {
+                        count(&self.status.counters.worker_died);
+                        let reply = error_reply(&dispatched.message, "worker-died", reason);
+                        self.publish(sink, reply).await;
                     }
-                    None => {
-                        count(&self.status.counters.redispatched);
-                        self.waiting.push_front(Queued::Again(held));
-                    }
+                }
+                None => {
+                    count(&self.status.counters.redispatched);
+                    self.waiting.push_front(Queued::Again(held));
                 }
             }
         }
@@ -757,4 +795,16 @@ impl Pool {
             }
         }
     }
+}
+
+/// The next connection event; never, once the events have ended (or with no events at all).
+pub(crate) async fn next_event(events: &mut Option<rylm_transport::Events>) -> Option<Event> {
+    let Some(stream) = events else {
+        return std::future::pending().await;
+    };
+    let event = stream.next().await;
+    if event.is_none() {
+        *events = None;
+    }
+    event
 }

@@ -21,7 +21,7 @@ use tokio::sync::{Semaphore, watch};
 use crate::functions::deadline_of;
 use crate::parts::{Endpoint, Transport, error_reply};
 use crate::pool::{
-    CREDITS, DISPATCH, FUNCTIONS, HEARTBEAT_FUNCTION, HOLDING, ONCE, READY_FUNCTION,
+    CREDITS, DISPATCH, FUNCTIONS, HEARTBEAT_FUNCTION, HOLDING, ONCE, READY_FUNCTION, next_event,
 };
 use crate::{Error, Functions};
 
@@ -146,7 +146,11 @@ impl WorkerBuilder {
 
     /// Connects to the master's worker address and starts working.
     pub async fn connect(self, worker_address: &str) -> Result<Worker, Error> {
-        let socket = Socket::new(Kind::Dealer, &self.transport.connected)?;
+        // An identity of its own, so that the master knows which worker a connection carries
+        // and buries it at once when the connection closes.
+        let mut options = self.transport.connected.clone();
+        options.identity = Bytes::from(format!("worker-{}", rylm_message::new_id()));
+        let socket = Socket::new(Kind::Dealer, &options)?;
         // Watch before connecting, so that the first connection's news is not missed.
         let events = socket.events();
         socket.connect(worker_address).await?;
@@ -502,16 +506,4 @@ async fn work(builder: WorkerBuilder, link: Link, mut stopped: watch::Receiver<b
     if !native {
         shared.to.clone().close().await;
     }
-}
-
-/// The next connection event; never, once the events have ended (or in pylm's layout).
-async fn next_event(events: &mut Option<rylm_transport::Events>) -> Option<Event> {
-    let Some(stream) = events else {
-        return std::future::pending().await;
-    };
-    let event = stream.next().await;
-    if event.is_none() {
-        *events = None;
-    }
-    event
 }

@@ -415,3 +415,58 @@ async fn a_function_that_must_not_run_twice_is_failed_back_when_its_worker_dies(
     spare.shutdown().await;
     master.shutdown().await.expect("clean");
 }
+
+#[tokio::test]
+async fn a_worker_whose_connection_closes_is_buried_at_once_not_after_the_grace() {
+    let slow_grace = Heartbeat {
+        interval: Duration::from_secs(1),
+        misses: 5,
+    };
+    let master = Master::builder("m")
+        .heartbeat(slow_grace.clone())
+        .start()
+        .await
+        .expect("starts");
+    let gate = Arc::new(tokio::sync::Notify::new());
+    let held = {
+        let gate = gate.clone();
+        Functions::new().add("hold", move |p: Bytes| {
+            let gate = gate.clone();
+            async move {
+                gate.notify_one();
+                tokio::time::sleep(Duration::from_secs(30)).await;
+                Ok::<_, String>(p)
+            }
+        })
+    };
+    let doomed = Worker::builder(held)
+        .credits(1)
+        .heartbeat(slow_grace.interval)
+        .connect(master.worker_address())
+        .await
+        .expect("connects");
+    let client = client(&master).await;
+    let call = spawn_eval(&client, "hold", "x", DEADLINE);
+    tokio::time::timeout(DEADLINE, gate.notified())
+        .await
+        .expect("it started");
+    let rescuer =
+        Worker::builder(Functions::new().add("hold", |p: Bytes| async move { Ok::<_, String>(p) }))
+            .credits(1)
+            .heartbeat(slow_grace.interval)
+            .connect(master.worker_address())
+            .await
+            .expect("connects");
+    let killed = Instant::now();
+    doomed.abort();
+    let answer = call.await.expect("task").expect("re-dispatched");
+    assert_eq!(&answer[..], b"x");
+    assert!(
+        killed.elapsed() < slow_grace.grace() / 2,
+        "re-dispatched after {:?}, the grace is {:?}",
+        killed.elapsed(),
+        slow_grace.grace()
+    );
+    rescuer.shutdown().await;
+    master.shutdown().await.expect("clean");
+}

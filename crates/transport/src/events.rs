@@ -25,6 +25,9 @@ pub enum Event {
     Ready {
         /// The connection's id within this socket.
         connection: u64,
+        /// The routing identity the peer declared, if it declared one (untrusted: any peer
+        /// may declare any identity).
+        identity: Option<bytes::Bytes>,
     },
     /// A connection ended.
     Disconnected {
@@ -69,6 +72,7 @@ impl Event {
             },
             M::HandshakeSucceeded { peer, .. } => Event::Ready {
                 connection: peer.connection_id,
+                identity: peer.peer_identity.clone(),
             },
             M::Disconnected { peer, reason, .. } => Event::Disconnected {
                 connection: peer.connection_id,

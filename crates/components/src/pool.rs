@@ -49,6 +49,10 @@ pub const FUNCTIONS: &str = "rylm-functions";
 pub const HOLDING: &str = "rylm-holding";
 /// The header of a `READY` that lists the worker's functions that must not run twice.
 pub const ONCE: &str = "rylm-once";
+/// Withdraws the messages of one caller (its id as the message's `client`): those waiting are
+/// dropped, and the answers of those a worker holds are discarded (a gateway sends it for a
+/// request whose HTTP client went away).
+pub const WITHDRAW_FUNCTION: &str = "rylm.withdraw";
 /// The header that tells the pool which dispatch an answer belongs to.
 pub(crate) const DISPATCH: &str = "rylm-dispatch";
 
@@ -148,6 +152,8 @@ pub struct PoolCounters {
     pub buried: AtomicU64,
     /// Workers admitted (again, after a burial or a restart, included).
     pub admitted: AtomicU64,
+    /// Messages withdrawn by their caller before an answer.
+    pub withdrawn: AtomicU64,
 }
 
 /// What a worker pool knows of its workers, shared with whoever asks.
@@ -421,9 +427,16 @@ impl Pool {
     /// Takes a message from the router: answers a client's handshake, refuses it when the line
     /// is full, else lines up its parts.
     async fn admit(&mut self, message: Message, sink: &mut ResultSink) {
-        if message.function_name() == Some(SYNC_FUNCTION) {
-            self.publish(sink, message.reply(Bytes::new())).await;
-            return;
+        match message.function_name() {
+            Some(SYNC_FUNCTION) => {
+                self.publish(sink, message.reply(Bytes::new())).await;
+                return;
+            }
+            Some(WITHDRAW_FUNCTION) => {
+                self.withdraw(&message.client);
+                return;
+            }
+            _ => {}
         }
         let now = Instant::now();
         for part in (self.scatter)(message) {
@@ -439,6 +452,29 @@ impl Pool {
             let deadline = deadline_of(&part, now).unwrap_or(now + self.admission.default_deadline);
             self.waiting.push_back(Queued::Fresh(part, deadline));
         }
+    }
+
+    /// Drops what waits for `client`, and forgets what workers hold for it (their answers are
+    /// dropped when they come; their credits come back then).
+    fn withdraw(&mut self, client: &str) {
+        let before = self.waiting.len();
+        self.waiting.retain(
+            |queued| !matches!(queued, Queued::Fresh(message, _) if message.client == client),
+        );
+        let held: Vec<String> = self
+            .in_flight
+            .iter()
+            .filter(|(_, d)| d.message.client == client)
+            .map(|(id, _)| id.clone())
+            .collect();
+        let withdrawn = before - self.waiting.len() + held.len();
+        for id in held {
+            self.in_flight.remove(&id);
+        }
+        self.status
+            .counters
+            .withdrawn
+            .fetch_add(withdrawn as u64, Ordering::Relaxed);
     }
 
     async fn fail_everything(&mut self, sink: &mut ResultSink) {

@@ -15,7 +15,8 @@ use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use rylm_components::parts::{Emit, Endpoint, Listen, Transport};
 use rylm_components::{
-    CacheStore, ERROR_KIND, ERROR_MESSAGE, Heartbeat, PoolStatus, ResultSink, WorkerPool,
+    CacheStore, DEADLINE, ERROR_KIND, ERROR_MESSAGE, Heartbeat, PoolStatus, ResultSink,
+    WITHDRAW_FUNCTION, WorkerPool,
 };
 use rylm_core_router::{InboundLink, Mode, OutboundQueue, Router};
 use rylm_message::{Codec, Message, NativeCodec};
@@ -40,8 +41,19 @@ pub struct GatewayConfig {
     pub deadline: Duration,
     /// The largest request body accepted; above it, 413 (default 8 MiB).
     pub max_body: usize,
-    /// How many requests are handled at once; above it, 503 at once (default 10,000).
+    /// How many requests are handled at once, over all connections; above it, 503 with
+    /// `Retry-After` at once (default 10,000).
     pub concurrency: usize,
+    /// How many connections are held at once; above it, a new connection is answered 503 and
+    /// closed (default 10,000).
+    pub max_connections: usize,
+    /// How long a client may take to send a request's headers, and how long a keep-alive
+    /// connection may stay idle between requests (default 10 s).
+    pub header_timeout: Duration,
+    /// How long a client may take to send a request's body; after it, 408 (default 30 s).
+    pub body_timeout: Duration,
+    /// What a 503 tells a client to wait before trying again (default 1 s).
+    pub retry_after: Duration,
     /// How workers are watched.
     pub heartbeat: Heartbeat,
     /// Serve pylm workers (PUSH/PULL, PalmMessage, found through a raw-bytes cache at `db`)
@@ -63,6 +75,10 @@ impl Default for GatewayConfig {
             deadline: Duration::from_secs(30),
             max_body: 8 * 1024 * 1024,
             concurrency: 10_000,
+            max_connections: 10_000,
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(30),
+            retry_after: Duration::from_secs(1),
             heartbeat: Heartbeat::default(),
             pylm: false,
             db: "tcp://127.0.0.1:0".into(),
@@ -71,10 +87,14 @@ impl Default for GatewayConfig {
     }
 }
 
-/// The inbound component: submits the messages the HTTP side makes.
+/// The inbound component: submits the messages the HTTP side makes, and the withdrawals of
+/// requests whose clients went away.
 #[derive(Debug)]
 pub struct GatewayRouter {
     requests: mpsc::Receiver<Message>,
+    /// Ids of abandoned requests. Unbounded, yet bounded in practice: each admitted request
+    /// sends at most one, and admission is bounded.
+    withdrawals: mpsc::UnboundedReceiver<String>,
 }
 
 impl GatewayRouter {
@@ -83,6 +103,12 @@ impl GatewayRouter {
         loop {
             tokio::select! {
                 _ = link.stopping() => return Ok(()),
+                withdrawn = self.withdrawals.recv() => {
+                    if let Some(id) = withdrawn {
+                        let withdraw = Message::call(WITHDRAW_FUNCTION, Bytes::new()).with_client(id);
+                        link.submit(withdraw).await?;
+                    }
+                }
                 request = self.requests.recv() => match request {
                     Some(message) => { link.submit(message).await?; }
                     None => return Ok(()),
@@ -124,7 +150,12 @@ impl GatewayDealer {
 /// Shared by every request handler.
 struct State {
     requests: mpsc::Sender<Message>,
+    withdrawals: mpsc::UnboundedSender<String>,
     pending: Pending,
+    /// Requests handled at once, over all connections.
+    admitted: Arc<tokio::sync::Semaphore>,
+    retry_after: Duration,
+    body_timeout: Duration,
     /// The worker pool's view of its workers; `None` for pylm workers, which announce nothing.
     status: Option<Arc<PoolStatus>>,
     deadline: Duration,
@@ -157,8 +188,10 @@ impl HttpGateway {
     pub async fn start(config: GatewayConfig) -> Result<HttpGateway, Error> {
         let pending: Pending = Arc::default();
         let (requests, requests_in) = mpsc::channel(1024);
+        let (withdrawals, withdrawals_in) = mpsc::unbounded_channel();
         let gateway_in = GatewayRouter {
             requests: requests_in,
+            withdrawals: withdrawals_in,
         };
         let dealer = GatewayDealer {
             pending: pending.clone(),
@@ -237,7 +270,8 @@ impl HttpGateway {
                 codec,
                 config.heartbeat.clone(),
             )
-            .await?;
+            .await?
+            .fail_when_alone();
             let (worker_address, status) = (pool.address().to_owned(), pool.status());
             let (results, mut results_in) = mpsc::channel::<Message>(1024);
             let results_component = move |mut link: InboundLink| async move {
@@ -287,7 +321,11 @@ impl HttpGateway {
         })?;
         let state = Arc::new(State {
             requests,
+            withdrawals,
             pending,
+            admitted: Arc::new(tokio::sync::Semaphore::new(config.concurrency.max(1))),
+            retry_after: config.retry_after,
+            body_timeout: config.body_timeout,
             status,
             deadline: config.deadline,
             max_body: config.max_body,
@@ -340,47 +378,74 @@ async fn serve(
     mut stopped: watch::Receiver<bool>,
 ) {
     let graceful = GracefulShutdown::new();
+    let connections = Arc::new(tokio::sync::Semaphore::new(config.max_connections.max(1)));
+    // Accept errors (out of file descriptors, say) back off instead of spinning.
+    let mut backoff = ACCEPT_BACKOFF_MIN;
     loop {
         let (stream, _) = tokio::select! {
             _ = stopped.changed() => break,
             accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
+                Ok(accepted) => {
+                    backoff = ACCEPT_BACKOFF_MIN;
+                    accepted
+                }
                 Err(error) => {
-                    tracing::warn!(%error, "accept failed");
+                    tracing::warn!(%error, ?backoff, "accept failed; waiting before the next");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
                     continue;
                 }
             },
         };
         let _ = stream.set_nodelay(true);
+        let connection_permit = connections.clone().try_acquire_owned().ok();
         let handler = {
-            let state = state.clone();
+            let (state, full) = (state.clone(), connection_permit.is_none());
             tower::service_fn(
                 move |request: Request<tower_http::body::Limited<Incoming>>| {
                     let state = state.clone();
-                    async move { Ok::<_, Infallible>(handle(state, request).await) }
+                    async move {
+                        let response = if full {
+                            let mut response = unavailable(
+                                &state,
+                                "the gateway holds as many connections as it may; try again",
+                            );
+                            response.headers_mut().insert(
+                                hyper::header::CONNECTION,
+                                hyper::header::HeaderValue::from_static("close"),
+                            );
+                            response
+                        } else {
+                            handle(state, request).await
+                        };
+                        Ok::<_, Infallible>(response)
+                    }
                 },
             )
         };
-        // HTTP concerns as layers: tracing, load shedding over a concurrency limit, a timeout,
-        // and the body limit (a Content-Length above it is a 413 before the body is read).
+        // HTTP concerns as layers: tracing, a backstop timeout, and the body limit (a
+        // Content-Length above it is a 413 before the body is read). Admission is the handler's:
+        // one limit over every connection.
         let service = ServiceBuilder::new()
             .layer(tower_http::trace::TraceLayer::new_for_http())
             .map_result(to_response)
-            .load_shed()
-            .concurrency_limit(config.concurrency)
-            .timeout(config.deadline + Duration::from_secs(1))
+            .timeout(config.deadline + config.body_timeout + Duration::from_secs(1))
             .layer(tower_http::limit::RequestBodyLimitLayer::new(
                 config.max_body,
             ))
             .service(handler);
+        // The header timeout also closes keep-alive connections idle between requests.
         let connection = hyper::server::conn::http1::Builder::new()
-            .keep_alive(true)
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(config.header_timeout)
+            .keep_alive(connection_permit.is_some())
             .serve_connection(TokioIo::new(stream), TowerToHyperService::new(service));
         let connection = graceful.watch(connection);
         tokio::spawn(async move {
             if let Err(error) = connection.await {
                 tracing::debug!(%error, "an HTTP connection ended with an error");
             }
+            drop(connection_permit);
         });
     }
     drop(listener);
@@ -388,7 +453,23 @@ async fn serve(
     let _ = tokio::time::timeout(Duration::from_secs(60), graceful.shutdown()).await;
 }
 
-/// Errors of the layers as HTTP answers: load shedding 503, the backstop timeout 504.
+/// The first wait after a failed accept, and the longest.
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(5);
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// A 503 that says when to try again.
+fn unavailable(state: &State, message: &str) -> Response<Full<Bytes>> {
+    let mut response = json_error(StatusCode::SERVICE_UNAVAILABLE, message);
+    let seconds = state.retry_after.as_secs().max(1).to_string();
+    if let Ok(value) = hyper::header::HeaderValue::from_str(&seconds) {
+        response
+            .headers_mut()
+            .insert(hyper::header::RETRY_AFTER, value);
+    }
+    response
+}
+
+/// Errors of the layers as HTTP answers: the backstop timeout 504.
 fn to_response<B>(
     result: Result<Response<B>, tower::BoxError>,
 ) -> Result<Response<AnyBody>, tower::BoxError>
@@ -401,10 +482,6 @@ where
     };
     Ok(match result {
         Ok(response) => response.map(|body| body.map_err(Into::into).boxed()),
-        Err(error) if error.is::<tower::load_shed::error::Overloaded>() => boxed(json_error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the gateway is at its concurrency limit; try again",
-        )),
         Err(error) if error.is::<tower::timeout::error::Elapsed>() => boxed(json_error(
             StatusCode::GATEWAY_TIMEOUT,
             "the request took too long",
@@ -447,31 +524,88 @@ fn is_function_name(name: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ':'))
 }
 
-/// One HTTP request: check it, make it a message, wait for the worker's answer.
+/// One HTTP request, answered with its request id (`X-Request-Id`, the client's or a new one).
 async fn handle<B>(state: Arc<State>, request: Request<B>) -> Response<Full<Bytes>>
 where
     B: hyper::body::Body<Data = Bytes>,
     B::Error: Into<tower::BoxError>,
 {
+    let given = request
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok());
+    let request_id = crate::request::request_id(given);
+    let mut response = respond(&state, request, &request_id).await;
+    if let Ok(value) = hyper::header::HeaderValue::from_str(&request_id) {
+        response.headers_mut().insert("x-request-id", value);
+    }
+    response
+}
+
+fn json_ok(body: serde_json::Value) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+/// Forgets a request when its handler ends, however it ends; one whose client went away (the
+/// handler dropped before an answer) is withdrawn from the worker pool too.
+struct InHand<'a> {
+    state: &'a State,
+    id: String,
+    answered: bool,
+}
+
+impl Drop for InHand<'_> {
+    fn drop(&mut self) {
+        self.state
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.id);
+        if !self.answered {
+            let _ = self.state.withdrawals.send(std::mem::take(&mut self.id));
+        }
+    }
+}
+
+/// Checks a request, makes it a message, waits for the worker's answer.
+async fn respond<B>(state: &State, request: Request<B>, request_id: &str) -> Response<Full<Bytes>>
+where
+    B: hyper::body::Body<Data = Bytes>,
+    B::Error: Into<tower::BoxError>,
+{
     let path = request.uri().path().to_owned();
-    if path == "/" {
-        let body = match &state.status {
-            Some(status) => serde_json::json!({
-                "functions": status.functions(),
-                "workers": status.live_workers(),
-                "call": "GET or POST /<function> with the payload as the body",
-            }),
-            None => serde_json::json!({
-                "workers": "pylm workers (they announce neither themselves nor their functions)",
-                "call": "GET or POST /<function> with the payload as the body",
-            }),
-        };
-        let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
-        response.headers_mut().insert(
-            hyper::header::CONTENT_TYPE,
-            hyper::header::HeaderValue::from_static("application/json"),
-        );
-        return response;
+    match path.as_str() {
+        "/" => {
+            return json_ok(match &state.status {
+                Some(status) => serde_json::json!({
+                    "functions": status.functions(),
+                    "workers": status.live_workers(),
+                    "call": "GET or POST /<function> with the payload as the body",
+                }),
+                None => serde_json::json!({
+                    "workers": "pylm workers (they announce neither themselves nor their functions)",
+                    "call": "GET or POST /<function> with the payload as the body",
+                }),
+            });
+        }
+        "/healthz" => return json_ok(serde_json::json!({ "status": "alive" })),
+        "/readyz" => {
+            // Ready: a worker has a free credit (pylm workers announce nothing: ready while up).
+            let free = state.status.as_ref().map(|status| status.free_credits());
+            return match free {
+                Some(0) => unavailable(state, "no worker has a free credit"),
+                Some(free) => {
+                    json_ok(serde_json::json!({ "status": "ready", "free_credits": free }))
+                }
+                None => json_ok(serde_json::json!({ "status": "ready" })),
+            };
+        }
+        _ => {}
     }
     if request.method() != Method::GET && request.method() != Method::POST {
         return json_error(StatusCode::METHOD_NOT_ALLOWED, "use GET or POST");
@@ -489,7 +623,7 @@ where
     let method_name = method.split_once(':').map_or(method, |(name, _)| name);
     if let Some(status) = &state.status {
         if status.live_workers() == 0 {
-            return json_error(StatusCode::SERVICE_UNAVAILABLE, "no worker is connected");
+            return unavailable(state, "no worker is connected");
         }
         let known = status.functions();
         if !known.iter().any(|f| f == method || f == method_name) {
@@ -502,39 +636,41 @@ where
             );
         }
     }
+    // One limit over every connection: beyond it, 503 at once.
+    let Ok(_admitted) = state.admitted.clone().try_acquire_owned() else {
+        return unavailable(state, "the gateway is at its concurrency limit; try again");
+    };
 
     let mut headers = std::collections::BTreeMap::new();
     headers.insert(
         "http.method".to_owned(),
         request.method().as_str().to_owned(),
     );
+    headers.insert("http.request-id".to_owned(), request_id.to_owned());
     if let Some(query) = request.uri().query() {
         headers.insert("http.query".to_owned(), query.to_owned());
-        for pair in query.split('&').filter(|p| !p.is_empty()) {
-            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-            headers.insert(format!("query.{name}"), value.to_owned());
-        }
+        crate::request::query_headers(query, &mut headers);
     }
-    for (name, value) in request.headers() {
-        if let Ok(value) = value.to_str() {
-            headers.insert(format!("header.{}", name.as_str()), value.to_owned());
-        }
-    }
-    let body = match Limited::new(request.into_body(), state.max_body)
-        .collect()
-        .await
-    {
-        Ok(body) => body.to_bytes(),
-        Err(error) if is_over_limit(error.as_ref()) => {
+    crate::request::header_headers(request.headers(), &mut headers);
+    let collect = Limited::new(request.into_body(), state.max_body).collect();
+    let body = match tokio::time::timeout(state.body_timeout, collect).await {
+        Ok(Ok(body)) => body.to_bytes(),
+        Ok(Err(error)) if is_over_limit(error.as_ref()) => {
             return json_error(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 &format!("the body is above the limit of {} bytes", state.max_body),
             );
         }
-        Err(error) => {
+        Ok(Err(error)) => {
             return json_error(
                 StatusCode::BAD_REQUEST,
                 &format!("the body could not be read: {error}"),
+            );
+        }
+        Err(_) => {
+            return json_error(
+                StatusCode::REQUEST_TIMEOUT,
+                &format!("the body did not come within {:?}", state.body_timeout),
             );
         }
     };
@@ -551,34 +687,37 @@ where
     };
     let mut message = Message::call(function, body).with_client(id.clone());
     message.headers = headers;
+    // The pool never dispatches it past the deadline, and the worker stops at it.
+    message.headers.insert(
+        DEADLINE.to_owned(),
+        state.deadline.as_millis().max(1).to_string(),
+    );
     let (done, answer) = oneshot::channel();
     state
         .pending
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .insert(id.clone(), done);
+    let mut in_hand = InHand {
+        state,
+        id,
+        answered: false,
+    };
     let outcome = match state.requests.send(message).await {
-        Err(_) => Err(json_error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the gateway is shutting down",
-        )),
+        Err(_) => Err(unavailable(state, "the gateway is shutting down")),
         Ok(()) => match tokio::time::timeout(state.deadline, answer).await {
-            Ok(Ok(result)) => Ok(result),
-            Ok(Err(_)) => Err(json_error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "the gateway is shutting down",
-            )),
+            Ok(Ok(result)) => {
+                in_hand.answered = true;
+                Ok(result)
+            }
+            Ok(Err(_)) => Err(unavailable(state, "the gateway is shutting down")),
             Err(_) => Err(json_error(
                 StatusCode::GATEWAY_TIMEOUT,
                 &format!("no worker answered within {:?}", state.deadline),
             )),
         },
     };
-    state
-        .pending
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .remove(&id);
+    drop(in_hand);
     let result = match outcome {
         Ok(result) => result,
         Err(response) => return response,
@@ -587,12 +726,14 @@ where
         None => Response::new(Full::new(result.payload)),
         Some(kind) => {
             let text = result.header(ERROR_MESSAGE).unwrap_or_default();
-            let status = match kind {
-                "unknown-function" => StatusCode::NOT_FOUND,
-                "worker-died" | "shutdown" => StatusCode::SERVICE_UNAVAILABLE,
-                _ => StatusCode::INTERNAL_SERVER_ERROR,
-            };
-            json_error(status, &format!("{kind}: {text}"))
+            let text = format!("{kind}: {text}");
+            match kind {
+                "unknown-function" => json_error(StatusCode::NOT_FOUND, &text),
+                "worker-died" => json_error(StatusCode::BAD_GATEWAY, &text),
+                "busy" | "shutdown" => unavailable(state, &text),
+                "deadline" => json_error(StatusCode::GATEWAY_TIMEOUT, &text),
+                _ => json_error(StatusCode::INTERNAL_SERVER_ERROR, &text),
+            }
         }
     }
 }

@@ -38,6 +38,7 @@
 mod error;
 mod http;
 mod parts;
+pub mod request;
 
 pub use error::Error;
 pub use http::{GatewayConfig, GatewayDealer, GatewayRouter, HttpGateway};

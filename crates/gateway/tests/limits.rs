@@ -1,0 +1,289 @@
+//! The gateway under hostile and careless clients: one concurrency limit over every
+//! connection (503 with Retry-After at once), header and idle timeouts against slowloris,
+//! abandoned requests withdrawn so they do not starve fresh ones, a dead worker answered 502 at
+//! once, health endpoints and request ids.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{Request, StatusCode};
+use hyper_util::client::legacy::Client as HttpClient;
+use hyper_util::rt::TokioExecutor;
+use rylm_components::{Functions, Heartbeat, Worker};
+use rylm_gateway::{GatewayConfig, HttpGateway};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const DEADLINE: Duration = Duration::from_secs(10);
+
+fn functions() -> Functions {
+    Functions::new()
+        .add("upper", |p: Bytes| async move {
+            Ok::<_, String>(Bytes::from(p.to_ascii_uppercase()))
+        })
+        .add_parameterized("sleep", |ms: String, p: Bytes| async move {
+            tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(0))).await;
+            Ok::<_, String>(p)
+        })
+}
+
+fn config() -> GatewayConfig {
+    GatewayConfig {
+        deadline: Duration::from_secs(30),
+        heartbeat: Heartbeat {
+            interval: Duration::from_millis(200),
+            misses: 10,
+        },
+        ..GatewayConfig::default()
+    }
+}
+
+async fn gateway_with_worker(config: GatewayConfig, credits: usize) -> (HttpGateway, Worker) {
+    let gateway = HttpGateway::start(config).await.expect("starts");
+    let worker = Worker::builder(functions())
+        .credits(credits)
+        .heartbeat(Duration::from_millis(200))
+        .connect(gateway.worker_address())
+        .await
+        .expect("a worker connects");
+    let client = http_client();
+    let started = Instant::now();
+    while get(&client, &gateway, "/readyz").await.0 != StatusCode::OK {
+        assert!(
+            started.elapsed() < DEADLINE,
+            "the worker never became ready"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    (gateway, worker)
+}
+
+fn http_client() -> HttpClient<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>> {
+    HttpClient::builder(TokioExecutor::new()).build_http::<Full<Bytes>>()
+}
+
+type Answer = (StatusCode, hyper::HeaderMap, String);
+
+async fn send(
+    client: &HttpClient<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
+    request: Request<Full<Bytes>>,
+) -> Answer {
+    let response = client.request(request).await.expect("answered");
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await.expect("a body").to_bytes();
+    (
+        parts.status,
+        parts.headers,
+        String::from_utf8_lossy(&body).into_owned(),
+    )
+}
+
+async fn get(
+    client: &HttpClient<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
+    gateway: &HttpGateway,
+    path: &str,
+) -> Answer {
+    let request = Request::get(format!("http://{}{path}", gateway.local_addr()))
+        .body(Full::new(Bytes::new()))
+        .expect("a request");
+    send(client, request).await
+}
+
+#[tokio::test]
+async fn beyond_the_concurrency_limit_requests_get_503_with_retry_after_at_once() {
+    let (gateway, worker) = gateway_with_worker(
+        GatewayConfig {
+            concurrency: 4,
+            ..config()
+        },
+        64,
+    )
+    .await;
+    let client = http_client();
+    let calls: Vec<_> = (0..50)
+        .map(|_| {
+            let (client, address) = (client.clone(), gateway.local_addr());
+            tokio::spawn(async move {
+                let started = Instant::now();
+                let request = Request::get(format!("http://{address}/sleep:500"))
+                    .body(Full::new(Bytes::new()))
+                    .expect("a request");
+                let answer = send(&client, request).await;
+                (answer, started.elapsed())
+            })
+        })
+        .collect();
+    let (mut shed, mut served) = (0, 0);
+    for call in calls {
+        let ((status, headers, _), took) = call.await.expect("task");
+        match status {
+            StatusCode::SERVICE_UNAVAILABLE => {
+                assert!(headers.contains_key("retry-after"), "{headers:?}");
+                if took < Duration::from_millis(50) {
+                    shed += 1;
+                }
+            }
+            StatusCode::OK => served += 1,
+            other => panic!("{other}"),
+        }
+    }
+    assert!(shed >= 40, "only {shed} requests were refused within 50 ms");
+    assert_eq!(served, 4, "as many as the limit were served");
+    worker.shutdown().await;
+    gateway.shutdown().await.expect("clean");
+}
+
+#[tokio::test]
+async fn a_thousand_half_sent_requests_are_closed_while_a_normal_one_is_served() {
+    let header_timeout = Duration::from_secs(1);
+    let (gateway, worker) = gateway_with_worker(
+        GatewayConfig {
+            header_timeout,
+            ..config()
+        },
+        8,
+    )
+    .await;
+    let mut slow = Vec::new();
+    for _ in 0..1000 {
+        let mut stream = tokio::net::TcpStream::connect(gateway.local_addr())
+            .await
+            .expect("connects");
+        stream
+            .write_all(b"GET /upper HTTP/1.1\r\nHo")
+            .await
+            .expect("writes");
+        slow.push(stream);
+    }
+    let started = Instant::now();
+    let client = http_client();
+    let request = Request::post(format!("http://{}/upper", gateway.local_addr()))
+        .body(Full::new(Bytes::from("served")))
+        .expect("a request");
+    let (status, _, body) = send(&client, request).await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "SERVED"));
+    // Each half-sent request's connection is closed by the header timeout.
+    for mut stream in slow {
+        let mut buffer = [0u8; 512];
+        let left = (header_timeout * 4).saturating_sub(started.elapsed());
+        let read = tokio::time::timeout(left.max(Duration::from_millis(1)), async {
+            loop {
+                match stream.read(&mut buffer).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {} // a 408 before the close
+                }
+            }
+        })
+        .await;
+        assert!(read.is_ok(), "a half-sent request's connection stayed open");
+    }
+    worker.shutdown().await;
+    gateway.shutdown().await.expect("clean");
+}
+
+#[tokio::test]
+async fn abandoned_requests_are_withdrawn_and_do_not_starve_a_fresh_one() {
+    let (gateway, worker) = gateway_with_worker(config(), 4).await;
+    let address = gateway.local_addr();
+    // 5,000 requests whose clients hang up after 20 ms, 500 at a time.
+    for _ in 0..10 {
+        let batch: Vec<_> = (0..500)
+            .map(|_| {
+                tokio::spawn(async move {
+                    let client = http_client();
+                    let request = Request::get(format!("http://{address}/sleep:200"))
+                        .body(Full::new(Bytes::new()))
+                        .expect("a request");
+                    let _ =
+                        tokio::time::timeout(Duration::from_millis(20), client.request(request))
+                            .await;
+                })
+            })
+            .collect();
+        for call in batch {
+            call.await.expect("task");
+        }
+    }
+    // What runs now is at most the worker's four credits of 200 ms each.
+    let started = Instant::now();
+    let client = http_client();
+    let request = Request::post(format!("http://{address}/upper"))
+        .body(Full::new(Bytes::from("fresh")))
+        .expect("a request");
+    let (status, _, body) = send(&client, request).await;
+    let took = started.elapsed();
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "FRESH"));
+    eprintln!("a fresh request after 5,000 abandoned ones: answered in {took:?}");
+    assert!(took < Duration::from_secs(2), "answered after {took:?}");
+    worker.shutdown().await;
+    gateway.shutdown().await.expect("clean");
+}
+
+#[tokio::test]
+async fn the_only_worker_killed_mid_request_is_answered_502_at_once() {
+    let (gateway, worker) = gateway_with_worker(config(), 4).await;
+    let client = http_client();
+    let call = {
+        let (client, address) = (client.clone(), gateway.local_addr());
+        tokio::spawn(async move {
+            let request = Request::get(format!("http://{address}/sleep:3000"))
+                .body(Full::new(Bytes::new()))
+                .expect("a request");
+            send(&client, request).await
+        })
+    };
+    // The request reaches the worker well within this; nothing outside tells when it has.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let killed = Instant::now();
+    worker.abort();
+    let (status, _, body) = call.await.expect("task");
+    let took = killed.elapsed();
+    assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
+    assert!(body.contains("worker-died"), "{body}");
+    assert!(
+        took < Duration::from_secs(1),
+        "answered {took:?} after the kill"
+    );
+    let (status, _, _) = get(&client, &gateway, "/readyz").await;
+    assert_eq!(
+        status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "no worker, not ready"
+    );
+    gateway.shutdown().await.expect("clean");
+}
+
+#[tokio::test]
+async fn health_endpoints_and_request_ids() {
+    let gateway = HttpGateway::start(config()).await.expect("starts");
+    let client = http_client();
+    assert_eq!(get(&client, &gateway, "/healthz").await.0, StatusCode::OK);
+    assert_eq!(
+        get(&client, &gateway, "/readyz").await.0,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    let worker = Worker::builder(functions())
+        .connect(gateway.worker_address())
+        .await
+        .expect("a worker connects");
+    let started = Instant::now();
+    while get(&client, &gateway, "/readyz").await.0 != StatusCode::OK {
+        assert!(started.elapsed() < DEADLINE, "never ready");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let request = Request::post(format!("http://{}/upper", gateway.local_addr()))
+        .header("x-request-id", "trace-me-42")
+        .body(Full::new(Bytes::from("id")))
+        .expect("a request");
+    let (status, headers, _) = send(&client, request).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(headers["x-request-id"], "trace-me-42");
+    let (_, headers, _) = get(&client, &gateway, "/upper").await;
+    assert_eq!(
+        headers["x-request-id"].len(),
+        36,
+        "a request id is made when none is given"
+    );
+    worker.shutdown().await;
+    gateway.shutdown().await.expect("clean");
+}

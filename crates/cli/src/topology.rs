@@ -319,9 +319,18 @@ pub(crate) struct GatewayArgs {
     /// The largest request body, in bytes; above it, 413.
     #[arg(long, default_value_t = 8 * 1024 * 1024)]
     max_body: usize,
-    /// How many requests at once; above it, 503.
+    /// How many requests at once, over all connections; above it, 503 with Retry-After.
     #[arg(long, default_value_t = 10_000)]
     concurrency: usize,
+    /// How many connections at once; above it, a new connection gets 503 and is closed.
+    #[arg(long, default_value_t = 10_000)]
+    max_connections: usize,
+    /// Seconds a client may take to send a request's headers, or stay idle between requests.
+    #[arg(long, default_value_t = 10.0)]
+    header_timeout: f64,
+    /// Seconds a client may take to send a request's body (then 408).
+    #[arg(long, default_value_t = 30.0)]
+    body_timeout: f64,
     /// The workers' wire format: `native`, or `pylm` for pylm workers (`--db` of a pylm
     /// Worker is then the gateway's cache, which it prints).
     #[arg(long, default_value = "native", value_parser = ["native", "pylm"])]
@@ -341,6 +350,11 @@ pub(crate) async fn gateway(args: GatewayArgs) -> Result<()> {
             .context("--deadline is not a number of seconds")?,
         max_body: args.max_body,
         concurrency: args.concurrency,
+        max_connections: args.max_connections,
+        header_timeout: Duration::try_from_secs_f64(args.header_timeout)
+            .context("--header-timeout is not a number of seconds")?,
+        body_timeout: Duration::try_from_secs_f64(args.body_timeout)
+            .context("--body-timeout is not a number of seconds")?,
         pylm: args.wire == "pylm",
         transport: args.security.transport()?,
         ..rylm_gateway::GatewayConfig::default()

@@ -25,25 +25,44 @@ fn component_error(reason: String) -> RouterError {
 }
 
 /// An outbound, blocking component: POSTs each message's payload to `<base>/<method>` and hands
-/// the response body back as feedback (the same envelope); a non-2xx answer fails the message.
-/// Many messages are in flight at once, on keep-alive connections.
+/// the response body back as feedback (the same envelope); a non-2xx answer, no answer within
+/// the timeout, or a body above the size limit fails the message. Many messages are in flight
+/// at once, on keep-alive connections.
 #[derive(Debug)]
 pub struct HttpConnection {
     base: String,
+    timeout: std::time::Duration,
+    max_response: usize,
 }
 
 impl HttpConnection {
-    /// A connection to the HTTP worker at `base` (for example `http://127.0.0.1:8080`).
+    /// A connection to the HTTP worker at `base` (for example `http://127.0.0.1:8080`), with a
+    /// 30 s timeout per request and responses up to 8 MiB.
     pub fn new(base: &str) -> HttpConnection {
         HttpConnection {
             base: base.trim_end_matches('/').to_owned(),
+            timeout: std::time::Duration::from_secs(30),
+            max_response: 8 * 1024 * 1024,
         }
+    }
+
+    /// How long one request may take, response body included.
+    pub fn timeout(mut self, timeout: std::time::Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// The largest response body read; a larger one fails the message.
+    pub fn max_response(mut self, bytes: usize) -> Self {
+        self.max_response = bytes;
+        self
     }
 
     /// The router component (register it blocking).
     pub async fn run(self, mut queue: OutboundQueue) -> Result<(), RouterError> {
         let client = HttpClient::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
         let base: Arc<str> = self.base.into();
+        let (timeout, max_response) = (self.timeout, self.max_response);
         while let Some(delivery) = queue.recv().await {
             let (client, base) = (client.clone(), base.clone());
             tokio::spawn(async move {
@@ -58,11 +77,14 @@ impl HttpConnection {
                         .await
                         .map_err(|e| component_error(format!("POST {base}/{method}: {e}")))?;
                     let status = response.status();
-                    let body = response
-                        .into_body()
+                    let body = Limited::new(response.into_body(), max_response)
                         .collect()
                         .await
-                        .map_err(|e| component_error(e.to_string()))?
+                        .map_err(|e| {
+                            component_error(format!(
+                                "POST {base}/{method}: the response (up to {max_response} bytes): {e}"
+                            ))
+                        })?
                         .to_bytes();
                     if !status.is_success() {
                         return Err(component_error(format!(
@@ -72,7 +94,13 @@ impl HttpConnection {
                     }
                     Ok(Some(message.reply(body)))
                 };
-                responder.send(outcome.await);
+                let outcome = match tokio::time::timeout(timeout, outcome).await {
+                    Ok(outcome) => outcome,
+                    Err(_) => Err(component_error(format!(
+                        "POST {base}/{method}: no answer within {timeout:?}"
+                    ))),
+                };
+                responder.send(outcome);
             });
         }
         Ok(())
@@ -80,7 +108,9 @@ impl HttpConnection {
 }
 
 /// An inbound, blocking component: an HTTP server whose `POST /function` requests become messages
-/// submitted to the router; the feedback's payload is the response body.
+/// submitted to the router; the feedback's payload is the response body. Any other method is
+/// answered 405. A client has 10 s to send a request's headers (and to send the next one on a
+/// kept-alive connection).
 #[derive(Debug)]
 pub struct HttpService {
     listener: tokio::net::TcpListener,
@@ -125,6 +155,8 @@ impl HttpService {
                     async move { Ok::<_, Infallible>(serve_one(link, request, max_body).await) }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(std::time::Duration::from_secs(10))
                     .serve_connection(TokioIo::new(stream), service)
                     .await;
             });
@@ -142,6 +174,14 @@ async fn serve_one(
         *response.status_mut() = status;
         response
     };
+    if request.method() != hyper::Method::POST {
+        let mut response = answer(StatusCode::METHOD_NOT_ALLOWED, "POST /<function>".into());
+        response.headers_mut().insert(
+            hyper::header::ALLOW,
+            hyper::header::HeaderValue::from_static("POST"),
+        );
+        return response;
+    }
     let function = request.uri().path().trim_start_matches('/').to_owned();
     if function.is_empty() || function.contains('/') {
         return answer(StatusCode::BAD_REQUEST, "POST /<function>".into());

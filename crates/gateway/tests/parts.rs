@@ -30,16 +30,24 @@ async fn http_worker() -> String {
                             .await
                             .map(|b| b.to_bytes())
                             .unwrap_or_default();
-                        let mut response = if path == "/reverse" {
-                            let mut v = body.to_vec();
-                            v.reverse();
-                            Response::new(Full::new(Bytes::from(v)))
-                        } else {
-                            Response::new(Full::new(Bytes::from_static(b"no such thing")))
+                        let mut response = match path.as_str() {
+                            "/reverse" => {
+                                let mut v = body.to_vec();
+                                v.reverse();
+                                Response::new(Full::new(Bytes::from(v)))
+                            }
+                            "/slow" => {
+                                tokio::time::sleep(Duration::from_secs(5)).await;
+                                Response::new(Full::new(body))
+                            }
+                            "/huge" => Response::new(Full::new(Bytes::from(vec![b'x'; 2 << 20]))),
+                            _ => {
+                                let mut response =
+                                    Response::new(Full::new(Bytes::from_static(b"no such thing")));
+                                *response.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+                                response
+                            }
                         };
-                        if path != "/reverse" {
-                            *response.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
-                        }
                         Ok::<_, Infallible>(response)
                     },
                 );
@@ -78,7 +86,9 @@ async fn an_http_service_and_an_http_connection_route_through_the_router() {
         .await
         .expect("binds");
     let base = format!("http://{}", service.local_addr().expect("an address"));
-    let connection = HttpConnection::new(&worker);
+    let connection = HttpConnection::new(&worker)
+        .timeout(Duration::from_millis(300))
+        .max_response(1 << 20);
     let router = Router::builder()
         .outbound(
             "http-worker",
@@ -107,5 +117,21 @@ async fn an_http_service_and_an_http_connection_route_through_the_router() {
     );
     let (status, _) = post(&base, "/", "x").await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
+    let started = std::time::Instant::now();
+    let (status, body) = post(&base, "/slow", "x").await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    assert!(body.contains("no answer within"), "{body}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "the timeout acted"
+    );
+    let (status, body) = post(&base, "/huge", "x").await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
+    let client = HttpClient::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let get = Request::get(format!("{base}/reverse"))
+        .body(Full::new(Bytes::new()))
+        .expect("a request");
+    let response = client.request(get).await.expect("an answer");
+    assert_eq!(response.status(), StatusCode::METHOD_NOT_ALLOWED);
     router.shutdown_within(Duration::from_secs(5)).await.ok();
 }

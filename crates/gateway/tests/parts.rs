@@ -30,7 +30,7 @@ async fn http_worker() -> String {
                             .await
                             .map(|b| b.to_bytes())
                             .unwrap_or_default();
-                        let mut response = match path.as_str() {
+                        let response = match path.as_str() {
                             "/reverse" => {
                                 let mut v = body.to_vec();
                                 v.reverse();

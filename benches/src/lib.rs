@@ -85,6 +85,41 @@ where
     Ok(Summary::new(name, latencies, started.elapsed()))
 }
 
+/// Runs `total` calls at a fixed rate (`per_second`, open loop: a call starts on schedule
+/// whether or not earlier ones are done, each in a task of its own), and summarises their
+/// latencies: the latency a steady load sees, rather than a saturated one.
+pub async fn measure_at_rate<F, Fut>(
+    name: &str,
+    total: usize,
+    per_second: f64,
+    call: F,
+) -> anyhow::Result<Summary>
+where
+    F: Fn(usize) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+{
+    let call = std::sync::Arc::new(call);
+    let period = Duration::from_secs_f64(1.0 / per_second.max(1.0));
+    let mut ticker = tokio::time::interval(period);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let started = std::time::Instant::now();
+    let mut calls = tokio::task::JoinSet::new();
+    for n in 0..total {
+        ticker.tick().await;
+        let call = call.clone();
+        calls.spawn(async move {
+            let sent = std::time::Instant::now();
+            call(n).await?;
+            anyhow::Ok(sent.elapsed())
+        });
+    }
+    let mut latencies = Vec::with_capacity(total);
+    while let Some(done) = calls.join_next().await {
+        latencies.push(done??);
+    }
+    Ok(Summary::new(name, latencies, started.elapsed()))
+}
+
 /// Binds a ROUTER at `address` that echoes every message, in a task; returns where it listens.
 pub async fn serve_echo(address: &str) -> anyhow::Result<String> {
     use rylm_transport::{Kind, Options, Socket};

@@ -16,7 +16,7 @@ use anyhow::{Context, Result, bail};
 use bytes::Bytes;
 use rylm_benches::{
     Compared, OldEchoLoad, RawEcho, Summary, compared_table, free_address, interleaved, measure,
-    peak_rss_kib, serve_echo, spawn, start_zeromq_echo,
+    measure_at_rate, peak_rss_kib, serve_echo, spawn, start_zeromq_echo,
 };
 use rylm_components::Client;
 
@@ -76,9 +76,9 @@ async fn run() -> Result<()> {
             "master",
             "--name",
             "bench",
-            "--pull",
+            "--clients",
             &pull,
-            "--pub",
+            "--stream",
             &publish,
             "--workers",
             &workers,
@@ -110,6 +110,7 @@ async fn run() -> Result<()> {
     // repetitions, interleaved, so that the machine's noise falls on all three alike.
     let mut runs: Vec<SizeRuns> = Vec::new();
     let mut old_client_rss = 0;
+    let mut steady_runs: Vec<Summary> = Vec::new();
     for size in [64usize, 1024] {
         let payload = Bytes::from(vec![b'x'; size]);
         let through_master = |name: String, total: usize| {
@@ -161,6 +162,29 @@ async fn run() -> Result<()> {
         )
         .await?;
         old_client_rss = old_client_rss.max(runs_of_size.old_client_rss);
+        // The latency of a steady load at half the peak this run measured.
+        let mut peaks: Vec<f64> = runs_of_size.subject.iter().map(Summary::rate).collect();
+        peaks.sort_by(f64::total_cmp);
+        let half = peaks.get(peaks.len() / 2).copied().unwrap_or(1000.0) / 2.0;
+        let steady = {
+            let (client, payload) = (client.clone(), payload.clone());
+            measure_at_rate(
+                &format!(
+                    "client -> master -> 2 workers, {size} B, {half:.0} calls/s (half the peak)"
+                ),
+                (half as usize * 3).max(1000),
+                half,
+                move |_| {
+                    let (client, payload) = (client.clone(), payload.clone());
+                    async move {
+                        client.eval("echo", payload).await?;
+                        Ok(())
+                    }
+                },
+            )
+            .await?
+        };
+        steady_runs.push(steady);
         runs.push((
             size,
             runs_of_size.subject,
@@ -187,6 +211,16 @@ async fn run() -> Result<()> {
             &rows
         )
     );
+    println!("\n| steady load | calls/s achieved | p50 | p99 |\n|---|---:|---:|---:|");
+    for steady in &steady_runs {
+        println!(
+            "| {} | {:.0} | {:.3} ms | {:.3} ms |",
+            steady.name,
+            steady.rate(),
+            steady.p50.as_secs_f64() * 1e3,
+            steady.p99.as_secs_f64() * 1e3
+        );
+    }
     println!("\npeak RSS of each process:");
     println!(
         "- bench client (this process): {} KiB",

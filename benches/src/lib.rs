@@ -104,8 +104,13 @@ where
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let started = std::time::Instant::now();
     let mut calls = tokio::task::JoinSet::new();
+    let mut latencies = Vec::with_capacity(total);
     for n in 0..total {
         ticker.tick().await;
+        // Collect what is done, so that finished calls do not pile up in memory.
+        while let Some(done) = calls.try_join_next() {
+            latencies.push(done??);
+        }
         let call = call.clone();
         calls.spawn(async move {
             let sent = std::time::Instant::now();
@@ -113,7 +118,6 @@ where
             anyhow::Ok(sent.elapsed())
         });
     }
-    let mut latencies = Vec::with_capacity(total);
     while let Some(done) = calls.join_next().await {
         latencies.push(done??);
     }

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use rylm_components::parts::{Emit, Endpoint, Listen, Transport};
@@ -435,11 +435,21 @@ async fn serve(
             ))
             .service(handler);
         // The header timeout also closes keep-alive connections idle between requests.
-        let connection = hyper::server::conn::http1::Builder::new()
+        // HTTP/1.1 and HTTP/2 (cleartext, prior knowledge) on the same port.
+        let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
             .timer(hyper_util::rt::TokioTimer::new())
             .header_read_timeout(config.header_timeout)
-            .keep_alive(connection_permit.is_some())
-            .serve_connection(TokioIo::new(stream), TowerToHyperService::new(service));
+            .keep_alive(connection_permit.is_some());
+        builder
+            .http2()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .keep_alive_interval(Some(config.header_timeout))
+            .keep_alive_timeout(config.header_timeout);
+        let connection = builder
+            .serve_connection(TokioIo::new(stream), TowerToHyperService::new(service))
+            .into_owned();
         let connection = graceful.watch(connection);
         tokio::spawn(async move {
             if let Err(error) = connection.await {

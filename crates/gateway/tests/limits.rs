@@ -288,3 +288,35 @@ async fn health_endpoints_and_request_ids() {
     worker.shutdown().await;
     gateway.shutdown().await.expect("clean");
 }
+
+#[tokio::test]
+async fn http2_with_prior_knowledge_is_served_on_the_same_port() {
+    let (gateway, worker) = gateway_with_worker(config(), 8).await;
+    let h2 = HttpClient::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<Full<Bytes>>();
+    let calls: Vec<_> = (0..20)
+        .map(|i| {
+            let (h2, address) = (h2.clone(), gateway.local_addr());
+            tokio::spawn(async move {
+                let request = Request::post(format!("http://{address}/upper"))
+                    .body(Full::new(Bytes::from(format!("stream {i}"))))
+                    .expect("a request");
+                let response = h2.request(request).await.expect("answered");
+                let version = response.version();
+                let body = response.into_body().collect().await.expect("a body");
+                (version, body.to_bytes())
+            })
+        })
+        .collect();
+    for (i, call) in calls.into_iter().enumerate() {
+        let (version, body) = call.await.expect("task");
+        assert_eq!(version, hyper::Version::HTTP_2);
+        assert_eq!(body, Bytes::from(format!("STREAM {i}")));
+    }
+    // HTTP/1.1 on the same port, still.
+    let (status, _, body) = get(&http_client(), &gateway, "/upper").await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, ""));
+    worker.shutdown().await;
+    gateway.shutdown().await.expect("clean");
+}

@@ -20,15 +20,56 @@ use rylm_components::{
 };
 use rylm_core_router::{InboundLink, Mode, OutboundQueue, Router};
 use rylm_message::{Codec, Message, NativeCodec};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 use tower::ServiceBuilder;
 
 use crate::Error;
 
 /// Every response body, boxed: the handler's, and the layers' own (the body limit's 413).
 type AnyBody = http_body_util::combinators::BoxBody<Bytes, tower::BoxError>;
+/// The handler's response body: whole, or a stream of parts; it never fails. (An enum, not a
+/// boxed body: a `dyn` body in the handler's future defeats the compiler's proof that the
+/// connection's future is `Send`.)
+enum HandlerBody {
+    Whole(Full<Bytes>),
+    Parts(Parts),
+}
 
-type Pending = Arc<std::sync::Mutex<HashMap<String, oneshot::Sender<Message>>>>;
+impl hyper::body::Body for HandlerBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
+        match self.get_mut() {
+            HandlerBody::Whole(body) => std::pin::Pin::new(body).poll_frame(cx),
+            HandlerBody::Parts(parts) => std::pin::Pin::new(parts).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            HandlerBody::Whole(body) => body.is_end_stream(),
+            HandlerBody::Parts(_) => false,
+        }
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        match self {
+            HandlerBody::Whole(body) => body.size_hint(),
+            HandlerBody::Parts(_) => hyper::body::SizeHint::default(),
+        }
+    }
+}
+
+/// Each request waiting for its answer: the parts of a mux function's answer come one by one.
+type Pending = Arc<std::sync::Mutex<HashMap<String, mpsc::Sender<Message>>>>;
+
+/// The parts of one answer held for a client that reads them more slowly than they come; a
+/// client that falls further behind has its answer cut off (an error line ends it).
+const PARTS_BUFFERED: usize = 64;
 
 /// How the gateway listens and how long it waits.
 #[derive(Clone, Debug)]
@@ -129,18 +170,27 @@ impl GatewayDealer {
     pub async fn run(self, mut queue: OutboundQueue) -> Result<(), rylm_core_router::Error> {
         while let Some(delivery) = queue.recv().await {
             let (message, _) = delivery.into_parts();
-            let waiter = self
-                .pending
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&message.client);
-            match waiter {
-                Some(waiter) => {
-                    let _ = waiter.send(message);
+            let last = message.header(rylm_components::MORE).is_none();
+            let waiter = {
+                let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+                if last {
+                    pending.remove(&message.client)
+                } else {
+                    pending.get(&message.client).cloned()
                 }
-                None => {
-                    tracing::debug!(request = %message.client, "a result for a request that gave up")
-                }
+            };
+            let Some(waiter) = waiter else {
+                tracing::debug!(request = %message.client, "a result for a request that gave up");
+                continue;
+            };
+            let client = message.client.clone();
+            if let Err(mpsc::error::TrySendError::Full(_)) = waiter.try_send(message) {
+                // Never wait here: one slow reader must not hold up every other request.
+                tracing::warn!(request = %client, "a client reads a streamed answer too slowly; cut off");
+                self.pending
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&client);
             }
         }
         Ok(())
@@ -414,7 +464,7 @@ async fn serve(
                                 hyper::header::CONNECTION,
                                 hyper::header::HeaderValue::from_static("close"),
                             );
-                            response
+                            response.any()
                         } else {
                             handle(state, request).await
                         };
@@ -487,11 +537,8 @@ where
     B: hyper::body::Body<Data = Bytes> + Send + Sync + 'static,
     B::Error: Into<tower::BoxError>,
 {
-    let boxed = |response: Response<Full<Bytes>>| {
-        response.map(|body| body.map_err(|never| match never {}).boxed())
-    };
     Ok(match result {
-        Ok(response) => response.map(|body| body.map_err(Into::into).boxed()),
+        Ok(response) => response.map(|body| body.map_err(|error| error.into()).boxed()),
         Err(error) if error.is::<tower::timeout::error::Elapsed>() => boxed(json_error(
             StatusCode::GATEWAY_TIMEOUT,
             "the request took too long",
@@ -501,6 +548,11 @@ where
             &error.to_string(),
         )),
     })
+}
+
+/// A whole response as the gateway's response.
+fn boxed(response: Response<Full<Bytes>>) -> Response<AnyBody> {
+    response.map(|body| body.map_err(|never| match never {}).boxed())
 }
 
 fn json_error(status: StatusCode, message: &str) -> Response<Full<Bytes>> {
@@ -535,7 +587,7 @@ fn is_function_name(name: &str) -> bool {
 }
 
 /// One HTTP request, answered with its request id (`X-Request-Id`, the client's or a new one).
-async fn handle<B>(state: Arc<State>, request: Request<B>) -> Response<Full<Bytes>>
+async fn handle<B>(state: Arc<State>, request: Request<B>) -> Response<HandlerBody>
 where
     B: hyper::body::Body<Data = Bytes>,
     B::Error: Into<tower::BoxError>,
@@ -563,13 +615,13 @@ fn json_ok(body: serde_json::Value) -> Response<Full<Bytes>> {
 
 /// Forgets a request when its handler ends, however it ends; one whose client went away (the
 /// handler dropped before an answer) is withdrawn from the worker pool too.
-struct InHand<'a> {
-    state: &'a State,
+struct InHand {
+    state: Arc<State>,
     id: String,
     answered: bool,
 }
 
-impl Drop for InHand<'_> {
+impl Drop for InHand {
     fn drop(&mut self) {
         self.state
             .pending
@@ -583,7 +635,11 @@ impl Drop for InHand<'_> {
 }
 
 /// Checks a request, makes it a message, waits for the worker's answer.
-async fn respond<B>(state: &State, request: Request<B>, request_id: &str) -> Response<Full<Bytes>>
+async fn respond<B>(
+    state: &Arc<State>,
+    request: Request<B>,
+    request_id: &str,
+) -> Response<HandlerBody>
 where
     B: hyper::body::Body<Data = Bytes>,
     B::Error: Into<tower::BoxError>,
@@ -601,9 +657,9 @@ where
                     "workers": "pylm workers (they announce neither themselves nor their functions)",
                     "call": "GET or POST /<function> with the payload as the body",
                 }),
-            });
+            }).any();
         }
-        "/healthz" => return json_ok(serde_json::json!({ "status": "alive" })),
+        "/healthz" => return json_ok(serde_json::json!({ "status": "alive" })).any(),
         "/readyz" => {
             // Ready: a worker has a free credit (pylm workers announce nothing: ready while up).
             let free = state.status.as_ref().map(|status| status.free_credits());
@@ -613,19 +669,21 @@ where
                     json_ok(serde_json::json!({ "status": "ready", "free_credits": free }))
                 }
                 None => json_ok(serde_json::json!({ "status": "ready" })),
-            };
+            }
+            .any();
         }
         _ => {}
     }
     if request.method() != Method::GET && request.method() != Method::POST {
-        return json_error(StatusCode::METHOD_NOT_ALLOWED, "use GET or POST");
+        return json_error(StatusCode::METHOD_NOT_ALLOWED, "use GET or POST").any();
     }
     let function = path.trim_start_matches('/');
     if !is_function_name(function) {
         return json_error(
             StatusCode::BAD_REQUEST,
             &format!("{path:?} is not /<function>: letters, digits and _ - . : only"),
-        );
+        )
+        .any();
     }
     let method = function
         .split_once('.')
@@ -633,7 +691,7 @@ where
     let method_name = method.split_once(':').map_or(method, |(name, _)| name);
     if let Some(status) = &state.status {
         if status.live_workers() == 0 {
-            return unavailable(state, "no worker is connected");
+            return unavailable(state, "no worker is connected").any();
         }
         let known = status.functions();
         if !known.iter().any(|f| f == method || f == method_name) {
@@ -643,12 +701,13 @@ where
                     "no function {method:?}; the workers have {}",
                     known.join(", ")
                 ),
-            );
+            )
+            .any();
         }
     }
     // One limit over every connection: beyond it, 503 at once.
     let Ok(_admitted) = state.admitted.clone().try_acquire_owned() else {
-        return unavailable(state, "the gateway is at its concurrency limit; try again");
+        return unavailable(state, "the gateway is at its concurrency limit; try again").any();
     };
 
     let mut headers = std::collections::BTreeMap::new();
@@ -669,19 +728,22 @@ where
             return json_error(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 &format!("the body is above the limit of {} bytes", state.max_body),
-            );
+            )
+            .any();
         }
         Ok(Err(error)) => {
             return json_error(
                 StatusCode::BAD_REQUEST,
                 &format!("the body could not be read: {error}"),
-            );
+            )
+            .any();
         }
         Err(_) => {
             return json_error(
                 StatusCode::REQUEST_TIMEOUT,
                 &format!("the body did not come within {:?}", state.body_timeout),
-            );
+            )
+            .any();
         }
     };
 
@@ -702,36 +764,62 @@ where
         DEADLINE.to_owned(),
         state.deadline.as_millis().max(1).to_string(),
     );
-    let (done, answer) = oneshot::channel();
+    let (done, mut answer) = mpsc::channel(PARTS_BUFFERED);
     state
         .pending
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .insert(id.clone(), done);
     let mut in_hand = InHand {
-        state,
+        state: state.clone(),
         id,
         answered: false,
     };
-    let outcome = match state.requests.send(message).await {
-        Err(_) => Err(unavailable(state, "the gateway is shutting down")),
-        Ok(()) => match tokio::time::timeout(state.deadline, answer).await {
-            Ok(Ok(result)) => {
-                in_hand.answered = true;
-                Ok(result)
+    let first = match state.requests.send(message).await {
+        Err(_) => return unavailable(state, "the gateway is shutting down").any(),
+        Ok(()) => match tokio::time::timeout(state.deadline, answer.recv()).await {
+            Ok(Some(first)) => first,
+            Ok(None) => return unavailable(state, "the gateway is shutting down").any(),
+            Err(_) => {
+                return json_error(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    &format!("no worker answered within {:?}", state.deadline),
+                )
+                .any();
             }
-            Ok(Err(_)) => Err(unavailable(state, "the gateway is shutting down")),
-            Err(_) => Err(json_error(
-                StatusCode::GATEWAY_TIMEOUT,
-                &format!("no worker answered within {:?}", state.deadline),
-            )),
         },
     };
+    if first.header(rylm_components::MORE).is_some() {
+        // A mux function: its parts as they come, one NDJSON line each.
+        let mut response = Response::new(HandlerBody::Parts(Parts {
+            first: Some(first),
+            rest: answer,
+            in_hand,
+        }));
+        response.headers_mut().insert(
+            hyper::header::CONTENT_TYPE,
+            hyper::header::HeaderValue::from_static("application/x-ndjson"),
+        );
+        return response;
+    }
+    in_hand.answered = true;
     drop(in_hand);
-    let result = match outcome {
-        Ok(result) => result,
-        Err(response) => return response,
-    };
+    answer_of(state, first).any()
+}
+
+/// A response with a whole body, as the gateway's response type.
+trait Any {
+    fn any(self) -> Response<HandlerBody>;
+}
+
+impl Any for Response<Full<Bytes>> {
+    fn any(self) -> Response<HandlerBody> {
+        self.map(HandlerBody::Whole)
+    }
+}
+
+/// The HTTP answer to a worker's answer.
+fn answer_of(state: &State, result: Message) -> Response<Full<Bytes>> {
     match result.header(ERROR_KIND) {
         None => Response::new(Full::new(result.payload)),
         Some(kind) => {
@@ -745,5 +833,75 @@ where
                 _ => json_error(StatusCode::INTERNAL_SERVER_ERROR, &text),
             }
         }
+    }
+}
+
+/// One NDJSON line for a part: a JSON string when it is UTF-8, else `{"base64": "..."}`; an
+/// error answer is `{"error": ..., "kind": ...}`.
+fn part_line(part: &Message) -> Bytes {
+    let value = match part.header(ERROR_KIND) {
+        Some(kind) => serde_json::json!({
+            "error": part.header(ERROR_MESSAGE).unwrap_or_default(),
+            "kind": kind,
+        }),
+        None => match std::str::from_utf8(&part.payload) {
+            Ok(text) => serde_json::Value::from(text),
+            Err(_) => {
+                use base64::Engine;
+                let encoded = base64::engine::general_purpose::STANDARD.encode(&part.payload);
+                serde_json::json!({ "base64": encoded })
+            }
+        },
+    };
+    let mut line = value.to_string().into_bytes();
+    line.push(b'\n');
+    Bytes::from(line)
+}
+
+/// The body of a streamed answer: each part as it comes, until the last. Dropped early (the
+/// client went away), its request is withdrawn.
+struct Parts {
+    first: Option<Message>,
+    rest: mpsc::Receiver<Message>,
+    in_hand: InHand,
+}
+
+impl hyper::body::Body for Parts {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        use std::task::Poll;
+        if self.in_hand.answered {
+            return Poll::Ready(None);
+        }
+        let part = match self.first.take() {
+            Some(first) => first,
+            None => match self.rest.poll_recv(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(part)) => part,
+                Poll::Ready(None) => {
+                    // Cut off (a slow reader) or the gateway stopping: say so, and end.
+                    self.in_hand.answered = true;
+                    let line = serde_json::json!({
+                        "error": "the answer was cut off before its last part",
+                        "kind": "cut-off",
+                    });
+                    let mut line = line.to_string().into_bytes();
+                    line.push(b'\n');
+                    return Poll::Ready(Some(Ok(hyper::body::Frame::data(Bytes::from(line)))));
+                }
+            },
+        };
+        if part.header(rylm_components::MORE).is_none() {
+            self.in_hand.answered = true;
+        }
+        if part.header(rylm_components::NONE).is_some() {
+            return Poll::Ready(None);
+        }
+        Poll::Ready(Some(Ok(hyper::body::Frame::data(part_line(&part)))))
     }
 }

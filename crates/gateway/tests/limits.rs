@@ -320,3 +320,52 @@ async fn http2_with_prior_knowledge_is_served_on_the_same_port() {
     worker.shutdown().await;
     gateway.shutdown().await.expect("clean");
 }
+
+#[tokio::test]
+async fn a_mux_functions_parts_come_as_a_stream_one_line_each() {
+    let gateway = HttpGateway::start(config()).await.expect("starts");
+    let split = Functions::new().add_mux("split", |p: Bytes| async move {
+        let mut parts: Vec<Bytes> = p
+            .split(|b| *b == b' ')
+            .map(Bytes::copy_from_slice)
+            .collect();
+        parts.push(Bytes::from_static(&[0xff, 0x00]));
+        Ok::<_, String>(parts)
+    });
+    let worker = Worker::builder(split)
+        .connect(gateway.worker_address())
+        .await
+        .expect("a worker connects");
+    let client = http_client();
+    let started = Instant::now();
+    while get(&client, &gateway, "/readyz").await.0 != StatusCode::OK {
+        assert!(started.elapsed() < DEADLINE, "never ready");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let request = Request::post(format!("http://{}/split", gateway.local_addr()))
+        .body(Full::new(Bytes::from("one two three")))
+        .expect("a request");
+    let response = client.request(request).await.expect("answered");
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()["content-type"], "application/x-ndjson");
+    let mut body = response.into_body();
+    let mut lines = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.expect("a frame");
+        if let Some(data) = frame.data_ref() {
+            lines.push(String::from_utf8_lossy(data).into_owned());
+        }
+    }
+    assert_eq!(
+        lines,
+        [
+            "\"one\"\n",
+            "\"two\"\n",
+            "\"three\"\n",
+            "{\"base64\":\"/wA=\"}\n"
+        ],
+        "one part per frame, in order"
+    );
+    worker.shutdown().await;
+    gateway.shutdown().await.expect("clean");
+}

@@ -326,6 +326,11 @@ impl Emit {
         })
     }
 
+    /// The socket, to watch its peers.
+    pub fn socket(&self) -> &Socket {
+        self.part.socket()
+    }
+
     /// A PUB service or connection publishing each message under each of `topic(message)`.
     pub async fn publish(
         endpoint: &Endpoint,

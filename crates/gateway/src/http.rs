@@ -208,6 +208,8 @@ struct State {
     body_timeout: Duration,
     /// The worker pool's view of its workers; `None` for pylm workers, which announce nothing.
     status: Option<Arc<PoolStatus>>,
+    /// The PUSH to pylm workers: connected ones are its peers.
+    pylm_workers: Option<rylm_components::rylm_transport::Socket>,
     deadline: Duration,
     max_body: usize,
     next_id: std::sync::atomic::AtomicU64,
@@ -247,6 +249,7 @@ impl HttpGateway {
             pending: pending.clone(),
         };
         let (cache_stop, cache_stopped) = watch::channel(false);
+        let mut pylm_workers = None;
         let (router, worker_address, status, db_address) = if config.pylm {
             // pylm workers: PUSH to them, PULL from them, found through a raw-bytes cache.
             let codec: Arc<dyn Codec> = Arc::new(rylm_message::PylmCodec::default());
@@ -263,6 +266,7 @@ impl HttpGateway {
                 codec.clone(),
             )
             .await?;
+            pylm_workers = Some(to_workers.socket().clone());
             let (push_address, pull_address) = (
                 to_workers.address().to_owned(),
                 from_workers.address().to_owned(),
@@ -377,6 +381,7 @@ impl HttpGateway {
             retry_after: config.retry_after,
             body_timeout: config.body_timeout,
             status,
+            pylm_workers,
             deadline: config.deadline,
             max_body: config.max_body,
             next_id: std::sync::atomic::AtomicU64::new(0),
@@ -661,14 +666,19 @@ where
         }
         "/healthz" => return json_ok(serde_json::json!({ "status": "alive" })).any(),
         "/readyz" => {
-            // Ready: a worker has a free credit (pylm workers announce nothing: ready while up).
+            // Ready: a worker has a free credit (pylm workers, which announce nothing: one is
+            // connected).
             let free = state.status.as_ref().map(|status| status.free_credits());
-            return match free {
-                Some(0) => unavailable(state, "no worker has a free credit"),
-                Some(free) => {
+            let pylm = state.pylm_workers.as_ref().map(|push| push.peers());
+            return match (free, pylm) {
+                (Some(0), _) => unavailable(state, "no worker has a free credit"),
+                (Some(free), _) => {
                     json_ok(serde_json::json!({ "status": "ready", "free_credits": free }))
                 }
-                None => json_ok(serde_json::json!({ "status": "ready" })),
+                (None, Some(0)) => unavailable(state, "no pylm worker is connected"),
+                (None, workers) => {
+                    json_ok(serde_json::json!({ "status": "ready", "workers": workers }))
+                }
             }
             .any();
         }
@@ -704,6 +714,15 @@ where
             )
             .any();
         }
+    }
+    // pylm workers announce nothing, but a request sent while none is connected would wait in
+    // the PUSH and reach the first to connect, perhaps after its client gave up.
+    if state
+        .pylm_workers
+        .as_ref()
+        .is_some_and(|push| push.peers() == 0)
+    {
+        return unavailable(state, "no pylm worker is connected").any();
     }
     // One limit over every connection: beyond it, 503 at once.
     let Ok(_admitted) = state.admitted.clone().try_acquire_owned() else {

@@ -64,7 +64,29 @@ async fn the_gateway_serves_http_with_pylm_workers() {
             (status, String::from_utf8_lossy(&body).into_owned())
         }
     };
-    // The pylm workers join in their own time: the first request waits for them.
+    // Before any pylm worker connects: 503 at once, not a request that waits in a queue.
+    let (status, _) = post("/upper", "too early").await;
+    assert!(
+        status == StatusCode::SERVICE_UNAVAILABLE || status == StatusCode::OK,
+        "{status}"
+    );
+    // The pylm workers join in their own time: ready once both are connected.
+    let started = std::time::Instant::now();
+    loop {
+        let request = Request::get(format!("http://{}/readyz", gateway.local_addr()))
+            .body(Full::new(Bytes::new()))
+            .expect("a request");
+        let response = client.request(request).await.expect("answered");
+        let body = response.into_body().collect().await.expect("a body");
+        if String::from_utf8_lossy(&body.to_bytes()).contains("\"workers\":2") {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the pylm workers never joined"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert_eq!(
         post("/upper", "hello pylm").await,
         (StatusCode::OK, "HELLO PYLM".to_owned())
@@ -78,6 +100,39 @@ async fn the_gateway_serves_http_with_pylm_workers() {
         (StatusCode::OK, "0".to_owned()),
         "pylm's answer to a failure"
     );
+    // One worker killed: every request goes to the one left, none to the dead peer.
+    let mut workers = workers.into_iter();
+    if let Some(mut dead) = workers.next() {
+        dead.kill().await.expect("killed");
+    }
+    let started = std::time::Instant::now();
+    loop {
+        let request = Request::get(format!("http://{}/readyz", gateway.local_addr()))
+            .body(Full::new(Bytes::new()))
+            .expect("a request");
+        let response = client.request(request).await.expect("answered");
+        let body = response.into_body().collect().await.expect("a body");
+        if String::from_utf8_lossy(&body.to_bytes()).contains("\"workers\":1") {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the dead worker stayed a peer"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for i in 0..10 {
+        let started = std::time::Instant::now();
+        assert_eq!(
+            post("/upper", "still here").await,
+            (StatusCode::OK, "STILL HERE".to_owned()),
+            "request {i}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "request {i} was not held"
+        );
+    }
     for mut worker in workers {
         let _ = worker.kill().await;
     }

@@ -14,19 +14,27 @@ use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use rylm_benches::{Summary, peak_rss_kib, table};
+use rylm_benches::{Summary, peak_rss_kib, spread};
 use rylm_components::{Functions, Worker};
 use rylm_gateway::{GatewayConfig, HttpGateway};
 
 const DURATION: Duration = Duration::from_secs(3);
+const REPETITIONS: usize = 3;
+/// Abandoned requests in the storm.
+const STORM: usize = 20_000;
 
 #[tokio::main]
 async fn main() -> Result<()> {
     let gateway = HttpGateway::start(GatewayConfig::default()).await?;
     let functions = || {
-        Functions::new().add("hello", |_p: Bytes| async move {
-            Ok::<_, String>(Bytes::from_static(b"hello, world"))
-        })
+        Functions::new()
+            .add("hello", |_p: Bytes| async move {
+                Ok::<_, String>(Bytes::from_static(b"hello, world"))
+            })
+            .add("slow", |p: Bytes| async move {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                Ok::<_, String>(p)
+            })
     };
     let mut workers = Vec::new();
     for _ in 0..2 {
@@ -49,39 +57,71 @@ async fn main() -> Result<()> {
     .await
     .ok();
 
-    let mut rows = Vec::new();
+    // Subject and baseline interleaved, three times, so that the machine's noise falls on both.
+    println!(
+        "| connections | gateway req/s (median, min-max) | bare hyper req/s | ratio (min / median / max) | gateway p50 / p99 (median run) | bare p50 / p99 |\n|---:|---:|---:|---:|---:|---:|"
+    );
     for connections in [8usize, 32] {
-        let through = load(
-            gateway.local_addr(),
-            "/hello",
-            connections,
-            DURATION,
-            &format!("gateway + 2 workers, {connections} connections"),
-        )
-        .await?;
-        let baseline = load(
-            bare,
-            "/",
-            connections,
-            DURATION,
-            &format!("bare hyper hello-world, {connections} connections"),
-        )
-        .await?;
-        rows.push((through, baseline));
-    }
-    let pairs: Vec<(&Summary, &Summary)> = rows.iter().map(|(a, b)| (a, b)).collect();
-    println!("{}", table(&pairs));
-    println!("| baseline run | requests | req/s | p50 | p99 |\n|---|---:|---:|---:|---:|");
-    for (_, b) in &rows {
+        let (mut through, mut bare_runs) = (Vec::new(), Vec::new());
+        for _ in 0..REPETITIONS {
+            through.push(
+                load(
+                    gateway.local_addr(),
+                    "/hello",
+                    connections,
+                    DURATION,
+                    "gateway",
+                )
+                .await?,
+            );
+            bare_runs.push(load(bare, "/", connections, DURATION, "bare").await?);
+        }
+        let ratios: Vec<f64> = through
+            .iter()
+            .zip(&bare_runs)
+            .map(|(t, b)| t.rate() / b.rate().max(f64::EPSILON))
+            .collect();
+        let (low, mid, high) = spread(&ratios);
+        let median = |runs: &mut Vec<Summary>| {
+            runs.sort_by(|a, b| a.rate().total_cmp(&b.rate()));
+            runs[runs.len() / 2].clone()
+        };
+        let rates = |runs: &[Summary]| spread(&runs.iter().map(Summary::rate).collect::<Vec<_>>());
+        let (t_low, t_mid, t_high) = rates(&through);
+        let (_, b_mid, _) = rates(&bare_runs);
+        let (t, b) = (median(&mut through), median(&mut bare_runs));
         println!(
-            "| {} | {} | {:.0} | {:.2} ms | {:.2} ms |",
-            b.name,
-            b.count,
-            b.rate(),
+            "| {connections} | {t_mid:.0} ({t_low:.0}-{t_high:.0}) | {b_mid:.0} | {low:.2} / {mid:.2} / {high:.2} | {:.2} / {:.2} ms | {:.2} / {:.2} ms |",
+            t.p50.as_secs_f64() * 1e3,
+            t.p99.as_secs_f64() * 1e3,
             b.p50.as_secs_f64() * 1e3,
-            b.p99.as_secs_f64() * 1e3
+            b.p99.as_secs_f64() * 1e3,
         );
     }
+
+    // Fresh requests during a storm of abandoned ones: their latency, against the same fresh
+    // load with no storm.
+    let calm = fresh_requests(gateway.local_addr(), "fresh requests, no storm").await?;
+    let storm = tokio::spawn(abandon(gateway.local_addr(), STORM));
+    let stormy = fresh_requests(
+        gateway.local_addr(),
+        "fresh requests during a storm of abandoned ones",
+    )
+    .await?;
+    let abandoned = storm.await.context("the storm")??;
+    println!("\n| fresh requests, 8 connections | req/s | p50 | p99 |\n|---|---:|---:|---:|");
+    for run in [&calm, &stormy] {
+        println!(
+            "| {} | {:.0} | {:.2} ms | {:.2} ms |",
+            run.name,
+            run.rate(),
+            run.p50.as_secs_f64() * 1e3,
+            run.p99.as_secs_f64() * 1e3
+        );
+    }
+    println!(
+        "\nstorm: {abandoned} requests to `slow` (200 ms) whose clients hung up after 20 ms, 200 at once"
+    );
     println!(
         "\npeak RSS of the bench process (gateway, two workers, bare hyper and the load generator): {} KiB",
         peak_rss_kib(std::process::id()).unwrap_or(0)
@@ -155,4 +195,37 @@ async fn load(
         latencies.extend(done.context("a load task")??);
     }
     Ok(Summary::new(name, latencies, started.elapsed()))
+}
+
+/// 8 connections of fresh `hello` requests, back to back, for the bench's duration.
+async fn fresh_requests(address: SocketAddr, name: &str) -> Result<Summary> {
+    load(address, "/hello", 8, DURATION, name).await
+}
+
+/// `total` requests to `slow` whose clients hang up after 20 ms, 200 at a time, each on a
+/// connection of its own; how many were sent.
+async fn abandon(address: SocketAddr, total: usize) -> Result<usize> {
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(200));
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..total {
+        let permit = slots.clone().acquire_owned().await?;
+        while tasks.try_join_next().is_some() {}
+        tasks.spawn(async move {
+            let attempt = async {
+                let stream = tokio::net::TcpStream::connect(address).await?;
+                let (mut sender, connection) =
+                    http1::handshake::<_, Full<Bytes>>(TokioIo::new(stream)).await?;
+                tokio::spawn(connection);
+                let request = Request::post("/slow")
+                    .header("host", "bench")
+                    .body(Full::new(Bytes::from_static(b"x")))?;
+                sender.send_request(request).await?;
+                anyhow::Ok(())
+            };
+            let _ = tokio::time::timeout(Duration::from_millis(20), attempt).await;
+            drop(permit);
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+    Ok(total)
 }

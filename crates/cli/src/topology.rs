@@ -58,7 +58,7 @@ pub(crate) struct ServerArgs {
     /// its cache, for a pipeline stage or sink.
     #[arg(long = "clients", visible_alias = "pull")]
     pull: Option<String>,
-    /// Where the next stage connects (a PUSH; in pylm's layout the PUB of results).
+    /// Where next stages connect (a ROUTER; in pylm's layout the PUB of results).
     #[arg(long = "stream", visible_alias = "pub", default_value = PUB)]
     publish: String,
     /// The host remote peers dial, given out by the cache in place of the host bound (needed
@@ -298,7 +298,7 @@ pub(crate) async fn worker(args: WorkerArgs) -> Result<()> {
         ),
     };
     announce("worker", &[("master", target)]);
-    crate::lifecycle::until_stopped("worker", std::future::pending()).await?;
+    crate::lifecycle::until_stopped("worker", worker.died()).await?;
     if !worker.shutdown_within(drain(args.drain_for)?).await {
         eprintln!("rylm worker: stopped before its messages in hand were answered");
     }

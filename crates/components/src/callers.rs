@@ -9,9 +9,10 @@
 //! **Results** ([`Results`], outbound). Each result goes where `handle_stream` says: to the
 //! caller whose id it names, back over that caller's own connection to this server's ROUTER, or,
 //! when it names this server (the message goes on to another server's stage), down the stream:
-//! a PUSH that the next stage's PULL connects to. A PUSH waits for room, so a slow next stage
-//! pushes back; one that takes nothing within the send timeout makes the result an error answer
-//! (`next-stage-unavailable`) to its caller. An answer that cannot be delivered (its caller is
+//! a ROUTER that next stages connect a DEALER to, each with its server name as identity, so that
+//! a message goes to the stage that owns its next function. A send waits for room, so a slow
+//! next stage pushes back; a stage that is not connected, or takes nothing within the send
+//! timeout, makes the result an error answer (`next-stage-unavailable`) to its caller. An answer that cannot be delivered (its caller is
 //! gone, or reads nothing for long) is dropped, counted in [`ResultCounters`], and logged.
 
 use std::sync::Arc;
@@ -30,8 +31,8 @@ use crate::{Error, SYNC_FUNCTION};
 /// reads nothing must not hold up the answers of the others.
 const ANSWER_WAIT: Duration = Duration::from_millis(100);
 
-/// The header of a handshake that travels down a pipeline to its last server (set by a client
-/// that takes its results from there).
+/// The header of a handshake that travels down a pipeline to the server it names (set by a
+/// client that takes its results from there).
 pub const SYNC_THROUGH: &str = "rylm-sync-through";
 
 /// What became of a server's results.
@@ -49,6 +50,14 @@ pub struct ResultCounters {
     pub stream_refused: AtomicU64,
     /// Requests that did not decode.
     pub malformed: AtomicU64,
+}
+
+/// `transport` with ROUTER sends to unknown peers failing (and so counted) rather than dropped.
+fn mandatory(transport: &Transport) -> Transport {
+    let mut transport = transport.clone();
+    transport.bound.router_mandatory = true;
+    transport.connected.router_mandatory = true;
+    transport
 }
 
 fn count(counter: &AtomicU64) {
@@ -82,7 +91,7 @@ impl CallerSocket {
         transport: &Transport,
         codec: Arc<dyn Codec>,
     ) -> Result<CallerSocket, Error> {
-        let (socket, address) = transport.open(Kind::Router, endpoint).await?;
+        let (socket, address) = mandatory(transport).open(Kind::Router, endpoint).await?;
         Ok(CallerSocket {
             socket,
             address,
@@ -205,6 +214,10 @@ impl Callers {
 /// Where a result goes: to a caller by id, or down the stream (the server's own name).
 pub type Destination = Arc<dyn Fn(&Message) -> String + Send + Sync>;
 
+/// The next stages connected to a stream, by connection: each announces its server name as its
+/// routing identity.
+type Stages = Arc<std::sync::Mutex<std::collections::HashMap<u64, Bytes>>>;
+
 /// The outbound part: sends each result to its caller or down the stream.
 pub struct Results {
     callers: CallerSocket,
@@ -212,6 +225,8 @@ pub struct Results {
     stream_address: String,
     server: String,
     destination: Destination,
+    stages: Stages,
+    watcher: tokio::task::JoinHandle<()>,
 }
 
 impl std::fmt::Debug for Results {
@@ -223,8 +238,8 @@ impl std::fmt::Debug for Results {
 }
 
 impl Results {
-    /// Answers through `callers`; results for the next stage go down a PUSH bound (or
-    /// connected) at `stream`.
+    /// Answers through `callers`; results for a next stage go down the stream, a ROUTER bound
+    /// (or connected) at `stream` that next stages connect to with their name as identity.
     pub async fn new(
         callers: CallerSocket,
         stream: &Endpoint,
@@ -232,13 +247,37 @@ impl Results {
         server: &str,
         destination: Destination,
     ) -> Result<Results, Error> {
-        let (stream, stream_address) = transport.open(Kind::Push, stream).await?;
+        let (socket, stream_address) = mandatory(transport).open(Kind::Router, stream).await?;
+        let mut events = socket.events();
+        let stages: Stages = Arc::default();
+        let watcher = {
+            let stages = stages.clone();
+            tokio::spawn(async move {
+                while let Some(event) = events.next().await {
+                    let mut stages = stages.lock().unwrap_or_else(|e| e.into_inner());
+                    match event {
+                        rylm_transport::Event::Ready {
+                            connection,
+                            identity: Some(identity),
+                        } => {
+                            stages.insert(connection, identity);
+                        }
+                        rylm_transport::Event::Disconnected { connection, .. } => {
+                            stages.remove(&connection);
+                        }
+                        _ => {}
+                    }
+                }
+            })
+        };
         Ok(Results {
             callers,
-            stream,
+            stream: socket,
             stream_address,
             server: server.to_owned(),
             destination,
+            stages,
+            watcher,
         })
     }
 
@@ -260,21 +299,47 @@ impl Results {
 
     /// Closes the stream, flushing what it holds (the transport's linger).
     pub async fn close(self) {
+        self.watcher.abort();
         self.stream.close().await;
     }
 
-    /// Sends `message` to its caller or down the stream.
+    /// The next stages connected now, by name.
+    fn stages(&self) -> Vec<Bytes> {
+        let stages = self.stages.lock().unwrap_or_else(|e| e.into_inner());
+        let mut names: Vec<Bytes> = stages.values().cloned().collect();
+        names.sort();
+        names.dedup();
+        names
+    }
+
+    /// Sends `message` to its caller or down the stream: to the stage that owns its next
+    /// function (the server part of `server.method`).
     pub async fn deliver(&self, message: Message) {
         let destination = (self.destination)(&message);
-        let through = message.function_name() == Some(SYNC_FUNCTION)
-            && message.header(SYNC_THROUGH).is_some();
-        // A handshake that travels through goes on while there is a next stage.
-        let downstream = if through {
-            self.stream.peers() > 0
-        } else {
-            destination == self.server
+        let through = message.function_name() == Some(SYNC_FUNCTION);
+        let target = message.header(SYNC_THROUGH).filter(|_| through);
+        // A handshake that travels through a pipeline goes on until the server it names (or
+        // the end of the pipeline): to that server when it is a next stage, else to every next
+        // stage.
+        let next: Vec<Bytes> = match target {
+            Some(target) if target == self.server => Vec::new(),
+            Some(target) => {
+                let stages = self.stages();
+                match stages.iter().find(|s| s.as_ref() == target.as_bytes()) {
+                    Some(stage) => vec![stage.clone()],
+                    None => stages,
+                }
+            }
+            None if destination == self.server => {
+                let owner = message
+                    .function_name()
+                    .and_then(|f| f.split_once('.'))
+                    .map_or("", |(owner, _)| owner);
+                vec![Bytes::copy_from_slice(owner.as_bytes())]
+            }
+            None => Vec::new(),
         };
-        if !downstream {
+        if next.is_empty() {
             let caller = if through {
                 &message.client
             } else {
@@ -283,10 +348,23 @@ impl Results {
             self.callers.answer(caller, &message).await;
             return;
         }
-        let sent = match self.callers.codec.encode_frames(&message) {
-            Ok(frames) => self.stream.send(frames).await.map_err(|e| e.to_string()),
-            Err(error) => Err(error.to_string()),
-        };
+        let mut sent = Ok(());
+        for stage in next {
+            let frames = match self.callers.codec.encode_frames(&message) {
+                Ok(frames) => frames,
+                Err(error) => {
+                    sent = Err(error.to_string());
+                    break;
+                }
+            };
+            let mut routed = Vec::with_capacity(frames.len() + 1);
+            routed.push(stage.clone());
+            routed.extend(frames);
+            if let Err(error) = self.stream.send(routed).await {
+                let name = String::from_utf8_lossy(&stage);
+                sent = Err(format!("stage {name:?}: {error}"));
+            }
+        }
         match sent {
             Ok(()) => count(&self.callers.counters.streamed),
             Err(error) => {

@@ -109,7 +109,8 @@ struct Inner {
     link: Arc<Link>,
     calls: std::sync::atomic::AtomicU64,
     deadline: Duration,
-    sync_through: bool,
+    /// The last server of the pipeline, when this client takes its results from there.
+    sync_through: Option<String>,
     retry_busy: bool,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -202,9 +203,11 @@ impl Client {
             ("client_address", "client_address")
         };
         let address = preset(&mut cache, db_address, requests_key, deadline).await?;
+        let mut last_server = None;
         let results_address = match &results_from {
             Some(last) => {
                 let mut last_cache = open_cache(last).await?;
+                last_server = Some(preset(&mut last_cache, last, "name", deadline).await?);
                 Some(preset(&mut last_cache, last, results_key, deadline).await?)
             }
             None if pylm_layout => {
@@ -282,7 +285,7 @@ impl Client {
                 link,
                 calls: std::sync::atomic::AtomicU64::new(0),
                 deadline,
-                sync_through: results_from.is_some(),
+                sync_through: last_server,
                 retry_busy,
                 tasks,
             }),
@@ -332,10 +335,9 @@ impl Client {
     /// last server.
     fn sync_message(&self) -> Message {
         let message = Message::call(SYNC_FUNCTION, Bytes::new());
-        if self.inner.sync_through {
-            message.with_header(crate::SYNC_THROUGH, "true")
-        } else {
-            message
+        match &self.inner.sync_through {
+            Some(last) => message.with_header(crate::SYNC_THROUGH, last.clone()),
+            None => message,
         }
     }
 

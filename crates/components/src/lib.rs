@@ -18,8 +18,8 @@
 //!
 //! **Servers.** [`Server`] runs functions itself: callers connect a DEALER to its ROUTER and get
 //! each answer back over that connection ([`callers`]), a bounded number at once (beyond it,
-//! `busy`); results bound for another server's stage go down its stream, a PUSH that pushes
-//! back; with [`Server::pipeline`] and [`Server::sink`] its input is the stream of previous
+//! `busy`); results bound for another server's stage go down its stream to that stage by name,
+//! pushing back when it is slow; with [`Server::pipeline`] and [`Server::sink`] its input is the stream of previous
 //! servers. The [`Master`] farms work out to [`Worker`]s by credit through its worker pool:
 //! credits capped, heartbeats both ways, a deadline carried by every message and kept per
 //! dispatch, a dead worker's messages sent to another once (unless a function must not run

@@ -59,8 +59,8 @@ impl MasterBuilder {
         self
     }
 
-    /// Makes this master a Hub: it also takes what a previous server sends down its stream (a
-    /// PULL connected to its PUSH). In pylm's layout its input is a SUB connected to the
+    /// Makes this master a Hub: it also takes what a previous server sends down its stream for
+    /// it (a DEALER connected to it, with this master's name as identity). In pylm's layout its input is a SUB connected to the
     /// previous server's PUB, subscribed to `topics` (usually that server's name), instead of
     /// a PULL.
     pub fn subscribe_to(mut self, stream_address: &str, topics: &[&str]) -> Self {
@@ -69,7 +69,7 @@ impl MasterBuilder {
         self
     }
 
-    /// Where the next stage connects (a PUSH, bound; in pylm's layout the PUB of results).
+    /// Where next stages connect (a ROUTER, bound; in pylm's layout the PUB of results).
     pub fn stream_address(mut self, address: &str) -> Self {
         self.stream = Endpoint::Bind(address.to_owned());
         self
@@ -227,7 +227,7 @@ impl MasterBuilder {
                 Mode::NonBlocking,
             );
         if let Some((endpoint, _)) = &self.previous {
-            let pull = Listen::pull(endpoint, &self.transport, codec.clone()).await?;
+            let pull = Listen::dealer(endpoint, &self.name, &self.transport, codec.clone()).await?;
             builder = builder.inbound(
                 "previous",
                 move |link| pull.run(link),

@@ -217,6 +217,25 @@ impl Listen {
         })
     }
 
+    /// A DEALER service or connection announcing `identity`: a next stage's input from the
+    /// stream of a previous server, which routes to it by that name.
+    pub async fn dealer(
+        endpoint: &Endpoint,
+        identity: &str,
+        transport: &Transport,
+        codec: Arc<dyn Codec>,
+    ) -> Result<Self, Error> {
+        let mut transport = transport.clone();
+        let identity = Bytes::copy_from_slice(identity.as_bytes());
+        transport.bound.identity = identity.clone();
+        transport.connected.identity = identity;
+        Ok(Listen {
+            part: PartSocket::open(Kind::Dealer, endpoint, &transport, codec).await?,
+            skip: 0,
+            connections: None,
+        })
+    }
+
     /// A SUB service or connection subscribed to `topics` (an empty string takes everything).
     pub async fn sub(
         endpoint: &Endpoint,

@@ -2,7 +2,8 @@
 //!
 //! In rylm's layout callers connect a DEALER to its ROUTER and get each answer back on that
 //! connection ([`crate::callers`]); results that go on to another server's stage go down its
-//! stream, a PUSH the next stage's PULL connects to; the cache answers on a REP. In pylm's
+//! stream, a ROUTER next stages connect a DEALER to with their name as identity; the cache
+//! answers on a REP. In pylm's
 //! layout (`pylm` submodule) it is PULL, PUB and REP, as pylm's.
 
 use std::sync::Arc;
@@ -64,8 +65,8 @@ impl ServerBuilder {
         self
     }
 
-    /// Also takes what a previous server sends down its stream (`stream_address`): a PULL
-    /// connected to its PUSH. In pylm's layout, a SUB connected to its PUB, subscribed to
+    /// Also takes what a previous server sends down its stream (`stream_address`) for this
+    /// server: a DEALER connected to it with this server's name as identity. In pylm's layout, a SUB connected to its PUB, subscribed to
     /// `topics` (usually its name). Call it once per previous server (a Sink has several).
     pub fn subscribe_to(mut self, stream_address: &str, topics: &[&str]) -> Self {
         let topics = topics.iter().map(|t| (*t).to_owned()).collect();
@@ -74,7 +75,7 @@ impl ServerBuilder {
         self
     }
 
-    /// Where the next stage connects (a PUSH, bound; in pylm's layout the PUB of results).
+    /// Where next stages connect (a ROUTER, bound; in pylm's layout the PUB of results).
     pub fn stream_address(mut self, address: &str) -> Self {
         self.stream = Endpoint::Bind(address.to_owned());
         self
@@ -181,7 +182,7 @@ impl ServerBuilder {
                 Mode::NonBlocking,
             );
         for (i, (endpoint, _)) in self.previous.iter().enumerate() {
-            let pull = Listen::pull(endpoint, &self.transport, codec.clone()).await?;
+            let pull = Listen::dealer(endpoint, &self.name, &self.transport, codec.clone()).await?;
             builder = builder.inbound(
                 &format!("previous-{i}"),
                 move |link| pull.run(link),

@@ -217,6 +217,8 @@ struct Link {
 pub struct Worker {
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
+    /// Set when the worker's loop ends before it was told to stop.
+    ended: watch::Receiver<Option<String>>,
 }
 
 impl Worker {
@@ -233,9 +235,38 @@ impl Worker {
     }
 
     fn spawn(builder: WorkerBuilder, link: Link) -> Worker {
+        use futures_lite::FutureExt;
         let (stop, stopped) = watch::channel(false);
-        let task = tokio::spawn(work(builder, link, stopped));
-        Worker { stop, task }
+        let (ended_tx, ended) = watch::channel(None);
+        let told = stopped.clone();
+        let task = tokio::spawn(async move {
+            let outcome = std::panic::AssertUnwindSafe(work(builder, link, stopped))
+                .catch_unwind()
+                .await;
+            if !*told.borrow() {
+                let what = match outcome {
+                    Ok(()) => "the worker's connection to its master closed".to_owned(),
+                    Err(_) => "the worker's loop panicked".to_owned(),
+                };
+                tracing::error!("{what}");
+                ended_tx.send_replace(Some(what));
+            }
+        });
+        Worker { stop, task, ended }
+    }
+
+    /// Resolves when the worker stops working though it was not told to (its socket closed
+    /// under it, a panic), with what happened; never while it works.
+    pub async fn died(&self) -> String {
+        let mut ended = self.ended.clone();
+        loop {
+            if let Some(what) = ended.borrow_and_update().clone() {
+                return what;
+            }
+            if ended.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+        }
     }
 
     /// Stops taking messages, finishes and answers the ones it holds, then closes.

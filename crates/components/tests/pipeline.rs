@@ -21,8 +21,8 @@ fn exclaim() -> Functions {
     })
 }
 
-#[tokio::test]
-async fn a_server_and_a_pipeline_stage_run_a_list_of_stages() {
+/// A server `first` (upper) and a pipeline stage `second` (exclaim) after it.
+async fn first_and_second() -> (Server, Server) {
     let first = Server::builder("first")
         .functions(upper())
         .start()
@@ -33,6 +33,12 @@ async fn a_server_and_a_pipeline_stage_run_a_list_of_stages() {
         .start()
         .await
         .expect("starts");
+    (first, second)
+}
+
+#[tokio::test]
+async fn a_server_and_a_pipeline_stage_run_a_list_of_stages() {
+    let (first, second) = first_and_second().await;
     // The client pushes to the first server and takes results from the last.
     let client =
         Client::connect_with_results_from(first.db_address(), Some(second.db_address()), DEADLINE)
@@ -118,5 +124,45 @@ async fn a_hub_farms_out_a_previous_servers_stream_to_workers() {
     assert_eq!(&result[..], b"HUB!");
     worker.shutdown().await;
     hub.shutdown().await.expect("clean");
+    first.shutdown().await.expect("clean");
+}
+
+#[tokio::test]
+async fn a_stream_feeding_two_stages_sends_each_message_to_the_stage_that_owns_it() {
+    let (first, second) = first_and_second().await;
+    let tag = Functions::new().add("tag", |p: Bytes| async move {
+        Ok::<_, String>(Bytes::from(format!(
+            "tagged {}",
+            String::from_utf8_lossy(&p)
+        )))
+    });
+    let other = Server::sink("other")
+        .subscribe_to(first.stream_address(), &["first"])
+        .functions(tag)
+        .start()
+        .await
+        .expect("starts");
+    let to_second =
+        Client::connect_with_results_from(first.db_address(), Some(second.db_address()), DEADLINE)
+            .await
+            .expect("connects through the chain");
+    let to_other =
+        Client::connect_with_results_from(first.db_address(), Some(other.db_address()), DEADLINE)
+            .await
+            .expect("connects through the chain");
+    for i in 0..20 {
+        let a = to_second
+            .eval_stages(&["first.upper", "second.exclaim"], format!("a{i}"))
+            .await
+            .expect("answered by second");
+        assert_eq!(a, Bytes::from(format!("A{i}!")));
+        let b = to_other
+            .eval_stages(&["first.upper", "other.tag"], format!("b{i}"))
+            .await
+            .expect("answered by other");
+        assert_eq!(b, Bytes::from(format!("tagged B{i}")));
+    }
+    other.shutdown().await.expect("clean");
+    second.shutdown().await.expect("clean");
     first.shutdown().await.expect("clean");
 }

@@ -135,6 +135,10 @@ pub struct Options {
     pub send_timeout: Duration,
     /// The routing identity this socket announces (DEALER, REQ), or empty for a generated one.
     pub identity: bytes::Bytes,
+    /// A ROUTER's send to a peer it does not know fails ([`crate::Error`]) instead of being
+    /// dropped silently, and one to a peer whose queue is full waits for room (up to the send
+    /// timeout).
+    pub router_mandatory: bool,
     /// The security mechanism.
     pub security: Security,
 }
@@ -156,6 +160,7 @@ impl Default for Options {
             reconnect_max: Duration::from_secs(2),
             send_timeout: Duration::from_secs(10),
             identity: bytes::Bytes::new(),
+            router_mandatory: false,
             security: Security::Null,
         }
     }
@@ -218,6 +223,12 @@ impl Options {
         self
     }
 
+    /// Makes a ROUTER's sends to unknown peers fail (see [`Options::router_mandatory`]).
+    pub fn router_mandatory(mut self, mandatory: bool) -> Self {
+        self.router_mandatory = mandatory;
+        self
+    }
+
     /// Sets the security mechanism.
     pub fn security(mut self, security: Security) -> Self {
         self.security = security;
@@ -239,6 +250,9 @@ impl Options {
             });
         if !self.identity.is_empty() {
             options = options.identity(self.identity.clone());
+        }
+        if self.router_mandatory {
+            options = options.router_mandatory(true);
         }
         if let Some(heartbeat) = self.heartbeat {
             options = options

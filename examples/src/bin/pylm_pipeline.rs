@@ -1,4 +1,4 @@
-//! pylm's Pipeline, Hub and Sink: servers chained by their PUB sockets.
+//! pylm's Pipeline, Hub and Sink: servers chained by their streams (PUSH to the next stage's PULL).
 //!
 //! A Server runs the first stage; a Pipeline stage the second; a Hub farms a third stage out to
 //! a worker; two streams meet in a Sink. `cargo run -p rylm-examples --bin pylm_pipeline`

@@ -204,6 +204,13 @@ impl PoolStatus {
     }
 }
 
+/// An error answer to `message`, without the dispatch stamp a worker saw.
+fn failure(message: &Message, kind: &str, text: &str) -> Message {
+    let mut reply = error_reply(message, kind, text);
+    reply.headers.remove(DISPATCH);
+    reply
+}
+
 fn count(counter: &AtomicU64) {
     counter.fetch_add(1, Ordering::Relaxed);
 }
@@ -446,7 +453,7 @@ impl Pool {
                     "{} messages are waiting for a worker; try again later",
                     self.waiting.len()
                 );
-                self.publish(sink, error_reply(&part, "busy", &text)).await;
+                self.publish(sink, failure(&part, "busy", &text)).await;
                 continue;
             }
             let deadline = deadline_of(&part, now).unwrap_or(now + self.admission.default_deadline);
@@ -486,7 +493,7 @@ impl Pool {
         }
         left.extend(self.in_flight.drain().map(|(_, d)| d.message));
         for message in left {
-            let reply = error_reply(
+            let reply = failure(
                 &message,
                 "shutdown",
                 "the master shut down before a worker answered",
@@ -509,7 +516,7 @@ impl Pool {
                     }
                     Err(error) => {
                         tracing::warn!(%error, "a result could not be encoded; its caller gets an error");
-                        let reply = error_reply(&message, "unencodable", &error.to_string());
+                        let reply = failure(&message, "unencodable", &error.to_string());
                         if let Ok(mut frames) = self.codec.encode_frames(&reply) {
                             frames.insert(0, Bytes::from((self.handle_stream)(&reply)));
                             let _ = socket.send(frames).await;
@@ -686,7 +693,7 @@ impl Pool {
                 Some(reason) => {
                     if let Some(dispatched) = self.in_flight.remove(&held) {
                         count(&self.status.counters.worker_died);
-                        let reply = error_reply(&dispatched.message, "worker-died", reason);
+                        let reply = failure(&dispatched.message, "worker-died", reason);
                         self.publish(sink, reply).await;
                     }
                 }
@@ -737,7 +744,7 @@ impl Pool {
         }
         for message in late {
             count(&self.status.counters.expired);
-            let reply = error_reply(&message, "deadline", "no answer before the deadline");
+            let reply = failure(&message, "deadline", "no answer before the deadline");
             self.publish(sink, reply).await;
         }
     }
@@ -800,18 +807,20 @@ impl Pool {
                 continue; // `expire` answers it
             }
             let remaining = dispatched.deadline - now;
-            let mut message = dispatched.message.clone();
+            // Stamped in place (no copy of the message): a re-dispatch stamps it again, and
+            // answers made from it drop the stamp (`failure`).
+            let message = &mut dispatched.message;
             message.headers.insert(DISPATCH.into(), id.clone());
             message.headers.insert(
                 crate::DEADLINE.into(),
                 remaining.as_millis().max(1).to_string(),
             );
-            let frames = match self.codec.encode_frames(&message) {
+            let frames = match self.codec.encode_frames(message) {
                 Ok(frames) => frames,
                 Err(error) => {
                     let text = format!("could not be sent to a worker: {error}");
                     if let Some(dispatched) = self.in_flight.remove(&id) {
-                        let reply = error_reply(&dispatched.message, "unencodable", &text);
+                        let reply = failure(&dispatched.message, "unencodable", &text);
                         self.publish(sink, reply).await;
                     }
                     continue;

@@ -36,6 +36,7 @@
 #![warn(missing_docs)]
 
 mod error;
+mod handler;
 mod http;
 mod parts;
 pub mod request;

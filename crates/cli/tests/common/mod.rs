@@ -159,11 +159,24 @@ pub struct Ports {
 
 impl Ports {
     pub fn new() -> Ports {
+        // Four different ports: the system may hand out a port it just gave back.
+        let mut addresses: Vec<String> = Vec::new();
+        for _ in 0..100 {
+            let address = free_address();
+            if !addresses.contains(&address) {
+                addresses.push(address);
+            }
+            if addresses.len() == 4 {
+                break;
+            }
+        }
+        let [pull, publish, db, workers] =
+            <[String; 4]>::try_from(addresses).expect("four addresses");
         Ports {
-            pull: free_address(),
-            publish: free_address(),
-            db: free_address(),
-            workers: free_address(),
+            pull,
+            publish,
+            db,
+            workers,
         }
     }
 

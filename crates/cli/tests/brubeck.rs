@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{DEADLINE, Rylm, free_address};
+use common::{DEADLINE, Rylm, free_addresses};
 use rylm_components::rylm_transport::Options;
 use rylm_services_mux::{BrubeckCaller, Method};
 
@@ -42,7 +42,7 @@ async fn rylm_service_serves_a_brubeck_caller_and_rylm_call_calls_one() {
     drop(caller);
 
     // The other way: `rylm call` binds, a Brubeck-wire service connects to it.
-    let (requests, responses) = (free_address(), free_address());
+    let [requests, responses] = <[String; 2]>::try_from(free_addresses(2)).expect("two addresses");
     let call = tokio::process::Command::new(env!("CARGO_BIN_EXE_rylm"))
         .args([
             "call",

@@ -159,19 +159,8 @@ pub struct Ports {
 
 impl Ports {
     pub fn new() -> Ports {
-        // Four different ports: the system may hand out a port it just gave back.
-        let mut addresses: Vec<String> = Vec::new();
-        for _ in 0..100 {
-            let address = free_address();
-            if !addresses.contains(&address) {
-                addresses.push(address);
-            }
-            if addresses.len() == 4 {
-                break;
-            }
-        }
         let [pull, publish, db, workers] =
-            <[String; 4]>::try_from(addresses).expect("four addresses");
+            <[String; 4]>::try_from(free_addresses(4)).expect("four addresses");
         Ports {
             pull,
             publish,
@@ -209,6 +198,23 @@ impl Ports {
 /// The `ip` program (iproute2): `RYLM_IP` when xtask installed it, else from the PATH.
 pub fn ip() -> String {
     std::env::var("RYLM_IP").unwrap_or_else(|_| "ip".to_owned())
+}
+
+/// `count` different `tcp://127.0.0.1:<a free port>` addresses (the system may hand out a port
+/// it just gave back, so each is checked against the others).
+pub fn free_addresses(count: usize) -> Vec<String> {
+    let mut addresses: Vec<String> = Vec::new();
+    for _ in 0..count * 50 {
+        if addresses.len() == count {
+            break;
+        }
+        let address = free_address();
+        if !addresses.contains(&address) {
+            addresses.push(address);
+        }
+    }
+    assert_eq!(addresses.len(), count, "{count} different free ports");
+    addresses
 }
 
 /// `tcp://127.0.0.1:<a free port>`.

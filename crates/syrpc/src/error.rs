@@ -142,12 +142,16 @@ impl Error {
         }
     }
 
-    /// True for failures that a new connection may cure.
+    /// True for failures that a new connection may cure: I/O and connection failures, and a
+    /// hard (connection-level) AMQP error, such as the broker closing every connection when it
+    /// stops (CONNECTION_FORCED); not a soft (channel-level) refusal of one operation.
     pub(crate) fn is_connection_loss(&self) -> bool {
+        use lapin::protocol::AMQPErrorKind;
         match self {
-            Error::Amqp { source, .. } => {
-                !matches!(source.kind(), lapin::ErrorKind::ProtocolError(_))
-            }
+            Error::Amqp { source, .. } => match source.kind() {
+                lapin::ErrorKind::ProtocolError(e) => matches!(e.kind(), AMQPErrorKind::Hard(_)),
+                _ => true,
+            },
             Error::Unreachable { .. } => true,
             _ => false,
         }

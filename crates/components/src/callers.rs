@@ -24,7 +24,7 @@ use rylm_core_router::{Error as RouterError, InboundLink, OutboundQueue};
 use rylm_message::{Codec, Message};
 use rylm_transport::{Kind, Socket};
 
-use crate::parts::{Endpoint, Transport, error_reply};
+use crate::parts::{Endpoint, Transport, answer_frames, error_reply};
 use crate::{Error, SYNC_FUNCTION};
 
 /// How long an answer waits for room in its caller's queue before it is dropped: a caller that
@@ -114,28 +114,9 @@ impl CallerSocket {
     /// Sends `message` to the caller whose routing identity is `caller`; false if it could not
     /// be delivered (counted and logged).
     async fn answer(&self, caller: &str, message: &Message) -> bool {
-        let encoded = self.codec.encode_frames(message).and_then(|frames| {
-            let size: usize = frames.iter().map(Bytes::len).sum();
-            if size > self.max_message {
-                Err(rylm_message::Error::TooLarge {
-                    size,
-                    limit: self.max_message,
-                })
-            } else {
-                Ok(frames)
-            }
-        });
-        let frames = match encoded {
-            Ok(frames) => frames,
-            Err(error) => {
-                // The caller learns why, rather than losing its connection to an oversized frame.
-                tracing::warn!(address = %self.address, %error, "a result could not be sent as it is; its caller gets an error");
-                let reply = error_reply(message, "unencodable", &error.to_string());
-                match self.codec.encode_frames(&reply) {
-                    Ok(frames) => frames,
-                    Err(_) => return false,
-                }
-            }
+        // The caller learns why, rather than losing its connection to an oversized frame.
+        let Ok(frames) = answer_frames(self.codec.as_ref(), message, self.max_message) else {
+            return false;
         };
         let mut routed = Vec::with_capacity(frames.len() + 1);
         routed.push(Bytes::copy_from_slice(caller.as_bytes()));

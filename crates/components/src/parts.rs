@@ -173,6 +173,35 @@ pub fn error_reply(request: &Message, kind: &str, message: &str) -> Message {
     reply
 }
 
+/// The frames of an answer to send: `message` encoded, or, when it does not encode or is above
+/// `max_message` (the peer would drop its connection on it), an `unencodable` error reply in its
+/// place, so that the peer still gets an answer and learns why. An error only when even that
+/// reply does not encode.
+pub(crate) fn answer_frames(
+    codec: &dyn Codec,
+    message: &Message,
+    max_message: usize,
+) -> Result<Vec<Bytes>, rylm_message::Error> {
+    let encoded = codec.encode_frames(message).and_then(|frames| {
+        let size: usize = frames.iter().map(Bytes::len).sum();
+        if size > max_message {
+            Err(rylm_message::Error::TooLarge {
+                size,
+                limit: max_message,
+            })
+        } else {
+            Ok(frames)
+        }
+    });
+    match encoded {
+        Ok(frames) => Ok(frames),
+        Err(error) => {
+            tracing::warn!(%error, "an answer could not be sent as it is; sending an error instead");
+            codec.encode_frames(&error_reply(message, "unencodable", &error.to_string()))
+        }
+    }
+}
+
 /// The answer to a request that arrived as `frames`: its feedback through the router, or an
 /// error reply for a request that does not decode or could not be routed.
 async fn answer(link: &InboundLink, codec: &dyn Codec, frames: &[Bytes]) -> Message {

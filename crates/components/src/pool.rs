@@ -33,7 +33,7 @@ use rylm_message::{Codec, Message};
 use rylm_transport::{Event, Kind, Socket};
 
 use crate::functions::{SYNC_FUNCTION, deadline_of};
-use crate::parts::{Endpoint, Transport, error_reply};
+use crate::parts::{Endpoint, Transport, answer_frames, error_reply};
 use crate::{Error, MORE};
 
 /// A worker says it is ready, with headers [`CREDITS`], [`FUNCTIONS`], [`HOLDING`] and
@@ -507,21 +507,15 @@ impl Pool {
             ResultSink::Answer(results) => results.deliver(message).await,
             ResultSink::Publish(socket) => {
                 let topic = (self.handle_stream)(&message);
-                match self.codec.encode_frames(&message) {
+                // A result that does not encode reaches its caller as an error.
+                match answer_frames(self.codec.as_ref(), &message, usize::MAX) {
                     Ok(mut frames) => {
                         frames.insert(0, Bytes::from(topic));
                         if let Err(error) = socket.send(frames).await {
                             tracing::warn!(%error, "could not publish a result");
                         }
                     }
-                    Err(error) => {
-                        tracing::warn!(%error, "a result could not be encoded; its caller gets an error");
-                        let reply = failure(&message, "unencodable", &error.to_string());
-                        if let Ok(mut frames) = self.codec.encode_frames(&reply) {
-                            frames.insert(0, Bytes::from((self.handle_stream)(&reply)));
-                            let _ = socket.send(frames).await;
-                        }
-                    }
+                    Err(error) => tracing::error!(%error, "could not encode an error answer"),
                 }
             }
             ResultSink::Channel(sender) => {

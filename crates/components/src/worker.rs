@@ -19,7 +19,7 @@ use rylm_transport::{Event, Kind, Socket};
 use tokio::sync::{Semaphore, watch};
 
 use crate::functions::deadline_of;
-use crate::parts::{Endpoint, Transport, error_reply};
+use crate::parts::{Endpoint, Transport, answer_frames, error_reply};
 use crate::pool::{
     CREDITS, DISPATCH, FUNCTIONS, HEARTBEAT_FUNCTION, HOLDING, ONCE, READY_FUNCTION, next_event,
 };
@@ -324,30 +324,12 @@ impl Shared {
 
     /// Sends an answer, waiting up to the transport's send timeout for the master.
     async fn send(&self, message: &Message) {
-        let encoded = self.codec.encode_frames(message).and_then(|frames| {
-            let size: usize = frames.iter().map(Bytes::len).sum();
-            if size > self.max_message {
-                Err(rylm_message::Error::TooLarge {
-                    size,
-                    limit: self.max_message,
-                })
-            } else {
-                Ok(frames)
-            }
-        });
-        let frames = match encoded {
+        // Answer anyway, so the master's credit comes back and its caller knows.
+        let frames = match answer_frames(self.codec.as_ref(), message, self.max_message) {
             Ok(frames) => frames,
             Err(error) => {
-                // Answer anyway, so the master's credit comes back and its caller knows.
-                tracing::warn!(%error, "an answer could not be sent as it is; sending an error instead");
-                let reply = error_reply(message, "unencodable", &error.to_string());
-                match self.codec.encode_frames(&reply) {
-                    Ok(frames) => frames,
-                    Err(error) => {
-                        tracing::error!(%error, "could not encode an error answer");
-                        return;
-                    }
-                }
+                tracing::error!(%error, "could not encode an error answer");
+                return;
             }
         };
         if let Err(error) = self.to.send(frames).await {

@@ -142,9 +142,9 @@ where
                     "workers": "pylm workers (they announce neither themselves nor their functions)",
                     "call": "GET or POST /<function> with the payload as the body",
                 }),
-            }).any();
+            }).whole();
         }
-        "/healthz" => return json_ok(serde_json::json!({ "status": "alive" })).any(),
+        "/healthz" => return json_ok(serde_json::json!({ "status": "alive" })).whole(),
         "/readyz" => {
             // Ready: a worker has a free credit (pylm workers, which announce nothing: one is
             // connected).
@@ -160,12 +160,12 @@ where
                     json_ok(serde_json::json!({ "status": "ready", "workers": workers }))
                 }
             }
-            .any();
+            .whole();
         }
         _ => {}
     }
     if request.method() != Method::GET && request.method() != Method::POST {
-        return json_error(StatusCode::METHOD_NOT_ALLOWED, "use GET or POST").any();
+        return json_error(StatusCode::METHOD_NOT_ALLOWED, "use GET or POST").whole();
     }
     let function = path.trim_start_matches('/');
     if !is_function_name(function) {
@@ -173,7 +173,7 @@ where
             StatusCode::BAD_REQUEST,
             &format!("{path:?} is not /<function>: letters, digits and _ - . : only"),
         )
-        .any();
+        .whole();
     }
     let method = function
         .split_once('.')
@@ -181,7 +181,7 @@ where
     let method_name = method.split_once(':').map_or(method, |(name, _)| name);
     if let Some(status) = &state.status {
         if status.live_workers() == 0 {
-            return unavailable(state, "no worker is connected").any();
+            return unavailable(state, "no worker is connected").whole();
         }
         let known = status.functions();
         if !known.iter().any(|f| f == method || f == method_name) {
@@ -192,7 +192,7 @@ where
                     known.join(", ")
                 ),
             )
-            .any();
+            .whole();
         }
     }
     // pylm workers announce nothing, but a request sent while none is connected would wait in
@@ -202,11 +202,11 @@ where
         .as_ref()
         .is_some_and(|push| push.peers() == 0)
     {
-        return unavailable(state, "no pylm worker is connected").any();
+        return unavailable(state, "no pylm worker is connected").whole();
     }
     // One limit over every connection: beyond it, 503 at once.
     let Ok(_admitted) = state.admitted.clone().try_acquire_owned() else {
-        return unavailable(state, "the gateway is at its concurrency limit; try again").any();
+        return unavailable(state, "the gateway is at its concurrency limit; try again").whole();
     };
 
     let mut headers = std::collections::BTreeMap::new();
@@ -228,21 +228,21 @@ where
                 StatusCode::PAYLOAD_TOO_LARGE,
                 &format!("the body is above the limit of {} bytes", state.max_body),
             )
-            .any();
+            .whole();
         }
         Ok(Err(error)) => {
             return json_error(
                 StatusCode::BAD_REQUEST,
                 &format!("the body could not be read: {error}"),
             )
-            .any();
+            .whole();
         }
         Err(_) => {
             return json_error(
                 StatusCode::REQUEST_TIMEOUT,
                 &format!("the body did not come within {:?}", state.body_timeout),
             )
-            .any();
+            .whole();
         }
     };
 
@@ -275,16 +275,16 @@ where
         answered: false,
     };
     let first = match state.requests.send(message).await {
-        Err(_) => return unavailable(state, "the gateway is shutting down").any(),
+        Err(_) => return unavailable(state, "the gateway is shutting down").whole(),
         Ok(()) => match tokio::time::timeout(state.deadline, answer.recv()).await {
             Ok(Some(first)) => first,
-            Ok(None) => return unavailable(state, "the gateway is shutting down").any(),
+            Ok(None) => return unavailable(state, "the gateway is shutting down").whole(),
             Err(_) => {
                 return json_error(
                     StatusCode::GATEWAY_TIMEOUT,
                     &format!("no worker answered within {:?}", state.deadline),
                 )
-                .any();
+                .whole();
             }
         },
     };
@@ -303,16 +303,16 @@ where
     }
     in_hand.answered = true;
     drop(in_hand);
-    answer_of(state, first).any()
+    answer_of(state, first).whole()
 }
 
 /// A response with a whole body, as the gateway's response type.
-pub(crate) trait Any {
-    fn any(self) -> Response<HandlerBody>;
+pub(crate) trait Whole {
+    fn whole(self) -> Response<HandlerBody>;
 }
 
-impl Any for Response<Full<Bytes>> {
-    fn any(self) -> Response<HandlerBody> {
+impl Whole for Response<Full<Bytes>> {
+    fn whole(self) -> Response<HandlerBody> {
         self.map(HandlerBody::Whole)
     }
 }

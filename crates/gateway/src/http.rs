@@ -23,7 +23,7 @@ use tokio::sync::{mpsc, watch};
 use tower::ServiceBuilder;
 
 use crate::Error;
-use crate::handler::{Any, handle};
+use crate::handler::{Whole, handle};
 
 /// Every response body, boxed: the handler's, and the layers' own (the body limit's 413).
 pub(crate) type AnyBody = http_body_util::combinators::BoxBody<Bytes, tower::BoxError>;
@@ -432,7 +432,7 @@ async fn serve(
                                 hyper::header::CONNECTION,
                                 hyper::header::HeaderValue::from_static("close"),
                             );
-                            response.any()
+                            response.whole()
                         } else {
                             handle(state, request).await
                         };

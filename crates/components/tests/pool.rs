@@ -94,6 +94,16 @@ fn spawn_eval(
     tokio::spawn(async move { client.eval_within(function, payload, within).await })
 }
 
+/// A worker of `functions` that runs one message at a time, beating every `interval`.
+async fn one_credit_worker(master: &Master, functions: Functions, interval: Duration) -> Worker {
+    Worker::builder(functions)
+        .credits(1)
+        .heartbeat(interval)
+        .connect(master.worker_address())
+        .await
+        .expect("connects")
+}
+
 async fn master(admission: Admission) -> Master {
     Master::builder("m")
         .heartbeat(QUICK)
@@ -204,14 +214,10 @@ async fn a_stalled_worker_is_readmitted_and_its_late_answer_dropped() {
     tokio::time::sleep(QUICK.grace() * 3).await;
     let status = master.status();
     assert_eq!(status.counters().buried.load(Ordering::Relaxed), 1);
-    let rescuer = Worker::builder(Functions::new().add("upper", |p: Bytes| async move {
+    let upper = Functions::new().add("upper", |p: Bytes| async move {
         Ok::<_, String>(Bytes::from(p.to_ascii_uppercase()))
-    }))
-    .credits(1)
-    .heartbeat(QUICK.interval)
-    .connect(master.worker_address())
-    .await
-    .expect("connects");
+    });
+    let rescuer = one_credit_worker(&master, upper, QUICK.interval).await;
     assert_eq!(&call.await.expect("task").expect("answered")[..], b"WORK");
     // It speaks again: asked to announce itself, it is readmitted; its late answer is dropped.
     stalled.beat().await;
@@ -319,12 +325,7 @@ async fn a_message_past_its_deadline_is_never_dispatched() {
 async fn credits_come_back_from_unencodable_results_and_overdue_functions() {
     let master = master(Admission::default()).await;
     let runs = Arc::new(AtomicUsize::new(0));
-    let worker = Worker::builder(counting(runs.clone()))
-        .credits(1)
-        .heartbeat(QUICK.interval)
-        .connect(master.worker_address())
-        .await
-        .expect("connects");
+    let worker = one_credit_worker(&master, counting(runs.clone()), QUICK.interval).await;
     let client = client(&master).await;
     for _ in 0..3 {
         assert_eq!(remote_kind(client.eval("huge", "").await), "unencodable");
@@ -391,12 +392,7 @@ async fn a_function_that_must_not_run_twice_is_failed_back_when_its_worker_dies(
             })
             .must_not_run_twice("count")
     };
-    let doomed = Worker::builder(held)
-        .credits(1)
-        .heartbeat(QUICK.interval)
-        .connect(master.worker_address())
-        .await
-        .expect("connects");
+    let doomed = one_credit_worker(&master, held, QUICK.interval).await;
     let client = client(&master).await;
     let call = spawn_eval(&client, "count", "once", DEADLINE);
     tokio::time::timeout(DEADLINE, gate.notified())
@@ -404,12 +400,7 @@ async fn a_function_that_must_not_run_twice_is_failed_back_when_its_worker_dies(
         .expect("it started");
     doomed.abort();
     // A spare worker is there when the master buries the first: still, it is not run again.
-    let spare = Worker::builder(counting(runs.clone()))
-        .credits(1)
-        .heartbeat(QUICK.interval)
-        .connect(master.worker_address())
-        .await
-        .expect("connects");
+    let spare = one_credit_worker(&master, counting(runs.clone()), QUICK.interval).await;
     assert_eq!(remote_kind(call.await.expect("task")), "worker-died");
     assert_eq!(runs.load(Ordering::SeqCst), 1, "it ran once");
     spare.shutdown().await;
@@ -439,24 +430,18 @@ async fn a_worker_whose_connection_closes_is_buried_at_once_not_after_the_grace(
             }
         })
     };
-    let doomed = Worker::builder(held)
-        .credits(1)
-        .heartbeat(slow_grace.interval)
-        .connect(master.worker_address())
-        .await
-        .expect("connects");
+    let doomed = one_credit_worker(&master, held, slow_grace.interval).await;
     let client = client(&master).await;
     let call = spawn_eval(&client, "hold", "x", DEADLINE);
     tokio::time::timeout(DEADLINE, gate.notified())
         .await
         .expect("it started");
-    let rescuer =
-        Worker::builder(Functions::new().add("hold", |p: Bytes| async move { Ok::<_, String>(p) }))
-            .credits(1)
-            .heartbeat(slow_grace.interval)
-            .connect(master.worker_address())
-            .await
-            .expect("connects");
+    let rescuer = one_credit_worker(
+        &master,
+        Functions::new().add("hold", |p: Bytes| async move { Ok::<_, String>(p) }),
+        slow_grace.interval,
+    )
+    .await;
     let killed = Instant::now();
     doomed.abort();
     let answer = call.await.expect("task").expect("re-dispatched");

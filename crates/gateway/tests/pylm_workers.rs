@@ -64,6 +64,26 @@ async fn the_gateway_serves_http_with_pylm_workers() {
             (status, String::from_utf8_lossy(&body).into_owned())
         }
     };
+    // Until `/readyz` reports `count` connected pylm workers (bounded).
+    let until_connected = |count: usize, failure: &'static str| {
+        let (client, address) = (client.clone(), gateway.local_addr());
+        async move {
+            let started = std::time::Instant::now();
+            loop {
+                let request = Request::get(format!("http://{address}/readyz"))
+                    .body(Full::new(Bytes::new()))
+                    .expect("a request");
+                let response = client.request(request).await.expect("answered");
+                let body = response.into_body().collect().await.expect("a body");
+                let text = String::from_utf8_lossy(&body.to_bytes()).into_owned();
+                if text.contains(&format!("\"workers\":{count}")) {
+                    return;
+                }
+                assert!(started.elapsed() < Duration::from_secs(30), "{failure}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
     // Before any pylm worker connects: 503 at once, not a request that waits in a queue.
     let (status, _) = post("/upper", "too early").await;
     assert!(
@@ -71,22 +91,7 @@ async fn the_gateway_serves_http_with_pylm_workers() {
         "{status}"
     );
     // The pylm workers join in their own time: ready once both are connected.
-    let started = std::time::Instant::now();
-    loop {
-        let request = Request::get(format!("http://{}/readyz", gateway.local_addr()))
-            .body(Full::new(Bytes::new()))
-            .expect("a request");
-        let response = client.request(request).await.expect("answered");
-        let body = response.into_body().collect().await.expect("a body");
-        if String::from_utf8_lossy(&body.to_bytes()).contains("\"workers\":2") {
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "the pylm workers never joined"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until_connected(2, "the pylm workers never joined").await;
     assert_eq!(
         post("/upper", "hello pylm").await,
         (StatusCode::OK, "HELLO PYLM".to_owned())
@@ -105,22 +110,7 @@ async fn the_gateway_serves_http_with_pylm_workers() {
     if let Some(mut dead) = workers.next() {
         dead.kill().await.expect("killed");
     }
-    let started = std::time::Instant::now();
-    loop {
-        let request = Request::get(format!("http://{}/readyz", gateway.local_addr()))
-            .body(Full::new(Bytes::new()))
-            .expect("a request");
-        let response = client.request(request).await.expect("answered");
-        let body = response.into_body().collect().await.expect("a body");
-        if String::from_utf8_lossy(&body.to_bytes()).contains("\"workers\":1") {
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "the dead worker stayed a peer"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until_connected(1, "the dead worker stayed a peer").await;
     for i in 0..10 {
         let started = std::time::Instant::now();
         assert_eq!(

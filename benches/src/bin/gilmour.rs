@@ -23,7 +23,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client as HttpClient;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rylm_benches::{Summary, measure, peak_rss_kib, spawn, table};
-use rylm_gilmour_proxy::engine::Node;
+use rylm_gilmour::node::Node;
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
 

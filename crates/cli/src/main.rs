@@ -75,14 +75,8 @@ enum Command {
         #[command(subcommand)]
         command: syrpc::SyrpcCommand,
     },
-    /// The Gilmour HTTP proxy: programs in any language join a Gilmour network over HTTP
-    /// (`rylm gilmour-proxy --help` for its options).
-    #[command(disable_help_flag = true)]
-    GilmourProxy {
-        /// `--redis URL`, `--listen ADDR`, `--token T` and the rest (see `--help`).
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
-        args: Vec<String>,
-    },
+    /// The Gilmour HTTP proxy: programs in any language join a Gilmour network over HTTP.
+    GilmourProxy(rylm_gilmour_proxy::ProxyArgs),
     /// Writes a CURVE key pair: BASE.key (public) and BASE.key_secret (secret).
     Keygen(security::KeygenArgs),
     /// Decode one message and print its fields.
@@ -150,18 +144,9 @@ fn main() -> Result<()> {
         .init();
     match Cli::parse().command {
         Command::Syrpc { command } => runtime()?.block_on(syrpc::run(command)),
-        Command::GilmourProxy { args } => {
-            let Some(config) = rylm_gilmour_proxy::proxy::ProxyConfig::from_args(args)
-                .map_err(|e| anyhow::anyhow!(e))?
-            else {
-                print!(
-                    "{}",
-                    rylm_gilmour_proxy::proxy::USAGE
-                        .replace("rylm-gilmour-proxy", "rylm gilmour-proxy")
-                );
-                return Ok(());
-            };
-            Ok(runtime()?.block_on(rylm_gilmour_proxy::proxy::run_until_stopped(config))?)
+        Command::GilmourProxy(args) => {
+            let config = args.config()?;
+            Ok(runtime()?.block_on(rylm_gilmour_proxy::run_until_stopped(config))?)
         }
         Command::Service(args) => runtime()?.block_on(services::serve(args)),
         Command::Server(args) => runtime()?.block_on(topology::server(args)),

@@ -7,11 +7,77 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::compose;
-use crate::protocol::{self, Step};
+use rylm_gilmour::compose;
+use rylm_gilmour::protocol::{self, Step};
 
 /// The handler timeout when a slot or service does not give one, in seconds.
 pub const DEFAULT_HANDLER_TIMEOUT: f64 = 60.0;
+
+/// What the proxy accepts from its nodes, past the checks of the protocol itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// The steps of one composition, nested ones included. Default 1,000.
+    pub max_steps: usize,
+    /// The longest timeout a request, a composition step or a handler may ask for. Default
+    /// one hour.
+    pub max_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_steps: 1000,
+            max_timeout: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// Why a body is refused, and the HTTP status that says so.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused {
+    /// 400 (malformed), 403 (a topic a node may not publish on), 422 (past a limit).
+    pub status: u16,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl From<String> for Refused {
+    fn from(message: String) -> Self {
+        Refused {
+            status: 400,
+            message,
+        }
+    }
+}
+
+impl From<&str> for Refused {
+    fn from(message: &str) -> Self {
+        Refused::from(message.to_owned())
+    }
+}
+
+fn too_long(what: &str, limits: &Limits) -> Refused {
+    Refused {
+        status: 422,
+        message: format!(
+            "{what} is longer than this proxy allows ({} s)",
+            limits.max_timeout.as_secs()
+        ),
+    }
+}
+
+/// Refuses a topic a node may not publish on (see [`protocol::is_reserved`]).
+fn publishable(topic: &str) -> Result<(), Refused> {
+    if protocol::is_reserved(topic) {
+        return Err(Refused {
+            status: 403,
+            message: format!(
+                "{topic:?}: nodes may not publish on gilmour.response.* or gilmour.health.*"
+            ),
+        });
+    }
+    Ok(())
+}
 
 /// A node's status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -95,11 +161,11 @@ fn path_of(value: Option<&Value>, what: &str) -> Result<String, String> {
 }
 
 /// Reads a slot or a service.
-pub fn handler(value: &Value, role: Role) -> Result<Handler, String> {
+pub fn handler(value: &Value, role: Role, limits: &Limits) -> Result<Handler, Refused> {
     let what = role.name();
     let map = object(value, what)?;
     let Some(topic) = map.get("topic").and_then(Value::as_str) else {
-        return Err(format!("a {what} needs a \"topic\""));
+        return Err(format!("a {what} needs a \"topic\"").into());
     };
     match role {
         Role::Slot => protocol::slot_topic(topic),
@@ -110,12 +176,12 @@ pub fn handler(value: &Value, role: Role) -> Result<Handler, String> {
         None | Some(Value::Null) => None,
         Some(Value::String(group)) if group.is_empty() => None,
         Some(Value::String(group)) => Some(group.clone()),
-        Some(_) => return Err(format!("the {what}'s \"group\" is a string")),
+        Some(_) => return Err(format!("the {what}'s \"group\" is a string").into()),
     };
     if role == Role::Service && group.is_none() {
-        return Err(format!(
+        return Err(Refused::from(format!(
             "the service {topic:?} needs a \"group\": services always answer in an exclusion group"
-        ));
+        )));
     }
     let path = path_of(map.get("path"), &format!("the {what}'s \"path\""))?;
     let timeout = match map.get("timeout") {
@@ -124,6 +190,9 @@ pub fn handler(value: &Value, role: Role) -> Result<Handler, String> {
             .ok_or_else(|| format!("the {what}'s \"timeout\" is a positive number of seconds"))?
             .as_secs_f64(),
     };
+    if timeout > limits.max_timeout.as_secs_f64() {
+        return Err(too_long(&format!("the {what}'s \"timeout\""), limits));
+    }
     Ok(Handler {
         topic: topic.to_owned(),
         group,
@@ -133,7 +202,7 @@ pub fn handler(value: &Value, role: Role) -> Result<Handler, String> {
 }
 
 /// Reads a `POST /nodes` body.
-pub fn registration(value: &Value) -> Result<Registration, String> {
+pub fn registration(value: &Value, limits: &Limits) -> Result<Registration, Refused> {
     let map = object(value, "a registration")?;
     let port = map
         .get("port")
@@ -145,15 +214,24 @@ pub fn registration(value: &Value) -> Result<Registration, String> {
         None | Some(Value::Null) => "/health".to_owned(),
         given => path_of(given, "\"health_check\"")?,
     };
-    let list = |name: &str, role: Role| -> Result<Vec<Handler>, String> {
+    let list = |name: &str, role: Role| -> Result<Vec<Handler>, Refused> {
         match map.get(name) {
             None | Some(Value::Null) => Ok(Vec::new()),
+            Some(Value::Array(items)) if items.len() > limits.max_steps => Err(Refused {
+                status: 422,
+                message: format!("\"{name}\" has more than {} entries", limits.max_steps),
+            }),
             Some(Value::Array(items)) => items
                 .iter()
                 .enumerate()
-                .map(|(i, item)| handler(item, role).map_err(|e| format!("{name}[{i}]: {e}")))
+                .map(|(i, item)| {
+                    handler(item, role, limits).map_err(|e| Refused {
+                        status: e.status,
+                        message: format!("{name}[{i}]: {}", e.message),
+                    })
+                })
                 .collect(),
-            Some(_) => Err(format!("\"{name}\" is a list")),
+            Some(_) => Err(Refused::from(format!("\"{name}\" is a list"))),
         }
     };
     let slots = list("slots", Role::Slot)?;
@@ -163,10 +241,10 @@ pub fn registration(value: &Value) -> Result<Registration, String> {
             .iter()
             .any(|s| s.topic == service.topic && s.group == service.group)
         {
-            return Err(format!(
+            return Err(Refused::from(format!(
                 "services[{i}]: {:?} is served twice in the same group",
                 service.topic
-            ));
+            )));
         }
     }
     Ok(Registration {
@@ -199,32 +277,60 @@ pub struct Publish {
 
 /// Reads a `POST /request/:id` body: `{topic, message, timeout}` or
 /// `{composition, message, timeout}`.
-pub fn request(value: &Value) -> Result<Publish, String> {
+pub fn request(value: &Value, limits: &Limits) -> Result<Publish, Refused> {
     let map = object(value, "a request")?;
     let target = match (map.get("topic"), map.get("composition")) {
         (Some(topic), None) => {
             let topic = topic.as_str().ok_or("\"topic\" is a string")?;
             protocol::service_topic(topic).map_err(|e| e.to_string())?;
+            publishable(topic)?;
             Target::Topic(topic.to_owned())
         }
-        (None, Some(composition)) => Target::Composition(compose::from_json(composition)?),
-        _ => return Err("a request has either a \"topic\" or a \"composition\"".to_owned()),
+        (None, Some(composition)) => {
+            let composition = compose::from_json(composition)?;
+            if composition.size() > limits.max_steps {
+                return Err(Refused {
+                    status: 422,
+                    message: format!(
+                        "the composition has {} steps; this proxy runs at most {}",
+                        composition.size(),
+                        limits.max_steps
+                    ),
+                });
+            }
+            for (topic, timeout) in composition.requests() {
+                publishable(topic)?;
+                if timeout.is_some_and(|t| t > limits.max_timeout) {
+                    return Err(too_long(
+                        &format!("the timeout of the step {topic:?}"),
+                        limits,
+                    ));
+                }
+            }
+            Target::Composition(composition)
+        }
+        _ => return Err("a request has either a \"topic\" or a \"composition\"".into()),
     };
+    let timeout = timeout_of(map)?;
+    if timeout.is_some_and(|t| t > limits.max_timeout) {
+        return Err(too_long("\"timeout\"", limits));
+    }
     Ok(Publish {
         target,
         message: map.get("message").cloned().unwrap_or(Value::Null),
-        timeout: timeout_of(map)?,
+        timeout,
     })
 }
 
 /// Reads a `POST /signal/:id` body: `{topic, message}`; the topic and the data.
-pub fn signal(value: &Value) -> Result<(String, Value), String> {
+pub fn signal(value: &Value) -> Result<(String, Value), Refused> {
     let map = object(value, "a signal")?;
     let topic = map
         .get("topic")
         .and_then(Value::as_str)
         .ok_or("a signal needs a \"topic\"")?;
     protocol::service_topic(topic).map_err(|e| format!("signals go to one topic: {e}"))?;
+    publishable(topic)?;
     Ok((
         topic.to_owned(),
         map.get("message").cloned().unwrap_or(Value::Null),

@@ -1,68 +1,49 @@
-//! Gilmour over Redis, and the HTTP proxy that lets a program in any language join it.
+//! The Gilmour proxy: an HTTP server through which a program in any language joins a Gilmour
+//! network. A node registers its HTTP endpoints as services and slots, the proxy subscribes
+//! for it on Redis and POSTs to those endpoints when requests and signals arrive, lets the node
+//! publish requests, compositions and signals of its own, and watches its health.
 //!
-//! **The protocol.** Gilmour is request/reply and signals/slots on Redis pub/sub, spoken by
-//! engines in Go and Ruby. This crate speaks it on the wire as they do: the channels and JSON
-//! envelope, a response channel per request subscribed before the request is published, the
-//! subscriber-count check that answers 404 when nobody listens, exclusion groups through a
-//! Redis lock key, wildcard slots, health pings, error records, deadlines and handler timeouts.
-//! A Rust node offers `reply_to`, `slot`, `request`, `signal` and the compositions (`pipe`,
-//! `andand`, `oror`, `batch`, `parallel`).
+//! **Cost per node.** Every registered node's subscriptions are made on one Gilmour node of
+//! the proxy ([`rylm_gilmour::node::Node`], two Redis connections, whatever the number of
+//! nodes): a node costs its handlers, a watchdog task and its idle HTTP connections. Two nodes
+//! serving one topic in one group take turns behind one lock, as two Gilmour processes share
+//! the work. Everything of a deleted or `dirty` node is freed; a node that registers again from
+//! the same host and port replaces its old registration.
 //!
-//! **The proxy.** An HTTP server through which a node written in any language registers its
-//! services and slots, publishes requests and signals, and is called back on its own HTTP
-//! endpoints, with a health watchdog that takes an unresponsive node's subscriptions away until
-//! it answers again.
+//! **Limits.** Connections, header and body time, body size, composition steps and depth,
+//! timeouts, nodes, calls per node, and handlers running and waiting all have bounds
+//! ([`ProxyConfig`]); past one the caller gets a 4xx or a 503 that says which.
 //!
-//! The protocol logic (envelopes, lock keys, topic names, composition semantics) is plain data,
-//! tested in memory ([`protocol`], [`compose`], [`api`]); the Redis I/O is on `fred`
-//! ([`engine`]) and the HTTP on `hyper` ([`proxy`]), tested against a real Redis and real HTTP
-//! nodes. A recorded trace of the Go engine is replayed against rylm under Redis's `MONITOR`:
-//! the same commands, the same payloads.
+//! **Who may do what.** With an operator token every route but `/healthz` and `/metrics` needs
+//! a bearer token: the operator's for everything, an optional registration token for
+//! `POST /nodes` only, and each node's own token (given at registration) for that node's
+//! routes only. No node may publish on `gilmour.response.*` or `gilmour.health.*`, so that no
+//! node can answer in another's place.
 //!
-//! ```no_run
-//! # async fn demo() -> Result<(), rylm_gilmour_proxy::Error> {
-//! use std::time::Duration;
-//! use rylm_gilmour_proxy::engine::Node;
-//! use serde_json::{json, Value};
-//!
-//! let node = Node::connect("redis://127.0.0.1:6379").await?;
-//! node.reply_to("echo", "echoers", Duration::from_secs(5), |data: Value| async move {
-//!     Ok(json!({ "echo": data }))
-//! })
-//! .await?;
-//! let reply = node.request("echo", json!("hi"), Duration::from_secs(2)).await?;
-//! assert_eq!(reply.code(), 200);
-//! node.shutdown().await;
-//! # Ok(())
-//! # }
-//! ```
+//! The HTTP API as plain data is [`api`]; the listener and routes [`server`]; the registry,
+//! the watchdog and the calls to nodes are private modules.
 //!
 //! The proxy runs as `rylm gilmour-proxy` or the crate's own `rylm-gilmour-proxy` binary
-//! (feature `bin`, on by default), or in a program through [`proxy::Proxy::start`].
+//! (feature `bin`, on by default), or in a program through [`Proxy::start`].
 #![warn(missing_docs)]
 
 pub mod api;
-pub mod compose;
-pub mod engine;
+mod calls;
+mod config;
 pub mod metrics;
-pub mod protocol;
-pub mod proxy;
+mod registry;
+pub mod server;
+mod watchdog;
+
+pub use config::{ProxyArgs, ProxyConfig};
+pub use server::{Proxy, run_until_stopped};
 
 /// What can go wrong in this crate.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// A topic was empty.
-    #[error("a Gilmour topic cannot be empty")]
-    EmptyTopic,
-    /// A service was registered under a pattern; only slots take patterns.
-    #[error("services answer one topic, not a pattern: {0:?} has a wildcard (slots may)")]
-    WildcardService(String),
-    /// A service without an exclusion group.
-    #[error("the service {0:?} needs an exclusion group")]
-    NoGroup(String),
-    /// A second service for a topic this node already serves.
-    #[error("this node already serves {0:?}")]
-    AlreadyServed(String),
+    /// Gilmour (Redis) refused or failed a step.
+    #[error(transparent)]
+    Gilmour(#[from] rylm_gilmour::Error),
     /// The proxy could not listen.
     #[error("cannot listen on {address}: {source}")]
     Listen {
@@ -72,12 +53,7 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    /// Redis refused or failed a step.
-    #[error("Redis, {what}: {message}")]
-    Redis {
-        /// The step.
-        what: &'static str,
-        /// What Redis or the connection said.
-        message: String,
-    },
+    /// The options contradict each other.
+    #[error("{0}")]
+    Config(String),
 }

@@ -2,8 +2,19 @@
 
 use std::process::ExitCode;
 
+use clap::Parser;
+
+/// Lets programs in any language join a Gilmour network over HTTP.
+#[derive(Debug, Parser)]
+#[command(name = "rylm-gilmour-proxy", version)]
+struct Cli {
+    #[command(flatten)]
+    proxy: rylm_gilmour_proxy::ProxyArgs,
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
+    // `log` records (fred's) reach this log too: the subscriber installs the bridge.
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -11,18 +22,12 @@ async fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let config = match rylm_gilmour_proxy::proxy::ProxyConfig::from_args(std::env::args().skip(1)) {
-        Ok(Some(config)) => config,
-        Ok(None) => {
-            print!("{}", rylm_gilmour_proxy::proxy::USAGE);
-            return ExitCode::SUCCESS;
-        }
-        Err(error) => {
-            eprintln!("rylm-gilmour-proxy: {error}");
-            return ExitCode::from(2);
-        }
+    let cli = Cli::parse();
+    let outcome = match cli.proxy.config() {
+        Ok(config) => rylm_gilmour_proxy::run_until_stopped(config).await,
+        Err(error) => Err(error),
     };
-    match rylm_gilmour_proxy::proxy::run_until_stopped(config).await {
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("rylm-gilmour-proxy: {error}");

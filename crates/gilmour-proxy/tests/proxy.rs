@@ -17,8 +17,8 @@ use http_body_util::{BodyExt, Full};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::client::legacy::Client as HttpClient;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use rylm_gilmour_proxy::engine::Node;
-use rylm_gilmour_proxy::proxy::{Proxy, ProxyConfig};
+use rylm_gilmour::node::Node;
+use rylm_gilmour_proxy::{Proxy, ProxyConfig};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -792,8 +792,20 @@ async fn the_watchdog_takes_subscriptions_away_gives_them_back_and_marks_a_gone_
     );
 
     node.stop();
-    wait_for_status(&setup, &id, "dirty").await;
-    assert_eq!(setup.subscribers(&request).await, 0);
+    // Dirty: forgotten, everything of it freed; its id is answered 410 for a while.
+    let deadline = Instant::now() + DEADLINE;
+    while setup.call("GET", &format!("/nodes/{id}"), None).await.0 != 410 {
+        assert!(Instant::now() < deadline, "the node becomes dirty");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (_, listed) = setup.call("GET", "/nodes", None).await;
+    assert_eq!(listed["nodes"], json!([]), "no entry is kept");
+    assert_eq!(setup.proxy.nodes(), 0);
+    let deadline = Instant::now() + DEADLINE;
+    while setup.subscribers(&request).await + setup.subscribers(&slot).await != 0 {
+        assert!(Instant::now() < deadline, "a dirty node's subscriptions go");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let (status, _) = setup
         .call(
             "POST",

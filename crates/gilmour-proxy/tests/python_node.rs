@@ -9,8 +9,8 @@ use std::net::SocketAddr;
 use std::process::Stdio;
 use std::time::Duration;
 
-use rylm_gilmour_proxy::engine::Node;
-use rylm_gilmour_proxy::proxy::{Proxy, ProxyConfig};
+use rylm_gilmour::node::Node;
+use rylm_gilmour_proxy::{Proxy, ProxyConfig};
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 

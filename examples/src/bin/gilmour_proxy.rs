@@ -10,9 +10,9 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use rylm_gilmour_proxy::compose::{Composition, Executable, Kind};
-use rylm_gilmour_proxy::engine::Node;
-use rylm_gilmour_proxy::proxy::{Proxy, ProxyConfig};
+use rylm_gilmour::compose::{Composition, Executable, Kind};
+use rylm_gilmour::node::Node;
+use rylm_gilmour_proxy::{Proxy, ProxyConfig};
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 

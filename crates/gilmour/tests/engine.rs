@@ -5,8 +5,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use rylm_gilmour_proxy::Error;
-use rylm_gilmour_proxy::engine::Node;
+use rylm_gilmour::Error;
+use rylm_gilmour::node::Node;
 use serde_json::{Value, json};
 
 const DEADLINE: Duration = Duration::from_secs(10);
@@ -17,6 +17,9 @@ async fn node(test: &str) -> Option<Node> {
 }
 
 /// A topic of this test run alone (tests share one Redis).
+/// The recorded trace of a gilmour-e-go v5 node.
+const GO_TRACE: &str = include_str!("fixtures/gilmour-go-monitor.log");
+
 fn topic(name: &str) -> String {
     format!("{name}.{}", uuid::Uuid::new_v4())
 }
@@ -96,12 +99,6 @@ async fn a_request_gets_its_reply_and_failures_get_their_codes() {
         .expect("answered");
     assert_eq!(reply.code, Some(499));
 
-    assert!(matches!(
-        server
-            .reply_to(&echo, "echoers", DEADLINE, |_| async { Ok(Value::Null) })
-            .await,
-        Err(Error::AlreadyServed(_))
-    ));
     assert!(matches!(
         server
             .reply_to("evt.*", "g", DEADLINE, |_| async { Ok(Value::Null) })
@@ -261,11 +258,18 @@ async fn a_node_joins_the_health_registry_answers_pings_and_leaves() {
         return;
     };
     let monitor = node("health").await.expect("a second node");
-    let echo = topic("echo");
+    // The node of the recorded Go trace: `echo` and `slow` served, the slot `evt.*`.
+    let echo = "echo";
+    for served in ["echo", "slow"] {
+        server
+            .reply_to(served, "_default", DEADLINE, |data| async move { Ok(data) })
+            .await
+            .expect("serves");
+    }
     server
-        .reply_to(&echo, "_default", DEADLINE, |data| async move { Ok(data) })
+        .slot("evt.*", Some("g1"), |_, _| async {})
         .await
-        .expect("serves");
+        .expect("listens");
     let ident = server.enable_health().await.expect("joins");
     assert!(
         ident.contains("-pid-") && ident.contains("-uuid-"),
@@ -274,7 +278,7 @@ async fn a_node_joins_the_health_registry_answers_pings_and_leaves() {
 
     let raw = raw_client("health").await;
     let registered: Option<String> = raw
-        .hget(rylm_gilmour_proxy::protocol::HEALTH_HASH, &ident)
+        .hget(rylm_gilmour::protocol::HEALTH_HASH, &ident)
         .await
         .expect("HGET");
     assert_eq!(registered.as_deref(), Some("true"));
@@ -282,17 +286,38 @@ async fn a_node_joins_the_health_registry_answers_pings_and_leaves() {
     // A monitor pings the raw health channel, as health-bulletin does.
     let pong = monitor
         .request(
-            &rylm_gilmour_proxy::protocol::health_channel(&ident),
+            &rylm_gilmour::protocol::health_channel(&ident),
             Value::Null,
             DEADLINE,
         )
         .await
         .expect("answered");
-    assert_eq!((pong.data, pong.code), (json!([echo]), Some(200)));
+    // As the Go engine answers: the full names of the channels it subscribed to for requests
+    // and slots (those of the trace's subscriber connection, less health and responses).
+    let mut subscribed: Vec<String> = GO_TRACE
+        .lines()
+        .filter(|line| line.contains("\"SUBSCRIBE\"") || line.contains("\"PSUBSCRIBE\""))
+        .filter_map(|line| line.rsplit('"').nth(1).map(str::to_owned))
+        .filter(|channel| {
+            channel.starts_with("gilmour.request.") || channel.starts_with("gilmour.slot.")
+        })
+        .collect();
+    subscribed.sort();
+    assert_eq!(
+        subscribed,
+        [
+            "gilmour.request.echo",
+            "gilmour.request.slow",
+            "gilmour.slot.evt.*"
+        ]
+    );
+    assert_eq!((pong.data, pong.code), (json!(subscribed), Some(200)));
+    assert_eq!(server.channels(), subscribed);
+    assert_eq!(server.topics(), [echo, "slow"]);
 
     server.shutdown().await;
     let registered: Option<String> = raw
-        .hget(rylm_gilmour_proxy::protocol::HEALTH_HASH, &ident)
+        .hget(rylm_gilmour::protocol::HEALTH_HASH, &ident)
         .await
         .expect("HGET");
     assert_eq!(registered, None, "left the registry on shutdown");

@@ -7,8 +7,8 @@
 use std::sync::Mutex;
 use std::time::Duration;
 
-use rylm_gilmour_proxy::compose::{self, BoxFuture, Composition, Executable, Kind, Runner};
-use rylm_gilmour_proxy::protocol::Step;
+use rylm_gilmour::compose::{self, BoxFuture, Composition, Executable, Kind, Runner};
+use rylm_gilmour::protocol::Step;
 use serde_json::{Value, json};
 
 /// Services by topic: `add1` adds one to a number, `double` doubles it, `fail` answers 500,

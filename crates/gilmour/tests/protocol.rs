@@ -1,8 +1,8 @@
 //! The protocol as plain data, held to a `redis-cli MONITOR` trace of a real gilmour-e-go v5 node
 //! (`tests/fixtures/gilmour-go-monitor.log`) and to the rules of the spec.
 
-use rylm_gilmour_proxy::Error;
-use rylm_gilmour_proxy::protocol::{self, Composed, Envelope, Step};
+use rylm_gilmour::Error;
+use rylm_gilmour::protocol::{self, Composed, Envelope, Step};
 use serde_json::{Value, json};
 
 const TRACE: &str = include_str!("fixtures/gilmour-go-monitor.log");

@@ -120,6 +120,33 @@ pub trait Runner<L>: Sync {
     fn lambda<'a>(&'a self, lambda: &'a L, data: Value) -> BoxFuture<'a, Step>;
 }
 
+impl<L> Composition<L> {
+    /// How many steps it has, nested ones included (a nested composition counts as one step
+    /// besides its own): what a caller bounds before running one it was given.
+    pub fn size(&self) -> usize {
+        self.steps
+            .iter()
+            .map(|step| match step {
+                Executable::Composition(inner) => 1 + inner.size(),
+                _ => 1,
+            })
+            .sum()
+    }
+
+    /// Every request step at any depth: its topic and its own timeout.
+    pub fn requests(&self) -> Vec<(&str, Option<Duration>)> {
+        let mut out = Vec::new();
+        for step in &self.steps {
+            match step {
+                Executable::Request { topic, timeout, .. } => out.push((topic.as_str(), *timeout)),
+                Executable::Lambda(_) => {}
+                Executable::Composition(inner) => out.extend(inner.requests()),
+            }
+        }
+        out
+    }
+}
+
 impl<L: Sync> Composition<L> {
     /// A composition of `kind`.
     pub fn new(kind: Kind, steps: Vec<Executable<L>>) -> Self {

@@ -30,6 +30,8 @@ pub const NOT_FOUND: i64 = 404;
 pub const HANDLER_FAILED: i64 = 500;
 /// The code of a timeout, on either side (Ruby's responder says 504; rylm follows Go).
 pub const TIMED_OUT: i64 = 499;
+/// The code of a request refused because the node's queue is full.
+pub const BUSY: i64 = 503;
 /// The data of a timeout.
 pub const TIMED_OUT_DATA: &str = "Execution timed out";
 
@@ -58,16 +60,37 @@ pub fn response_channel(sender: &str) -> String {
     format!("{PREFIX}response.{sender}")
 }
 
-/// The sender of request number `n` of the node `node` when its replies share one pattern
-/// subscription: `<node>.<n>`.
-pub fn shared_sender(node: &str, n: u64) -> String {
-    format!("{node}.{n}")
+/// The length of every sender rylm makes: a uuid's text, as the Go engine's senders are.
+pub const SENDER_LEN: usize = 36;
+/// The length of a node's prefix in its shared senders: the first two groups of a uuid.
+pub const NODE_PREFIX_LEN: usize = 13;
+
+/// The prefix of a node's shared senders, taken from a fresh uuid: `xxxxxxxx-xxxx`.
+pub fn node_prefix(uuid: &str) -> String {
+    uuid.chars().take(NODE_PREFIX_LEN).collect()
 }
 
-/// The pattern that receives the replies to every request of the node `node` whose senders
-/// are [`shared_sender`]s: `gilmour.response.<node>.*`.
-pub fn shared_response_pattern(node: &str) -> String {
-    response_channel(&format!("{node}.*"))
+/// The sender of one request of the node whose prefix is `prefix` when its replies share one
+/// pattern subscription: the prefix, then the rest of `fresh`, a new random uuid. The sender is
+/// shaped like a uuid (36 characters, as every sender rylm makes), so that a lock key, the
+/// sender and the group with no separator, cannot be read two ways; and it cannot be guessed
+/// from the node's earlier senders, so that no other node can answer in its place.
+pub fn shared_sender(prefix: &str, fresh: &str) -> String {
+    let rest: String = fresh.chars().skip(NODE_PREFIX_LEN).collect();
+    format!("{prefix}{rest}")
+}
+
+/// The pattern that receives the replies to every request of the node whose prefix is
+/// `prefix`, whose senders are [`shared_sender`]s: `gilmour.response.<prefix>-*`.
+pub fn shared_response_pattern(prefix: &str) -> String {
+    response_channel(&format!("{prefix}-*"))
+}
+
+/// Whether `topic` names a channel that only the protocol itself publishes on: the replies
+/// (`gilmour.response.*`) and the health pings (`gilmour.health.*`). A proxy refuses them from
+/// its nodes, so that no node can answer in another's place.
+pub fn is_reserved(topic: &str) -> bool {
+    topic.starts_with("gilmour.response.") || topic.starts_with("gilmour.health.")
 }
 
 /// The channel a node answers health pings on.
@@ -75,7 +98,8 @@ pub fn health_channel(ident: &str) -> String {
     format!("{PREFIX}health.{ident}")
 }
 
-/// The exclusion lock for one message in one group: sender and group, no separator.
+/// The exclusion lock for one message in one group: sender and group, no separator, as the
+/// engines make it. rylm's senders are all [`SENDER_LEN`] long, so its keys cannot collide.
 pub fn lock_key(sender: &str, group: &str) -> String {
     format!("{sender}{group}")
 }

@@ -6,19 +6,21 @@
 //! it had.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use fred::clients::SubscriberClient;
 use fred::prelude::*;
-use fred::types::Message;
 use serde_json::Value;
-use tokio::sync::{Semaphore, oneshot};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use crate::Error;
 use crate::compose::{BoxFuture, Composition, Runner};
-use crate::protocol::{self, Composed, Envelope, ErrorRecord, Step};
+use crate::protocol::{self, Composed, Envelope, Step};
+use crate::serve::{self, Service, Slot, State, locked};
+
+pub use crate::serve::NodeCounters;
 
 /// A request or signal as a handler gets it.
 #[derive(Debug, Clone, PartialEq)]
@@ -50,8 +52,6 @@ impl Reply {
     }
 }
 
-type ServiceHandler = Arc<dyn Fn(Incoming) -> BoxFuture<'static, Reply> + Send + Sync>;
-type SlotHandler = Arc<dyn Fn(Incoming) -> BoxFuture<'static, ()> + Send + Sync>;
 /// A lambda of a composition run by a node: a local transform of a step's input.
 pub type Lambda = Arc<dyn Fn(Value) -> BoxFuture<'static, Result<Value, String>> + Send + Sync>;
 
@@ -69,23 +69,6 @@ where
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Subscription(u64);
 
-struct Service {
-    id: u64,
-    channel: String,
-    group: String,
-    timeout: Duration,
-    handler: ServiceHandler,
-}
-
-struct Slot {
-    id: u64,
-    /// The channel, or the pattern.
-    channel: String,
-    pattern: bool,
-    group: Option<String>,
-    handler: SlotHandler,
-}
-
 /// How a node behaves.
 #[derive(Debug, Clone)]
 pub struct NodeOptions {
@@ -93,6 +76,9 @@ pub struct NodeOptions {
     /// for a place before they even try their group's lock, so another node of the group can
     /// take the work. Default 64.
     pub concurrency: usize,
+    /// At most this many handlers wait for a place to run; past that a request is answered
+    /// `503 busy` and a signal dropped (both counted in [`Node::counters`]). Default 1024.
+    pub max_queued: usize,
     /// Also publish error records on Go's `gilmour.errors`, besides `gilmour.error`.
     pub mirror_errors: bool,
     /// Also `LPUSH` error records to this list, trimmed to its newest 10,000.
@@ -104,8 +90,9 @@ pub struct NodeOptions {
     /// Messages the subscriber connection may hold for the node's dispatcher before the oldest
     /// are lost (and a warning logged). Default 4096.
     pub message_buffer: usize,
-    /// One pattern subscription, `gilmour.response.<node id>.*`, made once, receives the
-    /// replies to every request of this node, whose senders are `<node id>.<n>`; a request then
+    /// One pattern subscription, `gilmour.response.<prefix>-*`, made once, receives the
+    /// replies to every request of this node, whose senders are the node's prefix and a random
+    /// rest, shaped as uuids (see [`protocol::shared_sender`]); a request then
     /// costs a subscriber count and a PUBLISH. Off, each request subscribes to its own response
     /// channel and leaves it after, with a uuid sender, command for command as the Go engine
     /// does. Either way any Gilmour responder answers: it publishes on
@@ -117,6 +104,7 @@ impl Default for NodeOptions {
     fn default() -> Self {
         NodeOptions {
             concurrency: 64,
+            max_queued: 1024,
             mirror_errors: false,
             error_queue: None,
             reconnect_delay: Duration::from_millis(250),
@@ -146,32 +134,14 @@ impl From<Duration> for RequestOptions {
     }
 }
 
-struct State {
-    /// Waiting requesters, by response channel.
-    pending: Mutex<std::collections::HashMap<String, oneshot::Sender<Envelope>>>,
-    services: Mutex<Vec<Arc<Service>>>,
-    slots: Mutex<Vec<Arc<Slot>>>,
-    /// This node's ident, once health is on.
-    ident: Mutex<Option<String>>,
-    next_id: AtomicU64,
-    running: Arc<Semaphore>,
-    options: NodeOptions,
-    /// With shared responses: the node's id, the prefix of its requests' senders.
-    responses: Option<String>,
-    next_request: AtomicU64,
-}
-
-fn locked<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// A Gilmour node.
+/// A Gilmour node. Dropping it stops it as [`Node::shutdown`] does, in the background.
 pub struct Node {
     commands: Client,
     subscriber: SubscriberClient,
     state: Arc<State>,
-    dispatch: tokio::task::JoinHandle<()>,
-    resubscribe: tokio::task::JoinHandle<()>,
+    /// The dispatcher, the refuser, the resubscriber and the health keeper.
+    tasks: Vec<tokio::task::AbortHandle>,
+    stopped: AtomicBool,
 }
 
 impl std::fmt::Debug for Node {
@@ -228,32 +198,44 @@ impl Node {
         let resubscribe = subscriber.manage_subscriptions();
         let responses = options
             .shared_responses
-            .then(|| uuid::Uuid::new_v4().simple().to_string());
+            .then(|| protocol::node_prefix(&uuid::Uuid::new_v4().to_string()));
         let state = Arc::new(State {
-            pending: Mutex::default(),
-            services: Mutex::default(),
-            slots: Mutex::default(),
-            ident: Mutex::default(),
+            pending: std::sync::Mutex::default(),
+            services: std::sync::Mutex::default(),
+            slots: std::sync::Mutex::default(),
+            ident: std::sync::Mutex::default(),
             next_id: AtomicU64::new(1),
             responses,
-            next_request: AtomicU64::new(0),
             running: Arc::new(Semaphore::new(options.concurrency.max(1))),
+            queued: Arc::new(Semaphore::new(options.max_queued.max(1))),
+            turn: AtomicUsize::new(0),
+            changes: tokio::sync::Mutex::new(()),
+            counters: NodeCounters::default(),
             options,
         });
-        let dispatch = tokio::spawn(dispatch(
+        let (refusals, refused) = mpsc::channel(state.options.max_queued.max(1));
+        let dispatch = tokio::spawn(serve::dispatch(
             subscriber.message_rx(),
             commands.clone(),
             state.clone(),
+            refusals,
         ));
+        let refuse = tokio::spawn(serve::refuse(refused, commands.clone(), state.clone()));
+        let health = tokio::spawn(keep_health(commands.clone(), state.clone()));
         let node = Node {
             commands,
             subscriber,
             state,
-            dispatch,
-            resubscribe,
+            tasks: vec![
+                dispatch.abort_handle(),
+                refuse.abort_handle(),
+                resubscribe.abort_handle(),
+                health.abort_handle(),
+            ],
+            stopped: AtomicBool::new(false),
         };
-        if let Some(id) = &node.state.responses {
-            let pattern = protocol::shared_response_pattern(id);
+        if let Some(prefix) = &node.state.responses {
+            let pattern = protocol::shared_response_pattern(prefix);
             if let Err(error) = node.listen(pattern, true).await {
                 node.shutdown().await;
                 return Err(error);
@@ -264,7 +246,8 @@ impl Node {
 
     /// Answers requests on `topic` in exclusion group `group` (one node of a group answers each
     /// request), each within `timeout` (a reply of 499 after it). The handler's `Ok` is a 200,
-    /// its `Err` a 500 with the text as data, a panic a 500 too.
+    /// its `Err` a 500 with the text as data, a panic a 500 too. Several handlers of this node
+    /// in one group take turns, behind one lock: what a proxy's HTTP nodes need.
     pub async fn reply_to<F, Fut>(
         &self,
         topic: &str,
@@ -317,14 +300,9 @@ impl Node {
             timeout,
             handler: Arc::new(move |incoming| Box::pin(handler(incoming))),
         });
+        let _changing = self.state.changes.lock().await;
         let first = {
             let mut services = locked(&self.state.services);
-            if services
-                .iter()
-                .any(|s| s.channel == channel && s.group == group)
-            {
-                return Err(Error::AlreadyServed(topic.to_owned()));
-            }
             let first = !services.iter().any(|s| s.channel == channel);
             services.push(service);
             first
@@ -377,6 +355,7 @@ impl Node {
             group: group.filter(|g| !g.is_empty()).map(str::to_owned),
             handler: Arc::new(move |incoming| Box::pin(handler(incoming))),
         });
+        let _changing = self.state.changes.lock().await;
         let first = {
             let mut slots = locked(&self.state.slots);
             let first = !slots
@@ -395,6 +374,7 @@ impl Node {
     /// Stops a service or slot. Its channel is unsubscribed when nothing else of this node
     /// listens on it; handlers already running finish. Returns whether it was there.
     pub async fn remove(&self, subscription: Subscription) -> Result<bool, Error> {
+        let _changing = self.state.changes.lock().await;
         let id = subscription.0;
         let service = {
             let mut services = locked(&self.state.services);
@@ -406,9 +386,12 @@ impl Node {
                 .iter()
                 .any(|s| s.channel == service.channel);
             if last {
-                self.unlisten(service.channel.clone(), false).await?;
-                // Gone from Redis's count when this returns.
-                self.confirm().await?;
+                // Gone from Redis's count when this returns; still there when it fails.
+                let left = self.unlisten(service.channel.clone(), false).await;
+                if let Err(error) = left.and(self.confirm().await) {
+                    locked(&self.state.services).push(service);
+                    return Err(error);
+                }
             }
             return Ok(true);
         }
@@ -424,19 +407,48 @@ impl Node {
             .iter()
             .any(|s| s.channel == slot.channel && s.pattern == slot.pattern);
         if last {
-            self.unlisten(slot.channel.clone(), slot.pattern).await?;
-            self.confirm().await?;
+            let left = self.unlisten(slot.channel.clone(), slot.pattern).await;
+            if let Err(error) = left.and(self.confirm().await) {
+                locked(&self.state.slots).push(slot);
+                return Err(error);
+            }
         }
         Ok(true)
     }
 
     /// The topics this node serves (not its health channel), sorted, once each.
     pub fn topics(&self) -> Vec<String> {
-        served_topics(&self.state)
+        let mut topics: Vec<String> = locked(&self.state.services)
+            .iter()
+            .filter(|s| s.channel.starts_with("gilmour.request."))
+            .map(|s| protocol::topic_of(&s.channel).to_owned())
+            .collect();
+        topics.sort();
+        topics.dedup();
+        topics
+    }
+
+    /// The full channel names this node listens on for requests and signals, sorted: what it
+    /// answers a health ping with, as the engines do (`["gilmour.request.echo",
+    /// "gilmour.slot.events.*"]`).
+    pub fn channels(&self) -> Vec<String> {
+        serve::channels(&self.state)
+    }
+
+    /// What this node has refused or dropped since it started.
+    pub fn counters(&self) -> &NodeCounters {
+        &self.state.counters
+    }
+
+    /// Handlers waiting for a place to run, now.
+    pub fn queued(&self) -> usize {
+        self.state.options.max_queued.max(1) - self.state.queued.available_permits()
     }
 
     /// Joins the health registry: `HSET gilmour.known_host.health <ident> true`, and answers
-    /// pings on `gilmour.health.<ident>` with the topics this node serves. Leaves it on
+    /// pings on `gilmour.health.<ident>` with the full channel names of its services and slots
+    /// ([`Node::channels`]). The registration is made again whenever the command connection
+    /// reconnects (a Redis restarted without its data has forgotten it). Leaves it on
     /// [`Node::shutdown`]. Returns the ident (`<host>-pid-<pid>-uuid-<uuid>`).
     pub async fn enable_health(&self) -> Result<String, Error> {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -449,23 +461,26 @@ impl Node {
             std::process::id(),
             uuid::Uuid::new_v4()
         );
-        let state = self.state.clone();
+        let state = Arc::downgrade(&self.state);
         self.reply_to(
             &protocol::health_channel(&ident),
             protocol::HEALTH_GROUP,
             CONNECT_DEADLINE,
             move |_| {
-                let topics = served_topics(&state);
-                async move { Ok(Value::from(topics)) }
+                let channels = state
+                    .upgrade()
+                    .map(|state| serve::channels(&state))
+                    .unwrap_or_default();
+                async move { Ok(Value::from(channels)) }
             },
         )
         .await?;
+        *locked(&self.state.ident) = Some(ident.clone());
         let _: i64 = self
             .commands
             .hset(protocol::HEALTH_HASH, (ident.as_str(), "true"))
             .await
             .map_err(redis("joining the health registry"))?;
-        *locked(&self.state.ident) = Some(ident.clone());
         Ok(ident)
     }
 
@@ -493,29 +508,29 @@ impl Node {
     ) -> Result<Envelope, Error> {
         let options = options.into();
         let channel = protocol::request_channel(protocol::service_topic(topic)?);
-        if options.confirm_subscriber {
-            let counts: Vec<(String, i64)> = self
-                .commands
-                .pubsub_numsub(channel.clone())
-                .await
-                .map_err(redis("counting subscribers"))?;
-            if counts.iter().all(|(_, n)| *n == 0) {
-                return Ok(Envelope {
-                    data: Value::from(format!("no subscriber for {topic}")),
-                    code: Some(protocol::NOT_FOUND),
-                    sender: String::new(),
-                });
-            }
+        if options.confirm_subscriber && self.subscribers(&channel).await? == 0 {
+            return Ok(Envelope {
+                data: Value::from(format!("no subscriber for {topic}")),
+                code: Some(protocol::NOT_FOUND),
+                sender: String::new(),
+            });
         }
+        let fresh = uuid::Uuid::new_v4().to_string();
         let shared = self.state.responses.as_deref();
         let sender = match shared {
-            Some(id) => {
-                protocol::shared_sender(id, self.state.next_request.fetch_add(1, Ordering::Relaxed))
-            }
-            None => uuid::Uuid::new_v4().to_string(),
+            Some(prefix) => protocol::shared_sender(prefix, &fresh),
+            None => fresh,
         };
         let response = protocol::response_channel(&sender);
         let (tx, rx) = oneshot::channel();
+        // Frees the pending entry (and the response subscription) however this ends: answered,
+        // timed out, failed, or dropped by a caller that stopped waiting.
+        let mut waiting = Waiting {
+            node: self,
+            response: response.clone(),
+            subscribed: shared.is_none(),
+            done: false,
+        };
         locked(&self.state.pending).insert(response.clone(), tx);
         let outcome = async {
             if shared.is_none() {
@@ -536,11 +551,38 @@ impl Node {
             )
         }
         .await;
-        locked(&self.state.pending).remove(&response);
-        if shared.is_none() {
-            let _ = self.unlisten(response, false).await;
-        }
+        waiting.finish().await;
         outcome
+    }
+
+    /// How many subscribers `channel` has. On a cluster, Redis counts those of the node asked
+    /// only, so every primary is asked and the counts added.
+    async fn subscribers(&self, channel: &str) -> Result<i64, Error> {
+        let count = |counts: Vec<(String, i64)>| counts.iter().map(|(_, n)| *n).sum::<i64>();
+        if !self.commands.is_clustered() {
+            let counts: Vec<(String, i64)> = self
+                .commands
+                .pubsub_numsub(channel)
+                .await
+                .map_err(redis("counting subscribers"))?;
+            return Ok(count(counts));
+        }
+        let primaries = self
+            .commands
+            .cached_cluster_state()
+            .map(|state| state.unique_primary_nodes())
+            .unwrap_or_default();
+        let mut total = 0;
+        for primary in primaries {
+            let counts: Vec<(String, i64)> = self
+                .commands
+                .with_cluster_node(primary)
+                .pubsub_numsub(channel)
+                .await
+                .map_err(redis("counting subscribers"))?;
+            total += count(counts);
+        }
+        Ok(total)
     }
 
     /// Runs `composition` on `input`: its request steps go to their services through this
@@ -600,6 +642,9 @@ impl Node {
     /// connections. Handlers already running keep going, but can no longer reply: see
     /// [`Node::drain`]. Calling it again does nothing.
     pub async fn shutdown(&self) {
+        if self.stopped.load(Ordering::Relaxed) {
+            return;
+        }
         // Unsubscribes each channel and pattern, services before slots and the health channel
         // last, as the Go engine does, before leaving the registry.
         let services: Vec<Arc<Service>> = locked(&self.state.services).drain(..).collect();
@@ -626,7 +671,7 @@ impl Node {
                 self.state
                     .responses
                     .iter()
-                    .map(|id| (protocol::shared_response_pattern(id), true)),
+                    .map(|prefix| (protocol::shared_response_pattern(prefix), true)),
             )
             .chain(
                 services
@@ -651,8 +696,10 @@ impl Node {
                 tracing::warn!(%error, "could not leave the health registry");
             }
         }
-        self.dispatch.abort();
-        self.resubscribe.abort();
+        self.stopped.store(true, Ordering::Relaxed);
+        for task in &self.tasks {
+            task.abort();
+        }
         let _ = tokio::time::timeout(CONNECT_DEADLINE, self.subscriber.quit()).await;
         let _ = tokio::time::timeout(CONNECT_DEADLINE, self.commands.quit()).await;
     }
@@ -702,216 +749,92 @@ pub fn step_of(outcome: Result<Envelope, Error>) -> Step {
     }
 }
 
-fn served_topics(state: &State) -> Vec<String> {
-    let mut topics: Vec<String> = locked(&state.services)
-        .iter()
-        .filter(|s| s.channel.starts_with("gilmour.request."))
-        .map(|s| protocol::topic_of(&s.channel).to_owned())
-        .collect();
-    topics.sort();
-    topics.dedup();
-    topics
+impl Drop for Node {
+    /// Stops the node's tasks and, in the background, leaves the health registry and closes
+    /// both connections (Redis then forgets every subscription of the node).
+    fn drop(&mut self) {
+        if self.stopped.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        for task in &self.tasks {
+            task.abort();
+        }
+        let ident = locked(&self.state.ident).take();
+        let commands = self.commands.clone();
+        let subscriber = self.subscriber.clone();
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                if let Some(ident) = ident {
+                    let _ = tokio::time::timeout(
+                        CONNECT_DEADLINE,
+                        commands.hdel::<i64, _, _>(protocol::HEALTH_HASH, ident),
+                    )
+                    .await;
+                }
+                let _ = tokio::time::timeout(CONNECT_DEADLINE, subscriber.quit()).await;
+                let _ = tokio::time::timeout(CONNECT_DEADLINE, commands.quit()).await;
+            });
+        }
+    }
 }
 
-/// Hands each message to its requester, its services or its slots; never stops on bad input.
-async fn dispatch(
-    mut messages: tokio::sync::broadcast::Receiver<Message>,
-    commands: Client,
-    state: Arc<State>,
-) {
+/// A request's pending entry (and, without shared responses, its response subscription):
+/// freed by [`Waiting::finish`], or on drop when the request is cancelled.
+struct Waiting<'a> {
+    node: &'a Node,
+    response: String,
+    subscribed: bool,
+    done: bool,
+}
+
+impl Waiting<'_> {
+    async fn finish(&mut self) {
+        self.done = true;
+        locked(&self.node.state.pending).remove(&self.response);
+        if self.subscribed {
+            let _ = self.node.unlisten(self.response.clone(), false).await;
+        }
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        locked(&self.node.state.pending).remove(&self.response);
+        if self.subscribed
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            let subscriber = self.node.subscriber.clone();
+            let response = std::mem::take(&mut self.response);
+            runtime.spawn(async move {
+                let _ = subscriber.unsubscribe(response).await;
+            });
+        }
+    }
+}
+
+/// Joins the health registry again after every reconnect of the command connection, once the
+/// node has joined it.
+async fn keep_health(commands: Client, state: Arc<State>) {
+    let mut reconnects = commands.reconnect_rx();
     loop {
-        let message = match messages.recv().await {
-            Ok(message) => message,
-            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                tracing::warn!(missed = n, "the subscriber fell behind; messages were lost");
-                continue;
-            }
+        match reconnects.recv().await {
+            Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
             Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
-        };
-        let channel = message.channel.to_string();
-        let envelope = Envelope::decode(message.value.as_bytes().unwrap_or_default());
-        if channel.starts_with("gilmour.response.") {
-            let waiting = locked(&state.pending).remove(&channel);
-            if let Some(waiting) = waiting {
-                let _ = waiting.send(envelope);
+        }
+        let ident = locked(&state.ident).clone();
+        if let Some(ident) = ident {
+            let joined: Result<i64, _> = commands
+                .hset(protocol::HEALTH_HASH, (ident.as_str(), "true"))
+                .await;
+            match joined {
+                Ok(_) => {
+                    tracing::info!(%ident, "joined the health registry again after a reconnect")
+                }
+                Err(error) => tracing::warn!(%error, "could not join the health registry again"),
             }
-            continue;
-        }
-        if channel.starts_with("gilmour.slot.") {
-            // A pattern's delivery goes to the pattern slots it matches, a channel's to the
-            // slots of that channel: Redis delivers once for each way a node subscribed.
-            let by_pattern = matches!(message.kind, fred::types::MessageKind::PMessage);
-            let slots: Vec<Arc<Slot>> = locked(&state.slots)
-                .iter()
-                .filter(|slot| {
-                    slot.pattern == by_pattern
-                        && if by_pattern {
-                            protocol::glob_match(&slot.channel, &channel)
-                        } else {
-                            slot.channel == channel
-                        }
-                })
-                .cloned()
-                .collect();
-            for slot in slots {
-                tokio::spawn(run_slot(
-                    commands.clone(),
-                    state.running.clone(),
-                    slot,
-                    channel.clone(),
-                    envelope.clone(),
-                ));
-            }
-            continue;
-        }
-        let services: Vec<Arc<Service>> = locked(&state.services)
-            .iter()
-            .filter(|s| s.channel == channel)
-            .cloned()
-            .collect();
-        for service in services {
-            tokio::spawn(serve(
-                commands.clone(),
-                state.clone(),
-                service,
-                envelope.clone(),
-            ));
-        }
-    }
-}
-
-/// Takes the lock of `group` for the message from `sender`: whether this node runs it.
-async fn lock(commands: &Client, sender: &str, group: &str) -> bool {
-    let key = protocol::lock_key(sender, group);
-    // Word for word the engines' `SET <key> <key> NX EX 600` (fred's `set` orders the
-    // options `EX 600 NX`, the same to Redis but not the same command on the wire).
-    let set =
-        fred::types::CustomCommand::new_static("SET", fred::types::ClusterHash::FirstKey, false);
-    let won: Result<Option<String>, _> = commands
-        .custom(
-            set,
-            vec![
-                key.clone(),
-                key,
-                "NX".to_owned(),
-                "EX".to_owned(),
-                protocol::LOCK_SECONDS.to_string(),
-            ],
-        )
-        .await;
-    match won {
-        Ok(won) => won.is_some(),
-        Err(error) => {
-            tracing::warn!(%error, "could not take the group's lock; leaving the message to others");
-            false
-        }
-    }
-}
-
-/// Runs a slot for one signal, once there is room, after its group's lock when it has a group.
-async fn run_slot(
-    commands: Client,
-    running: Arc<Semaphore>,
-    slot: Arc<Slot>,
-    channel: String,
-    signal: Envelope,
-) {
-    let Ok(_place) = running.acquire_owned().await else {
-        return;
-    };
-    if let Some(group) = &slot.group {
-        if signal.sender.is_empty() {
-            tracing::warn!("dropped a signal without a sender: its group cannot lock it");
-            return;
-        }
-        if !lock(&commands, &signal.sender, group).await {
-            return;
-        }
-    }
-    let incoming = Incoming {
-        topic: protocol::topic_of(&channel).to_owned(),
-        sender: signal.sender,
-        data: signal.data,
-    };
-    if let Err(panic) = tokio::spawn((slot.handler)(incoming)).await {
-        tracing::warn!(%panic, channel = %channel, "a slot's handler panicked");
-    }
-}
-
-/// Takes the group's lock for one request once there is room and, when this node wins it,
-/// answers; a failing answer is also published as an error record.
-async fn serve(commands: Client, state: Arc<State>, service: Arc<Service>, request: Envelope) {
-    if request.sender.is_empty() {
-        tracing::warn!("dropped a request without a sender: nobody to answer");
-        return;
-    }
-    let Ok(_place) = state.running.clone().acquire_owned().await else {
-        return;
-    };
-    if !lock(&commands, &request.sender, &service.group).await {
-        return;
-    }
-    let topic = protocol::topic_of(&service.channel).to_owned();
-    let handler = (service.handler)(Incoming {
-        topic: topic.clone(),
-        sender: request.sender.clone(),
-        data: request.data.clone(),
-    });
-    // A handler past its timeout is stopped, not left running unseen.
-    let task = tokio::spawn(handler);
-    let abort = task.abort_handle();
-    let reply = match tokio::time::timeout(service.timeout, task).await {
-        Ok(Ok(reply)) => Envelope::reply(reply.data, reply.code, &request.sender),
-        Ok(Err(panic)) => Envelope::reply(
-            Value::from(format!("the handler panicked: {panic}")),
-            protocol::HANDLER_FAILED,
-            &request.sender,
-        ),
-        Err(_) => {
-            abort.abort();
-            Envelope::timed_out(&request.sender)
-        }
-    };
-    let published: Result<i64, _> = commands
-        .publish(protocol::response_channel(&request.sender), reply.encode())
-        .await;
-    if let Err(error) = published {
-        tracing::warn!(%error, "could not publish a reply");
-    }
-    if reply.failed() && !service.channel.starts_with("gilmour.health.") {
-        report(&commands, &state.options, &topic, &request, &reply).await;
-    }
-}
-
-/// Publishes the error record of a failing reply on `gilmour.error` (and the mirror and the
-/// list when the options say so).
-async fn report(
-    commands: &Client,
-    options: &NodeOptions,
-    topic: &str,
-    request: &Envelope,
-    reply: &Envelope,
-) {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    let record = ErrorRecord::of(topic, request, reply, now);
-    let payload = record.envelope().encode();
-    let mut channels = vec![protocol::ERROR_CHANNEL];
-    if options.mirror_errors {
-        channels.push(protocol::GO_ERROR_CHANNEL);
-    }
-    for channel in channels {
-        let published: Result<i64, _> = commands.publish(channel, payload.clone()).await;
-        if let Err(error) = published {
-            tracing::warn!(%error, "could not publish an error record");
-        }
-    }
-    if let Some(queue) = &options.error_queue {
-        let pushed: Result<i64, _> = commands.lpush(queue.as_str(), payload).await;
-        let trimmed: Result<(), _> = commands.ltrim(queue.as_str(), 0, 9_999).await;
-        if let Err(error) = pushed.map(drop).and(trimmed) {
-            tracing::warn!(%error, "could not queue an error record");
         }
     }
 }

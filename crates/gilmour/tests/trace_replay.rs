@@ -17,8 +17,8 @@ mod common;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use rylm_gilmour_proxy::engine::{Node, NodeOptions};
-use rylm_gilmour_proxy::protocol::{Envelope, ErrorRecord};
+use rylm_gilmour::node::{Node, NodeOptions};
+use rylm_gilmour::protocol::{Envelope, ErrorRecord};
 use serde_json::{Value, json};
 
 const TRACE: &str = include_str!("fixtures/gilmour-go-monitor.log");
@@ -336,11 +336,16 @@ async fn with_shared_responses_a_request_is_a_count_and_a_publish_that_any_respo
         .iter()
         .filter(|c| c.len() >= 3 && c[0] == "PUBSUB" && c[2] == channel)
         .count();
-    let prefix = senders
-        .first()
-        .and_then(|s| s.split_once('.'))
-        .map(|(id, _)| id.to_owned());
-    let prefix = prefix.expect("senders of the form <node id>.<n>");
+    // Senders shaped as uuids (36 characters, as Go's), the node's prefix then a random rest:
+    // none of them can be guessed from the others.
+    for sender in &senders {
+        assert_eq!(sender.len(), 36, "{sender}");
+        assert!(uuid::Uuid::parse_str(sender).is_ok(), "{sender}");
+    }
+    let prefix = senders[0][..13].to_owned();
+    assert!(senders.iter().all(|s| s[..13] == prefix), "{senders:?}");
+    let rests: std::collections::HashSet<&str> = senders.iter().map(|s| &s[13..]).collect();
+    assert_eq!(rests.len(), senders.len(), "{senders:?}");
     let subscriptions = seen
         .iter()
         .filter(|c| c[0].ends_with("SUBSCRIBE") && c[1].contains(&prefix))
@@ -348,7 +353,7 @@ async fn with_shared_responses_a_request_is_a_count_and_a_publish_that_any_respo
         .collect::<Vec<_>>();
     assert_eq!(
         subscriptions,
-        [format!("gilmour.response.{prefix}.*")],
+        [format!("gilmour.response.{prefix}-*")],
         "the node's one pattern, subscribed once when it connected; nothing per request"
     );
     assert_eq!(counts, 3, "a subscriber count per request");

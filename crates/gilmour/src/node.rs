@@ -77,7 +77,7 @@ pub struct NodeOptions {
     /// take the work. Default 64.
     pub concurrency: usize,
     /// At most this many handlers wait for a place to run; past that a request is answered
-    /// `503 busy` and a signal dropped (both counted in [`Node::counters`]). Default 1024.
+    /// `503 busy` (counted in [`Node::counters`]) and a signal waits. Default 1024.
     pub max_queued: usize,
     /// Also publish error records on Go's `gilmour.errors`, besides `gilmour.error`.
     pub mirror_errors: bool,
@@ -438,6 +438,11 @@ impl Node {
     /// What this node has refused or dropped since it started.
     pub fn counters(&self) -> &NodeCounters {
         &self.state.counters
+    }
+
+    /// Requests of this node waiting for their reply, now.
+    pub fn pending(&self) -> usize {
+        locked(&self.state.pending).len()
     }
 
     /// Handlers waiting for a place to run, now.

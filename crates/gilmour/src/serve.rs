@@ -1,9 +1,11 @@
 //! How a node handles what its subscriber connection receives: replies go to their waiting
 //! requesters, requests to one service per exclusion group, signals to their slots. Work is
-//! bounded twice: at most `concurrency` handlers run, at most `max_queued` wait for a place;
-//! past that a request is answered `503 busy` (after its group's lock, so that it is never
-//! answered twice) by one refusing task, and a signal is dropped, counted and logged (the log
-//! throttled).
+//! bounded twice: at most `concurrency` handlers run, at most `max_queued` wait for a place.
+//! Past that a request is answered `503 busy` (after its group's lock, so that it is never
+//! answered twice) by the refusing task, and a signal waits for a place. Either way the
+//! dispatcher waits when the refusals queue is full too: messages then stay in the subscriber
+//! connection's buffer (`message_buffer`), and only past that are they lost, counted as
+//! `lagged`.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -45,8 +47,8 @@ pub(crate) struct Slot {
 pub struct NodeCounters {
     /// Requests answered `503 busy` because every queue place was taken.
     pub busy: AtomicU64,
-    /// Requests and signals dropped because the refusing queue was full too (a requester then
-    /// sees its deadline pass), or because they carried no sender.
+    /// Requests and grouped signals dropped because they carried no sender (nobody to answer,
+    /// no lock to take).
     pub dropped: AtomicU64,
     /// Messages lost because the subscriber connection's buffer overflowed.
     pub lagged: AtomicU64,
@@ -133,12 +135,9 @@ pub(crate) async fn dispatch(
         if channel.starts_with("gilmour.slot.") {
             let by_pattern = matches!(message.kind, fred::types::MessageKind::PMessage);
             for slot in slots_for(&state, &channel, by_pattern) {
-                let Some(queued) = room(&state) else {
-                    throttled(
-                        &state.counters.dropped,
-                        "signals dropped: every queue place of the node is taken",
-                    );
-                    continue;
+                // A signal cannot be refused: it waits for a place.
+                let Ok(queued) = state.queued.clone().acquire_owned().await else {
+                    return;
                 };
                 tokio::spawn(run_slot(
                     commands.clone(),
@@ -174,11 +173,8 @@ pub(crate) async fn dispatch(
                         group: service.group.clone(),
                         request: envelope.clone(),
                     };
-                    if refusals.try_send(refusal).is_err() {
-                        throttled(
-                            &state.counters.dropped,
-                            "requests dropped: the node's queue and its refusals are full",
-                        );
+                    if refusals.send(refusal).await.is_err() {
+                        return;
                     }
                 }
             }
@@ -353,35 +349,51 @@ async fn serve(
     }
 }
 
-/// Answers refused requests `503 busy`, one after the other, each after its group's lock (so
-/// that a request another node of the group runs is not also refused).
+/// Refusals answered at once, at most.
+const REFUSING: usize = 64;
+
+/// Answers refused requests `503 busy`, up to [`REFUSING`] at once, each after its group's
+/// lock (so that a request another node of the group runs is not also refused).
 pub(crate) async fn refuse(
     mut refusals: mpsc::Receiver<Refusal>,
     commands: Client,
     state: Arc<State>,
 ) {
-    while let Some(Refusal { group, request }) = refusals.recv().await {
-        if !lock(&commands, &request.sender, &group).await {
-            continue;
+    let mut batch = Vec::with_capacity(REFUSING);
+    loop {
+        if refusals.recv_many(&mut batch, REFUSING).await == 0 {
+            return;
         }
-        throttled(
-            &state.counters.busy,
-            "requests answered busy: every queue place of the node is taken",
-        );
-        let reply = Envelope::reply(
-            Value::from(format!(
-                "busy: {} handlers run and {} wait; try again later",
-                state.options.concurrency, state.options.max_queued
-            )),
-            protocol::BUSY,
-            &request.sender,
-        );
-        let published: Result<i64, _> = commands
-            .publish(protocol::response_channel(&request.sender), reply.encode())
-            .await;
-        if let Err(error) = published {
-            tracing::warn!(%error, "could not publish a busy reply");
+        let mut answering = tokio::task::JoinSet::new();
+        for refusal in batch.drain(..) {
+            answering.spawn(refuse_one(commands.clone(), state.clone(), refusal));
         }
+        while answering.join_next().await.is_some() {}
+    }
+}
+
+async fn refuse_one(commands: Client, state: Arc<State>, refusal: Refusal) {
+    let Refusal { group, request } = refusal;
+    if !lock(&commands, &request.sender, &group).await {
+        return;
+    }
+    throttled(
+        &state.counters.busy,
+        "requests answered busy: every queue place of the node is taken",
+    );
+    let reply = Envelope::reply(
+        Value::from(format!(
+            "busy: {} handlers run and {} wait; try again later",
+            state.options.concurrency, state.options.max_queued
+        )),
+        protocol::BUSY,
+        &request.sender,
+    );
+    let published: Result<i64, _> = commands
+        .publish(protocol::response_channel(&request.sender), reply.encode())
+        .await;
+    if let Err(error) = published {
+        tracing::warn!(%error, "could not publish a busy reply");
     }
 }
 

@@ -16,10 +16,10 @@ async fn node(test: &str) -> Option<Node> {
     Some(Node::connect(&url).await.expect("connects"))
 }
 
-/// A topic of this test run alone (tests share one Redis).
 /// The recorded trace of a gilmour-e-go v5 node.
 const GO_TRACE: &str = include_str!("fixtures/gilmour-go-monitor.log");
 
+/// A topic of this test run alone (tests share one Redis).
 fn topic(name: &str) -> String {
     format!("{name}.{}", uuid::Uuid::new_v4())
 }

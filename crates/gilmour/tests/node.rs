@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use fred::prelude::*;
 use rylm_gilmour::compose::{Composition, Executable, Kind};
 use rylm_gilmour::node::{self, Node, NodeOptions};
-use rylm_gilmour::protocol::{Envelope, ErrorRecord};
+use rylm_gilmour::protocol::{self, Envelope, ErrorRecord};
 use serde_json::{Value, json};
 
 const DEADLINE: Duration = Duration::from_secs(10);
@@ -507,6 +507,10 @@ async fn nodes_authenticate_and_come_back_after_a_redis_restart() {
         })
         .await
         .expect("a pattern slot");
+    let ident = server
+        .enable_health()
+        .await
+        .expect("joins the health registry");
     assert_eq!(
         client
             .request(&echo, json!("before"), DEADLINE)
@@ -558,6 +562,31 @@ async fn nodes_authenticate_and_come_back_after_a_redis_restart() {
         .expect("heard")
         .expect("a topic");
     assert_eq!(topic, format!("{evt}.created"));
+    // The restarted Redis kept nothing; the node has joined the health registry again, and
+    // answers its ping.
+    let raw = Builder::from_config(Config::from_url(&url).expect("a valid URL"))
+        .build()
+        .expect("a client");
+    raw.init().await.expect("connects");
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let registered: Option<String> =
+            raw.hget(protocol::HEALTH_HASH, &ident).await.expect("HGET");
+        if registered.as_deref() == Some("true") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the node is in the health registry again within 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let pong = client
+        .request(&protocol::health_channel(&ident), json!(null), DEADLINE)
+        .await
+        .expect("pinged");
+    assert_eq!(pong.code(), 200);
+    let _ = raw.quit().await;
     server.shutdown().await;
     client.shutdown().await;
 }

@@ -30,6 +30,7 @@
 pub mod api;
 mod calls;
 mod config;
+mod memory;
 pub mod metrics;
 mod registry;
 pub mod server;

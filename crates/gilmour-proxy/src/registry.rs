@@ -136,7 +136,8 @@ impl Registry {
         old
     }
 
-    /// Forgets the node `id`; gives it back when it was there.
+    /// Forgets the node `id`; gives it back when it was there. The maps shrink when most of
+    /// their room is unused, so that a proxy that once held many nodes does not keep their room.
     pub(crate) fn remove(&mut self, id: &str) -> Option<Arc<Entry>> {
         let entry = self.by_id.remove(id)?;
         if self.by_address.get(&(entry.host, entry.port)) == Some(&entry.id) {

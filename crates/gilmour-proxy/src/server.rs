@@ -33,7 +33,12 @@ pub(crate) struct Shared {
     pub(crate) config: ProxyConfig,
     pub(crate) registry: Mutex<Registry>,
     pub(crate) http: HttpClient,
+    /// For health checks: a connection each, not kept (one check per node every interval
+    /// would otherwise hold an idle connection, and its buffers, per node).
+    pub(crate) checks: HttpClient,
     pub(crate) metrics: Arc<Metrics>,
+    /// Told when a node is freed, to give the memory back (see `memory`).
+    pub(crate) freed: Arc<tokio::sync::Notify>,
     /// The one Gilmour node (two Redis connections) every registered node's handlers,
     /// requests and signals go through.
     pub(crate) gilmour: Node,
@@ -42,6 +47,7 @@ pub(crate) struct Shared {
 /// A running proxy.
 pub struct Proxy {
     local_addr: SocketAddr,
+    trimmer: tokio::task::JoinHandle<()>,
     stop: watch::Sender<bool>,
     server: tokio::task::JoinHandle<()>,
     shared: Arc<Shared>,
@@ -80,11 +86,17 @@ impl Proxy {
         let http = LegacyClient::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(30))
             .pool_max_idle_per_host(config.node_concurrency.clamp(1, 16))
+            .build(connector.clone());
+        let checks = LegacyClient::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(0)
             .build(connector);
+        let (freed, trimmer) = crate::memory::trimmer();
         let shared = Arc::new(Shared {
+            freed,
             config,
             registry: Mutex::default(),
             http,
+            checks,
             metrics: Arc::new(Metrics::default()),
             gilmour,
         });
@@ -93,6 +105,7 @@ impl Proxy {
         tracing::info!(%local_addr, "Gilmour proxy listening");
         Ok(Proxy {
             local_addr,
+            trimmer,
             stop,
             server,
             shared,
@@ -118,6 +131,7 @@ impl Proxy {
         for entry in entries {
             registry::retire(&self.shared.gilmour, &entry).await;
         }
+        self.trimmer.abort();
         self.shared.gilmour.drain(Duration::from_secs(5)).await;
         self.shared.gilmour.shutdown().await;
     }
@@ -597,6 +611,7 @@ async fn delete(shared: &Arc<Shared>, entry: &Arc<Entry>) -> Response<Full<Bytes
     }
     shared.registry().remove(&entry.id);
     registry::retire(&shared.gilmour, entry).await;
+    shared.freed.notify_one();
     ok()
 }
 

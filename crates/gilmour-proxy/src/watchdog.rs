@@ -37,7 +37,7 @@ pub(crate) async fn check(shared: &Shared, entry: &Entry) -> Result<(), Health> 
         .body(Full::new(Bytes::new()))
         .map_err(|error| Health::Failed(error.to_string()))?;
     let deadline = shared.config.health_timeout;
-    let response = tokio::time::timeout(deadline, shared.http.request(request))
+    let response = tokio::time::timeout(deadline, shared.checks.request(request))
         .await
         .map_err(|_| Health::Failed(format!("no answer within {deadline:?}")))?
         .map_err(|error| {
@@ -79,14 +79,16 @@ async fn watch(shared: Arc<Shared>, entry: std::sync::Weak<Entry>) {
         let Some(entry) = entry.upgrade() else {
             return;
         };
-        let outcome = check(&shared, &entry).await;
+        // Boxed, as every call below: their futures (an HTTP request's, Redis commands') live
+        // only while they run, and the task each node keeps between checks stays small.
+        let outcome = Box::pin(check(&shared, &entry)).await;
         let mut inner = entry.inner.lock().await;
         match outcome {
             Ok(()) => {
                 inner.failures = 0;
                 inner.refused = 0;
                 if inner.status == Status::Unavailable {
-                    match registry::subscribe_all(&shared, &entry, &mut inner).await {
+                    match Box::pin(registry::subscribe_all(&shared, &entry, &mut inner)).await {
                         Ok(()) => {
                             inner.status = Status::Ok;
                             tracing::info!(id = %entry.id, "the node answers again: ok");
@@ -118,17 +120,19 @@ async fn watch(shared: Arc<Shared>, entry: std::sync::Weak<Entry>) {
                     // Until nothing of it listens: Redis may be away for a while.
                     let mut inner = entry.inner.lock().await;
                     while let Err(error) =
-                        registry::unsubscribe_all(&shared.gilmour, &mut inner).await
+                        Box::pin(registry::unsubscribe_all(&shared.gilmour, &mut inner)).await
                     {
                         tracing::warn!(id = %entry.id, %error, "could not unsubscribe a dirty node; trying again");
                         tokio::time::sleep(shared.config.health_interval).await;
                     }
+                    shared.freed.notify_one();
                     return;
                 }
                 if inner.status == Status::Ok
                     && inner.failures >= shared.config.failure_threshold.max(1)
                 {
-                    if let Err(error) = registry::unsubscribe_all(&shared.gilmour, &mut inner).await
+                    if let Err(error) =
+                        Box::pin(registry::unsubscribe_all(&shared.gilmour, &mut inner)).await
                     {
                         tracing::warn!(id = %entry.id, %error, "could not unsubscribe an unavailable node");
                     }

@@ -128,8 +128,6 @@ async fn a_thousand_nodes_registered_then_deleted_give_their_memory_back() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     wait_for_nodes(&http, &base, 0).await;
-    let start = rss_kib(pid);
-
     // One-time costs (the worker threads' allocator arenas, lazily made statics) are paid by a
     // few nodes first; what is measured is what 1,000 nodes leave behind.
     register_and_delete(&http, &base, pid, 10, 0).await;

@@ -13,6 +13,7 @@
 mod codegen;
 mod peers;
 mod provision;
+mod redis_sets;
 mod run;
 #[cfg(test)]
 mod tidy;

@@ -20,7 +20,7 @@ use anyhow::{Context, Result, bail};
 /// Where Debian's package puts the real server script. The `/usr/sbin` wrapper switches to the
 /// `rabbitmq` user when run as root, whose HOME holds another Erlang cookie.
 const DEBIAN_RABBITMQ_SERVER: &str = "/usr/lib/rabbitmq/bin/rabbitmq-server";
-const INSTALL_COMMAND: &str = "apt-get install -y redis-server rabbitmq-server";
+const INSTALL_COMMAND: &str = "apt-get install -y redis-server redis-tools rabbitmq-server";
 
 const REDIS_READY_WITHIN: Duration = Duration::from_secs(20);
 const EPMD_READY_WITHIN: Duration = Duration::from_secs(10);
@@ -55,6 +55,12 @@ pub struct Servers {
     pub cluster_urls: String,
     /// Each cluster node's `rabbitmqctl` script, comma-separated, in the order of the URLs.
     pub cluster_ctls: String,
+    /// Three sentinels watching a primary and its replica (service `rylm`): `host:port`,
+    /// comma-separated; empty without the cluster servers.
+    pub redis_sentinels: String,
+    /// A three-primary Redis Cluster: `host:port`, comma-separated; empty without the cluster
+    /// servers.
+    pub redis_cluster: String,
     keep: bool,
 }
 
@@ -68,6 +74,12 @@ impl Servers {
             ("RYLM_REDIS_SERVER", self.redis_server.display().to_string()),
             ("RYLM_AMQP_CLUSTER_URLS", self.cluster_urls.clone()),
             ("RYLM_AMQP_CLUSTER_CTLS", self.cluster_ctls.clone()),
+            ("RYLM_REDIS_SENTINELS", self.redis_sentinels.clone()),
+            (
+                "RYLM_REDIS_SENTINEL_SERVICE",
+                crate::redis_sets::SENTINEL_SERVICE.to_owned(),
+            ),
+            ("RYLM_REDIS_CLUSTER", self.redis_cluster.clone()),
         ]
     }
 
@@ -162,21 +174,34 @@ pub fn start(cluster: bool) -> Result<Servers> {
     *STARTED_DIR.lock().unwrap_or_else(|e| e.into_inner()) = Some(dir.clone());
     let started_at = Instant::now();
     let started = start_in(&dir, &binaries).and_then(|(redis_url, amqp_url, epmd_port)| {
-        let nodes = if cluster {
-            start_cluster(&dir, &binaries, epmd_port)?
+        let (nodes, redis_sets) = if cluster {
+            let sentinels = crate::redis_sets::start_sentinel_set(&dir, &binaries.redis)?;
+            let redis_cluster =
+                crate::redis_sets::start_cluster(&dir, &binaries.redis, &binaries.redis_cli)?;
+            let list = |ports: &[u16]| {
+                ports
+                    .iter()
+                    .map(|p| format!("127.0.0.1:{p}"))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            };
+            (
+                start_cluster(&dir, &binaries, epmd_port)?,
+                (list(&sentinels), list(&redis_cluster)),
+            )
         } else {
-            Vec::new()
+            (Vec::new(), (String::new(), String::new()))
         };
-        Ok((redis_url, amqp_url, nodes))
+        Ok((redis_url, amqp_url, nodes, redis_sets))
     });
     match started {
-        Ok((redis_url, amqp_url, cluster)) => {
+        Ok((redis_url, amqp_url, cluster, (redis_sentinels, redis_cluster))) => {
             eprintln!(
                 "xtask: Redis and RabbitMQ{} ready in {:.1} s ({})",
                 if cluster.is_empty() {
                     ""
                 } else {
-                    " and a three-node RabbitMQ cluster"
+                    ", a Redis Sentinel set, a Redis Cluster and a three-node RabbitMQ cluster"
                 },
                 started_at.elapsed().as_secs_f64(),
                 dir.display()
@@ -197,6 +222,8 @@ pub fn start(cluster: bool) -> Result<Servers> {
                     .map(|(_, ctl)| ctl.display().to_string())
                     .collect::<Vec<_>>()
                     .join(","),
+                redis_sentinels,
+                redis_cluster,
                 keep: false,
             })
         }
@@ -219,7 +246,13 @@ pub fn stop_dir(dir: &Path) -> Result<()> {
         ("rabbit", Duration::from_secs(30)),
         ("epmd", Duration::from_secs(2)),
         ("redis", Duration::from_secs(5)),
-    ] {
+    ]
+    .into_iter()
+    .chain(
+        crate::redis_sets::NAMES
+            .iter()
+            .map(|name| (*name, Duration::from_secs(5))),
+    ) {
         let Ok(text) = std::fs::read_to_string(dir.join(format!("{name}.pid"))) else {
             continue;
         };
@@ -247,6 +280,8 @@ fn expected_command(name: &str) -> &'static str {
 
 struct Binaries {
     redis: PathBuf,
+    /// `redis-cli` (Debian's redis-tools, which redis-server brings), to create a cluster.
+    redis_cli: PathBuf,
     rabbitmq: PathBuf,
     epmd: PathBuf,
 }
@@ -264,7 +299,7 @@ fn find_or_install() -> Result<Binaries> {
     eprintln!(
         "xtask: redis-server or rabbitmq-server is missing; installing them with apt-get (root on Debian)"
     );
-    apt_install(&["redis-server", "rabbitmq-server"])?;
+    apt_install(&["redis-server", "redis-tools", "rabbitmq-server"])?;
     find_binaries().context(
         "apt-get installed redis-server and rabbitmq-server, but their programs are still not found",
     )
@@ -307,6 +342,7 @@ fn find_binaries() -> Option<Binaries> {
     };
     Some(Binaries {
         redis: which("redis-server")?,
+        redis_cli: which("redis-cli")?,
         rabbitmq,
         epmd: which("epmd").or_else(|| {
             let debian = Path::new("/usr/lib/erlang/bin/epmd");
@@ -336,7 +372,7 @@ fn make_dir() -> Result<PathBuf> {
     Ok(dir)
 }
 
-fn free_ports<const N: usize>() -> Result<[u16; N]> {
+pub(crate) fn free_ports<const N: usize>() -> Result<[u16; N]> {
     // Hold all listeners at once so that the ports differ, then release them.
     let listeners = (0..N)
         .map(|_| TcpListener::bind("127.0.0.1:0"))
@@ -572,7 +608,12 @@ fn write_rabbitmqctl(path: &Path, server: &Path, env: &[(&str, String)]) -> Resu
     Ok(())
 }
 
-fn spawn(dir: &Path, name: &'static str, mut command: Command, grace: Duration) -> Result<()> {
+pub(crate) fn spawn(
+    dir: &Path,
+    name: &'static str,
+    mut command: Command,
+    grace: Duration,
+) -> Result<()> {
     let log = std::fs::File::create(dir.join(format!("{name}.out")))?;
     let child = command
         .stdin(Stdio::null())
@@ -596,7 +637,7 @@ fn spawn(dir: &Path, name: &'static str, mut command: Command, grace: Duration) 
 }
 
 /// Polls `ready` until it holds, the process dies, or `within` passes.
-fn wait_until(
+pub(crate) fn wait_until(
     what: &str,
     dir: &Path,
     name: &str,
@@ -648,7 +689,7 @@ fn log_tail(dir: &Path, name: &str) -> String {
     tail
 }
 
-fn redis_ping(port: u16) -> bool {
+pub(crate) fn redis_ping(port: u16) -> bool {
     let attempt = || -> std::io::Result<bool> {
         let mut stream =
             TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(500))?;

@@ -42,6 +42,7 @@
 pub mod compose;
 pub mod node;
 pub mod protocol;
+mod sentinel;
 mod serve;
 
 /// What can go wrong in this crate.

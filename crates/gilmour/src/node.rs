@@ -169,6 +169,14 @@ impl Node {
     /// Connects to the Redis at `url` with `options`, within 10 s.
     pub async fn connect_with(url: &str, options: NodeOptions) -> Result<Node, Error> {
         let config = Config::from_url(url).map_err(redis("reading the Redis URL"))?;
+        let sentinels = match &config.server {
+            fred::types::config::ServerConfig::Sentinel {
+                hosts,
+                service_name,
+                ..
+            } => Some((hosts.clone(), service_name.clone())),
+            _ => None,
+        };
         let mut builder = Builder::from_config(config);
         let delay = u32::try_from(options.reconnect_delay.as_millis()).unwrap_or(u32::MAX);
         builder
@@ -222,16 +230,27 @@ impl Node {
         ));
         let refuse = tokio::spawn(serve::refuse(refused, commands.clone(), state.clone()));
         let health = tokio::spawn(keep_health(commands.clone(), state.clone()));
+        let mut tasks = vec![
+            dispatch.abort_handle(),
+            refuse.abort_handle(),
+            resubscribe.abort_handle(),
+            health.abort_handle(),
+        ];
+        if let Some((hosts, service)) = sentinels {
+            let follow = tokio::spawn(crate::sentinel::follow(
+                hosts,
+                service,
+                commands.clone(),
+                subscriber.clone(),
+                state.options.reconnect_delay,
+            ));
+            tasks.push(follow.abort_handle());
+        }
         let node = Node {
             commands,
             subscriber,
             state,
-            tasks: vec![
-                dispatch.abort_handle(),
-                refuse.abort_handle(),
-                resubscribe.abort_handle(),
-                health.abort_handle(),
-            ],
+            tasks,
             stopped: AtomicBool::new(false),
         };
         if let Some(prefix) = &node.state.responses {

@@ -79,6 +79,31 @@ pub fn node_peers(test: &str) -> Option<(String, String)> {
     Some((node, modules))
 }
 
+/// The provisioned Sentinel set: the sentinels' `host:port` addresses and the service name
+/// they watch (a primary and its replica), or `None` (after a loud message) when the test
+/// should skip.
+///
+/// # Panics
+///
+/// When it is not given and `RYLM_REQUIRE_SERVERS=1`.
+pub fn redis_sentinels(test: &str) -> Option<(Vec<String>, String)> {
+    let hosts = server_url("RYLM_REDIS_SENTINELS", "a Redis Sentinel set", test)?;
+    let service =
+        std::env::var("RYLM_REDIS_SENTINEL_SERVICE").unwrap_or_else(|_| "rylm".to_owned());
+    Some((hosts.split(',').map(str::to_owned).collect(), service))
+}
+
+/// The provisioned three-primary Redis Cluster: each node's `host:port`, or `None` (after a
+/// loud message) when the test should skip.
+///
+/// # Panics
+///
+/// When it is not given and `RYLM_REQUIRE_SERVERS=1`.
+pub fn redis_cluster(test: &str) -> Option<Vec<String>> {
+    let nodes = server_url("RYLM_REDIS_CLUSTER", "a Redis Cluster", test)?;
+    Some(nodes.split(',').map(str::to_owned).collect())
+}
+
 /// The `redis-server` program, for a test that runs (and restarts) a Redis of its own; `None`
 /// (after a loud message) when the test should skip.
 ///

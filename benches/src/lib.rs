@@ -328,6 +328,61 @@ pub fn compared_table(title: &str, subject: &str, rows: &[Compared<'_>]) -> Stri
     out
 }
 
+/// One row of a two-way comparison: a subject and its baseline, over the same repetitions.
+#[derive(Debug)]
+pub struct Paired<'a> {
+    /// What the row is.
+    pub label: String,
+    /// The subject's runs.
+    pub subject: &'a [Summary],
+    /// The baseline's runs, interleaved with the subject's.
+    pub baseline: &'a [Summary],
+}
+
+/// A Markdown table of `rows`: rates as median (min-max), the subject's ratio to its same-run
+/// baseline as min / median / max over the repetitions, and the median repetition's latencies.
+pub fn paired_table(rows: &[Paired<'_>]) -> String {
+    let rates = |runs: &[Summary]| runs.iter().map(Summary::rate).collect::<Vec<_>>();
+    let cell = |runs: &[Summary]| {
+        let (min, median, max) = spread(&rates(runs));
+        format!("{median:.0} ({min:.0}-{max:.0})")
+    };
+    let median = |runs: &[Summary]| {
+        let mut sorted: Vec<&Summary> = runs.iter().collect();
+        sorted.sort_by(|a, b| a.rate().total_cmp(&b.rate()));
+        sorted.get(sorted.len() / 2).map(|s| {
+            format!(
+                "{:.2} ms | {:.2} ms",
+                s.p50.as_secs_f64() * 1e3,
+                s.p99.as_secs_f64() * 1e3
+            )
+        })
+    };
+    let mut out = String::from(
+        "| run | ops/s, median (min-max) | baseline ops/s | ratio (min / median / max) | p50 | p99 |
+|---|---:|---:|---:|---:|---:|
+",
+    );
+    for row in rows {
+        let ratios: Vec<f64> = row
+            .subject
+            .iter()
+            .zip(row.baseline)
+            .map(|(a, b)| a.rate() / b.rate().max(f64::EPSILON))
+            .collect();
+        let (min, mid, max) = spread(&ratios);
+        out.push_str(&format!(
+            "| {} | {} | {} | {min:.2} / {mid:.2} / {max:.2} | {} |
+",
+            row.label,
+            cell(row.subject),
+            cell(row.baseline),
+            median(row.subject).unwrap_or_else(|| "- | -".to_owned()),
+        ));
+    }
+    out
+}
+
 /// One row's runs: the subject, the echo on rylm-transport and the echo on `zeromq` 0.7.
 #[derive(Debug, Default)]
 pub struct ThreeWay {

@@ -8,6 +8,10 @@
 //! - through the proxy from a node: an HTTP client POSTs `/request/:id` to the proxy, whose
 //!   request a rylm node answers.
 //!
+//! Each subject runs three times, interleaved with the raw round trip; the table gives the
+//! ratio's min / median / max. Then 1,000 more nodes (a service and a slot each) register with
+//! the proxy: its RSS per node, and the calls through it again.
+//!
 //! xtask provisions Redis, passes `RYLM_REDIS_URL`, and reports Redis's peak memory after the
 //! run; this bench reports its own and the proxy's.
 
@@ -22,7 +26,7 @@ use fred::prelude::*;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client as HttpClient;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use rylm_benches::{Summary, measure, peak_rss_kib, spawn, table};
+use rylm_benches::{Paired, Summary, measure, paired_table, peak_rss_kib, spawn};
 use rylm_gilmour::node::Node;
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
@@ -31,6 +35,9 @@ const ONE_AT_A_TIME: usize = 2_000;
 const CONCURRENT_TOTAL: usize = 5_000;
 const CONCURRENT: usize = 32;
 const DEADLINE: Duration = Duration::from_secs(30);
+const REPETITIONS: usize = 3;
+/// Nodes registered with the proxy besides the measured one, for its cost per node.
+const EXTRA_NODES: usize = 1000;
 
 #[tokio::main]
 async fn main() -> Result<()> {
@@ -135,53 +142,128 @@ async fn main() -> Result<()> {
         }
     };
 
-    // Warm-up, then the measured runs, alternating so that drift hits each.
-    eprintln!("warming up: the Rust API");
+    // Warm-up, then the measured runs: each subject's repetitions interleaved with the raw
+    // round trip's, so that the machine's drift hits both alike.
+    eprintln!("warming up");
     api("warm-up", 300, 8).await?;
-    eprintln!("warming up: through the proxy to the HTTP node");
     to_node("warm-up", 300, 8).await?;
-    eprintln!("warming up: from the HTTP node through the proxy");
     from_node("warm-up", 300, 8).await?;
-    eprintln!("warming up: the raw round trip");
     baseline("warm-up", 300, 8).await?;
-    let mut rows: Vec<(Summary, Summary)> = Vec::new();
-    for (total, at_once, label) in [
+    let modes = [
         (ONE_AT_A_TIME, 1, "one at a time".to_owned()),
         (
             CONCURRENT_TOTAL,
             CONCURRENT,
             format!("{CONCURRENT} in flight"),
         ),
-    ] {
-        let raw_run = baseline(&format!("raw Redis round trip, {label}"), total, at_once).await?;
-        let api_run = api(&format!("rylm API, {label}"), total, at_once).await?;
-        let to_run = to_node(
-            &format!("rylm API -> proxy -> HTTP node, {label}"),
-            total,
-            at_once,
-        )
-        .await?;
-        let from_run = from_node(
-            &format!("HTTP node -> proxy /request -> rylm node, {label}"),
-            total,
-            at_once,
-        )
-        .await?;
-        for run in [api_run, to_run, from_run] {
-            rows.push((run, raw_run.clone()));
+    ];
+    // (label, subject runs, baseline runs)
+    let mut rows: Vec<(String, Vec<Summary>, Vec<Summary>)> = Vec::new();
+    for (total, at_once, label) in &modes {
+        let (total, at_once) = (*total, *at_once);
+        for which in [
+            "rylm API",
+            "rylm API -> proxy -> HTTP node",
+            "HTTP node -> proxy /request -> rylm node",
+        ] {
+            let (mut subject, mut base) = (Vec::new(), Vec::new());
+            for _ in 0..REPETITIONS {
+                let name = format!("{which}, {label}");
+                subject.push(match which {
+                    "rylm API" => api(&name, total, at_once).await?,
+                    "rylm API -> proxy -> HTTP node" => to_node(&name, total, at_once).await?,
+                    _ => from_node(&name, total, at_once).await?,
+                });
+                base.push(
+                    baseline(&format!("raw Redis round trip, {label}"), total, at_once).await?,
+                );
+            }
+            rows.push((format!("{which}, {label}"), subject, base));
         }
-        rows.push((raw_run.clone(), raw_run));
     }
-    let refs: Vec<(&Summary, &Summary)> = rows.iter().map(|(a, b)| (a, b)).collect();
-    println!("{}", table(&refs));
+
+    // The proxy holding 1,000 more nodes: its memory per node, and the same calls through it.
+    let before = current_rss_kib(proxy.child.id());
+    let mut extra = Vec::with_capacity(EXTRA_NODES);
+    for n in 0..EXTRA_NODES {
+        let port = serve_http_node().await?;
+        let body = json!({
+            "port": port,
+            "services": [{"topic": format!("bench.extra.{n}"), "group": "bench", "path": "/echo"}],
+            "slots": [{"topic": format!("bench.extra.evt.{n}"), "path": "/echo"}],
+        });
+        let (status, answer) = post(&http, &format!("{proxy_base}/nodes"), &body).await?;
+        if status != 200 {
+            bail!("the proxy did not take node {n}: {answer}");
+        }
+        extra.push(port);
+    }
+    let after = current_rss_kib(proxy.child.id());
+    let per_node = after.saturating_sub(before) as f64 / EXTRA_NODES as f64;
+    eprintln!("{EXTRA_NODES} more nodes registered: {per_node:.1} KiB of proxy RSS each");
+    for (total, at_once, label) in &modes {
+        let (total, at_once) = (*total, *at_once);
+        for which in [
+            "rylm API -> proxy -> HTTP node",
+            "HTTP node -> proxy /request -> rylm node",
+        ] {
+            let (mut subject, mut base) = (Vec::new(), Vec::new());
+            for _ in 0..REPETITIONS {
+                let name = format!("{which}, {label}, {EXTRA_NODES} nodes registered");
+                subject.push(if which.starts_with("rylm API") {
+                    to_node(&name, total, at_once).await?
+                } else {
+                    from_node(&name, total, at_once).await?
+                });
+                base.push(
+                    baseline(&format!("raw Redis round trip, {label}"), total, at_once).await?,
+                );
+            }
+            rows.push((
+                format!("{which}, {label}, {EXTRA_NODES} nodes registered"),
+                subject,
+                base,
+            ));
+        }
+    }
+    let paired: Vec<Paired<'_>> = rows
+        .iter()
+        .map(|(label, subject, base)| Paired {
+            label: label.clone(),
+            subject,
+            baseline: base,
+        })
+        .collect();
     println!(
-        "peak RSS: bench process (requesters, responder, HTTP node, raw round trip) {} KiB, {} {} KiB",
+        "{REPETITIONS} repetitions, each interleaved with the raw Redis round trip\n\n{}",
+        paired_table(&paired)
+    );
+    println!(
+        "proxy RSS: {before} KiB with one node, {after} KiB with {} ({per_node:.1} KiB per node)",
+        EXTRA_NODES + 1
+    );
+    println!(
+        "peak RSS: bench process (requesters, responder, HTTP nodes, raw round trip) {} KiB, {} {} KiB",
         peak_rss_kib(std::process::id()).unwrap_or(0),
         proxy.name,
         peak_rss_kib(proxy.child.id()).unwrap_or(0),
     );
     drop(proxy);
     Ok(())
+}
+
+/// The resident memory of a process now (VmRSS), KiB.
+fn current_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
 }
 
 async fn post(

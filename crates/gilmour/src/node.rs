@@ -120,8 +120,10 @@ impl Default for NodeOptions {
 pub struct RequestOptions {
     /// The reply is waited for at most this long, then the answer is 499.
     pub deadline: Duration,
-    /// Count the topic's subscribers first and answer 404 at once when there are none
-    /// (default); off, a request nobody hears waits out its deadline.
+    /// Answer 404 at once when nobody subscribes to the topic (default): the subscribers are
+    /// counted first (`PUBSUB NUMSUB`, on every primary of a cluster), or, with shared responses
+    /// on one server, the count PUBLISH returns says it. Off, a request nobody hears waits out
+    /// its deadline.
     pub confirm_subscriber: bool,
 }
 
@@ -532,12 +534,20 @@ impl Node {
     ) -> Result<Envelope, Error> {
         let options = options.into();
         let channel = protocol::request_channel(protocol::service_topic(topic)?);
-        if options.confirm_subscriber && self.subscribers(&channel).await? == 0 {
-            return Ok(Envelope {
-                data: Value::from(format!("no subscriber for {topic}")),
-                code: Some(protocol::NOT_FOUND),
-                sender: String::new(),
-            });
+        let nobody = || Envelope {
+            data: Value::from(format!("no subscriber for {topic}")),
+            code: Some(protocol::NOT_FOUND),
+            sender: String::new(),
+        };
+        // With shared responses on one server, PUBLISH's own count of receivers says whether
+        // anybody listens, a round trip fewer; otherwise the subscribers are counted first, as
+        // the engines do (and, on a cluster, on every primary).
+        let counted_by_publish = self.state.responses.is_some() && !self.commands.is_clustered();
+        if options.confirm_subscriber
+            && !counted_by_publish
+            && self.subscribers(&channel).await? == 0
+        {
+            return Ok(nobody());
         }
         let fresh = uuid::Uuid::new_v4().to_string();
         let shared = self.state.responses.as_deref();
@@ -561,11 +571,14 @@ impl Node {
                 // Confirmed: the reply must not be published before Redis holds it.
                 self.listen(response.clone(), false).await?;
             }
-            let _: i64 = self
+            let receivers: i64 = self
                 .commands
                 .publish(channel, Envelope::request(data, sender.clone()).encode())
                 .await
                 .map_err(redis("publishing"))?;
+            if options.confirm_subscriber && counted_by_publish && receivers == 0 {
+                return Ok(nobody());
+            }
             Ok::<_, Error>(
                 tokio::time::timeout(options.deadline, rx)
                     .await

@@ -90,10 +90,12 @@ async fn a_node_keeps_answering_across_a_sentinel_failover() {
     let requests = {
         let echo = echo.clone();
         tokio::spawn(async move {
+            // When each request was sent, and how it ended.
             let mut outcomes: Vec<(Instant, Outcome)> = Vec::new();
             let mut n = 0u64;
             while !*stopped.borrow() && outcomes.len() < 200_000 {
                 n += 1;
+                let sent = Instant::now();
                 // The request's own deadline is 2 s; past 5 s it would be a hang.
                 let attempt = tokio::time::timeout(
                     Duration::from_secs(5),
@@ -108,7 +110,7 @@ async fn a_node_keeps_answering_across_a_sentinel_failover() {
                     Ok(Err(error)) => Outcome::Failed(error.to_string()),
                     Err(_) => Outcome::Hung,
                 };
-                outcomes.push((Instant::now(), outcome));
+                outcomes.push((sent, outcome));
             }
             client.shutdown().await;
             outcomes
@@ -127,7 +129,8 @@ async fn a_node_keeps_answering_across_a_sentinel_failover() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let switched = started.elapsed();
-    // Then requests go on for 4 s after the switch; the last 2 s must all be answered.
+    // Then requests go on for 4 s after the switch; those sent in the last 2 s must all be
+    // answered (one sent before may end in a clear error: its reply lost with the old primary).
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -248,7 +251,8 @@ async fn on_a_cluster_the_404_counts_the_subscribers_of_every_primary() {
         })
         .await
         .expect("a slot");
-    assert_eq!(client.signal(&evt, json!("x")).await.expect("signals"), 1);
+    // (PUBLISH counts the receivers of the node that took it only: no count is asserted.)
+    client.signal(&evt, json!("x")).await.expect("signals");
     let data = tokio::time::timeout(DEADLINE, hearing.recv())
         .await
         .expect("heard")

@@ -410,3 +410,85 @@ async fn a_node_that_registers_again_replaces_its_old_registration() {
     }
     setup.proxy.shutdown().await;
 }
+
+#[tokio::test]
+async fn connections_nodes_headers_and_bodies_past_their_limits_are_refused() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Some(setup) = Setup::new(
+        "connections_nodes_headers_and_bodies_past_their_limits_are_refused",
+        |c| {
+            c.max_connections = 2;
+            c.max_nodes = 1;
+            c.max_body = 1024;
+            c.header_timeout = Duration::from_millis(300);
+        },
+    )
+    .await
+    else {
+        return;
+    };
+    let address = setup.proxy.local_addr();
+    // A client that never finishes its headers is cut off.
+    let mut slow = tokio::net::TcpStream::connect(address).await.unwrap();
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(DEADLINE, slow.read_to_end(&mut rest)).await;
+    assert!(
+        closed.is_ok(),
+        "the proxy closes a connection whose headers never end"
+    );
+    drop(slow);
+    // Two connections held open: a third is answered 503 and closed.
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+        stream
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = [0u8; 12];
+        stream.read_exact(&mut answer).await.unwrap();
+        assert_eq!(&answer, b"HTTP/1.1 200");
+        held.push(stream);
+    }
+    let mut third = tokio::net::TcpStream::connect(address).await.unwrap();
+    third
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(DEADLINE, third.read_to_end(&mut answer))
+        .await
+        .expect("answered and closed")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    drop(held);
+    drop(third);
+    // One node at most; a body over 1 KiB is a 413.
+    let (a, b) = (TestNode::start().await, TestNode::start().await);
+    let deadline = Instant::now() + DEADLINE;
+    let id = loop {
+        let (status, answer) = setup
+            .call("POST", "/nodes", Some(json!({"port": a.port})))
+            .await;
+        if status == 200 {
+            break answer["id"].as_str().unwrap().to_owned();
+        }
+        // The held connections may still be closing.
+        assert!(Instant::now() < deadline, "{status}: {answer}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let (status, answer) = setup
+        .call("POST", "/nodes", Some(json!({"port": b.port})))
+        .await;
+    assert_eq!(status, 503, "{answer}");
+    let big = json!({"topic": "t", "message": "x".repeat(2000)});
+    let (status, _) = setup
+        .call("POST", &format!("/signal/{id}"), Some(big))
+        .await;
+    assert_eq!(status, 413);
+    setup.proxy.shutdown().await;
+}

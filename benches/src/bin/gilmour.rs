@@ -26,7 +26,7 @@ use fred::prelude::*;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client as HttpClient;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use rylm_benches::{Paired, Summary, measure, paired_table, peak_rss_kib, spawn};
+use rylm_benches::{Paired, Summary, measure, paired_table, peak_rss_kib, rss_kib, spawn};
 use rylm_gilmour::node::Node;
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
@@ -183,7 +183,7 @@ async fn main() -> Result<()> {
     }
 
     // The proxy holding 1,000 more nodes: its memory per node, and the same calls through it.
-    let before = current_rss_kib(proxy.child.id());
+    let before = rss_kib(proxy.child.id()).unwrap_or(0);
     let mut extra = Vec::with_capacity(EXTRA_NODES);
     for n in 0..EXTRA_NODES {
         let port = serve_http_node().await?;
@@ -198,7 +198,7 @@ async fn main() -> Result<()> {
         }
         extra.push(port);
     }
-    let after = current_rss_kib(proxy.child.id());
+    let after = rss_kib(proxy.child.id()).unwrap_or(0);
     let per_node = after.saturating_sub(before) as f64 / EXTRA_NODES as f64;
     eprintln!("{EXTRA_NODES} more nodes registered: {per_node:.1} KiB of proxy RSS each");
     for (total, at_once, label) in &modes {
@@ -250,20 +250,6 @@ async fn main() -> Result<()> {
     );
     drop(proxy);
     Ok(())
-}
-
-/// The resident memory of a process now (VmRSS), KiB.
-fn current_rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|status| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.split_whitespace().next())
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
 }
 
 async fn post(

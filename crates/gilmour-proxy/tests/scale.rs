@@ -14,27 +14,13 @@ mod common;
 
 use common::*;
 
-/// The resident memory of a process, in KiB.
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|status| {
-            status
-                .lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|n| n.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 /// The RSS of a process once it stops changing (the proxy trims a second after deletions).
 async fn settled_rss_kib(pid: u32) -> u64 {
     let deadline = Instant::now() + Duration::from_secs(20);
-    let mut last = rss_kib(pid);
+    let mut last = rylm_testkit::rss_kib(pid);
     loop {
         tokio::time::sleep(Duration::from_millis(1500)).await;
-        let now = rss_kib(pid);
+        let now = rylm_testkit::rss_kib(pid);
         if now == last || Instant::now() > deadline {
             return now;
         }
@@ -82,7 +68,7 @@ async fn register_and_delete(
         ids.push(answer["id"].as_str().unwrap().to_owned());
     }
     wait_for_nodes(http, base, count).await;
-    let full = rss_kib(pid);
+    let full = rylm_testkit::rss_kib(pid);
     for id in &ids {
         let (status, answer) =
             common::http(http, "DELETE", &format!("{base}/nodes/{id}"), None, None).await;
@@ -93,7 +79,7 @@ async fn register_and_delete(
     drop(nodes);
     let deadline = Instant::now() + Duration::from_secs(20);
     let end = loop {
-        let now = rss_kib(pid);
+        let now = rylm_testkit::rss_kib(pid);
         if now as f64 <= start as f64 * 1.10 || Instant::now() > deadline {
             break now;
         }

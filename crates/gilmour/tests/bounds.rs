@@ -27,20 +27,6 @@ async fn raw(url: &str) -> Client {
     client
 }
 
-/// The resident memory of this process, in KiB.
-fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|status| {
-            status
-                .lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|n| n.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 #[tokio::test]
 async fn a_cancelled_request_leaves_no_pending_entry_and_no_subscription() {
     let Some(url) =
@@ -147,7 +133,7 @@ async fn a_burst_past_the_queue_is_answered_busy_with_tasks_and_memory_bounded()
     let tasks_before = tokio::runtime::Handle::current()
         .metrics()
         .num_alive_tasks();
-    let rss_before = rss_kib();
+    let rss_before = rylm_testkit::rss_kib(std::process::id());
     let most_tasks = Arc::new(AtomicUsize::new(0));
     let sampling = {
         let most = most_tasks.clone();
@@ -191,7 +177,7 @@ async fn a_burst_past_the_queue_is_answered_busy_with_tasks_and_memory_bounded()
         answered += 1;
     }
     sampling.abort();
-    let rss_growth = rss_kib().saturating_sub(rss_before);
+    let rss_growth = rylm_testkit::rss_kib(std::process::id()).saturating_sub(rss_before);
     let most = most_tasks.load(Ordering::Relaxed);
     // A task per waiting handler at most (and the refusals in hand), never one per message.
     assert!(

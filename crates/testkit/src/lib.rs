@@ -124,6 +124,20 @@ pub fn pylm_python(test: &str) -> Option<String> {
     server_url("RYLM_PYTHON", "a Python with pylm", test)
 }
 
+/// The resident memory of process `pid` now (VmRSS), in KiB; 0 when it cannot be read.
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
 /// A loopback port nobody listens on now, for a process or server a test starts.
 ///
 /// # Panics

@@ -146,6 +146,8 @@ fn main() -> Result<()> {
         Command::Syrpc { command } => runtime()?.block_on(syrpc::run(command)),
         Command::GilmourProxy(args) => {
             let config = args.config()?;
+            // Before the runtime's threads: freed memory can go back to the system.
+            rylm_gilmour_proxy::without_thread_caches();
             Ok(runtime()?.block_on(rylm_gilmour_proxy::run_until_stopped(config))?)
         }
         Command::Service(args) => runtime()?.block_on(services::serve(args)),

@@ -37,6 +37,7 @@ pub mod server;
 mod watchdog;
 
 pub use config::{ProxyArgs, ProxyConfig};
+pub use memory::without_thread_caches;
 pub use server::{Proxy, run_until_stopped};
 
 /// What can go wrong in this crate.

@@ -12,8 +12,14 @@ struct Cli {
     proxy: rylm_gilmour_proxy::ProxyArgs,
 }
 
+fn main() -> ExitCode {
+    // Before any thread: memory freed after nodes leave can then go back to the system.
+    rylm_gilmour_proxy::without_thread_caches();
+    run()
+}
+
 #[tokio::main]
-async fn main() -> ExitCode {
+async fn run() -> ExitCode {
     // `log` records (fred's) reach this log too: the subscriber installs the bridge.
     tracing_subscriber::fmt()
         .with_env_filter(

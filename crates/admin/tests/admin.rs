@@ -1,0 +1,123 @@
+//! The admin listener over real HTTP: metrics that parse as Prometheus text and move with the
+//! counters they read, liveness, readiness that turns, and refusals.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::DescriptorEncoder;
+use prometheus_client::registry::Registry;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[derive(Debug, Default)]
+struct Handled {
+    calls: AtomicU64,
+}
+
+impl Collector for Handled {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        rylm_admin::counter(
+            &mut encoder,
+            "demo_calls",
+            "calls handled",
+            self.calls.load(Ordering::Relaxed),
+        )?;
+        rylm_admin::gauge(&mut encoder, "demo_workers", "workers", 3)
+    }
+}
+
+/// One HTTP/1.1 request on a fresh connection: the status and the body.
+async fn get(address: std::net::SocketAddr, method: &str, path: &str) -> (u16, String) {
+    let mut stream = tokio::net::TcpStream::connect(address)
+        .await
+        .expect("connects");
+    stream
+        .write_all(
+            format!("{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .expect("writes");
+    let mut answer = String::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        stream.read_to_string(&mut answer),
+    )
+    .await
+    .expect("answered in time")
+    .expect("reads");
+    let status = answer
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("a status line");
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+fn samples(body: &str) -> prometheus_parse::Scrape {
+    prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned()))).expect("parses")
+}
+
+fn value(scrape: &prometheus_parse::Scrape, name: &str) -> f64 {
+    let sample = scrape
+        .samples
+        .iter()
+        .find(|s| s.metric == name)
+        .unwrap_or_else(|| panic!("{name} in {:?}", scrape.samples));
+    match sample.value {
+        prometheus_parse::Value::Counter(v)
+        | prometheus_parse::Value::Gauge(v)
+        | prometheus_parse::Value::Untyped(v) => v,
+        _ => panic!("{name} is a counter or a gauge"),
+    }
+}
+
+#[tokio::test]
+async fn metrics_move_with_their_counters_and_readiness_turns() {
+    let handled = Arc::new(Handled::default());
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(handled.clone()));
+    let ready = Arc::new(AtomicBool::new(false));
+    let probe = ready.clone();
+    let admin = rylm_admin::Admin::start(
+        "127.0.0.1:0".parse().expect("an address"),
+        registry,
+        Arc::new(move || {
+            if probe.load(Ordering::Relaxed) {
+                Ok(())
+            } else {
+                Err("no worker with credit".to_owned())
+            }
+        }),
+    )
+    .await
+    .expect("listens");
+    let address = admin.local_addr();
+
+    let (status, body) = get(address, "GET", "/metrics").await;
+    assert_eq!(status, 200);
+    let scrape = samples(&body);
+    assert_eq!(value(&scrape, "demo_calls_total"), 0.0, "{body}");
+    assert_eq!(value(&scrape, "demo_workers"), 3.0);
+    handled.calls.fetch_add(41, Ordering::Relaxed);
+    handled.calls.fetch_add(1, Ordering::Relaxed);
+    let (_, body) = get(address, "GET", "/metrics").await;
+    assert_eq!(value(&samples(&body), "demo_calls_total"), 42.0, "{body}");
+
+    assert_eq!(get(address, "GET", "/healthz").await.0, 200);
+    let (status, why) = get(address, "GET", "/readyz").await;
+    assert_eq!((status, why.trim()), (503, "no worker with credit"));
+    ready.store(true, Ordering::Relaxed);
+    assert_eq!(get(address, "GET", "/readyz").await.0, 200);
+
+    assert_eq!(get(address, "POST", "/metrics").await.0, 405);
+    assert_eq!(get(address, "GET", "/nothing").await.0, 404);
+    admin.shutdown().await;
+    assert!(
+        tokio::net::TcpStream::connect(address).await.is_err(),
+        "nothing listens after shutdown"
+    );
+}

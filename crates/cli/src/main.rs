@@ -12,6 +12,7 @@
 //! records that libraries write through the `log` crate (fred's, for Redis) are bridged into
 //! the same output.
 
+mod admin;
 mod lifecycle;
 mod security;
 mod services;

@@ -8,6 +8,7 @@ use bytes::Bytes;
 use clap::{Args, Subcommand};
 use rylm_components::{Client, Functions, Master, Server, Worker};
 
+use crate::admin::{self, Shows};
 use crate::lifecycle::{drain, shutdown_limit, until_stopped};
 use crate::security::SecurityArgs;
 
@@ -78,6 +79,9 @@ pub(crate) struct ServerArgs {
     /// is answered `busy`.
     #[arg(long, default_value_t = 1024)]
     max_in_flight: usize,
+    /// Where to serve /metrics, /healthz and /readyz over HTTP (none by default).
+    #[arg(long)]
+    admin: Option<std::net::SocketAddr>,
     #[command(flatten)]
     security: SecurityArgs,
 }
@@ -195,6 +199,12 @@ pub(crate) struct ClientArgs {
     action: ClientAction,
 }
 
+async fn stop_admin(admin: Option<rylm_admin::Admin>) {
+    if let Some(admin) = admin {
+        admin.shutdown().await;
+    }
+}
+
 fn announce(what: &str, addresses: &[(&str, &str)]) {
     for (role, address) in addresses {
         eprintln!("rylm {what}: {role} at {address}");
@@ -227,9 +237,11 @@ pub(crate) async fn server(args: ServerArgs) -> Result<()> {
             ("cache", server.db_address()),
         ],
     );
+    let admin = admin::start("server", args.admin, Shows::Server(server.counters())).await?;
     let drain_for = drain(args.drain_for)?;
     let stopped = until_stopped("server", server.died()).await;
     server.shutdown_within(shutdown_limit(drain_for)).await?;
+    stop_admin(admin).await;
     stopped
 }
 
@@ -268,9 +280,15 @@ pub(crate) async fn master(args: MasterArgs, previous: Option<PreviousArgs>) -> 
             ("cache", master.db_address()),
         ],
     );
+    let shows = Shows::Master {
+        pool: master.status(),
+        pylm: args.server.wire == "pylm",
+    };
+    let admin = admin::start(what, args.server.admin, shows).await?;
     let drain_for = drain(args.server.drain_for)?;
     let stopped = until_stopped(what, master.died()).await;
     master.shutdown_within(shutdown_limit(drain_for)).await?;
+    stop_admin(admin).await;
     stopped
 }
 
@@ -402,9 +420,11 @@ pub(crate) async fn pipeline(args: ServerArgs, previous: PreviousArgs) -> Result
             ("cache", server.db_address()),
         ],
     );
+    let admin = admin::start("pipeline", args.admin, Shows::Server(server.counters())).await?;
     let drain_for = drain(args.drain_for)?;
     let stopped = until_stopped("pipeline", server.died()).await;
     server.shutdown_within(shutdown_limit(drain_for)).await?;
+    stop_admin(admin).await;
     stopped
 }
 
@@ -439,9 +459,11 @@ pub(crate) async fn sink(args: ServerArgs, previous: Vec<String>) -> Result<()> 
             ("cache", server.db_address()),
         ],
     );
+    let admin = admin::start("sink", args.admin, Shows::Server(server.counters())).await?;
     let drain_for = drain(args.drain_for)?;
     let stopped = until_stopped("sink", server.died()).await;
     server.shutdown_within(shutdown_limit(drain_for)).await?;
+    stop_admin(admin).await;
     stopped
 }
 

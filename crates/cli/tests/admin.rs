@@ -1,0 +1,125 @@
+//! `--admin` of the long-running commands: a master's `/metrics` parses as Prometheus text and
+//! its counters move as calls are made, its `/readyz` turns ready when a worker comes and
+//! unready when it goes; a server's counters move too.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Job, Ports, Rylm, until_ok};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// One GET on a fresh connection: the status and the body.
+async fn get(address: &str, path: &str) -> std::io::Result<(u16, String)> {
+    let mut stream = tokio::net::TcpStream::connect(address).await?;
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await?;
+    let mut answer = String::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_string(&mut answer))
+        .await
+        .map_err(|_| std::io::Error::other("no answer within 10 s"))??;
+    let status = answer
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("no status line: {answer:?}")))?;
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// The value of the sample `name` in a scrape of `address`.
+async fn metric(address: &str, name: &str) -> f64 {
+    let (status, body) = get(address, "/metrics").await.expect("scraped");
+    assert_eq!(status, 200, "{body}");
+    let scrape = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned())))
+        .expect("Prometheus text");
+    let sample = scrape
+        .samples
+        .iter()
+        .find(|s| s.metric == name)
+        .unwrap_or_else(|| panic!("{name} in {body}"));
+    match sample.value {
+        prometheus_parse::Value::Counter(v)
+        | prometheus_parse::Value::Gauge(v)
+        | prometheus_parse::Value::Untyped(v) => v,
+        _ => panic!("{name} is a counter or a gauge"),
+    }
+}
+
+/// Polls `/readyz` until it answers `want`.
+async fn readiness(address: &str, want: u16) -> String {
+    let (body, _) = until_ok(Duration::from_secs(30), || async {
+        match get(address, "/readyz").await {
+            Ok((status, body)) if status == want => Ok(body),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    body
+}
+
+#[tokio::test]
+async fn a_masters_admin_shows_its_pool_and_turns_ready_with_its_workers() {
+    let ports = Ports::new();
+    let admin = rylm_testkit::free_port();
+    let admin = format!("127.0.0.1:{admin}");
+    let mut args = ports.master("m");
+    args.extend(["--admin".to_owned(), admin.clone()]);
+    let _master = Rylm::start(&args).await;
+    let (status, _) = until_ok(Duration::from_secs(30), || get(&admin, "/healthz"))
+        .await
+        .0;
+    assert_eq!(status, 200);
+    let why = readiness(&admin, 503).await;
+    assert!(why.contains("no worker"), "{why}");
+    assert_eq!(metric(&admin, "rylm_pool_workers").await, 0.0);
+
+    let worker = Rylm::start(&["worker", "--db", &ports.db, "--credits", "4"]).await;
+    readiness(&admin, 200).await;
+    assert_eq!(metric(&admin, "rylm_pool_workers").await, 1.0);
+    assert_eq!(metric(&admin, "rylm_pool_free_credits").await, 4.0);
+    let before = metric(&admin, "rylm_pool_answered_total").await;
+    let payloads: Vec<String> = (0..25).map(|i| format!("p{i}")).collect();
+    let results = Job::start(None, &ports.db, "echo", &payloads)
+        .finish(Duration::from_secs(60))
+        .await;
+    assert_eq!(results.len(), 25);
+    assert_eq!(
+        metric(&admin, "rylm_pool_answered_total").await - before,
+        25.0
+    );
+    assert!(metric(&admin, "rylm_pool_dispatched_total").await >= 25.0);
+    assert!(metric(&admin, "rylm_pool_workers_admitted_total").await >= 1.0);
+
+    worker.kill().await;
+    let why = readiness(&admin, 503).await;
+    assert!(why.contains("no worker"), "{why}");
+    assert!(metric(&admin, "rylm_pool_workers_buried_total").await >= 1.0);
+}
+
+#[tokio::test]
+async fn a_servers_admin_counts_its_answers() {
+    let ports = Ports::new();
+    let admin = format!("127.0.0.1:{}", rylm_testkit::free_port());
+    let mut args = ports.server("s");
+    args.extend(["--admin".to_owned(), admin.clone()]);
+    let _server = Rylm::start(&args).await;
+    until_ok(Duration::from_secs(30), || get(&admin, "/readyz")).await;
+    assert_eq!(readiness(&admin, 200).await.trim(), "ready");
+    let before = metric(&admin, "rylm_results_answered_total").await;
+    let payloads: Vec<String> = (0..10).map(|i| format!("p{i}")).collect();
+    let results = Job::start(None, &ports.db, "upper", &payloads)
+        .finish(Duration::from_secs(60))
+        .await;
+    assert_eq!(results.len(), 10);
+    // The calls, and the client's handshake.
+    let answered = metric(&admin, "rylm_results_answered_total").await - before;
+    assert!((10.0..=11.0).contains(&answered), "{answered}");
+    assert_eq!(metric(&admin, "rylm_results_malformed_total").await, 0.0);
+}

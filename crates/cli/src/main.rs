@@ -16,6 +16,7 @@ mod admin;
 mod lifecycle;
 mod security;
 mod services;
+mod settings;
 mod syrpc;
 mod topology;
 
@@ -143,7 +144,8 @@ fn main() -> Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    match Cli::parse().command {
+    let cli: Cli = settings::parse()?;
+    match cli.command {
         Command::Syrpc { command } => runtime()?.block_on(syrpc::run(command)),
         Command::GilmourProxy(args) => {
             let config = args.config()?;

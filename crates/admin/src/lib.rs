@@ -9,6 +9,9 @@
 //! - `GET /readyz`: 200 when the server can serve, 503 with the reason when it cannot
 //!   (readiness): a master without a worker with credit, a client whose broker is gone.
 //!
+//! [`logging`] is the programs' log: text or JSON lines, `log` records bridged in, repeated
+//! warnings throttled.
+//!
 //! The listener is bounded as every rylm listener: a few connections at once, headers within a
 //! deadline, GET only, nothing read from a body. [`counter`] and [`gauge`] write one sample in a
 //! collector.
@@ -31,6 +34,8 @@
 //! # }
 //! ```
 #![warn(missing_docs)]
+
+pub mod logging;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;

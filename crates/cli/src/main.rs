@@ -30,6 +30,9 @@ use rylm_message::{Codec, Function, JsonCodec, Message, NativeCodec, PylmCodec};
 #[derive(Parser, Debug)]
 #[command(name = "rylm", version, about = "rylm: message-oriented microservices")]
 struct Cli {
+    /// How log lines are written: `text`, or `json` (one object per line, for log shippers).
+    #[arg(long, global = true, default_value = "text")]
+    log_format: rylm_admin::logging::LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -137,14 +140,9 @@ fn parse_header(arg: &str) -> Result<(String, String), String> {
 }
 
 fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli: Cli = settings::parse()?;
+    // Warnings by default; repeated ones throttled; fred's and lapin's `log` records bridged in.
+    rylm_admin::logging::init(cli.log_format, "warn");
     match cli.command {
         Command::Syrpc { command } => runtime()?.block_on(syrpc::run(command)),
         Command::GilmourProxy(args) => {

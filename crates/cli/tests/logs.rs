@@ -46,3 +46,45 @@ async fn log_records_of_libraries_reach_the_log() {
         "{line}"
     );
 }
+
+/// With `--log-format json`, the same records come as one JSON object per line.
+#[tokio::test]
+async fn as_json_each_log_line_is_an_object() {
+    let Some(redis) = rylm_testkit::redis_url("as_json_each_log_line_is_an_object") else {
+        return;
+    };
+    let listen = format!("127.0.0.1:{}", rylm_testkit::free_port());
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_rylm"))
+        .args(["--log-format", "json", "gilmour-proxy", "--redis", &redis])
+        .args(["--listen", &listen])
+        .env("RUST_LOG", "fred=trace")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("rylm starts");
+    let stderr = child.stderr.take().expect("piped");
+    let mut lines = BufReader::new(stderr).lines();
+    let found = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if line.contains("fred") {
+                return Some(line);
+            }
+        }
+        None
+    })
+    .await;
+    let _ = child.kill().await;
+    let line = found
+        .expect("a fred record within 20 s")
+        .expect("stderr stayed open");
+    let value: serde_json::Value = serde_json::from_str(&line).expect("a JSON object");
+    assert!(value["level"].is_string(), "{line}");
+    assert!(
+        value["target"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("fred")),
+        "{line}"
+    );
+}

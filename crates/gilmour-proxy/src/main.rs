@@ -8,6 +8,9 @@ use clap::Parser;
 #[derive(Debug, Parser)]
 #[command(name = "rylm-gilmour-proxy", version)]
 struct Cli {
+    /// How log lines are written: `text`, or `json` (one object per line, for log shippers).
+    #[arg(long, env = "RYLM_LOG_FORMAT", default_value = "text")]
+    log_format: rylm_admin::logging::LogFormat,
     #[command(flatten)]
     proxy: rylm_gilmour_proxy::ProxyArgs,
 }
@@ -20,15 +23,9 @@ fn main() -> ExitCode {
 
 #[tokio::main]
 async fn run() -> ExitCode {
-    // `log` records (fred's) reach this log too: the subscriber installs the bridge.
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    // `log` records (fred's) reach this log too; repeated warnings are throttled.
+    rylm_admin::logging::init(cli.log_format, "info");
     let outcome = match cli.proxy.config() {
         Ok(config) => rylm_gilmour_proxy::run_until_stopped(config).await,
         Err(error) => Err(error),

@@ -1,0 +1,172 @@
+//! The log of a rylm program: `tracing` events on standard error, as text or as JSON lines
+//! for log shippers, with the `log` crate's records (fred's, lapin's) bridged in, and repeated
+//! warnings throttled so that a hostile peer cannot flood the log: at most `limit` warnings
+//! and errors from one place in the code per `window`; past that they are counted, and the count
+//! is logged before the next one from that place that gets through.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use tracing::callsite::Identifier;
+use tracing::{Event, Level, Subscriber};
+use tracing_subscriber::fmt::format::Writer;
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
+use tracing_subscriber::registry::LookupSpan;
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    /// One human-readable line per event.
+    #[default]
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+impl std::str::FromStr for LogFormat {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            other => Err(format!("the log format is text or json, not {other:?}")),
+        }
+    }
+}
+
+/// Warnings and errors from one place let through per window.
+pub const LIMIT: u32 = 10;
+/// The window of [`LIMIT`].
+pub const WINDOW: Duration = Duration::from_secs(10);
+
+/// Installs the program's log: `RUST_LOG` (or `default_filter`) chooses what is logged;
+/// `log` records are bridged in. Does nothing when a subscriber is installed already.
+pub fn init(format: LogFormat, default_filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    // `try_init` also installs the `log` bridge (tracing-subscriber's `tracing-log` feature).
+    let _ = match format {
+        LogFormat::Text => builder
+            .event_format(Throttle::new(
+                tracing_subscriber::fmt::format(),
+                LIMIT,
+                WINDOW,
+                false,
+            ))
+            .try_init(),
+        LogFormat::Json => builder
+            .json()
+            .event_format(Throttle::new(
+                tracing_subscriber::fmt::format().json(),
+                LIMIT,
+                WINDOW,
+                true,
+            ))
+            .try_init(),
+    };
+}
+
+#[derive(Debug)]
+struct Window {
+    started: Instant,
+    passed: u32,
+    suppressed: u64,
+}
+
+/// An event format that lets at most `limit` warnings and errors from one callsite through per
+/// `window`, and logs how many it held back before the next one it lets through.
+#[derive(Debug)]
+pub struct Throttle<F> {
+    inner: F,
+    limit: u32,
+    window: Duration,
+    json: bool,
+    seen: Mutex<HashMap<Identifier, Window>>,
+}
+
+impl<F> Throttle<F> {
+    /// Wraps `inner`; `json` says how to write the line that counts what was held back.
+    pub fn new(inner: F, limit: u32, window: Duration, json: bool) -> Self {
+        Throttle {
+            inner,
+            limit,
+            window,
+            json,
+            seen: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Whether the event from `callsite` goes through, and how many were held back before it.
+    fn admit(&self, callsite: Identifier) -> Option<u64> {
+        let now = Instant::now();
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        let window = seen.entry(callsite).or_insert(Window {
+            started: now,
+            passed: 0,
+            suppressed: 0,
+        });
+        if now.duration_since(window.started) >= self.window {
+            window.started = now;
+            window.passed = 0;
+        }
+        if window.passed >= self.limit {
+            window.suppressed += 1;
+            return None;
+        }
+        window.passed += 1;
+        Some(std::mem::take(&mut window.suppressed))
+    }
+}
+
+impl<S, N, F> FormatEvent<S, N> for Throttle<F>
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+    F: FormatEvent<S, N>,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> fmt::Result {
+        let metadata = event.metadata();
+        if *metadata.level() > Level::WARN {
+            return self.inner.format_event(ctx, writer, event);
+        }
+        let Some(held_back) = self.admit(metadata.callsite()) else {
+            return Ok(());
+        };
+        if held_back > 0 {
+            let place = format!(
+                "{}:{}",
+                metadata.file().unwrap_or("?"),
+                metadata.line().unwrap_or(0)
+            );
+            if self.json {
+                writeln!(
+                    writer,
+                    "{{\"level\":\"{}\",\"target\":\"{}\",\"fields\":{{\"message\":\"events held back by the log's throttle\",\"suppressed\":{held_back},\"at\":\"{place}\"}}}}",
+                    metadata.level(),
+                    metadata.target()
+                )?;
+            } else {
+                writeln!(
+                    writer,
+                    " {} {}: {held_back} more like the next were held back (over {} from {place} in {:?})",
+                    metadata.level(),
+                    metadata.target(),
+                    self.limit,
+                    self.window
+                )?;
+            }
+        }
+        self.inner.format_event(ctx, writer, event)
+    }
+}

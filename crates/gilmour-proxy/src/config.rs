@@ -49,6 +49,9 @@ pub struct ProxyConfig {
     pub header_timeout: Duration,
     /// A request's body within this, or 408. Default 30 s.
     pub body_timeout: Duration,
+    /// Where to serve `/metrics`, `/healthz` and `/readyz` (Redis connected) apart from the
+    /// API; none by default (the API serves `/metrics` and `/healthz` too).
+    pub admin: Option<SocketAddr>,
     /// The Gilmour settings of the proxy's one Redis connection pair, which every node shares:
     /// `concurrency` bounds the handlers running for all nodes together (default 1,024),
     /// `max_queued` those waiting.
@@ -75,6 +78,7 @@ impl ProxyConfig {
             max_connections: 4096,
             header_timeout: Duration::from_secs(30),
             body_timeout: Duration::from_secs(30),
+            admin: None,
             node_options: NodeOptions {
                 concurrency: 1024,
                 max_queued: 4096,
@@ -158,6 +162,9 @@ pub struct ProxyArgs {
     /// Seconds for a request's headers, and for a kept-alive connection's next request.
     #[arg(long, default_value = "30", value_parser = seconds)]
     pub header_timeout: Duration,
+    /// Where to serve /metrics, /healthz and /readyz (Redis connected), apart from the API.
+    #[arg(long)]
+    pub admin: Option<SocketAddr>,
 }
 
 impl ProxyArgs {
@@ -192,6 +199,7 @@ impl ProxyArgs {
         config.max_nodes = self.max_nodes;
         config.max_connections = self.max_connections;
         config.header_timeout = self.header_timeout;
+        config.admin = self.admin;
         Ok(config)
     }
 }

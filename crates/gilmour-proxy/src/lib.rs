@@ -55,6 +55,9 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// The admin listener could not start.
+    #[error(transparent)]
+    Admin(#[from] rylm_admin::Error),
     /// The options contradict each other.
     #[error("{0}")]
     Config(String),

@@ -1,11 +1,18 @@
-//! The proxy's counters, rendered as Prometheus text: requests, errors and a latency histogram
-//! per kind of call and topic. Topics are caller-chosen, so the number of series is capped;
-//! calls past the cap count under the topic `_other`.
+//! The proxy's metrics, on `prometheus-client`: calls, errors and a latency histogram per kind
+//! of call (`request`, `signal`, `service`, `slot`, `lambda`) and topic. Topics are chosen by
+//! callers, so the number of series is capped: calls past the cap count under the topic
+//! `_other`. The proxy's state (nodes, its Gilmour node's queue and losses) is read at each
+//! scrape by a collector in `server.rs`.
 
-use std::collections::BTreeMap;
-use std::fmt::Write;
+use std::collections::HashSet;
 use std::sync::Mutex;
 use std::time::Duration;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
 
 /// Upper bounds of the latency buckets, in seconds.
 pub const BUCKETS: [f64; 12] = [
@@ -14,106 +21,86 @@ pub const BUCKETS: [f64; 12] = [
 /// At most this many (kind, topic) series.
 pub const MAX_SERIES: usize = 1000;
 
-#[derive(Debug, Default, Clone)]
-struct Series {
-    requests: u64,
-    errors: u64,
-    buckets: [u64; BUCKETS.len()],
-    sum: f64,
+/// The labels of a call.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct Call {
+    kind: String,
+    topic: String,
+}
+
+fn histogram() -> Histogram {
+    Histogram::new(BUCKETS)
 }
 
 /// Counters by (kind, topic).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Metrics {
-    series: Mutex<BTreeMap<(String, String), Series>>,
+    requests: Family<Call, Counter>,
+    errors: Family<Call, Counter>,
+    duration: Family<Call, Histogram, fn() -> Histogram>,
+    seen: Mutex<HashSet<(String, String)>>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            requests: Family::default(),
+            errors: Family::default(),
+            duration: Family::new_with_constructor(histogram),
+            seen: Mutex::new(HashSet::new()),
+        }
+    }
 }
 
 impl Metrics {
-    /// Counts one call of `kind` (`request`, `signal`, `service`, `slot`, `lambda`) on
-    /// `topic`, that took `took` and failed or not.
+    /// Counts one call of `kind` on `topic`, that took `took` and failed or not.
     pub fn record(&self, kind: &str, topic: &str, took: Duration, failed: bool) {
-        let mut series = self.series.lock().unwrap_or_else(|e| e.into_inner());
-        let mut key = (kind.to_owned(), topic.to_owned());
-        if !series.contains_key(&key) && series.len() >= MAX_SERIES {
-            key.1 = "_other".to_owned();
-        }
-        let entry = series.entry(key).or_default();
-        entry.requests += 1;
-        entry.errors += u64::from(failed);
-        let seconds = took.as_secs_f64();
-        entry.sum += seconds;
-        for (bucket, bound) in entry.buckets.iter_mut().zip(BUCKETS) {
-            if seconds <= bound {
-                *bucket += 1;
+        let topic = {
+            let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+            let key = (kind.to_owned(), topic.to_owned());
+            if seen.contains(&key) || seen.len() < MAX_SERIES {
+                seen.insert(key);
+                topic
+            } else {
+                "_other"
             }
-        }
-    }
-
-    /// The Prometheus text exposition of every series.
-    pub fn render(&self) -> String {
-        let series = self
-            .series
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        let mut out = String::new();
-        let label = |kind: &str, topic: &str| {
-            format!("kind=\"{}\",topic=\"{}\"", escape(kind), escape(topic))
         };
-        out.push_str("# HELP gilmour_proxy_requests_total Calls through the proxy.\n");
-        out.push_str("# TYPE gilmour_proxy_requests_total counter\n");
-        for ((kind, topic), s) in &series {
-            let _ = writeln!(
-                out,
-                "gilmour_proxy_requests_total{{{}}} {}",
-                label(kind, topic),
-                s.requests
-            );
+        let call = Call {
+            kind: kind.to_owned(),
+            topic: topic.to_owned(),
+        };
+        self.requests.get_or_create(&call).inc();
+        if failed {
+            self.errors.get_or_create(&call).inc();
         }
-        out.push_str("# HELP gilmour_proxy_errors_total Calls that failed (code 300 and above, or no answer).\n");
-        out.push_str("# TYPE gilmour_proxy_errors_total counter\n");
-        for ((kind, topic), s) in &series {
-            let _ = writeln!(
-                out,
-                "gilmour_proxy_errors_total{{{}}} {}",
-                label(kind, topic),
-                s.errors
-            );
-        }
-        out.push_str("# HELP gilmour_proxy_duration_seconds How long calls took.\n");
-        out.push_str("# TYPE gilmour_proxy_duration_seconds histogram\n");
-        for ((kind, topic), s) in &series {
-            let labels = label(kind, topic);
-            for (count, bound) in s.buckets.iter().zip(BUCKETS) {
-                let _ = writeln!(
-                    out,
-                    "gilmour_proxy_duration_seconds_bucket{{{labels},le=\"{bound}\"}} {count}"
-                );
-            }
-            let _ = writeln!(
-                out,
-                "gilmour_proxy_duration_seconds_bucket{{{labels},le=\"+Inf\"}} {}",
-                s.requests
-            );
-            let _ = writeln!(
-                out,
-                "gilmour_proxy_duration_seconds_sum{{{labels}}} {}",
-                s.sum
-            );
-            let _ = writeln!(
-                out,
-                "gilmour_proxy_duration_seconds_count{{{labels}}} {}",
-                s.requests
-            );
-        }
-        out
+        self.duration
+            .get_or_create(&call)
+            .observe(took.as_secs_f64());
     }
 }
 
-/// A label value as Prometheus text wants it: backslash, quote and newline escaped.
-fn escape(value: &str) -> String {
-    value
-        .replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
+impl Collector for Metrics {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let requests = encoder.encode_descriptor(
+            "gilmour_proxy_requests",
+            "Calls through the proxy.",
+            None,
+            self.requests.metric_type(),
+        )?;
+        self.requests.encode(requests)?;
+        let errors = encoder.encode_descriptor(
+            "gilmour_proxy_errors",
+            "Calls that failed (code 300 and above, or no answer).",
+            None,
+            self.errors.metric_type(),
+        )?;
+        self.errors.encode(errors)?;
+        let duration = encoder.encode_descriptor(
+            "gilmour_proxy_duration_seconds",
+            "How long calls took.",
+            None,
+            self.duration.metric_type(),
+        )?;
+        self.duration.encode(duration)
+    }
 }

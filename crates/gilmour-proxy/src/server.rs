@@ -15,6 +15,9 @@ use hyper_util::client::legacy::Client as LegacyClient;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::DescriptorEncoder;
+use prometheus_client::registry::Registry as MetricsRegistry;
 use rylm_gilmour::node::Node;
 use serde_json::Value;
 use tokio::sync::watch;
@@ -42,11 +45,92 @@ pub(crate) struct Shared {
     /// The one Gilmour node (two Redis connections) every registered node's handlers,
     /// requests and signals go through.
     pub(crate) gilmour: Node,
+    /// What `/metrics` encodes, made once the rest exists.
+    pub(crate) metrics_registry: std::sync::OnceLock<MetricsRegistry>,
+}
+
+/// The proxy's state, read at each scrape.
+#[derive(Debug)]
+struct Live(std::sync::Weak<Shared>);
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared").finish_non_exhaustive()
+    }
+}
+
+impl Collector for Live {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let Some(shared) = self.0.upgrade() else {
+            return Ok(());
+        };
+        let whole = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+        let gilmour = &shared.gilmour;
+        rylm_admin::gauge(
+            &mut encoder,
+            "gilmour_proxy_nodes",
+            "nodes registered",
+            whole(shared.registry().len()),
+        )?;
+        rylm_admin::gauge(
+            &mut encoder,
+            "gilmour_proxy_redis_connected",
+            "1 when both Redis connections are up",
+            i64::from(gilmour.is_connected()),
+        )?;
+        rylm_admin::gauge(
+            &mut encoder,
+            "gilmour_proxy_queued",
+            "handlers waiting for a place to run",
+            whole(gilmour.queued()),
+        )?;
+        rylm_admin::gauge(
+            &mut encoder,
+            "gilmour_proxy_pending",
+            "requests of the nodes waiting for their reply",
+            whole(gilmour.pending()),
+        )?;
+        let counters = gilmour.counters();
+        for (name, help, value) in [
+            (
+                "gilmour_proxy_busy",
+                "requests answered 503 busy",
+                &counters.busy,
+            ),
+            (
+                "gilmour_proxy_dropped",
+                "messages dropped: no sender",
+                &counters.dropped,
+            ),
+            (
+                "gilmour_proxy_lagged",
+                "messages lost: the subscriber connection's buffer overflowed",
+                &counters.lagged,
+            ),
+        ] {
+            rylm_admin::counter(
+                &mut encoder,
+                name,
+                help,
+                value.load(std::sync::atomic::Ordering::Relaxed),
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// A registry of the proxy's metrics and state.
+fn metrics_registry(shared: &Arc<Shared>) -> MetricsRegistry {
+    let mut registry = MetricsRegistry::default();
+    registry.register_collector(Box::new(shared.metrics.clone()));
+    registry.register_collector(Box::new(Live(Arc::downgrade(shared))));
+    registry
 }
 
 /// A running proxy.
 pub struct Proxy {
     local_addr: SocketAddr,
+    admin: Option<rylm_admin::Admin>,
     trimmer: tokio::task::JoinHandle<()>,
     stop: watch::Sender<bool>,
     server: tokio::task::JoinHandle<()>,
@@ -99,12 +183,33 @@ impl Proxy {
             checks,
             metrics: Arc::new(Metrics::default()),
             gilmour,
+            metrics_registry: std::sync::OnceLock::new(),
         });
+        let _ = shared.metrics_registry.set(metrics_registry(&shared));
+        let admin = match shared.config.admin {
+            Some(listen) => {
+                let live = Arc::downgrade(&shared);
+                let ready: rylm_admin::Readiness = Arc::new(move || match live.upgrade() {
+                    Some(shared) if shared.gilmour.is_connected() => Ok(()),
+                    Some(_) => Err("Redis is not connected".to_owned()),
+                    None => Err("the proxy is stopping".to_owned()),
+                });
+                match rylm_admin::Admin::start(listen, metrics_registry(&shared), ready).await {
+                    Ok(admin) => Some(admin),
+                    Err(error) => {
+                        shared.gilmour.shutdown().await;
+                        return Err(Error::Admin(error));
+                    }
+                }
+            }
+            None => None,
+        };
         let (stop, stopped) = watch::channel(false);
         let server = tokio::spawn(serve(listener, shared.clone(), stopped));
         tracing::info!(%local_addr, "Gilmour proxy listening");
         Ok(Proxy {
             local_addr,
+            admin,
             trimmer,
             stop,
             server,
@@ -117,6 +222,11 @@ impl Proxy {
         self.local_addr
     }
 
+    /// Where the admin endpoints listen, when `admin` was configured.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(rylm_admin::Admin::local_addr)
+    }
+
     /// How many nodes are registered.
     pub fn nodes(&self) -> usize {
         self.shared.registry().len()
@@ -127,6 +237,9 @@ impl Proxy {
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
         let _ = self.server.await;
+        if let Some(admin) = self.admin {
+            admin.shutdown().await;
+        }
         let entries = self.shared.registry().all();
         for entry in entries {
             registry::retire(&self.shared.gilmour, &entry).await;
@@ -392,10 +505,21 @@ async fn route(
             );
         }
         (&Method::GET, ["metrics"]) => {
-            let mut response = Response::new(Full::new(Bytes::from(shared.metrics.render())));
+            let mut text = String::new();
+            if let Some(registry) = shared.metrics_registry.get()
+                && prometheus_client::encoding::text::encode(&mut text, registry).is_err()
+            {
+                return refuse(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "the metrics did not encode",
+                );
+            }
+            let mut response = Response::new(Full::new(Bytes::from(text)));
             response.headers_mut().insert(
                 hyper::header::CONTENT_TYPE,
-                hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"),
+                hyper::header::HeaderValue::from_static(
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                ),
             );
             return response;
         }

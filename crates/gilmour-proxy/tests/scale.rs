@@ -478,3 +478,91 @@ async fn connections_nodes_headers_and_bodies_past_their_limits_are_refused() {
     assert_eq!(status, 413);
     setup.proxy.shutdown().await;
 }
+
+/// One GET on a fresh connection to `address`: the status and the body.
+async fn get(address: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut answer = String::new();
+    tokio::time::timeout(DEADLINE, stream.read_to_string(&mut answer))
+        .await
+        .expect("answered")
+        .unwrap();
+    let status = answer
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap();
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+fn sample(body: &str, name: &str) -> f64 {
+    let scrape = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned())))
+        .expect("Prometheus text");
+    let sample = scrape
+        .samples
+        .iter()
+        .find(|s| s.metric == name)
+        .unwrap_or_else(|| panic!("{name} in {body}"));
+    match sample.value {
+        prometheus_parse::Value::Counter(v)
+        | prometheus_parse::Value::Gauge(v)
+        | prometheus_parse::Value::Untyped(v) => v,
+        _ => panic!("{name} is a counter or a gauge"),
+    }
+}
+
+#[tokio::test]
+async fn the_admin_listener_shows_the_nodes_and_redis() {
+    let Some(setup) = Setup::new("the_admin_listener_shows_the_nodes_and_redis", |c| {
+        c.admin = Some("127.0.0.1:0".parse().unwrap());
+    })
+    .await
+    else {
+        return;
+    };
+    let admin = setup.proxy.admin_addr().expect("an admin address");
+    assert_eq!(get(admin, "/readyz").await.0, 200);
+    assert_eq!(get(admin, "/healthz").await.0, 200);
+    let (status, body) = get(admin, "/metrics").await;
+    assert_eq!(status, 200);
+    assert_eq!(sample(&body, "gilmour_proxy_nodes"), 0.0);
+    assert_eq!(sample(&body, "gilmour_proxy_redis_connected"), 1.0);
+    let node = TestNode::start().await;
+    let echo = topic("echo");
+    let id = setup
+        .register(json!({"port": node.port, "services": [{"topic": echo, "group": "g", "path": "/echo"}]}))
+        .await;
+    let (status, _) = setup
+        .call(
+            "POST",
+            &format!("/request/{id}"),
+            Some(json!({"topic": echo, "message": 1})),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let (_, body) = get(admin, "/metrics").await;
+    assert_eq!(sample(&body, "gilmour_proxy_nodes"), 1.0);
+    assert_eq!(sample(&body, "gilmour_proxy_busy_total"), 0.0);
+    assert!(
+        body.contains(&format!(
+            "gilmour_proxy_requests_total{{kind=\"service\",topic=\"{echo}\"}} 1"
+        )),
+        "{body}"
+    );
+    setup.proxy.shutdown().await;
+    assert!(
+        tokio::net::TcpStream::connect(admin).await.is_err(),
+        "the admin listener stops"
+    );
+}

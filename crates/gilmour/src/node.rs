@@ -461,6 +461,11 @@ impl Node {
         &self.state.counters
     }
 
+    /// Whether both of the node's Redis connections are up now.
+    pub fn is_connected(&self) -> bool {
+        self.commands.is_connected() && self.subscriber.is_connected()
+    }
+
     /// Requests of this node waiting for their reply, now.
     pub fn pending(&self) -> usize {
         locked(&self.state.pending).len()

@@ -17,6 +17,7 @@ mod lifecycle;
 mod security;
 mod services;
 mod settings;
+mod status;
 mod syrpc;
 mod topology;
 
@@ -71,6 +72,8 @@ enum Command {
     Gateway(topology::GatewayArgs),
     /// A client of a server or master: eval, job, stages, and the cache.
     Client(topology::ClientArgs),
+    /// What a running server, master, hub or stage is and how it is doing (a table, or --json).
+    Status(status::StatusArgs),
     /// Serves built-in routes as a services-mux service (by path and METHOD over ZeroMQ).
     Service(services::ServeArgs),
     /// Calls a services-mux service.
@@ -158,6 +161,7 @@ fn main() -> Result<()> {
             runtime()?.block_on(topology::master(master, Some(previous)))
         }
         Command::Worker(args) => runtime()?.block_on(topology::worker(args)),
+        Command::Status(args) => runtime()?.block_on(status::status(args)),
         Command::Pipeline { server, previous } => {
             runtime()?.block_on(topology::pipeline(server, previous))
         }

@@ -123,3 +123,64 @@ async fn a_servers_admin_counts_its_answers() {
     assert!((10.0..=11.0).contains(&answered), "{answered}");
     assert_eq!(metric(&admin, "rylm_results_malformed_total").await, 0.0);
 }
+
+#[tokio::test]
+async fn rylm_status_shows_a_masters_workers_and_a_servers_functions() {
+    let ports = Ports::new();
+    let _master = Rylm::start(&ports.master("m")).await;
+    let _worker = Rylm::start(&["worker", "--db", &ports.db, "--credits", "3"]).await;
+    let status = || async {
+        let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_rylm"))
+            .args(["status", "--json", &ports.db])
+            .output()
+            .await
+            .map_err(|e| e.to_string())?;
+        if !output.status.success() {
+            return Err(String::from_utf8_lossy(&output.stderr).into_owned());
+        }
+        let report: serde_json::Value =
+            serde_json::from_slice(&output.stdout).map_err(|e| e.to_string())?;
+        if report["workers"]["live"] == 1 {
+            Ok(report)
+        } else {
+            Err(format!("{report}"))
+        }
+    };
+    let (report, _) = until_ok(Duration::from_secs(30), status).await;
+    assert_eq!(report["name"], "m");
+    assert_eq!(report["kind"], "master");
+    assert_eq!(report["workers"]["free_credits"], 3);
+    let functions = report["functions"].as_array().expect("functions");
+    assert!(functions.iter().any(|f| f == "echo"), "{report}");
+    // As a table.
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_rylm"))
+        .args(["status", &ports.db])
+        .output()
+        .await
+        .expect("runs");
+    let table = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("workers.live") && l.ends_with(" 1")),
+        "{table}"
+    );
+
+    let server_ports = Ports::new();
+    let _server = Rylm::start(&server_ports.server("s")).await;
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_rylm"))
+        .args(["status", "--json", &server_ports.db])
+        .output()
+        .await
+        .expect("runs");
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON");
+    assert_eq!(
+        (report["name"].clone(), report["kind"].clone()),
+        ("s".into(), "server".into())
+    );
+    assert!(
+        report["functions"]
+            .as_array()
+            .is_some_and(|f| f.iter().any(|f| f == "upper"))
+    );
+}

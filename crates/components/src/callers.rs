@@ -135,16 +135,68 @@ impl CallerSocket {
     }
 }
 
+/// The function a caller calls for a server's account of itself (`rylm status`): its answer is
+/// a JSON object (name, kind, version, uptime, functions, workers, in flight, counters), made
+/// by the server itself, never by a function or a worker.
+pub const STATUS_FUNCTION: &str = "rylm.status";
+
+/// What a server says of itself when asked [`STATUS_FUNCTION`].
+pub type StatusReport = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
+
+/// The parts of a status report every server gives: its name and kind, rylm's version, how
+/// long it has run, what it serves, and what became of its results.
+pub fn status_base(
+    name: &str,
+    kind: &str,
+    started: std::time::Instant,
+    functions: Vec<String>,
+    counters: &ResultCounters,
+) -> serde_json::Value {
+    let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+    serde_json::json!({
+        "name": name,
+        "kind": kind,
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime_seconds": started.elapsed().as_secs(),
+        "functions": functions,
+        "results": {
+            "answered": load(&counters.answered),
+            "streamed": load(&counters.streamed),
+            "busy": load(&counters.busy),
+            "undeliverable": load(&counters.undeliverable),
+            "stream_refused": load(&counters.stream_refused),
+            "malformed": load(&counters.malformed),
+        },
+    })
+}
+
 /// The inbound part: takes requests from callers' connections.
-#[derive(Debug)]
 pub struct Callers {
     socket: CallerSocket,
+    status: Option<StatusReport>,
+}
+
+impl std::fmt::Debug for Callers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Callers")
+            .field("socket", &self.socket.address)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Callers {
     /// Reads requests from `socket`.
     pub fn new(socket: CallerSocket) -> Callers {
-        Callers { socket }
+        Callers {
+            socket,
+            status: None,
+        }
+    }
+
+    /// Answers [`STATUS_FUNCTION`] with `report`.
+    pub fn with_status(mut self, report: StatusReport) -> Callers {
+        self.status = Some(report);
+        self
     }
 
     /// The router component (register it non-blocking).
@@ -182,6 +234,13 @@ impl Callers {
                 }
             };
             message.client = caller;
+            if let Some(report) = &self.status
+                && message.function_name() == Some(STATUS_FUNCTION)
+            {
+                let reply = message.reply(Bytes::from(report().to_string()));
+                socket.answer(&message.client, &reply).await;
+                continue;
+            }
             if let Some(refused) = link.try_submit(message).await? {
                 count(&socket.counters.busy);
                 let text = "this server holds as many messages as it admits; try again later";

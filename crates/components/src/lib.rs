@@ -66,7 +66,7 @@ mod server;
 mod worker;
 
 pub use cache::{CacheLimits, CacheStore, MISSING};
-pub use callers::{ResultCounters, SYNC_THROUGH};
+pub use callers::{ResultCounters, STATUS_FUNCTION, SYNC_THROUGH, StatusReport};
 pub use client::{Client, ClientOptions};
 pub use discovery::{advertised, beside};
 pub use error::Error;

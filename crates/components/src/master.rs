@@ -3,7 +3,7 @@
 //! hooks. In pylm's layout (`pylm` submodule) its workers take work from a PUSH instead.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rylm_core_router::{Mode, Router};
 use rylm_message::{Codec, Message, NativeCodec};
@@ -12,7 +12,7 @@ use tokio::sync::watch;
 
 use crate::Error;
 use crate::cache::CacheStore;
-use crate::callers::{CallerSocket, Callers, Results};
+use crate::callers::{CallerSocket, Callers, Results, StatusReport, status_base};
 use crate::discovery::advertised;
 use crate::parts::{Endpoint, Listen, Transport};
 use crate::pool::{Admission, Heartbeat, Hook, Pool, PoolStatus, ResultSink, StreamHook};
@@ -213,6 +213,41 @@ impl MasterBuilder {
         pool.gather = self.gather;
         pool.drain_for = self.drain_for;
         let status = pool.status.clone();
+        let report: StatusReport = {
+            let (name, pool, counters) = (self.name.clone(), status.clone(), callers.counters());
+            let started = Instant::now();
+            let kind = if self.previous.is_some() {
+                "hub"
+            } else {
+                "master"
+            };
+            Arc::new(move || {
+                let mut report = status_base(&name, kind, started, pool.functions(), &counters);
+                let c = pool.counters();
+                let load =
+                    |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+                report["workers"] = serde_json::json!({
+                    "live": pool.live_workers(),
+                    "free_credits": pool.free_credits(),
+                    "waiting": pool.waiting(),
+                    "in_flight": pool.in_flight(),
+                });
+                report["pool"] = serde_json::json!({
+                    "dispatched": load(&c.dispatched),
+                    "answered": load(&c.answered),
+                    "redispatched": load(&c.redispatched),
+                    "busy": load(&c.busy),
+                    "expired": load(&c.expired),
+                    "worker_died": load(&c.worker_died),
+                    "dropped_answers": load(&c.dropped_answers),
+                    "malformed": load(&c.malformed),
+                    "workers_buried": load(&c.buried),
+                    "workers_admitted": load(&c.admitted),
+                    "withdrawn": load(&c.withdrawn),
+                });
+                report
+            })
+        };
         let mut builder = Router::builder()
             .outbound(
                 "workers",
@@ -222,7 +257,7 @@ impl MasterBuilder {
             )
             .inbound(
                 "callers",
-                move |link| Callers::new(callers).run(link),
+                move |link| Callers::new(callers).with_status(report).run(link),
                 "workers",
                 Mode::NonBlocking,
             );

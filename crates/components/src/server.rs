@@ -7,13 +7,14 @@
 //! layout (`pylm` submodule) it is PULL, PUB and REP, as pylm's.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use rylm_core_router::{Mode, Router};
 use rylm_message::{Codec, Message, NativeCodec};
 use tokio::sync::watch;
 
 use crate::cache::{CacheLimits, CacheStore};
-use crate::callers::{CallerSocket, Callers, ResultCounters, Results};
+use crate::callers::{CallerSocket, Callers, ResultCounters, Results, status_base};
 use crate::discovery::advertised;
 use crate::parts::{Endpoint, Listen, Transport};
 use crate::{Error, Functions};
@@ -157,6 +158,17 @@ impl ServerBuilder {
         let codec = self.codec.clone();
         let callers = CallerSocket::open(&self.clients, &self.transport, codec.clone()).await?;
         let counters = callers.counters();
+        let status = {
+            let (name, counters, started) = (self.name.clone(), counters.clone(), Instant::now());
+            let mut functions: Vec<String> = self.functions.names().map(str::to_owned).collect();
+            functions.sort();
+            let kind = if self.previous.is_empty() {
+                "server"
+            } else {
+                "pipeline"
+            };
+            Arc::new(move || status_base(&name, kind, started, functions.clone(), &counters))
+        };
         let results = Results::new(
             callers.clone(),
             &self.stream,
@@ -177,7 +189,7 @@ impl ServerBuilder {
             )
             .inbound(
                 "callers",
-                move |link| Callers::new(callers).run(link),
+                move |link| Callers::new(callers).with_status(status).run(link),
                 "functions",
                 Mode::NonBlocking,
             );

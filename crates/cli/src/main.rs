@@ -74,6 +74,11 @@ enum Command {
     Client(topology::ClientArgs),
     /// What a running server, master, hub or stage is and how it is doing (a table, or --json).
     Status(status::StatusArgs),
+    /// Gilmour: the nodes of the health registry, pinged.
+    Gilmour {
+        #[command(subcommand)]
+        command: status::GilmourCommand,
+    },
     /// Serves built-in routes as a services-mux service (by path and METHOD over ZeroMQ).
     Service(services::ServeArgs),
     /// Calls a services-mux service.
@@ -162,6 +167,7 @@ fn main() -> Result<()> {
         }
         Command::Worker(args) => runtime()?.block_on(topology::worker(args)),
         Command::Status(args) => runtime()?.block_on(status::status(args)),
+        Command::Gilmour { command } => runtime()?.block_on(status::gilmour(command)),
         Command::Pipeline { server, previous } => {
             runtime()?.block_on(topology::pipeline(server, previous))
         }

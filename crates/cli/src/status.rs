@@ -100,3 +100,76 @@ mod tests {
         );
     }
 }
+
+#[derive(clap::Subcommand, Debug)]
+pub(crate) enum GilmourCommand {
+    /// Lists the nodes of the health registry and pings each, as the engines' monitors do.
+    Status {
+        /// The Redis of the Gilmour network.
+        #[arg(long, env = "RYLM_REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+        redis: String,
+        /// Print the answer as JSON.
+        #[arg(long)]
+        json: bool,
+        /// How long each ping may take, in seconds.
+        #[arg(long, default_value_t = 3.0)]
+        timeout: f64,
+    },
+}
+
+pub(crate) async fn gilmour(command: GilmourCommand) -> Result<()> {
+    let GilmourCommand::Status {
+        redis,
+        json,
+        timeout,
+    } = command;
+    let deadline =
+        Duration::try_from_secs_f64(timeout).context("--timeout is not a number of seconds")?;
+    let node = std::sync::Arc::new(rylm_gilmour::node::Node::connect(&redis).await?);
+    let known = node.known_nodes().await;
+    // Every node pinged at once: a registry full of gone nodes costs one timeout, not one each.
+    let mut pings = tokio::task::JoinSet::new();
+    for (i, (ident, registered)) in known.as_deref().unwrap_or_default().iter().enumerate() {
+        let (node, ident, registered) = (node.clone(), ident.clone(), registered.clone());
+        pings.spawn(async move {
+            let channel = rylm_gilmour::protocol::health_channel(&ident);
+            let (code, answer) = match node.request(&channel, Value::Null, deadline).await {
+                Ok(reply) => (reply.code(), reply.data),
+                Err(error) => (0, Value::from(error.to_string())),
+            };
+            let report = serde_json::json!({
+                "ident": ident, "registered": registered, "code": code, "answer": answer,
+            });
+            (i, report)
+        });
+    }
+    let mut nodes: Vec<(usize, Value)> = pings.join_all().await;
+    nodes.sort_by_key(|(i, _)| *i);
+    let nodes: Vec<Value> = nodes.into_iter().map(|(_, report)| report).collect();
+    node.shutdown().await;
+    known?;
+    if json {
+        println!("{}", serde_json::json!({ "nodes": nodes }));
+        return Ok(());
+    }
+    if nodes.is_empty() {
+        println!("no node in the health registry");
+    }
+    for node in &nodes {
+        let answer = match &node["answer"] {
+            Value::Array(channels) => channels
+                .iter()
+                .filter_map(Value::as_str)
+                .collect::<Vec<_>>()
+                .join(", "),
+            other => other.to_string(),
+        };
+        println!(
+            "{}  {}  {}",
+            node["ident"].as_str().unwrap_or_default(),
+            node["code"],
+            answer
+        );
+    }
+    Ok(())
+}

@@ -461,6 +461,20 @@ impl Node {
         &self.state.counters
     }
 
+    /// The nodes in the health registry (`gilmour.known_host.health`): each ident and its
+    /// value (`true` from Go and rylm, `active` from Ruby), sorted by ident. Ping one with a
+    /// request to [`protocol::health_channel`], as the engines' monitors do.
+    pub async fn known_nodes(&self) -> Result<Vec<(String, String)>, Error> {
+        let known: std::collections::HashMap<String, String> = self
+            .commands
+            .hgetall(protocol::HEALTH_HASH)
+            .await
+            .map_err(redis("reading the health registry"))?;
+        let mut known: Vec<(String, String)> = known.into_iter().collect();
+        known.sort();
+        Ok(known)
+    }
+
     /// Whether both of the node's Redis connections are up now.
     pub fn is_connected(&self) -> bool {
         self.commands.is_connected() && self.subscriber.is_connected()

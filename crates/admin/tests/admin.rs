@@ -121,3 +121,36 @@ async fn metrics_move_with_their_counters_and_readiness_turns() {
         "nothing listens after shutdown"
     );
 }
+
+/// The Grafana dashboard of `docs/` is JSON, and every metric it charts is one that
+/// `docs/operations.md` documents (and so one that a server exports).
+#[test]
+fn the_dashboard_charts_documented_metrics() {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/");
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(format!("{root}grafana-dashboard.json")).expect("the dashboard"),
+    )
+    .expect("JSON");
+    let operations = std::fs::read_to_string(format!("{root}operations.md")).expect("the doc");
+    let panels = dashboard["panels"].as_array().expect("panels");
+    assert!(panels.len() >= 10);
+    for target in panels
+        .iter()
+        .flat_map(|p| p["targets"].as_array().into_iter().flatten())
+    {
+        let expr = target["expr"].as_str().expect("an expression");
+        for name in expr
+            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .filter(|w| w.starts_with("rylm_") || w.starts_with("gilmour_proxy_"))
+        {
+            let documented = name
+                .strip_suffix("_bucket")
+                .unwrap_or(name)
+                .trim_end_matches("_total");
+            assert!(
+                operations.contains(documented),
+                "{name} (in {expr}) is not in docs/operations.md"
+            );
+        }
+    }
+}

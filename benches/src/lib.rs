@@ -61,10 +61,17 @@ where
 {
     let call = std::sync::Arc::new(call);
     let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    // On a terminal, a progress bar on standard error (nothing when it is piped); it is drawn
+    // from a counter the calls bump, at most 10 times a second.
+    let bar = indicatif::ProgressBar::with_draw_target(
+        u64::try_from(total).ok(),
+        indicatif::ProgressDrawTarget::stderr_with_hz(10),
+    )
+    .with_message(name.to_owned());
     let started = std::time::Instant::now();
     let mut workers = tokio::task::JoinSet::new();
     for _ in 0..in_flight.max(1) {
-        let (call, next) = (call.clone(), next.clone());
+        let (call, next, bar) = (call.clone(), next.clone(), bar.clone());
         workers.spawn(async move {
             let mut latencies = Vec::new();
             loop {
@@ -75,6 +82,7 @@ where
                 let sent = std::time::Instant::now();
                 call(n).await?;
                 latencies.push(sent.elapsed());
+                bar.inc(1);
             }
         });
     }
@@ -82,6 +90,7 @@ where
     while let Some(done) = workers.join_next().await {
         latencies.extend(done??);
     }
+    bar.finish_and_clear();
     Ok(Summary::new(name, latencies, started.elapsed()))
 }
 

@@ -501,16 +501,24 @@ pub(crate) async fn client(args: ClientArgs) -> Result<()> {
             let total = payloads.len();
             let mut results =
                 client.job(&function, payloads.into_iter().map(Bytes::from), in_flight);
+            // On a terminal, a progress bar on standard error; nothing when it is piped.
+            let bar = indicatif::ProgressBar::with_draw_target(
+                u64::try_from(total).ok(),
+                indicatif::ProgressDrawTarget::stderr(),
+            );
             let mut failed = 0;
             while let Some((index, result)) = results.recv().await {
-                match result {
-                    Ok(value) => println!("{index}\t{}", text(&value)),
+                let line = match result {
+                    Ok(value) => format!("{index}\t{}", text(&value)),
                     Err(error) => {
                         failed += 1;
-                        println!("{index}\terror: {error}");
+                        format!("{index}\terror: {error}")
                     }
-                }
+                };
+                bar.suspend(|| println!("{line}"));
+                bar.inc(1);
             }
+            bar.finish_and_clear();
             if failed > 0 {
                 bail!("{failed} of {total} calls failed");
             }

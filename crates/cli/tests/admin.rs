@@ -184,3 +184,38 @@ async fn rylm_status_shows_a_masters_workers_and_a_servers_functions() {
             .is_some_and(|f| f.iter().any(|f| f == "upper"))
     );
 }
+
+/// `rylm client job` shows a progress bar on a terminal only: piped, its standard error has no
+/// bar and its standard output only the results.
+#[tokio::test]
+async fn a_piped_job_prints_results_and_no_progress_bar() {
+    let ports = Ports::new();
+    let _server = Rylm::start(&ports.server("s")).await;
+    let mut args = vec![
+        "client".to_owned(),
+        "--db".into(),
+        ports.db.clone(),
+        "job".into(),
+        "upper".into(),
+    ];
+    args.extend((0..50).map(|i| format!("p{i}")));
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_rylm"))
+        .args(&args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .await
+        .expect("runs");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(stdout.lines().count(), 50, "{stdout}");
+    assert!(stdout.lines().all(|l| l.contains("\tP")), "{stdout}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !stderr.contains('\r') && !stderr.contains('\u{1b}'),
+        "{stderr:?}"
+    );
+}

@@ -10,7 +10,7 @@ use prometheus_client::collector::Collector;
 use prometheus_client::encoding::DescriptorEncoder;
 use prometheus_client::registry::Registry;
 use rylm_admin::{Admin, Readiness, counter, gauge};
-use rylm_components::{PoolStatus, ResultCounters};
+use rylm_components::{Functions, PoolStatus, ResultCounters};
 
 /// A master's (or hub's) worker pool.
 #[derive(Debug)]
@@ -147,10 +147,63 @@ impl Collector for Results {
     }
 }
 
+/// The functions a server or worker runs: calls, failures, panics and latencies, by function.
+#[derive(Debug)]
+struct Ran(Functions);
+
+impl Collector for Ran {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        use prometheus_client::metrics::MetricType;
+        let stats = self.0.stats();
+        let families = [
+            (
+                "rylm_function_calls",
+                "function calls, unknown names under _unknown",
+            ),
+            (
+                "rylm_function_failed",
+                "function calls that returned an error",
+            ),
+            ("rylm_function_panicked", "function calls that panicked"),
+        ];
+        for (i, (name, help)) in families.iter().enumerate() {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for (function, stat) in &stats {
+                let value = [&stat.calls, &stat.failed, &stat.panicked][i].load(Ordering::Relaxed);
+                let labels = [("function", function.as_str())];
+                let counter = prometheus_client::metrics::counter::ConstCounter::new(value);
+                counter.encode(family.encode_family(&labels)?)?;
+            }
+        }
+        let mut family = encoder.encode_descriptor(
+            "rylm_function_duration_seconds",
+            "how long function calls took",
+            None,
+            MetricType::Histogram,
+        )?;
+        for (function, stat) in &stats {
+            let labels = [("function", function.as_str())];
+            let count = stat.calls.load(Ordering::Relaxed);
+            family
+                .encode_family(&labels)?
+                .encode_histogram::<Vec<(String, String)>>(
+                    stat.seconds(),
+                    count,
+                    &stat.buckets(),
+                    None,
+                )?;
+        }
+        Ok(())
+    }
+}
+
 /// What a command's admin listener shows.
 pub(crate) enum Shows {
-    /// A server, pipeline stage or sink: its results; always ready.
-    Server(Arc<ResultCounters>),
+    /// A server, pipeline stage or sink: its results and its functions; always ready.
+    Server(Arc<ResultCounters>, Functions),
+    /// A worker: its functions; always ready (it reconnects to its master by itself).
+    Worker(Functions),
     /// A master or hub: its pool; ready while a worker is connected (a busy master still takes
     /// work, up to its waiting line), and in pylm's layout, whose workers it cannot see, always.
     Master { pool: Arc<PoolStatus>, pylm: bool },
@@ -167,8 +220,13 @@ pub(crate) async fn start(
     };
     let mut registry = Registry::default();
     let ready: Readiness = match shows {
-        Shows::Server(results) => {
+        Shows::Server(results, functions) => {
             registry.register_collector(Box::new(Results(results)));
+            registry.register_collector(Box::new(Ran(functions)));
+            Arc::new(|| Ok(()))
+        }
+        Shows::Worker(functions) => {
+            registry.register_collector(Box::new(Ran(functions)));
             Arc::new(|| Ok(()))
         }
         Shows::Master { pool, pylm } => {

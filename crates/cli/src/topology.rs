@@ -129,6 +129,9 @@ pub(crate) struct WorkerArgs {
     /// Seconds a stop (SIGTERM, SIGINT) waits for the messages in hand.
     #[arg(long, default_value_t = 10.0)]
     drain_for: f64,
+    /// Where to serve /metrics, /healthz and /readyz over HTTP (none by default).
+    #[arg(long)]
+    admin: Option<std::net::SocketAddr>,
     #[command(flatten)]
     security: SecurityArgs,
 }
@@ -215,11 +218,12 @@ fn announce(what: &str, addresses: &[(&str, &str)]) {
 }
 
 pub(crate) async fn server(args: ServerArgs) -> Result<()> {
+    let functions = builtins();
     let mut builder = Server::builder(&args.name)
         .client_address(args.pull.as_deref().unwrap_or(PULL))
         .stream_address(&args.publish)
         .db_address(&args.db)
-        .functions(builtins())
+        .functions(functions.clone())
         .max_in_flight(args.max_in_flight)
         .transport(args.security.transport()?);
     if args.wire == "pylm" {
@@ -237,7 +241,8 @@ pub(crate) async fn server(args: ServerArgs) -> Result<()> {
             ("cache", server.db_address()),
         ],
     );
-    let admin = admin::start("server", args.admin, Shows::Server(server.counters())).await?;
+    let shows = Shows::Server(server.counters(), functions);
+    let admin = admin::start("server", args.admin, shows).await?;
     let drain_for = drain(args.drain_for)?;
     let stopped = until_stopped("server", server.died()).await;
     server.shutdown_within(shutdown_limit(drain_for)).await?;
@@ -297,7 +302,8 @@ pub(crate) async fn worker(args: WorkerArgs) -> Result<()> {
         connected: args.security.connecting()?,
         ..rylm_components::Transport::default()
     };
-    let builder = Worker::builder(builtins())
+    let functions = builtins();
+    let builder = Worker::builder(functions.clone())
         .credits(args.credits)
         .transport(transport);
     let (worker, target) = match &args.connect {
@@ -315,11 +321,13 @@ pub(crate) async fn worker(args: WorkerArgs) -> Result<()> {
             args.db.as_str(),
         ),
     };
+    let admin = admin::start("worker", args.admin, Shows::Worker(functions)).await?;
     announce("worker", &[("master", target)]);
     crate::lifecycle::until_stopped("worker", worker.died()).await?;
     if !worker.shutdown_within(drain(args.drain_for)?).await {
         eprintln!("rylm worker: stopped before its messages in hand were answered");
     }
+    stop_admin(admin).await;
     Ok(())
 }
 
@@ -396,10 +404,11 @@ pub(crate) async fn gateway(args: GatewayArgs) -> Result<()> {
 }
 
 pub(crate) async fn pipeline(args: ServerArgs, previous: PreviousArgs) -> Result<()> {
+    let functions = builtins();
     let mut builder = Server::pipeline(&args.name, &previous.previous_pub, &previous.previous_name)
         .stream_address(&args.publish)
         .db_address(&args.db)
-        .functions(builtins())
+        .functions(functions.clone())
         .max_in_flight(args.max_in_flight)
         .transport(args.security.transport()?);
     if args.wire == "pylm" {
@@ -420,7 +429,8 @@ pub(crate) async fn pipeline(args: ServerArgs, previous: PreviousArgs) -> Result
             ("cache", server.db_address()),
         ],
     );
-    let admin = admin::start("pipeline", args.admin, Shows::Server(server.counters())).await?;
+    let shows = Shows::Server(server.counters(), functions);
+    let admin = admin::start("pipeline", args.admin, shows).await?;
     let drain_for = drain(args.drain_for)?;
     let stopped = until_stopped("pipeline", server.died()).await;
     server.shutdown_within(shutdown_limit(drain_for)).await?;
@@ -429,10 +439,11 @@ pub(crate) async fn pipeline(args: ServerArgs, previous: PreviousArgs) -> Result
 }
 
 pub(crate) async fn sink(args: ServerArgs, previous: Vec<String>) -> Result<()> {
+    let functions = builtins();
     let mut builder = Server::sink(&args.name)
         .stream_address(&args.publish)
         .db_address(&args.db)
-        .functions(builtins())
+        .functions(functions.clone())
         .max_in_flight(args.max_in_flight)
         .transport(args.security.transport()?);
     if args.wire == "pylm" {
@@ -459,7 +470,8 @@ pub(crate) async fn sink(args: ServerArgs, previous: Vec<String>) -> Result<()> 
             ("cache", server.db_address()),
         ],
     );
-    let admin = admin::start("sink", args.admin, Shows::Server(server.counters())).await?;
+    let shows = Shows::Server(server.counters(), functions);
+    let admin = admin::start("sink", args.admin, shows).await?;
     let drain_for = drain(args.drain_for)?;
     let stopped = until_stopped("sink", server.died()).await;
     server.shutdown_within(shutdown_limit(drain_for)).await?;

@@ -52,6 +52,23 @@ async fn metric(address: &str, name: &str) -> f64 {
     }
 }
 
+/// The value of the sample `name` whose label `function` is `function`.
+async fn of_function(address: &str, name: &str, function: &str) -> f64 {
+    let (_, body) = get(address, "/metrics").await.expect("scraped");
+    let scrape = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned())))
+        .expect("Prometheus text");
+    let sample = scrape
+        .samples
+        .iter()
+        .find(|s| s.metric == name && s.labels.get("function") == Some(function))
+        .unwrap_or_else(|| panic!("{name}{{function={function}}} in {body}"));
+    match &sample.value {
+        prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v) => *v,
+        prometheus_parse::Value::Histogram(buckets) => buckets.last().map_or(0.0, |b| b.count),
+        _ => panic!("{name} is a counter or a histogram"),
+    }
+}
+
 /// Polls `/readyz` until it answers `want`.
 async fn readiness(address: &str, want: u16) -> String {
     let (body, _) = until_ok(Duration::from_secs(30), || async {
@@ -80,7 +97,17 @@ async fn a_masters_admin_shows_its_pool_and_turns_ready_with_its_workers() {
     assert!(why.contains("no worker"), "{why}");
     assert_eq!(metric(&admin, "rylm_pool_workers").await, 0.0);
 
-    let worker = Rylm::start(&["worker", "--db", &ports.db, "--credits", "4"]).await;
+    let worker_admin = format!("127.0.0.1:{}", rylm_testkit::free_port());
+    let worker = Rylm::start(&[
+        "worker",
+        "--db",
+        &ports.db,
+        "--credits",
+        "4",
+        "--admin",
+        &worker_admin,
+    ])
+    .await;
     readiness(&admin, 200).await;
     assert_eq!(metric(&admin, "rylm_pool_workers").await, 1.0);
     assert_eq!(metric(&admin, "rylm_pool_free_credits").await, 4.0);
@@ -96,6 +123,15 @@ async fn a_masters_admin_shows_its_pool_and_turns_ready_with_its_workers() {
     );
     assert!(metric(&admin, "rylm_pool_dispatched_total").await >= 25.0);
     assert!(metric(&admin, "rylm_pool_workers_admitted_total").await >= 1.0);
+    // The worker ran them: its own metrics, by function.
+    assert_eq!(
+        of_function(&worker_admin, "rylm_function_calls_total", "echo").await,
+        25.0
+    );
+    assert_eq!(
+        of_function(&worker_admin, "rylm_function_duration_seconds", "echo").await,
+        25.0
+    );
 
     worker.kill().await;
     let why = readiness(&admin, 503).await;
@@ -122,6 +158,26 @@ async fn a_servers_admin_counts_its_answers() {
     let answered = metric(&admin, "rylm_results_answered_total").await - before;
     assert!((10.0..=11.0).contains(&answered), "{answered}");
     assert_eq!(metric(&admin, "rylm_results_malformed_total").await, 0.0);
+    assert_eq!(
+        of_function(&admin, "rylm_function_calls_total", "upper").await,
+        10.0
+    );
+    assert_eq!(
+        of_function(&admin, "rylm_function_failed_total", "upper").await,
+        0.0
+    );
+    // Three calls of `fail`: the client reports them and exits non-zero.
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_rylm"))
+        .args(["client", "--db", &ports.db, "job", "fail", "a", "b", "c"])
+        .env("RUST_LOG", "off")
+        .output()
+        .await
+        .expect("runs");
+    assert!(!output.status.success());
+    assert_eq!(
+        of_function(&admin, "rylm_function_failed_total", "fail").await,
+        3.0
+    );
 }
 
 #[tokio::test]

@@ -60,6 +60,7 @@ pub struct Functions {
     with_message: HashMap<String, MessageFunction>,
     failure_payload: Option<Bytes>,
     once: std::collections::BTreeSet<String>,
+    stats: Arc<crate::stats::FunctionStats>,
 }
 
 impl std::fmt::Debug for Functions {
@@ -147,6 +148,16 @@ impl Functions {
     /// The functions declared with [`Functions::must_not_run_twice`].
     pub fn once_names(&self) -> impl Iterator<Item = &str> {
         self.once.iter().map(String::as_str)
+    }
+
+    /// What each function did: calls, failures, panics and latencies, by registered name.
+    pub fn stats(&self) -> Vec<(String, Arc<crate::stats::FunctionStat>)> {
+        self.stats.all(|| self.names().map(str::to_owned).collect())
+    }
+
+    fn stat(&self, method: &str) -> &crate::stats::FunctionStat {
+        self.stats
+            .of(method, || self.names().map(str::to_owned).collect())
     }
 
     /// The registered names.
@@ -243,10 +254,13 @@ impl Functions {
         let Some(function) = self.mux.get(&method).cloned() else {
             return vec![self.call(server, message).await];
         };
+        let started = std::time::Instant::now();
         let outcome = match caught(function(message.payload.clone())).await {
             Ok(outcome) => outcome.map_err(|text| ("failed", text)),
             Err(panic) => Err(("panicked", panic)),
         };
+        self.stat(&method)
+            .record(started.elapsed(), outcome_of(&outcome));
         match outcome {
             Err((kind, text)) => vec![self.failed(error_reply(&message, kind, &text))],
             Ok(parts) if parts.is_empty() => {
@@ -292,14 +306,19 @@ impl Functions {
                     "no function {method:?} here (this server has {})",
                     known.join(", ")
                 );
+                self.stat(crate::stats::UNKNOWN)
+                    .record(std::time::Duration::ZERO, crate::stats::Outcome::Failed);
                 return self.failed(error_reply(&message, "unknown-function", &text));
             };
             // A panic becomes an error reply, not a dead server.
             let payload = message.payload.clone();
+            let started = std::time::Instant::now();
             let outcome = match caught(function(payload)).await {
                 Ok(outcome) => outcome.map_err(|text| ("failed", text)),
                 Err(panic) => Err(("panicked", panic)),
             };
+            self.stat(&method)
+                .record(started.elapsed(), outcome_of(&outcome));
             match outcome {
                 Ok(result) => message.payload = result,
                 Err((kind, text)) => return self.failed(error_reply(&message, kind, &text)),
@@ -371,6 +390,15 @@ impl Functions {
 }
 
 /// Sets [`DEADLINE`] of a message about to leave to what is left of it, counted from `received`.
+/// How a call ended, for its counters.
+fn outcome_of<T>(outcome: &Result<T, (&str, String)>) -> crate::stats::Outcome {
+    match outcome {
+        Ok(_) => crate::stats::Outcome::Ok,
+        Err(("panicked", _)) => crate::stats::Outcome::Panicked,
+        Err(_) => crate::stats::Outcome::Failed,
+    }
+}
+
 pub(crate) fn pass_on_deadline(mut message: Message, received: std::time::Instant) -> Message {
     if let Some(deadline) = deadline_of(&message, received) {
         let left = deadline.saturating_duration_since(std::time::Instant::now());

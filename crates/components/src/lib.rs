@@ -63,6 +63,7 @@ mod master;
 pub mod parts;
 mod pool;
 mod server;
+pub mod stats;
 mod worker;
 
 pub use cache::{CacheLimits, CacheStore, MISSING};

@@ -1,6 +1,7 @@
 //! `rylm server|master|hub|worker|pipeline|sink|client`: pylm's topologies from the shell, with
 //! built-in functions for trying them without writing code.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -364,6 +365,9 @@ pub(crate) struct GatewayArgs {
     /// Seconds a stop (SIGTERM, SIGINT) waits for the requests in hand.
     #[arg(long, default_value_t = 10.0)]
     drain_for: f64,
+    /// Where to serve /metrics, /healthz and /readyz over HTTP (none by default).
+    #[arg(long)]
+    admin: Option<std::net::SocketAddr>,
     #[command(flatten)]
     security: SecurityArgs,
 }
@@ -394,8 +398,18 @@ pub(crate) async fn gateway(args: GatewayArgs) -> Result<()> {
             gateway.worker_address()
         ),
     }
+    let shows = match gateway.pool_status() {
+        Some(pool) => Shows::Master { pool, pylm: false },
+        None => Shows::Master {
+            pool: Arc::default(),
+            pylm: true,
+        },
+    };
+    let admin = admin::start("gateway", args.admin, shows).await?;
     eprintln!("rylm gateway: try curl -d hello {http}/upper; SIGTERM or Ctrl-C stops");
-    until_stopped("gateway", std::future::pending()).await?;
+    let stopped = until_stopped("gateway", std::future::pending()).await;
+    stop_admin(admin).await;
+    stopped?;
     let limit = shutdown_limit(drain(args.drain_for)?);
     match tokio::time::timeout(limit, gateway.shutdown()).await {
         Ok(outcome) => Ok(outcome?),

@@ -275,3 +275,46 @@ async fn a_piped_job_prints_results_and_no_progress_bar() {
         "{stderr:?}"
     );
 }
+
+#[tokio::test]
+async fn a_gateways_admin_shows_its_pool_and_readiness() {
+    let http = format!("127.0.0.1:{}", rylm_testkit::free_port());
+    let admin = format!("127.0.0.1:{}", rylm_testkit::free_port());
+    let workers = common::free_address();
+    let _gateway = Rylm::start(&[
+        "gateway",
+        "--listen",
+        &http,
+        "--workers",
+        &workers,
+        "--admin",
+        &admin,
+    ])
+    .await;
+    let why = readiness(&admin, 503).await;
+    assert!(why.contains("no worker"), "{why}");
+    let _worker = Rylm::start(&["worker", "--connect", &workers, "--credits", "2"]).await;
+    readiness(&admin, 200).await;
+    let before = metric(&admin, "rylm_pool_answered_total").await;
+    let mut stream = tokio::net::TcpStream::connect(&http)
+        .await
+        .expect("connects");
+    stream
+        .write_all(b"POST /upper HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello")
+        .await
+        .expect("writes");
+    let mut answer = String::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_string(&mut answer))
+        .await
+        .expect("answered")
+        .expect("reads");
+    assert!(
+        answer.starts_with("HTTP/1.1 200") && answer.ends_with("HELLO"),
+        "{answer}"
+    );
+    assert_eq!(
+        metric(&admin, "rylm_pool_answered_total").await - before,
+        1.0
+    );
+    assert_eq!(metric(&admin, "rylm_pool_workers").await, 1.0);
+}

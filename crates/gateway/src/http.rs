@@ -181,6 +181,7 @@ pub(crate) struct State {
 /// A running gateway.
 pub struct HttpGateway {
     local_addr: SocketAddr,
+    pool: Option<Arc<PoolStatus>>,
     worker_address: String,
     db_address: Option<String>,
     cache_stop: watch::Sender<bool>,
@@ -336,6 +337,7 @@ impl HttpGateway {
             address: config.listen.to_string(),
             source,
         })?;
+        let pool = status.clone();
         let state = Arc::new(State {
             requests,
             withdrawals,
@@ -354,6 +356,7 @@ impl HttpGateway {
         tracing::info!(%local_addr, %worker_address, "HTTP gateway started");
         Ok(HttpGateway {
             local_addr,
+            pool,
             worker_address,
             db_address,
             stop,
@@ -366,6 +369,12 @@ impl HttpGateway {
     /// Where HTTP clients connect.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The worker pool's view (workers, credits, waiting and in-flight messages, counters);
+    /// `None` in pylm mode, whose workers the gateway does not see.
+    pub fn pool_status(&self) -> Option<Arc<PoolStatus>> {
+        self.pool.clone()
     }
 
     /// Where workers connect.

@@ -198,8 +198,62 @@ impl Collector for Ran {
     }
 }
 
+/// A SyRPC server's requests and results.
+#[derive(Debug)]
+struct Syrpc(Arc<rylm_syrpc::ServerCounters>);
+
+impl Collector for Syrpc {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let c = &self.0;
+        gauge(
+            &mut encoder,
+            "rylm_syrpc_consuming",
+            "1 while the request consumer is open",
+            i64::from(c.consuming.load(Ordering::Relaxed)),
+        )?;
+        let counters = [
+            (
+                "rylm_syrpc_taken",
+                "requests taken from the queue",
+                &c.taken,
+            ),
+            (
+                "rylm_syrpc_answered",
+                "results published and confirmed",
+                &c.answered,
+            ),
+            (
+                "rylm_syrpc_exceptions",
+                "exception results: unknown type, error, panic, overrun",
+                &c.exceptions,
+            ),
+            (
+                "rylm_syrpc_publish_failed",
+                "results that could not be published (the request goes back)",
+                &c.publish_failed,
+            ),
+            (
+                "rylm_syrpc_malformed",
+                "requests rejected because they did not decode",
+                &c.malformed,
+            ),
+            (
+                "rylm_syrpc_consumer_restarts",
+                "times the request consumer was opened again",
+                &c.consumer_restarts,
+            ),
+        ];
+        for (name, help, value) in counters {
+            counter(&mut encoder, name, help, value.load(Ordering::Relaxed))?;
+        }
+        Ok(())
+    }
+}
+
 /// What a command's admin listener shows.
 pub(crate) enum Shows {
+    /// A SyRPC server: ready while its request consumer is open.
+    Syrpc(Arc<rylm_syrpc::ServerCounters>),
     /// A server, pipeline stage or sink: its results and its functions; always ready.
     Server(Arc<ResultCounters>, Functions),
     /// A worker: its functions; always ready (it reconnects to its master by itself).
@@ -224,6 +278,16 @@ pub(crate) async fn start(
             registry.register_collector(Box::new(Results(results)));
             registry.register_collector(Box::new(Ran(functions)));
             Arc::new(|| Ok(()))
+        }
+        Shows::Syrpc(counters) => {
+            registry.register_collector(Box::new(Syrpc(counters.clone())));
+            Arc::new(move || {
+                if counters.consuming.load(Ordering::Relaxed) {
+                    Ok(())
+                } else {
+                    Err("not consuming requests: the broker is not connected".to_owned())
+                }
+            })
         }
         Shows::Worker(functions) => {
             registry.register_collector(Box::new(Ran(functions)));

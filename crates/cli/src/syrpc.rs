@@ -81,6 +81,9 @@ pub(crate) enum SyrpcCommand {
         /// How many requests to work on at once.
         #[arg(long, default_value_t = 4)]
         prefetch: u16,
+        /// Where to serve /metrics, /healthz and /readyz over HTTP (none by default).
+        #[arg(long)]
+        admin: Option<std::net::SocketAddr>,
     },
     /// Puts a request and waits for its result.
     Call {
@@ -156,8 +159,11 @@ pub(crate) async fn run(command: SyrpcCommand) -> Result<()> {
         SyrpcCommand::Serve {
             connection,
             prefetch,
+            admin,
         } => {
             let server = Server::connect(connection.settings()?.with_prefetch(prefetch)).await?;
+            let shows = crate::admin::Shows::Syrpc(server.counters());
+            let admin = crate::admin::start("syrpc", admin, shows).await?;
             eprintln!(
                 "rylm syrpc: serving app {:?} (echo, upper, reverse, sleep, fail); SIGTERM or Ctrl-C stops",
                 connection.app
@@ -172,6 +178,9 @@ pub(crate) async fn run(command: SyrpcCommand) -> Result<()> {
                 })
                 .await?;
             server.close().await;
+            if let Some(admin) = admin {
+                admin.shutdown().await;
+            }
             Ok(())
         }
         SyrpcCommand::Call {

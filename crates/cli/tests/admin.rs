@@ -318,3 +318,34 @@ async fn a_gateways_admin_shows_its_pool_and_readiness() {
     );
     assert_eq!(metric(&admin, "rylm_pool_workers").await, 1.0);
 }
+
+#[tokio::test]
+async fn a_syrpc_servers_admin_counts_its_results_and_is_ready_while_consuming() {
+    let Some(amqp) = rylm_testkit::amqp_url("a_syrpc_servers_admin_counts_its_results") else {
+        return;
+    };
+    let admin = format!("127.0.0.1:{}", rylm_testkit::free_port());
+    let app = format!("admin-{}", std::process::id());
+    let _server = Rylm::start(&[
+        "syrpc", "serve", "--url", &amqp, "--app", &app, "--admin", &admin,
+    ])
+    .await;
+    readiness(&admin, 200).await;
+    let call = |type_: &'static str| {
+        let (amqp, app) = (amqp.clone(), app.clone());
+        async move {
+            tokio::process::Command::new(env!("CARGO_BIN_EXE_rylm"))
+                .args(["syrpc", "call", "--url", &amqp, "--app", &app, type_, "hi"])
+                .env("RUST_LOG", "off")
+                .output()
+                .await
+                .expect("runs")
+        }
+    };
+    assert!(call("upper").await.status.success());
+    call("fail").await;
+    assert_eq!(metric(&admin, "rylm_syrpc_answered_total").await, 2.0);
+    assert_eq!(metric(&admin, "rylm_syrpc_exceptions_total").await, 1.0);
+    assert_eq!(metric(&admin, "rylm_syrpc_consuming").await, 1.0);
+    assert_eq!(metric(&admin, "rylm_syrpc_malformed_total").await, 0.0);
+}

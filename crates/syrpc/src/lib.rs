@@ -59,4 +59,4 @@ mod server;
 pub use client::{Client, ClientStats};
 pub use error::Error;
 pub use protocol::{AckMode, QueueType, ResultId, Settings};
-pub use server::{Handlers, Request, Server};
+pub use server::{Handlers, Request, Server, ServerCounters};

@@ -4,6 +4,7 @@ use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures_lite::StreamExt;
@@ -52,10 +53,30 @@ struct Incoming {
     generation: u64,
 }
 
+/// What a server has done, since it connected.
+#[derive(Debug, Default)]
+pub struct ServerCounters {
+    /// Requests taken from the queue.
+    pub taken: AtomicU64,
+    /// Results published (the broker confirmed them).
+    pub answered: AtomicU64,
+    /// Of those, `exception` results: an unknown type, a handler's error, panic or overrun.
+    pub exceptions: AtomicU64,
+    /// Results that could not be published (the request goes back to the queue).
+    pub publish_failed: AtomicU64,
+    /// Requests rejected because they did not decode.
+    pub malformed: AtomicU64,
+    /// Times the request consumer was opened again (after a loss or the broker ending it).
+    pub consumer_restarts: AtomicU64,
+    /// 1 while the request consumer is open.
+    pub consuming: std::sync::atomic::AtomicBool,
+}
+
 /// A SyRPC server. Cheap to clone; clones share the connection and the request stream.
 #[derive(Clone)]
 pub struct Server {
     link: Arc<Link>,
+    counters: Arc<ServerCounters>,
     incoming: Arc<Mutex<mpsc::Receiver<Incoming>>>,
     /// Requests taken and not yet answered, by result id; a list, since two requests may
     /// (wrongly) share an id, and each must still be acknowledged.
@@ -86,13 +107,20 @@ impl Server {
     pub async fn connect(settings: Settings) -> Result<Server, Error> {
         let link = Link::connect(settings).await?;
         let (sender, receiver) = mpsc::channel(usize::from(link.settings.prefetch));
-        let consumer_task = tokio::spawn(consume_requests(link.clone(), sender));
+        let counters = Arc::new(ServerCounters::default());
+        let consumer_task = tokio::spawn(consume_requests(link.clone(), sender, counters.clone()));
         Ok(Server {
             link,
+            counters,
             incoming: Arc::new(Mutex::new(receiver)),
             pending: Arc::new(std::sync::Mutex::new(HashMap::new())),
             consumer_task: Arc::new(consumer_task),
         })
+    }
+
+    /// What it has done, and whether it is consuming now.
+    pub fn counters(&self) -> Arc<ServerCounters> {
+        self.counters.clone()
     }
 
     /// The settings in force.
@@ -260,8 +288,18 @@ impl Server {
             let limit = self.link.settings.handler_timeout;
             running.spawn(async move {
                 let answer = handlers.run_within(&request, limit).await;
-                if let Err(error) = server.put_result(&request.result_id, &answer).await {
-                    tracing::error!(result_id = %request.result_id, %error, "could not publish a result");
+                let counters = &server.counters;
+                match server.put_result(&request.result_id, &answer).await {
+                    Ok(()) => {
+                        counters.answered.fetch_add(1, Ordering::Relaxed);
+                        if protocol::exception_of(&answer).is_some() {
+                            counters.exceptions.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    Err(error) => {
+                        counters.publish_failed.fetch_add(1, Ordering::Relaxed);
+                        tracing::error!(result_id = %request.result_id, %error, "could not publish a result");
+                    }
                 }
                 drop(permit);
             });
@@ -281,8 +319,13 @@ impl Server {
 /// Consumes the request queue, reconnecting after a loss (for as long as the settings allow)
 /// and opening the consumer again whenever the broker ends it, and forwards well-formed
 /// requests.
-async fn consume_requests(link: Arc<Link>, sender: mpsc::Sender<Incoming>) {
+async fn consume_requests(
+    link: Arc<Link>,
+    sender: mpsc::Sender<Incoming>,
+    counters: Arc<ServerCounters>,
+) {
     let mut backoff = RETRY_FIRST;
+    let mut opened_before = false;
     let mut warned: Option<std::time::Instant> = None;
     loop {
         let opened = async {
@@ -327,6 +370,10 @@ async fn consume_requests(link: Arc<Link>, sender: mpsc::Sender<Incoming>) {
             }
         };
         tracing::info!(generation, "consuming requests");
+        if std::mem::replace(&mut opened_before, true) {
+            counters.consumer_restarts.fetch_add(1, Ordering::Relaxed);
+        }
+        counters.consuming.store(true, Ordering::Relaxed);
         while let Some(delivery) = consumer.next().await {
             let delivery = match delivery {
                 Ok(delivery) => delivery,
@@ -337,6 +384,7 @@ async fn consume_requests(link: Arc<Link>, sender: mpsc::Sender<Incoming>) {
             };
             match protocol::decode_request(&delivery.data) {
                 Ok(body) => {
+                    counters.taken.fetch_add(1, Ordering::Relaxed);
                     let incoming = Incoming {
                         request: Request {
                             type_: body.type_.trim().to_owned(),
@@ -352,6 +400,7 @@ async fn consume_requests(link: Arc<Link>, sender: mpsc::Sender<Incoming>) {
                     }
                 }
                 Err(error) => {
+                    counters.malformed.fetch_add(1, Ordering::Relaxed);
                     // Not requeued: it would only come back malformed.
                     tracing::warn!(%error, body = %String::from_utf8_lossy(&delivery.data), "rejecting a malformed request");
                     let _ = delivery
@@ -361,6 +410,7 @@ async fn consume_requests(link: Arc<Link>, sender: mpsc::Sender<Incoming>) {
                 }
             }
         }
+        counters.consuming.store(false, Ordering::Relaxed);
         if sender.is_closed() {
             return;
         }

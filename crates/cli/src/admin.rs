@@ -250,8 +250,56 @@ impl Collector for Syrpc {
     }
 }
 
+/// A services-mux service's calls.
+#[derive(Debug)]
+struct Calls(Arc<rylm_services_mux::ServiceCounters>);
+
+impl Collector for Calls {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let c = &self.0;
+        let counters = [
+            (
+                "rylm_service_answered",
+                "calls dispatched to the routes and answered",
+                &c.answered,
+            ),
+            (
+                "rylm_service_errors",
+                "answers of status 500 and above",
+                &c.errors,
+            ),
+            (
+                "rylm_service_busy",
+                "calls answered 503 busy at once",
+                &c.busy,
+            ),
+            (
+                "rylm_service_refused",
+                "frames refused: their MAC did not match",
+                &c.refused,
+            ),
+            (
+                "rylm_service_replayed",
+                "requests refused as replayed or stale",
+                &c.replayed,
+            ),
+            (
+                "rylm_service_malformed",
+                "frames dropped: they did not decode",
+                &c.malformed,
+            ),
+        ];
+        for (name, help, value) in counters {
+            counter(&mut encoder, name, help, value.load(Ordering::Relaxed))?;
+        }
+        Ok(())
+    }
+}
+
 /// What a command's admin listener shows.
 pub(crate) enum Shows {
+    /// A services-mux service: always ready.
+    Service(Arc<rylm_services_mux::ServiceCounters>),
     /// A SyRPC server: ready while its request consumer is open.
     Syrpc(Arc<rylm_syrpc::ServerCounters>),
     /// A server, pipeline stage or sink: its results and its functions; always ready.
@@ -288,6 +336,10 @@ pub(crate) async fn start(
                     Err("not consuming requests: the broker is not connected".to_owned())
                 }
             })
+        }
+        Shows::Service(counters) => {
+            registry.register_collector(Box::new(Calls(counters)));
+            Arc::new(|| Ok(()))
         }
         Shows::Worker(functions) => {
             registry.register_collector(Box::new(Ran(functions)));

@@ -28,6 +28,9 @@ pub(crate) struct ServeArgs {
     queue: usize,
     #[command(flatten)]
     brubeck: BrubeckArgs,
+    /// Where to serve /metrics, /healthz and /readyz over HTTP (none by default).
+    #[arg(long)]
+    admin: Option<std::net::SocketAddr>,
     #[command(flatten)]
     security: SecurityArgs,
 }
@@ -136,6 +139,7 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<()> {
     let service = builtin_service(&args.name, &args.secret)?
         .with_concurrency(args.concurrency)
         .with_queue(args.queue);
+    let counters = service.counters();
     let handle = if args.brubeck.wire == "brubeck" {
         let (requests, responses) = args.brubeck.addresses()?;
         service
@@ -153,9 +157,18 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<()> {
         args.name,
         handle.address()
     );
-    crate::lifecycle::until_stopped("service", std::future::pending()).await?;
+    let admin = crate::admin::start(
+        "service",
+        args.admin,
+        crate::admin::Shows::Service(counters),
+    )
+    .await?;
+    let stopped = crate::lifecycle::until_stopped("service", std::future::pending()).await;
     handle.shutdown().await;
-    Ok(())
+    if let Some(admin) = admin {
+        admin.shutdown().await;
+    }
+    stopped
 }
 
 pub(crate) async fn call(args: CallArgs) -> Result<()> {

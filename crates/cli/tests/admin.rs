@@ -349,3 +349,41 @@ async fn a_syrpc_servers_admin_counts_its_results_and_is_ready_while_consuming()
     assert_eq!(metric(&admin, "rylm_syrpc_consuming").await, 1.0);
     assert_eq!(metric(&admin, "rylm_syrpc_malformed_total").await, 0.0);
 }
+
+#[tokio::test]
+async fn a_services_admin_counts_its_answers_and_refusals() {
+    let service = common::free_address();
+    let admin = format!("127.0.0.1:{}", rylm_testkit::free_port());
+    let _service = Rylm::start(&[
+        "service", "--bind", &service, "--secret", "s3cret", "--name", "s", "--admin", &admin,
+    ])
+    .await;
+    readiness(&admin, 200).await;
+    let call = |secret: &'static str, path: &'static str| {
+        let service = service.clone();
+        async move {
+            tokio::process::Command::new(env!("CARGO_BIN_EXE_rylm"))
+                .args([
+                    "call",
+                    "--connect",
+                    &service,
+                    "--secret",
+                    secret,
+                    "--timeout",
+                    "5",
+                    path,
+                ])
+                .env("RUST_LOG", "off")
+                .output()
+                .await
+                .expect("runs")
+        }
+    };
+    assert!(call("s3cret", "/echo").await.status.success());
+    call("s3cret", "/fail").await;
+    assert!(!call("wrong", "/echo").await.status.success());
+    assert_eq!(metric(&admin, "rylm_service_answered_total").await, 2.0);
+    assert_eq!(metric(&admin, "rylm_service_errors_total").await, 1.0);
+    assert!(metric(&admin, "rylm_service_refused_total").await >= 1.0);
+    assert_eq!(metric(&admin, "rylm_service_malformed_total").await, 0.0);
+}

@@ -63,4 +63,4 @@ pub use brubeck_io::BrubeckCaller;
 pub use client::{Call, ClientConfig, Reply, ServiceClient};
 pub use error::Error;
 pub use protocol::{Method, RouteInfo};
-pub use service::{BUSY, Service, ServiceHandle, ServiceRequest, ServiceResponse};
+pub use service::{BUSY, Service, ServiceCounters, ServiceHandle, ServiceRequest, ServiceResponse};

@@ -4,6 +4,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -145,6 +146,24 @@ struct Route {
     methods: BTreeMap<Method, (Handler, Option<Duration>)>,
 }
 
+/// What a service instance has done, since it started: read by `rylm service --admin`.
+#[derive(Debug, Default)]
+pub struct ServiceCounters {
+    /// Calls dispatched to the routes and answered (any status).
+    pub answered: AtomicU64,
+    /// Of those, answers of status 500 and above (a handler's failure, panic or timeout).
+    pub errors: AtomicU64,
+    /// Calls answered `503 busy` at once: every handler slot and queue place taken, or
+    /// shutting down.
+    pub busy: AtomicU64,
+    /// Frames refused because their MAC did not match (a wrong secret, another instance).
+    pub refused: AtomicU64,
+    /// Requests refused as replayed or stale.
+    pub replayed: AtomicU64,
+    /// Frames dropped because they did not decode.
+    pub malformed: AtomicU64,
+}
+
 /// A service definition: its name, its shared secret and its routes.
 ///
 /// ```
@@ -159,6 +178,7 @@ struct Route {
 /// ```
 pub struct Service {
     name: String,
+    counters: Arc<ServiceCounters>,
     /// The secrets accepted: the current one, then (while callers move over) the next.
     pub(crate) secrets: Vec<Secret>,
     routes: Vec<Route>,
@@ -185,6 +205,7 @@ impl Service {
     pub fn new(name: impl Into<String>, secret: impl AsRef<[u8]>) -> Service {
         Service {
             name: name.into(),
+            counters: Arc::default(),
             secrets: vec![Secret::new(secret)],
             routes: Vec::new(),
             concurrency: 64,
@@ -307,7 +328,22 @@ impl Service {
     }
 
     /// The response to `request`: its handler's, or 404 / 405.
+    /// What this service has done; the same counters once it serves.
+    pub fn counters(&self) -> Arc<ServiceCounters> {
+        self.counters.clone()
+    }
+
+    /// Dispatches `request` to its route, and counts the answer.
     pub(crate) async fn dispatch(&self, request: WireRequest) -> ServiceResponse {
+        let response = self.route_request(request).await;
+        self.counters.answered.fetch_add(1, Ordering::Relaxed);
+        if response.status >= 500 {
+            self.counters.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        response
+    }
+
+    async fn route_request(&self, request: WireRequest) -> ServiceResponse {
         let method: Method = match request.method.parse() {
             Ok(method) => method,
             Err(error) => return ServiceResponse::new(405, error.to_string()),
@@ -639,6 +675,7 @@ async fn run(
         let (frame, secret) = match protocol::decode(&parts[..count], &service.secrets, &binding) {
             Ok(Decoded::Frame(frame, secret)) => (frame, secret),
             Ok(Decoded::BadMac { id }) => {
+                service.counters.refused.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(%address, call = %id, "refused a frame whose MAC does not match: wrong shared secret, or bound to another instance");
                 replier.send_later(
                     identity,
@@ -651,6 +688,7 @@ async fn run(
                 continue;
             }
             Err(error) => {
+                service.counters.malformed.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(%address, %error, "dropped a malformed frame");
                 continue;
             }
@@ -658,6 +696,7 @@ async fn run(
         match frame {
             Frame::Request(request) => {
                 if let Err(error) = guard.check(&request.id, request.ts, protocol::now_ms()) {
+                    service.counters.replayed.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(%address, call = %request.id, %error, "refused a replayed or stale request");
                     replier.send_later(identity, refusal(request.id, &error.to_string()), secret);
                     continue;
@@ -668,6 +707,7 @@ async fn run(
                         .into_wire(&request.id, &request.path)
                 };
                 if draining {
+                    service.counters.busy.fetch_add(1, Ordering::Relaxed);
                     let response = busy("the service is shutting down");
                     replier.send_later(identity, Frame::Response(response), secret);
                     continue;
@@ -679,6 +719,7 @@ async fn run(
                     Err(_) => match queue.clone().try_acquire_owned() {
                         Ok(place) => Err(place),
                         Err(_) => {
+                            service.counters.busy.fetch_add(1, Ordering::Relaxed);
                             let response = busy("busy: every handler slot is taken");
                             replier.send_later(identity, Frame::Response(response), secret);
                             continue;

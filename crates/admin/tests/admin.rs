@@ -26,8 +26,14 @@ impl Collector for Handled {
     }
 }
 
-/// One HTTP/1.1 request on a fresh connection: the status and the body.
+/// One request on a fresh connection (`GET` through the test kit; another method by hand):
+/// the status and the body.
 async fn get(address: std::net::SocketAddr, method: &str, path: &str) -> (u16, String) {
+    if method == "GET" {
+        return rylm_testkit::http_get(&address.to_string(), path)
+            .await
+            .expect("answered");
+    }
     let mut stream = tokio::net::TcpStream::connect(address)
         .await
         .expect("connects");
@@ -50,29 +56,11 @@ async fn get(address: std::net::SocketAddr, method: &str, path: &str) -> (u16, S
         .nth(1)
         .and_then(|s| s.parse().ok())
         .expect("a status line");
-    let body = answer
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
+    (status, String::new())
 }
 
-fn samples(body: &str) -> prometheus_parse::Scrape {
-    prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned()))).expect("parses")
-}
-
-fn value(scrape: &prometheus_parse::Scrape, name: &str) -> f64 {
-    let sample = scrape
-        .samples
-        .iter()
-        .find(|s| s.metric == name)
-        .unwrap_or_else(|| panic!("{name} in {:?}", scrape.samples));
-    match sample.value {
-        prometheus_parse::Value::Counter(v)
-        | prometheus_parse::Value::Gauge(v)
-        | prometheus_parse::Value::Untyped(v) => v,
-        _ => panic!("{name} is a counter or a gauge"),
-    }
+fn value(body: &str, name: &str) -> f64 {
+    rylm_testkit::metric_sample(body, name, None)
 }
 
 #[tokio::test]
@@ -99,13 +87,12 @@ async fn metrics_move_with_their_counters_and_readiness_turns() {
 
     let (status, body) = get(address, "GET", "/metrics").await;
     assert_eq!(status, 200);
-    let scrape = samples(&body);
-    assert_eq!(value(&scrape, "demo_calls_total"), 0.0, "{body}");
-    assert_eq!(value(&scrape, "demo_workers"), 3.0);
+    assert_eq!(value(&body, "demo_calls_total"), 0.0, "{body}");
+    assert_eq!(value(&body, "demo_workers"), 3.0);
     handled.calls.fetch_add(41, Ordering::Relaxed);
     handled.calls.fetch_add(1, Ordering::Relaxed);
     let (_, body) = get(address, "GET", "/metrics").await;
-    assert_eq!(value(&samples(&body), "demo_calls_total"), 42.0, "{body}");
+    assert_eq!(value(&body, "demo_calls_total"), 42.0, "{body}");
 
     assert_eq!(get(address, "GET", "/healthz").await.0, 200);
     let (status, why) = get(address, "GET", "/readyz").await;

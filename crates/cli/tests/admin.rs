@@ -9,64 +9,19 @@ use std::time::Duration;
 use common::{Job, Ports, Rylm, until_ok};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// One GET on a fresh connection: the status and the body.
-async fn get(address: &str, path: &str) -> std::io::Result<(u16, String)> {
-    let mut stream = tokio::net::TcpStream::connect(address).await?;
-    stream
-        .write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
-        )
-        .await?;
-    let mut answer = String::new();
-    tokio::time::timeout(Duration::from_secs(10), stream.read_to_string(&mut answer))
-        .await
-        .map_err(|_| std::io::Error::other("no answer within 10 s"))??;
-    let status = answer
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| std::io::Error::other(format!("no status line: {answer:?}")))?;
-    let body = answer
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    Ok((status, body))
-}
+use rylm_testkit::{http_get as get, metric_sample};
 
 /// The value of the sample `name` in a scrape of `address`.
 async fn metric(address: &str, name: &str) -> f64 {
     let (status, body) = get(address, "/metrics").await.expect("scraped");
     assert_eq!(status, 200, "{body}");
-    let scrape = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned())))
-        .expect("Prometheus text");
-    let sample = scrape
-        .samples
-        .iter()
-        .find(|s| s.metric == name)
-        .unwrap_or_else(|| panic!("{name} in {body}"));
-    match sample.value {
-        prometheus_parse::Value::Counter(v)
-        | prometheus_parse::Value::Gauge(v)
-        | prometheus_parse::Value::Untyped(v) => v,
-        _ => panic!("{name} is a counter or a gauge"),
-    }
+    metric_sample(&body, name, None)
 }
 
 /// The value of the sample `name` whose label `function` is `function`.
 async fn of_function(address: &str, name: &str, function: &str) -> f64 {
     let (_, body) = get(address, "/metrics").await.expect("scraped");
-    let scrape = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned())))
-        .expect("Prometheus text");
-    let sample = scrape
-        .samples
-        .iter()
-        .find(|s| s.metric == name && s.labels.get("function") == Some(function))
-        .unwrap_or_else(|| panic!("{name}{{function={function}}} in {body}"));
-    match &sample.value {
-        prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v) => *v,
-        prometheus_parse::Value::Histogram(buckets) => buckets.last().map_or(0.0, |b| b.count),
-        _ => panic!("{name} is a counter or a histogram"),
-    }
+    metric_sample(&body, name, Some(("function", function)))
 }
 
 /// Polls `/readyz` until it answers `want`.

@@ -479,47 +479,15 @@ async fn connections_nodes_headers_and_bodies_past_their_limits_are_refused() {
     setup.proxy.shutdown().await;
 }
 
-/// One GET on a fresh connection to `address`: the status and the body.
+/// One GET on the admin listener: the status and the body.
 async fn get(address: std::net::SocketAddr, path: &str) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
-    stream
-        .write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
-        )
-        .await
-        .unwrap();
-    let mut answer = String::new();
-    tokio::time::timeout(DEADLINE, stream.read_to_string(&mut answer))
+    rylm_testkit::http_get(&address.to_string(), path)
         .await
         .expect("answered")
-        .unwrap();
-    let status = answer
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap();
-    let body = answer
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
 }
 
 fn sample(body: &str, name: &str) -> f64 {
-    let scrape = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned())))
-        .expect("Prometheus text");
-    let sample = scrape
-        .samples
-        .iter()
-        .find(|s| s.metric == name)
-        .unwrap_or_else(|| panic!("{name} in {body}"));
-    match sample.value {
-        prometheus_parse::Value::Counter(v)
-        | prometheus_parse::Value::Gauge(v)
-        | prometheus_parse::Value::Untyped(v) => v,
-        _ => panic!("{name} is a counter or a gauge"),
-    }
+    rylm_testkit::metric_sample(body, name, None)
 }
 
 #[tokio::test]

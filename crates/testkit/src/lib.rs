@@ -169,3 +169,59 @@ fn server_url(variable: &str, server: &str, test: &str) -> Option<String> {
         }
     }
 }
+
+/// One HTTP/1.1 GET of `path` on a fresh connection to `address` (`host:port`), within 10 s:
+/// the status and the body. For the admin endpoints, which tests scrape by hand.
+///
+/// # Errors
+///
+/// When nothing answers, or the answer is not HTTP.
+pub async fn http_get(address: &str, path: &str) -> std::io::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(address).await?;
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await?;
+    let mut answer = String::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        stream.read_to_string(&mut answer),
+    )
+    .await
+    .map_err(|_| std::io::Error::other("no answer within 10 s"))??;
+    let status = answer
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("no status line: {answer:?}")))?;
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// The value of the sample `name` in Prometheus text `body` (parsed, not matched), the one whose
+/// label `label.0` is `label.1` when given: a counter's or gauge's value, a histogram's count.
+///
+/// # Panics
+///
+/// When `body` is not Prometheus text, or has no such sample.
+pub fn metric_sample(body: &str, name: &str, label: Option<(&str, &str)>) -> f64 {
+    let scrape = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned())))
+        .expect("Prometheus text");
+    let sample = scrape
+        .samples
+        .iter()
+        .find(|s| s.metric == name && label.is_none_or(|(k, v)| s.labels.get(k) == Some(v)))
+        .unwrap_or_else(|| panic!("{name} {label:?} in {body}"));
+    match &sample.value {
+        prometheus_parse::Value::Counter(v)
+        | prometheus_parse::Value::Gauge(v)
+        | prometheus_parse::Value::Untyped(v) => *v,
+        prometheus_parse::Value::Histogram(buckets) => buckets.last().map_or(0.0, |b| b.count),
+        _ => panic!("{name} is a counter, a gauge or a histogram"),
+    }
+}

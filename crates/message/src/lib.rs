@@ -58,6 +58,7 @@ mod native;
 mod pylm;
 pub mod samples;
 mod stream;
+pub mod trace;
 
 pub use codec::{Codec, DEFAULT_MAX_SIZE};
 pub use envelope::{Function, Message, new_id};

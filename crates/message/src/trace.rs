@@ -1,0 +1,198 @@
+//! W3C trace context (`traceparent`) as plain data: the header that lets the spans of one
+//! request join up across processes and protocols. rylm carries it under the header name
+//! [`TRACEPARENT`] in every envelope it forwards; this module reads, checks, writes and derives
+//! it. No I/O, no tracing library: the servers put what it gives into their spans.
+//!
+//! The format (version `00`): `00-<trace id: 32 hex>-<parent id: 16 hex>-<flags: 2 hex>`,
+//! lower case; an all-zero trace or parent id is invalid, and so is version `ff`. A later
+//! version is read by its first four fields, as the specification asks.
+
+/// The header (and envelope header) name.
+pub const TRACEPARENT: &str = "traceparent";
+
+/// One `traceparent`: the trace a request belongs to, the span that sent it, and its flags.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct TraceParent {
+    /// The trace, the same in every process the request goes through.
+    pub trace_id: [u8; 16],
+    /// The span of the sender.
+    pub parent_id: [u8; 8],
+    /// Bit 0: sampled.
+    pub flags: u8,
+}
+
+fn hex_bytes<const N: usize>(text: &str) -> Option<[u8; N]> {
+    if text.len() != N * 2 || !text.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        return None;
+    }
+    let mut out = [0u8; N];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(text.get(i * 2..i * 2 + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl TraceParent {
+    /// Reads a `traceparent` value; `None` when it is not a valid one (a caller then starts a
+    /// new trace rather than failing the request).
+    pub fn parse(value: &str) -> Option<TraceParent> {
+        let value = value.trim();
+        let mut fields = value.split('-');
+        let version = fields.next()?;
+        let version = hex_bytes::<1>(version)?[0];
+        if version == 0xff {
+            return None;
+        }
+        let trace_id = hex_bytes::<16>(fields.next()?)?;
+        let parent_id = hex_bytes::<8>(fields.next()?)?;
+        let flags = hex_bytes::<1>(fields.next()?)?[0];
+        // Version 00 has exactly four fields; a later version may add more.
+        if version == 0 && fields.next().is_some() {
+            return None;
+        }
+        if trace_id == [0; 16] || parent_id == [0; 8] {
+            return None;
+        }
+        Some(TraceParent {
+            trace_id,
+            parent_id,
+            flags,
+        })
+    }
+
+    /// A new trace, sampled, with `trace` and `span` (random bytes: a uuid's, and half of
+    /// another's) as its ids; an all-zero id is made non-zero.
+    pub fn root(trace: [u8; 16], span: [u8; 8]) -> TraceParent {
+        let mut parent = TraceParent {
+            trace_id: trace,
+            parent_id: span,
+            flags: 1,
+        };
+        if parent.trace_id == [0; 16] {
+            parent.trace_id[15] = 1;
+        }
+        if parent.parent_id == [0; 8] {
+            parent.parent_id[7] = 1;
+        }
+        parent
+    }
+
+    /// The `traceparent` of a span of this process under this one: the same trace and flags,
+    /// `span` as the parent id of what it sends on.
+    pub fn child(&self, span: [u8; 8]) -> TraceParent {
+        TraceParent {
+            parent_id: if span == [0; 8] {
+                [0, 0, 0, 0, 0, 0, 0, 1]
+            } else {
+                span
+            },
+            ..*self
+        }
+    }
+
+    /// The trace id as 32 lower-case hex digits, as log lines and span fields show it.
+    pub fn trace_id_hex(&self) -> String {
+        hex(&self.trace_id)
+    }
+
+    /// Whether the sender sampled it.
+    pub fn sampled(&self) -> bool {
+        self.flags & 1 == 1
+    }
+}
+
+impl std::fmt::Display for TraceParent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "00-{}-{}-{:02x}",
+            hex(&self.trace_id),
+            hex(&self.parent_id),
+            self.flags
+        )
+    }
+}
+
+/// A span id from 8 fresh random bytes (a uuid v4's first half).
+pub fn new_span_id() -> [u8; 8] {
+    let id = uuid::Uuid::new_v4();
+    let mut span = [0u8; 8];
+    span.copy_from_slice(&id.as_bytes()[..8]);
+    span
+}
+
+/// A new sampled trace with fresh random ids.
+pub fn new_trace() -> TraceParent {
+    TraceParent::root(*uuid::Uuid::new_v4().as_bytes(), new_span_id())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The example of the W3C recommendation.
+    const EXAMPLE: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+    #[test]
+    fn the_recommendations_example_reads_and_writes_back() {
+        let parent = TraceParent::parse(EXAMPLE).expect("valid");
+        assert_eq!(parent.trace_id_hex(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert!(parent.sampled());
+        assert_eq!(parent.to_string(), EXAMPLE);
+    }
+
+    #[test]
+    fn invalid_values_are_refused() {
+        for bad in [
+            "",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+            "0x-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-0g",
+        ] {
+            assert_eq!(TraceParent::parse(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_later_version_is_read_by_its_first_fields() {
+        let later = "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-more";
+        let parent = TraceParent::parse(later).expect("read");
+        assert_eq!(parent.trace_id_hex(), "4bf92f3577b34da6a3ce929d0e0e4736");
+    }
+
+    #[test]
+    fn a_child_keeps_the_trace_and_flags_and_a_new_trace_is_valid() {
+        let parent = TraceParent::parse(EXAMPLE).expect("valid");
+        let child = parent.child([1, 2, 3, 4, 5, 6, 7, 8]);
+        assert_eq!(
+            (child.trace_id, child.flags),
+            (parent.trace_id, parent.flags)
+        );
+        assert_eq!(
+            child.to_string(),
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0102030405060708-01"
+        );
+        let fresh = new_trace();
+        assert_eq!(TraceParent::parse(&fresh.to_string()), Some(fresh));
+        assert_ne!(new_trace().trace_id, fresh.trace_id);
+        let zero = TraceParent::root([0; 16], [0; 8]);
+        assert_eq!(TraceParent::parse(&zero.to_string()), Some(zero));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_text_reads_or_is_refused_without_a_panic(text in ".{0,80}") {
+            let _ = TraceParent::parse(&text);
+        }
+    }
+}

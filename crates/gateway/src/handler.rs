@@ -82,9 +82,25 @@ where
         .get("x-request-id")
         .and_then(|v| v.to_str().ok());
     let request_id = crate::request::request_id(given);
-    let mut response = respond(&state, request, &request_id).await;
+    // W3C trace context: the caller's trace continued under a span of the gateway, or a new
+    // trace; the worker's message carries it, and the answer says it.
+    let trace = request
+        .headers()
+        .get(rylm_message::trace::TRACEPARENT)
+        .and_then(|v| v.to_str().ok())
+        .and_then(rylm_message::trace::TraceParent::parse)
+        .map_or_else(rylm_message::trace::new_trace, |caller| {
+            caller.child(rylm_message::trace::new_span_id())
+        });
+    let traceparent = trace.to_string();
+    let mut response = respond(&state, request, &request_id, &traceparent).await;
     if let Ok(value) = hyper::header::HeaderValue::from_str(&request_id) {
         response.headers_mut().insert("x-request-id", value);
+    }
+    if let Ok(value) = hyper::header::HeaderValue::from_str(&traceparent) {
+        response
+            .headers_mut()
+            .insert(rylm_message::trace::TRACEPARENT, value);
     }
     response
 }
@@ -124,6 +140,7 @@ async fn respond<B>(
     state: &Arc<State>,
     request: Request<B>,
     request_id: &str,
+    traceparent: &str,
 ) -> Response<HandlerBody>
 where
     B: hyper::body::Body<Data = Bytes>,
@@ -215,6 +232,10 @@ where
         request.method().as_str().to_owned(),
     );
     headers.insert("http.request-id".to_owned(), request_id.to_owned());
+    headers.insert(
+        rylm_message::trace::TRACEPARENT.to_owned(),
+        traceparent.to_owned(),
+    );
     if let Some(query) = request.uri().query() {
         headers.insert("http.query".to_owned(), query.to_owned());
         crate::request::query_headers(query, &mut headers);

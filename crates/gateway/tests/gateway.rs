@@ -24,6 +24,11 @@ fn functions() -> Functions {
             tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(0))).await;
             Ok::<_, String>(p)
         })
+        .add_message("traced", |m: rylm_message::Message| async move {
+            Ok::<_, String>(Bytes::from(
+                m.header("traceparent").unwrap_or("-").to_owned(),
+            ))
+        })
         .add_message("inspect", |m: rylm_message::Message| async move {
             let text = format!(
                 "method={} lang={} trace={}",
@@ -183,4 +188,66 @@ async fn many_requests_at_once_are_all_answered() {
     if let Ok(gateway) = std::sync::Arc::try_unwrap(gateway) {
         gateway.shutdown().await.expect("clean");
     }
+}
+
+/// The W3C trace context reaches the worker's function: the caller's trace, under a span of the
+/// gateway (a new trace when the caller sent none or a bad one), and the answer carries it.
+#[tokio::test]
+async fn the_trace_context_reaches_the_worker_and_comes_back() {
+    let gateway = HttpGateway::start(config()).await.expect("starts");
+    let w = worker(&gateway).await;
+    until_ready(&gateway).await;
+    let client = HttpClient::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let send = |traceparent: Option<&'static str>| {
+        let mut request = Request::builder()
+            .method(Method::GET)
+            .uri(format!("http://{}/traced", gateway.local_addr()));
+        if let Some(value) = traceparent {
+            request = request.header("traceparent", value);
+        }
+        let request = request.body(Full::new(Bytes::new())).expect("a request");
+        let client = client.clone();
+        async move {
+            let response = tokio::time::timeout(DEADLINE, client.request(request))
+                .await
+                .expect("in time")
+                .expect("an answer");
+            let header = response
+                .headers()
+                .get("traceparent")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_owned();
+            let seen = response
+                .into_body()
+                .collect()
+                .await
+                .expect("a body")
+                .to_bytes();
+            (header, String::from_utf8_lossy(&seen).into_owned())
+        }
+    };
+    let caller = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let (answered, seen) = send(Some(caller)).await;
+    let parse = rylm_message::trace::TraceParent::parse;
+    let (caller, seen_by_worker, answered) = (
+        parse(caller).expect("valid"),
+        parse(&seen).expect("the worker saw a valid traceparent"),
+        parse(&answered).expect("the answer carries one"),
+    );
+    assert_eq!(seen_by_worker.trace_id, caller.trace_id, "the same trace");
+    assert_ne!(
+        seen_by_worker.parent_id, caller.parent_id,
+        "under the gateway's span"
+    );
+    assert_eq!(answered, seen_by_worker);
+    // None, or a bad one: a new trace all the same.
+    for sent in [None, Some("00-zz-00f067aa0ba902b7-01")] {
+        let (answered, seen) = send(sent).await;
+        let seen = parse(&seen).expect("a new trace");
+        assert_eq!(parse(&answered), Some(seen));
+        assert_ne!(seen.trace_id, caller.trace_id);
+    }
+    w.shutdown().await;
+    gateway.shutdown().await.expect("clean");
 }

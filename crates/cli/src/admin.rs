@@ -44,62 +44,8 @@ impl Collector for Pool {
         for (name, help, value) in gauges {
             gauge(&mut encoder, name, help, whole(value))?;
         }
-        let c = status.counters();
-        let counters = [
-            (
-                "rylm_pool_dispatched",
-                "messages sent to a worker, re-dispatches included",
-                &c.dispatched,
-            ),
-            ("rylm_pool_answered", "answers passed on", &c.answered),
-            (
-                "rylm_pool_redispatched",
-                "messages sent again after their worker was buried",
-                &c.redispatched,
-            ),
-            (
-                "rylm_pool_busy",
-                "messages answered busy: the waiting line was full",
-                &c.busy,
-            ),
-            (
-                "rylm_pool_expired",
-                "messages answered deadline",
-                &c.expired,
-            ),
-            (
-                "rylm_pool_worker_died",
-                "messages failed back because their workers died",
-                &c.worker_died,
-            ),
-            (
-                "rylm_pool_dropped_answers",
-                "late, duplicate or unknown answers dropped",
-                &c.dropped_answers,
-            ),
-            (
-                "rylm_pool_malformed",
-                "frames from workers that did not decode",
-                &c.malformed,
-            ),
-            (
-                "rylm_pool_workers_buried",
-                "workers buried for silence or a closed connection",
-                &c.buried,
-            ),
-            (
-                "rylm_pool_workers_admitted",
-                "workers admitted, again after a burial included",
-                &c.admitted,
-            ),
-            (
-                "rylm_pool_withdrawn",
-                "messages withdrawn by their caller",
-                &c.withdrawn,
-            ),
-        ];
-        for (name, help, value) in counters {
-            counter(&mut encoder, name, help, value.load(Ordering::Relaxed))?;
+        for (name, help, value) in status.counters().fields() {
+            counter(&mut encoder, &format!("rylm_pool_{name}"), help, value)?;
         }
         Ok(())
     }
@@ -111,37 +57,8 @@ struct Results(Arc<ResultCounters>);
 
 impl Collector for Results {
     fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
-        let c = &self.0;
-        let counters = [
-            (
-                "rylm_results_answered",
-                "answers sent to their callers",
-                &c.answered,
-            ),
-            (
-                "rylm_results_streamed",
-                "results sent down the stream to the next stage",
-                &c.streamed,
-            ),
-            ("rylm_results_busy", "requests answered busy", &c.busy),
-            (
-                "rylm_results_undeliverable",
-                "answers dropped: the caller is gone or stays full",
-                &c.undeliverable,
-            ),
-            (
-                "rylm_results_stream_refused",
-                "results the next stage did not take in time",
-                &c.stream_refused,
-            ),
-            (
-                "rylm_results_malformed",
-                "requests that did not decode",
-                &c.malformed,
-            ),
-        ];
-        for (name, help, value) in counters {
-            counter(&mut encoder, name, help, value.load(Ordering::Relaxed))?;
+        for (name, help, value) in self.0.fields() {
+            counter(&mut encoder, &format!("rylm_results_{name}"), help, value)?;
         }
         Ok(())
     }

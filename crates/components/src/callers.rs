@@ -52,6 +52,52 @@ pub struct ResultCounters {
     pub malformed: AtomicU64,
 }
 
+impl ResultCounters {
+    /// Every counter as (name, what it counts, value now): what `rylm.status` and the admin
+    /// metrics both show, from one list.
+    pub fn fields(&self) -> [(&'static str, &'static str, u64); 6] {
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        [
+            (
+                "answered",
+                "answers sent to their callers",
+                load(&self.answered),
+            ),
+            (
+                "streamed",
+                "results sent down the stream to the next stage",
+                load(&self.streamed),
+            ),
+            ("busy", "requests answered busy", load(&self.busy)),
+            (
+                "undeliverable",
+                "answers dropped: the caller is gone or stays full",
+                load(&self.undeliverable),
+            ),
+            (
+                "stream_refused",
+                "results the next stage did not take in time",
+                load(&self.stream_refused),
+            ),
+            (
+                "malformed",
+                "requests that did not decode",
+                load(&self.malformed),
+            ),
+        ]
+    }
+}
+
+/// A JSON object of (name, value) from a counters' `fields()`.
+pub(crate) fn fields_json(fields: &[(&str, &str, u64)]) -> serde_json::Value {
+    serde_json::Value::Object(
+        fields
+            .iter()
+            .map(|(name, _, value)| ((*name).to_owned(), serde_json::Value::from(*value)))
+            .collect(),
+    )
+}
+
 /// `transport` with ROUTER sends to unknown peers failing (and so counted) rather than dropped.
 fn mandatory(transport: &Transport) -> Transport {
     let mut transport = transport.clone();
@@ -152,21 +198,13 @@ pub fn status_base(
     functions: Vec<String>,
     counters: &ResultCounters,
 ) -> serde_json::Value {
-    let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
     serde_json::json!({
         "name": name,
         "kind": kind,
         "version": env!("CARGO_PKG_VERSION"),
         "uptime_seconds": started.elapsed().as_secs(),
         "functions": functions,
-        "results": {
-            "answered": load(&counters.answered),
-            "streamed": load(&counters.streamed),
-            "busy": load(&counters.busy),
-            "undeliverable": load(&counters.undeliverable),
-            "stream_refused": load(&counters.stream_refused),
-            "malformed": load(&counters.malformed),
-        },
+        "results": fields_json(&counters.fields()),
     })
 }
 

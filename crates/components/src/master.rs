@@ -12,7 +12,7 @@ use tokio::sync::watch;
 
 use crate::Error;
 use crate::cache::CacheStore;
-use crate::callers::{CallerSocket, Callers, Results, StatusReport, status_base};
+use crate::callers::{CallerSocket, Callers, Results, StatusReport, fields_json, status_base};
 use crate::discovery::advertised;
 use crate::parts::{Endpoint, Listen, Transport};
 use crate::pool::{Admission, Heartbeat, Hook, Pool, PoolStatus, ResultSink, StreamHook};
@@ -223,28 +223,13 @@ impl MasterBuilder {
             };
             Arc::new(move || {
                 let mut report = status_base(&name, kind, started, pool.functions(), &counters);
-                let c = pool.counters();
-                let load =
-                    |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
                 report["workers"] = serde_json::json!({
                     "live": pool.live_workers(),
                     "free_credits": pool.free_credits(),
                     "waiting": pool.waiting(),
                     "in_flight": pool.in_flight(),
                 });
-                report["pool"] = serde_json::json!({
-                    "dispatched": load(&c.dispatched),
-                    "answered": load(&c.answered),
-                    "redispatched": load(&c.redispatched),
-                    "busy": load(&c.busy),
-                    "expired": load(&c.expired),
-                    "worker_died": load(&c.worker_died),
-                    "dropped_answers": load(&c.dropped_answers),
-                    "malformed": load(&c.malformed),
-                    "workers_buried": load(&c.buried),
-                    "workers_admitted": load(&c.admitted),
-                    "withdrawn": load(&c.withdrawn),
-                });
+                report["pool"] = fields_json(&pool.counters().fields());
                 report
             })
         };

@@ -156,6 +156,63 @@ pub struct PoolCounters {
     pub withdrawn: AtomicU64,
 }
 
+impl PoolCounters {
+    /// Every counter as (name, what it counts, value now): what `rylm.status` and the admin
+    /// metrics both show, from one list.
+    pub fn fields(&self) -> [(&'static str, &'static str, u64); 11] {
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        [
+            (
+                "dispatched",
+                "messages sent to a worker, re-dispatches included",
+                load(&self.dispatched),
+            ),
+            ("answered", "answers passed on", load(&self.answered)),
+            (
+                "redispatched",
+                "messages sent again after their worker was buried",
+                load(&self.redispatched),
+            ),
+            (
+                "busy",
+                "messages answered busy: the waiting line was full",
+                load(&self.busy),
+            ),
+            ("expired", "messages answered deadline", load(&self.expired)),
+            (
+                "worker_died",
+                "messages failed back because their workers died",
+                load(&self.worker_died),
+            ),
+            (
+                "dropped_answers",
+                "late, duplicate or unknown answers dropped",
+                load(&self.dropped_answers),
+            ),
+            (
+                "malformed",
+                "frames from workers that did not decode",
+                load(&self.malformed),
+            ),
+            (
+                "workers_buried",
+                "workers buried for silence or a closed connection",
+                load(&self.buried),
+            ),
+            (
+                "workers_admitted",
+                "workers admitted, again after a burial included",
+                load(&self.admitted),
+            ),
+            (
+                "withdrawn",
+                "messages withdrawn by their caller",
+                load(&self.withdrawn),
+            ),
+        ]
+    }
+}
+
 /// What a worker pool knows of its workers, shared with whoever asks.
 #[derive(Debug, Default)]
 pub struct PoolStatus {

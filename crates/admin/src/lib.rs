@@ -4,7 +4,7 @@
 //! - `GET /metrics`: the server's metrics as Prometheus text (OpenMetrics), encoded from a
 //!   [`prometheus_client`] registry at each scrape. Servers keep their counters as plain atomics
 //!   on their hot paths and register a [`Collector`](prometheus_client::collector::Collector)
-//!   that reads them when asked, so that metrics cost nothing between scrapes.
+//!   that reads them when asked: between scrapes a metric costs only its counting.
 //! - `GET /healthz`: 200 while the process runs (liveness).
 //! - `GET /readyz`: 200 when the server can serve, 503 with the reason when it cannot
 //!   (readiness): a master without a worker with credit, a client whose broker is gone.

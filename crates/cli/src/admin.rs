@@ -1,5 +1,5 @@
 //! `--admin ADDR` of the long-running commands: the servers' own counters as Prometheus
-//! metrics, read at each scrape (nothing is added to the hot paths), and their readiness.
+//! metrics, read at each scrape (the hot paths only count, in atomics), and their readiness.
 
 use std::net::SocketAddr;
 use std::sync::Arc;

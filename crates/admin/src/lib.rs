@@ -10,7 +10,8 @@
 //!   (readiness): a master without a worker with credit, a client whose broker is gone.
 //!
 //! [`logging`] is the programs' log: text or JSON lines, `log` records bridged in, repeated
-//! warnings throttled.
+//! warnings throttled. With the `otlp` feature, [`otlp`] sends the spans of traced requests to
+//! an OpenTelemetry collector (OTLP/HTTP, JSON).
 //!
 //! The listener is bounded as every rylm listener: a few connections at once, headers within a
 //! deadline, GET only, nothing read from a body. [`counter`] and [`gauge`] write one sample in a
@@ -36,6 +37,8 @@
 #![warn(missing_docs)]
 
 pub mod logging;
+#[cfg(feature = "otlp")]
+pub mod otlp;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -72,6 +75,12 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// A setting is not valid.
+    #[error("{0}")]
+    Config(String),
+    /// The system refused a thread or runtime.
+    #[error("cannot start: {0}")]
+    Io(#[source] std::io::Error),
 }
 
 /// A running admin listener.

@@ -45,22 +45,50 @@ pub const WINDOW: Duration = Duration::from_secs(10);
 /// Installs the program's log: `RUST_LOG` (or `default_filter`) chooses what is logged;
 /// `log` records are bridged in. Does nothing when a subscriber is installed already.
 pub fn init(format: LogFormat, default_filter: &str) {
+    install(
+        format,
+        default_filter,
+        None::<tracing_subscriber::layer::Identity>,
+    );
+}
+
+/// Like [`init`], and sends the spans of traced requests to an OpenTelemetry collector; the
+/// exporter runs until the handle returned is dropped (which sends what is left).
+#[cfg(feature = "otlp")]
+pub fn init_with_otlp(
+    format: LogFormat,
+    default_filter: &str,
+    otlp: crate::otlp::Otlp,
+) -> Result<crate::otlp::Exporter, crate::Error> {
+    use tracing_subscriber::Layer;
+    let (layer, exporter) = crate::otlp::start(otlp)?;
+    let spans = tracing_subscriber::filter::Targets::new()
+        .with_target(crate::otlp::TARGET, tracing::Level::INFO);
+    install(format, default_filter, Some(layer.with_filter(spans)));
+    Ok(exporter)
+}
+
+fn install<L>(format: LogFormat, default_filter: &str, extra: Option<L>)
+where
+    L: tracing_subscriber::Layer<tracing_subscriber::Registry> + Send + Sync + 'static,
+{
+    use tracing_subscriber::Layer;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    // `try_init` also installs the `log` bridge (tracing-subscriber's `tracing-log` feature).
-    let _ = match format {
-        LogFormat::Text => builder
+    let lines = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let lines = match format {
+        LogFormat::Text => lines
             .event_format(Throttle::new(
                 tracing_subscriber::fmt::format(),
                 LIMIT,
                 WINDOW,
                 false,
             ))
-            .try_init(),
-        LogFormat::Json => builder
+            .with_filter(filter)
+            .boxed(),
+        LogFormat::Json => lines
             .json()
             .event_format(Throttle::new(
                 tracing_subscriber::fmt::format().json(),
@@ -68,8 +96,14 @@ pub fn init(format: LogFormat, default_filter: &str) {
                 WINDOW,
                 true,
             ))
-            .try_init(),
+            .with_filter(filter)
+            .boxed(),
     };
+    // `try_init` also installs the `log` bridge (tracing-subscriber's `tracing-log` feature).
+    let _ = tracing_subscriber::registry()
+        .with(extra)
+        .with(lines)
+        .try_init();
 }
 
 #[derive(Debug)]

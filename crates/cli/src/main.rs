@@ -34,6 +34,13 @@ struct Cli {
     /// How log lines are written: `text`, or `json` (one object per line, for log shippers).
     #[arg(long, global = true, default_value = "text")]
     log_format: rylm_admin::logging::LogFormat,
+    /// Send the spans of traced requests to this OpenTelemetry collector (OTLP over HTTP,
+    /// `http://host:4318`); needs a `rylm` built with the `otlp` feature.
+    #[arg(long, global = true, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
+    /// The `service.name` of the exported spans (default `rylm-<command>`).
+    #[arg(long, global = true, env = "OTEL_SERVICE_NAME")]
+    otlp_service: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -147,10 +154,67 @@ fn parse_header(arg: &str) -> Result<(String, String), String> {
         .ok_or_else(|| format!("expected name=value, got {arg:?}"))
 }
 
+/// Installs the log, and the span exporter when an OTLP endpoint is set; the exporter sends
+/// what is left when the returned handle drops at the end of `main`.
+#[cfg(feature = "otlp")]
+fn log_and_trace(cli: &Cli) -> Result<Option<rylm_admin::otlp::Exporter>> {
+    let Some(endpoint) = cli.otlp_endpoint.clone() else {
+        rylm_admin::logging::init(cli.log_format, "warn");
+        return Ok(None);
+    };
+    let service = cli
+        .otlp_service
+        .clone()
+        .unwrap_or_else(|| format!("rylm-{}", command_name(&cli.command)));
+    let otlp = rylm_admin::otlp::Otlp {
+        endpoint,
+        service,
+        interval: std::time::Duration::from_millis(500),
+    };
+    Ok(Some(rylm_admin::logging::init_with_otlp(
+        cli.log_format,
+        "warn",
+        otlp,
+    )?))
+}
+
+#[cfg(not(feature = "otlp"))]
+fn log_and_trace(cli: &Cli) -> Result<Option<()>> {
+    if cli.otlp_endpoint.is_some() {
+        anyhow::bail!("this rylm was built without the `otlp` feature: it cannot export spans");
+    }
+    rylm_admin::logging::init(cli.log_format, "warn");
+    Ok(None)
+}
+
+/// The command's name as `rylm` is called with it.
+#[cfg(feature = "otlp")]
+fn command_name(command: &Command) -> &'static str {
+    match command {
+        Command::Server(_) => "server",
+        Command::Master(_) => "master",
+        Command::Hub { .. } => "hub",
+        Command::Worker(_) => "worker",
+        Command::Pipeline { .. } => "pipeline",
+        Command::Sink { .. } => "sink",
+        Command::Gateway(_) => "gateway",
+        Command::Client(_) => "client",
+        Command::Status(_) => "status",
+        Command::Gilmour { .. } => "gilmour",
+        Command::Service(_) => "service",
+        Command::Call(_) => "call",
+        Command::Syrpc { .. } => "syrpc",
+        Command::GilmourProxy(_) => "gilmour-proxy",
+        Command::Keygen(_) => "keygen",
+        Command::Inspect { .. } => "inspect",
+        Command::Encode { .. } => "encode",
+    }
+}
+
 fn main() -> Result<()> {
     let cli: Cli = settings::parse()?;
     // Warnings by default; repeated ones throttled; fred's and lapin's `log` records bridged in.
-    rylm_admin::logging::init(cli.log_format, "warn");
+    let _exporter = log_and_trace(&cli)?;
     match cli.command {
         Command::Syrpc { command } => runtime()?.block_on(syrpc::run(command)),
         Command::GilmourProxy(args) => {

@@ -6,9 +6,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use rylm_message::trace::{Hop, TRACEPARENT};
 use rylm_message::{Codec, Message, NativeCodec, new_id};
 use rylm_transport::{Event, Kind, Socket};
 use tokio::sync::{Mutex, mpsc};
+use tracing::Instrument;
 
 use crate::cache::MISSING;
 use crate::functions::SYNC_FUNCTION;
@@ -34,6 +36,10 @@ pub struct ClientOptions {
     /// When the server answers `busy`, try again (backing off) until the call's deadline
     /// instead of failing at once (default false).
     pub retry_busy: bool,
+    /// Carry W3C trace context: a call without a `traceparent` header starts a trace, and
+    /// each call is a span `rylm.client.call` of it (default true; pylm's codec has no
+    /// headers, so its options turn it off).
+    pub trace: bool,
 }
 
 impl ClientOptions {
@@ -45,6 +51,7 @@ impl ClientOptions {
             codec: Arc::new(rylm_message::PylmCodec::default()),
             raw_cache: true,
             pylm_layout: true,
+            trace: false,
             deadline,
             ..ClientOptions::default()
         }
@@ -61,6 +68,7 @@ impl Default for ClientOptions {
             transport: Transport::default(),
             pylm_layout: false,
             retry_busy: false,
+            trace: true,
         }
     }
 }
@@ -112,6 +120,7 @@ struct Inner {
     /// The last server of the pipeline, when this client takes its results from there.
     sync_through: Option<String>,
     retry_busy: bool,
+    trace: bool,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -178,6 +187,7 @@ impl Client {
             transport,
             pylm_layout,
             retry_busy,
+            trace,
         } = options;
         let started = Instant::now();
         let open_cache = |address: &str| {
@@ -287,6 +297,7 @@ impl Client {
                 deadline,
                 sync_through: last_server,
                 retry_busy,
+                trace,
                 tasks,
             }),
         };
@@ -415,11 +426,20 @@ impl Client {
         deadline: Duration,
         all: bool,
     ) -> Result<Vec<Message>, Error> {
-        let message = message
+        let mut message = message
             .with_client(self.inner.id.clone())
             .with_pipeline(self.session())
             .with_cache(self.next_call_id())
             .with_header(crate::DEADLINE, deadline.as_millis().max(1).to_string());
+        let span = if self.inner.trace && message.function_name() != Some(crate::SYNC_FUNCTION) {
+            let hop = Hop::continue_from(message.header(TRACEPARENT));
+            message
+                .headers
+                .insert(TRACEPARENT.into(), hop.traceparent());
+            hop.span("rylm.client.call")
+        } else {
+            tracing::Span::none()
+        };
         let (parts, mut answers) = mpsc::unbounded_channel();
         let key = message.cache.clone();
         self.inner
@@ -446,7 +466,7 @@ impl Client {
                 address: self.inner.address.clone(),
             })
         };
-        let outcome = match tokio::time::timeout(deadline, collect).await {
+        let outcome = match tokio::time::timeout(deadline, collect.instrument(span)).await {
             Ok(outcome) => outcome,
             Err(_) => Err(Error::Timeout {
                 what: format!("{}", message.function),

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use rylm_core_router::{Error as RouterError, OutboundQueue};
 use rylm_message::Message;
+use tracing::Instrument;
 
 use crate::parts::error_reply;
 
@@ -249,10 +250,17 @@ impl Functions {
     /// Like [`Functions::call`], and for a mux function every part of its results: each but the
     /// last carries the header [`MORE`]; none at all gives one empty answer marked [`NONE`].
     pub async fn call_many(&self, server: &str, mut message: Message) -> Vec<Message> {
+        match traced(&mut message) {
+            Some(span) => self.call_many_here(server, message).instrument(span).await,
+            None => self.call_many_here(server, message).await,
+        }
+    }
+
+    async fn call_many_here(&self, server: &str, mut message: Message) -> Vec<Message> {
         message.headers.remove(PIPELINED);
         let method = message.method().unwrap_or_default().to_owned();
         let Some(function) = self.mux.get(&method).cloned() else {
-            return vec![self.call(server, message).await];
+            return vec![self.call_here(server, message).await];
         };
         let started = std::time::Instant::now();
         let outcome = match caught(function(message.payload.clone())).await {
@@ -288,6 +296,13 @@ impl Functions {
     /// `server`), and returns the reply: the message with the result as its payload, or an error
     /// reply (`unknown-function`, `failed`, `panicked`).
     pub async fn call(&self, server: &str, mut message: Message) -> Message {
+        match traced(&mut message) {
+            Some(span) => self.call_here(server, message).instrument(span).await,
+            None => self.call_here(server, message).await,
+        }
+    }
+
+    async fn call_here(&self, server: &str, mut message: Message) -> Message {
         message.headers.remove(PIPELINED);
         loop {
             if message.function_name() == Some(SYNC_FUNCTION) {
@@ -389,7 +404,17 @@ impl Functions {
     }
 }
 
-/// Sets [`DEADLINE`] of a message about to leave to what is left of it, counted from `received`.
+/// For a message that carries a `traceparent`: the span of its run here (named after its
+/// function), whose id the message (and so its answer and its next stages) carries on.
+fn traced(message: &mut Message) -> Option<tracing::Span> {
+    use rylm_message::trace::{Hop, TRACEPARENT};
+    let hop = Hop::continue_from(Some(message.header(TRACEPARENT)?));
+    message
+        .headers
+        .insert(TRACEPARENT.into(), hop.traceparent());
+    Some(hop.span(message.method().unwrap_or_default()))
+}
+
 /// How a call ended, for its counters.
 fn outcome_of<T>(outcome: &Result<T, (&str, String)>) -> crate::stats::Outcome {
     match outcome {
@@ -399,6 +424,7 @@ fn outcome_of<T>(outcome: &Result<T, (&str, String)>) -> crate::stats::Outcome {
     }
 }
 
+/// Sets [`DEADLINE`] of a message about to leave to what is left of it, counted from `received`.
 pub(crate) fn pass_on_deadline(mut message: Message, received: std::time::Instant) -> Message {
     if let Some(deadline) = deadline_of(&message, received) {
         let left = deadline.saturating_duration_since(std::time::Instant::now());

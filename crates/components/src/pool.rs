@@ -503,6 +503,16 @@ impl Pool {
             _ => {}
         }
         let now = Instant::now();
+        // A traced message passes on under a span of this master (the pool's work on it is
+        // short: the span marks that it came through here, and is the workers' parent).
+        let mut message = message;
+        if let Some(incoming) = message.header(rylm_message::trace::TRACEPARENT) {
+            let hop = rylm_message::trace::Hop::continue_from(Some(incoming));
+            let _entered = hop.span("rylm.master.dispatch").entered();
+            message
+                .headers
+                .insert(rylm_message::trace::TRACEPARENT.into(), hop.traceparent());
+        }
         for part in (self.scatter)(message) {
             if self.waiting.len() >= self.admission.max_waiting {
                 count(&self.status.counters.busy);

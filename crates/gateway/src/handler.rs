@@ -4,6 +4,7 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
+use tracing::Instrument;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
@@ -84,16 +85,17 @@ where
     let request_id = crate::request::request_id(given);
     // W3C trace context: the caller's trace continued under a span of the gateway, or a new
     // trace; the worker's message carries it, and the answer says it.
-    let trace = request
-        .headers()
-        .get(rylm_message::trace::TRACEPARENT)
-        .and_then(|v| v.to_str().ok())
-        .and_then(rylm_message::trace::TraceParent::parse)
-        .map_or_else(rylm_message::trace::new_trace, |caller| {
-            caller.child(rylm_message::trace::new_span_id())
-        });
-    let traceparent = trace.to_string();
-    let mut response = respond(&state, request, &request_id, &traceparent).await;
+    let hop = rylm_message::trace::Hop::continue_from(
+        request
+            .headers()
+            .get(rylm_message::trace::TRACEPARENT)
+            .and_then(|v| v.to_str().ok()),
+    );
+    let traceparent = hop.traceparent();
+    let span = hop.span("rylm.gateway");
+    let mut response = respond(&state, request, &request_id, &traceparent)
+        .instrument(span)
+        .await;
     if let Ok(value) = hyper::header::HeaderValue::from_str(&request_id) {
         response.headers_mut().insert("x-request-id", value);
     }

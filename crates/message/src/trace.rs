@@ -1,11 +1,17 @@
 //! W3C trace context (`traceparent`) as plain data: the header that lets the spans of one
 //! request join up across processes and protocols. rylm carries it under the header name
 //! [`TRACEPARENT`] in every envelope it forwards; this module reads, checks, writes and derives
-//! it. No I/O, no tracing library: the servers put what it gives into their spans.
+//! it. No I/O.
 //!
 //! The format (version `00`): `00-<trace id: 32 hex>-<parent id: 16 hex>-<flags: 2 hex>`,
 //! lower case; an all-zero trace or parent id is invalid, and so is version `ff`. A later
 //! version is read by its first four fields, as the specification asks.
+//!
+//! [`Hop`] is one process's part of a traced request: the trace it continues (or starts), its
+//! own span id, and the `traceparent` it passes on; [`Hop::span`] opens the one span shape every
+//! rylm server records (fields `trace_id`, `span_id`, `parent_id`, `otel.name`), which the
+//! exporter of `rylm-admin` sends on as OpenTelemetry spans. Ids come from a per-thread
+//! generator seeded from the operating system's randomness, so a hop costs no system call.
 
 /// The header (and envelope header) name.
 pub const TRACEPARENT: &str = "traceparent";
@@ -117,17 +123,83 @@ impl std::fmt::Display for TraceParent {
     }
 }
 
-/// A span id from 8 fresh random bytes (a uuid v4's first half).
+thread_local! {
+    /// SplitMix64 state, seeded from a fresh uuid v4 (the operating system's randomness).
+    static IDS: std::cell::Cell<u64> = std::cell::Cell::new({
+        let seed = uuid::Uuid::new_v4().as_u64_pair();
+        seed.0 ^ seed.1.rotate_left(32)
+    });
+}
+
+/// The next 64 random bits of this thread's generator (SplitMix64: fast, well mixed, not for
+/// secrets; trace ids need only be unlikely to collide).
+fn next_u64() -> u64 {
+    IDS.with(|state| {
+        let next = state.get().wrapping_add(0x9e37_79b9_7f4a_7c15);
+        state.set(next);
+        let mut z = next;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    })
+}
+
+/// A fresh random span id (never all zero).
 pub fn new_span_id() -> [u8; 8] {
-    let id = uuid::Uuid::new_v4();
-    let mut span = [0u8; 8];
-    span.copy_from_slice(&id.as_bytes()[..8]);
-    span
+    let id = next_u64().max(1);
+    id.to_be_bytes()
 }
 
 /// A new sampled trace with fresh random ids.
 pub fn new_trace() -> TraceParent {
-    TraceParent::root(*uuid::Uuid::new_v4().as_bytes(), new_span_id())
+    let mut trace = [0u8; 16];
+    trace[..8].copy_from_slice(&next_u64().to_be_bytes());
+    trace[8..].copy_from_slice(&next_u64().to_be_bytes());
+    TraceParent::root(trace, new_span_id())
+}
+
+/// One process's part of a traced request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Hop {
+    /// The span of the sender, when the request came with a valid `traceparent`.
+    pub parent: Option<[u8; 8]>,
+    /// This hop's trace and own span: what it passes on (its `parent_id` is this hop's span).
+    pub own: TraceParent,
+}
+
+impl Hop {
+    /// Continues the trace of `incoming` (a `traceparent` value) with a new span of this
+    /// process, or starts a new trace when there is none or it is not valid.
+    pub fn continue_from(incoming: Option<&str>) -> Hop {
+        match incoming.and_then(TraceParent::parse) {
+            Some(caller) => Hop {
+                parent: Some(caller.parent_id),
+                own: caller.child(new_span_id()),
+            },
+            None => Hop {
+                parent: None,
+                own: new_trace(),
+            },
+        }
+    }
+
+    /// The `traceparent` this hop passes on.
+    pub fn traceparent(&self) -> String {
+        self.own.to_string()
+    }
+
+    /// The span of this hop, named `name` (as OpenTelemetry shows it), at level INFO under the
+    /// target `rylm::trace`; work done within it belongs to the request's trace.
+    pub fn span(&self, name: &str) -> tracing::Span {
+        tracing::info_span!(
+            target: "rylm::trace",
+            "rylm",
+            otel.name = name,
+            trace_id = %hex(&self.own.trace_id),
+            span_id = %hex(&self.own.parent_id),
+            parent_id = %self.parent.map(|id| hex(&id)).unwrap_or_default(),
+        )
+    }
 }
 
 #[cfg(test)]
@@ -194,5 +266,24 @@ mod tests {
         fn any_text_reads_or_is_refused_without_a_panic(text in ".{0,80}") {
             let _ = TraceParent::parse(&text);
         }
+    }
+
+    #[test]
+    fn a_hop_continues_a_valid_caller_and_starts_a_trace_otherwise() {
+        let hop = Hop::continue_from(Some(EXAMPLE));
+        let caller = TraceParent::parse(EXAMPLE).expect("valid");
+        assert_eq!(hop.own.trace_id, caller.trace_id);
+        assert_eq!(hop.parent, Some(caller.parent_id));
+        assert_ne!(hop.own.parent_id, caller.parent_id);
+        let passed = TraceParent::parse(&hop.traceparent()).expect("valid");
+        assert_eq!(passed, hop.own);
+        for incoming in [None, Some("garbage")] {
+            let fresh = Hop::continue_from(incoming);
+            assert_eq!(fresh.parent, None);
+            assert_ne!(fresh.own.trace_id, caller.trace_id);
+            assert!(TraceParent::parse(&fresh.traceparent()).is_some());
+        }
+        let ids: std::collections::HashSet<[u8; 8]> = (0..10_000).map(|_| new_span_id()).collect();
+        assert_eq!(ids.len(), 10_000, "span ids repeat");
     }
 }

@@ -7,6 +7,9 @@
 //! on a machine without the servers.
 #![warn(missing_docs)]
 
+mod otlp;
+pub use otlp::{OtlpReceiver, ReceivedSpan};
+
 use std::io::Write;
 
 /// The variable that names the Redis URL.

@@ -338,3 +338,27 @@ pub fn exactly_once(payloads: &[String], results: &BTreeMap<usize, Vec<String>>)
         "no answer to a call never made"
     );
 }
+
+/// Writes `request` (raw HTTP/1.1, `Connection: close`) to `address` and reads the whole
+/// answer within 10 s; an answer other than 200 is an error (to retry with [`until_ok`]).
+#[allow(dead_code)]
+pub async fn http_raw(address: &str, request: &str) -> Result<String, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(address)
+        .await
+        .map_err(|e| e.to_string())?;
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut answer = String::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_string(&mut answer))
+        .await
+        .map_err(|_| "no answer within 10 s".to_owned())?
+        .map_err(|e| e.to_string())?;
+    if answer.starts_with("HTTP/1.1 200") {
+        Ok(answer)
+    } else {
+        Err(answer)
+    }
+}

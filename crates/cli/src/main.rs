@@ -13,6 +13,7 @@
 //! the same output.
 
 mod admin;
+mod gilmour;
 mod lifecycle;
 mod security;
 mod services;
@@ -84,7 +85,7 @@ enum Command {
     /// Gilmour: the nodes of the health registry, pinged.
     Gilmour {
         #[command(subcommand)]
-        command: status::GilmourCommand,
+        command: gilmour::GilmourCommand,
     },
     /// Serves built-in routes as a services-mux service (by path and METHOD over ZeroMQ).
     Service(services::ServeArgs),
@@ -231,7 +232,7 @@ fn main() -> Result<()> {
         }
         Command::Worker(args) => runtime()?.block_on(topology::worker(args)),
         Command::Status(args) => runtime()?.block_on(status::status(args)),
-        Command::Gilmour { command } => runtime()?.block_on(status::gilmour(command)),
+        Command::Gilmour { command } => runtime()?.block_on(gilmour::run(command)),
         Command::Pipeline { server, previous } => {
             runtime()?.block_on(topology::pipeline(server, previous))
         }

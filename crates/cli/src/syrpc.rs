@@ -309,6 +309,7 @@ mod tests {
             type_: type_.into(),
             result_id: ResultId::new(),
             data,
+            traceparent: None,
         };
         assert_eq!(
             handlers.run(&request("upper", "abc".into())).await,

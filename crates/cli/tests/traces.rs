@@ -127,3 +127,169 @@ async fn an_http_request_through_the_gateway_and_a_worker_continues_the_callers_
     assert_eq!(http.parent_id, "00f067aa0ba902b7", "the caller's span");
     assert_eq!(worker.name, "upper");
 }
+
+#[tokio::test]
+async fn a_gilmour_request_from_one_process_to_a_proxys_node_is_one_trace() {
+    let Some(redis) = rylm_testkit::redis_url("a_gilmour_request_is_one_trace") else {
+        return;
+    };
+    let receiver = OtlpReceiver::start().await;
+    let otlp = ["--otlp-endpoint", receiver.endpoint()];
+    let node = rylm_testkit::HttpRecorder::start("\"pong\"").await;
+    let listen = format!("127.0.0.1:{}", rylm_testkit::free_port());
+    let _proxy = Rylm::command(
+        None,
+        &["gilmour-proxy", "--redis", &redis, "--listen", &listen],
+    )
+    .args(otlp)
+    .kill_on_drop(true)
+    .stdin(std::process::Stdio::null())
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::null())
+    .spawn()
+    .expect("the proxy starts");
+    let topic = format!("traced.{}", rylm_testkit::free_port());
+    let registration = serde_json::json!({
+        "port": node.address().port(),
+        "health_check": "/health",
+        "services": [{"topic": topic, "group": "g", "path": "/echo", "timeout": 5}],
+    })
+    .to_string();
+    let request = format!(
+        "POST /nodes HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{registration}",
+        registration.len()
+    );
+    until_ok(Duration::from_secs(30), || {
+        common::http_raw(&listen, &request)
+    })
+    .await;
+    let output = Rylm::command(
+        None,
+        &["gilmour", "request", "--redis", &redis, &topic, "{}"],
+    )
+    .args(otlp)
+    .env("OTEL_SERVICE_NAME", "test-requester")
+    .output()
+    .await
+    .expect("runs");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let reply: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON");
+    assert_eq!(reply, serde_json::json!({"code": 200, "data": "pong"}));
+    let spans = receiver
+        .until(Duration::from_secs(20), |spans| {
+            spans.iter().any(|s| s.service == "test-requester")
+                && spans.iter().any(|s| s.service == "rylm-gilmour-proxy")
+        })
+        .await;
+    let requester = one_of(&spans, "test-requester");
+    assert_eq!(requester.name, "rylm.gilmour.request");
+    let handler = spans
+        .iter()
+        .find(|s| s.service == "rylm-gilmour-proxy" && s.trace_id == requester.trace_id)
+        .unwrap_or_else(|| panic!("the proxy's span of the request in {spans:#?}"));
+    assert_eq!(handler.name, topic);
+    assert_eq!(handler.parent_id, requester.span_id);
+    // The node got the trace context of the proxy's span, to join the trace itself.
+    let call = node
+        .requests()
+        .into_iter()
+        .find(|r| r.path == "/echo")
+        .expect("the node was called");
+    let traceparent = call.header("traceparent").expect("a traceparent header");
+    assert_eq!(
+        traceparent,
+        format!("00-{}-{}-01", requester.trace_id, handler.span_id)
+    );
+}
+
+#[tokio::test]
+async fn a_syrpc_call_from_one_process_to_a_server_is_one_trace() {
+    let Some(amqp) = rylm_testkit::amqp_url("a_syrpc_call_is_one_trace") else {
+        return;
+    };
+    let receiver = OtlpReceiver::start().await;
+    let otlp = ["--otlp-endpoint", receiver.endpoint()];
+    let app = format!("traced-{}", std::process::id());
+    let mut serve = vec!["syrpc", "serve", "--url", &amqp, "--app", &app];
+    serve.extend(otlp);
+    let _server = Rylm::start(&serve).await;
+    let output = Rylm::command(
+        None,
+        &[
+            "syrpc", "call", "--url", &amqp, "--app", &app, "upper", "hi",
+        ],
+    )
+    .args(otlp)
+    .env("OTEL_SERVICE_NAME", "test-caller")
+    .output()
+    .await
+    .expect("runs");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let spans = receiver
+        .until(Duration::from_secs(20), |spans| {
+            spans.iter().any(|s| s.service == "test-caller")
+                && spans.iter().any(|s| s.service == "rylm-syrpc")
+        })
+        .await;
+    let caller = one_of(&spans, "test-caller");
+    let server = one_of(&spans, "rylm-syrpc");
+    assert_eq!(caller.name, "rylm.syrpc.call");
+    assert_eq!(server.name, "upper");
+    assert_eq!(server.trace_id, caller.trace_id);
+    assert_eq!(server.parent_id, caller.span_id);
+}
+
+#[tokio::test]
+async fn a_service_call_from_one_process_to_a_service_is_one_trace() {
+    let receiver = OtlpReceiver::start().await;
+    let otlp = ["--otlp-endpoint", receiver.endpoint()];
+    let service = common::free_address();
+    let mut serve = vec![
+        "service", "--bind", &service, "--secret", "s", "--name", "svc",
+    ];
+    serve.extend(otlp);
+    let _service = Rylm::start(&serve).await;
+    let output = Rylm::command(
+        None,
+        &[
+            "call",
+            "--connect",
+            &service,
+            "--secret",
+            "s",
+            "--timeout",
+            "10",
+            "/echo",
+        ],
+    )
+    .args(otlp)
+    .env("OTEL_SERVICE_NAME", "test-caller")
+    .output()
+    .await
+    .expect("runs");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let spans = receiver
+        .until(Duration::from_secs(20), |spans| {
+            spans.iter().any(|s| s.service == "test-caller")
+                && spans.iter().any(|s| s.service == "rylm-service")
+        })
+        .await;
+    let caller = one_of(&spans, "test-caller");
+    let served = one_of(&spans, "rylm-service");
+    assert_eq!(caller.name, "rylm.service.call");
+    assert_eq!(served.name, "svc");
+    assert_eq!(served.trace_id, caller.trace_id);
+    assert_eq!(served.parent_id, caller.span_id);
+}

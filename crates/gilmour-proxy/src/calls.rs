@@ -5,6 +5,7 @@
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tracing::Instrument;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
@@ -51,7 +52,8 @@ impl NodeCall {
                 return timed_out();
             };
             let left = self.timeout.saturating_sub(started.elapsed());
-            call_node(&self.http, &self.url, body, left, self.max).await
+            let traced = incoming.traceparent.as_deref();
+            call_node(&self.http, &self.url, body, left, self.max, traced).await
         };
         timed(&self.metrics, self.kind, &incoming.topic, call).await
     }
@@ -83,18 +85,21 @@ async fn timed(
 }
 
 /// POSTs `body` to the node, at most `timeout`: past it the connection is dropped (so the
-/// node's late write fails) and the answer is 499.
+/// node's late write fails) and the answer is 499. A traced call carries its `traceparent`
+/// header, so that the node's own spans join the trace.
 async fn call_node(
     http: &HttpClient,
     url: &str,
     body: Vec<u8>,
     timeout: Duration,
     max: usize,
+    traceparent: Option<&str>,
 ) -> Step {
-    let request = match Request::post(url)
-        .header(hyper::header::CONTENT_TYPE, "application/json")
-        .body(Full::new(Bytes::from(body)))
-    {
+    let mut request = Request::post(url).header(hyper::header::CONTENT_TYPE, "application/json");
+    if let Some(traceparent) = traceparent {
+        request = request.header(rylm_message::trace::TRACEPARENT, traceparent);
+    }
+    let request = match request.body(Full::new(Bytes::from(body))) {
         Ok(request) => request,
         Err(error) => {
             return Step {
@@ -132,6 +137,8 @@ struct NodeRunner<'a> {
     shared: &'a Shared,
     entry: &'a Entry,
     timeout: Duration,
+    /// The trace context of the proxy's span for the node's request.
+    traceparent: String,
 }
 
 impl Runner<String> for NodeRunner<'_> {
@@ -141,7 +148,11 @@ impl Runner<String> for NodeRunner<'_> {
         data: Value,
         timeout: Duration,
     ) -> BoxFuture<'a, Step> {
-        let request = self.shared.gilmour.request(topic, data, timeout);
+        let options = node::RequestOptions {
+            traceparent: Some(self.traceparent.clone()),
+            ..node::RequestOptions::from(timeout)
+        };
+        let request = self.shared.gilmour.request(topic, data, options);
         Box::pin(timed(&self.shared.metrics, "request", topic, async move {
             node::step_of(request.await)
         }))
@@ -158,6 +169,7 @@ impl Runner<String> for NodeRunner<'_> {
                 body,
                 self.timeout,
                 self.shared.config.max_body,
+                Some(&self.traceparent),
             )
             .await
         }))
@@ -169,24 +181,37 @@ pub(crate) async fn publish_request(
     shared: &Shared,
     entry: &Entry,
     body: &Value,
+    traceparent: Option<String>,
 ) -> Response<Full<Bytes>> {
     let publish = match api::request(body, &shared.config.limits) {
         Ok(publish) => publish,
         Err(refused) => return refused_response(&refused),
     };
     let timeout = publish.timeout.unwrap_or(shared.config.request_timeout);
+    // One span of the proxy for the node's request; a composition's steps run under it.
+    let hop = rylm_message::trace::Hop::continue_from(traceparent.as_deref());
     let runner = NodeRunner {
         shared,
         entry,
         timeout,
+        traceparent: hop.traceparent(),
     };
+    let span = hop.span("rylm.gilmour-proxy.request");
+    run_published(publish, &runner, timeout)
+        .instrument(span)
+        .await
+}
+
+async fn run_published(
+    publish: api::Publish,
+    runner: &NodeRunner<'_>,
+    timeout: Duration,
+) -> Response<Full<Bytes>> {
     let composed: Composed = match &publish.target {
         Target::Topic(topic) => {
             Composed::of(vec![runner.request(topic, publish.message, timeout).await])
         }
-        Target::Composition(composition) => {
-            composition.run(publish.message, &runner, timeout).await
-        }
+        Target::Composition(composition) => composition.run(publish.message, runner, timeout).await,
     };
     let status = u16::try_from(composed.code)
         .ok()
@@ -199,13 +224,20 @@ pub(crate) async fn publish_request(
 }
 
 /// `POST /signal/:id`: `receivers` says how many subscriptions heard it.
-pub(crate) async fn publish_signal(shared: &Shared, body: &Value) -> Response<Full<Bytes>> {
+pub(crate) async fn publish_signal(
+    shared: &Shared,
+    body: &Value,
+    traceparent: Option<&str>,
+) -> Response<Full<Bytes>> {
     let (topic, message) = match api::signal(body) {
         Ok(signal) => signal,
         Err(refused) => return refused_response(&refused),
     };
     let started = Instant::now();
-    let sent = shared.gilmour.signal(&topic, message).await;
+    let sent = shared
+        .gilmour
+        .signal_traced(&topic, message, traceparent)
+        .await;
     shared
         .metrics
         .record("signal", &topic, started.elapsed(), sent.is_err());

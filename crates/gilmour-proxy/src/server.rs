@@ -587,14 +587,20 @@ async fn route(
                     );
                 }
             }
+            // The node's trace context, continued by what the proxy publishes for it.
+            let traceparent = request
+                .headers()
+                .get(rylm_message::trace::TRACEPARENT)
+                .and_then(|value| value.to_str().ok())
+                .map(str::to_owned);
             let body = match read_json(&shared, request).await {
                 Ok(body) => body,
                 Err(response) => return response,
             };
             if *kind == "request" {
-                publish_request(&shared, &entry, &body).await
+                publish_request(&shared, &entry, &body, traceparent).await
             } else {
-                publish_signal(&shared, &body).await
+                publish_signal(&shared, &body, traceparent.as_deref()).await
             }
         }
         (_, ["nodes"] | ["healthz"] | ["metrics"] | ["request" | "signal", _]) => refuse(

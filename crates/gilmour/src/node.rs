@@ -5,10 +5,12 @@
 //! takes locks. Both reconnect on their own, and the subscriber subscribes again to everything
 //! it had.
 
+use rylm_message::trace::Hop;
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
+use tracing::Instrument;
 
 use fred::clients::SubscriberClient;
 use fred::prelude::*;
@@ -31,6 +33,9 @@ pub struct Incoming {
     pub sender: String,
     /// The data.
     pub data: Value,
+    /// W3C trace context of this handler's span, when the request or signal was traced (to
+    /// pass on to what the handler calls).
+    pub traceparent: Option<String>,
 }
 
 /// A service's answer: data and code (0 is sent as 200, 300 and above are failures).
@@ -125,6 +130,9 @@ pub struct RequestOptions {
     /// on one server, the count PUBLISH returns says it. Off, a request nobody hears waits out
     /// its deadline.
     pub confirm_subscriber: bool,
+    /// The caller's W3C trace context, continued by the request's span; a new trace when
+    /// `None` (default).
+    pub traceparent: Option<String>,
 }
 
 impl From<Duration> for RequestOptions {
@@ -132,6 +140,7 @@ impl From<Duration> for RequestOptions {
         RequestOptions {
             deadline,
             confirm_subscriber: true,
+            traceparent: None,
         }
     }
 }
@@ -532,11 +541,28 @@ impl Node {
     /// Publishes a signal on `topic`; nothing replies. Returns how many subscriptions received
     /// it: 0 means no slot heard it.
     pub async fn signal(&self, topic: &str, data: Value) -> Result<usize, Error> {
+        self.signal_traced(topic, data, None).await
+    }
+
+    /// [`Node::signal`] continuing the caller's W3C trace context `traceparent` (a new trace
+    /// when `None`) under a span `rylm.gilmour.signal`.
+    pub async fn signal_traced(
+        &self,
+        topic: &str,
+        data: Value,
+        traceparent: Option<&str>,
+    ) -> Result<usize, Error> {
         let channel = protocol::slot_channel(protocol::service_topic(topic)?);
         let sender = uuid::Uuid::new_v4().to_string();
+        let hop = Hop::continue_from(traceparent);
+        let envelope = Envelope {
+            traceparent: Some(hop.traceparent()),
+            ..Envelope::request(data, sender)
+        };
         let receivers: i64 = self
             .commands
-            .publish(channel, Envelope::request(data, sender).encode())
+            .publish(channel, envelope.encode())
+            .instrument(hop.span("rylm.gilmour.signal"))
             .await
             .map_err(redis("publishing"))?;
         Ok(usize::try_from(receivers).unwrap_or(0))
@@ -552,11 +578,25 @@ impl Node {
         options: impl Into<RequestOptions>,
     ) -> Result<Envelope, Error> {
         let options = options.into();
+        let hop = Hop::continue_from(options.traceparent.as_deref());
+        self.request_now(topic, data, options, hop)
+            .instrument(hop.span("rylm.gilmour.request"))
+            .await
+    }
+
+    async fn request_now(
+        &self,
+        topic: &str,
+        data: Value,
+        options: RequestOptions,
+        hop: Hop,
+    ) -> Result<Envelope, Error> {
         let channel = protocol::request_channel(protocol::service_topic(topic)?);
         let nobody = || Envelope {
             data: Value::from(format!("no subscriber for {topic}")),
             code: Some(protocol::NOT_FOUND),
             sender: String::new(),
+            traceparent: None,
         };
         // With shared responses on one server, PUBLISH's own count of receivers says whether
         // anybody listens, a round trip fewer; otherwise the subscribers are counted first, as
@@ -590,9 +630,13 @@ impl Node {
                 // Confirmed: the reply must not be published before Redis holds it.
                 self.listen(response.clone(), false).await?;
             }
+            let envelope = Envelope {
+                traceparent: Some(hop.traceparent()),
+                ..Envelope::request(data, sender.clone())
+            };
             let receivers: i64 = self
                 .commands
-                .publish(channel, Envelope::request(data, sender.clone()).encode())
+                .publish(channel, envelope.encode())
                 .await
                 .map_err(redis("publishing"))?;
             if options.confirm_subscriber && counted_by_publish && receivers == 0 {

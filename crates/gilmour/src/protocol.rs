@@ -229,6 +229,10 @@ pub struct Envelope {
     /// A fresh id per request or signal (Go a uuid, Ruby 32 hex digits); ignored on replies.
     #[serde(default)]
     pub sender: String,
+    /// W3C trace context of the sender's span: rylm's extra field (written only when set; the
+    /// Go and Ruby engines decode envelopes into the three fields above and ignore others).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }
 
 impl Envelope {
@@ -238,6 +242,7 @@ impl Envelope {
             data,
             code: Some(OK),
             sender: sender.into(),
+            traceparent: None,
         }
     }
 
@@ -248,6 +253,7 @@ impl Envelope {
             data,
             code: Some(if code == 0 { OK } else { code }),
             sender: response_channel(sender),
+            traceparent: None,
         }
     }
 
@@ -293,6 +299,10 @@ impl Envelope {
                             .get("sender")
                             .map(|s| s.as_str().map_or_else(|| s.to_string(), str::to_owned))
                             .unwrap_or_default(),
+                        traceparent: map
+                            .get("traceparent")
+                            .and_then(Value::as_str)
+                            .map(str::to_owned),
                     },
                 )
             }
@@ -300,11 +310,13 @@ impl Envelope {
                 data: value,
                 code: None,
                 sender: String::new(),
+                traceparent: None,
             },
             Err(_) => Envelope {
                 data: Value::from(String::from_utf8_lossy(payload).into_owned()),
                 code: None,
                 sender: String::new(),
+                traceparent: None,
             },
         }
     }
@@ -415,6 +427,7 @@ impl ErrorRecord {
             data: serde_json::to_value(self).unwrap_or(Value::Null),
             code: Some(self.code),
             sender: self.sender.clone(),
+            traceparent: None,
         }
     }
 }

@@ -11,6 +11,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tracing::Instrument;
 
 use fred::clients::Client;
 use fred::prelude::*;
@@ -291,12 +292,15 @@ async fn run_slot(
             return;
         }
     }
+    let topic = protocol::topic_of(&channel).to_owned();
+    let (span, traceparent) = traced(signal.traceparent.as_deref(), &topic);
     let incoming = Incoming {
-        topic: protocol::topic_of(&channel).to_owned(),
+        topic,
         sender: signal.sender,
         data: signal.data,
+        traceparent,
     };
-    if let Err(panic) = tokio::spawn((slot.handler)(incoming)).await {
+    if let Err(panic) = tokio::spawn((slot.handler)(incoming).instrument(span)).await {
         tracing::warn!(%panic, channel = %channel, "a slot's handler panicked");
     }
 }
@@ -318,13 +322,15 @@ async fn serve(
         return;
     }
     let topic = protocol::topic_of(&service.channel).to_owned();
+    let (span, traceparent) = traced(request.traceparent.as_deref(), &topic);
     let handler = (service.handler)(Incoming {
         topic: topic.clone(),
         sender: request.sender.clone(),
         data: request.data.clone(),
+        traceparent,
     });
     // A handler past its timeout is stopped, not left running unseen.
-    let task = tokio::spawn(handler);
+    let task = tokio::spawn(handler.instrument(span));
     let abort = task.abort_handle();
     let reply = match tokio::time::timeout(service.timeout, task).await {
         Ok(Ok(reply)) => Envelope::reply(reply.data, reply.code, &request.sender),
@@ -346,6 +352,18 @@ async fn serve(
     }
     if reply.failed() && !service.channel.starts_with("gilmour.health.") {
         report(&commands, &state.options, &topic, &request, &reply).await;
+    }
+}
+
+/// The span of a handler run for a traced request or signal (named after its topic), and the
+/// trace context the handler passes on; nothing for an untraced one (a Go or Ruby sender's).
+fn traced(incoming: Option<&str>, topic: &str) -> (tracing::Span, Option<String>) {
+    match incoming {
+        Some(incoming) => {
+            let hop = rylm_message::trace::Hop::continue_from(Some(incoming));
+            (hop.span(topic), Some(hop.traceparent()))
+        }
+        None => (tracing::Span::none(), None),
     }
 }
 

@@ -251,7 +251,7 @@ mod properties {
 
         #[test]
         fn envelopes_round_trip(data in "[a-z0-9 ]{0,40}", code in -1000i64..1000, sender in "[a-f0-9-]{1,36}") {
-            let envelope = Envelope { data: json!({"text": data}), code: Some(code), sender };
+            let envelope = Envelope { data: json!({"text": data}), code: Some(code), sender, traceparent: None };
             prop_assert_eq!(Envelope::decode(&envelope.encode()), envelope);
         }
 

@@ -9,9 +9,11 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use regex::Regex;
+use rylm_message::trace::{Hop, TRACEPARENT};
 use rylm_transport::{Event, Kind, Options, Socket};
 use serde_json::{Map, Value};
 use tokio::sync::{Notify, oneshot};
+use tracing::Instrument;
 
 use crate::protocol::{
     self, Binding, Decoded, Frame, Method, RequestView, RouteInfo, Secret, WireControl,
@@ -106,6 +108,9 @@ pub struct ClientConfig {
     /// The sockets' options, security among them (default: `rylm-transport`'s safe defaults,
     /// NULL security).
     pub transport: Options,
+    /// Carry W3C trace context: a call without a `traceparent` header starts a trace, and
+    /// each call is a span `rylm.service.call` of it (default true).
+    pub trace: bool,
 }
 
 impl Default for ClientConfig {
@@ -115,6 +120,7 @@ impl Default for ClientConfig {
             heartbeat_misses: 3,
             default_deadline: Duration::from_secs(30),
             transport: Options::default(),
+            trace: true,
         }
     }
 }
@@ -423,6 +429,29 @@ impl ServiceClient {
     pub async fn call(
         &self,
         service: &str,
+        mut call: Call,
+        deadline: Option<Duration>,
+    ) -> Result<Reply, Error> {
+        let span = self.traced(&mut call);
+        self.call_now(service, call, deadline)
+            .instrument(span)
+            .await
+    }
+
+    /// With tracing on: `call` continues its `traceparent` (or starts a trace) under a span
+    /// of this client, whose id the request carries.
+    fn traced(&self, call: &mut Call) -> tracing::Span {
+        if !self.inner.config.trace {
+            return tracing::Span::none();
+        }
+        let hop = Hop::continue_from(call.headers.get(TRACEPARENT).map(String::as_str));
+        call.headers.insert(TRACEPARENT.into(), hop.traceparent());
+        hop.span("rylm.service.call")
+    }
+
+    async fn call_now(
+        &self,
+        service: &str,
         call: Call,
         deadline: Option<Duration>,
     ) -> Result<Reply, Error> {
@@ -479,7 +508,12 @@ impl ServiceClient {
     /// Sends the call and returns its id at once; the response goes to the handler
     /// registered for its path with [`ServiceClient::on_response`]. If the instance dies
     /// first, the handler gets a 503 response saying so.
-    pub async fn send(&self, service: &str, call: Call) -> Result<String, Error> {
+    pub async fn send(&self, service: &str, mut call: Call) -> Result<String, Error> {
+        let span = self.traced(&mut call);
+        self.send_now(service, call).instrument(span).await
+    }
+
+    async fn send_now(&self, service: &str, call: Call) -> Result<String, Error> {
         let deadline = self.inner.config.default_deadline;
         let (id, _) = self
             .dispatch(service, &call, Waiter::Async, deadline, &[])

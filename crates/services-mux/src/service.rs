@@ -1,11 +1,13 @@
 //! A service instance: a ROUTER socket that routes authenticated requests by path and method.
 
+use rylm_message::trace::{Hop, TRACEPARENT};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+use tracing::Instrument;
 
 use bytes::Bytes;
 use futures_lite::FutureExt;
@@ -334,8 +336,19 @@ impl Service {
     }
 
     /// Dispatches `request` to its route, and counts the answer.
-    pub(crate) async fn dispatch(&self, request: WireRequest) -> ServiceResponse {
-        let response = self.route_request(request).await;
+    pub(crate) async fn dispatch(&self, mut request: WireRequest) -> ServiceResponse {
+        // A traced request runs under a span of this instance, whose id the handler sees.
+        let span = match request.headers.get(TRACEPARENT) {
+            Some(incoming) => {
+                let hop = Hop::continue_from(Some(incoming));
+                request
+                    .headers
+                    .insert(TRACEPARENT.into(), hop.traceparent());
+                hop.span(&self.name)
+            }
+            None => tracing::Span::none(),
+        };
+        let response = self.route_request(request).instrument(span).await;
         self.counters.answered.fetch_add(1, Ordering::Relaxed);
         if response.status >= 500 {
             self.counters.errors.fetch_add(1, Ordering::Relaxed);

@@ -34,10 +34,12 @@
 //! once (to two callers of one id in different processes, or again after a reconnect):
 //! results are at-least-once.
 
+use rylm_message::trace::Hop;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+use tracing::Instrument;
 
 use futures_lite::StreamExt;
 use lapin::Acker;
@@ -159,11 +161,19 @@ impl Client {
         deadline: Option<Duration>,
     ) -> Result<ResultId, Error> {
         let (result_id, body) = request_body(type_, data)?;
-        self.publish_request(&body, deadline).await?;
+        let hop = Hop::continue_from(None);
+        self.publish_request(&body, deadline, &hop.traceparent())
+            .instrument(hop.span("rylm.syrpc.put_request"))
+            .await?;
         Ok(result_id)
     }
 
-    async fn publish_request(&self, body: &[u8], deadline: Option<Duration>) -> Result<(), Error> {
+    async fn publish_request(
+        &self,
+        body: &[u8],
+        deadline: Option<Duration>,
+        traceparent: &str,
+    ) -> Result<(), Error> {
         let settings = &self.inner.link.settings;
         let exchange = settings.request_exchange();
         self.inner
@@ -177,6 +187,7 @@ impl Client {
                     expiration: settings.request_ttl,
                     bucket: None,
                     forward: false,
+                    traceparent: Some(traceparent),
                 },
                 deadline,
             )
@@ -207,10 +218,23 @@ impl Client {
         data: &impl Serialize,
         deadline: Option<Duration>,
     ) -> Result<Value, Error> {
+        let hop = Hop::continue_from(None);
+        self.call_now(type_, data, deadline, &hop.traceparent())
+            .instrument(hop.span("rylm.syrpc.call"))
+            .await
+    }
+
+    async fn call_now(
+        &self,
+        type_: &str,
+        data: &impl Serialize,
+        deadline: Option<Duration>,
+        traceparent: &str,
+    ) -> Result<Value, Error> {
         let deadline = deadline.or(self.inner.link.settings.timeout);
         let (result_id, body) = request_body(type_, data)?;
         let answer = self.wait_for(&result_id);
-        let publish = self.publish_request(&body, deadline);
+        let publish = self.publish_request(&body, deadline, traceparent);
         let answer = self.answer(&result_id, answer, deadline);
         tokio::pin!(publish, answer);
         let mut published = false;
@@ -606,6 +630,7 @@ impl Reader {
                     expiration: Some(settings.msg_ttl),
                     bucket: None,
                     forward: true,
+                    traceparent: None,
                 },
                 settings.confirm_timeout,
             )

@@ -44,6 +44,9 @@ pub(crate) struct Outgoing<'a> {
     /// documentation): published `mandatory` and transient, to the private queue of whoever
     /// bound its id, and never retried when nobody did.
     pub(crate) forward: bool,
+    /// W3C trace context, sent as the AMQP header `traceparent` (the Python and JavaScript
+    /// packages ignore headers they do not know).
+    pub(crate) traceparent: Option<&'a str>,
 }
 
 /// `{app}_rylm_by_id`: the direct exchange through which a client forwards a result it took
@@ -430,6 +433,14 @@ pub(crate) async fn publish_on(
         .with_delivery_mode(if message.forward { 1 } else { 2 });
     if let Some(ttl) = message.expiration {
         properties = properties.with_expiration(ttl.as_millis().to_string().into());
+    }
+    if let Some(traceparent) = message.traceparent {
+        let mut headers = FieldTable::default();
+        headers.insert(
+            rylm_message::trace::TRACEPARENT.into(),
+            AMQPValue::LongString(traceparent.into()),
+        );
+        properties = properties.with_headers(headers);
     }
     let mandatory = message.bucket.is_some() || message.forward;
     let confirm = channel

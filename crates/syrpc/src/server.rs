@@ -39,6 +39,8 @@ pub struct Request {
     pub result_id: ResultId,
     /// The argument.
     pub data: Value,
+    /// The caller's W3C trace context (the AMQP header `traceparent`), when it sent one.
+    pub traceparent: Option<String>,
 }
 
 /// A request still to acknowledge, and the connection it came on.
@@ -243,6 +245,7 @@ impl Server {
                     expiration: None,
                     bucket: Some(bucket),
                     forward: false,
+                    traceparent: None,
                 },
                 None,
             )
@@ -286,7 +289,14 @@ impl Server {
             let server = self.clone();
             let handlers = handlers.clone();
             let limit = self.link.settings.handler_timeout;
-            running.spawn(async move {
+            // A traced request is answered under a span of this server, named after its type.
+            let span = match &request.traceparent {
+                Some(incoming) => {
+                    rylm_message::trace::Hop::continue_from(Some(incoming)).span(&request.type_)
+                }
+                None => tracing::Span::none(),
+            };
+            running.spawn(tracing::Instrument::instrument(async move {
                 let answer = handlers.run_within(&request, limit).await;
                 let counters = &server.counters;
                 match server.put_result(&request.result_id, &answer).await {
@@ -302,7 +312,7 @@ impl Server {
                     }
                 }
                 drop(permit);
-            });
+            }, span));
             while running.try_join_next().is_some() {}
         }
         while running.join_next().await.is_some() {}
@@ -313,6 +323,16 @@ impl Server {
     pub async fn close(self) {
         self.consumer_task.abort();
         self.link.close().await;
+    }
+}
+
+/// The `traceparent` AMQP header of a delivery, when it has one as text.
+fn traceparent_of(properties: &lapin::BasicProperties) -> Option<String> {
+    let headers = properties.headers().as_ref()?;
+    match headers.inner().get(rylm_message::trace::TRACEPARENT)? {
+        lapin::types::AMQPValue::LongString(text) => Some(text.to_string()),
+        lapin::types::AMQPValue::ShortString(text) => Some(text.as_str().to_owned()),
+        _ => None,
     }
 }
 
@@ -390,6 +410,7 @@ async fn consume_requests(
                             type_: body.type_.trim().to_owned(),
                             result_id: body.result_id,
                             data: body.data,
+                            traceparent: traceparent_of(&delivery.properties),
                         },
                         acker: delivery.acker,
                         generation,

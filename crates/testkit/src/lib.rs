@@ -8,7 +8,9 @@
 #![warn(missing_docs)]
 
 mod otlp;
+mod recorder;
 pub use otlp::{OtlpReceiver, ReceivedSpan};
+pub use recorder::{HttpRecorder, Recorded};
 
 use std::io::Write;
 

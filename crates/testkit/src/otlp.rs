@@ -1,10 +1,9 @@
 //! A receiver of OTLP/HTTP JSON spans on loopback, for tests that check which spans the
 //! processes they start export: every span it is sent, with its service, as plain data.
 
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use crate::HttpRecorder;
 
 /// One span as a receiver got it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,18 +24,8 @@ pub struct ReceivedSpan {
 #[derive(Debug)]
 pub struct OtlpReceiver {
     endpoint: String,
-    spans: Arc<Mutex<Vec<ReceivedSpan>>>,
-    task: tokio::task::JoinHandle<()>,
+    recorder: HttpRecorder,
 }
-
-impl Drop for OtlpReceiver {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-/// The longest request body it reads.
-const LIMIT: usize = 16 << 20;
 
 impl OtlpReceiver {
     /// Listens on a free loopback port.
@@ -45,21 +34,10 @@ impl OtlpReceiver {
     ///
     /// When it cannot listen.
     pub async fn start() -> OtlpReceiver {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("a loopback port");
-        let endpoint = format!("http://{}", listener.local_addr().expect("bound"));
-        let spans: Arc<Mutex<Vec<ReceivedSpan>>> = Arc::default();
-        let kept = spans.clone();
-        let task = tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                tokio::spawn(serve(stream, kept.clone()));
-            }
-        });
+        let recorder = HttpRecorder::start("{}").await;
         OtlpReceiver {
-            endpoint,
-            spans,
-            task,
+            endpoint: format!("http://{}", recorder.address()),
+            recorder,
         }
     }
 
@@ -70,7 +48,12 @@ impl OtlpReceiver {
 
     /// Every span received so far.
     pub fn spans(&self) -> Vec<ReceivedSpan> {
-        self.spans.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.recorder
+            .requests()
+            .iter()
+            .filter(|r| r.method == "POST" && r.path.ends_with("/v1/traces"))
+            .flat_map(|r| parse(&r.body))
+            .collect()
     }
 
     /// Waits (at most `within`) until the spans received satisfy `done`; returns them.
@@ -86,49 +69,6 @@ impl OtlpReceiver {
                 return spans;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-}
-
-/// Serves one connection: POSTs with a `Content-Length` body, each answered 200.
-async fn serve(stream: tokio::net::TcpStream, spans: Arc<Mutex<Vec<ReceivedSpan>>>) {
-    let (reader, mut writer) = stream.into_split();
-    let mut reader = BufReader::new(reader);
-    loop {
-        let mut length = 0usize;
-        let mut line = String::new();
-        loop {
-            line.clear();
-            match tokio::time::timeout(Duration::from_secs(30), reader.read_line(&mut line)).await {
-                Ok(Ok(n)) if n > 0 => {}
-                _ => return,
-            }
-            let header = line.trim_end();
-            if header.is_empty() {
-                break;
-            }
-            if let Some((name, value)) = header.split_once(':')
-                && name.eq_ignore_ascii_case("content-length")
-            {
-                length = value.trim().parse().unwrap_or(0);
-            }
-        }
-        if length > LIMIT {
-            return;
-        }
-        let mut body = vec![0; length];
-        if reader.read_exact(&mut body).await.is_err() {
-            return;
-        }
-        let received = parse(&body);
-        spans
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .extend(received);
-        let answer =
-            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}";
-        if writer.write_all(answer).await.is_err() {
-            return;
         }
     }
 }

@@ -53,6 +53,7 @@ use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
+use rylm_message::stats::{CallStat, ErrorKind};
 use tokio::sync::{Semaphore, watch};
 
 /// Whether the server can serve now; the reason when it cannot.
@@ -239,6 +240,62 @@ pub fn counter(
     let counter = ConstCounter::new(value);
     let metric = encoder.encode_descriptor(name, help, None, counter.metric_type())?;
     counter.encode(metric)
+}
+
+/// Writes the counters of calls by name in a collector's scrape: `{prefix}_calls_total`,
+/// `{prefix}_errors_total` (with a `kind` label; a series once that kind happened) and the histogram
+/// `{prefix}_duration_seconds`, each labelled `label="<name>"`.
+pub fn calls(
+    encoder: &mut DescriptorEncoder<'_>,
+    prefix: &str,
+    label: &str,
+    stats: &[(String, Arc<CallStat>)],
+) -> Result<(), std::fmt::Error> {
+    use prometheus_client::metrics::MetricType;
+    use std::sync::atomic::Ordering;
+    let (calls_name, errors_name, duration_name) = (
+        format!("{prefix}_calls"),
+        format!("{prefix}_errors"),
+        format!("{prefix}_duration_seconds"),
+    );
+    let (calls_help, errors_help, duration_help) = (
+        format!("calls by {label}"),
+        format!(
+            "failed calls by {label} and kind (failed, panicked, timeout, busy, unknown, invalid)"
+        ),
+        format!("how long calls took, by {label}"),
+    );
+    let mut family =
+        encoder.encode_descriptor(&calls_name, &calls_help, None, MetricType::Counter)?;
+    for (name, stat) in stats {
+        ConstCounter::new(stat.calls.load(Ordering::Relaxed))
+            .encode(family.encode_family(&[(label, name.as_str())])?)?;
+    }
+    let mut family =
+        encoder.encode_descriptor(&errors_name, &errors_help, None, MetricType::Counter)?;
+    // Only the kinds that happened: six series per name, mostly zero, would swamp a server.
+    for (name, stat) in stats {
+        for kind in ErrorKind::ALL {
+            let errors = stat.errors(kind);
+            if errors > 0 {
+                let labels = [(label, name.as_str()), ("kind", kind.as_str())];
+                ConstCounter::new(errors).encode(family.encode_family(&labels)?)?;
+            }
+        }
+    }
+    let mut family =
+        encoder.encode_descriptor(&duration_name, &duration_help, None, MetricType::Histogram)?;
+    for (name, stat) in stats {
+        family
+            .encode_family(&[(label, name.as_str())])?
+            .encode_histogram::<Vec<(String, String)>>(
+                stat.seconds(),
+                stat.calls.load(Ordering::Relaxed),
+                &stat.buckets(),
+                None,
+            )?;
+    }
+    Ok(())
 }
 
 /// Writes one gauge sample in a collector's scrape.

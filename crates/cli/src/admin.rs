@@ -9,8 +9,9 @@ use anyhow::Result;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::DescriptorEncoder;
 use prometheus_client::registry::Registry;
-use rylm_admin::{Admin, Readiness, counter, gauge};
+use rylm_admin::{Admin, Readiness, calls, counter, gauge};
 use rylm_components::{Functions, PoolStatus, ResultCounters};
+use rylm_message::stats::CallTable;
 
 /// A master's (or hub's) worker pool.
 #[derive(Debug)]
@@ -70,48 +71,7 @@ struct Ran(Functions);
 
 impl Collector for Ran {
     fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
-        use prometheus_client::encoding::EncodeMetric;
-        use prometheus_client::metrics::MetricType;
-        let stats = self.0.stats();
-        let families = [
-            (
-                "rylm_function_calls",
-                "function calls, unknown names under _unknown",
-            ),
-            (
-                "rylm_function_failed",
-                "function calls that returned an error",
-            ),
-            ("rylm_function_panicked", "function calls that panicked"),
-        ];
-        for (i, (name, help)) in families.iter().enumerate() {
-            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
-            for (function, stat) in &stats {
-                let value = [&stat.calls, &stat.failed, &stat.panicked][i].load(Ordering::Relaxed);
-                let labels = [("function", function.as_str())];
-                let counter = prometheus_client::metrics::counter::ConstCounter::new(value);
-                counter.encode(family.encode_family(&labels)?)?;
-            }
-        }
-        let mut family = encoder.encode_descriptor(
-            "rylm_function_duration_seconds",
-            "how long function calls took",
-            None,
-            MetricType::Histogram,
-        )?;
-        for (function, stat) in &stats {
-            let labels = [("function", function.as_str())];
-            let count = stat.calls.load(Ordering::Relaxed);
-            family
-                .encode_family(&labels)?
-                .encode_histogram::<Vec<(String, String)>>(
-                    stat.seconds(),
-                    count,
-                    &stat.buckets(),
-                    None,
-                )?;
-        }
-        Ok(())
+        calls(&mut encoder, "rylm_function", "function", &self.0.stats())
     }
 }
 
@@ -163,7 +123,17 @@ impl Collector for Syrpc {
         for (name, help, value) in counters {
             counter(&mut encoder, name, help, value.load(Ordering::Relaxed))?;
         }
-        Ok(())
+        calls(&mut encoder, "rylm_syrpc_type", "type", &c.types.all())
+    }
+}
+
+/// A gateway's requests by route.
+#[derive(Debug)]
+struct Routes(Arc<CallTable>);
+
+impl Collector for Routes {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        calls(&mut encoder, "rylm_gateway_route", "route", &self.0.all())
     }
 }
 
@@ -209,7 +179,7 @@ impl Collector for Calls {
         for (name, help, value) in counters {
             counter(&mut encoder, name, help, value.load(Ordering::Relaxed))?;
         }
-        Ok(())
+        calls(&mut encoder, "rylm_service_route", "route", &c.routes.all())
     }
 }
 
@@ -226,6 +196,24 @@ pub(crate) enum Shows {
     /// A master or hub: its pool; ready while a worker is connected (a busy master still takes
     /// work, up to its waiting line), and in pylm's layout, whose workers it cannot see, always.
     Master { pool: Arc<PoolStatus>, pylm: bool },
+    /// A gateway: its pool as a master's, and its requests by route.
+    Gateway {
+        pool: Arc<PoolStatus>,
+        pylm: bool,
+        routes: Arc<CallTable>,
+    },
+}
+
+/// Ready while a worker is connected (a busy master still takes work, up to its waiting
+/// line); in pylm's layout, whose workers cannot be seen, always.
+fn pool_ready(pool: Arc<PoolStatus>, pylm: bool) -> Readiness {
+    Arc::new(move || {
+        if pylm || pool.live_workers() > 0 {
+            Ok(())
+        } else {
+            Err("no worker is connected".to_owned())
+        }
+    })
 }
 
 /// Starts the admin listener when `--admin` was given; prints where.
@@ -264,13 +252,12 @@ pub(crate) async fn start(
         }
         Shows::Master { pool, pylm } => {
             registry.register_collector(Box::new(Pool(pool.clone())));
-            Arc::new(move || {
-                if pylm || pool.live_workers() > 0 {
-                    Ok(())
-                } else {
-                    Err("no worker is connected".to_owned())
-                }
-            })
+            pool_ready(pool, pylm)
+        }
+        Shows::Gateway { pool, pylm, routes } => {
+            registry.register_collector(Box::new(Pool(pool.clone())));
+            registry.register_collector(Box::new(Routes(routes)));
+            pool_ready(pool, pylm)
         }
     };
     let admin = Admin::start(listen, registry, ready).await?;

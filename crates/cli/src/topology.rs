@@ -1,7 +1,6 @@
 //! `rylm server|master|hub|worker|pipeline|sink|client`: pylm's topologies from the shell, with
 //! built-in functions for trying them without writing code.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -398,12 +397,10 @@ pub(crate) async fn gateway(args: GatewayArgs) -> Result<()> {
             gateway.worker_address()
         ),
     }
-    let shows = match gateway.pool_status() {
-        Some(pool) => Shows::Master { pool, pylm: false },
-        None => Shows::Master {
-            pool: Arc::default(),
-            pylm: true,
-        },
+    let shows = Shows::Gateway {
+        pylm: gateway.pool_status().is_none(),
+        pool: gateway.pool_status().unwrap_or_default(),
+        routes: gateway.routes(),
     };
     let admin = admin::start("gateway", args.admin, shows).await?;
     eprintln!("rylm gateway: try curl -d hello {http}/upper; SIGTERM or Ctrl-C stops");

@@ -9,7 +9,7 @@ use std::time::Duration;
 use common::{Job, Ports, Rylm, until_ok};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use rylm_testkit::{http_get as get, metric_sample};
+use rylm_testkit::{http_get as get, metric_sample, metric_sample_with};
 
 /// The value of the sample `name` in a scrape of `address`.
 async fn metric(address: &str, name: &str) -> f64 {
@@ -22,6 +22,12 @@ async fn metric(address: &str, name: &str) -> f64 {
 async fn of_function(address: &str, name: &str, function: &str) -> f64 {
     let (_, body) = get(address, "/metrics").await.expect("scraped");
     metric_sample(&body, name, Some(("function", function)))
+}
+
+/// The value of the sample `name` with every label of `labels`.
+async fn labelled(address: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let (_, body) = get(address, "/metrics").await.expect("scraped");
+    metric_sample_with(&body, name, labels)
 }
 
 /// Polls `/readyz` until it answers `want`.
@@ -117,9 +123,10 @@ async fn a_servers_admin_counts_its_answers() {
         of_function(&admin, "rylm_function_calls_total", "upper").await,
         10.0
     );
-    assert_eq!(
-        of_function(&admin, "rylm_function_failed_total", "upper").await,
-        0.0
+    let (_, body) = get(&admin, "/metrics").await.expect("scraped");
+    assert!(
+        !body.contains("rylm_function_errors_total{function=\"upper\""),
+        "no error series for a function without errors: {body}"
     );
     // Three calls of `fail`: the client reports them and exits non-zero.
     let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_rylm"))
@@ -129,8 +136,9 @@ async fn a_servers_admin_counts_its_answers() {
         .await
         .expect("runs");
     assert!(!output.status.success());
+    let failed = [("function", "fail"), ("kind", "failed")];
     assert_eq!(
-        of_function(&admin, "rylm_function_failed_total", "fail").await,
+        labelled(&admin, "rylm_function_errors_total", &failed).await,
         3.0
     );
 }
@@ -272,6 +280,24 @@ async fn a_gateways_admin_shows_its_pool_and_readiness() {
         1.0
     );
     assert_eq!(metric(&admin, "rylm_pool_workers").await, 1.0);
+    // By route: the call, and one of a function nobody has (under `_unknown`).
+    let route = [("route", "upper")];
+    assert_eq!(
+        labelled(&admin, "rylm_gateway_route_calls_total", &route).await,
+        1.0
+    );
+    assert_eq!(
+        labelled(&admin, "rylm_gateway_route_duration_seconds", &route).await,
+        1.0
+    );
+    let missing =
+        "POST /nothing-here HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+    assert!(common::http_raw(&http, missing).await.is_err(), "a 404");
+    let unknown = [("route", "_unknown"), ("kind", "unknown")];
+    assert_eq!(
+        labelled(&admin, "rylm_gateway_route_errors_total", &unknown).await,
+        1.0
+    );
 }
 
 #[tokio::test]
@@ -303,6 +329,17 @@ async fn a_syrpc_servers_admin_counts_its_results_and_is_ready_while_consuming()
     assert_eq!(metric(&admin, "rylm_syrpc_exceptions_total").await, 1.0);
     assert_eq!(metric(&admin, "rylm_syrpc_consuming").await, 1.0);
     assert_eq!(metric(&admin, "rylm_syrpc_malformed_total").await, 0.0);
+    // By type.
+    let upper = [("type", "upper")];
+    assert_eq!(
+        labelled(&admin, "rylm_syrpc_type_calls_total", &upper).await,
+        1.0
+    );
+    let failed = [("type", "fail"), ("kind", "failed")];
+    assert_eq!(
+        labelled(&admin, "rylm_syrpc_type_errors_total", &failed).await,
+        1.0
+    );
 }
 
 #[tokio::test]
@@ -341,4 +378,15 @@ async fn a_services_admin_counts_its_answers_and_refusals() {
     assert_eq!(metric(&admin, "rylm_service_errors_total").await, 1.0);
     assert!(metric(&admin, "rylm_service_refused_total").await >= 1.0);
     assert_eq!(metric(&admin, "rylm_service_malformed_total").await, 0.0);
+    // By route pattern.
+    let echo = [("route", "^/echo$")];
+    assert_eq!(
+        labelled(&admin, "rylm_service_route_calls_total", &echo).await,
+        1.0
+    );
+    let failed = [("route", "^/fail$"), ("kind", "failed")];
+    assert_eq!(
+        labelled(&admin, "rylm_service_route_errors_total", &failed).await,
+        1.0
+    );
 }

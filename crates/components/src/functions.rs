@@ -161,6 +161,14 @@ impl Functions {
             .of(method, || self.names().map(str::to_owned).collect())
     }
 
+    /// Counts a call of `message` stopped at its deadline after `took`.
+    pub(crate) fn count_timeout(&self, message: &Message, took: std::time::Duration) {
+        self.stat(message.method().unwrap_or_default()).record(
+            took,
+            crate::stats::Outcome::Error(crate::stats::ErrorKind::TimedOut),
+        );
+    }
+
     /// The registered names.
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.map
@@ -321,8 +329,10 @@ impl Functions {
                     "no function {method:?} here (this server has {})",
                     known.join(", ")
                 );
-                self.stat(crate::stats::UNKNOWN)
-                    .record(std::time::Duration::ZERO, crate::stats::Outcome::Failed);
+                self.stat(crate::stats::UNKNOWN).record(
+                    std::time::Duration::ZERO,
+                    crate::stats::Outcome::Error(crate::stats::ErrorKind::Unknown),
+                );
                 return self.failed(error_reply(&message, "unknown-function", &text));
             };
             // A panic becomes an error reply, not a dead server.
@@ -386,11 +396,14 @@ impl Functions {
                         let call = functions.call(&server, message.clone());
                         match tokio::time::timeout_at(deadline.into(), call).await {
                             Ok(reply) => reply,
-                            Err(_) => error_reply(
-                                &message,
-                                "deadline",
-                                "the deadline passed before the function finished",
-                            ),
+                            Err(_) => {
+                                functions.count_timeout(&message, now.elapsed());
+                                error_reply(
+                                    &message,
+                                    "deadline",
+                                    "the deadline passed before the function finished",
+                                )
+                            }
                         }
                     }
                     None => functions.call(&server, message).await,
@@ -417,10 +430,11 @@ fn traced(message: &mut Message) -> Option<tracing::Span> {
 
 /// How a call ended, for its counters.
 fn outcome_of<T>(outcome: &Result<T, (&str, String)>) -> crate::stats::Outcome {
+    use crate::stats::{ErrorKind, Outcome};
     match outcome {
-        Ok(_) => crate::stats::Outcome::Ok,
-        Err(("panicked", _)) => crate::stats::Outcome::Panicked,
-        Err(_) => crate::stats::Outcome::Failed,
+        Ok(_) => Outcome::Ok,
+        Err(("panicked", _)) => Outcome::Error(ErrorKind::Panicked),
+        Err(_) => Outcome::Error(ErrorKind::Failed),
     }
 }
 

@@ -379,10 +379,14 @@ impl Shared {
         let answers = match deadline {
             Some(deadline) if deadline <= Instant::now() => vec![expired(&message)],
             Some(deadline) => {
+                let started = Instant::now();
                 let call = self.functions.call_many(&self.server, message.clone());
                 match tokio::time::timeout_at(deadline.into(), call).await {
                     Ok(answers) => answers,
-                    Err(_) => vec![expired(&message)],
+                    Err(_) => {
+                        self.functions.count_timeout(&message, started.elapsed());
+                        vec![expired(&message)]
+                    }
                 }
             }
             None => self.functions.call_many(&self.server, message).await,

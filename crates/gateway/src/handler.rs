@@ -2,6 +2,7 @@
 //! the wait for its worker's answer (withdrawn if the client goes away), and the answer, whole
 //! or streamed part by part.
 
+use rylm_message::stats::{ErrorKind, Outcome};
 use std::convert::Infallible;
 use std::sync::Arc;
 use tracing::Instrument;
@@ -93,9 +94,17 @@ where
     );
     let traceparent = hop.traceparent();
     let span = hop.span("rylm.gateway");
+    let started = std::time::Instant::now();
+    let uri = request.uri().clone();
+    let route = route_of(&state, uri.path());
     let mut response = respond(&state, request, &request_id, &traceparent)
         .instrument(span)
         .await;
+    if let Some(route) = route {
+        state
+            .routes
+            .record(route, started.elapsed(), outcome_of(response.status()));
+    }
     if let Ok(value) = hyper::header::HeaderValue::from_str(&request_id) {
         response.headers_mut().insert("x-request-id", value);
     }
@@ -134,6 +143,41 @@ impl Drop for InHand {
         if !self.answered {
             let _ = self.state.withdrawals.send(std::mem::take(&mut self.id));
         }
+    }
+}
+
+/// The route a request counts under: the function it calls (`/sleep:100` under `sleep`),
+/// [`UNKNOWN_ROUTE`] for a name the workers do not announce; `None` for the gateway's own
+/// routes (`/`, `/healthz`, `/readyz`).
+fn route_of<'a>(state: &State, path: &'a str) -> Option<&'a str> {
+    if matches!(path, "/" | "/healthz" | "/readyz") {
+        return None;
+    }
+    let function = path.trim_start_matches('/');
+    let method = function
+        .split_once('.')
+        .map_or(function, |(_, method)| method);
+    let name = method.split_once(':').map_or(method, |(name, _)| name);
+    let known = match &state.status {
+        Some(status) => status.functions().iter().any(|f| f == name || f == method),
+        // pylm workers announce nothing: their names are counted, up to the table's bound.
+        None => is_function_name(function),
+    };
+    Some(if known { name } else { UNKNOWN_ROUTE })
+}
+
+/// The route requests for functions nobody announces count under.
+pub const UNKNOWN_ROUTE: &str = "_unknown";
+
+/// How an answer of `status` counts.
+fn outcome_of(status: StatusCode) -> Outcome {
+    match status.as_u16() {
+        ..400 => Outcome::Ok,
+        404 => Outcome::Error(ErrorKind::Unknown),
+        503 => Outcome::Error(ErrorKind::Busy),
+        504 => Outcome::Error(ErrorKind::TimedOut),
+        400..500 => Outcome::Error(ErrorKind::Invalid),
+        _ => Outcome::Error(ErrorKind::Failed),
     }
 }
 

@@ -176,6 +176,8 @@ pub(crate) struct State {
     pub(crate) deadline: Duration,
     pub(crate) max_body: usize,
     pub(crate) next_id: std::sync::atomic::AtomicU64,
+    /// Requests by route (function): calls, errors by kind, latency.
+    pub(crate) routes: Arc<rylm_message::stats::CallTable>,
 }
 
 /// A running gateway.
@@ -187,6 +189,7 @@ pub struct HttpGateway {
     cache_stop: watch::Sender<bool>,
     stop: watch::Sender<bool>,
     server: tokio::task::JoinHandle<()>,
+    routes: Arc<rylm_message::stats::CallTable>,
     router: Router,
 }
 
@@ -338,6 +341,7 @@ impl HttpGateway {
             source,
         })?;
         let pool = status.clone();
+        let routes = Arc::new(rylm_message::stats::CallTable::default());
         let state = Arc::new(State {
             requests,
             withdrawals,
@@ -350,6 +354,7 @@ impl HttpGateway {
             deadline: config.deadline,
             max_body: config.max_body,
             next_id: std::sync::atomic::AtomicU64::new(0),
+            routes: routes.clone(),
         });
         let (stop, stopped) = watch::channel(false);
         let server = tokio::spawn(serve(listener, state, config, stopped));
@@ -363,6 +368,7 @@ impl HttpGateway {
             server,
             router,
             cache_stop,
+            routes,
         })
     }
 
@@ -375,6 +381,12 @@ impl HttpGateway {
     /// `None` in pylm mode, whose workers the gateway does not see.
     pub fn pool_status(&self) -> Option<Arc<PoolStatus>> {
         self.pool.clone()
+    }
+
+    /// Requests by route (the function called; `_unknown` for names no worker announces,
+    /// `_other` past the table's bound): calls, errors by kind, latency.
+    pub fn routes(&self) -> Arc<rylm_message::stats::CallTable> {
+        self.routes.clone()
     }
 
     /// Where workers connect.

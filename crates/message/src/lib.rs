@@ -57,6 +57,7 @@ mod native;
 #[cfg(feature = "pylm")]
 mod pylm;
 pub mod samples;
+pub mod stats;
 mod stream;
 pub mod trace;
 

@@ -1,5 +1,6 @@
 //! A service instance: a ROUTER socket that routes authenticated requests by path and method.
 
+use rylm_message::stats::{ErrorKind, Outcome};
 use rylm_message::trace::{Hop, TRACEPARENT};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
@@ -164,7 +165,17 @@ pub struct ServiceCounters {
     pub replayed: AtomicU64,
     /// Frames dropped because they did not decode.
     pub malformed: AtomicU64,
+    /// Calls answered, by route pattern (a path no route matches under `_unmatched`): calls,
+    /// errors by kind (a status of 500 `failed` or `panicked`, 504 `timeout`, 503 `busy`,
+    /// 404 and 405 `unknown`), latency.
+    pub routes: rylm_message::stats::CallTable,
 }
+
+/// The route that calls no route matches count under.
+pub const UNMATCHED: &str = "_unmatched";
+
+/// The status message of a handler that panicked.
+const PANICKED: &str = "the handler panicked";
 
 /// A service definition: its name, its shared secret and its routes.
 ///
@@ -348,7 +359,19 @@ impl Service {
             }
             None => tracing::Span::none(),
         };
-        let response = self.route_request(request).instrument(span).await;
+        let started = std::time::Instant::now();
+        let (response, route) = self.route_request(request).instrument(span).await;
+        let outcome = match response.status {
+            404 | 405 => Outcome::Error(ErrorKind::Unknown),
+            503 => Outcome::Error(ErrorKind::Busy),
+            504 => Outcome::Error(ErrorKind::TimedOut),
+            500 if response.status_msg == PANICKED => Outcome::Error(ErrorKind::Panicked),
+            500.. => Outcome::Error(ErrorKind::Failed),
+            _ => Outcome::Ok,
+        };
+        self.counters
+            .routes
+            .record(route.unwrap_or(UNMATCHED), started.elapsed(), outcome);
         self.counters.answered.fetch_add(1, Ordering::Relaxed);
         if response.status >= 500 {
             self.counters.errors.fetch_add(1, Ordering::Relaxed);
@@ -356,10 +379,11 @@ impl Service {
         response
     }
 
-    async fn route_request(&self, request: WireRequest) -> ServiceResponse {
+    /// The response to `request`, and the pattern of the route that answered it.
+    async fn route_request(&self, request: WireRequest) -> (ServiceResponse, Option<&str>) {
         let method: Method = match request.method.parse() {
             Ok(method) => method,
-            Err(error) => return ServiceResponse::new(405, error.to_string()),
+            Err(error) => return (ServiceResponse::new(405, error.to_string()), None),
         };
         let mut allowed = BTreeSet::new();
         for route in &self.routes {
@@ -415,11 +439,11 @@ impl Service {
                 Some(outcome) => Ok(outcome),
                 None => tokio::time::timeout(timeout, run).await,
             };
-            return match outcome {
+            let response = match outcome {
                 Ok(Ok(response)) => response,
                 Ok(Err(_)) => {
                     tracing::error!(route = %route_pattern, "a service handler panicked");
-                    ServiceResponse::new(500, "the handler panicked")
+                    ServiceResponse::new(500, PANICKED)
                 }
                 Err(_) => {
                     tracing::warn!(route = %route_pattern, ?timeout, "a service handler ran past its timeout");
@@ -429,8 +453,9 @@ impl Service {
                     )
                 }
             };
+            return (response, Some(route_pattern));
         }
-        if allowed.is_empty() {
+        let response = if allowed.is_empty() {
             ServiceResponse::new(404, format!("no route for path {:?}", request.path))
         } else {
             let allowed: Vec<&str> = allowed.into_iter().collect();
@@ -439,7 +464,8 @@ impl Service {
                 format!("method {method} not allowed on {:?}", request.path),
             )
             .with("allowed", allowed)
-        }
+        };
+        (response, None)
     }
 
     /// Binds `address` (`tcp://127.0.0.1:0` picks a free port) and serves until the handle is

@@ -1,5 +1,6 @@
 //! The server: take requests, publish results; and a handler loop on top.
 
+use rylm_message::stats::{ErrorKind, Outcome};
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
@@ -72,6 +73,9 @@ pub struct ServerCounters {
     pub consumer_restarts: AtomicU64,
     /// 1 while the request consumer is open.
     pub consuming: std::sync::atomic::AtomicBool,
+    /// Requests answered by [`Server::serve`], by type (an unknown type under `_unknown`):
+    /// calls, errors by kind, latency.
+    pub types: rylm_message::stats::CallTable,
 }
 
 /// A SyRPC server. Cheap to clone; clones share the connection and the request stream.
@@ -297,8 +301,15 @@ impl Server {
                 None => tracing::Span::none(),
             };
             running.spawn(tracing::Instrument::instrument(async move {
-                let answer = handlers.run_within(&request, limit).await;
+                let started = std::time::Instant::now();
+                let (answer, outcome) = handlers.run_counted(&request, limit).await;
                 let counters = &server.counters;
+                let type_ = if handlers.map.contains_key(&request.type_) {
+                    request.type_.as_str()
+                } else {
+                    UNKNOWN_TYPE
+                };
+                counters.types.record(type_, started.elapsed(), outcome);
                 match server.put_result(&request.result_id, &answer).await {
                     Ok(()) => {
                         counters.answered.fetch_add(1, Ordering::Relaxed);
@@ -325,6 +336,9 @@ impl Server {
         self.link.close().await;
     }
 }
+
+/// The type that requests of unregistered types count under.
+pub const UNKNOWN_TYPE: &str = "_unknown";
 
 /// The `traceparent` AMQP header of a delivery, when it has one as text.
 fn traceparent_of(properties: &lapin::BasicProperties) -> Option<String> {
@@ -501,14 +515,20 @@ impl Handlers {
 
     /// [`Handlers::run`], the handler stopped and answered with an `exception` after `limit`.
     pub async fn run_within(&self, request: &Request, limit: Duration) -> Value {
+        self.run_counted(request, limit).await.0
+    }
+
+    /// [`Handlers::run_within`], and how the call ended, for the counters.
+    async fn run_counted(&self, request: &Request, limit: Duration) -> (Value, Outcome) {
         let Some(handler) = self.map.get(&request.type_) else {
             let mut known: Vec<&str> = self.types().collect();
             known.sort_unstable();
-            return protocol::exception(format!(
+            let exception = protocol::exception(format!(
                 "unknown request type {:?} (this server knows {})",
                 request.type_,
                 known.join(", ")
             ));
+            return (exception, Outcome::Error(ErrorKind::Unknown));
         };
         // A panic is caught and answered instead of killing the loop; no task of its own (the
         // caller already runs in one), so no hop between threads.
@@ -519,15 +539,19 @@ impl Handlers {
             Ok(joined) => joined,
             Err(_) => {
                 tracing::warn!(type_ = %request.type_, ?limit, "a SyRPC handler ran past its limit; stopped");
-                return protocol::exception(format!(
+                let exception = protocol::exception(format!(
                     "the handler of {:?} ran past its limit of {limit:?}",
                     request.type_
                 ));
+                return (exception, Outcome::Error(ErrorKind::TimedOut));
             }
         };
         match joined {
-            Ok(Ok(value)) => value,
-            Ok(Err(message)) => protocol::exception(message),
+            Ok(Ok(value)) => (value, Outcome::Ok),
+            Ok(Err(message)) => (
+                protocol::exception(message),
+                Outcome::Error(ErrorKind::Failed),
+            ),
             Err(panic) => {
                 let message = panic
                     .downcast_ref::<&str>()
@@ -535,10 +559,11 @@ impl Handlers {
                     .or_else(|| panic.downcast_ref::<String>().cloned())
                     .unwrap_or_else(|| "a panic".to_owned());
                 tracing::error!(type_ = %request.type_, %message, "a SyRPC handler panicked");
-                protocol::exception(format!(
+                let exception = protocol::exception(format!(
                     "the handler of {:?} panicked: {message}",
                     request.type_
-                ))
+                ));
+                (exception, Outcome::Error(ErrorKind::Panicked))
             }
         }
     }

@@ -215,13 +215,22 @@ pub async fn http_get(address: &str, path: &str) -> std::io::Result<(u16, String
 ///
 /// When `body` is not Prometheus text, or has no such sample.
 pub fn metric_sample(body: &str, name: &str, label: Option<(&str, &str)>) -> f64 {
+    metric_sample_with(body, name, label.as_slice())
+}
+
+/// [`metric_sample`] of the sample with every label of `labels`.
+///
+/// # Panics
+///
+/// When `body` is not Prometheus text, or has no such sample.
+pub fn metric_sample_with(body: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
     let scrape = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned())))
         .expect("Prometheus text");
     let sample = scrape
         .samples
         .iter()
-        .find(|s| s.metric == name && label.is_none_or(|(k, v)| s.labels.get(k) == Some(v)))
-        .unwrap_or_else(|| panic!("{name} {label:?} in {body}"));
+        .find(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(v)))
+        .unwrap_or_else(|| panic!("{name} {labels:?} in {body}"));
     match &sample.value {
         prometheus_parse::Value::Counter(v)
         | prometheus_parse::Value::Gauge(v)

@@ -1,4 +1,5 @@
-//! Encoding and decoding one message with each codec, beside a plain copy of the same bytes.
+//! Encoding and decoding one message with each codec, beside a plain copy of the same bytes;
+//! and what trace context and a call's counting add per message, beside an encoding.
 //!
 //! The copy is the baseline: a codec can hardly beat handing over the bytes, so its time over
 //! the copy's says what the format itself costs. Run with `cargo xtask bench codec`.
@@ -69,5 +70,38 @@ fn bench_codecs(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, bench_codecs);
+/// What observability adds per message, beside the native encoding of a 100 B message (the
+/// baseline: every hop encodes its message once): a hop of trace context (continue a
+/// `traceparent`, write the one passed on), and counting one call in a table of names.
+fn bench_observability(c: &mut Criterion) {
+    use rylm_message::stats::{CallTable, Outcome};
+    use rylm_message::trace::Hop;
+    let message = sample(100);
+    let codec = NativeCodec::default();
+    let mut group = c.benchmark_group("observability per message");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("baseline: native encode, 100 B", |b| {
+        b.iter(|| codec.encode(black_box(&message)))
+    });
+    let incoming = Hop::continue_from(None).traceparent();
+    group.bench_function("trace: continue a traceparent, write the next", |b| {
+        b.iter(|| Hop::continue_from(black_box(Some(incoming.as_str()))).traceparent())
+    });
+    let table = CallTable::default();
+    for name in ["echo", "upper", "reverse", "sleep"] {
+        table.record(name, std::time::Duration::ZERO, Outcome::Ok);
+    }
+    group.bench_function("metrics: count one call", |b| {
+        b.iter(|| {
+            table.record(
+                black_box("upper"),
+                black_box(std::time::Duration::from_micros(40)),
+                Outcome::Ok,
+            )
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, bench_codecs, bench_observability);
 criterion_main!(benches);

@@ -552,3 +552,60 @@ mod tests {
         assert_eq!(spread(&[3.0, 1.0, 2.0]), (1.0, 2.0, 3.0));
     }
 }
+
+/// Scrapes `GET /metrics` of every admin address (`host:port`) every `every` until dropped, as
+/// Prometheus would (far more often than its usual 15 s, so that the cost shows): the
+/// "metrics on" half of the observability benches.
+#[derive(Debug)]
+pub struct Scraper {
+    task: tokio::task::JoinHandle<()>,
+    scrapes: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Scraper {
+    /// Starts scraping.
+    pub fn start(addresses: Vec<String>, every: Duration) -> Scraper {
+        let scrapes = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counted = scrapes.clone();
+        let task = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                for address in &addresses {
+                    if scrape(address).await.is_ok() {
+                        counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+            }
+        });
+        Scraper { task, scrapes }
+    }
+
+    /// Scrapes that got an answer so far.
+    pub fn scrapes(&self) -> u64 {
+        self.scrapes.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Drop for Scraper {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// One `GET /metrics` of `address`, within 5 s: the body's length.
+async fn scrape(address: &str) -> anyhow::Result<usize> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let get = async {
+        let mut stream = tokio::net::TcpStream::connect(address).await?;
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await?;
+        let mut body = Vec::new();
+        stream.read_to_end(&mut body).await?;
+        anyhow::Ok(body.len())
+    };
+    tokio::time::timeout(Duration::from_secs(5), get)
+        .await
+        .map_err(|_| anyhow::anyhow!("no scrape within 5 s"))?
+}

@@ -14,12 +14,16 @@ use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use rylm_benches::{Summary, peak_rss_kib, spread};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::DescriptorEncoder;
+use rylm_benches::{Paired, Scraper, Summary, paired_table, peak_rss_kib, spread};
 use rylm_components::{Functions, Worker};
 use rylm_gateway::{GatewayConfig, HttpGateway};
 
 const DURATION: Duration = Duration::from_secs(3);
 const REPETITIONS: usize = 3;
+/// Repetitions of the on/off comparison, whose differences are small.
+const AB_REPETITIONS: usize = 5;
 /// Abandoned requests in the storm.
 const STORM: usize = 20_000;
 
@@ -36,26 +40,8 @@ async fn main() -> Result<()> {
                 Ok::<_, String>(p)
             })
     };
-    let mut workers = Vec::new();
-    for _ in 0..2 {
-        workers.push(
-            Worker::builder(functions())
-                .credits(64)
-                .connect(gateway.worker_address())
-                .await?,
-        );
-    }
+    let workers = with_workers(&gateway, &functions).await?;
     let bare = bare_hyper().await?;
-    // Let the workers join before measuring.
-    load(
-        gateway.local_addr(),
-        "/hello",
-        1,
-        Duration::from_millis(500),
-        "warm-up",
-    )
-    .await
-    .ok();
 
     // Subject and baseline interleaved, three times, so that the machine's noise falls on both.
     println!(
@@ -122,8 +108,9 @@ async fn main() -> Result<()> {
     println!(
         "\nstorm: {abandoned} requests to `slow` (200 ms) whose clients hung up after 20 ms, 200 at once"
     );
+    observability(&functions).await?;
     println!(
-        "\npeak RSS of the bench process (gateway, two workers, bare hyper and the load generator): {} KiB",
+        "\npeak RSS of the bench process (two gateways, four workers, bare hyper and the load generator): {} KiB",
         peak_rss_kib(std::process::id()).unwrap_or(0)
     );
     for worker in workers {
@@ -131,6 +118,128 @@ async fn main() -> Result<()> {
     }
     gateway.shutdown().await?;
     Ok(())
+}
+
+/// The traced gateway's metrics as `rylm gateway --admin` shows them: its routes and its pool.
+#[derive(Debug)]
+struct GatewayMetrics {
+    routes: std::sync::Arc<rylm_message::stats::CallTable>,
+    pool: Option<std::sync::Arc<rylm_components::PoolStatus>>,
+}
+
+impl Collector for GatewayMetrics {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        rylm_admin::calls(
+            &mut encoder,
+            "rylm_gateway_route",
+            "route",
+            &self.routes.all(),
+        )?;
+        if let Some(pool) = &self.pool {
+            for (name, help, value) in pool.counters().fields() {
+                rylm_admin::counter(&mut encoder, &format!("rylm_pool_{name}"), help, value)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Metrics and trace propagation on against off, on two fresh gateways with two workers each:
+/// on, trace context continued with a span per request and the metrics served on an admin
+/// listener scraped every 250 ms; off, tracing off and nobody scraping. The counters count in
+/// both.
+async fn observability(functions: &impl Fn() -> Functions) -> Result<()> {
+    let traced = HttpGateway::start(GatewayConfig::default()).await?;
+    let quiet = HttpGateway::start(GatewayConfig {
+        trace: false,
+        ..GatewayConfig::default()
+    })
+    .await?;
+    let mut workers = with_workers(&traced, functions).await?;
+    workers.extend(with_workers(&quiet, functions).await?);
+    let gateway = &traced;
+    let mut registry = prometheus_client::registry::Registry::default();
+    registry.register_collector(Box::new(GatewayMetrics {
+        routes: gateway.routes(),
+        pool: gateway.pool_status(),
+    }));
+    let admin = rylm_admin::Admin::start(
+        SocketAddr::from(([127, 0, 0, 1], 0)),
+        registry,
+        std::sync::Arc::new(|| Ok(())),
+    )
+    .await?;
+    let mut rows = Vec::new();
+    let mut scrapes = 0;
+    for connections in [8usize, 32] {
+        let (mut on, mut off) = (Vec::new(), Vec::new());
+        // Which goes first alternates, so that a drift of the machine falls on both alike.
+        for repetition in 0..AB_REPETITIONS {
+            for on_now in [repetition % 2 == 1, repetition % 2 == 0] {
+                if on_now {
+                    let scraper = Scraper::start(
+                        vec![admin.local_addr().to_string()],
+                        Duration::from_millis(250),
+                    );
+                    on.push(
+                        load(gateway.local_addr(), "/hello", connections, DURATION, "on").await?,
+                    );
+                    scrapes += scraper.scrapes();
+                } else {
+                    off.push(
+                        load(quiet.local_addr(), "/hello", connections, DURATION, "off").await?,
+                    );
+                }
+            }
+        }
+        rows.push((connections, on, off));
+    }
+    let paired: Vec<Paired<'_>> = rows
+        .iter()
+        .map(|(connections, on, off)| Paired {
+            label: format!("{connections} connections, metrics and trace on (baseline: off)"),
+            subject: on,
+            baseline: off,
+        })
+        .collect();
+    println!(
+        "\nmetrics and trace propagation, on against off: {AB_REPETITIONS} interleaved repetitions of {} s ({scrapes} scrapes answered)\n",
+        DURATION.as_secs()
+    );
+    print!("{}", paired_table(&paired));
+    admin.shutdown().await;
+    for worker in workers {
+        worker.shutdown().await;
+    }
+    traced.shutdown().await?;
+    quiet.shutdown().await?;
+    Ok(())
+}
+
+/// Two workers of `functions` for `gateway`, joined (a warm-up request went through).
+async fn with_workers(
+    gateway: &HttpGateway,
+    functions: &impl Fn() -> Functions,
+) -> Result<Vec<Worker>> {
+    let mut workers = Vec::new();
+    for _ in 0..2 {
+        workers.push(
+            Worker::builder(functions())
+                .credits(64)
+                .connect(gateway.worker_address())
+                .await?,
+        );
+    }
+    load(
+        gateway.local_addr(),
+        "/hello",
+        1,
+        Duration::from_millis(500),
+        "warm-up",
+    )
+    .await
+    .ok();
+    Ok(workers)
 }
 
 /// A bare hyper server answering "hello, world".

@@ -15,14 +15,17 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
 use rylm_benches::{
-    Compared, OldEchoLoad, RawEcho, Summary, compared_table, free_address, interleaved, measure,
-    measure_at_rate, peak_rss_kib, serve_echo, spawn, start_zeromq_echo,
+    Compared, OldEchoLoad, Paired, RawEcho, Scraper, Summary, compared_table, free_address,
+    interleaved, measure, measure_at_rate, paired_table, peak_rss_kib, serve_echo, spawn,
+    start_zeromq_echo,
 };
-use rylm_components::Client;
+use rylm_components::{Client, ClientOptions};
 
 const TOTAL: usize = 20_000;
 const IN_FLIGHT: usize = 200;
 const REPETITIONS: usize = 3;
+/// Repetitions of the on/off comparison, whose differences are small.
+const AB_REPETITIONS: usize = 5;
 
 /// A payload size, and the runs of the master's path, the rylm-transport echo and the zeromq echo.
 type SizeRuns = (usize, Vec<Summary>, Vec<Summary>, Vec<Summary>);
@@ -58,8 +61,14 @@ fn main() -> Result<()> {
     runtime.block_on(run())
 }
 
+/// `host:port` of a free loopback port, for an `--admin` listener.
+fn admin_address() -> Result<String> {
+    Ok(free_address()?.trim_start_matches("tcp://").to_owned())
+}
+
 async fn run() -> Result<()> {
     let rylm = sibling("rylm")?;
+    let admins = [admin_address()?, admin_address()?, admin_address()?];
     let (pull, publish, workers, db, echo, old_echo) = (
         free_address()?,
         free_address()?,
@@ -84,14 +93,16 @@ async fn run() -> Result<()> {
             &workers,
             "--db",
             &db,
+            "--admin",
+            &admins[0],
         ]
         .map(str::to_owned),
     )?];
-    for _ in 0..2 {
+    for admin in &admins[1..] {
         processes.push(spawn(
             "rylm worker",
             &rylm,
-            &["worker", "--db", &db, "--credits", "64"].map(str::to_owned),
+            &["worker", "--db", &db, "--credits", "64", "--admin", admin].map(str::to_owned),
         )?);
     }
     processes.push(spawn(
@@ -221,6 +232,7 @@ async fn run() -> Result<()> {
             steady.p99.as_secs_f64() * 1e3
         );
     }
+    observability(&client, &db, &admins).await?;
     println!("\npeak RSS of each process:");
     println!(
         "- bench client (this process): {} KiB",
@@ -235,5 +247,67 @@ async fn run() -> Result<()> {
             peak_rss_kib(process.child.id()).unwrap_or(0)
         );
     }
+    Ok(())
+}
+
+/// Metrics and trace propagation on against off, through the same master and workers: off, a
+/// client that carries no trace context and nobody scraping; on, the default client (trace
+/// context on every message, a span of it in the master and in each worker) while the
+/// `/metrics` of the master and both workers are scraped every 250 ms. The functions' counters
+/// count in both: they cannot be turned off.
+async fn observability(traced: &Client, db: &str, admins: &[String]) -> Result<()> {
+    let quiet = Client::connect_with(
+        db,
+        ClientOptions {
+            trace: false,
+            ..ClientOptions::default()
+        },
+    )
+    .await
+    .context("connecting the untraced client")?;
+    let through = |client: &Client, name: String, payload: Bytes| {
+        let client = client.clone();
+        async move {
+            measure(&name, TOTAL, IN_FLIGHT, move |_| {
+                let (client, payload) = (client.clone(), payload.clone());
+                async move {
+                    client.eval("echo", payload).await?;
+                    Ok(())
+                }
+            })
+            .await
+        }
+    };
+    let mut runs = Vec::new();
+    let mut scrapes = 0;
+    for size in [64usize, 1024] {
+        let payload = Bytes::from(vec![b'x'; size]);
+        let (mut on, mut off) = (Vec::new(), Vec::new());
+        // Which goes first alternates, so that a drift of the machine falls on both alike.
+        for repetition in 0..AB_REPETITIONS {
+            for on_now in [repetition % 2 == 1, repetition % 2 == 0] {
+                if on_now {
+                    let scraper = Scraper::start(admins.to_vec(), Duration::from_millis(250));
+                    on.push(through(traced, format!("on, {size} B"), payload.clone()).await?);
+                    scrapes += scraper.scrapes();
+                } else {
+                    off.push(through(&quiet, format!("off, {size} B"), payload.clone()).await?);
+                }
+            }
+        }
+        runs.push((size, on, off));
+    }
+    let rows: Vec<Paired<'_>> = runs
+        .iter()
+        .map(|(size, on, off)| Paired {
+            label: format!("{size} B, metrics and trace on (baseline: off)"),
+            subject: on,
+            baseline: off,
+        })
+        .collect();
+    println!(
+        "\nmetrics and trace propagation, on against off: {AB_REPETITIONS} interleaved repetitions of {TOTAL} calls, {IN_FLIGHT} in flight ({scrapes} scrapes answered)\n"
+    );
+    print!("{}", paired_table(&rows));
     Ok(())
 }

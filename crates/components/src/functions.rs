@@ -417,11 +417,12 @@ impl Functions {
     }
 }
 
-/// For a message that carries a `traceparent`: the span of its run here (named after its
-/// function), whose id the message (and so its answer and its next stages) carries on.
+/// For a message that carries a `traceparent`, when spans are recorded here: the span of its
+/// run here (named after its function), whose id the message (and so its answer and its next
+/// stages) carries on.
 fn traced(message: &mut Message) -> Option<tracing::Span> {
     use rylm_message::trace::{Hop, TRACEPARENT};
-    let hop = Hop::continue_from(Some(message.header(TRACEPARENT)?));
+    let hop = Hop::continue_if_recorded(message.header(TRACEPARENT)?)?;
     message
         .headers
         .insert(TRACEPARENT.into(), hop.traceparent());

@@ -250,6 +250,14 @@ impl PoolStatus {
         &self.counters
     }
 
+    /// Whether a worker has announced `function` (no copy of the list, for hot paths).
+    pub fn knows(&self, function: &str) -> bool {
+        self.functions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(function)
+    }
+
     /// The functions the workers have announced.
     pub fn functions(&self) -> Vec<String> {
         self.functions
@@ -503,11 +511,14 @@ impl Pool {
             _ => {}
         }
         let now = Instant::now();
-        // A traced message passes on under a span of this master (the pool's work on it is
-        // short: the span marks that it came through here, and is the workers' parent).
+        // A traced message passes on under a span of this master when spans are recorded here
+        // (the pool's work on it is short: the span marks that it came through here, and is
+        // the workers' parent); otherwise as it came.
         let mut message = message;
-        if let Some(incoming) = message.header(rylm_message::trace::TRACEPARENT) {
-            let hop = rylm_message::trace::Hop::continue_from(Some(incoming));
+        if let Some(hop) = message
+            .header(rylm_message::trace::TRACEPARENT)
+            .and_then(rylm_message::trace::Hop::continue_if_recorded)
+        {
             let _entered = hop.span("rylm.master.dispatch").entered();
             message
                 .headers

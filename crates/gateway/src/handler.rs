@@ -86,14 +86,17 @@ where
     let request_id = crate::request::request_id(given);
     // W3C trace context: the caller's trace continued under a span of the gateway, or a new
     // trace; the worker's message carries it, and the answer says it.
-    let hop = rylm_message::trace::Hop::continue_from(
-        request
-            .headers()
-            .get(rylm_message::trace::TRACEPARENT)
-            .and_then(|v| v.to_str().ok()),
-    );
-    let traceparent = hop.traceparent();
-    let span = hop.span("rylm.gateway");
+    let (traceparent, span) = if state.trace {
+        let hop = rylm_message::trace::Hop::continue_from(
+            request
+                .headers()
+                .get(rylm_message::trace::TRACEPARENT)
+                .and_then(|v| v.to_str().ok()),
+        );
+        (hop.traceparent(), hop.span("rylm.gateway"))
+    } else {
+        (String::new(), tracing::Span::none())
+    };
     let started = std::time::Instant::now();
     let uri = request.uri().clone();
     let route = route_of(&state, uri.path());
@@ -108,7 +111,9 @@ where
     if let Ok(value) = hyper::header::HeaderValue::from_str(&request_id) {
         response.headers_mut().insert("x-request-id", value);
     }
-    if let Ok(value) = hyper::header::HeaderValue::from_str(&traceparent) {
+    if !traceparent.is_empty()
+        && let Ok(value) = hyper::header::HeaderValue::from_str(&traceparent)
+    {
         response
             .headers_mut()
             .insert(rylm_message::trace::TRACEPARENT, value);
@@ -159,7 +164,7 @@ fn route_of<'a>(state: &State, path: &'a str) -> Option<&'a str> {
         .map_or(function, |(_, method)| method);
     let name = method.split_once(':').map_or(method, |(name, _)| name);
     let known = match &state.status {
-        Some(status) => status.functions().iter().any(|f| f == name || f == method),
+        Some(status) => status.knows(name) || status.knows(method),
         // pylm workers announce nothing: their names are counted, up to the table's bound.
         None => is_function_name(function),
     };
@@ -246,8 +251,8 @@ where
         if status.live_workers() == 0 {
             return unavailable(state, "no worker is connected").whole();
         }
-        let known = status.functions();
-        if !known.iter().any(|f| f == method || f == method_name) {
+        if !status.knows(method) && !status.knows(method_name) {
+            let known = status.functions();
             return json_error(
                 StatusCode::NOT_FOUND,
                 &format!(
@@ -278,10 +283,12 @@ where
         request.method().as_str().to_owned(),
     );
     headers.insert("http.request-id".to_owned(), request_id.to_owned());
-    headers.insert(
-        rylm_message::trace::TRACEPARENT.to_owned(),
-        traceparent.to_owned(),
-    );
+    if !traceparent.is_empty() {
+        headers.insert(
+            rylm_message::trace::TRACEPARENT.to_owned(),
+            traceparent.to_owned(),
+        );
+    }
     if let Some(query) = request.uri().query() {
         headers.insert("http.query".to_owned(), query.to_owned());
         crate::request::query_headers(query, &mut headers);

@@ -69,6 +69,10 @@ pub struct GatewayConfig {
     pub db: String,
     /// The workers' sockets' options, security among them (default: safe defaults, NULL).
     pub transport: Transport,
+    /// Carry W3C trace context (default true): continue the caller's `traceparent` (or start
+    /// a trace) under a span of the gateway, pass it to the worker and give it back. Off,
+    /// `traceparent` is neither read nor written.
+    pub trace: bool,
 }
 
 impl Default for GatewayConfig {
@@ -87,6 +91,7 @@ impl Default for GatewayConfig {
             pylm: false,
             db: "tcp://127.0.0.1:0".into(),
             transport: Transport::default(),
+            trace: true,
         }
     }
 }
@@ -178,6 +183,8 @@ pub(crate) struct State {
     pub(crate) next_id: std::sync::atomic::AtomicU64,
     /// Requests by route (function): calls, errors by kind, latency.
     pub(crate) routes: Arc<rylm_message::stats::CallTable>,
+    /// Whether trace context is carried.
+    pub(crate) trace: bool,
 }
 
 /// A running gateway.
@@ -355,6 +362,7 @@ impl HttpGateway {
             max_body: config.max_body,
             next_id: std::sync::atomic::AtomicU64::new(0),
             routes: routes.clone(),
+            trace: config.trace,
         });
         let (stop, stopped) = watch::channel(false);
         let server = tokio::spawn(serve(listener, state, config, stopped));

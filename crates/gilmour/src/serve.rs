@@ -355,15 +355,17 @@ async fn serve(
     }
 }
 
-/// The span of a handler run for a traced request or signal (named after its topic), and the
-/// trace context the handler passes on; nothing for an untraced one (a Go or Ruby sender's).
+/// The span of a handler run for a traced request or signal (named after its topic) when spans
+/// are recorded here, and the trace context the handler passes on; nothing for an untraced one
+/// (a Go or Ruby sender's).
 fn traced(incoming: Option<&str>, topic: &str) -> (tracing::Span, Option<String>) {
-    match incoming {
-        Some(incoming) => {
-            let hop = rylm_message::trace::Hop::continue_from(Some(incoming));
-            (hop.span(topic), Some(hop.traceparent()))
-        }
-        None => (tracing::Span::none(), None),
+    let Some(incoming) = incoming else {
+        return (tracing::Span::none(), None);
+    };
+    match rylm_message::trace::Hop::continue_if_recorded(incoming) {
+        Some(hop) => (hop.span(topic), Some(hop.traceparent())),
+        // Spans not recorded here: the handler passes the sender's context on as it came.
+        None => (tracing::Span::none(), Some(incoming.to_owned())),
     }
 }
 

@@ -38,8 +38,19 @@ fn hex_bytes<const N: usize>(text: &str) -> Option<[u8; N]> {
     Some(out)
 }
 
+/// Appends `bytes` as lower-case hex digits to `out`.
+fn push_hex(out: &mut String, bytes: &[u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for byte in bytes {
+        out.push(char::from(DIGITS[usize::from(byte >> 4)]));
+        out.push(char::from(DIGITS[usize::from(byte & 0xf)]));
+    }
+}
+
 fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    let mut out = String::with_capacity(bytes.len() * 2);
+    push_hex(&mut out, bytes);
+    out
 }
 
 impl TraceParent {
@@ -111,15 +122,24 @@ impl TraceParent {
     }
 }
 
+impl TraceParent {
+    /// The header value, `00-<trace>-<parent>-<flags>`, in one string of its final length
+    /// (this runs for every traced message).
+    pub fn header(&self) -> String {
+        let mut out = String::with_capacity(55);
+        out.push_str("00-");
+        push_hex(&mut out, &self.trace_id);
+        out.push('-');
+        push_hex(&mut out, &self.parent_id);
+        out.push('-');
+        push_hex(&mut out, &[self.flags]);
+        out
+    }
+}
+
 impl std::fmt::Display for TraceParent {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "00-{}-{}-{:02x}",
-            hex(&self.trace_id),
-            hex(&self.parent_id),
-            self.flags
-        )
+        f.write_str(&self.header())
     }
 }
 
@@ -183,9 +203,21 @@ impl Hop {
         }
     }
 
+    /// Continues `incoming` under a span of this process only when spans of this kind are
+    /// recorded here (a subscriber wants target `rylm::trace`, as the OTLP exporter does);
+    /// otherwise `None`, and the caller passes `incoming` on unchanged: a process that records
+    /// no span adds none to the chain, and costs nothing but carrying the header.
+    pub fn continue_if_recorded(incoming: &str) -> Option<Hop> {
+        if tracing::span_enabled!(target: "rylm::trace", tracing::Level::INFO) {
+            Some(Hop::continue_from(Some(incoming)))
+        } else {
+            None
+        }
+    }
+
     /// The `traceparent` this hop passes on.
     pub fn traceparent(&self) -> String {
-        self.own.to_string()
+        self.own.header()
     }
 
     /// The span of this hop, named `name` (as OpenTelemetry shows it), at level INFO under the
@@ -285,5 +317,38 @@ mod tests {
         }
         let ids: std::collections::HashSet<[u8; 8]> = (0..10_000).map(|_| new_span_id()).collect();
         assert_eq!(ids.len(), 10_000, "span ids repeat");
+    }
+
+    /// A subscriber that wants every span, as the OTLP exporter's layer wants `rylm::trace`.
+    struct Recording;
+
+    impl tracing::Subscriber for Recording {
+        fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+            true
+        }
+        fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+            tracing::span::Id::from_u64(1)
+        }
+        fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+        fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+        fn event(&self, _: &tracing::Event<'_>) {}
+        fn enter(&self, _: &tracing::span::Id) {}
+        fn exit(&self, _: &tracing::span::Id) {}
+    }
+
+    #[test]
+    fn a_hop_is_made_only_where_spans_are_recorded() {
+        assert_eq!(
+            Hop::continue_if_recorded(EXAMPLE),
+            None,
+            "nobody records spans"
+        );
+        let hop =
+            tracing::subscriber::with_default(Recording, || Hop::continue_if_recorded(EXAMPLE));
+        let hop = hop.expect("recorded here");
+        assert_eq!(
+            hop.own.trace_id,
+            TraceParent::parse(EXAMPLE).expect("valid").trace_id
+        );
     }
 }

@@ -348,10 +348,14 @@ impl Service {
 
     /// Dispatches `request` to its route, and counts the answer.
     pub(crate) async fn dispatch(&self, mut request: WireRequest) -> ServiceResponse {
-        // A traced request runs under a span of this instance, whose id the handler sees.
-        let span = match request.headers.get(TRACEPARENT) {
-            Some(incoming) => {
-                let hop = Hop::continue_from(Some(incoming));
+        // A traced request runs under a span of this instance (when spans are recorded here),
+        // whose id the handler sees.
+        let hop = request
+            .headers
+            .get(TRACEPARENT)
+            .and_then(|incoming| Hop::continue_if_recorded(incoming));
+        let span = match hop {
+            Some(hop) => {
                 request
                     .headers
                     .insert(TRACEPARENT.into(), hop.traceparent());

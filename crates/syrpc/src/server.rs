@@ -293,13 +293,13 @@ impl Server {
             let server = self.clone();
             let handlers = handlers.clone();
             let limit = self.link.settings.handler_timeout;
-            // A traced request is answered under a span of this server, named after its type.
-            let span = match &request.traceparent {
-                Some(incoming) => {
-                    rylm_message::trace::Hop::continue_from(Some(incoming)).span(&request.type_)
-                }
-                None => tracing::Span::none(),
-            };
+            // A traced request is answered under a span of this server, named after its type,
+            // when spans are recorded here.
+            let span = request
+                .traceparent
+                .as_deref()
+                .and_then(rylm_message::trace::Hop::continue_if_recorded)
+                .map_or_else(tracing::Span::none, |hop| hop.span(&request.type_));
             running.spawn(tracing::Instrument::instrument(async move {
                 let started = std::time::Instant::now();
                 let (answer, outcome) = handlers.run_counted(&request, limit).await;

@@ -23,7 +23,7 @@ use rylm_gateway::{GatewayConfig, HttpGateway};
 const DURATION: Duration = Duration::from_secs(3);
 const REPETITIONS: usize = 3;
 /// Repetitions of the on/off comparison, whose differences are small.
-const AB_REPETITIONS: usize = 5;
+const AB_REPETITIONS: usize = 9;
 /// Abandoned requests in the storm.
 const STORM: usize = 20_000;
 
@@ -110,7 +110,7 @@ async fn main() -> Result<()> {
     );
     observability(&functions).await?;
     println!(
-        "\npeak RSS of the bench process (two gateways, four workers, bare hyper and the load generator): {} KiB",
+        "\npeak RSS of the bench process (the gateways, their workers, bare hyper and the load generator): {} KiB",
         peak_rss_kib(std::process::id()).unwrap_or(0)
     );
     for worker in workers {
@@ -144,19 +144,13 @@ impl Collector for GatewayMetrics {
     }
 }
 
-/// Metrics and trace propagation on against off, on two fresh gateways with two workers each:
-/// on, trace context continued with a span per request and the metrics served on an admin
-/// listener scraped every 250 ms; off, tracing off and nobody scraping. The counters count in
-/// both.
+/// Metrics and trace propagation on against off, on one fresh gateway with two workers,
+/// switched between runs: on, trace context continued with a span per request and the metrics
+/// served on an admin listener scraped every 250 ms; off, tracing off and nobody scraping. The
+/// counters count in both.
 async fn observability(functions: &impl Fn() -> Functions) -> Result<()> {
     let traced = HttpGateway::start(GatewayConfig::default()).await?;
-    let quiet = HttpGateway::start(GatewayConfig {
-        trace: false,
-        ..GatewayConfig::default()
-    })
-    .await?;
-    let mut workers = with_workers(&traced, functions).await?;
-    workers.extend(with_workers(&quiet, functions).await?);
+    let workers = with_workers(&traced, functions).await?;
     let gateway = &traced;
     let mut registry = prometheus_client::registry::Registry::default();
     registry.register_collector(Box::new(GatewayMetrics {
@@ -176,6 +170,7 @@ async fn observability(functions: &impl Fn() -> Functions) -> Result<()> {
         // Which goes first alternates, so that a drift of the machine falls on both alike.
         for repetition in 0..AB_REPETITIONS {
             for on_now in [repetition % 2 == 1, repetition % 2 == 0] {
+                gateway.set_trace(on_now);
                 if on_now {
                     let scraper = Scraper::start(
                         vec![admin.local_addr().to_string()],
@@ -187,7 +182,7 @@ async fn observability(functions: &impl Fn() -> Functions) -> Result<()> {
                     scrapes += scraper.scrapes();
                 } else {
                     off.push(
-                        load(quiet.local_addr(), "/hello", connections, DURATION, "off").await?,
+                        load(gateway.local_addr(), "/hello", connections, DURATION, "off").await?,
                     );
                 }
             }
@@ -212,7 +207,6 @@ async fn observability(functions: &impl Fn() -> Functions) -> Result<()> {
         worker.shutdown().await;
     }
     traced.shutdown().await?;
-    quiet.shutdown().await?;
     Ok(())
 }
 

@@ -19,13 +19,13 @@ use rylm_benches::{
     interleaved, measure, measure_at_rate, paired_table, peak_rss_kib, serve_echo, spawn,
     start_zeromq_echo,
 };
-use rylm_components::{Client, ClientOptions};
+use rylm_components::Client;
 
 const TOTAL: usize = 20_000;
 const IN_FLIGHT: usize = 200;
 const REPETITIONS: usize = 3;
 /// Repetitions of the on/off comparison, whose differences are small.
-const AB_REPETITIONS: usize = 5;
+const AB_REPETITIONS: usize = 9;
 
 /// A payload size, and the runs of the master's path, the rylm-transport echo and the zeromq echo.
 type SizeRuns = (usize, Vec<Summary>, Vec<Summary>, Vec<Summary>);
@@ -232,7 +232,7 @@ async fn run() -> Result<()> {
             steady.p99.as_secs_f64() * 1e3
         );
     }
-    observability(&client, &db, &admins).await?;
+    observability(&client, &admins).await?;
     println!("\npeak RSS of each process:");
     println!(
         "- bench client (this process): {} KiB",
@@ -250,21 +250,16 @@ async fn run() -> Result<()> {
     Ok(())
 }
 
-/// Metrics and trace propagation on against off, through the same master and workers: off, a
-/// client that carries no trace context and nobody scraping; on, the default client (trace
-/// context on every message, a span of it in the master and in each worker) while the
+/// Metrics and trace propagation on against off, through the same master, workers and client
+/// connection: off, calls that carry no trace context and nobody scraping; on, calls that do
+/// (the default: trace context on every message, a span of it in the master and in each worker
+/// where spans are recorded) while the
 /// `/metrics` of the master and both workers are scraped every 250 ms. The functions' counters
 /// count in both: they cannot be turned off.
-async fn observability(traced: &Client, db: &str, admins: &[String]) -> Result<()> {
-    let quiet = Client::connect_with(
-        db,
-        ClientOptions {
-            trace: false,
-            ..ClientOptions::default()
-        },
-    )
-    .await
-    .context("connecting the untraced client")?;
+async fn observability(traced: &Client, admins: &[String]) -> Result<()> {
+    // One connection for both: only the trace context differs.
+    let quiet = traced.with_trace(false);
+    let traced = &traced.with_trace(true);
     let through = |client: &Client, name: String, payload: Bytes| {
         let client = client.clone();
         async move {

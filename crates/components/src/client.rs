@@ -103,6 +103,9 @@ struct Link {
 #[derive(Clone)]
 pub struct Client {
     inner: Arc<Inner>,
+    /// Whether this handle's calls carry trace context ([`ClientOptions::trace`],
+    /// [`Client::with_trace`]).
+    trace: bool,
 }
 
 struct Inner {
@@ -120,7 +123,6 @@ struct Inner {
     /// The last server of the pipeline, when this client takes its results from there.
     sync_through: Option<String>,
     retry_busy: bool,
-    trace: bool,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -297,9 +299,9 @@ impl Client {
                 deadline,
                 sync_through: last_server,
                 retry_busy,
-                trace,
                 tasks,
             }),
+            trace,
         };
         client
             .sync(deadline.saturating_sub(started.elapsed()))
@@ -314,6 +316,15 @@ impl Client {
             .calls
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
             .to_string()
+    }
+
+    /// A handle on the same connections whose calls carry trace context or not, whatever the
+    /// options said.
+    pub fn with_trace(&self, trace: bool) -> Client {
+        Client {
+            inner: self.inner.clone(),
+            trace,
+        }
     }
 
     /// The current session: the stream id (pylm's `pipeline`) its calls carry.
@@ -431,7 +442,7 @@ impl Client {
             .with_pipeline(self.session())
             .with_cache(self.next_call_id())
             .with_header(crate::DEADLINE, deadline.as_millis().max(1).to_string());
-        let span = if self.inner.trace && message.function_name() != Some(crate::SYNC_FUNCTION) {
+        let span = if self.trace && message.function_name() != Some(crate::SYNC_FUNCTION) {
             let hop = Hop::continue_from(message.header(TRACEPARENT));
             message
                 .headers

@@ -86,7 +86,7 @@ where
     let request_id = crate::request::request_id(given);
     // W3C trace context: the caller's trace continued under a span of the gateway, or a new
     // trace; the worker's message carries it, and the answer says it.
-    let (traceparent, span) = if state.trace {
+    let (traceparent, span) = if state.trace.load(std::sync::atomic::Ordering::Relaxed) {
         let hop = rylm_message::trace::Hop::continue_from(
             request
                 .headers()

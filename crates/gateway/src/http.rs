@@ -183,8 +183,8 @@ pub(crate) struct State {
     pub(crate) next_id: std::sync::atomic::AtomicU64,
     /// Requests by route (function): calls, errors by kind, latency.
     pub(crate) routes: Arc<rylm_message::stats::CallTable>,
-    /// Whether trace context is carried.
-    pub(crate) trace: bool,
+    /// Whether trace context is carried ([`HttpGateway::set_trace`] turns it on and off).
+    pub(crate) trace: std::sync::atomic::AtomicBool,
 }
 
 /// A running gateway.
@@ -197,6 +197,7 @@ pub struct HttpGateway {
     stop: watch::Sender<bool>,
     server: tokio::task::JoinHandle<()>,
     routes: Arc<rylm_message::stats::CallTable>,
+    state: Arc<State>,
     router: Router,
 }
 
@@ -349,7 +350,7 @@ impl HttpGateway {
         })?;
         let pool = status.clone();
         let routes = Arc::new(rylm_message::stats::CallTable::default());
-        let state = Arc::new(State {
+        let state: Arc<State> = Arc::new(State {
             requests,
             withdrawals,
             pending,
@@ -362,10 +363,10 @@ impl HttpGateway {
             max_body: config.max_body,
             next_id: std::sync::atomic::AtomicU64::new(0),
             routes: routes.clone(),
-            trace: config.trace,
+            trace: std::sync::atomic::AtomicBool::new(config.trace),
         });
         let (stop, stopped) = watch::channel(false);
-        let server = tokio::spawn(serve(listener, state, config, stopped));
+        let server = tokio::spawn(serve(listener, state.clone(), config, stopped));
         tracing::info!(%local_addr, %worker_address, "HTTP gateway started");
         Ok(HttpGateway {
             local_addr,
@@ -377,7 +378,16 @@ impl HttpGateway {
             router,
             cache_stop,
             routes,
+            state,
         })
+    }
+
+    /// Turns trace context on or off for the requests that come from now on (the starting
+    /// value is [`GatewayConfig::trace`]).
+    pub fn set_trace(&self, on: bool) {
+        self.state
+            .trace
+            .store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Where HTTP clients connect.

@@ -256,7 +256,7 @@ async fn the_trace_context_reaches_the_worker_and_comes_back() {
 }
 
 #[tokio::test]
-async fn with_tracing_off_no_trace_context_is_read_or_written() {
+async fn with_tracing_off_no_trace_context_is_read_or_written_until_turned_on() {
     let gateway = HttpGateway::start(GatewayConfig {
         trace: false,
         ..config()
@@ -268,4 +268,11 @@ async fn with_tracing_off_no_trace_context_is_read_or_written() {
     let (status, seen) = call(&gateway, Method::GET, "/traced", "").await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(seen, "-", "the worker's message has no traceparent");
+    // Turned on while it runs.
+    gateway.set_trace(true);
+    let (_, seen) = call(&gateway, Method::GET, "/traced", "").await;
+    assert!(
+        rylm_message::trace::TraceParent::parse(&seen).is_some(),
+        "{seen}"
+    );
 }

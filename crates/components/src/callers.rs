@@ -418,6 +418,10 @@ impl Results {
             None => Vec::new(),
         };
         if next.is_empty() {
+            // At its caller the answer's journey ends, and the caller holds its trace context:
+            // the header would only be carried and decoded for nothing.
+            let mut message = message;
+            message.headers.remove(rylm_message::trace::TRACEPARENT);
             let caller = if through {
                 &message.client
             } else {

@@ -390,3 +390,193 @@ async fn a_services_admin_counts_its_answers_and_refusals() {
         1.0
     );
 }
+
+/// `rylm client ARGS` run to its end: its standard output, or its standard error on failure.
+async fn client(args: &[&str]) -> Result<String, String> {
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_rylm"))
+        .arg("client")
+        .args(args)
+        .env("RUST_LOG", "off")
+        .output()
+        .await
+        .map_err(|e| e.to_string())?;
+    if output.status.success() {
+        Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
+    } else {
+        Err(String::from_utf8_lossy(&output.stderr).into_owned())
+    }
+}
+
+#[tokio::test]
+async fn a_pipelines_a_sinks_and_a_hubs_admin_count_what_flows_through_them() {
+    // first (server) -> second (pipeline) -> sink, and a hub fed by the sink, with a worker.
+    let first = Ports::new();
+    let second = Ports::new();
+    let sink = Ports::new();
+    let hub = Ports::new();
+    let admins: Vec<String> = (0..3)
+        .map(|_| format!("127.0.0.1:{}", rylm_testkit::free_port()))
+        .collect();
+    let _first = Rylm::start(&first.server("first")).await;
+    let _second = Rylm::start(&[
+        "pipeline",
+        "--name",
+        "second",
+        "--pub",
+        &second.publish,
+        "--db",
+        &second.db,
+        "--previous",
+        &first.publish,
+        "--previous-name",
+        "first",
+        "--admin",
+        &admins[0],
+    ])
+    .await;
+    let _sink = Rylm::start(&[
+        "sink",
+        "--name",
+        "sink",
+        "--pub",
+        &sink.publish,
+        "--db",
+        &sink.db,
+        "--previous",
+        &format!("{}=second", second.publish),
+        "--admin",
+        &admins[1],
+    ])
+    .await;
+    let _hub = Rylm::start(&[
+        "hub",
+        "--name",
+        "hub",
+        "--pub",
+        &hub.publish,
+        "--db",
+        &hub.db,
+        "--workers",
+        &hub.workers,
+        "--previous",
+        &sink.publish,
+        "--previous-name",
+        "sink",
+        "--admin",
+        &admins[2],
+    ])
+    .await;
+    for admin in &admins {
+        let (status, _) = until_ok(Duration::from_secs(30), || get(admin, "/healthz"))
+            .await
+            .0;
+        assert_eq!(status, 200);
+    }
+    // A hub is ready with a worker, as a master is.
+    let why = readiness(&admins[2], 503).await;
+    assert!(why.contains("no worker"), "{why}");
+    let _worker = Rylm::start(&["worker", "--db", &hub.db]).await;
+    readiness(&admins[2], 200).await;
+    readiness(&admins[0], 200).await;
+    readiness(&admins[1], 200).await;
+
+    // Through the first two stages; the answer comes from the second.
+    let stages = "first.upper,second.reverse";
+    let args = [
+        "--db",
+        &first.db,
+        "--results-from",
+        &second.db,
+        "stages",
+        stages,
+        "abc",
+    ];
+    let (answer, _) = until_ok(Duration::from_secs(30), || client(&args)).await;
+    assert_eq!(answer, "CBA");
+    let reverse = [("function", "reverse")];
+    assert!(labelled(&admins[0], "rylm_function_calls_total", &reverse).await >= 1.0);
+    assert!(metric(&admins[0], "rylm_results_answered_total").await >= 1.0);
+    // Each command's scrape parses as Prometheus text and shows its own families.
+    for (admin, family) in [
+        (&admins[1], "rylm_results_streamed_total"),
+        (&admins[2], "rylm_pool_workers"),
+    ] {
+        metric(admin, family).await;
+    }
+    assert_eq!(metric(&admins[2], "rylm_pool_workers").await, 1.0);
+}
+
+#[tokio::test]
+async fn a_gilmour_proxys_admin_is_unready_while_its_redis_is_down() {
+    let test = "a_gilmour_proxys_admin_is_unready_while_its_redis_is_down";
+    let Some(program) = rylm_testkit::redis_server(test) else {
+        return;
+    };
+    let mut redis = rylm_testkit::PrivateRedis::start(&program, "");
+    let listen = format!("127.0.0.1:{}", rylm_testkit::free_port());
+    let admin = format!("127.0.0.1:{}", rylm_testkit::free_port());
+    let _proxy = tokio::process::Command::new(env!("CARGO_BIN_EXE_rylm"))
+        .args([
+            "gilmour-proxy",
+            "--redis",
+            &redis.url(),
+            "--listen",
+            &listen,
+        ])
+        .args(["--admin", &admin])
+        .env("RUST_LOG", "off")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("the proxy starts");
+    readiness(&admin, 200).await;
+    redis.kill();
+    let why = readiness(&admin, 503).await;
+    assert!(why.to_lowercase().contains("redis"), "{why}");
+    redis.run();
+    readiness(&admin, 200).await;
+}
+
+/// Starts a stopped RabbitMQ node's app again when dropped, so that a failing test does not
+/// leave the cluster short of a node.
+struct Restart<'a>(&'a str);
+
+impl Drop for Restart<'_> {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new(self.0)
+            .arg("start_app")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+}
+
+#[tokio::test]
+async fn a_syrpc_servers_admin_is_unready_while_its_broker_is_down() {
+    let test = "a_syrpc_servers_admin_is_unready_while_its_broker_is_down";
+    let Some(cluster) = rylm_testkit::amqp_cluster(test) else {
+        return;
+    };
+    // The cluster's third node: the cluster tests of rylm-syrpc run in another test binary.
+    let (url, ctl) = &cluster[2];
+    let admin = format!("127.0.0.1:{}", rylm_testkit::free_port());
+    let app = format!("unready-{}", std::process::id());
+    let _server = Rylm::start(&[
+        "syrpc", "serve", "--url", url, "--app", &app, "--admin", &admin,
+    ])
+    .await;
+    readiness(&admin, 200).await;
+    let restart = Restart(ctl);
+    let stopped = tokio::process::Command::new(ctl)
+        .arg("stop_app")
+        .output()
+        .await
+        .expect("rabbitmqctl runs");
+    assert!(stopped.status.success(), "{stopped:?}");
+    let why = readiness(&admin, 503).await;
+    assert!(why.contains("broker"), "{why}");
+    drop(restart);
+    readiness(&admin, 200).await;
+}

@@ -401,78 +401,13 @@ async fn removed_services_and_slots_stop_hearing_and_a_late_handler_is_stopped()
     node.shutdown().await;
 }
 
-/// A Redis of this test's own, to restart and to protect with a password.
-struct OwnRedis {
-    program: String,
-    port: u16,
-    dir: std::path::PathBuf,
-    child: Option<std::process::Child>,
-}
-
-impl OwnRedis {
-    fn start(program: &str, password: &str) -> OwnRedis {
-        let port = rylm_testkit::free_port();
-        let dir = std::env::temp_dir().join(format!("rylm-gilmour-redis-{port}"));
-        std::fs::create_dir_all(&dir).expect("a directory");
-        let mut redis = OwnRedis {
-            program: program.to_owned(),
-            port,
-            dir,
-            child: None,
-        };
-        redis.run(password);
-        redis
-    }
-
-    fn run(&mut self, password: &str) {
-        let child = std::process::Command::new(&self.program)
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .args([
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--requirepass",
-                password,
-            ])
-            .arg("--dir")
-            .arg(&self.dir)
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("starts redis-server");
-        self.child = Some(child);
-        let deadline = Instant::now() + DEADLINE;
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "redis-server listens within 10 s"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for OwnRedis {
-    fn drop(&mut self) {
-        self.kill();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
 #[tokio::test]
 async fn nodes_authenticate_and_come_back_after_a_redis_restart() {
     let test = "nodes_authenticate_and_come_back_after_a_redis_restart";
     let Some(program) = rylm_testkit::redis_server(test) else {
         return;
     };
-    let mut redis = OwnRedis::start(&program, "s3cret");
+    let mut redis = rylm_testkit::PrivateRedis::start(&program, "s3cret");
     let url = format!("redis://:s3cret@127.0.0.1:{}", redis.port);
     let wrong = format!("redis://:wrong@127.0.0.1:{}", redis.port);
     let refused = Node::connect(&wrong)
@@ -521,7 +456,7 @@ async fn nodes_authenticate_and_come_back_after_a_redis_restart() {
     );
 
     redis.kill();
-    redis.run("s3cret");
+    redis.run();
     // Both nodes reconnect and the server subscribes again; every attempt is bounded.
     let deadline = Instant::now() + Duration::from_secs(30);
     let answer = loop {

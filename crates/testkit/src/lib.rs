@@ -9,8 +9,10 @@
 
 mod otlp;
 mod recorder;
+mod redis;
 pub use otlp::{OtlpReceiver, ReceivedSpan};
 pub use recorder::{HttpRecorder, Recorded};
+pub use redis::PrivateRedis;
 
 use std::io::Write;
 

@@ -70,3 +70,88 @@ async fn as_json_each_log_line_is_an_object() {
         "{line}"
     );
 }
+
+/// 10,000 frames that do not decode, sent to a `rylm server`'s callers' port: every one is
+/// counted, and the log (warnings by default) says so in a bounded number of lines.
+#[tokio::test]
+async fn ten_thousand_malformed_frames_make_a_bounded_number_of_log_lines() {
+    use rylm_components::rylm_transport::{Kind, Options, Socket};
+    let (pull, publish, db) = (free_address(), free_address(), free_address());
+    let admin = format!("127.0.0.1:{}", rylm_testkit::free_port());
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_rylm"))
+        .args(["server", "--name", "s", "--pull", &pull, "--pub", &publish])
+        .args(["--db", &db, "--admin", &admin])
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("rylm starts");
+    let stderr = child.stderr.take().expect("piped");
+    let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let kept = lines.clone();
+    let reader = tokio::spawn(async move {
+        let mut stderr = BufReader::new(stderr).lines();
+        while let Ok(Some(line)) = stderr.next_line().await {
+            kept.lock().unwrap_or_else(|e| e.into_inner()).push(line);
+        }
+    });
+    let started = std::time::Instant::now();
+    while !lines
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .any(|l| l.contains("Ctrl-C stops"))
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the server starts"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let raw = Socket::new(Kind::Dealer, &Options::default()).expect("a socket");
+    raw.connect(&pull).await.expect("connects");
+    const FRAMES: usize = 10_000;
+    for _ in 0..FRAMES {
+        raw.send(vec![bytes::Bytes::from_static(b"not a rylm message")])
+            .await
+            .expect("sends");
+    }
+    let counted = async {
+        loop {
+            if let Ok((200, body)) = rylm_testkit::http_get(&admin, "/metrics").await {
+                let malformed =
+                    rylm_testkit::metric_sample(&body, "rylm_results_malformed_total", None);
+                if malformed >= FRAMES as f64 {
+                    return malformed;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let malformed = tokio::time::timeout(Duration::from_secs(60), counted)
+        .await
+        .expect("every frame counted within 60 s");
+    assert_eq!(malformed, FRAMES as f64);
+    let _ = child.kill().await;
+    let _ = reader.await;
+    let about: Vec<String> = lines
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .filter(|l| l.contains("does not decode") || l.contains("held back"))
+        .cloned()
+        .collect();
+    // 10 per 10 s window, and a line counting what was held back before the next one.
+    assert!(
+        !about.is_empty() && about.len() <= 40,
+        "{} lines: {about:#?}",
+        about.len()
+    );
+}
+
+/// A free loopback tcp address, as `tcp://127.0.0.1:PORT`.
+fn free_address() -> String {
+    format!("tcp://127.0.0.1:{}", rylm_testkit::free_port())
+}

@@ -267,7 +267,9 @@ impl Callers {
                 Ok(message) => message,
                 Err(error) => {
                     count(&socket.counters.malformed);
-                    tracing::debug!(address = %socket.address, %error, "dropped a request that does not decode");
+                    // A warning (throttled per place by the programs' log, counted in the
+                    // metrics): a peer sending garbage is worth an operator's eye.
+                    tracing::warn!(address = %socket.address, %error, "dropped a request that does not decode");
                     continue;
                 }
             };

@@ -445,7 +445,7 @@ impl Pool {
                             Ok(message) => self.on_worker_frame(identity, message, &workers, &mut sink).await,
                             Err(error) => {
                                 count(&self.status.counters.malformed);
-                                tracing::debug!(%error, "dropped a worker frame that does not decode");
+                                tracing::warn!(%error, "dropped a worker frame that does not decode");
                             }
                         }
                     }

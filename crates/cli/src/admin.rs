@@ -127,6 +127,48 @@ impl Collector for Syrpc {
     }
 }
 
+/// The connections of every ZeroMQ socket of the process together.
+#[derive(Debug)]
+struct Connections;
+
+impl Collector for Connections {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let t = rylm_components::rylm_transport::totals();
+        let counters = [
+            (
+                "rylm_transport_accepted",
+                "connections accepted by bound sockets",
+                t.accepted,
+            ),
+            (
+                "rylm_transport_connected",
+                "connections made by connecting sockets, reconnections included",
+                t.connected,
+            ),
+            ("rylm_transport_ready", "handshakes completed", t.ready),
+            (
+                "rylm_transport_disconnected",
+                "connections ended, for any reason",
+                t.disconnected,
+            ),
+            (
+                "rylm_transport_dropped",
+                "connections dropped after their handshake: the peer broke the protocol or a limit",
+                t.dropped,
+            ),
+            (
+                "rylm_transport_handshake_failed",
+                "handshakes that failed: timeouts, refused CURVE keys, a peer breaking the protocol or a limit before its handshake ended",
+                t.handshake_failed,
+            ),
+        ];
+        for (name, help, value) in counters {
+            counter(&mut encoder, name, help, value)?;
+        }
+        Ok(())
+    }
+}
+
 /// A gateway's requests by route.
 #[derive(Debug)]
 struct Routes(Arc<CallTable>);
@@ -226,6 +268,10 @@ pub(crate) async fn start(
         return Ok(None);
     };
     let mut registry = Registry::default();
+    // Every command here but the SyRPC server speaks ZeroMQ.
+    if !matches!(shows, Shows::Syrpc(_)) {
+        registry.register_collector(Box::new(Connections));
+    }
     let ready: Readiness = match shows {
         Shows::Server(results, functions) => {
             registry.register_collector(Box::new(Results(results)));

@@ -118,6 +118,22 @@ async fn a_servers_admin_counts_its_answers() {
     // The calls, and the client's handshake.
     let answered = metric(&admin, "rylm_results_answered_total").await - before;
     assert!((10.0..=11.0).contains(&answered), "{answered}");
+    // A hostile peer (a frame header of 2^46 bytes in its handshake): its connection closed,
+    // and counted.
+    let refused = || async {
+        metric(&admin, "rylm_transport_dropped_total").await
+            + metric(&admin, "rylm_transport_handshake_failed_total").await
+    };
+    assert_eq!(refused().await, 0.0);
+    common::attack(&ports.pull).await;
+    until_ok(Duration::from_secs(10), || async {
+        match refused().await {
+            n if n >= 1.0 => Ok(()),
+            n => Err(n),
+        }
+    })
+    .await;
+    assert!(metric(&admin, "rylm_transport_accepted_total").await >= 2.0);
     assert_eq!(metric(&admin, "rylm_results_malformed_total").await, 0.0);
     assert_eq!(
         of_function(&admin, "rylm_function_calls_total", "upper").await,

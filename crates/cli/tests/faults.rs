@@ -7,42 +7,11 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{DEADLINE, Ports, Rylm, free_address, until_ok};
+use common::{DEADLINE, Ports, Rylm, attack, free_address, until_ok};
 use rylm_components::Client;
 use rylm_services_mux::{Call, Method, ServiceClient};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-
-/// A ZMTP 3.0 greeting (NULL) and a long-frame header declaring 2^46 bytes: 73 bytes.
-fn hostile_bytes() -> Vec<u8> {
-    let mut bytes = vec![0xFF, 0, 0, 0, 0, 0, 0, 0, 1, 0x7F, 3, 0];
-    let mut mechanism = b"NULL".to_vec();
-    mechanism.resize(20, 0);
-    bytes.extend(mechanism);
-    bytes.resize(64, 0);
-    bytes.push(0x02);
-    bytes.extend((1u64 << 46).to_be_bytes());
-    bytes
-}
-
-/// Sends the hostile bytes to `address` and waits (bounded) for the peer to close.
-async fn attack(address: &str) {
-    let mut stream = TcpStream::connect(address.trim_start_matches("tcp://"))
-        .await
-        .expect("the port is open");
-    let _ = stream.write_all(&hostile_bytes()).await;
-    let mut buffer = [0u8; 256];
-    let closed = tokio::time::timeout(DEADLINE, async {
-        loop {
-            match stream.read(&mut buffer).await {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
-            }
-        }
-    })
-    .await;
-    assert!(closed.is_ok(), "{address} kept the hostile connection open");
-}
 
 async fn eval_upper(db: &str) -> Result<String, rylm_components::Error> {
     let client = Client::connect(db, Duration::from_secs(5)).await?;

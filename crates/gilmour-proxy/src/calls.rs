@@ -79,7 +79,7 @@ async fn timed(
         kind,
         topic,
         started.elapsed(),
-        protocol::is_failure(step.code),
+        crate::metrics::error_of(step.code),
     );
     step
 }
@@ -238,9 +238,12 @@ pub(crate) async fn publish_signal(
         .gilmour
         .signal_traced(&topic, message, traceparent)
         .await;
-    shared
-        .metrics
-        .record("signal", &topic, started.elapsed(), sent.is_err());
+    shared.metrics.record(
+        "signal",
+        &topic,
+        started.elapsed(),
+        sent.is_err().then_some("failed"),
+    );
     match sent {
         Ok(receivers) => json(
             StatusCode::OK,

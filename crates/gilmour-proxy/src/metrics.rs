@@ -28,6 +28,26 @@ struct Call {
     topic: String,
 }
 
+/// The labels of a failed call: the call's, and what went wrong.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct Failure {
+    kind: String,
+    topic: String,
+    error: &'static str,
+}
+
+/// What a failing code says: `timeout` (499), `busy` (503), `unknown` (404: nobody serves the
+/// topic), `failed` (any other code of 300 and above); `None` for a success.
+pub fn error_of(code: i64) -> Option<&'static str> {
+    match code {
+        ..300 => None,
+        404 => Some("unknown"),
+        499 => Some("timeout"),
+        503 => Some("busy"),
+        _ => Some("failed"),
+    }
+}
+
 fn histogram() -> Histogram {
     Histogram::new(BUCKETS)
 }
@@ -36,7 +56,7 @@ fn histogram() -> Histogram {
 #[derive(Debug)]
 pub struct Metrics {
     requests: Family<Call, Counter>,
-    errors: Family<Call, Counter>,
+    errors: Family<Failure, Counter>,
     duration: Family<Call, Histogram, fn() -> Histogram>,
     seen: Mutex<HashSet<(String, String)>>,
 }
@@ -53,8 +73,9 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    /// Counts one call of `kind` on `topic`, that took `took` and failed or not.
-    pub fn record(&self, kind: &str, topic: &str, took: Duration, failed: bool) {
+    /// Counts one call of `kind` on `topic`, that took `took` and failed with `error` (an
+    /// [`error_of`] value) or not.
+    pub fn record(&self, kind: &str, topic: &str, took: Duration, error: Option<&'static str>) {
         let topic = {
             let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
             let key = (kind.to_owned(), topic.to_owned());
@@ -70,8 +91,13 @@ impl Metrics {
             topic: topic.to_owned(),
         };
         self.requests.get_or_create(&call).inc();
-        if failed {
-            self.errors.get_or_create(&call).inc();
+        if let Some(error) = error {
+            let failure = Failure {
+                kind: call.kind.clone(),
+                topic: call.topic.clone(),
+                error,
+            };
+            self.errors.get_or_create(&failure).inc();
         }
         self.duration
             .get_or_create(&call)
@@ -90,7 +116,7 @@ impl Collector for Metrics {
         self.requests.encode(requests)?;
         let errors = encoder.encode_descriptor(
             "gilmour_proxy_errors",
-            "Calls that failed (code 300 and above, or no answer).",
+            "Calls that failed, by what went wrong: timeout (499), busy (503), unknown (404), failed (other codes of 300 and above, or no answer).",
             None,
             self.errors.metric_type(),
         )?;

@@ -402,7 +402,9 @@ async fn requests_and_signals_cross_between_http_nodes_and_rust_nodes() {
     let metrics = metrics.as_str().expect("Prometheus text").to_owned();
     for line in [
         format!("gilmour_proxy_requests_total{{kind=\"service\",topic=\"{echo}\"}} 1"),
-        format!("gilmour_proxy_errors_total{{kind=\"service\",topic=\"{fail}\"}} 1"),
+        format!(
+            "gilmour_proxy_errors_total{{kind=\"service\",topic=\"{fail}\",error=\"failed\"}} 1"
+        ),
         format!("gilmour_proxy_requests_total{{kind=\"request\",topic=\"{upper}\"}} 1"),
         format!("gilmour_proxy_requests_total{{kind=\"signal\",topic=\"{news}\"}} 1"),
         format!("gilmour_proxy_duration_seconds_count{{kind=\"slot\",topic=\"{evt}.made\"}} 1"),

@@ -123,8 +123,35 @@ pub struct StatsSnapshot {
     pub handshake_failed: u64,
 }
 
+/// Every socket's counters of this process together.
+static TOTALS: Stats = Stats::new();
+
+/// The counters of every socket of this process together, since it started (sockets closed
+/// since included): what an admin endpoint shows, with no label per socket, so that sockets
+/// that come and go (a client's fresh request sockets) cannot grow its series.
+pub fn totals() -> StatsSnapshot {
+    TOTALS.snapshot()
+}
+
 impl Stats {
+    pub(crate) const fn new() -> Stats {
+        Stats {
+            accepted: AtomicU64::new(0),
+            connected: AtomicU64::new(0),
+            ready: AtomicU64::new(0),
+            disconnected: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
+            handshake_failed: AtomicU64::new(0),
+        }
+    }
+
+    /// Counts `event` for this socket and in the process's totals.
     pub(crate) fn count(&self, event: &Event) {
+        self.bump(event);
+        TOTALS.bump(event);
+    }
+
+    fn bump(&self, event: &Event) {
         let counter = match event {
             Event::Accepted { .. } => &self.accepted,
             Event::Connected { .. } => &self.connected,

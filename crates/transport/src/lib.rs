@@ -67,7 +67,7 @@ mod options;
 mod socket;
 
 pub use error::Error;
-pub use events::{Event, Events, Stats, StatsSnapshot};
+pub use events::{Event, Events, Stats, StatsSnapshot, totals};
 pub use keys::{Keypair, PublicKey};
 pub use options::{DEFAULT_MAX_MESSAGE_SIZE, Heartbeat, Kind, Options, Security};
 pub use socket::{Received, Socket};

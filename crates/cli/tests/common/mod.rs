@@ -362,3 +362,34 @@ pub async fn http_raw(address: &str, request: &str) -> Result<String, String> {
         Err(answer)
     }
 }
+
+/// A ZMTP 3.0 greeting (NULL) and a long-frame header declaring 2^46 bytes: 73 bytes.
+pub fn hostile_bytes() -> Vec<u8> {
+    let mut bytes = vec![0xFF, 0, 0, 0, 0, 0, 0, 0, 1, 0x7F, 3, 0];
+    let mut mechanism = b"NULL".to_vec();
+    mechanism.resize(20, 0);
+    bytes.extend(mechanism);
+    bytes.resize(64, 0);
+    bytes.push(0x02);
+    bytes.extend((1u64 << 46).to_be_bytes());
+    bytes
+}
+
+/// Sends the hostile bytes to `address` and waits (bounded) for the peer to close.
+pub async fn attack(address: &str) {
+    let mut stream = tokio::net::TcpStream::connect(address.trim_start_matches("tcp://"))
+        .await
+        .expect("the port is open");
+    let _ = tokio::io::AsyncWriteExt::write_all(&mut stream, &hostile_bytes()).await;
+    let mut buffer = [0u8; 256];
+    let closed = tokio::time::timeout(DEADLINE, async {
+        loop {
+            match tokio::io::AsyncReadExt::read(&mut stream, &mut buffer).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "{address} kept the hostile connection open");
+}

@@ -1,19 +1,25 @@
 //! Libraries that log through the `log` crate (fred, Redis's client) reach `rylm`'s own log:
-//! the binary bridges `log` records into `tracing`.
+//! the binary bridges `log` records into `tracing`. A flood of frames that do not decode makes
+//! a bounded number of lines.
+
+mod common;
 
 use std::process::Stdio;
 use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, BufReader};
 
-/// The first line of `rylm <args> gilmour-proxy` (with fred's records enabled) on standard
-/// error that comes from fred (its `log` target is `fred::...`), within 20 s.
-async fn first_fred_line(redis: &str, before: &[&str]) -> String {
-    let listen = format!("127.0.0.1:{}", rylm_testkit::free_port());
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_rylm"))
-        .args(before)
-        .args(["gilmour-proxy", "--redis", redis, "--listen", &listen])
-        .env("RUST_LOG", "fred=trace")
+/// Starts `rylm ARGS` with `RUST_LOG=filter` and its standard error piped: the child, and
+/// the lines of its standard error.
+fn with_log(
+    args: &[String],
+    filter: &str,
+) -> (
+    tokio::process::Child,
+    tokio::io::Lines<BufReader<tokio::process::ChildStderr>>,
+) {
+    let mut child = common::Rylm::command(None, args)
+        .env("RUST_LOG", filter)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -21,7 +27,16 @@ async fn first_fred_line(redis: &str, before: &[&str]) -> String {
         .spawn()
         .expect("rylm starts");
     let stderr = child.stderr.take().expect("piped");
-    let mut lines = BufReader::new(stderr).lines();
+    (child, BufReader::new(stderr).lines())
+}
+
+/// The first line of `rylm <args> gilmour-proxy` (with fred's records enabled) on standard
+/// error that comes from fred (its `log` target is `fred::...`), within 20 s.
+async fn first_fred_line(redis: &str, before: &[&str]) -> String {
+    let listen = format!("127.0.0.1:{}", rylm_testkit::free_port());
+    let mut args: Vec<String> = before.iter().map(|a| (*a).to_owned()).collect();
+    args.extend(["gilmour-proxy", "--redis", redis, "--listen", &listen].map(str::to_owned));
+    let (mut child, mut lines) = with_log(&args, "fred=trace");
     let found = tokio::time::timeout(Duration::from_secs(20), async {
         while let Ok(Some(line)) = lines.next_line().await {
             if line.contains("fred") {
@@ -76,23 +91,15 @@ async fn as_json_each_log_line_is_an_object() {
 #[tokio::test]
 async fn ten_thousand_malformed_frames_make_a_bounded_number_of_log_lines() {
     use rylm_components::rylm_transport::{Kind, Options, Socket};
-    let (pull, publish, db) = (free_address(), free_address(), free_address());
+    let ports = common::Ports::new();
+    let pull = ports.pull.clone();
     let admin = format!("127.0.0.1:{}", rylm_testkit::free_port());
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_rylm"))
-        .args(["server", "--name", "s", "--pull", &pull, "--pub", &publish])
-        .args(["--db", &db, "--admin", &admin])
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("rylm starts");
-    let stderr = child.stderr.take().expect("piped");
+    let mut args = ports.server("s");
+    args.extend(["--admin".to_owned(), admin.clone()]);
+    let (mut child, mut stderr) = with_log(&args, "warn");
     let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
     let kept = lines.clone();
     let reader = tokio::spawn(async move {
-        let mut stderr = BufReader::new(stderr).lines();
         while let Ok(Some(line)) = stderr.next_line().await {
             kept.lock().unwrap_or_else(|e| e.into_inner()).push(line);
         }
@@ -149,9 +156,4 @@ async fn ten_thousand_malformed_frames_make_a_bounded_number_of_log_lines() {
         "{} lines: {about:#?}",
         about.len()
     );
-}
-
-/// A free loopback tcp address, as `tcp://127.0.0.1:PORT`.
-fn free_address() -> String {
-    format!("tcp://127.0.0.1:{}", rylm_testkit::free_port())
 }

@@ -17,6 +17,40 @@ fn one_of<'a>(spans: &'a [ReceivedSpan], service: &str) -> &'a ReceivedSpan {
     found[0]
 }
 
+/// Runs `rylm ARGS` to its end, its spans exported to `receiver` under the service
+/// `test-caller`; panics unless it succeeds. Its standard output.
+async fn run_traced(receiver: &OtlpReceiver, args: &[&str]) -> Vec<u8> {
+    let output = Rylm::command(None, args)
+        .args(["--otlp-endpoint", receiver.endpoint()])
+        .env("OTEL_SERVICE_NAME", "test-caller")
+        .output()
+        .await
+        .expect("runs");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output.stdout
+}
+
+/// Waits (at most 20 s) for the spans of `test-caller` and of `service`; checks that the
+/// caller's span is named `called` and `service`'s one span, named `served`, is its child.
+async fn one_hop(receiver: &OtlpReceiver, called: &str, service: &str, served: &str) {
+    let spans = receiver
+        .until(Duration::from_secs(20), |spans| {
+            spans.iter().any(|s| s.service == "test-caller")
+                && spans.iter().any(|s| s.service == service)
+        })
+        .await;
+    let caller = one_of(&spans, "test-caller");
+    let server = one_of(&spans, service);
+    assert_eq!(caller.name, called);
+    assert_eq!(server.name, served);
+    assert_eq!(server.trace_id, caller.trace_id);
+    assert_eq!(server.parent_id, caller.span_id);
+}
+
 #[tokio::test]
 async fn a_call_through_a_client_a_master_and_a_worker_is_one_trace() {
     let receiver = OtlpReceiver::start().await;
@@ -163,29 +197,20 @@ async fn a_gilmour_request_from_one_process_to_a_proxys_node_is_one_trace() {
         common::http_raw(&listen, &request)
     })
     .await;
-    let output = Rylm::command(
-        None,
+    let stdout = run_traced(
+        &receiver,
         &["gilmour", "request", "--redis", &redis, &topic, "{}"],
     )
-    .args(otlp)
-    .env("OTEL_SERVICE_NAME", "test-requester")
-    .output()
-    .await
-    .expect("runs");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let reply: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON");
+    .await;
+    let reply: serde_json::Value = serde_json::from_slice(&stdout).expect("JSON");
     assert_eq!(reply, serde_json::json!({"code": 200, "data": "pong"}));
     let spans = receiver
         .until(Duration::from_secs(20), |spans| {
-            spans.iter().any(|s| s.service == "test-requester")
+            spans.iter().any(|s| s.service == "test-caller")
                 && spans.iter().any(|s| s.service == "rylm-gilmour-proxy")
         })
         .await;
-    let requester = one_of(&spans, "test-requester");
+    let requester = one_of(&spans, "test-caller");
     assert_eq!(requester.name, "rylm.gilmour.request");
     let handler = spans
         .iter()
@@ -217,34 +242,14 @@ async fn a_syrpc_call_from_one_process_to_a_server_is_one_trace() {
     let mut serve = vec!["syrpc", "serve", "--url", &amqp, "--app", &app];
     serve.extend(otlp);
     let _server = Rylm::start(&serve).await;
-    let output = Rylm::command(
-        None,
+    run_traced(
+        &receiver,
         &[
             "syrpc", "call", "--url", &amqp, "--app", &app, "upper", "hi",
         ],
     )
-    .args(otlp)
-    .env("OTEL_SERVICE_NAME", "test-caller")
-    .output()
-    .await
-    .expect("runs");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let spans = receiver
-        .until(Duration::from_secs(20), |spans| {
-            spans.iter().any(|s| s.service == "test-caller")
-                && spans.iter().any(|s| s.service == "rylm-syrpc")
-        })
-        .await;
-    let caller = one_of(&spans, "test-caller");
-    let server = one_of(&spans, "rylm-syrpc");
-    assert_eq!(caller.name, "rylm.syrpc.call");
-    assert_eq!(server.name, "upper");
-    assert_eq!(server.trace_id, caller.trace_id);
-    assert_eq!(server.parent_id, caller.span_id);
+    .await;
+    one_hop(&receiver, "rylm.syrpc.call", "rylm-syrpc", "upper").await;
 }
 
 #[tokio::test]
@@ -257,8 +262,8 @@ async fn a_service_call_from_one_process_to_a_service_is_one_trace() {
     ];
     serve.extend(otlp);
     let _service = Rylm::start(&serve).await;
-    let output = Rylm::command(
-        None,
+    run_traced(
+        &receiver,
         &[
             "call",
             "--connect",
@@ -270,26 +275,6 @@ async fn a_service_call_from_one_process_to_a_service_is_one_trace() {
             "/echo",
         ],
     )
-    .args(otlp)
-    .env("OTEL_SERVICE_NAME", "test-caller")
-    .output()
-    .await
-    .expect("runs");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let spans = receiver
-        .until(Duration::from_secs(20), |spans| {
-            spans.iter().any(|s| s.service == "test-caller")
-                && spans.iter().any(|s| s.service == "rylm-service")
-        })
-        .await;
-    let caller = one_of(&spans, "test-caller");
-    let served = one_of(&spans, "rylm-service");
-    assert_eq!(caller.name, "rylm.service.call");
-    assert_eq!(served.name, "svc");
-    assert_eq!(served.trace_id, caller.trace_id);
-    assert_eq!(served.parent_id, caller.span_id);
+    .await;
+    one_hop(&receiver, "rylm.service.call", "rylm-service", "svc").await;
 }

@@ -99,8 +99,14 @@ where
     };
     let started = std::time::Instant::now();
     let uri = request.uri().clone();
-    let route = route_of(&state, uri.path());
-    let mut response = respond(&state, request, &request_id, &traceparent)
+    // Whether a worker announced the function: asked once, for the answer and its counting.
+    let calls = Called::from_path(uri.path());
+    let announced = state
+        .status
+        .as_ref()
+        .is_some_and(|status| status.knows(calls.name) || status.knows(calls.method));
+    let route = route_of(&state, uri.path(), &calls, announced);
+    let mut response = respond(&state, request, &request_id, &traceparent, announced)
         .instrument(span)
         .await;
     if let Some(route) = route {
@@ -151,24 +157,44 @@ impl Drop for InHand {
     }
 }
 
+/// The function a path calls: `/server.sleep:100` is the method `sleep:100`, named `sleep`.
+struct Called<'a> {
+    /// The path without its leading `/`.
+    function: &'a str,
+    /// The part after the server's name, if any.
+    method: &'a str,
+    /// The method without its parameter.
+    name: &'a str,
+}
+
+impl<'a> Called<'a> {
+    fn from_path(path: &'a str) -> Called<'a> {
+        let function = path.trim_start_matches('/');
+        let method = function
+            .split_once('.')
+            .map_or(function, |(_, method)| method);
+        let name = method.split_once(':').map_or(method, |(name, _)| name);
+        Called {
+            function,
+            method,
+            name,
+        }
+    }
+}
+
 /// The route a request counts under: the function it calls (`/sleep:100` under `sleep`),
 /// [`UNKNOWN_ROUTE`] for a name the workers do not announce; `None` for the gateway's own
 /// routes (`/`, `/healthz`, `/readyz`).
-fn route_of<'a>(state: &State, path: &'a str) -> Option<&'a str> {
+fn route_of<'a>(state: &State, path: &str, calls: &Called<'a>, announced: bool) -> Option<&'a str> {
     if matches!(path, "/" | "/healthz" | "/readyz") {
         return None;
     }
-    let function = path.trim_start_matches('/');
-    let method = function
-        .split_once('.')
-        .map_or(function, |(_, method)| method);
-    let name = method.split_once(':').map_or(method, |(name, _)| name);
     let known = match &state.status {
-        Some(status) => status.knows(name) || status.knows(method),
+        Some(_) => announced,
         // pylm workers announce nothing: their names are counted, up to the table's bound.
-        None => is_function_name(function),
+        None => is_function_name(calls.function),
     };
-    Some(if known { name } else { UNKNOWN_ROUTE })
+    Some(if known { calls.name } else { UNKNOWN_ROUTE })
 }
 
 /// The route requests for functions nobody announces count under.
@@ -192,6 +218,7 @@ async fn respond<B>(
     request: Request<B>,
     request_id: &str,
     traceparent: &str,
+    announced: bool,
 ) -> Response<HandlerBody>
 where
     B: hyper::body::Body<Data = Bytes>,
@@ -235,7 +262,9 @@ where
     if request.method() != Method::GET && request.method() != Method::POST {
         return json_error(StatusCode::METHOD_NOT_ALLOWED, "use GET or POST").whole();
     }
-    let function = path.trim_start_matches('/');
+    let Called {
+        function, method, ..
+    } = Called::from_path(&path);
     if !is_function_name(function) {
         return json_error(
             StatusCode::BAD_REQUEST,
@@ -243,15 +272,11 @@ where
         )
         .whole();
     }
-    let method = function
-        .split_once('.')
-        .map_or(function, |(_, method)| method);
-    let method_name = method.split_once(':').map_or(method, |(name, _)| name);
     if let Some(status) = &state.status {
         if status.live_workers() == 0 {
             return unavailable(state, "no worker is connected").whole();
         }
-        if !status.knows(method) && !status.knows(method_name) {
+        if !announced {
             let known = status.functions();
             return json_error(
                 StatusCode::NOT_FOUND,

@@ -54,7 +54,7 @@ use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::Error;
-use crate::link::{Link, Outgoing, forward_exchange, publish_on, within};
+use crate::link::{Link, Outgoing, close_channel, forward_exchange, publish_on, within};
 use crate::protocol::{self, ResultId, Settings};
 
 /// How many unacknowledged results one bucket reader may hold.
@@ -704,34 +704,53 @@ fn requeue() -> BasicNackOptions {
 struct Consumers {
     channel: Channel,
     bucket: lapin::Consumer,
+    /// The link's connection generation the channel belongs to.
+    generation: u64,
 }
 
 /// Opens the reader's channel and consumes the bucket's queue; the queue is declared again
 /// when `redeclare` (a reopening: the queue may be what went away) or when not declared on
 /// this connection lately.
 async fn open_consumers(link: &Link, bucket: u32, redeclare: bool) -> Result<Consumers, Error> {
+    // Waits for a connection as long as the settings allow; each step after it is a broker
+    // round trip on a live connection, bounded by `connect_timeout`.
     let (channel, generation) = link.channel().await?;
-    channel
-        .basic_qos(READER_PREFETCH, BasicQosOptions::default())
-        .await
-        .map_err(Error::amqp("basic.qos"))?;
-    if redeclare {
-        link.forget_bucket(bucket);
+    let steps = async {
+        channel
+            .basic_qos(READER_PREFETCH, BasicQosOptions::default())
+            .await
+            .map_err(Error::amqp("basic.qos"))?;
+        if redeclare {
+            link.forget_bucket(bucket);
+        }
+        link.ensure_bucket(&channel, generation, bucket).await?;
+        channel
+            .basic_consume(
+                link.settings.result_queue(bucket).as_str().into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(Error::amqp("basic.consume (result)"))
+    };
+    match within(
+        link.settings.connect_timeout,
+        "consuming a result queue",
+        steps,
+    )
+    .await
+    {
+        Ok(shared) => Ok(Consumers {
+            channel,
+            bucket: shared,
+            generation,
+        }),
+        Err(error) => {
+            close_channel(&channel, "cannot consume", link.settings.connect_timeout).await;
+            Err(error)
+        }
     }
-    link.ensure_bucket(&channel, generation, bucket).await?;
-    let shared = channel
-        .basic_consume(
-            link.settings.result_queue(bucket).as_str().into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .map_err(Error::amqp("basic.consume (result)"))?;
-    Ok(Consumers {
-        channel,
-        bucket: shared,
-    })
 }
 
 /// The reader's private queue, opened when first needed (a caller who waited `BIND_AFTER`,
@@ -882,6 +901,7 @@ async fn run_reader(
         let Consumers {
             channel,
             bucket: mut shared,
+            generation,
         } = consumers;
         // The private queue (and its bindings) of an old channel went with it.
         let mut private: Option<lapin::Consumer> = None;
@@ -889,12 +909,13 @@ async fn run_reader(
         for waiting in reader.waiters.values_mut() {
             waiting.bound = false;
         }
+        let close_within = strong.link.settings.connect_timeout;
         drop(strong);
         let mut ticker = tokio::time::interval(TICK);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let Some(strong) = inner.upgrade() else {
-                let _ = channel.close(200, "client dropped".into()).await;
+                close_channel(&channel, "client dropped", close_within).await;
                 return;
             };
             let linger_until =
@@ -909,7 +930,7 @@ async fn run_reader(
                     }
                     Some(Command::GaveUp) => reader.drop_abandoned(&channel, &strong),
                     None => {
-                        let _ = channel.close(200, "client closed".into()).await;
+                        close_channel(&channel, "client closed", close_within).await;
                         return;
                     }
                 },
@@ -924,8 +945,16 @@ async fn run_reader(
                     None => lost = Some("the broker cancelled the private consumer".into()),
                 },
                 _ = ticker.tick() => {
-                    reader.drop_abandoned(&channel, &strong);
-                    if private.is_none() && reader.needs_private() {
+                    // A consumer on a connection that is gone may never say so: the channel's
+                    // state and the link's generation do.
+                    if !channel.status().connected() {
+                        lost = Some("the result channel is closed".into());
+                    } else if strong.link.generation() != generation {
+                        lost = Some("the connection was replaced".into());
+                    } else {
+                        reader.drop_abandoned(&channel, &strong);
+                    }
+                    if lost.is_none() && private.is_none() && reader.needs_private() {
                         let opening = open_private(&channel, &strong.link);
                         let limit = strong.link.settings.connect_timeout;
                         match within(limit, "opening a private queue", opening).await {
@@ -936,7 +965,7 @@ async fn run_reader(
                             Err(error) => lost = Some(error.to_string()),
                         }
                     }
-                    if private.is_some() {
+                    if lost.is_none() && private.is_some() {
                         reader.tick(&channel, &strong, hold).await;
                     }
                 }
@@ -946,7 +975,7 @@ async fn run_reader(
                 tracing::warn!(bucket, %reason, "result consumer stopped; opening it again");
                 // Held results go back to the broker with the channel.
                 reader.held.clear();
-                let _ = channel.close(200, "reopening".into()).await;
+                close_channel(&channel, "reopening", close_within).await;
                 continue 'connection;
             }
             if reader.has_waiters() {
@@ -980,7 +1009,7 @@ async fn run_reader(
                         .stats
                         .handed_back
                         .fetch_add(handed_back, Ordering::Relaxed);
-                    let _ = channel.close(200, "no more waiters".into()).await;
+                    close_channel(&channel, "no more waiters", close_within).await;
                     return;
                 }
             }

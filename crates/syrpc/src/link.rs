@@ -94,11 +94,11 @@ impl Link {
     }
 
     /// The current connection, its publishing channel and its generation: a new channel when
-    /// only the channel was closed (a channel error), a new connection (for up to `within`,
+    /// only the channel was closed (a channel error), a new connection (for up to `give_up_after`,
     /// `None`: as long as it takes) when the connection was lost.
     async fn live_connection(
         &self,
-        within: Option<Duration>,
+        give_up_after: Option<Duration>,
     ) -> Result<(Arc<Connection>, Channel, u64), Error> {
         let mut live = self.live.lock().await;
         if let Some(current) = live.as_mut() {
@@ -113,7 +113,8 @@ impl Link {
                 // A channel error closes the channel, not the connection: a new channel on
                 // the same connection, whose consumers go on.
                 tracing::info!("the AMQP publishing channel was closed; opening another");
-                match publishing_channel(&current.connection).await {
+                let reopening = publishing_channel(&current.connection);
+                match within(self.settings.connect_timeout, "channel.open", reopening).await {
                     Ok(publisher) => {
                         current.publisher = publisher;
                         return Ok((
@@ -150,7 +151,7 @@ impl Link {
                 | Err(error @ Error::InvalidSettings(_)) => return Err(error),
                 Err(error) => {
                     failures += 1;
-                    if within.is_some_and(|within| started.elapsed() + backoff > within) {
+                    if give_up_after.is_some_and(|limit| started.elapsed() + backoff > limit) {
                         let reason = match error {
                             Error::Unreachable { reason, .. } => reason,
                             other => other.to_string(),
@@ -215,8 +216,30 @@ impl Link {
             Ok(Err(error)) => return Err(classify_connect_error(url, error)),
             Ok(Ok(connection)) => Arc::new(connection),
         };
-        let publisher = publishing_channel(&connection).await?;
-        declare_topology(&publisher, &self.settings).await?;
+        let setup = async {
+            let publisher = publishing_channel(&connection).await?;
+            declare_topology(&publisher, &self.settings).await?;
+            Ok(publisher)
+        };
+        let publisher = match within(
+            self.settings.connect_timeout,
+            "declaring the topology",
+            setup,
+        )
+        .await
+        {
+            Ok(publisher) => publisher,
+            Err(error) => {
+                // Not left open behind us: a half-set-up connection is closed, within a bound.
+                let limit = self.settings.connect_timeout;
+                tokio::spawn(async move {
+                    let _ =
+                        tokio::time::timeout(limit, connection.close(200, "setup failed".into()))
+                            .await;
+                });
+                return Err(error);
+            }
+        };
         let generation = self
             .generation
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
@@ -232,10 +255,13 @@ impl Link {
     /// A new channel on the live connection, and the connection's generation.
     pub(crate) async fn channel(&self) -> Result<(Channel, u64), Error> {
         let (connection, _, generation) = self.live_connection(self.settings.reconnect_for).await?;
-        let channel = connection
-            .create_channel()
-            .await
-            .map_err(Error::amqp("channel.open"))?;
+        let channel = within(self.settings.connect_timeout, "channel.open", async {
+            connection
+                .create_channel()
+                .await
+                .map_err(Error::amqp("channel.open"))
+        })
+        .await?;
         Ok((channel, generation))
     }
 
@@ -389,17 +415,16 @@ impl Link {
     async fn discard_publisher(&self) {
         let live = self.live.lock().await;
         if let Some(current) = live.as_ref() {
-            let _ = current
-                .publisher
-                .close(200, "refused a publish".into())
-                .await;
+            let closing = current.publisher.close(200, "refused a publish".into());
+            let _ = tokio::time::timeout(self.settings.connect_timeout, closing).await;
         }
     }
 
     /// Closes the connection.
     pub(crate) async fn close(&self) {
         if let Some(live) = self.live.lock().await.take() {
-            let _ = live.connection.close(200, "closing".into()).await;
+            let closing = live.connection.close(200, "closing".into());
+            let _ = tokio::time::timeout(self.settings.connect_timeout, closing).await;
         }
     }
 }
@@ -416,6 +441,12 @@ pub(crate) async fn within<T>(
             operation,
             waited: limit,
         })?
+}
+
+/// Closes `channel`, waiting up to `limit` for the broker's close-ok (a dead connection may
+/// never send it).
+pub(crate) async fn close_channel(channel: &Channel, reason: &str, limit: Duration) {
+    let _ = tokio::time::timeout(limit, channel.close(200, reason.into())).await;
 }
 
 /// Publishes `message` on `channel` (in confirm mode) and waits up to `limit` for the

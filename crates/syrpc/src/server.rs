@@ -19,13 +19,16 @@ use serde_json::Value;
 use tokio::sync::{Mutex, Semaphore, mpsc};
 
 use crate::Error;
-use crate::link::{Link, Outgoing};
+use crate::link::{Link, Outgoing, close_channel, within};
 use crate::protocol::{self, AckMode, ResultId, Settings};
 
 /// The first pause before consuming requests again after a failure; it doubles up to
 /// `RETRY_MAX`.
 const RETRY_FIRST: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(2);
+/// How often the request consumer checks that its channel and connection are still the live
+/// ones.
+const CONNECTION_CHECK: Duration = Duration::from_millis(500);
 /// While retrying, at most one warning per this long.
 const RETRY_WARN_EVERY: Duration = Duration::from_secs(30);
 /// [`Handlers::run`]'s limit: the settings' default `handler_timeout`.
@@ -363,22 +366,33 @@ async fn consume_requests(
     let mut warned: Option<std::time::Instant> = None;
     loop {
         let opened = async {
+            // Waits for a connection as long as the settings allow; each step after it is a
+            // broker round trip on a live connection, bounded by `connect_timeout`.
             let (channel, generation) = link.channel().await?;
-            link.declare_topology(&channel).await?;
-            channel
-                .basic_qos(link.settings.prefetch, BasicQosOptions::default())
-                .await
-                .map_err(Error::amqp("basic.qos"))?;
-            let consumer = channel
-                .basic_consume(
-                    link.settings.request_exchange().as_str().into(),
-                    "".into(),
-                    BasicConsumeOptions::default(),
-                    FieldTable::default(),
-                )
-                .await
-                .map_err(Error::amqp("basic.consume (request)"))?;
-            Ok::<_, Error>((channel, consumer, generation))
+            let steps = async {
+                link.declare_topology(&channel).await?;
+                channel
+                    .basic_qos(link.settings.prefetch, BasicQosOptions::default())
+                    .await
+                    .map_err(Error::amqp("basic.qos"))?;
+                channel
+                    .basic_consume(
+                        link.settings.request_exchange().as_str().into(),
+                        "".into(),
+                        BasicConsumeOptions::default(),
+                        FieldTable::default(),
+                    )
+                    .await
+                    .map_err(Error::amqp("basic.consume (request)"))
+            };
+            let limit = link.settings.connect_timeout;
+            match within(limit, "consuming the request queue", steps).await {
+                Ok(consumer) => Ok::<_, Error>((channel, consumer, generation)),
+                Err(error) => {
+                    close_channel(&channel, "cannot consume", limit).await;
+                    Err(error)
+                }
+            }
         };
         let (channel, mut consumer, generation) = match opened.await {
             Ok(opened) => {
@@ -408,13 +422,28 @@ async fn consume_requests(
             counters.consumer_restarts.fetch_add(1, Ordering::Relaxed);
         }
         counters.consuming.store(true, Ordering::Relaxed);
-        while let Some(delivery) = consumer.next().await {
+        let mut watch = tokio::time::interval(CONNECTION_CHECK);
+        watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let delivery = tokio::select! {
+                delivery = consumer.next() => delivery,
+                _ = watch.tick() => {
+                    // A consumer on a connection that is gone may never say so: the channel's
+                    // state and the link's generation do.
+                    if !channel.status().connected() || link.generation() != generation {
+                        tracing::warn!("the request channel is gone; consuming again");
+                        break;
+                    }
+                    continue;
+                }
+            };
             let delivery = match delivery {
-                Ok(delivery) => delivery,
-                Err(error) => {
+                Some(Ok(delivery)) => delivery,
+                Some(Err(error)) => {
                     tracing::warn!(%error, "request consumer failed; reconnecting");
                     break;
                 }
+                None => break,
             };
             match protocol::decode_request(&delivery.data) {
                 Ok(body) => {
@@ -430,7 +459,8 @@ async fn consume_requests(
                         generation,
                     };
                     if sender.send(incoming).await.is_err() {
-                        let _ = channel.close(200, "server dropped".into()).await;
+                        close_channel(&channel, "server dropped", link.settings.connect_timeout)
+                            .await;
                         return;
                     }
                 }
@@ -446,6 +476,8 @@ async fn consume_requests(
             }
         }
         counters.consuming.store(false, Ordering::Relaxed);
+        // Requests taken on it and not settled go back to the queue with it.
+        close_channel(&channel, "consuming again", link.settings.connect_timeout).await;
         if sender.is_closed() {
             return;
         }

@@ -3,9 +3,10 @@
 //! baseline of what the broker allows).
 //!
 //! Both sides run in this process, each with connections of its own. Three repetitions,
-//! subject and baseline interleaved. Also: eight clients sharing one result queue, and the
-//! same calls on a three-node cluster with quorum queues. xtask provisions the brokers,
-//! passes `RYLM_AMQP_URL` and `RYLM_AMQP_CLUSTER_URLS`, and reports their peak memory.
+//! subject and baseline interleaved. Also: calls published persistent (`persistent_calls`),
+//! eight clients sharing one result queue, and the same calls on a three-node cluster with
+//! quorum queues. xtask provisions the brokers, passes `RYLM_AMQP_URL` and
+//! `RYLM_AMQP_CLUSTER_URLS`, and reports their peak memory.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -90,6 +91,14 @@ async fn main() -> Result<()> {
         1,
     )
     .await?;
+    // The same with calls published persistent (`persistent_calls`), what `put_request` and
+    // the published peers do: the price of the broker's disk.
+    let persistent = Rylm::start(
+        Settings::new(format!("bench_persistent_{}", std::process::id()), &url)
+            .with_persistent_calls(true),
+        1,
+    )
+    .await?;
     let shared = Rylm::start(
         Settings::new(format!("bench_shared_{}", std::process::id()), &url).with_num_queues(1),
         SHARED_CLIENTS,
@@ -98,6 +107,7 @@ async fn main() -> Result<()> {
     let raw = Arc::new(Raw::start(&url).await?);
     rylm.run("warm-up", 200, 20, &payload).await?;
     shared.run("warm-up", 200, 20, &payload).await?;
+    persistent.run("warm-up", 200, 20, &payload).await?;
     raw.run("warm-up", 200, 20).await?;
 
     // Subject and baseline alternate, so that drift hits both.
@@ -106,6 +116,10 @@ async fn main() -> Result<()> {
         Row::new(format!("{IN_FLIGHT} in flight, 4,000 calls")),
         Row::new(format!(
             "shared bucket: {SHARED_CLIENTS} clients, one result queue, {IN_FLIGHT} in flight"
+        )),
+        Row::new("persistent calls, one at a time, 1,000 calls"),
+        Row::new(format!(
+            "persistent calls, {IN_FLIGHT} in flight, 4,000 calls"
         )),
     ];
     for _ in 0..REPETITIONS {
@@ -130,6 +144,33 @@ async fn main() -> Result<()> {
                 .await?,
         );
         rows[2].baseline.push(
+            raw.run("raw, in flight", IN_FLIGHT_TOTAL, IN_FLIGHT)
+                .await?,
+        );
+        rows[3].subject.push(
+            persistent
+                .run(
+                    "rylm, persistent, one at a time",
+                    ONE_AT_A_TIME,
+                    1,
+                    &payload,
+                )
+                .await?,
+        );
+        rows[3]
+            .baseline
+            .push(raw.run("raw, one at a time", ONE_AT_A_TIME, 1).await?);
+        rows[4].subject.push(
+            persistent
+                .run(
+                    "rylm, persistent, in flight",
+                    IN_FLIGHT_TOTAL,
+                    IN_FLIGHT,
+                    &payload,
+                )
+                .await?,
+        );
+        rows[4].baseline.push(
             raw.run("raw, in flight", IN_FLIGHT_TOTAL, IN_FLIGHT)
                 .await?,
         );

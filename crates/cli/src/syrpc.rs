@@ -47,6 +47,11 @@ pub(crate) struct Connection {
     /// How long a publish may wait for the broker's confirm, in seconds.
     #[arg(long, default_value_t = 30.0, env = "RYLM_SYRPC_CONFIRM_TIMEOUT")]
     confirm_timeout: f64,
+    /// Publish calls' requests (and so their results) persistent, written to the broker's
+    /// disk. By default they are transient and a waiting caller publishes its request again
+    /// after a reconnection, which covers what a broker restart loses.
+    #[arg(long, env = "RYLM_SYRPC_PERSISTENT_CALLS")]
+    persistent_calls: bool,
 }
 
 impl Connection {
@@ -65,7 +70,8 @@ impl Connection {
             .with_limits(
                 seconds(self.handler_timeout)?,
                 seconds(self.confirm_timeout)?,
-            );
+            )
+            .with_persistent_calls(self.persistent_calls);
         settings.validate()?;
         Ok(settings)
     }
@@ -279,6 +285,7 @@ mod tests {
             "2.5",
             "--confirm-timeout",
             "3",
+            "--persistent-calls",
         ])
         .expect("valid");
         assert_eq!(settings.msg_ttl, Duration::from_secs(30));
@@ -292,12 +299,14 @@ mod tests {
             ["amqp://a:1/%2F", "amqp://b:2/%2F"]
         );
         assert_eq!(settings.queue_type, QueueType::Quorum);
+        assert!(settings.persistent_calls);
         // The defaults are the peers'; reconnecting goes on for as long as it runs.
         let defaults = parse(&[]).expect("valid");
         assert_eq!(defaults.msg_ttl, Duration::from_secs(10));
         assert_eq!(defaults.num_queues, 64);
         assert_eq!(defaults.reconnect_for, None);
         assert_eq!(defaults.queue_type, QueueType::Classic);
+        assert!(!defaults.persistent_calls);
         assert!(parse(&["--num-queues", "0"]).is_err());
         assert!(parse(&["--msg-ttl=-1"]).is_err());
     }

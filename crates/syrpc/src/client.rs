@@ -89,6 +89,9 @@ pub struct ClientStats {
     /// Times a bucket's reader had to open its consumers again (a lost connection, a queue
     /// deleted under it, a consumer cancelled by the broker).
     pub reopened: AtomicU64,
+    /// Transient requests of `call` published again because the connection was replaced
+    /// while their callers waited.
+    pub republished: AtomicU64,
 }
 
 struct Inner {
@@ -162,18 +165,20 @@ impl Client {
     ) -> Result<ResultId, Error> {
         let (result_id, body) = request_body(type_, data)?;
         let hop = Hop::continue_from(None);
-        self.publish_request(&body, deadline, &hop.traceparent())
+        self.publish_request(&body, deadline, &hop.traceparent(), true)
             .instrument(hop.span("rylm.syrpc.put_request"))
             .await?;
         Ok(result_id)
     }
 
+    /// Publishes a request; returns the generation of the connection that confirmed it.
     async fn publish_request(
         &self,
         body: &[u8],
         deadline: Option<Duration>,
         traceparent: &str,
-    ) -> Result<(), Error> {
+        persistent: bool,
+    ) -> Result<u64, Error> {
         let settings = &self.inner.link.settings;
         let exchange = settings.request_exchange();
         self.inner
@@ -187,6 +192,7 @@ impl Client {
                     expiration: settings.request_ttl,
                     bucket: None,
                     forward: false,
+                    persistent,
                     traceparent: Some(traceparent),
                 },
                 deadline,
@@ -212,6 +218,11 @@ impl Client {
     /// The wait starts before the request is published, and the result is taken as soon as
     /// it comes, even before the broker's confirm of the request (a result proves that the
     /// request arrived): one call costs one round trip through the server, not two confirms.
+    ///
+    /// Unless the settings ask for `persistent_calls`, the request (and so its result) is
+    /// transient: the broker keeps it in memory, not on disk, and this call publishes it again
+    /// whenever its connection is replaced before the result came, which covers what a broker
+    /// restart loses. A handler may then run twice for one call (at-least-once, as always).
     pub async fn call(
         &self,
         type_: &str,
@@ -231,23 +242,44 @@ impl Client {
         deadline: Option<Duration>,
         traceparent: &str,
     ) -> Result<Value, Error> {
-        let deadline = deadline.or(self.inner.link.settings.timeout);
+        let settings = &self.inner.link.settings;
+        let deadline = deadline.or(settings.timeout);
+        let persistent = settings.persistent_calls;
+        let started = tokio::time::Instant::now();
         let (result_id, body) = request_body(type_, data)?;
+        let mut generations = self.inner.link.watch_generation();
         let answer = self.wait_for(&result_id);
-        let publish = self.publish_request(&body, deadline, traceparent);
+        let publish = self.publish_request(&body, deadline, traceparent, persistent);
         let answer = self.answer(&result_id, answer, deadline);
         tokio::pin!(publish, answer);
-        let mut published = false;
+        // The generation of the connection that confirmed the request, once it did.
+        let mut confirmed_on: Option<u64> = None;
         loop {
             tokio::select! {
-                sent = &mut publish, if !published => match sent {
-                    Ok(()) => published = true,
+                sent = &mut publish, if confirmed_on.is_none() => match sent {
+                    Ok(generation) => {
+                        confirmed_on = Some(generation);
+                        // A replacement that came meanwhile is acted on below.
+                        generations.mark_changed();
+                    }
                     Err(error) => {
-                        self.tell_reader_gave_up(self.inner.link.settings.bucket(result_id.as_str()));
+                        self.tell_reader_gave_up(settings.bucket(result_id.as_str()));
                         return Err(error);
                     }
                 },
                 outcome = &mut answer => return outcome,
+                // The sender lives with the link, which this client holds: no error here.
+                Ok(()) = generations.changed(), if !persistent && confirmed_on.is_some() => {
+                    let live = *generations.borrow_and_update();
+                    if confirmed_on != Some(live) {
+                        // The connection that confirmed the transient request is gone, and
+                        // the request or its result may have gone with the broker.
+                        self.inner.stats.republished.fetch_add(1, Ordering::Relaxed);
+                        let left = deadline.map(|limit| limit.saturating_sub(started.elapsed()));
+                        confirmed_on = None;
+                        publish.set(self.publish_request(&body, left, traceparent, persistent));
+                    }
+                }
             }
         }
     }
@@ -630,6 +662,9 @@ impl Reader {
                     expiration: Some(settings.msg_ttl),
                     bucket: None,
                     forward: true,
+                    // To a private, transient queue; the original stays where it was until
+                    // the copy is confirmed.
+                    persistent: false,
                     traceparent: None,
                 },
                 settings.confirm_timeout,

@@ -44,6 +44,9 @@ pub(crate) struct Outgoing<'a> {
     /// documentation): published `mandatory` and transient, to the private queue of whoever
     /// bound its id, and never retried when nobody did.
     pub(crate) forward: bool,
+    /// Persistent (delivery mode 2: written to disk, survives a broker restart) or transient
+    /// (mode 1: kept in memory; whoever waits for it publishes again after a reconnection).
+    pub(crate) persistent: bool,
     /// W3C trace context, sent as the AMQP header `traceparent` (the Python and JavaScript
     /// packages ignore headers they do not know).
     pub(crate) traceparent: Option<&'a str>,
@@ -74,6 +77,8 @@ pub(crate) struct Link {
     declared_buckets: std::sync::Mutex<(u64, HashMap<u32, Instant>)>,
     /// The node (of `Settings::urls`) to try first: the last one that answered.
     preferred: std::sync::atomic::AtomicUsize,
+    /// The generation of every new connection, for whoever must act when one is replaced.
+    generations: tokio::sync::watch::Sender<u64>,
 }
 
 impl Link {
@@ -87,6 +92,7 @@ impl Link {
             generation: std::sync::atomic::AtomicU64::new(0),
             declared_buckets: std::sync::Mutex::new((0, HashMap::new())),
             preferred: std::sync::atomic::AtomicUsize::new(0),
+            generations: tokio::sync::watch::Sender::new(0),
         });
         let within = link.settings.connect_timeout;
         link.live_connection(Some(within)).await?;
@@ -244,6 +250,7 @@ impl Link {
             .generation
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
             + 1;
+        self.generations.send_replace(generation);
         tracing::info!(url = %redact(url), generation, "connected to the AMQP broker");
         Ok(Live {
             connection,
@@ -274,6 +281,12 @@ impl Link {
     /// The generation of the live connection, without reconnecting.
     pub(crate) fn generation(&self) -> u64 {
         self.generation.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Follows the generation of the live connection: it changes when a new connection
+    /// replaces a lost one.
+    pub(crate) fn watch_generation(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.generations.subscribe()
     }
 
     /// Declares result queue `bucket` on `channel`, unless it was declared on this connection
@@ -322,11 +335,12 @@ impl Link {
 
     /// Publishes one JSON message and waits for the broker's confirm, reconnecting and
     /// retrying while the connection is down, for up to `deadline` (and `reconnect_for`).
+    /// Returns the generation of the connection that confirmed it.
     pub(crate) async fn publish(
         &self,
         message: Outgoing<'_>,
         deadline: Option<Duration>,
-    ) -> Result<(), Error> {
+    ) -> Result<u64, Error> {
         let started = Instant::now();
         let attempt = async {
             let mut backoff = FIRST_BACKOFF;
@@ -403,12 +417,13 @@ impl Link {
         }
     }
 
-    async fn publish_once(&self, message: &Outgoing<'_>) -> Result<(), Error> {
+    async fn publish_once(&self, message: &Outgoing<'_>) -> Result<u64, Error> {
         let (_, publisher, generation) = self.live_connection(self.settings.reconnect_for).await?;
         if let Some(bucket) = message.bucket {
             self.ensure_bucket(&publisher, generation, bucket).await?;
         }
-        publish_on(&publisher, message, self.settings.confirm_timeout).await
+        publish_on(&publisher, message, self.settings.confirm_timeout).await?;
+        Ok(generation)
     }
 
     /// Closes the publishing channel, so that the next publish opens another.
@@ -459,9 +474,7 @@ pub(crate) async fn publish_on(
     let mut properties = BasicProperties::default()
         .with_content_type(CONTENT_TYPE.into())
         .with_content_encoding(CONTENT_ENCODING.into())
-        // A forwarded copy goes to a private, transient queue; the original stays persistent
-        // until the copy is confirmed.
-        .with_delivery_mode(if message.forward { 1 } else { 2 });
+        .with_delivery_mode(if message.persistent { 2 } else { 1 });
     if let Some(ttl) = message.expiration {
         properties = properties.with_expiration(ttl.as_millis().to_string().into());
     }

@@ -167,6 +167,12 @@ pub struct Settings {
     /// How long a client keeps a result meant for another caller before handing it back to
     /// the broker for others; default 1 second.
     pub hold_foreign_for: Duration,
+    /// Whether `call` publishes its request (and so the server its result) persistent.
+    /// Default `false`: transient, kept in the broker's memory, and the waiting caller
+    /// publishes the request again whenever its connection is replaced, which covers what a
+    /// broker restart loses. `put_request` is always persistent (whoever fetches the result
+    /// may not be connected through the restart).
+    pub persistent_calls: bool,
 }
 
 impl Settings {
@@ -189,6 +195,7 @@ impl Settings {
             confirm_timeout: Duration::from_secs(30),
             handler_timeout: Duration::from_secs(300),
             hold_foreign_for: Duration::from_secs(1),
+            persistent_calls: false,
         }
     }
 
@@ -272,6 +279,12 @@ impl Settings {
     /// Sets a time to live for requests.
     pub fn with_request_ttl(mut self, request_ttl: Option<Duration>) -> Self {
         self.request_ttl = request_ttl;
+        self
+    }
+
+    /// Sets whether `call` publishes persistent requests (see `persistent_calls`).
+    pub fn with_persistent_calls(mut self, persistent: bool) -> Self {
+        self.persistent_calls = persistent;
         self
     }
 
@@ -399,6 +412,7 @@ impl fmt::Debug for Settings {
             .field("confirm_timeout", &self.confirm_timeout)
             .field("handler_timeout", &self.handler_timeout)
             .field("hold_foreign_for", &self.hold_foreign_for)
+            .field("persistent_calls", &self.persistent_calls)
             .finish()
     }
 }

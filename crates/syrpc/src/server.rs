@@ -51,12 +51,15 @@ pub struct Request {
 struct Pending {
     acker: Acker,
     generation: u64,
+    /// Whether the request came persistent: its result goes the same way.
+    persistent: bool,
 }
 
 struct Incoming {
     request: Request,
     acker: Acker,
     generation: u64,
+    persistent: bool,
 }
 
 /// What a server has done, since it connected.
@@ -156,6 +159,7 @@ impl Server {
                 let pending = Pending {
                     acker: incoming.acker,
                     generation: incoming.generation,
+                    persistent: incoming.persistent,
                 };
                 let mut taken = self.pending.lock().unwrap_or_else(|e| e.into_inner());
                 let same_id = taken.entry(incoming.request.result_id.clone()).or_default();
@@ -169,7 +173,7 @@ impl Server {
     }
 
     /// Publishes the result of `result_id` (the broker has confirmed it when this returns),
-    /// then acknowledges the request. While the broker is unreachable it keeps trying (up to
+    /// persistent unless its request came transient, then acknowledges the request. While the broker is unreachable it keeps trying (up to
     /// the settings' `reconnect_for`). If the result cannot be published, the request goes
     /// back to the queue (it will be taken again) and the error is returned.
     ///
@@ -242,6 +246,7 @@ impl Server {
         let settings = &self.link.settings;
         let bucket = settings.bucket(result_id.as_str());
         let routing_key = bucket.to_string();
+        let persistent = self.result_persistent(result_id);
         self.link
             .publish(
                 Outgoing {
@@ -252,11 +257,23 @@ impl Server {
                     expiration: None,
                     bucket: Some(bucket),
                     forward: false,
+                    persistent,
                     traceparent: None,
                 },
                 None,
             )
             .await
+            .map(|_| ())
+    }
+
+    /// Whether the result of `result_id` goes persistent: as its request came (persistent
+    /// when the request is not held here, as with `AckMode::OnReceipt`).
+    fn result_persistent(&self, result_id: &ResultId) -> bool {
+        let taken = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        taken
+            .get(result_id)
+            .and_then(|same_id| same_id.front())
+            .is_none_or(|pending| pending.persistent)
     }
 
     /// The oldest request taken with `result_id` and not yet settled.
@@ -457,6 +474,9 @@ async fn consume_requests(
                         },
                         acker: delivery.acker,
                         generation,
+                        // Transient only when the caller said so (rylm's `call`, which
+                        // publishes again whatever a broker restart loses while it waits).
+                        persistent: delivery.properties.delivery_mode() != &Some(1),
                     };
                     if sender.send(incoming).await.is_err() {
                         close_channel(&channel, "server dropped", link.settings.connect_timeout)

@@ -421,6 +421,10 @@ const BIND_AFTER_ALONE: Duration = Duration::from_millis(250);
 const SHARED_FOR: Duration = Duration::from_secs(10);
 /// How often a reader forwards, binds and hands back.
 const TICK: Duration = Duration::from_millis(20);
+/// The most bindings, and the most forwards, one tick makes (each is a broker round trip):
+/// the reader takes its deliveries between ticks, so that a crowd of callers waiting at once
+/// (after an outage) cannot keep it from its queue for long.
+const PER_TICK: usize = 32;
 /// How many delivered ids a reader remembers at most (each for twice the message TTL).
 const REMEMBERED: usize = 100_000;
 
@@ -618,10 +622,12 @@ impl Reader {
         let settings = &inner.link.settings;
         let exchange = forward_exchange(settings);
         let bind_after = self.bind_after();
-        for (id, waiting) in self.waiters.iter_mut() {
-            if waiting.bound || waiting.since.elapsed() < bind_after {
-                continue;
-            }
+        let due_to_bind = self
+            .waiters
+            .iter_mut()
+            .filter(|(_, waiting)| !waiting.bound && waiting.since.elapsed() >= bind_after)
+            .take(PER_TICK);
+        for (id, waiting) in due_to_bind {
             let bind = channel.queue_bind(
                 self.private.as_str().into(),
                 exchange.as_str().into(),
@@ -646,6 +652,7 @@ impl Reader {
             .iter()
             .filter(|(_, held)| held.next_try <= Instant::now())
             .map(|(id, _)| id.clone())
+            .take(PER_TICK)
             .collect();
         for id in due {
             let Some(mut held) = self.held.remove(&id) else {

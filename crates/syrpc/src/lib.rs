@@ -45,6 +45,10 @@
 //!   once nobody waits.
 //! - Requests may carry a time to live ([`Settings::request_ttl`]).
 //! - Clients and servers reconnect after a broker restart and carry on.
+//! - `put_request` is persistent: its request and result are on the broker's disk before they
+//!   are confirmed. `call` is transient by default and stands in for the disk itself: while it
+//!   waits, it publishes its request again whenever a new connection replaces the one that
+//!   confirmed it ([`Settings::persistent_calls`] makes calls persistent too).
 //!
 //! This crate knows nothing of ZeroMQ or HTTP; the protocol logic is plain data in
 //! [`protocol`], and the AMQP I/O is on `lapin` without a TLS stack.

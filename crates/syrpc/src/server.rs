@@ -164,7 +164,7 @@ impl Server {
                 let mut taken = self.pending.lock().unwrap_or_else(|e| e.into_inner());
                 let same_id = taken.entry(incoming.request.result_id.clone()).or_default();
                 if !same_id.is_empty() {
-                    tracing::warn!(result_id = %incoming.request.result_id, "two requests share a result id; both are answered, and both results go to the one id");
+                    tracing::warn!(result_id = %incoming.request.result_id, "two requests share a result id (a call published again after its caller reconnected, or a clash of ids); both are answered, and both results go to the one id");
                 }
                 same_id.push_back(pending);
             }

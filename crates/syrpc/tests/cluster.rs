@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{rabbitmqctl_output, serve_in_background, steady_calls, wrong_answers};
+use common::{end_stream, rabbitmqctl_output, serve_in_background, steady_calls, wrong_answers};
 use rylm_syrpc::{Client, Handlers, QueueType, Server, Settings};
 use serde_json::{Value, json};
 
@@ -124,12 +124,7 @@ async fn killing_the_leader_of_quorum_queues_loses_nothing() {
         .expect("kill runs");
     assert!(status.success(), "killed {leader} ({pid})");
     tokio::time::sleep(Duration::from_secs(10)).await;
-    let _ = stop_stream.send(true);
-
-    let answers = tokio::time::timeout(CALL_DEADLINE + Duration::from_secs(30), stream)
-        .await
-        .expect("every call ends")
-        .expect("stream task");
+    let answers = end_stream(stop_stream, stream, CALL_DEADLINE).await;
     let failed = wrong_answers(&answers);
     // Recovery: when the first call made after the kill was answered, and the longest call.
     let first_after = answers

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{rabbitmqctl, serve_in_background, settings, steady_calls, wrong_answers};
+use common::{end_stream, rabbitmqctl, serve_in_background, settings, steady_calls, wrong_answers};
 use rylm_syrpc::{Client, Handlers, Server, Settings};
 use serde_json::Value;
 
@@ -47,12 +47,7 @@ async fn a_ninety_second_outage_under_a_steady_stream_loses_nothing() {
     rabbitmqctl(&ctl, &["start_app"]).await;
     let up = Instant::now();
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let _ = stop_stream.send(true);
-
-    let answers = tokio::time::timeout(CALL_DEADLINE + Duration::from_secs(30), stream)
-        .await
-        .expect("every call ends")
-        .expect("stream task");
+    let answers = end_stream(stop_stream, stream, CALL_DEADLINE).await;
     let failed = wrong_answers(&answers);
     // When the calls made before the broker was back were all answered, from `start_app`.
     let caught_up = answers

@@ -135,6 +135,20 @@ pub fn steady_calls(
     (stop, stream)
 }
 
+/// Stops a stream of `steady_calls` whose calls each have `deadline`, and returns every call
+/// once all have ended (within the deadline and half a minute).
+pub async fn end_stream(
+    stop: tokio::sync::watch::Sender<bool>,
+    stream: tokio::task::JoinHandle<Vec<StreamedCall>>,
+    deadline: Duration,
+) -> Vec<StreamedCall> {
+    let _ = stop.send(true);
+    tokio::time::timeout(deadline + Duration::from_secs(30), stream)
+        .await
+        .expect("every call ends")
+        .expect("stream task")
+}
+
 /// The calls of a stream not answered with their own number, and why.
 pub fn wrong_answers(answers: &[StreamedCall]) -> Vec<(u64, Result<serde_json::Value, String>)> {
     answers

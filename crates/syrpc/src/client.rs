@@ -54,7 +54,7 @@ use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::Error;
-use crate::link::{Link, Outgoing, close_channel, forward_exchange, publish_on, within};
+use crate::link::{Link, Outgoing, close_channel, forward_exchange, publish_on, set_up, within};
 use crate::protocol::{self, ResultId, Settings};
 
 /// How many unacknowledged results one bucket reader may hold.
@@ -776,23 +776,13 @@ async fn open_consumers(link: &Link, bucket: u32, redeclare: bool) -> Result<Con
             .await
             .map_err(Error::amqp("basic.consume (result)"))
     };
-    match within(
-        link.settings.connect_timeout,
-        "consuming a result queue",
-        steps,
-    )
-    .await
-    {
-        Ok(shared) => Ok(Consumers {
-            channel,
-            bucket: shared,
-            generation,
-        }),
-        Err(error) => {
-            close_channel(&channel, "cannot consume", link.settings.connect_timeout).await;
-            Err(error)
-        }
-    }
+    let limit = link.settings.connect_timeout;
+    let shared = set_up(&channel, limit, "consuming a result queue", steps).await?;
+    Ok(Consumers {
+        channel,
+        bucket: shared,
+        generation,
+    })
 }
 
 /// The reader's private queue, opened when first needed (a caller who waited `BIND_AFTER`,
@@ -987,14 +977,10 @@ async fn run_reader(
                     None => lost = Some("the broker cancelled the private consumer".into()),
                 },
                 _ = ticker.tick() => {
-                    // A consumer on a connection that is gone may never say so: the channel's
-                    // state and the link's generation do.
-                    if !channel.status().connected() {
-                        lost = Some("the result channel is closed".into());
-                    } else if strong.link.generation() != generation {
-                        lost = Some("the connection was replaced".into());
-                    } else {
+                    if strong.link.is_current(&channel, generation) {
                         reader.drop_abandoned(&channel, &strong);
+                    } else {
+                        lost = Some("the result channel is closed, or its connection replaced".into());
                     }
                     if lost.is_none() && private.is_none() && reader.needs_private() {
                         let opening = open_private(&channel, &strong.link);

@@ -72,12 +72,12 @@ struct Live {
 pub(crate) struct Link {
     pub(crate) settings: Arc<Settings>,
     live: Mutex<Option<Live>>,
-    generation: std::sync::atomic::AtomicU64,
     /// Result queues declared on the current connection, and when.
     declared_buckets: std::sync::Mutex<(u64, HashMap<u32, Instant>)>,
     /// The node (of `Settings::urls`) to try first: the last one that answered.
     preferred: std::sync::atomic::AtomicUsize,
-    /// The generation of every new connection, for whoever must act when one is replaced.
+    /// The generation of the newest connection, bumped on every new one: channels of older
+    /// generations are dead, and whoever must act when a connection is replaced watches it.
     generations: tokio::sync::watch::Sender<u64>,
 }
 
@@ -89,7 +89,6 @@ impl Link {
         let link = Arc::new(Link {
             settings: Arc::new(settings),
             live: Mutex::new(None),
-            generation: std::sync::atomic::AtomicU64::new(0),
             declared_buckets: std::sync::Mutex::new((0, HashMap::new())),
             preferred: std::sync::atomic::AtomicUsize::new(0),
             generations: tokio::sync::watch::Sender::new(0),
@@ -238,19 +237,17 @@ impl Link {
             Err(error) => {
                 // Not left open behind us: a half-set-up connection is closed, within a bound.
                 let limit = self.settings.connect_timeout;
-                tokio::spawn(async move {
-                    let _ =
-                        tokio::time::timeout(limit, connection.close(200, "setup failed".into()))
-                            .await;
-                });
+                tokio::spawn(
+                    async move { close_connection(&connection, "setup failed", limit).await },
+                );
                 return Err(error);
             }
         };
-        let generation = self
-            .generation
-            .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
-            + 1;
-        self.generations.send_replace(generation);
+        let mut generation = 0;
+        self.generations.send_modify(|newest| {
+            *newest += 1;
+            generation = *newest;
+        });
         tracing::info!(url = %redact(url), generation, "connected to the AMQP broker");
         Ok(Live {
             connection,
@@ -280,7 +277,13 @@ impl Link {
 
     /// The generation of the live connection, without reconnecting.
     pub(crate) fn generation(&self) -> u64 {
-        self.generation.load(std::sync::atomic::Ordering::SeqCst)
+        *self.generations.borrow()
+    }
+
+    /// Whether `channel`, opened on the connection of `generation`, is still open on the live
+    /// connection: a consumer on a connection that is gone may never say so itself.
+    pub(crate) fn is_current(&self, channel: &Channel, generation: u64) -> bool {
+        channel.status().connected() && self.generation() == generation
     }
 
     /// Follows the generation of the live connection: it changes when a new connection
@@ -430,16 +433,15 @@ impl Link {
     async fn discard_publisher(&self) {
         let live = self.live.lock().await;
         if let Some(current) = live.as_ref() {
-            let closing = current.publisher.close(200, "refused a publish".into());
-            let _ = tokio::time::timeout(self.settings.connect_timeout, closing).await;
+            let limit = self.settings.connect_timeout;
+            close_channel(&current.publisher, "refused a publish", limit).await;
         }
     }
 
     /// Closes the connection.
     pub(crate) async fn close(&self) {
         if let Some(live) = self.live.lock().await.take() {
-            let closing = live.connection.close(200, "closing".into());
-            let _ = tokio::time::timeout(self.settings.connect_timeout, closing).await;
+            close_connection(&live.connection, "closing", self.settings.connect_timeout).await;
         }
     }
 }
@@ -462,6 +464,26 @@ pub(crate) async fn within<T>(
 /// never send it).
 pub(crate) async fn close_channel(channel: &Channel, reason: &str, limit: Duration) {
     let _ = tokio::time::timeout(limit, channel.close(200, reason.into())).await;
+}
+
+/// Closes `connection`, waiting up to `limit` for the broker's close-ok.
+async fn close_connection(connection: &Connection, reason: &str, limit: Duration) {
+    let _ = tokio::time::timeout(limit, connection.close(200, reason.into())).await;
+}
+
+/// Runs `steps` (broker round trips setting up `channel`) within `limit`; on failure the
+/// channel is closed (within the same bound), not left half set up.
+pub(crate) async fn set_up<T>(
+    channel: &Channel,
+    limit: Duration,
+    operation: &'static str,
+    steps: impl std::future::Future<Output = Result<T, Error>>,
+) -> Result<T, Error> {
+    let outcome = within(limit, operation, steps).await;
+    if outcome.is_err() {
+        close_channel(channel, "cannot set up", limit).await;
+    }
+    outcome
 }
 
 /// Publishes `message` on `channel` (in confirm mode) and waits up to `limit` for the

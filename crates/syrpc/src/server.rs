@@ -19,7 +19,7 @@ use serde_json::Value;
 use tokio::sync::{Mutex, Semaphore, mpsc};
 
 use crate::Error;
-use crate::link::{Link, Outgoing, close_channel, within};
+use crate::link::{Link, Outgoing, close_channel, set_up};
 use crate::protocol::{self, AckMode, ResultId, Settings};
 
 /// The first pause before consuming requests again after a failure; it doubles up to
@@ -173,9 +173,10 @@ impl Server {
     }
 
     /// Publishes the result of `result_id` (the broker has confirmed it when this returns),
-    /// persistent unless its request came transient, then acknowledges the request. While the broker is unreachable it keeps trying (up to
-    /// the settings' `reconnect_for`). If the result cannot be published, the request goes
-    /// back to the queue (it will be taken again) and the error is returned.
+    /// persistent unless its request came transient, then acknowledges the request. While the
+    /// broker is unreachable it keeps trying (up to the settings' `reconnect_for`). If the
+    /// result cannot be published, the request goes back to the queue (it will be taken again)
+    /// and the error is returned.
     ///
     /// A result that can never be published (it cannot be encoded, the broker refuses it) is
     /// replaced by an `exception` result that says why, so that the caller learns it at once
@@ -185,7 +186,8 @@ impl Server {
         result_id: &ResultId,
         data: &impl Serialize,
     ) -> Result<(), Error> {
-        let mut published = self.publish_result(result_id, data).await;
+        let persistent = self.result_persistent(result_id);
+        let mut published = self.publish_result(result_id, data, persistent).await;
         // Whether the caller has a result: this one, or an exception in its place.
         let mut answered = published.is_ok();
         if let Err(error) = &published
@@ -198,6 +200,7 @@ impl Server {
                     &protocol::exception(format!(
                         "the server could not publish the result: {error}"
                     )),
+                    persistent,
                 )
                 .await;
             match replaced {
@@ -236,17 +239,18 @@ impl Server {
         }
     }
 
+    /// Publishes the result of `result_id`, persistent or transient.
     async fn publish_result(
         &self,
         result_id: &ResultId,
         data: &impl Serialize,
+        persistent: bool,
     ) -> Result<(), Error> {
         let data = serde_json::to_value(data).map_err(|e| Error::Encode(e.to_string()))?;
         let body = protocol::encode_result(result_id, &data)?;
         let settings = &self.link.settings;
         let bucket = settings.bucket(result_id.as_str());
         let routing_key = bucket.to_string();
-        let persistent = self.result_persistent(result_id);
         self.link
             .publish(
                 Outgoing {
@@ -403,13 +407,8 @@ async fn consume_requests(
                     .map_err(Error::amqp("basic.consume (request)"))
             };
             let limit = link.settings.connect_timeout;
-            match within(limit, "consuming the request queue", steps).await {
-                Ok(consumer) => Ok::<_, Error>((channel, consumer, generation)),
-                Err(error) => {
-                    close_channel(&channel, "cannot consume", limit).await;
-                    Err(error)
-                }
-            }
+            let consumer = set_up(&channel, limit, "consuming the request queue", steps).await?;
+            Ok::<_, Error>((channel, consumer, generation))
         };
         let (channel, mut consumer, generation) = match opened.await {
             Ok(opened) => {
@@ -445,9 +444,7 @@ async fn consume_requests(
             let delivery = tokio::select! {
                 delivery = consumer.next() => delivery,
                 _ = watch.tick() => {
-                    // A consumer on a connection that is gone may never say so: the channel's
-                    // state and the link's generation do.
-                    if !channel.status().connected() || link.generation() != generation {
+                    if !link.is_current(&channel, generation) {
                         tracing::warn!("the request channel is gone; consuming again");
                         break;
                     }

@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Job, Ports, Rylm, until_ok};
+use common::{Job, Ports, Rylm, succeeds, until_ok};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use rylm_testkit::{http_get as get, metric_sample, metric_sample_with};
@@ -234,17 +234,12 @@ async fn a_piped_job_prints_results_and_no_progress_bar() {
         "upper".into(),
     ];
     args.extend((0..50).map(|i| format!("p{i}")));
-    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_rylm"))
-        .args(&args)
-        .env("RUST_LOG", "warn")
-        .output()
-        .await
-        .expect("runs");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let output = succeeds(
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_rylm"))
+            .args(&args)
+            .env("RUST_LOG", "warn"),
+    )
+    .await;
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert_eq!(stdout.lines().count(), 50, "{stdout}");
     assert!(stdout.lines().all(|l| l.contains("\tP")), "{stdout}");

@@ -1,8 +1,11 @@
 //! `rylm gilmour status`: the nodes of the health registry, each pinged as the engines'
 //! monitors do.
 
+mod common;
+
 use std::time::Duration;
 
+use common::succeeds;
 use rylm_gilmour::node::Node;
 
 #[tokio::test]
@@ -23,16 +26,11 @@ async fn gilmour_status_lists_and_pings_the_registered_nodes() {
     .await
     .expect("serves");
     let ident = node.enable_health().await.expect("joins");
-    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_rylm"))
-        .args(["gilmour", "status", "--json", "--redis", &redis])
-        .output()
-        .await
-        .expect("runs");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let output = succeeds(
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_rylm"))
+            .args(["gilmour", "status", "--json", "--redis", &redis]),
+    )
+    .await;
     let report: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON");
     let ours = report["nodes"]
         .as_array()

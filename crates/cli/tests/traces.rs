@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Ports, Rylm, until_ok};
+use common::{Ports, Rylm, succeeds, until_ok};
 use rylm_testkit::{OtlpReceiver, ReceivedSpan};
 
 /// The span of `service` in `spans` (panics when there is not exactly one).
@@ -20,18 +20,13 @@ fn one_of<'a>(spans: &'a [ReceivedSpan], service: &str) -> &'a ReceivedSpan {
 /// Runs `rylm ARGS` to its end, its spans exported to `receiver` under the service
 /// `test-caller`; panics unless it succeeds. Its standard output.
 async fn run_traced(receiver: &OtlpReceiver, args: &[&str]) -> Vec<u8> {
-    let output = Rylm::command(None, args)
-        .args(["--otlp-endpoint", receiver.endpoint()])
-        .env("OTEL_SERVICE_NAME", "test-caller")
-        .output()
-        .await
-        .expect("runs");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    output.stdout
+    succeeds(
+        Rylm::command(None, args)
+            .args(["--otlp-endpoint", receiver.endpoint()])
+            .env("OTEL_SERVICE_NAME", "test-caller"),
+    )
+    .await
+    .stdout
 }
 
 /// Waits (at most 20 s) for the spans of `test-caller` and of `service`; checks that the

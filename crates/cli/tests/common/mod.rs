@@ -222,6 +222,18 @@ pub fn free_address() -> String {
     format!("tcp://127.0.0.1:{}", rylm_testkit::free_port())
 }
 
+/// Runs `command` to its end and returns what it wrote; panics with its standard error unless
+/// it succeeds.
+pub async fn succeeds(command: &mut Command) -> std::process::Output {
+    let output = command.output().await.expect("runs");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output
+}
+
 /// Retries `attempt` until it succeeds or `within` passes; the time it took.
 pub async fn until_ok<T, E: std::fmt::Debug, F, Fut>(
     within: Duration,

@@ -3,10 +3,11 @@
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use regex::Regex;
 use rylm_message::trace::{Hop, TRACEPARENT};
@@ -141,47 +142,87 @@ struct Pending {
 
 struct Instance {
     address: String,
-    /// The shared secret, and the one it replaced (answers to calls signed with the previous
-    /// one may still be on their way); `register` may replace it (rotation).
-    secret: std::sync::Mutex<(Secret, Option<Secret>)>,
-    /// What requests to this instance are bound to, from its last pong; `None` until then.
-    binding: std::sync::Mutex<Option<Arc<Binding>>>,
-    socket: std::sync::Mutex<Option<Socket>>,
-    state: std::sync::Mutex<InstanceState>,
+    /// What every call and every answer needs (secrets, binding, socket), read without a
+    /// lock; replaced whole when any of it changes.
+    link: ArcSwap<Link>,
+    live: AtomicBool,
+    in_flight: AtomicUsize,
+    /// When it last sent an authenticated frame, in ms after the client's start plus one (0:
+    /// never).
+    last_seen: AtomicU64,
+    /// Why the instance refused our heartbeats (a wrong secret), until it accepts one; the
+    /// flag says whether there is a reason, so that answers need not take the lock.
+    refused: std::sync::Mutex<Option<String>>,
+    refusing: AtomicBool,
     /// Its connection and heartbeat task, stopped when the instance is removed.
     task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
+/// How to reach and authenticate an instance.
+#[derive(Clone)]
+struct Link {
+    /// The shared secret first, then the one it replaced (answers to calls signed with the
+    /// previous one may still be on their way); `register` may replace it (rotation).
+    secrets: Vec<Secret>,
+    /// What requests to this instance are bound to, from its last pong; `None` until then.
+    binding: Option<Arc<Binding>>,
+    socket: Option<Socket>,
+}
+
 impl Instance {
-    fn secret(&self) -> Secret {
-        self.secret
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .0
-            .clone()
+    fn new(address: &str, secret: Secret) -> Instance {
+        Instance {
+            address: address.to_owned(),
+            link: ArcSwap::from_pointee(Link {
+                secrets: vec![secret],
+                binding: None,
+                socket: None,
+            }),
+            live: AtomicBool::new(false),
+            in_flight: AtomicUsize::new(0),
+            last_seen: AtomicU64::new(0),
+            refused: std::sync::Mutex::new(None),
+            refusing: AtomicBool::new(false),
+            task: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// Changes the link (rare: rotation, a pong, a connection or its loss).
+    fn relink(&self, change: impl Fn(&mut Link)) {
+        self.link.rcu(|link| {
+            let mut link = Link::clone(link);
+            change(&mut link);
+            link
+        });
     }
 
     fn rotate(&self, secret: &Secret) {
-        let mut secrets = self.secret.lock().unwrap_or_else(|e| e.into_inner());
-        let current = std::mem::replace(&mut secrets.0, secret.clone());
-        secrets.1 = Some(current);
+        self.relink(|link| {
+            let current = std::mem::replace(&mut link.secrets[0], secret.clone());
+            link.secrets.truncate(1);
+            link.secrets.push(current);
+        });
     }
 
     fn binding(&self) -> Option<Arc<Binding>> {
-        self.binding
+        self.link.load().binding.clone()
+    }
+
+    fn refusal(&self) -> Option<String> {
+        if !self.refusing.load(Ordering::Acquire) {
+            return None;
+        }
+        self.refused
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
     }
-}
 
-#[derive(Default)]
-struct InstanceState {
-    live: bool,
-    last_seen: Option<Instant>,
-    in_flight: usize,
-    /// Why the instance refused our heartbeats (a wrong secret), until it accepts one.
-    refused: Option<String>,
+    fn set_refused(&self, reason: Option<String>) {
+        let mut refused = self.refused.lock().unwrap_or_else(|e| e.into_inner());
+        self.refusing.store(reason.is_some(), Ordering::Release);
+        *refused = reason;
+    }
 }
 
 struct Registered {
@@ -191,15 +232,40 @@ struct Registered {
 
 struct Inner {
     config: ClientConfig,
+    /// What `Instance::last_seen` counts from.
+    started: Instant,
     services: std::sync::Mutex<HashMap<String, Registered>>,
     /// By call number ([`Ids`]).
-    pending: std::sync::Mutex<HashMap<u64, Pending>>,
+    pending: std::sync::Mutex<HashMap<u64, Pending, BuildIdHasher>>,
     handlers: std::sync::RwLock<Vec<(Regex, ResponseHandler)>>,
     /// Signalled whenever an instance becomes live.
     live_changed: Notify,
     round_robin: AtomicUsize,
     ids: Ids,
 }
+
+/// Hashes call numbers, which this client counts itself (a peer cannot choose the keys of
+/// the pending map), by one multiplication.
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl std::hash::Hasher for IdHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for byte in bytes {
+            self.0 = (self.0 ^ u64::from(*byte)).wrapping_mul(0x100_0000_01b3);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+type BuildIdHasher = std::hash::BuildHasherDefault<IdHasher>;
 
 /// Call ids: unique per client (a random prefix, then a counter), which is what the services'
 /// replay guards need; cheaper than a random id per call.
@@ -320,8 +386,9 @@ impl ServiceClient {
         ServiceClient {
             inner: Arc::new(Inner {
                 config,
+                started: Instant::now(),
                 services: std::sync::Mutex::new(HashMap::new()),
-                pending: std::sync::Mutex::new(HashMap::new()),
+                pending: std::sync::Mutex::new(HashMap::default()),
                 handlers: std::sync::RwLock::new(Vec::new()),
                 live_changed: Notify::new(),
                 round_robin: AtomicUsize::new(0),
@@ -355,14 +422,7 @@ impl ServiceClient {
             if registered.instances.iter().any(|i| i.address == *address) {
                 continue;
             }
-            let instance = Arc::new(Instance {
-                address: (*address).to_owned(),
-                secret: std::sync::Mutex::new((secret.clone(), None)),
-                binding: std::sync::Mutex::new(None),
-                socket: std::sync::Mutex::new(None),
-                state: std::sync::Mutex::new(InstanceState::default()),
-                task: std::sync::Mutex::new(None),
-            });
+            let instance = Arc::new(Instance::new(address, secret.clone()));
             registered.instances.push(instance.clone());
             let task = tokio::spawn(run_instance(Arc::downgrade(&self.inner), instance.clone()));
             *instance.task.lock().unwrap_or_else(|e| e.into_inner()) = Some(task);
@@ -470,12 +530,13 @@ impl ServiceClient {
                     &busy,
                 )
                 .await?;
-            let _cleanup = PendingGuard {
+            let mut cleanup = PendingGuard {
                 inner: &self.inner,
                 id,
+                settled: false,
             };
             let remaining = deadline.saturating_sub(started.elapsed());
-            let response = match tokio::time::timeout(remaining, receiver).await {
+            let outcome = match tokio::time::timeout(remaining, receiver).await {
                 Err(_) => {
                     return Err(Error::Timeout {
                         path: call.path,
@@ -483,8 +544,11 @@ impl ServiceClient {
                     });
                 }
                 Ok(Err(_)) => return Err(Error::Closed),
-                Ok(Ok(outcome)) => outcome?,
+                Ok(Ok(outcome)) => outcome,
             };
+            // Whoever sent the outcome took the call out of the pending map.
+            cleanup.settled = true;
+            let response = outcome?;
             if response.status == 503 && response.headers.contains_key(crate::service::BUSY) {
                 tracing::debug!(instance = %instance.address, "the instance is busy; trying another");
                 busy.push(instance);
@@ -548,6 +612,7 @@ impl ServiceClient {
         let _cleanup = PendingGuard {
             inner: &self.inner,
             id,
+            settled: false,
         };
         let frame = Frame::Discover(WireControl {
             id: self.inner.ids.text(id).as_str().to_owned(),
@@ -613,16 +678,16 @@ impl ServiceClient {
                 let mut best: Option<(usize, &Arc<Instance>)> = None;
                 for k in 0..registered.instances.len() {
                     let instance = &registered.instances[(turn + k) % count];
-                    let state = instance.state.lock().unwrap_or_else(|e| e.into_inner());
-                    if !state.live {
+                    if !instance.live.load(Ordering::Acquire) {
                         continue;
                     }
                     any_live = true;
                     if busy.iter().any(|b| Arc::ptr_eq(b, instance)) {
                         continue;
                     }
-                    if best.is_none_or(|(in_flight, _)| state.in_flight < in_flight) {
-                        best = Some((state.in_flight, instance));
+                    let in_flight = instance.in_flight.load(Ordering::Relaxed);
+                    if best.is_none_or(|(fewest, _)| in_flight < fewest) {
+                        best = Some((in_flight, instance));
                     }
                 }
                 if let Some((_, instance)) = best {
@@ -638,10 +703,8 @@ impl ServiceClient {
                     .instances
                     .iter()
                     .filter_map(|instance| {
-                        let state = instance.state.lock().unwrap_or_else(|e| e.into_inner());
-                        state
-                            .refused
-                            .clone()
+                        instance
+                            .refusal()
                             .map(|reason| (instance.address.clone(), reason))
                     })
                     .collect();
@@ -689,11 +752,7 @@ impl ServiceClient {
                     expires: Instant::now() + deadline,
                 },
             );
-        instance
-            .state
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .in_flight += 1;
+        instance.in_flight.fetch_add(1, Ordering::Relaxed);
         let text = self.inner.ids.text(id);
         let request = RequestView {
             id: text.as_str(),
@@ -710,8 +769,7 @@ impl ServiceClient {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .remove(&id);
-            let mut state = instance.state.lock().unwrap_or_else(|e| e.into_inner());
-            state.in_flight = state.in_flight.saturating_sub(1);
+            release(&instance);
             return Err(error);
         }
         Ok((id, instance))
@@ -722,10 +780,15 @@ impl ServiceClient {
 struct PendingGuard<'a> {
     inner: &'a Inner,
     id: u64,
+    /// The entry is already gone (the call was answered).
+    settled: bool,
 }
 
 impl Drop for PendingGuard<'_> {
     fn drop(&mut self) {
+        if self.settled {
+            return;
+        }
         let removed = self
             .inner
             .pending
@@ -740,40 +803,43 @@ impl Drop for PendingGuard<'_> {
 
 /// One call on `instance` is over.
 fn release(instance: &Instance) {
-    let mut state = instance.state.lock().unwrap_or_else(|e| e.into_inner());
-    state.in_flight = state.in_flight.saturating_sub(1);
+    let _ = instance
+        .in_flight
+        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
 }
 
 /// Sends a call's request to `instance`, bound to it: it waits for the instance's pong.
 async fn send_request(instance: &Instance, request: &RequestView<'_>) -> Result<(), Error> {
-    let Some(binding) = instance.binding() else {
-        return Err(Error::NoLiveInstance {
-            service: instance.address.clone(),
-            waited: Duration::ZERO,
-        });
+    let (frames, socket) = {
+        let link = instance.link.load();
+        let (Some(binding), Some(socket)) = (&link.binding, &link.socket) else {
+            return Err(not_connected(instance));
+        };
+        let frames = protocol::encode_request(request, &link.secrets[0], binding)?;
+        (frames, socket.clone())
     };
-    let frames = protocol::encode_request(request, &instance.secret(), &binding)?;
-    send_frames(instance, frames).await
+    Ok(socket.send(frames).await?)
 }
 
-async fn send_frames(instance: &Instance, frames: Vec<Bytes>) -> Result<(), Error> {
-    let socket = instance
-        .socket
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .clone()
-        .ok_or_else(|| Error::NoLiveInstance {
-            service: instance.address.clone(),
-            waited: Duration::ZERO,
-        })?;
-    Ok(socket.send(frames).await?)
+fn not_connected(instance: &Instance) -> Error {
+    Error::NoLiveInstance {
+        service: instance.address.clone(),
+        waited: Duration::ZERO,
+    }
 }
 
 /// Sends a control frame (a ping, a discovery request) to `instance`; control frames are not
 /// bound to an instance (requests go through [`send_request`]).
 async fn send_frame(instance: &Instance, frame: &Frame) -> Result<(), Error> {
-    let frames = protocol::encode(frame, &instance.secret(), &Binding::default())?;
-    send_frames(instance, frames).await
+    let (frames, socket) = {
+        let link = instance.link.load();
+        let Some(socket) = &link.socket else {
+            return Err(not_connected(instance));
+        };
+        let frames = protocol::encode(frame, &link.secrets[0], &Binding::default())?;
+        (frames, socket.clone())
+    };
+    Ok(socket.send(frames).await?)
 }
 
 /// Connects to one instance, pings it, and routes what it sends back.
@@ -795,7 +861,7 @@ async fn run_instance(inner: Weak<Inner>, instance: Arc<Instance>) {
         tracing::error!(address = %instance.address, %error, "cannot connect to the instance");
         return;
     }
-    *instance.socket.lock().unwrap_or_else(|e| e.into_inner()) = Some(socket.clone());
+    instance.relink(|link| link.socket = Some(socket.clone()));
     let dead_after = config.heartbeat_interval * config.heartbeat_misses;
     let mut ticker = tokio::time::interval(config.heartbeat_interval);
     loop {
@@ -817,9 +883,9 @@ async fn run_instance(inner: Weak<Inner>, instance: Arc<Instance>) {
             }
             _ = ticker.tick() => {
                 let Some(inner) = inner.upgrade() else { break };
-                let silent_for = {
-                    let state = instance.state.lock().unwrap_or_else(|e| e.into_inner());
-                    state.last_seen.map(|seen| seen.elapsed())
+                let silent_for = match instance.last_seen.load(Ordering::Relaxed) {
+                    0 => None,
+                    seen => Some(inner.started.elapsed().saturating_sub(Duration::from_millis(seen - 1))),
                 };
                 if let Some(silent_for) = silent_for.filter(|s| *s > dead_after) {
                     mark_dead(&inner, &instance, silent_for);
@@ -832,29 +898,17 @@ async fn run_instance(inner: Weak<Inner>, instance: Arc<Instance>) {
             }
         }
     }
-    instance
-        .socket
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .take();
+    instance.relink(|link| link.socket = None);
     socket.close().await;
 }
 
 fn mark_dead(inner: &Inner, instance: &Instance, silent_for: Duration) {
-    {
-        let mut state = instance.state.lock().unwrap_or_else(|e| e.into_inner());
-        if !state.live {
-            return;
-        }
-        state.live = false;
-        state.in_flight = 0;
+    if !instance.live.swap(false, Ordering::AcqRel) {
+        return;
     }
+    instance.in_flight.store(0, Ordering::Relaxed);
     // A new start of the instance has a new id: learn it from its next pong.
-    instance
-        .binding
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .take();
+    instance.relink(|link| link.binding = None);
     tracing::warn!(address = %instance.address, ?silent_for, "instance stopped answering heartbeats");
     let failed: Vec<(u64, Pending)> = {
         let mut pending = inner.pending.lock().unwrap_or_else(|e| e.into_inner());
@@ -946,21 +1000,10 @@ fn on_frame(inner: &Inner, instance: &Instance, message: &rylm_transport::Receiv
         *part = message.part(index).unwrap_or_default();
     }
     let frames = &parts[..message.len()];
-    let binding = instance.binding().unwrap_or_default();
-    let (current, previous) = instance
-        .secret
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .clone();
-    let both;
-    let secrets: &[Secret] = match previous {
-        Some(previous) => {
-            both = [current, previous];
-            &both
-        }
-        None => std::slice::from_ref(&current),
-    };
-    let frame = match protocol::decode(frames, secrets, &binding) {
+    let link = instance.link.load();
+    let unbound = Binding::default();
+    let binding = link.binding.as_deref().unwrap_or(&unbound);
+    let frame = match protocol::decode(frames, &link.secrets, binding) {
         Ok(Decoded::Frame(frame, _)) => frame,
         Ok(Decoded::BadMac { id }) => {
             tracing::warn!(address = %instance.address, call = %id, "dropped a response whose MAC does not match");
@@ -971,25 +1014,28 @@ fn on_frame(inner: &Inner, instance: &Instance, message: &rylm_transport::Receiv
             return;
         }
     };
+    let mut bound = link.binding.is_some();
+    drop(link);
     if let Frame::Pong(pong) = &frame {
         let learned = Binding {
             service: pong.service.clone(),
             instance: pong.instance.clone(),
         };
-        let mut binding = instance.binding.lock().unwrap_or_else(|e| e.into_inner());
-        if binding.as_deref() != Some(&learned) {
+        if instance.binding().as_deref() != Some(&learned) {
             tracing::debug!(address = %instance.address, instance = %learned.instance, "bound to the instance");
-            *binding = Some(Arc::new(learned));
+            let learned = Arc::new(learned);
+            instance.relink(|link| link.binding = Some(learned.clone()));
         }
+        bound = true;
     }
     // Live once it answers a ping (and so is bound); any other authenticated frame is news too.
-    if !matches!(frame, Frame::Refusal(_)) && instance.binding().is_some() {
-        let became_live = {
-            let mut state = instance.state.lock().unwrap_or_else(|e| e.into_inner());
-            state.last_seen = Some(Instant::now());
-            state.refused = None;
-            !std::mem::replace(&mut state.live, true)
-        };
+    if !matches!(frame, Frame::Refusal(_)) && bound {
+        let seen = inner.started.elapsed().as_millis() as u64 + 1;
+        instance.last_seen.fetch_max(seen, Ordering::Relaxed);
+        if instance.refusing.load(Ordering::Acquire) {
+            instance.set_refused(None);
+        }
+        let became_live = !instance.live.swap(true, Ordering::AcqRel);
         if became_live {
             tracing::debug!(address = %instance.address, "instance is live");
             inner.live_changed.notify_waiters();
@@ -1007,11 +1053,7 @@ fn on_frame(inner: &Inner, instance: &Instance, message: &rylm_transport::Receiv
         if let Frame::Refusal(refusal) = &frame {
             // A refused heartbeat: this instance does not accept our secret.
             tracing::warn!(address = %instance.address, reason = %refusal.reason, "the instance refuses this client");
-            instance
-                .state
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .refused = Some(refusal.reason.clone());
+            instance.set_refused(Some(refusal.reason.clone()));
             inner.live_changed.notify_waiters();
             return;
         }

@@ -572,6 +572,9 @@ struct Replier {
 const MAX_FRAMES: usize = 4;
 /// How long a handler may compute in the receive loop before its first await (see `run`).
 const INLINE_LIMIT: Duration = Duration::from_millis(2);
+/// How many handlers start in tasks of their own after one took longer than `INLINE_LIMIT`
+/// in the receive loop, before the loop tries again.
+const SPAWNED_AFTER_SLOW: u32 = 1_000;
 /// Replies the receive loop may have on their way out at once; beyond, one is dropped.
 const OUTGOING: usize = 1024;
 /// How long a reply waits for a peer that does not read.
@@ -671,7 +674,10 @@ async fn run(
     // While draining, heartbeats are still answered (so that callers do not take the instance
     // for dead while it finishes their calls) and new requests get a 503.
     let mut draining = false;
-    let mut inline = true;
+    // Handlers left to start in tasks of their own, after one computed for long in this loop.
+    let mut spawn_next: u32 = 0;
+    let mut warned = false;
+    let mut spare = None;
     loop {
         let message = tokio::select! {
             _ = stopped.changed(), if !draining => {
@@ -770,7 +776,7 @@ async fn run(
                     },
                 };
                 let (service, replier, slots) = (service.clone(), replier.clone(), slots.clone());
-                let mut call = Box::pin(async move {
+                let call = async move {
                     let permit = match permit {
                         Ok(permit) => permit,
                         // A place in the queue: wait for a slot, off the receive loop.
@@ -788,13 +794,24 @@ async fn run(
                         .send_response(identity, &id, &path, &response, secret)
                         .await;
                     drop(permit);
-                });
+                };
+                // The box of the last call answered here is used again.
+                let mut call = match spare.take() {
+                    Some(mut boxed) => {
+                        Pin::set(&mut boxed, call);
+                        boxed
+                    }
+                    None => Box::pin(call),
+                };
                 // One step in this loop first: a handler that answers without waiting (most
                 // do) is answered here, without a task and a hop between threads; one that
                 // waits goes on in a task of its own. A handler that computes for long before
-                // it first waits would hold up this loop (and the heartbeats): after one such,
-                // every handler starts in a task of its own.
-                if !inline {
+                // it first waits would hold up this loop (and the heartbeats): after one such
+                // step, the next handlers start in tasks of their own, and then the loop tries
+                // again (a thread preempted in the middle of a step looks the same, so one slow
+                // step does not cost the instance its fast path for good).
+                if spawn_next > 0 {
+                    spawn_next -= 1;
                     handlers.spawn(call);
                     continue;
                 }
@@ -804,10 +821,14 @@ async fn run(
                     .is_some();
                 let took = started.elapsed();
                 if took > INLINE_LIMIT {
-                    inline = false;
-                    tracing::warn!(%address, ?took, "a handler computed for long before its first await; from now on every handler starts in a task of its own");
+                    spawn_next = SPAWNED_AFTER_SLOW;
+                    if !std::mem::replace(&mut warned, true) {
+                        tracing::warn!(%address, ?took, "a handler computed for long before its first await; handlers start in tasks of their own for a while (this is logged once)");
+                    }
                 }
-                if !done {
+                if done {
+                    spare = Some(call);
+                } else {
                     handlers.spawn(call);
                 }
             }

@@ -97,7 +97,7 @@ pub fn walk_msgpack<'a>(
     Ok(pos)
 }
 
-fn read_item(buf: &[u8], offset: usize, depth: usize) -> Result<MsgpackItem<'_>, Error> {
+pub(crate) fn read_item(buf: &[u8], offset: usize, depth: usize) -> Result<MsgpackItem<'_>, Error> {
     let truncated = || {
         Error::malformed(
             "msgpack",

@@ -3,10 +3,11 @@
 use std::collections::BTreeMap;
 
 use bytes::Bytes;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use crate::codec::check_size;
-use crate::{Codec, DEFAULT_MAX_SIZE, Error, Function, Message, msgpack};
+use crate::msgpack::{self, MsgpackKind};
+use crate::{Codec, DEFAULT_MAX_SIZE, Error, Function, Message};
 
 /// The version of the native wire format this build writes and reads.
 pub const WIRE_VERSION: u8 = 1;
@@ -32,22 +33,153 @@ struct WireOut<'a> {
 /// What comes off the wire; the payload is borrowed from the input so that it can be sliced out
 /// of the frame instead of copied. Missing fields take their empty values and unknown fields are
 /// skipped, so that later versions can add fields.
-#[derive(Deserialize)]
+#[derive(Default)]
 struct WireIn<'a> {
-    #[serde(default)]
     pipeline: String,
-    #[serde(default)]
     client: String,
-    #[serde(default)]
     stage: u32,
-    #[serde(default)]
     function: Function,
-    #[serde(default)]
     cache: String,
-    #[serde(default)]
     headers: BTreeMap<String, String>,
-    #[serde(default, borrow, with = "serde_bytes")]
     payload: &'a [u8],
+}
+
+impl<'a> WireIn<'a> {
+    /// Reads a body in one pass over its bytes: the map of fields, then nothing after it.
+    fn read(body: &'a [u8]) -> Result<WireIn<'a>, Error> {
+        let mut reader = Reader { body, pos: 0 };
+        let fields = match reader.item()? {
+            (MsgpackKind::Map(fields), _) => fields,
+            (kind, _) => return Err(reader.wrong("the body", "a map", kind)),
+        };
+        let mut wire = WireIn::default();
+        let mut seen = 0u8;
+        for _ in 0..fields {
+            let name = reader.str("a field name")?;
+            let bit = match name {
+                "pipeline" => 1,
+                "client" => 2,
+                "stage" => 4,
+                "function" => 8,
+                "cache" => 16,
+                "headers" => 32,
+                "payload" => 64,
+                _ => {
+                    reader.skip()?;
+                    continue;
+                }
+            };
+            if seen & bit != 0 {
+                return Err(Error::malformed(NAME, format!("duplicate field `{name}`")));
+            }
+            seen |= bit;
+            match name {
+                "pipeline" => wire.pipeline = reader.str("`pipeline`")?.to_owned(),
+                "client" => wire.client = reader.str("`client`")?.to_owned(),
+                "cache" => wire.cache = reader.str("`cache`")?.to_owned(),
+                "stage" => wire.stage = reader.stage()?,
+                "function" => wire.function = reader.function()?,
+                "headers" => wire.headers = reader.headers()?,
+                _ => wire.payload = reader.payload()?,
+            }
+        }
+        if reader.pos != body.len() {
+            return Err(Error::malformed(
+                NAME,
+                format!("{} bytes follow the message", body.len() - reader.pos),
+            ));
+        }
+        Ok(wire)
+    }
+}
+
+/// A cursor over a native body.
+struct Reader<'a> {
+    body: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    /// The next item's kind and content (of a string, byte string or extension).
+    fn item(&mut self) -> Result<(MsgpackKind, &'a [u8]), Error> {
+        let item = msgpack::read_item(self.body, self.pos, 0)?;
+        self.pos = item.offset + item.head.len() + item.data.len();
+        Ok((item.kind, item.data))
+    }
+
+    fn wrong(&self, what: &str, expected: &str, found: MsgpackKind) -> Error {
+        Error::malformed(
+            NAME,
+            format!(
+                "{what} should be {expected}, found {found:?} before byte {}",
+                self.pos
+            ),
+        )
+    }
+
+    fn str(&mut self, what: &str) -> Result<&'a str, Error> {
+        match self.item()? {
+            (MsgpackKind::Str, data) => std::str::from_utf8(data)
+                .map_err(|_| Error::malformed(NAME, format!("{what} is not UTF-8"))),
+            (kind, _) => Err(self.wrong(what, "a string", kind)),
+        }
+    }
+
+    /// Skips one value of any shape (nesting is bounded by the walker).
+    fn skip(&mut self) -> Result<(), Error> {
+        let rest = self.body.get(self.pos..).unwrap_or_default();
+        self.pos += msgpack::walk_msgpack(rest, |_| ())?;
+        Ok(())
+    }
+
+    fn stage(&mut self) -> Result<u32, Error> {
+        let value = match self.item()? {
+            (MsgpackKind::Uint(n), _) => Some(n),
+            (MsgpackKind::Int(n), _) => u64::try_from(n).ok(),
+            (kind, _) => return Err(self.wrong("`stage`", "an integer", kind)),
+        };
+        value
+            .and_then(|n| u32::try_from(n).ok())
+            .ok_or_else(|| Error::malformed(NAME, "`stage` is out of range"))
+    }
+
+    fn function(&mut self) -> Result<Function, Error> {
+        match self.item()? {
+            (MsgpackKind::Str, data) => std::str::from_utf8(data)
+                .map(|name| Function::Single(name.to_owned()))
+                .map_err(|_| Error::malformed(NAME, "`function` is not UTF-8")),
+            (MsgpackKind::Array(len), _) => {
+                // Never trust a length prefix from the wire for a pre-allocation.
+                let mut names = Vec::with_capacity((len as usize).min(64));
+                for _ in 0..len {
+                    names.push(self.str("a stage of `function`")?.to_owned());
+                }
+                Ok(Function::Stages(names))
+            }
+            (kind, _) => Err(self.wrong("`function`", "a string or an array", kind)),
+        }
+    }
+
+    fn headers(&mut self) -> Result<BTreeMap<String, String>, Error> {
+        let len = match self.item()? {
+            (MsgpackKind::Map(len), _) => len,
+            (kind, _) => return Err(self.wrong("`headers`", "a map", kind)),
+        };
+        let mut headers = BTreeMap::new();
+        for _ in 0..len {
+            let name = self.str("a header name")?.to_owned();
+            let value = self.str("a header value")?.to_owned();
+            headers.insert(name, value);
+        }
+        Ok(headers)
+    }
+
+    fn payload(&mut self) -> Result<&'a [u8], Error> {
+        match self.item()? {
+            (MsgpackKind::Bin | MsgpackKind::Str, data) => Ok(data),
+            (kind, _) => Err(self.wrong("`payload`", "binary", kind)),
+        }
+    }
 }
 
 /// rylm's native codec: the envelope as a MessagePack map with named fields and the payload
@@ -89,6 +221,29 @@ impl NativeCodec {
     }
 }
 
+/// About how many bytes the native body of `message` takes: its strings and payload, and room
+/// for the field names and MessagePack heads.
+fn encoded_size_hint(message: &Message) -> usize {
+    const FIELDS: usize = 96;
+    const PER_HEADER: usize = 10;
+    let function = match &message.function {
+        Function::Single(name) => name.len(),
+        Function::Stages(names) => names.iter().map(|n| n.len() + 5).sum(),
+    };
+    let headers: usize = message
+        .headers
+        .iter()
+        .map(|(k, v)| k.len() + v.len() + PER_HEADER)
+        .sum();
+    FIELDS
+        + message.pipeline.len()
+        + message.client.len()
+        + message.cache.len()
+        + function
+        + headers
+        + message.payload.len()
+}
+
 impl Codec for NativeCodec {
     fn name(&self) -> &'static str {
         NAME
@@ -108,7 +263,9 @@ impl Codec for NativeCodec {
             headers: &message.headers,
             payload: &message.payload,
         };
-        let body = rmp_serde::to_vec_named(&wire).map_err(|e| Error::Unrepresentable {
+        // Sized up front: growing from empty would reallocate five or six times per message.
+        let mut body = Vec::with_capacity(encoded_size_hint(message));
+        rmp_serde::encode::write_named(&mut body, &wire).map_err(|e| Error::Unrepresentable {
             codec: NAME,
             reason: e.to_string(),
         })?;
@@ -118,15 +275,7 @@ impl Codec for NativeCodec {
 
     fn decode(&self, body: Bytes) -> Result<Message, Error> {
         check_size(body.len(), self.max_size)?;
-        let end = msgpack::walk_msgpack(&body, |_| ())?;
-        if end != body.len() {
-            return Err(Error::malformed(
-                NAME,
-                format!("{} bytes follow the message", body.len() - end),
-            ));
-        }
-        let wire: WireIn<'_> =
-            rmp_serde::from_slice(&body).map_err(|e| Error::malformed(NAME, e))?;
+        let wire = WireIn::read(&body)?;
         let payload = if wire.payload.is_empty() {
             Bytes::new()
         } else {
@@ -239,6 +388,69 @@ mod tests {
             codec.decode(Bytes::from(vec![0u8; 65])),
             Err(Error::TooLarge { size: 65, .. })
         ));
+    }
+
+    /// A map of `fields` (each a name and the bytes of its value).
+    fn body_of(fields: &[(&str, &[u8])]) -> Bytes {
+        let mut body = vec![0x80 | fields.len() as u8];
+        for (name, value) in fields {
+            body.push(0xa0 | name.len() as u8);
+            body.extend_from_slice(name.as_bytes());
+            body.extend_from_slice(value);
+        }
+        Bytes::from(body)
+    }
+
+    #[test]
+    fn every_field_reads_back_in_one_pass() {
+        let message = Message::call(
+            Function::Stages(vec!["a.b".into(), "c.d".into()]),
+            vec![7u8; 300],
+        )
+        .with_pipeline("p")
+        .with_client("c")
+        .with_cache("k")
+        .with_stage(1)
+        .with_header("x", "y");
+        let codec = NativeCodec::default();
+        let body = codec.encode(&message).expect("encodes");
+        assert_eq!(codec.decode(body).expect("decodes"), message);
+        // A stage written as a signed integer and a payload written as a string still read.
+        let body = body_of(&[("stage", &[0xd0, 0x02]), ("payload", &[0xa1, b'z'])]);
+        let decoded = codec.decode(body).expect("decodes");
+        assert_eq!((decoded.stage, &decoded.payload[..]), (2, &b"z"[..]));
+    }
+
+    #[test]
+    fn wrong_shapes_are_refused_with_the_field_named() {
+        let codec = NativeCodec::default();
+        let refused = |fields: &[(&str, &[u8])]| {
+            codec
+                .decode(body_of(fields))
+                .expect_err("refused")
+                .to_string()
+        };
+        assert!(refused(&[("stage", &[0xff])]).contains("out of range"));
+        assert!(refused(&[("stage", &[0xcf, 1, 0, 0, 0, 0, 0, 0, 0])]).contains("out of range"));
+        assert!(refused(&[("client", &[0x01])]).contains("`client`"));
+        assert!(refused(&[("headers", &[0x81, 0xa1, b'a', 0x01])]).contains("header value"));
+        assert!(refused(&[("function", &[0xc0])]).contains("`function`"));
+        assert!(refused(&[("payload", &[0x91, 0x01])]).contains("`payload`"));
+        assert!(refused(&[("cache", &[0xa1, 0xff])]).contains("UTF-8"));
+        assert!(
+            refused(&[("client", &[0xa1, b'a']), ("client", &[0xa1, b'b'])])
+                .contains("duplicate field `client`")
+        );
+        // A top-level array, a map cut short, and an unknown field nested past the walker's
+        // limit: errors, never a panic or a deep recursion.
+        assert!(codec.decode(Bytes::from_static(&[0x91, 0x01])).is_err());
+        assert!(
+            codec
+                .decode(Bytes::from_static(&[0x82, 0xa1, b'a']))
+                .is_err()
+        );
+        let deep = vec![0x91; 10_000];
+        assert!(codec.decode(body_of(&[("future", &deep)])).is_err());
     }
 
     #[test]

@@ -46,8 +46,8 @@
 //!
 //! # Wire formats
 //!
-//! The native protocol ([`protocol`]) is MessagePack bodies in four-frame ZeroMQ messages over
-//! DEALER (caller) and ROUTER (service). [`brubeck`] reads and writes Brubeck 0.1.4's text
+//! The native protocol ([`protocol`]) is MessagePack bodies in one-frame ZeroMQ messages (a
+//! marker, the kind, the body, its MAC) over DEALER (caller) and ROUTER (service). [`brubeck`] reads and writes Brubeck 0.1.4's text
 //! framing for peers that still speak it. The protocol logic is plain data, apart from the
 //! socket I/O in the service and the client.
 #![warn(missing_docs)]

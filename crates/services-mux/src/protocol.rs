@@ -32,8 +32,12 @@ use sha2::Sha256;
 
 use crate::Error;
 
-/// The first frame of every services-mux message.
-pub const MARKER: &[u8] = b"RYLM-SVC\x01";
+/// The start of every services-mux message: `RYLM-SVC` and the wire version.
+pub const MARKER: &[u8] = b"RYLM-SVC\x02";
+/// What every version's marker starts with.
+const MARKER_NAME: &[u8] = b"RYLM-SVC";
+/// The length of the HMAC-SHA256 that ends every message but a refusal.
+const MAC_LEN: usize = 32;
 /// The largest body a peer accepts: 16 MiB.
 pub const MAX_BODY: usize = 16 * 1024 * 1024;
 
@@ -60,19 +64,14 @@ pub enum Kind {
 
 impl Kind {
     fn byte(self) -> u8 {
-        self.tag()[0]
-    }
-
-    /// The kind frame, without an allocation.
-    fn tag(self) -> &'static [u8] {
         match self {
-            Kind::Request => b"Q",
-            Kind::Response => b"R",
-            Kind::Ping => b"P",
-            Kind::Pong => b"O",
-            Kind::Discover => b"D",
-            Kind::Routes => b"L",
-            Kind::Refusal => b"X",
+            Kind::Request => b'Q',
+            Kind::Response => b'R',
+            Kind::Ping => b'P',
+            Kind::Pong => b'O',
+            Kind::Discover => b'D',
+            Kind::Routes => b'L',
+            Kind::Refusal => b'X',
         }
     }
 
@@ -465,8 +464,8 @@ pub(crate) fn encode_response(
     })
 }
 
-/// Writes a body with `write`, then the frames around it; the body and its MAC share one
-/// buffer.
+/// Writes the message of `kind` in one buffer: the marker, the kind, the body `write` writes,
+/// then its MAC; after a routing identity when there is one.
 fn seal(
     identity: Option<Bytes>,
     kind: Kind,
@@ -474,21 +473,32 @@ fn seal(
     binding: &Binding,
     write: impl FnOnce(&mut bytes::buf::Writer<bytes::BytesMut>) -> Result<(), Error>,
 ) -> Result<Vec<Bytes>, Error> {
-    let mut buffer = bytes::BytesMut::with_capacity(256).writer();
-    write(&mut buffer)?;
-    let mut buffer = buffer.into_inner();
-    let body = buffer.split().freeze();
-    let mut frames = Vec::with_capacity(5);
-    frames.extend(identity);
-    frames.push(Bytes::from_static(MARKER));
-    frames.push(Bytes::from_static(kind.tag()));
-    frames.push(body);
+    let mut buffer = bytes::BytesMut::with_capacity(256);
+    buffer.extend_from_slice(MARKER);
+    buffer.extend_from_slice(&[kind.byte()]);
+    let start = buffer.len();
+    let mut writer = buffer.writer();
+    write(&mut writer)?;
+    let mut buffer = writer.into_inner();
     if kind != Kind::Refusal {
-        let mac = mac_of(secret, kind, binding, &frames[frames.len() - 1]);
+        let mac = mac_of(secret, kind, binding, &buffer[start..]);
         buffer.extend_from_slice(&mac.finalize().into_bytes());
-        frames.push(buffer.freeze());
     }
+    let mut frames = Vec::with_capacity(2);
+    frames.extend(identity);
+    frames.push(buffer.freeze());
     Ok(frames)
+}
+
+/// A message put together by hand: the marker, `kind`, `body`, then `mac` (empty for a
+/// refusal). For tests and tools that need frames no encoder writes.
+pub fn assemble(kind: u8, body: &[u8], mac: &[u8]) -> Bytes {
+    let mut frame = Vec::with_capacity(MARKER.len() + 1 + body.len() + mac.len());
+    frame.extend_from_slice(MARKER);
+    frame.push(kind);
+    frame.extend_from_slice(body);
+    frame.extend_from_slice(mac);
+    Bytes::from(frame)
 }
 
 /// What reading a frame gave.
@@ -526,36 +536,47 @@ fn unauthenticated_id(body: &[u8]) -> Result<String, Error> {
     Ok(id)
 }
 
-/// Reads the frames after the routing identity: checks the MAC (in constant time, against
-/// each of `secrets` in turn, requests and responses bound to `binding`) over the raw bytes,
-/// and only then parses the body.
+/// Reads the frames after the routing identity (one: marker, kind, body, MAC): checks the MAC
+/// (in constant time, against each of `secrets` in turn, requests and responses bound to
+/// `binding`) over the raw bytes, and only then parses the body.
 pub fn decode<F: AsRef<[u8]>>(
     frames: &[F],
     secrets: &[Secret],
     binding: &Binding,
 ) -> Result<Decoded, Error> {
-    let [marker, kind, body, rest @ ..] = frames else {
+    let [frame] = frames else {
+        if frames
+            .first()
+            .is_some_and(|first| first.as_ref().starts_with(MARKER_NAME))
+        {
+            return Err(older_version());
+        }
         return Err(Error::Malformed(format!(
-            "expected 3 or 4 frames, got {}",
+            "expected 1 frame, got {}",
             frames.len()
         )));
     };
-    if marker.as_ref() != MARKER {
+    let Some(rest) = frame.as_ref().strip_prefix(MARKER) else {
+        if frame.as_ref().starts_with(MARKER_NAME) {
+            return Err(older_version());
+        }
         return Err(Error::Malformed(
             "not a services-mux frame (wrong marker)".into(),
         ));
-    }
-    let kind = match kind.as_ref() {
-        [byte] => Kind::from_byte(*byte)
-            .ok_or_else(|| Error::Malformed(format!("unknown kind {byte:#04x}")))?,
-        other => {
-            return Err(Error::Malformed(format!(
-                "kind frame of {} bytes",
-                other.len()
-            )));
-        }
     };
-    let body = body.as_ref();
+    let Some((&byte, rest)) = rest.split_first() else {
+        return Err(Error::Malformed("a frame without a kind".into()));
+    };
+    let kind = Kind::from_byte(byte)
+        .ok_or_else(|| Error::Malformed(format!("unknown kind {byte:#04x}")))?;
+    let (body, tag) = if kind == Kind::Refusal {
+        (rest, &[][..])
+    } else {
+        let Some(at) = rest.len().checked_sub(MAC_LEN) else {
+            return Err(Error::Malformed("a MAC is required".into()));
+        };
+        rest.split_at(at)
+    };
     if body.len() > MAX_BODY {
         return Err(Error::Malformed(format!(
             "body of {} bytes is above {MAX_BODY}",
@@ -565,10 +586,6 @@ pub fn decode<F: AsRef<[u8]>>(
     if kind == Kind::Refusal {
         return Ok(Decoded::Frame(Frame::Refusal(parse(body)?), 0));
     }
-    let [tag] = rest else {
-        return Err(Error::Malformed("a MAC frame is required".into()));
-    };
-    let tag = tag.as_ref();
     let Some(secret) = secrets.iter().position(|secret| {
         mac_of(secret, kind, binding, body)
             .verify_slice(tag)
@@ -588,6 +605,13 @@ pub fn decode<F: AsRef<[u8]>>(
         Kind::Refusal => Frame::Refusal(parse(body)?),
     };
     Ok(Decoded::Frame(frame, secret))
+}
+
+/// What a peer of the four-frame wire (version 1) gets told.
+fn older_version() -> Error {
+    Error::Malformed(
+        "a services-mux message of wire version 1 (four frames); this build speaks version 2 (one frame): upgrade the peer".into(),
+    )
 }
 
 /// Refuses replayed and stale frames: each id once, timestamps within a window of now. It
@@ -717,8 +741,8 @@ mod tests {
     fn frames_round_trip_with_a_mac() {
         let secret = Secret::new("s3cret");
         let frames = encode(&request(), &secret, &bound("i1")).expect("encodes");
-        assert_eq!(frames.len(), 4);
-        assert_eq!(frames[3].len(), 32);
+        assert_eq!(frames.len(), 1);
+        assert!(frames[0].starts_with(b"RYLM-SVC\x02Q"));
         match decode(&frames, &[secret], &bound("i1")).expect("decodes") {
             Decoded::Frame(frame, 0) => assert_eq!(frame, request()),
             other => panic!("{other:?}"),
@@ -842,12 +866,7 @@ mod tests {
         let mut body = vec![0x82, 0xa2, b'i', b'd', 0xa1, b'x', 0xa1, b'a', 0xdd];
         body.extend(1_000_000u32.to_be_bytes());
         body.extend(std::iter::repeat_n(0xc0, 1_000_000));
-        let frames = vec![
-            Bytes::from_static(MARKER),
-            Bytes::from_static(b"Q"),
-            Bytes::from(body),
-            Bytes::from(vec![0u8; 32]),
-        ];
+        let frames = [assemble(b'Q', &body, &[0; 32])];
         match decode(&frames, &[Secret::new("k")], &bound("i")).expect("well formed") {
             Decoded::BadMac { id } => assert_eq!(id, "x"),
             other => panic!("{other:?}"),
@@ -858,10 +877,11 @@ mod tests {
     fn tampering_is_detected() {
         let secret = Secret::new("k");
         let mut frames = encode(&request(), &secret, &bound("i")).expect("encodes");
-        let mut body = frames[2].to_vec();
-        let last = body.len() - 1;
-        body[last] ^= 1;
-        frames[2] = Bytes::from(body);
+        let mut frame = frames[0].to_vec();
+        // The body's last byte, just before the MAC.
+        let last = frame.len() - 33;
+        frame[last] ^= 1;
+        frames[0] = Bytes::from(frame);
         assert!(matches!(
             decode(&frames, &[secret], &bound("i")),
             Ok(Decoded::BadMac { .. })
@@ -872,28 +892,35 @@ mod tests {
     fn malformed_frames_are_errors() {
         let secret = Secret::new("k");
         let good = encode(&request(), &secret, &bound("i")).expect("encodes");
+        let good = good[0].clone();
+        let version_one = vec![
+            Bytes::from_static(b"RYLM-SVC\x01"),
+            Bytes::from_static(b"Q"),
+            good.slice(MARKER.len() + 1..good.len() - 32),
+            good.slice(good.len() - 32..),
+        ];
+        let told = decode(&version_one, std::slice::from_ref(&secret), &bound("i"))
+            .expect_err("version 1")
+            .to_string();
+        assert!(told.contains("wire version 1"), "{told}");
+        let with_byte = |at: usize, value: u8| {
+            let mut frame = good.to_vec();
+            frame[at] = value;
+            vec![Bytes::from(frame)]
+        };
         for frames in [
             vec![],
             vec![Bytes::from_static(b"x")],
-            vec![
-                Bytes::from_static(b"nope"),
-                good[1].clone(),
-                good[2].clone(),
-                good[3].clone(),
-            ],
-            vec![
-                good[0].clone(),
-                Bytes::from_static(b"Z"),
-                good[2].clone(),
-                good[3].clone(),
-            ],
-            vec![
-                good[0].clone(),
-                good[1].clone(),
-                Bytes::from_static(b"\xc1"),
-                good[3].clone(),
-            ],
-            vec![good[0].clone(), good[1].clone(), good[2].clone()],
+            vec![good.clone(), good.clone()],
+            with_byte(0, b'r'),
+            // The marker's version, the kind, and the body's first byte.
+            with_byte(MARKER.len() - 1, 1),
+            with_byte(MARKER.len(), b'Z'),
+            with_byte(MARKER.len() + 1, 0xc1),
+            vec![good.slice(..MARKER.len())],
+            vec![good.slice(..MARKER.len() + 20)],
+            // The four frames of wire version 1.
+            version_one.clone(),
         ] {
             assert!(
                 matches!(

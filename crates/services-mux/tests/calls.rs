@@ -484,16 +484,11 @@ async fn malformed_frames_are_dropped_and_the_service_goes_on() {
     raw.connect(service.address()).await.expect("connects");
     for garbage in [
         vec![Bytes::from_static(b"hello")],
+        vec![protocol::assemble(b'Q', b"\xc1\xc1", &[])],
+        vec![protocol::assemble(b'?', b"", &[0; 32])],
         vec![
-            Bytes::from_static(protocol::MARKER),
-            Bytes::from_static(b"Q"),
-            Bytes::from_static(b"\xc1\xc1"),
-        ],
-        vec![
-            Bytes::from_static(protocol::MARKER),
-            Bytes::from_static(b"?"),
-            Bytes::new(),
-            Bytes::new(),
+            protocol::assemble(b'Q', b"", &[]),
+            protocol::assemble(b'Q', b"", &[]),
         ],
         vec![Bytes::from(vec![0u8; 100_000])],
     ] {

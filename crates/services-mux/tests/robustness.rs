@@ -240,12 +240,7 @@ async fn a_16_mib_unauthenticated_frame_costs_about_its_size() {
     let mut body = vec![0x82, 0xa2, b'i', b'd', 0xa1, b'x', 0xa1, b'a', 0xdd];
     body.extend(count.to_be_bytes());
     body.resize(body.len() + count as usize, 0xc0);
-    let frames = vec![
-        Bytes::from_static(protocol::MARKER),
-        Bytes::from_static(b"Q"),
-        Bytes::from(body),
-        Bytes::from(vec![0u8; 32]),
-    ];
+    let frames = vec![protocol::assemble(b'Q', &body, &[0; 32])];
     let before = rss_kib("VmRSS:");
     let answer = exchange(service.address(), frames, &binding_of(&service)).await;
     assert!(

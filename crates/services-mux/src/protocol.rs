@@ -473,7 +473,8 @@ fn seal(
     binding: &Binding,
     write: impl FnOnce(&mut bytes::buf::Writer<bytes::BytesMut>) -> Result<(), Error>,
 ) -> Result<Vec<Bytes>, Error> {
-    let mut buffer = bytes::BytesMut::with_capacity(256);
+    // Room for most messages: a request with a trace header is about 300 bytes.
+    let mut buffer = bytes::BytesMut::with_capacity(512);
     buffer.extend_from_slice(MARKER);
     buffer.extend_from_slice(&[kind.byte()]);
     let start = buffer.len();

@@ -552,3 +552,76 @@ async fn a_graceful_shutdown_answers_the_calls_in_hand() {
         .expect("answered before the service stopped");
     assert_eq!(reply.response.status, 200);
 }
+
+/// A handler that computes for long before its first await sends the next thousand handlers
+/// to tasks of their own (they no longer run in the receive loop's task), then the loop takes
+/// them in again: one slow step does not cost the instance its fast path for good.
+#[tokio::test]
+async fn a_slow_first_step_sends_handlers_to_tasks_for_a_while_only() {
+    let service = Service::new("inline", SECRET)
+        .route(r"^/task$", Method::Request, |_request| async move {
+            let task = tokio::task::try_id()
+                .map(|id| id.to_string())
+                .unwrap_or_default();
+            ServiceResponse::new(200, "OK").with("task", task)
+        })
+        .and_then(|s| {
+            s.route(r"^/compute$", Method::Request, |_request| async move {
+                // Holds its thread past the 2 ms a first step may take in the receive loop.
+                std::thread::sleep(Duration::from_millis(5));
+                ServiceResponse::new(200, "OK")
+            })
+        })
+        .expect("routes")
+        .serve("tcp://127.0.0.1:0")
+        .await
+        .expect("serves");
+    let caller = client();
+    caller.register("inline", &[service.address()], SECRET);
+    let task_of = || async {
+        let reply = caller
+            .call("inline", Call::new("/task"), None)
+            .await
+            .expect("answered");
+        reply.response.payload["task"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    };
+    // Two answers from the same task: the receive loop's (a busy machine may preempt a step
+    // and send a few handlers to tasks first).
+    let mut previous = task_of().await;
+    let mut receive_loop = None;
+    for _ in 0..3_000 {
+        let task = task_of().await;
+        if task == previous {
+            receive_loop = Some(task);
+            break;
+        }
+        previous = task;
+    }
+    let receive_loop = receive_loop.expect("handlers run in the receive loop");
+    assert!(!receive_loop.is_empty());
+
+    caller
+        .call("inline", Call::new("/compute"), None)
+        .await
+        .expect("answered");
+    let mut elsewhere = std::collections::HashSet::new();
+    let mut back = false;
+    for _ in 0..10_000 {
+        let task = task_of().await;
+        if task == receive_loop {
+            back = true;
+            break;
+        }
+        elsewhere.insert(task);
+    }
+    assert!(back, "handlers never came back to the receive loop");
+    assert!(
+        elsewhere.len() >= 1_000,
+        "{} handlers ran in tasks of their own, not a thousand",
+        elsewhere.len()
+    );
+    service.shutdown().await;
+}

@@ -608,7 +608,7 @@ pub fn decode<F: AsRef<[u8]>>(
     Ok(Decoded::Frame(frame, secret))
 }
 
-/// What a peer of the four-frame wire (version 1) gets told.
+/// The error for a message of the four-frame wire (version 1), which the log shows.
 fn older_version() -> Error {
     Error::Malformed(
         "a services-mux message of wire version 1 (four frames); this build speaks version 2 (one frame): upgrade the peer".into(),

@@ -568,7 +568,7 @@ struct Replier {
 }
 
 /// The most frames a message may have after its routing identity (a services-mux message has
-/// one; a peer of wire version 1 sends four, and is told why they are dropped).
+/// one; a peer of wire version 1 sends four, dropped with a warning that names the version).
 const MAX_FRAMES: usize = 4;
 /// How long a handler may compute in the receive loop before its first await (see `run`).
 const INLINE_LIMIT: Duration = Duration::from_millis(2);

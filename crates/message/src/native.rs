@@ -53,34 +53,47 @@ impl<'a> WireIn<'a> {
             (kind, _) => return Err(reader.wrong("the body", "a map", kind)),
         };
         let mut wire = WireIn::default();
+        // The fields read so far, one bit each: a field may come once.
         let mut seen = 0u8;
         for _ in 0..fields {
             let name = reader.str("a field name")?;
-            let bit = match name {
-                "pipeline" => 1,
-                "client" => 2,
-                "stage" => 4,
-                "function" => 8,
-                "cache" => 16,
-                "headers" => 32,
-                "payload" => 64,
-                _ => {
-                    reader.skip()?;
-                    continue;
+            let mut first = |bit: u8| {
+                if seen & bit != 0 {
+                    return Err(Error::malformed(NAME, format!("duplicate field `{name}`")));
                 }
+                seen |= bit;
+                Ok(())
             };
-            if seen & bit != 0 {
-                return Err(Error::malformed(NAME, format!("duplicate field `{name}`")));
-            }
-            seen |= bit;
             match name {
-                "pipeline" => wire.pipeline = reader.str("`pipeline`")?.to_owned(),
-                "client" => wire.client = reader.str("`client`")?.to_owned(),
-                "cache" => wire.cache = reader.str("`cache`")?.to_owned(),
-                "stage" => wire.stage = reader.stage()?,
-                "function" => wire.function = reader.function()?,
-                "headers" => wire.headers = reader.headers()?,
-                _ => wire.payload = reader.payload()?,
+                "pipeline" => {
+                    first(1)?;
+                    wire.pipeline = reader.str("`pipeline`")?.to_owned();
+                }
+                "client" => {
+                    first(2)?;
+                    wire.client = reader.str("`client`")?.to_owned();
+                }
+                "stage" => {
+                    first(4)?;
+                    wire.stage = reader.stage()?;
+                }
+                "function" => {
+                    first(8)?;
+                    wire.function = reader.function()?;
+                }
+                "cache" => {
+                    first(16)?;
+                    wire.cache = reader.str("`cache`")?.to_owned();
+                }
+                "headers" => {
+                    first(32)?;
+                    wire.headers = reader.headers()?;
+                }
+                "payload" => {
+                    first(64)?;
+                    wire.payload = reader.payload()?;
+                }
+                _ => reader.skip()?,
             }
         }
         if reader.pos != body.len() {

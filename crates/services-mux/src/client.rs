@@ -223,6 +223,26 @@ impl Instance {
         self.refusing.store(reason.is_some(), Ordering::Release);
         *refused = reason;
     }
+
+    /// An authenticated frame came from the instance, `now` after the client's start: it was
+    /// seen, it accepts us, and it is live (true when it was not until now).
+    fn heard(&self, now: Duration) -> bool {
+        self.last_seen
+            .fetch_max(now.as_millis() as u64 + 1, Ordering::Relaxed);
+        if self.refusing.load(Ordering::Acquire) {
+            self.set_refused(None);
+        }
+        !self.live.load(Ordering::Acquire) && !self.live.swap(true, Ordering::AcqRel)
+    }
+
+    /// How long the instance has been silent at `now` after the client's start; `None` before
+    /// it was first heard.
+    fn silent_for(&self, now: Duration) -> Option<Duration> {
+        match self.last_seen.load(Ordering::Relaxed) {
+            0 => None,
+            seen => Some(now.saturating_sub(Duration::from_millis(seen - 1))),
+        }
+    }
 }
 
 struct Registered {
@@ -810,13 +830,36 @@ fn release(instance: &Instance) {
 
 /// Sends a call's request to `instance`, bound to it: it waits for the instance's pong.
 async fn send_request(instance: &Instance, request: &RequestView<'_>) -> Result<(), Error> {
+    send_with(instance, |link| {
+        let binding = link
+            .binding
+            .as_deref()
+            .ok_or_else(|| not_connected(instance))?;
+        protocol::encode_request(request, &link.secrets[0], binding)
+    })
+    .await
+}
+
+/// Sends a control frame (a ping, a discovery request) to `instance`; control frames are not
+/// bound to an instance (requests go through [`send_request`]).
+async fn send_frame(instance: &Instance, frame: &Frame) -> Result<(), Error> {
+    send_with(instance, |link| {
+        protocol::encode(frame, &link.secrets[0], &Binding::default())
+    })
+    .await
+}
+
+/// Sends what `encode` writes with the instance's current link, on its socket.
+async fn send_with(
+    instance: &Instance,
+    encode: impl FnOnce(&Link) -> Result<Vec<Bytes>, Error>,
+) -> Result<(), Error> {
     let (frames, socket) = {
         let link = instance.link.load();
-        let (Some(binding), Some(socket)) = (&link.binding, &link.socket) else {
+        let Some(socket) = &link.socket else {
             return Err(not_connected(instance));
         };
-        let frames = protocol::encode_request(request, &link.secrets[0], binding)?;
-        (frames, socket.clone())
+        (encode(&link)?, socket.clone())
     };
     Ok(socket.send(frames).await?)
 }
@@ -826,20 +869,6 @@ fn not_connected(instance: &Instance) -> Error {
         service: instance.address.clone(),
         waited: Duration::ZERO,
     }
-}
-
-/// Sends a control frame (a ping, a discovery request) to `instance`; control frames are not
-/// bound to an instance (requests go through [`send_request`]).
-async fn send_frame(instance: &Instance, frame: &Frame) -> Result<(), Error> {
-    let (frames, socket) = {
-        let link = instance.link.load();
-        let Some(socket) = &link.socket else {
-            return Err(not_connected(instance));
-        };
-        let frames = protocol::encode(frame, &link.secrets[0], &Binding::default())?;
-        (frames, socket.clone())
-    };
-    Ok(socket.send(frames).await?)
 }
 
 /// Connects to one instance, pings it, and routes what it sends back.
@@ -883,10 +912,7 @@ async fn run_instance(inner: Weak<Inner>, instance: Arc<Instance>) {
             }
             _ = ticker.tick() => {
                 let Some(inner) = inner.upgrade() else { break };
-                let silent_for = match instance.last_seen.load(Ordering::Relaxed) {
-                    0 => None,
-                    seen => Some(inner.started.elapsed().saturating_sub(Duration::from_millis(seen - 1))),
-                };
+                let silent_for = instance.silent_for(inner.started.elapsed());
                 if let Some(silent_for) = silent_for.filter(|s| *s > dead_after) {
                     mark_dead(&inner, &instance, silent_for);
                 }
@@ -1029,17 +1055,9 @@ fn on_frame(inner: &Inner, instance: &Instance, message: &rylm_transport::Receiv
         bound = true;
     }
     // Live once it answers a ping (and so is bound); any other authenticated frame is news too.
-    if !matches!(frame, Frame::Refusal(_)) && bound {
-        let seen = inner.started.elapsed().as_millis() as u64 + 1;
-        instance.last_seen.fetch_max(seen, Ordering::Relaxed);
-        if instance.refusing.load(Ordering::Acquire) {
-            instance.set_refused(None);
-        }
-        let became_live = !instance.live.swap(true, Ordering::AcqRel);
-        if became_live {
-            tracing::debug!(address = %instance.address, "instance is live");
-            inner.live_changed.notify_waiters();
-        }
+    if !matches!(frame, Frame::Refusal(_)) && bound && instance.heard(inner.started.elapsed()) {
+        tracing::debug!(address = %instance.address, "instance is live");
+        inner.live_changed.notify_waiters();
     }
     let key = inner.ids.parse(frame.id());
     let pending = key.and_then(|key| {

@@ -546,11 +546,11 @@ pub fn decode<F: AsRef<[u8]>>(
     binding: &Binding,
 ) -> Result<Decoded, Error> {
     let [frame] = frames else {
-        if frames
+        if let Some(first) = frames
             .first()
-            .is_some_and(|first| first.as_ref().starts_with(MARKER_NAME))
+            .filter(|f| f.as_ref().starts_with(MARKER_NAME))
         {
-            return Err(older_version());
+            return Err(other_version(first.as_ref(), frames.len()));
         }
         return Err(Error::Malformed(format!(
             "expected 1 frame, got {}",
@@ -559,7 +559,7 @@ pub fn decode<F: AsRef<[u8]>>(
     };
     let Some(rest) = frame.as_ref().strip_prefix(MARKER) else {
         if frame.as_ref().starts_with(MARKER_NAME) {
-            return Err(older_version());
+            return Err(other_version(frame.as_ref(), 1));
         }
         return Err(Error::Malformed(
             "not a services-mux frame (wrong marker)".into(),
@@ -608,11 +608,16 @@ pub fn decode<F: AsRef<[u8]>>(
     Ok(Decoded::Frame(frame, secret))
 }
 
-/// The error for a message of the four-frame wire (version 1), which the log shows.
-fn older_version() -> Error {
-    Error::Malformed(
-        "a services-mux message of wire version 1 (four frames); this build speaks version 2 (one frame): upgrade the peer".into(),
-    )
+/// The error for a message of another wire version (version 1 sent four frames), naming the
+/// version its first frame's marker carries; the log shows it.
+fn other_version(first: &[u8], frames: usize) -> Error {
+    let version = first
+        .get(MARKER_NAME.len())
+        .map_or_else(|| "?".to_owned(), u8::to_string);
+    Error::Malformed(format!(
+        "a services-mux message of wire version {version} ({frames} frames); this build speaks version {} (one frame): upgrade the peer",
+        MARKER[MARKER_NAME.len()]
+    ))
 }
 
 /// Refuses replayed and stale frames: each id once, timestamps within a window of now. It

@@ -39,8 +39,15 @@ pub fn print_exports(servers: &provision::Servers) {
     );
 }
 
+/// Set when the disk is short of room: the cargo runs of this process skip incremental caches.
+static LOW_DISK: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 fn cargo() -> Command {
-    Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+    let mut command = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    if LOW_DISK.load(std::sync::atomic::Ordering::Relaxed) {
+        command.env("CARGO_INCREMENTAL", "0");
+    }
+    command
 }
 
 /// What `cargo xtask test` ran, for its closing line.
@@ -74,9 +81,44 @@ fn status_ok(command: &mut Command) -> Result<bool> {
         .success())
 }
 
+/// A cold `cargo xtask test` writes about 4.6 GiB under `target/` with incremental
+/// compilation (2 GiB of it incremental caches) and about 2.6 GiB without.
+const BUILD_GIB: u64 = 5;
+
+/// Free space where the build goes, in GiB, as `df` reports it (`None` when it cannot).
+fn free_gib(dir: &std::path::Path) -> Option<u64> {
+    let output = Command::new("df").arg("-Pk").arg(dir).output().ok()?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    let kib: u64 = text
+        .lines()
+        .nth(1)?
+        .split_whitespace()
+        .nth(3)?
+        .parse()
+        .ok()?;
+    Some(kib / (1024 * 1024))
+}
+
+/// Says how much room the build has; with less than it needs, turns incremental compilation
+/// off for this run (it saves about 2 GiB) and says that a full disk is the likely failure.
+fn check_disk() {
+    let Some(free) = free_gib(&crate::workspace_root()) else {
+        return;
+    };
+    eprintln!("xtask: {free} GiB free where the build goes (a cold run needs about {BUILD_GIB})");
+    if free < BUILD_GIB && std::env::var_os("CARGO_INCREMENTAL").is_none() {
+        eprintln!(
+            "xtask: little room: incremental compilation is off for this run; if the build still fails with 'No space left on device', free space under {}",
+            crate::workspace_root().display()
+        );
+        LOW_DISK.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 pub fn test(keep_servers: bool, cargo_args: &[String]) -> Result<()> {
     let started = Instant::now();
     let mut tally = Tally::default();
+    check_disk();
 
     banner("cargo fmt --check");
     let ok = status_ok(cargo().args(["fmt", "--all", "--", "--check"]))?;
@@ -532,7 +574,33 @@ fn publishable() -> Result<Vec<String>> {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_test_result;
+    use super::{free_gib, parse_test_result};
+
+    #[test]
+    fn reads_the_free_space_df_reports() {
+        let tmp = std::env::temp_dir();
+        let free = free_gib(&tmp).expect("df reports the temporary directory");
+        // Against GNU df's own figure in GiB (rounded up), read from a named column.
+        let output = std::process::Command::new("df")
+            .args(["-BG", "--output=avail"])
+            .arg(&tmp)
+            .output()
+            .expect("df runs");
+        let text = String::from_utf8_lossy(&output.stdout);
+        let avail: u64 = text
+            .lines()
+            .nth(1)
+            .expect("a second line")
+            .trim()
+            .trim_end_matches('G')
+            .parse()
+            .expect("a figure in GiB");
+        assert!(
+            free == avail || free + 1 == avail,
+            "{free} GiB against df's {avail}G"
+        );
+        assert_eq!(free_gib(std::path::Path::new("/no/such/dir/rylm")), None);
+    }
 
     #[test]
     fn reads_cargo_test_summaries() {

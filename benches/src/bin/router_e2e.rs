@@ -5,6 +5,11 @@
 //! (this binary with `--echo-server`), one on `zeromq` 0.7 (`benches/zeromq-echo`, the
 //! transport rylm used before).
 //!
+//! Every server process runs on one thread (`rylm --threads 1`, and the same for the echo
+//! server): five server processes and the load generator share two cores here, and a process
+//! that hands work between its own threads pays for it in wake-ups (the master's path ran at
+//! 0.6 of its one-thread rate with a thread per core, 2026-12-03).
+//!
 //! A message on the master's path crosses four sockets where the echo crosses two, so 0.5 of the
 //! echo is the ceiling.
 
@@ -44,21 +49,25 @@ fn sibling(binary: &str) -> Result<PathBuf> {
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
     if let Some(address) = args
         .iter()
         .position(|a| a == "--echo-server")
         .and_then(|i| args.get(i + 1))
     {
+        // One thread, like the master and the workers (`--threads 1`).
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
         return runtime.block_on(async {
             serve_echo(address).await?;
             std::future::pending::<()>().await;
             Ok(())
         });
     }
-    runtime.block_on(run())
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(run())
 }
 
 /// `host:port` of a free loopback port, for an `--admin` listener.
@@ -95,6 +104,8 @@ async fn run() -> Result<()> {
             &db,
             "--admin",
             &admins[0],
+            "--threads",
+            "1",
         ]
         .map(str::to_owned),
     )?];
@@ -102,7 +113,18 @@ async fn run() -> Result<()> {
         processes.push(spawn(
             "rylm worker",
             &rylm,
-            &["worker", "--db", &db, "--credits", "64", "--admin", admin].map(str::to_owned),
+            &[
+                "worker",
+                "--db",
+                &db,
+                "--credits",
+                "64",
+                "--admin",
+                admin,
+                "--threads",
+                "1",
+            ]
+            .map(str::to_owned),
         )?);
     }
     processes.push(spawn(

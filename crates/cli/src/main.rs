@@ -42,6 +42,11 @@ struct Cli {
     /// The `service.name` of the exported spans (default `rylm-<command>`).
     #[arg(long, global = true, env = "OTEL_SERVICE_NAME")]
     otlp_service: Option<String>,
+    /// Threads that run the process's work: `1` runs it all on one thread (no hand-offs
+    /// between threads: the cheapest when processes outnumber cores, as with a master and its
+    /// workers on one small machine); `0` (the default) one per core.
+    #[arg(long, global = true, default_value_t = 0)]
+    threads: usize,
     #[command(subcommand)]
     command: Command,
 }
@@ -217,29 +222,31 @@ fn main() -> Result<()> {
     // Warnings by default; repeated ones throttled; fred's and lapin's `log` records bridged in.
     let _exporter = log_and_trace(&cli)?;
     match cli.command {
-        Command::Syrpc { command } => runtime()?.block_on(syrpc::run(command)),
+        Command::Syrpc { command } => runtime(cli.threads)?.block_on(syrpc::run(command)),
         Command::GilmourProxy(args) => {
             let config = args.config()?;
             // Before the runtime's threads: freed memory can go back to the system.
             rylm_gilmour_proxy::without_thread_caches();
-            Ok(runtime()?.block_on(rylm_gilmour_proxy::run_until_stopped(config))?)
+            Ok(runtime(cli.threads)?.block_on(rylm_gilmour_proxy::run_until_stopped(config))?)
         }
-        Command::Service(args) => runtime()?.block_on(services::serve(args)),
-        Command::Server(args) => runtime()?.block_on(topology::server(args)),
-        Command::Master(args) => runtime()?.block_on(topology::master(args, None)),
+        Command::Service(args) => runtime(cli.threads)?.block_on(services::serve(args)),
+        Command::Server(args) => runtime(cli.threads)?.block_on(topology::server(args)),
+        Command::Master(args) => runtime(cli.threads)?.block_on(topology::master(args, None)),
         Command::Hub { master, previous } => {
-            runtime()?.block_on(topology::master(master, Some(previous)))
+            runtime(cli.threads)?.block_on(topology::master(master, Some(previous)))
         }
-        Command::Worker(args) => runtime()?.block_on(topology::worker(args)),
-        Command::Status(args) => runtime()?.block_on(status::status(args)),
-        Command::Gilmour { command } => runtime()?.block_on(gilmour::run(command)),
+        Command::Worker(args) => runtime(cli.threads)?.block_on(topology::worker(args)),
+        Command::Status(args) => runtime(cli.threads)?.block_on(status::status(args)),
+        Command::Gilmour { command } => runtime(cli.threads)?.block_on(gilmour::run(command)),
         Command::Pipeline { server, previous } => {
-            runtime()?.block_on(topology::pipeline(server, previous))
+            runtime(cli.threads)?.block_on(topology::pipeline(server, previous))
         }
-        Command::Sink { server, previous } => runtime()?.block_on(topology::sink(server, previous)),
-        Command::Client(args) => runtime()?.block_on(topology::client(args)),
-        Command::Gateway(args) => runtime()?.block_on(topology::gateway(args)),
-        Command::Call(args) => runtime()?.block_on(services::call(args)),
+        Command::Sink { server, previous } => {
+            runtime(cli.threads)?.block_on(topology::sink(server, previous))
+        }
+        Command::Client(args) => runtime(cli.threads)?.block_on(topology::client(args)),
+        Command::Gateway(args) => runtime(cli.threads)?.block_on(topology::gateway(args)),
+        Command::Call(args) => runtime(cli.threads)?.block_on(services::call(args)),
         Command::Keygen(args) => security::keygen(args),
         Command::Inspect { wire, file } => {
             let mut input = Vec::new();
@@ -293,8 +300,15 @@ fn main() -> Result<()> {
     }
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
+fn runtime(threads: usize) -> Result<tokio::runtime::Runtime> {
+    let mut builder = match threads {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    };
+    if threads > 1 {
+        builder.worker_threads(threads);
+    }
+    builder
         .enable_all()
         .build()
         .context("starting the async runtime")

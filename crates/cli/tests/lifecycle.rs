@@ -70,3 +70,55 @@ async fn sigterm_stops_a_gateway_and_a_service() {
     let (status, _) = service.terminate(STOP).await;
     assert!(status.success(), "service: {status}");
 }
+
+/// The threads of process `pid`, from `/proc`.
+fn threads(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|tasks| tasks.count())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn a_master_and_a_worker_on_one_thread_each_answer_many_calls_and_drain() {
+    let ports = Ports::new();
+    let mut master_args = ports.master("m1");
+    master_args.extend(["--threads".to_owned(), "1".to_owned()]);
+    let master = Rylm::start(&master_args).await;
+    let worker = Rylm::start(&[
+        "worker",
+        "--db",
+        &ports.db,
+        "--credits",
+        "16",
+        "--threads",
+        "1",
+    ])
+    .await;
+    let client = ready_client(&ports.db).await;
+    // One thread each: the runtime's, which is the main thread (the default has a thread per
+    // core besides it).
+    for process in [&master, &worker] {
+        let pid = process.child.id().expect("running");
+        assert_eq!(threads(pid), 1, "{:?}", process.args);
+    }
+    let calls: Vec<_> = (0..200)
+        .map(|n| {
+            let client = client.clone();
+            tokio::spawn(async move { client.eval("upper", format!("call {n}")).await })
+        })
+        .collect();
+    for (n, call) in calls.into_iter().enumerate() {
+        let answer = call.await.expect("task").expect("answered");
+        assert_eq!(answer, format!("CALL {n}").as_bytes());
+    }
+    let held = {
+        let client = client.clone();
+        tokio::spawn(async move { client.eval("sleep:1000", "held").await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (status, _) = worker.terminate(STOP).await;
+    assert!(status.success(), "worker: {status}");
+    assert_eq!(&held.await.expect("task").expect("answered")[..], b"held");
+    let (status, _) = master.terminate(STOP).await;
+    assert!(status.success(), "master: {status}");
+}

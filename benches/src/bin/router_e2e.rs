@@ -6,9 +6,9 @@
 //! transport rylm used before).
 //!
 //! Every server process runs on one thread (`rylm --threads 1`, and the same for the echo
-//! server): five server processes and the load generator share two cores here, and a process
-//! that hands work between its own threads pays for it in wake-ups (the master's path ran at
-//! 0.6 of its one-thread rate with a thread per core, 2026-12-03).
+//! server): the server processes and the load generator share two cores here, and a process
+//! that hands work between its own threads pays for it in wake-ups. The last table measures
+//! that: the same master's path through a second master and workers with a thread per core.
 //!
 //! A message on the master's path crosses four sockets where the echo crosses two, so 0.5 of the
 //! echo is the ceiling.
@@ -20,9 +20,9 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
 use rylm_benches::{
-    Compared, OldEchoLoad, Paired, RawEcho, Scraper, Summary, compared_table, free_address,
-    interleaved, measure, measure_at_rate, paired_table, peak_rss_kib, serve_echo, spawn,
-    start_zeromq_echo,
+    Compared, OldEchoLoad, Paired, Process, RawEcho, Scraper, Summary, compared_table,
+    free_address, interleaved, measure, measure_at_rate, paired_table, peak_rss_kib, serve_echo,
+    spawn, start_zeromq_echo,
 };
 use rylm_components::Client;
 
@@ -31,6 +31,8 @@ const IN_FLIGHT: usize = 200;
 const REPETITIONS: usize = 3;
 /// Repetitions of the on/off comparison, whose differences are small.
 const AB_REPETITIONS: usize = 9;
+/// Repetitions of the one-thread against thread-per-core comparison.
+const THREADS_REPETITIONS: usize = 5;
 
 /// A payload size, and the runs of the master's path, the rylm-transport echo and the zeromq echo.
 type SizeRuns = (usize, Vec<Summary>, Vec<Summary>, Vec<Summary>);
@@ -75,21 +77,24 @@ fn admin_address() -> Result<String> {
     Ok(free_address()?.trim_start_matches("tcp://").to_owned())
 }
 
-async fn run() -> Result<()> {
-    let rylm = sibling("rylm")?;
-    let admins = [admin_address()?, admin_address()?, admin_address()?];
-    let (pull, publish, workers, db, echo, old_echo) = (
-        free_address()?,
-        free_address()?,
+/// A master and two workers as `rylm` processes with `--threads THREADS`, their admin
+/// endpoints at `admins`; returns the processes and the address of the master's cache (`--db`),
+/// where clients connect.
+fn topology(
+    rylm: &std::path::Path,
+    threads: &str,
+    admins: &[String],
+) -> Result<(Vec<Process>, String)> {
+    let (pull, publish, workers, db) = (
         free_address()?,
         free_address()?,
         free_address()?,
         free_address()?,
     );
-
+    let label = |role: &str| format!("rylm {role}, --threads {threads}");
     let mut processes = vec![spawn(
-        "rylm master",
-        &rylm,
+        &label("master"),
+        rylm,
         &[
             "master",
             "--name",
@@ -105,14 +110,14 @@ async fn run() -> Result<()> {
             "--admin",
             &admins[0],
             "--threads",
-            "1",
+            threads,
         ]
         .map(str::to_owned),
     )?];
     for admin in &admins[1..] {
         processes.push(spawn(
-            "rylm worker",
-            &rylm,
+            &label("worker"),
+            rylm,
             &[
                 "worker",
                 "--db",
@@ -122,11 +127,23 @@ async fn run() -> Result<()> {
                 "--admin",
                 admin,
                 "--threads",
-                "1",
+                threads,
             ]
             .map(str::to_owned),
         )?);
     }
+    Ok((processes, db))
+}
+
+async fn run() -> Result<()> {
+    let rylm = sibling("rylm")?;
+    let admins = [admin_address()?, admin_address()?, admin_address()?];
+    let many_admins = [admin_address()?, admin_address()?, admin_address()?];
+    let (echo, old_echo) = (free_address()?, free_address()?);
+    let (mut processes, db) = topology(&rylm, "1", &admins)?;
+    // The same with a thread per core (the default), for the comparison at the end.
+    let (many, many_db) = topology(&rylm, "0", &many_admins)?;
+    processes.extend(many);
     processes.push(spawn(
         "echo server (rylm-transport)",
         &std::env::current_exe()?,
@@ -137,6 +154,9 @@ async fn run() -> Result<()> {
     let client = Client::connect(&db, Duration::from_secs(30))
         .await
         .context("connecting to the master")?;
+    let many_client = Client::connect(&many_db, Duration::from_secs(30))
+        .await
+        .context("connecting to the master with a thread per core")?;
     let raw = Arc::new(RawEcho::connect(&echo).await?);
 
     // Per size: the master's path, the echo on rylm-transport, the echo on zeromq 0.7; three
@@ -255,6 +275,7 @@ async fn run() -> Result<()> {
         );
     }
     observability(&client, &admins).await?;
+    threads(&client, &many_client).await?;
     println!("\npeak RSS of each process:");
     println!(
         "- bench client (this process): {} KiB",
@@ -269,6 +290,62 @@ async fn run() -> Result<()> {
             peak_rss_kib(process.child.id()).unwrap_or(0)
         );
     }
+    Ok(())
+}
+
+/// The master's path with every process on one thread against the same with a thread per
+/// core (two topologies running side by side; the one not measured is idle).
+async fn threads(one: &Client, per_core: &Client) -> Result<()> {
+    let through = |client: &Client, name: String, payload: Bytes| {
+        let client = client.clone();
+        async move {
+            measure(&name, TOTAL, IN_FLIGHT, move |_| {
+                let (client, payload) = (client.clone(), payload.clone());
+                async move {
+                    client.eval("echo", payload).await?;
+                    Ok(())
+                }
+            })
+            .await
+        }
+    };
+    let mut runs = Vec::new();
+    for size in [64usize, 1024] {
+        let payload = Bytes::from(vec![b'x'; size]);
+        through(per_core, "warm-up".into(), payload.clone()).await?;
+        let (mut subject, mut baseline) = (Vec::new(), Vec::new());
+        for repetition in 0..THREADS_REPETITIONS {
+            for one_now in [repetition % 2 == 1, repetition % 2 == 0] {
+                if one_now {
+                    subject.push(
+                        through(one, format!("one thread, {size} B"), payload.clone()).await?,
+                    );
+                } else {
+                    baseline.push(
+                        through(
+                            per_core,
+                            format!("thread per core, {size} B"),
+                            payload.clone(),
+                        )
+                        .await?,
+                    );
+                }
+            }
+        }
+        runs.push((size, subject, baseline));
+    }
+    let rows: Vec<Paired<'_>> = runs
+        .iter()
+        .map(|(size, subject, baseline)| Paired {
+            label: format!("{size} B, --threads 1 (baseline: a thread per core)"),
+            subject,
+            baseline,
+        })
+        .collect();
+    println!(
+        "\nmaster and workers on one thread each against a thread per core: {THREADS_REPETITIONS} interleaved repetitions of {TOTAL} calls, {IN_FLIGHT} in flight\n"
+    );
+    print!("{}", paired_table(&rows));
     Ok(())
 }
 

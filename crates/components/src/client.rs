@@ -9,7 +9,7 @@ use bytes::Bytes;
 use rylm_message::trace::{Hop, TRACEPARENT};
 use rylm_message::{Codec, Message, NativeCodec, new_id};
 use rylm_transport::{Event, Kind, Socket};
-use tokio::sync::{Mutex, mpsc};
+use tokio::sync::{Mutex, mpsc, oneshot};
 use tracing::Instrument;
 
 use crate::cache::MISSING;
@@ -83,7 +83,32 @@ impl std::fmt::Debug for ClientOptions {
     }
 }
 
-type Pending = Arc<std::sync::Mutex<HashMap<String, mpsc::UnboundedSender<Message>>>>;
+/// Where the answers of a call in flight go, by call number.
+type Pending = Arc<std::sync::Mutex<HashMap<u64, Waiter>>>;
+
+/// A call waiting for its answers.
+enum Waiter {
+    /// One answer: the first that comes ends the call (and leaves the map with it).
+    One(oneshot::Sender<Message>),
+    /// Every part of a mux function's answer, until the last.
+    Parts(mpsc::UnboundedSender<Message>),
+}
+
+/// The receiving end of a [`Waiter`].
+enum Answers {
+    One(oneshot::Receiver<Message>),
+    Parts(mpsc::UnboundedReceiver<Message>),
+}
+
+impl Answers {
+    /// The next answer; `None` once the call was dropped (its server went away).
+    async fn next(&mut self) -> Option<Message> {
+        match self {
+            Answers::One(receiver) => receiver.await.ok(),
+            Answers::Parts(receiver) => receiver.recv().await,
+        }
+    }
+}
 
 /// What the client knows of its connections to the server.
 #[derive(Debug, Default)]
@@ -309,13 +334,13 @@ impl Client {
         Ok(client)
     }
 
-    /// A call id, unique within this client: its results come back on its own topic, so a
-    /// counter is enough, and cheaper than a random id on the hot path.
-    fn next_call_id(&self) -> String {
+    /// A call number, unique within this client: its results come back on its own topic, so
+    /// a counter is enough, and cheaper than a random id on the hot path. It travels as the
+    /// message's cache key, in decimal.
+    fn next_call(&self) -> u64 {
         self.inner
             .calls
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-            .to_string()
     }
 
     /// A handle on the same connections whose calls carry trace context or not, whatever the
@@ -368,8 +393,8 @@ impl Client {
         let started = Instant::now();
         let mut wait = Duration::from_millis(20);
         while started.elapsed() < within {
-            let message = self.sync_message();
-            if self.send_and_wait_now(message, wait).await.is_ok() {
+            let mut message = self.sync_message();
+            if self.send_and_wait_now(&mut message, wait).await.is_ok() {
                 return Ok(());
             }
             wait = (wait * 2).min(Duration::from_millis(500));
@@ -380,17 +405,28 @@ impl Client {
         })
     }
 
-    async fn send_and_wait(&self, message: Message, deadline: Duration) -> Result<Message, Error> {
+    async fn send_and_wait(
+        &self,
+        mut message: Message,
+        deadline: Duration,
+    ) -> Result<Message, Error> {
         let started = Instant::now();
         self.resync_if_needed(deadline).await?;
         let mut backoff = Duration::from_millis(5);
+        // Each attempt stamps the message in place; a retry starts again from the caller's
+        // trace context, not from the attempt before.
+        let parent = message.header(TRACEPARENT).map(str::to_owned);
         loop {
             let left = deadline.saturating_sub(started.elapsed());
-            let answer = self.send_and_wait_now(message.clone(), left).await?;
+            let answer = self.send_and_wait_now(&mut message, left).await?;
             let busy = answer.header(ERROR_KIND) == Some("busy");
             if !busy || !self.inner.retry_busy || started.elapsed() + backoff >= deadline {
                 return Ok(answer);
             }
+            match &parent {
+                Some(parent) => message.headers.insert(TRACEPARENT.into(), parent.clone()),
+                None => message.headers.remove(TRACEPARENT),
+            };
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_millis(200));
         }
@@ -407,8 +443,8 @@ impl Client {
         let mut wait = Duration::from_millis(20);
         while started.elapsed() < deadline {
             self.inner.link.resync.store(false, Ordering::SeqCst);
-            let message = self.sync_message();
-            if self.send_and_wait_now(message, wait).await.is_ok() {
+            let mut message = self.sync_message();
+            if self.send_and_wait_now(&mut message, wait).await.is_ok() {
                 return Ok(());
             }
             self.inner.link.resync.store(true, Ordering::SeqCst);
@@ -422,7 +458,7 @@ impl Client {
 
     async fn send_and_wait_now(
         &self,
-        message: Message,
+        message: &mut Message,
         deadline: Duration,
     ) -> Result<Message, Error> {
         let mut answers = self.exchange(message, deadline, false).await?;
@@ -433,15 +469,18 @@ impl Client {
     /// answer, within `deadline`.
     async fn exchange(
         &self,
-        message: Message,
+        message: &mut Message,
         deadline: Duration,
         all: bool,
     ) -> Result<Vec<Message>, Error> {
-        let mut message = message
-            .with_client(self.inner.id.clone())
-            .with_pipeline(self.session())
-            .with_cache(self.next_call_id())
-            .with_header(crate::DEADLINE, deadline.as_millis().max(1).to_string());
+        let call = self.next_call();
+        message.client.clone_from(&self.inner.id);
+        message.pipeline = self.session();
+        message.cache = call.to_string();
+        message.headers.insert(
+            crate::DEADLINE.into(),
+            deadline.as_millis().max(1).to_string(),
+        );
         let span = if self.trace && message.function_name() != Some(crate::SYNC_FUNCTION) {
             let hop = Hop::continue_from(message.header(TRACEPARENT));
             message
@@ -451,18 +490,23 @@ impl Client {
         } else {
             tracing::Span::none()
         };
-        let (parts, mut answers) = mpsc::unbounded_channel();
-        let key = message.cache.clone();
+        let (waiter, mut answers) = if all {
+            let (parts, answers) = mpsc::unbounded_channel();
+            (Waiter::Parts(parts), Answers::Parts(answers))
+        } else {
+            let (answer, answered) = oneshot::channel();
+            (Waiter::One(answer), Answers::One(answered))
+        };
         self.inner
             .pending
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(key.clone(), parts);
+            .insert(call, waiter);
         let collect = async {
-            let frames = self.inner.codec.encode_frames(&message)?;
+            let frames = self.inner.codec.encode_frames(message)?;
             self.inner.requests.send_within(frames, deadline).await?;
             let mut collected = Vec::new();
-            while let Some(answer) = answers.recv().await {
+            while let Some(answer) = answers.next().await {
                 let more = all && answer.header(crate::functions::MORE).is_some();
                 let none = answer.header(crate::functions::NONE).is_some();
                 if !none {
@@ -484,12 +528,24 @@ impl Client {
                 waited: deadline,
             }),
         };
-        self.inner
-            .pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&key);
+        // A call answered once has left the map already, with its answer.
+        if all || outcome.is_err() {
+            self.inner
+                .pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&call);
+        }
         outcome
+    }
+
+    /// `function` as `server.method`: on this client's server unless it names one.
+    fn full_name(&self, function: &str) -> String {
+        if function.contains('.') {
+            function.to_owned()
+        } else {
+            format!("{}.{function}", self.inner.server)
+        }
     }
 
     /// Calls a mux function (one that yields many results) and returns every part, in order.
@@ -498,17 +554,10 @@ impl Client {
         function: &str,
         payload: impl Into<Bytes>,
     ) -> Result<Vec<Bytes>, Error> {
-        let name = if function.contains('.') {
-            function.to_owned()
-        } else {
-            format!("{}.{function}", self.inner.server)
-        };
+        let name = self.full_name(function);
+        let mut message = Message::call(name.clone(), payload);
         let answers = self
-            .exchange(
-                Message::call(name.clone(), payload),
-                self.inner.deadline,
-                true,
-            )
+            .exchange(&mut message, self.inner.deadline, true)
             .await?;
         let mut parts = Vec::with_capacity(answers.len());
         for answer in answers {
@@ -537,17 +586,11 @@ impl Client {
         payload: impl Into<Bytes>,
         deadline: Duration,
     ) -> Result<Bytes, Error> {
-        let name = if function.contains('.') {
-            function.to_owned()
-        } else {
-            format!("{}.{function}", self.inner.server)
-        };
-        let result = self
-            .send_and_wait(Message::call(name.clone(), payload), deadline)
-            .await?;
+        let message = Message::call(self.full_name(function), payload);
+        let result = self.send_and_wait(message, deadline).await?;
         match result.header(ERROR_KIND) {
             Some(kind) => Err(Error::Remote {
-                function: name,
+                function: self.full_name(function),
                 kind: kind.to_owned(),
                 message: result.header(ERROR_MESSAGE).unwrap_or_default().to_owned(),
             }),
@@ -561,16 +604,7 @@ impl Client {
         stages: &[&str],
         payload: impl Into<Bytes>,
     ) -> Result<Bytes, Error> {
-        let names: Vec<String> = stages
-            .iter()
-            .map(|s| {
-                if s.contains('.') {
-                    (*s).to_owned()
-                } else {
-                    format!("{}.{s}", self.inner.server)
-                }
-            })
-            .collect();
+        let names: Vec<String> = stages.iter().map(|s| self.full_name(s)).collect();
         let label = names.join(" ");
         let message = Message::call(rylm_message::Function::Stages(names), payload);
         let result = self.send_and_wait(message, self.inner.deadline).await?;
@@ -651,13 +685,22 @@ fn receive(
         while let Ok(frames) = socket.recv().await {
             match codec.decode_frames(frames.get(skip..).unwrap_or_default()) {
                 Ok(result) => {
-                    let waiter = pending
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .get(&result.cache)
-                        .cloned();
-                    if let Some(waiter) = waiter {
-                        let _ = waiter.send(result);
+                    // An answer to no call of this client (a stray, or past its deadline)
+                    // is dropped.
+                    let Ok(call) = result.cache.parse::<u64>() else {
+                        continue;
+                    };
+                    let mut pending = pending.lock().unwrap_or_else(|e| e.into_inner());
+                    match pending.remove(&call) {
+                        Some(Waiter::One(answer)) => {
+                            drop(pending);
+                            let _ = answer.send(result);
+                        }
+                        Some(Waiter::Parts(parts)) => {
+                            let _ = parts.send(result);
+                            pending.insert(call, Waiter::Parts(parts));
+                        }
+                        None => {}
                     }
                 }
                 Err(error) => tracing::warn!(%error, "dropped a result that does not decode"),

@@ -301,8 +301,14 @@ async fn a_message_past_its_deadline_is_never_dispatched() {
     let outcome = client
         .eval_within("count", "late", Duration::from_millis(200))
         .await;
-    assert!(matches!(outcome, Err(Error::Timeout { .. })), "{outcome:?}");
-    // The master answers it `deadline` at its next tick, and drops it.
+    // The master answers it `deadline` at its first tick past the deadline, and drops it; the
+    // client's own timer, at the same deadline, may fire first (a race of a millisecond).
+    let on_time = match &outcome {
+        Err(Error::Timeout { .. }) => true,
+        Err(Error::Remote { kind, .. }) => kind == "deadline",
+        _ => false,
+    };
+    assert!(on_time, "{outcome:?}");
     let status = master.status();
     let expired = &status.counters().expired;
     wait_until(|| expired.load(Ordering::Relaxed) == 1).await;

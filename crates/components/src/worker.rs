@@ -28,6 +28,9 @@ use crate::{Error, Functions};
 /// The longest first step of a function run in the worker's loop before functions move to tasks
 /// of their own.
 const INLINE_LIMIT: Duration = Duration::from_millis(2);
+/// How many messages start in tasks of their own after a first step took longer than
+/// `INLINE_LIMIT`, before the loop tries again.
+const SPAWNED_AFTER_SLOW: u32 = 1_000;
 
 /// How long a control message waits for room toward the master.
 const CONTROL_WAIT: Duration = Duration::from_millis(20);
@@ -357,8 +360,10 @@ impl Shared {
             .with_header(HOLDING, holding.join(","))
     }
 
-    /// Runs one message within its deadline and answers it.
-    async fn run(self: Arc<Self>, message: Message, deadline: Option<Instant>) {
+    /// Runs one message within its deadline and answers it. `frames` are the message as it
+    /// came: past its deadline, the function (which took the message) is dropped, and the
+    /// error answer is made from them instead of from a copy kept of every message.
+    async fn run(self: Arc<Self>, message: Message, frames: Vec<Bytes>, deadline: Option<Instant>) {
         let Ok(_permit) = self.slots.acquire().await else {
             return;
         };
@@ -380,13 +385,20 @@ impl Shared {
             Some(deadline) if deadline <= Instant::now() => vec![expired(&message)],
             Some(deadline) => {
                 let started = Instant::now();
-                let call = self.functions.call_many(&self.server, message.clone());
+                let call = self.functions.call_many(&self.server, message);
                 match tokio::time::timeout_at(deadline.into(), call).await {
                     Ok(answers) => answers,
-                    Err(_) => {
-                        self.functions.count_timeout(&message, started.elapsed());
-                        vec![expired(&message)]
-                    }
+                    // It decoded once, so it decodes again.
+                    Err(_) => match self.codec.decode_frames(&frames) {
+                        Ok(message) => {
+                            self.functions.count_timeout(&message, started.elapsed());
+                            vec![expired(&message)]
+                        }
+                        Err(error) => {
+                            tracing::error!(%error, "a message past its deadline no longer decodes");
+                            Vec::new()
+                        }
+                    },
                 }
             }
             None => self.functions.call_many(&self.server, message).await,
@@ -433,7 +445,9 @@ async fn work(builder: WorkerBuilder, link: Link, mut stopped: watch::Receiver<b
     let mut connections = 0u64;
     let mut last_heard = Instant::now();
     let mut silent = false;
-    let mut inline = true;
+    // How many of the next messages start in a task of their own (see below).
+    let mut spawn_next = 0u32;
+    let mut warned = false;
     loop {
         tokio::select! {
             _ = stopped.changed() => break,
@@ -493,22 +507,30 @@ async fn work(builder: WorkerBuilder, link: Link, mut stopped: watch::Receiver<b
                     continue;
                 }
                 let deadline = deadline_of(&message, Instant::now());
-                let mut run = Box::pin(shared.clone().run(message, deadline));
+                let mut run = Box::pin(shared.clone().run(message, received, deadline));
                 // Its first step here: a function that answers at once needs no task (a hop
                 // between threads costs more than most functions). One whose first step takes
-                // long sends every later message to a task of its own, so heartbeats stay on time.
-                if inline {
-                    let started = Instant::now();
-                    let done = futures_lite::future::poll_once(run.as_mut()).await.is_some();
-                    if started.elapsed() > INLINE_LIMIT {
-                        tracing::info!(took = ?started.elapsed(), "a function's first step is slow; running each in a task of its own");
-                        inline = false;
-                    }
-                    if done {
-                        continue;
+                // long would hold up this loop and its heartbeats: after it, the next messages
+                // start in tasks of their own, then the loop tries again (a thread preempted in
+                // the middle of a step looks the same on a busy machine, so one slow step does
+                // not cost the worker its fast path for good).
+                if spawn_next > 0 {
+                    spawn_next -= 1;
+                    running.spawn(run);
+                    continue;
+                }
+                let started = Instant::now();
+                let done = futures_lite::future::poll_once(run.as_mut()).await.is_some();
+                let took = started.elapsed();
+                if took > INLINE_LIMIT {
+                    spawn_next = SPAWNED_AFTER_SLOW;
+                    if !std::mem::replace(&mut warned, true) {
+                        tracing::info!(?took, "a function's first step is slow; messages start in tasks of their own for a while (this is logged once)");
                     }
                 }
-                running.spawn(run);
+                if !done {
+                    running.spawn(run);
+                }
             }
         }
     }

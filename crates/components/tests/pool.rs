@@ -348,6 +348,15 @@ async fn credits_come_back_from_unencodable_results_and_overdue_functions() {
         ),
         "{outcome:?}"
     );
+    // The worker's own `deadline` answer comes (taken, or dropped as late when the master
+    // expired the dispatch first): four answers in all.
+    let status = master.status();
+    let counters = status.counters();
+    wait_until(|| {
+        counters.answered.load(Ordering::Relaxed) + counters.dropped_answers.load(Ordering::Relaxed)
+            == 4
+    })
+    .await;
     assert_eq!(
         &client.eval("count", "after").await.expect("runs")[..],
         b"after"

@@ -167,6 +167,19 @@ impl CallerSocket {
         let mut routed = Vec::with_capacity(frames.len() + 1);
         routed.push(Bytes::copy_from_slice(caller.as_bytes()));
         routed.extend(frames);
+        self.send_answer(caller, routed).await
+    }
+
+    /// Sends an answer as a worker sent it (its frames unchanged) to the caller whose routing
+    /// identity is `caller`; false if it could not be delivered (counted and logged).
+    async fn pass_on(&self, caller: &str, frames: &[Bytes]) -> bool {
+        let mut routed = Vec::with_capacity(frames.len() + 1);
+        routed.push(Bytes::copy_from_slice(caller.as_bytes()));
+        routed.extend_from_slice(frames);
+        self.send_answer(caller, routed).await
+    }
+
+    async fn send_answer(&self, caller: &str, routed: Vec<Bytes>) -> bool {
         match self.socket.send_within(routed, ANSWER_WAIT).await {
             Ok(()) => {
                 count(&self.counters.answered);
@@ -359,6 +372,11 @@ impl Results {
             stages,
             watcher,
         })
+    }
+
+    /// Sends a worker's answer to `caller` as it came (see [`crate::pool`]).
+    pub(crate) async fn pass_on(&self, caller: &str, frames: &[Bytes]) {
+        self.callers.pass_on(caller, frames).await;
     }
 
     /// The address the next stage connects to.

@@ -32,7 +32,7 @@ pub struct MasterBuilder {
     heartbeat: Heartbeat,
     admission: Admission,
     scatter: Hook,
-    gather: Hook,
+    gather: Option<Hook>,
     handle_stream: Option<StreamHook>,
     drain_for: Duration,
     codec: Arc<dyn Codec>,
@@ -147,7 +147,7 @@ impl MasterBuilder {
         mut self,
         hook: impl Fn(Message) -> Vec<Message> + Send + Sync + 'static,
     ) -> Self {
-        self.gather = Arc::new(hook);
+        self.gather = Some(Arc::new(hook));
         self
     }
 
@@ -181,6 +181,10 @@ impl MasterBuilder {
         let worker_address = advertised(&worker_address, advertise)?;
         let callers = CallerSocket::open(&self.clients, &self.transport, codec.clone()).await?;
         let name = self.name.clone();
+        // With the default hooks a worker's answer goes to its caller as it came.
+        let plain = self.gather.is_none() && self.handle_stream.is_none();
+        let pass_answers = (plain && codec.name() == NativeCodec::default().name())
+            .then(|| NativeCodec::with_max_size(codec.max_size()));
         let handle_stream = self.handle_stream.unwrap_or_else(|| {
             let name = name.clone();
             Arc::new(move |message: &Message| default_topic(&name, message))
@@ -210,7 +214,10 @@ impl MasterBuilder {
         let mut pool = Pool::new(codec.clone(), self.heartbeat, handle_stream);
         pool.admission = self.admission;
         pool.scatter = self.scatter;
-        pool.gather = self.gather;
+        if let Some(gather) = self.gather {
+            pool.gather = gather;
+        }
+        pool.pass_answers = pass_answers;
         pool.drain_for = self.drain_for;
         let status = pool.status.clone();
         let report: StatusReport = {
@@ -315,7 +322,7 @@ impl Master {
             heartbeat: Heartbeat::default(),
             admission: Admission::default(),
             scatter: Arc::new(|message| vec![message]),
-            gather: Arc::new(|message| vec![message]),
+            gather: None,
             handle_stream: None,
             drain_for: Duration::from_secs(10),
             codec: Arc::new(NativeCodec::default()),

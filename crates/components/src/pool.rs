@@ -29,10 +29,10 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use rylm_core_router::OutboundQueue;
-use rylm_message::{Codec, Message};
+use rylm_message::{Codec, Message, NativeCodec};
 use rylm_transport::{Event, Kind, Socket};
 
-use crate::functions::{SYNC_FUNCTION, deadline_of};
+use crate::functions::{PIPELINED, SYNC_FUNCTION, deadline_of};
 use crate::parts::{Endpoint, Transport, answer_frames, error_reply};
 use crate::{Error, MORE};
 
@@ -364,6 +364,16 @@ struct Dispatched {
     deadline: Instant,
 }
 
+/// What became of a worker's answer to a dispatch.
+enum Settled {
+    /// Not awaited from that worker (counted and logged).
+    Dropped,
+    /// A part of a mux function's results, for this caller; the dispatch goes on.
+    Part(String),
+    /// The answer: the dispatch is over.
+    Done(Dispatched),
+}
+
 /// A message waiting for a credit.
 enum Queued {
     /// Not sent yet.
@@ -387,6 +397,10 @@ pub(crate) struct Pool {
     keys: std::hash::RandomState,
     /// A dead worker's messages are failed back at once when no other worker is connected.
     pub(crate) fail_alone: bool,
+    /// Set when the hooks are the defaults and the wire is native: answers go to their
+    /// callers as they came from the workers, read in place rather than decoded and encoded
+    /// again.
+    pub(crate) pass_answers: Option<NativeCodec>,
     pub(crate) status: Arc<PoolStatus>,
 }
 
@@ -406,6 +420,7 @@ impl Pool {
             dispatched: 0,
             keys: std::hash::RandomState::new(),
             fail_alone: false,
+            pass_answers: None,
             status: Arc::default(),
         }
     }
@@ -441,11 +456,13 @@ impl Pool {
                 received = workers.recv() => match received {
                     Ok(mut frames) if !frames.is_empty() => {
                         let identity = frames.remove(0);
-                        match self.codec.decode_frames(&frames) {
-                            Ok(message) => self.on_worker_frame(identity, message, &workers, &mut sink).await,
-                            Err(error) => {
-                                count(&self.status.counters.malformed);
-                                tracing::warn!(%error, "dropped a worker frame that does not decode");
+                        if !self.pass_on(&identity, &frames, &sink).await {
+                            match self.codec.decode_frames(&frames) {
+                                Ok(message) => self.on_worker_frame(identity, message, &workers, &mut sink).await,
+                                Err(error) => {
+                                    count(&self.status.counters.malformed);
+                                    tracing::warn!(%error, "dropped a worker frame that does not decode");
+                                }
                             }
                         }
                     }
@@ -641,36 +658,80 @@ impl Pool {
             return;
         };
         let more = message.header(MORE).is_some();
-        if let Some(worker) = self.workers.get_mut(&identity) {
-            worker.last_seen = now;
-            // A credit comes back only for what this pool gave this worker, once.
-            if !more && worker.holds.remove(&dispatch) {
-                worker.credits += 1;
-            }
-        }
-        let sent_here = self
-            .in_flight
-            .get(&dispatch)
-            .is_some_and(|d| d.holders.contains(&identity));
-        if !sent_here {
-            // A late duplicate (the first answer went out), an answer from a worker this
-            // dispatch was not sent to, or one to a dispatch of an earlier pool.
-            count(&self.status.counters.dropped_answers);
-            tracing::debug!(%dispatch, "dropped an answer that is not awaited from this worker");
-            return;
-        }
-        if more {
-            // A part of a mux function's results: pass it on, the dispatch is not over yet.
-            for result in (self.gather)(message) {
-                self.publish(sink, result).await;
-            }
-            return;
-        }
-        self.in_flight.remove(&dispatch);
-        count(&self.status.counters.answered);
+        // The caller the dispatch came from, whatever the answer says.
+        message.client = match self.settle(&identity, &dispatch, more, now) {
+            Settled::Dropped => return,
+            Settled::Part(caller) => caller,
+            Settled::Done(dispatched) => dispatched.message.client,
+        };
         for result in (self.gather)(message) {
             self.publish(sink, result).await;
         }
+    }
+
+    /// The bookkeeping of an answer to `dispatch` from the worker `identity` (a part of a mux
+    /// function's results when `more`): the worker was heard from; its credit comes back only
+    /// for what this pool gave it, once; the answer is taken only from a worker the dispatch
+    /// was sent to, and the first answer ends the dispatch.
+    fn settle(&mut self, identity: &Bytes, dispatch: &str, more: bool, now: Instant) -> Settled {
+        if let Some(worker) = self.workers.get_mut(identity) {
+            worker.last_seen = now;
+            if !more && worker.holds.remove(dispatch) {
+                worker.credits += 1;
+            }
+        }
+        let client = match self.in_flight.get(dispatch) {
+            Some(dispatched) if dispatched.holders.contains(identity) => &dispatched.message.client,
+            _ => {
+                // A late duplicate (the first answer went out), an answer from a worker this
+                // dispatch was not sent to, or one to a dispatch of an earlier pool.
+                count(&self.status.counters.dropped_answers);
+                tracing::debug!(%dispatch, "dropped an answer that is not awaited from this worker");
+                return Settled::Dropped;
+            }
+        };
+        if more {
+            return Settled::Part(client.clone());
+        }
+        match self.in_flight.remove(dispatch) {
+            Some(dispatched) => {
+                count(&self.status.counters.answered);
+                Settled::Done(dispatched)
+            }
+            None => Settled::Dropped,
+        }
+    }
+
+    /// Passes a worker's answer on to its caller as it came, read in place instead of decoded
+    /// and encoded again, when [`Pool::pass_answers`] allows it and the answer is a plain one;
+    /// false when it takes the full path (a control message, a result that moves on down a
+    /// pipeline, frames that do not read, another sink).
+    async fn pass_on(&mut self, identity: &Bytes, frames: &[Bytes], sink: &ResultSink) -> bool {
+        let (Some(codec), ResultSink::Answer(results)) = (self.pass_answers, sink) else {
+            return false;
+        };
+        let Ok(view) = codec.view(frames) else {
+            return false;
+        };
+        let control = matches!(
+            view.function_name(),
+            None | Some(READY_FUNCTION | HEARTBEAT_FUNCTION)
+        );
+        if control || view.header(PIPELINED).is_some() {
+            return false;
+        }
+        let Some(dispatch) = view.header(DISPATCH) else {
+            return false;
+        };
+        let more = view.header(MORE).is_some();
+        // The caller the dispatch came from, whatever the answer says.
+        let caller = match self.settle(identity, dispatch, more, Instant::now()) {
+            Settled::Dropped => return true,
+            Settled::Part(caller) => caller,
+            Settled::Done(dispatched) => dispatched.message.client,
+        };
+        results.pass_on(&caller, frames).await;
+        true
     }
 
     fn on_ready(&mut self, identity: Bytes, message: &Message, now: Instant) {

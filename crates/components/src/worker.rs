@@ -14,11 +14,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use rylm_message::trace::TRACEPARENT;
 use rylm_message::{Codec, Message, NativeCodec};
 use rylm_transport::{Event, Kind, Socket};
 use tokio::sync::{Semaphore, watch};
 
-use crate::functions::deadline_of;
+use crate::functions::{PIPELINED, deadline_of};
 use crate::parts::{Endpoint, Transport, answer_frames, error_reply};
 use crate::pool::{
     CREDITS, DISPATCH, FUNCTIONS, HEARTBEAT_FUNCTION, HOLDING, ONCE, READY_FUNCTION, next_event,
@@ -403,7 +404,12 @@ impl Shared {
             }
             None => self.functions.call_many(&self.server, message).await,
         };
-        for answer in answers {
+        for mut answer in answers {
+            // An answer that goes back to its caller ends the trace there (the caller holds
+            // its context); one that moves on down a pipeline carries it on.
+            if answer.header(PIPELINED).is_none() {
+                answer.headers.remove(TRACEPARENT);
+            }
             self.send(&answer).await;
         }
         if let Some(id) = dispatch {

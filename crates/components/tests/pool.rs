@@ -470,3 +470,22 @@ async fn a_worker_whose_connection_closes_is_buried_at_once_not_after_the_grace(
     rescuer.shutdown().await;
     master.shutdown().await.expect("clean");
 }
+
+#[tokio::test]
+async fn an_answer_goes_to_the_caller_its_dispatch_came_from_whatever_it_names() {
+    let master = master(Admission::default()).await;
+    let worker = Fake::ready(&master).await;
+    let (caller, other) = (client(&master).await, client(&master).await);
+    let call = spawn_eval(&caller, "echo", "mine", DEADLINE);
+    let job = worker.next_job(DEADLINE).await.expect("a job");
+    assert_eq!(job.client, caller.id());
+    // The worker names the other client in its answer: the answer still goes to the caller.
+    worker
+        .send(&job.reply("answered").with_client(other.id()))
+        .await;
+    assert_eq!(
+        &call.await.expect("task").expect("answered")[..],
+        b"answered"
+    );
+    master.shutdown().await.expect("clean");
+}

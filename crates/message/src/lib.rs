@@ -60,6 +60,7 @@ pub mod samples;
 pub mod stats;
 mod stream;
 pub mod trace;
+mod view;
 
 pub use codec::{Codec, DEFAULT_MAX_SIZE};
 pub use envelope::{Function, Message, new_id};
@@ -69,3 +70,4 @@ pub use native::{MARKER, NativeCodec, WIRE_VERSION};
 #[cfg(feature = "pylm")]
 pub use pylm::{PalmMessage, PylmCodec};
 pub use stream::StreamCodec;
+pub use view::NativeView;

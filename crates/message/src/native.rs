@@ -7,6 +7,7 @@ use serde::Serialize;
 
 use crate::codec::check_size;
 use crate::msgpack::{self, MsgpackKind};
+use crate::view::NativeView;
 use crate::{Codec, DEFAULT_MAX_SIZE, Error, Function, Message};
 
 /// The version of the native wire format this build writes and reads.
@@ -15,7 +16,7 @@ pub const WIRE_VERSION: u8 = 1;
 /// The first frame of every native ZeroMQ message: `RYLM` and the wire version.
 pub const MARKER: [u8; 5] = [b'R', b'Y', b'L', b'M', WIRE_VERSION];
 
-const NAME: &str = "native";
+pub(crate) const NAME: &str = "native";
 
 /// What goes on the wire, borrowed from a [`Message`]. Field order is the wire order.
 #[derive(Serialize)]
@@ -30,97 +31,25 @@ struct WireOut<'a> {
     payload: &'a [u8],
 }
 
-/// What comes off the wire; the payload is borrowed from the input so that it can be sliced out
-/// of the frame instead of copied. Missing fields take their empty values and unknown fields are
-/// skipped, so that later versions can add fields.
-#[derive(Default)]
-struct WireIn<'a> {
-    pipeline: String,
-    client: String,
-    stage: u32,
-    function: Function,
-    cache: String,
-    headers: BTreeMap<String, String>,
-    payload: &'a [u8],
-}
-
-impl<'a> WireIn<'a> {
-    /// Reads a body in one pass over its bytes: the map of fields, then nothing after it.
-    fn read(body: &'a [u8]) -> Result<WireIn<'a>, Error> {
-        let mut reader = Reader { body, pos: 0 };
-        let fields = match reader.item()? {
-            (MsgpackKind::Map(fields), _) => fields,
-            (kind, _) => return Err(reader.wrong("the body", "a map", kind)),
-        };
-        let mut wire = WireIn::default();
-        // The fields read so far, one bit each: a field may come once.
-        let mut seen = 0u8;
-        for _ in 0..fields {
-            let name = reader.str("a field name")?;
-            let mut first = |bit: u8| {
-                if seen & bit != 0 {
-                    return Err(Error::malformed(NAME, format!("duplicate field `{name}`")));
-                }
-                seen |= bit;
-                Ok(())
-            };
-            match name {
-                "pipeline" => {
-                    first(1)?;
-                    wire.pipeline = reader.str("`pipeline`")?.to_owned();
-                }
-                "client" => {
-                    first(2)?;
-                    wire.client = reader.str("`client`")?.to_owned();
-                }
-                "stage" => {
-                    first(4)?;
-                    wire.stage = reader.stage()?;
-                }
-                "function" => {
-                    first(8)?;
-                    wire.function = reader.function()?;
-                }
-                "cache" => {
-                    first(16)?;
-                    wire.cache = reader.str("`cache`")?.to_owned();
-                }
-                "headers" => {
-                    first(32)?;
-                    wire.headers = reader.headers()?;
-                }
-                "payload" => {
-                    first(64)?;
-                    wire.payload = reader.payload()?;
-                }
-                _ => reader.skip()?,
-            }
-        }
-        if reader.pos != body.len() {
-            return Err(Error::malformed(
-                NAME,
-                format!("{} bytes follow the message", body.len() - reader.pos),
-            ));
-        }
-        Ok(wire)
-    }
-}
-
 /// A cursor over a native body.
-struct Reader<'a> {
-    body: &'a [u8],
-    pos: usize,
+pub(crate) struct Reader<'a> {
+    pub(crate) body: &'a [u8],
+    pub(crate) pos: usize,
 }
 
 impl<'a> Reader<'a> {
+    pub(crate) fn new(body: &'a [u8]) -> Reader<'a> {
+        Reader { body, pos: 0 }
+    }
+
     /// The next item's kind and content (of a string, byte string or extension).
-    fn item(&mut self) -> Result<(MsgpackKind, &'a [u8]), Error> {
+    pub(crate) fn item(&mut self) -> Result<(MsgpackKind, &'a [u8]), Error> {
         let item = msgpack::read_item(self.body, self.pos, 0)?;
         self.pos = item.offset + item.head.len() + item.data.len();
         Ok((item.kind, item.data))
     }
 
-    fn wrong(&self, what: &str, expected: &str, found: MsgpackKind) -> Error {
+    pub(crate) fn wrong(&self, what: &str, expected: &str, found: MsgpackKind) -> Error {
         Error::malformed(
             NAME,
             format!(
@@ -130,7 +59,7 @@ impl<'a> Reader<'a> {
         )
     }
 
-    fn str(&mut self, what: &str) -> Result<&'a str, Error> {
+    pub(crate) fn str(&mut self, what: &str) -> Result<&'a str, Error> {
         match self.item()? {
             (MsgpackKind::Str, data) => std::str::from_utf8(data)
                 .map_err(|_| Error::malformed(NAME, format!("{what} is not UTF-8"))),
@@ -139,13 +68,13 @@ impl<'a> Reader<'a> {
     }
 
     /// Skips one value of any shape (nesting is bounded by the walker).
-    fn skip(&mut self) -> Result<(), Error> {
+    pub(crate) fn skip(&mut self) -> Result<(), Error> {
         let rest = self.body.get(self.pos..).unwrap_or_default();
         self.pos += msgpack::walk_msgpack(rest, |_| ())?;
         Ok(())
     }
 
-    fn stage(&mut self) -> Result<u32, Error> {
+    pub(crate) fn stage(&mut self) -> Result<u32, Error> {
         let value = match self.item()? {
             (MsgpackKind::Uint(n), _) => Some(n),
             (MsgpackKind::Int(n), _) => u64::try_from(n).ok(),
@@ -154,44 +83,6 @@ impl<'a> Reader<'a> {
         value
             .and_then(|n| u32::try_from(n).ok())
             .ok_or_else(|| Error::malformed(NAME, "`stage` is out of range"))
-    }
-
-    fn function(&mut self) -> Result<Function, Error> {
-        match self.item()? {
-            (MsgpackKind::Str, data) => std::str::from_utf8(data)
-                .map(|name| Function::Single(name.to_owned()))
-                .map_err(|_| Error::malformed(NAME, "`function` is not UTF-8")),
-            (MsgpackKind::Array(len), _) => {
-                // Never trust a length prefix from the wire for a pre-allocation.
-                let mut names = Vec::with_capacity((len as usize).min(64));
-                for _ in 0..len {
-                    names.push(self.str("a stage of `function`")?.to_owned());
-                }
-                Ok(Function::Stages(names))
-            }
-            (kind, _) => Err(self.wrong("`function`", "a string or an array", kind)),
-        }
-    }
-
-    fn headers(&mut self) -> Result<BTreeMap<String, String>, Error> {
-        let len = match self.item()? {
-            (MsgpackKind::Map(len), _) => len,
-            (kind, _) => return Err(self.wrong("`headers`", "a map", kind)),
-        };
-        let mut headers = BTreeMap::new();
-        for _ in 0..len {
-            let name = self.str("a header name")?.to_owned();
-            let value = self.str("a header value")?.to_owned();
-            headers.insert(name, value);
-        }
-        Ok(headers)
-    }
-
-    fn payload(&mut self) -> Result<&'a [u8], Error> {
-        match self.item()? {
-            (MsgpackKind::Bin | MsgpackKind::Str, data) => Ok(data),
-            (kind, _) => Err(self.wrong("`payload`", "binary", kind)),
-        }
     }
 }
 
@@ -217,6 +108,26 @@ impl NativeCodec {
     /// A codec that refuses bodies above `max_size` bytes.
     pub fn with_max_size(max_size: usize) -> Self {
         NativeCodec { max_size }
+    }
+
+    /// Reads the frames of a native message in place (see [`NativeView`]): what
+    /// [`Codec::decode_frames`] accepts, without building the owned message. For a router that
+    /// reads a header or two and passes the frames on as they came.
+    pub fn view<'a>(&self, frames: &'a [Bytes]) -> Result<NativeView<'a>, Error> {
+        match frames {
+            [marker, body] => {
+                Self::check_marker(marker)?;
+                check_size(body.len(), self.max_size)?;
+                NativeView::read(body)
+            }
+            _ => Err(self
+                .decode_frames(frames)
+                .err()
+                .unwrap_or(Error::FrameCount {
+                    expected: 2,
+                    found: frames.len(),
+                })),
+        }
     }
 
     /// Checks the marker frame of a native message.
@@ -288,19 +199,22 @@ impl Codec for NativeCodec {
 
     fn decode(&self, body: Bytes) -> Result<Message, Error> {
         check_size(body.len(), self.max_size)?;
-        let wire = WireIn::read(&body)?;
-        let payload = if wire.payload.is_empty() {
+        let view = NativeView::read(&body)?;
+        let payload = if view.payload().is_empty() {
             Bytes::new()
         } else {
-            body.slice_ref(wire.payload)
+            body.slice_ref(view.payload())
         };
         Ok(Message {
-            pipeline: wire.pipeline,
-            client: wire.client,
-            stage: wire.stage,
-            function: wire.function,
-            cache: wire.cache,
-            headers: wire.headers,
+            pipeline: view.pipeline().to_owned(),
+            client: view.client().to_owned(),
+            stage: view.stage(),
+            function: view.function(),
+            cache: view.cache().to_owned(),
+            headers: view
+                .headers()
+                .map(|(name, value)| (name.to_owned(), value.to_owned()))
+                .collect(),
             payload,
         })
     }

@@ -25,6 +25,11 @@
 //! Decoding is total: any input yields a message or an [`Error`], never a panic, and an input
 //! above the codec's size limit is refused before anything is allocated for it.
 //!
+//! A part that only routes a native message need not decode it: [`NativeCodec::view`] checks
+//! the frames exactly as decoding does and gives a [`NativeView`] that borrows every field from
+//! the body (a header looked up in place, nothing allocated), so the frames can go on as they
+//! came.
+//!
 //! # What this crate is not
 //!
 //! It does no I/O and knows no sockets: the ZeroMQ, HTTP, Redis and AMQP layers live in the

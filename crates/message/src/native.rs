@@ -60,9 +60,15 @@ impl<'a> Reader<'a> {
     }
 
     pub(crate) fn str(&mut self, what: &str) -> Result<&'a str, Error> {
+        let bytes = self.str_bytes(what)?;
+        std::str::from_utf8(bytes)
+            .map_err(|_| Error::malformed(NAME, format!("{what} is not UTF-8")))
+    }
+
+    /// The next item's bytes, which must be a string's (not yet checked as UTF-8).
+    pub(crate) fn str_bytes(&mut self, what: &str) -> Result<&'a [u8], Error> {
         match self.item()? {
-            (MsgpackKind::Str, data) => std::str::from_utf8(data)
-                .map_err(|_| Error::malformed(NAME, format!("{what} is not UTF-8"))),
+            (MsgpackKind::Str, data) => Ok(data),
             (kind, _) => Err(self.wrong(what, "a string", kind)),
         }
     }

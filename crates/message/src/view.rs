@@ -55,9 +55,14 @@ impl<'a> Strings<'a> {
     }
 
     fn iter(self) -> impl Iterator<Item = &'a str> {
+        self.raw()
+            .map_while(|bytes| std::str::from_utf8(bytes).ok())
+    }
+
+    /// The strings' bytes: every one was checked as UTF-8 when the view was made.
+    fn raw(self) -> impl Iterator<Item = &'a [u8]> {
         let mut reader = Reader::new(self.bytes);
-        // Every string was checked when the view was made.
-        (0..self.count).map_while(move |_| reader.str("").ok())
+        (0..self.count).map_while(move |_| reader.str_bytes("").ok())
     }
 }
 
@@ -75,28 +80,30 @@ impl<'a> NativeView<'a> {
         // The fields read so far, one bit each.
         let mut seen = 0u8;
         for _ in 0..fields {
-            let name = reader.str("a field name")?;
+            // Matched as bytes: a known name needs no UTF-8 check.
+            let name = reader.str_bytes("a field name")?;
             let mut first = |bit: u8| {
                 if seen & bit != 0 {
+                    let name = String::from_utf8_lossy(name);
                     return Err(Error::malformed(NAME, format!("duplicate field `{name}`")));
                 }
                 seen |= bit;
                 Ok(())
             };
             match name {
-                "pipeline" => {
+                b"pipeline" => {
                     first(1)?;
                     view.pipeline = reader.str("`pipeline`")?;
                 }
-                "client" => {
+                b"client" => {
                     first(2)?;
                     view.client = reader.str("`client`")?;
                 }
-                "stage" => {
+                b"stage" => {
                     first(4)?;
                     view.stage = reader.stage()?;
                 }
-                "function" => {
+                b"function" => {
                     first(8)?;
                     view.function = match reader.item()? {
                         (MsgpackKind::Str, data) => FunctionView::Single(
@@ -113,11 +120,11 @@ impl<'a> NativeView<'a> {
                         }
                     };
                 }
-                "cache" => {
+                b"cache" => {
                     first(16)?;
                     view.cache = reader.str("`cache`")?;
                 }
-                "headers" => {
+                b"headers" => {
                     first(32)?;
                     let pairs = match reader.item()? {
                         (MsgpackKind::Map(len), _) => len as usize,
@@ -129,14 +136,19 @@ impl<'a> NativeView<'a> {
                         &["a header name", "a header value"],
                     )?;
                 }
-                "payload" => {
+                b"payload" => {
                     first(64)?;
                     view.payload = match reader.item()? {
                         (MsgpackKind::Bin | MsgpackKind::Str, data) => data,
                         (kind, _) => return Err(reader.wrong("`payload`", "binary", kind)),
                     };
                 }
-                _ => reader.skip()?,
+                _ => {
+                    if std::str::from_utf8(name).is_err() {
+                        return Err(Error::malformed(NAME, "a field name is not UTF-8"));
+                    }
+                    reader.skip()?;
+                }
             }
         }
         if reader.pos != body.len() {
@@ -185,14 +197,14 @@ impl<'a> NativeView<'a> {
     /// The value of header `name` (the last, should a peer send it twice: decoding keeps the
     /// last too).
     pub fn header(&self, name: &str) -> Option<&'a str> {
-        let mut strings = self.headers.iter();
+        let mut strings = self.headers.raw();
         let mut found = None;
         while let (Some(key), Some(value)) = (strings.next(), strings.next()) {
-            if key == name {
+            if key == name.as_bytes() {
                 found = Some(value);
             }
         }
-        found
+        found.and_then(|value| std::str::from_utf8(value).ok())
     }
 
     /// Every header, in the order they came.
@@ -256,6 +268,8 @@ mod tests {
             vec![Bytes::from_static(b"RYLM\x07"), body.clone()],
             vec![marker.clone()],
             vec![marker.clone(), body.clone(), body.clone()],
+            // An unknown field whose name is not UTF-8.
+            vec![marker.clone(), Bytes::from_static(b"\x81\xa1\xff\x01")],
             // {"headers": {"a": 1}}: a header value that is not a string.
             vec![
                 marker.clone(),

@@ -89,23 +89,97 @@ type Pending = Arc<std::sync::Mutex<HashMap<u64, Waiter>>>;
 /// A call waiting for its answers.
 enum Waiter {
     /// One answer: the first that comes ends the call (and leaves the map with it).
-    One(oneshot::Sender<Message>),
+    One(oneshot::Sender<Answer>),
     /// Every part of a mux function's answer, until the last.
-    Parts(mpsc::UnboundedSender<Message>),
+    Parts(mpsc::UnboundedSender<Answer>),
 }
 
 /// The receiving end of a [`Waiter`].
 enum Answers {
-    One(oneshot::Receiver<Message>),
-    Parts(mpsc::UnboundedReceiver<Message>),
+    One(oneshot::Receiver<Answer>),
+    Parts(mpsc::UnboundedReceiver<Answer>),
 }
 
 impl Answers {
     /// The next answer; `None` once the call was dropped (its server went away).
-    async fn next(&mut self) -> Option<Message> {
+    async fn next(&mut self) -> Option<Answer> {
         match self {
             Answers::One(receiver) => receiver.await.ok(),
             Answers::Parts(receiver) => receiver.recv().await,
+        }
+    }
+}
+
+/// What a call needs of an answer: its payload, its error if it is one, and whether more
+/// parts follow. Read in place from native frames (nothing allocated but an error's text).
+#[derive(Debug)]
+struct Answer {
+    /// The call it answers.
+    call: u64,
+    payload: Bytes,
+    /// The error's kind and text ([`ERROR_KIND`], [`ERROR_MESSAGE`]).
+    error: Option<(String, String)>,
+    /// A part of a mux function's results, more to come.
+    more: bool,
+    /// The mux function yielded nothing.
+    none: bool,
+}
+
+impl Answer {
+    /// The answer in `frames`; `None` when they do not decode or answer no call of this
+    /// client's (its call numbers are decimal).
+    fn read(codec: &dyn Codec, native: Option<NativeCodec>, frames: &[Bytes]) -> Option<Answer> {
+        if let Some(native) = native {
+            let view = match native.view(frames) {
+                Ok(view) => view,
+                Err(error) => {
+                    tracing::warn!(%error, "dropped a result that does not decode");
+                    return None;
+                }
+            };
+            let payload = match (view.payload(), frames.get(1)) {
+                (payload, Some(body)) if !payload.is_empty() => body.slice_ref(payload),
+                _ => Bytes::new(),
+            };
+            return Some(Answer {
+                call: view.cache().parse().ok()?,
+                payload,
+                error: view.header(ERROR_KIND).map(|kind| {
+                    let text = view.header(ERROR_MESSAGE).unwrap_or_default();
+                    (kind.to_owned(), text.to_owned())
+                }),
+                more: view.header(crate::functions::MORE).is_some(),
+                none: view.header(crate::functions::NONE).is_some(),
+            });
+        }
+        let message = match codec.decode_frames(frames) {
+            Ok(message) => message,
+            Err(error) => {
+                tracing::warn!(%error, "dropped a result that does not decode");
+                return None;
+            }
+        };
+        Some(Answer {
+            call: message.cache.parse().ok()?,
+            error: message.header(ERROR_KIND).map(|kind| {
+                let text = message.header(ERROR_MESSAGE).unwrap_or_default();
+                (kind.to_owned(), text.to_owned())
+            }),
+            more: message.header(crate::functions::MORE).is_some(),
+            none: message.header(crate::functions::NONE).is_some(),
+            payload: message.payload,
+        })
+    }
+
+    /// The payload, or the error the answer carries, as a call of `function` returns it.
+    fn into_result(self, function: impl FnOnce() -> String) -> Result<Bytes, Error> {
+        match self.error {
+            Some((kind, message)) => Err(Error::Remote {
+                function: function(),
+                kind,
+                message,
+            }),
+            None => Ok(self.payload),
         }
     }
 }
@@ -409,7 +483,7 @@ impl Client {
         &self,
         mut message: Message,
         deadline: Duration,
-    ) -> Result<Message, Error> {
+    ) -> Result<Answer, Error> {
         let started = Instant::now();
         self.resync_if_needed(deadline).await?;
         let mut backoff = Duration::from_millis(5);
@@ -419,7 +493,10 @@ impl Client {
         loop {
             let left = deadline.saturating_sub(started.elapsed());
             let answer = self.send_and_wait_now(&mut message, left).await?;
-            let busy = answer.header(ERROR_KIND) == Some("busy");
+            let busy = answer
+                .error
+                .as_ref()
+                .is_some_and(|(kind, _)| kind == "busy");
             if !busy || !self.inner.retry_busy || started.elapsed() + backoff >= deadline {
                 return Ok(answer);
             }
@@ -460,7 +537,7 @@ impl Client {
         &self,
         message: &mut Message,
         deadline: Duration,
-    ) -> Result<Message, Error> {
+    ) -> Result<Answer, Error> {
         let mut answers = self.exchange(message, deadline, false).await?;
         answers.pop().ok_or(Error::Closed)
     }
@@ -472,7 +549,7 @@ impl Client {
         message: &mut Message,
         deadline: Duration,
         all: bool,
-    ) -> Result<Vec<Message>, Error> {
+    ) -> Result<Vec<Answer>, Error> {
         let call = self.next_call();
         message.client.clone_from(&self.inner.id);
         message.pipeline = self.session();
@@ -507,8 +584,7 @@ impl Client {
             self.inner.requests.send_within(frames, deadline).await?;
             let mut collected = Vec::new();
             while let Some(answer) = answers.next().await {
-                let more = all && answer.header(crate::functions::MORE).is_some();
-                let none = answer.header(crate::functions::NONE).is_some();
+                let (more, none) = (all && answer.more, answer.none);
                 if !none {
                     collected.push(answer);
                 }
@@ -559,18 +635,10 @@ impl Client {
         let answers = self
             .exchange(&mut message, self.inner.deadline, true)
             .await?;
-        let mut parts = Vec::with_capacity(answers.len());
-        for answer in answers {
-            if let Some(kind) = answer.header(ERROR_KIND) {
-                return Err(Error::Remote {
-                    function: name,
-                    kind: kind.to_owned(),
-                    message: answer.header(ERROR_MESSAGE).unwrap_or_default().to_owned(),
-                });
-            }
-            parts.push(answer.payload);
-        }
-        Ok(parts)
+        answers
+            .into_iter()
+            .map(|answer| answer.into_result(|| name.clone()))
+            .collect()
     }
 
     /// Calls `function` (on this client's server) with `payload` and returns its result.
@@ -587,15 +655,9 @@ impl Client {
         deadline: Duration,
     ) -> Result<Bytes, Error> {
         let message = Message::call(self.full_name(function), payload);
-        let result = self.send_and_wait(message, deadline).await?;
-        match result.header(ERROR_KIND) {
-            Some(kind) => Err(Error::Remote {
-                function: self.full_name(function),
-                kind: kind.to_owned(),
-                message: result.header(ERROR_MESSAGE).unwrap_or_default().to_owned(),
-            }),
-            None => Ok(result.payload),
-        }
+        self.send_and_wait(message, deadline)
+            .await?
+            .into_result(|| self.full_name(function))
     }
 
     /// Runs `payload` through a pipeline of functions, each stage's result the next one's input.
@@ -607,15 +669,9 @@ impl Client {
         let names: Vec<String> = stages.iter().map(|s| self.full_name(s)).collect();
         let label = names.join(" ");
         let message = Message::call(rylm_message::Function::Stages(names), payload);
-        let result = self.send_and_wait(message, self.inner.deadline).await?;
-        match result.header(ERROR_KIND) {
-            Some(kind) => Err(Error::Remote {
-                function: label,
-                kind: kind.to_owned(),
-                message: result.header(ERROR_MESSAGE).unwrap_or_default().to_owned(),
-            }),
-            None => Ok(result.payload),
-        }
+        self.send_and_wait(message, self.inner.deadline)
+            .await?
+            .into_result(|| label)
     }
 
     /// Calls `function` once per payload, at most `in_flight` at a time, and yields
@@ -681,29 +737,28 @@ fn receive(
     codec: Arc<dyn Codec>,
     pending: Pending,
 ) -> tokio::task::JoinHandle<()> {
+    // Native answers are read in place: a call needs its payload and error, not the envelope.
+    let native = (codec.name() == NativeCodec::default().name())
+        .then(|| NativeCodec::with_max_size(codec.max_size()));
     tokio::spawn(async move {
         while let Ok(frames) = socket.recv().await {
-            match codec.decode_frames(frames.get(skip..).unwrap_or_default()) {
-                Ok(result) => {
-                    // An answer to no call of this client (a stray, or past its deadline)
-                    // is dropped.
-                    let Ok(call) = result.cache.parse::<u64>() else {
-                        continue;
-                    };
-                    let mut pending = pending.lock().unwrap_or_else(|e| e.into_inner());
-                    match pending.remove(&call) {
-                        Some(Waiter::One(answer)) => {
-                            drop(pending);
-                            let _ = answer.send(result);
-                        }
-                        Some(Waiter::Parts(parts)) => {
-                            let _ = parts.send(result);
-                            pending.insert(call, Waiter::Parts(parts));
-                        }
-                        None => {}
-                    }
+            let frames = frames.get(skip..).unwrap_or_default();
+            // An answer to no call of this client (a stray, or past its deadline) is dropped.
+            let Some(answer) = Answer::read(codec.as_ref(), native, frames) else {
+                continue;
+            };
+            let call = answer.call;
+            let mut pending = pending.lock().unwrap_or_else(|e| e.into_inner());
+            match pending.remove(&call) {
+                Some(Waiter::One(waiter)) => {
+                    drop(pending);
+                    let _ = waiter.send(answer);
                 }
-                Err(error) => tracing::warn!(%error, "dropped a result that does not decode"),
+                Some(Waiter::Parts(parts)) => {
+                    let _ = parts.send(answer);
+                    pending.insert(call, Waiter::Parts(parts));
+                }
+                None => {}
             }
         }
     })

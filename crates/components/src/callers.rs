@@ -164,22 +164,16 @@ impl CallerSocket {
         let Ok(frames) = answer_frames(self.codec.as_ref(), message, self.max_message) else {
             return false;
         };
-        let mut routed = Vec::with_capacity(frames.len() + 1);
-        routed.push(Bytes::copy_from_slice(caller.as_bytes()));
-        routed.extend(frames);
-        self.send_answer(caller, routed).await
+        self.pass_on(caller, &frames).await
     }
 
-    /// Sends an answer as a worker sent it (its frames unchanged) to the caller whose routing
-    /// identity is `caller`; false if it could not be delivered (counted and logged).
+    /// Sends an answer's frames as they are (a worker's, passed on unchanged, or one encoded
+    /// here) to the caller whose routing identity is `caller`; false if it could not be
+    /// delivered (counted and logged).
     async fn pass_on(&self, caller: &str, frames: &[Bytes]) -> bool {
         let mut routed = Vec::with_capacity(frames.len() + 1);
         routed.push(Bytes::copy_from_slice(caller.as_bytes()));
         routed.extend_from_slice(frames);
-        self.send_answer(caller, routed).await
-    }
-
-    async fn send_answer(&self, caller: &str, routed: Vec<Bytes>) -> bool {
         match self.socket.send_within(routed, ANSWER_WAIT).await {
             Ok(()) => {
                 count(&self.counters.answered);

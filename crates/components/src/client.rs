@@ -129,45 +129,38 @@ impl Answer {
     /// The answer in `frames`; `None` when they do not decode or answer no call of this
     /// client's (its call numbers are decimal).
     fn read(codec: &dyn Codec, native: Option<NativeCodec>, frames: &[Bytes]) -> Option<Answer> {
+        let dropped = |error: rylm_message::Error| {
+            tracing::warn!(%error, "dropped a result that does not decode");
+        };
         if let Some(native) = native {
-            let view = match native.view(frames) {
-                Ok(view) => view,
-                Err(error) => {
-                    tracing::warn!(%error, "dropped a result that does not decode");
-                    return None;
-                }
-            };
+            let view = native.view(frames).map_err(dropped).ok()?;
             let payload = match (view.payload(), frames.get(1)) {
                 (payload, Some(body)) if !payload.is_empty() => body.slice_ref(payload),
                 _ => Bytes::new(),
             };
-            return Some(Answer {
-                call: view.cache().parse().ok()?,
-                payload,
-                error: view.header(ERROR_KIND).map(|kind| {
-                    let text = view.header(ERROR_MESSAGE).unwrap_or_default();
-                    (kind.to_owned(), text.to_owned())
-                }),
-                more: view.header(crate::functions::MORE).is_some(),
-                none: view.header(crate::functions::NONE).is_some(),
-            });
+            return Answer::of(view.cache(), payload, |name| view.header(name));
         }
-        let message = match codec.decode_frames(frames) {
-            Ok(message) => message,
-            Err(error) => {
-                tracing::warn!(%error, "dropped a result that does not decode");
-                return None;
-            }
-        };
+        let message = codec.decode_frames(frames).map_err(dropped).ok()?;
+        Answer::of(&message.cache, message.payload.clone(), |name| {
+            message.header(name)
+        })
+    }
+
+    /// The answer to call `cache` (decimal), its headers read through `header`.
+    fn of<'a>(
+        cache: &str,
+        payload: Bytes,
+        header: impl Fn(&str) -> Option<&'a str>,
+    ) -> Option<Answer> {
         Some(Answer {
-            call: message.cache.parse().ok()?,
-            error: message.header(ERROR_KIND).map(|kind| {
-                let text = message.header(ERROR_MESSAGE).unwrap_or_default();
+            call: cache.parse().ok()?,
+            payload,
+            error: header(ERROR_KIND).map(|kind| {
+                let text = header(ERROR_MESSAGE).unwrap_or_default();
                 (kind.to_owned(), text.to_owned())
             }),
-            more: message.header(crate::functions::MORE).is_some(),
-            none: message.header(crate::functions::NONE).is_some(),
-            payload: message.payload,
+            more: header(crate::functions::MORE).is_some(),
+            none: header(crate::functions::NONE).is_some(),
         })
     }
 
@@ -738,8 +731,7 @@ fn receive(
     pending: Pending,
 ) -> tokio::task::JoinHandle<()> {
     // Native answers are read in place: a call needs its payload and error, not the envelope.
-    let native = (codec.name() == NativeCodec::default().name())
-        .then(|| NativeCodec::with_max_size(codec.max_size()));
+    let native = NativeCodec::when_native(codec.as_ref());
     tokio::spawn(async move {
         while let Ok(frames) = socket.recv().await {
             let frames = frames.get(skip..).unwrap_or_default();

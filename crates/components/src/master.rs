@@ -183,8 +183,7 @@ impl MasterBuilder {
         let name = self.name.clone();
         // With the default hooks a worker's answer goes to its caller as it came.
         let plain = self.gather.is_none() && self.handle_stream.is_none();
-        let pass_answers = (plain && codec.name() == NativeCodec::default().name())
-            .then(|| NativeCodec::with_max_size(codec.max_size()));
+        let pass_answers = NativeCodec::when_native(codec.as_ref()).filter(|_| plain);
         let handle_stream = self.handle_stream.unwrap_or_else(|| {
             let name = name.clone();
             Arc::new(move |message: &Message| default_topic(&name, message))

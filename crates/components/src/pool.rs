@@ -364,16 +364,6 @@ struct Dispatched {
     deadline: Instant,
 }
 
-/// What became of a worker's answer to a dispatch.
-enum Settled {
-    /// Not awaited from that worker (counted and logged).
-    Dropped,
-    /// A part of a mux function's results, for this caller; the dispatch goes on.
-    Part(String),
-    /// The answer: the dispatch is over.
-    Done(Dispatched),
-}
-
 /// A message waiting for a credit.
 enum Queued {
     /// Not sent yet.
@@ -659,11 +649,10 @@ impl Pool {
         };
         let more = message.header(MORE).is_some();
         // The caller the dispatch came from, whatever the answer says.
-        message.client = match self.settle(&identity, &dispatch, more, now) {
-            Settled::Dropped => return,
-            Settled::Part(caller) => caller,
-            Settled::Done(dispatched) => dispatched.message.client,
+        let Some(caller) = self.settle(&identity, &dispatch, more, now) else {
+            return;
         };
+        message.client = caller;
         for result in (self.gather)(message) {
             self.publish(sink, result).await;
         }
@@ -672,8 +661,15 @@ impl Pool {
     /// The bookkeeping of an answer to `dispatch` from the worker `identity` (a part of a mux
     /// function's results when `more`): the worker was heard from; its credit comes back only
     /// for what this pool gave it, once; the answer is taken only from a worker the dispatch
-    /// was sent to, and the first answer ends the dispatch.
-    fn settle(&mut self, identity: &Bytes, dispatch: &str, more: bool, now: Instant) -> Settled {
+    /// was sent to, and the first answer ends the dispatch. Returns the caller the dispatch
+    /// came from, or `None` when the answer is dropped.
+    fn settle(
+        &mut self,
+        identity: &Bytes,
+        dispatch: &str,
+        more: bool,
+        now: Instant,
+    ) -> Option<String> {
         if let Some(worker) = self.workers.get_mut(identity) {
             worker.last_seen = now;
             if !more && worker.holds.remove(dispatch) {
@@ -687,19 +683,16 @@ impl Pool {
                 // dispatch was not sent to, or one to a dispatch of an earlier pool.
                 count(&self.status.counters.dropped_answers);
                 tracing::debug!(%dispatch, "dropped an answer that is not awaited from this worker");
-                return Settled::Dropped;
+                return None;
             }
         };
         if more {
-            return Settled::Part(client.clone());
+            // A part of a mux function's results: the dispatch goes on.
+            return Some(client.clone());
         }
-        match self.in_flight.remove(dispatch) {
-            Some(dispatched) => {
-                count(&self.status.counters.answered);
-                Settled::Done(dispatched)
-            }
-            None => Settled::Dropped,
-        }
+        let dispatched = self.in_flight.remove(dispatch)?;
+        count(&self.status.counters.answered);
+        Some(dispatched.message.client)
     }
 
     /// Passes a worker's answer on to its caller as it came, read in place instead of decoded
@@ -725,12 +718,9 @@ impl Pool {
         };
         let more = view.header(MORE).is_some();
         // The caller the dispatch came from, whatever the answer says.
-        let caller = match self.settle(identity, dispatch, more, Instant::now()) {
-            Settled::Dropped => return true,
-            Settled::Part(caller) => caller,
-            Settled::Done(dispatched) => dispatched.message.client,
-        };
-        results.pass_on(&caller, frames).await;
+        if let Some(caller) = self.settle(identity, dispatch, more, Instant::now()) {
+            results.pass_on(&caller, frames).await;
+        }
         true
     }
 

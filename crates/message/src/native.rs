@@ -116,6 +116,12 @@ impl NativeCodec {
         NativeCodec { max_size }
     }
 
+    /// `codec` as the native codec, with its size limit, when it is one: for a part that reads
+    /// native frames in place ([`NativeCodec::view`]) and decodes those of any other codec.
+    pub fn when_native(codec: &dyn Codec) -> Option<NativeCodec> {
+        (codec.name() == NAME).then(|| NativeCodec::with_max_size(codec.max_size()))
+    }
+
     /// Reads the frames of a native message in place (see [`NativeView`]): what
     /// [`Codec::decode_frames`] accepts, without building the owned message. For a router that
     /// reads a header or two and passes the frames on as they came.

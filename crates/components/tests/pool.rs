@@ -489,3 +489,45 @@ async fn an_answer_goes_to_the_caller_its_dispatch_came_from_whatever_it_names()
     );
     master.shutdown().await.expect("clean");
 }
+
+#[tokio::test]
+async fn an_answer_comes_back_as_the_worker_sent_it_without_the_trace_header() {
+    let master = master(Admission::default()).await;
+    let runs = Arc::new(AtomicUsize::new(0));
+    let worker = one_credit_worker(&master, counting(runs), QUICK.interval).await;
+    // A caller by hand: a DEALER whose identity is its id, as a Client's is.
+    let mut options = Options::default();
+    options.identity = Bytes::from_static(b"caller-1");
+    let caller = Socket::new(Kind::Dealer, &options).expect("a socket");
+    caller
+        .connect(master.client_address())
+        .await
+        .expect("connects");
+    let codec = NativeCodec::default();
+    let request = Message::call("m.count", "x").with_cache("7").with_header(
+        rylm_message::trace::TRACEPARENT,
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+    );
+    caller
+        .send(codec.encode_frames(&request).expect("encodes"))
+        .await
+        .expect("sends");
+    let frames = tokio::time::timeout(DEADLINE, caller.recv())
+        .await
+        .expect("an answer in time")
+        .expect("received");
+    let answer = codec.decode_frames(&frames).expect("decodes");
+    assert_eq!(
+        (&answer.payload[..], answer.cache.as_str()),
+        (&b"x"[..], "7")
+    );
+    // The worker's headers come as it sent them; the trace ends at the caller.
+    assert!(answer.header("rylm-dispatch").is_some(), "{answer:?}");
+    assert!(
+        answer.header(rylm_components::DEADLINE).is_some(),
+        "{answer:?}"
+    );
+    assert_eq!(answer.header(rylm_message::trace::TRACEPARENT), None);
+    worker.shutdown().await;
+    master.shutdown().await.expect("clean");
+}

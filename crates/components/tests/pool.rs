@@ -496,8 +496,10 @@ async fn an_answer_comes_back_as_the_worker_sent_it_without_the_trace_header() {
     let runs = Arc::new(AtomicUsize::new(0));
     let worker = one_credit_worker(&master, counting(runs), QUICK.interval).await;
     // A caller by hand: a DEALER whose identity is its id, as a Client's is.
-    let mut options = Options::default();
-    options.identity = Bytes::from_static(b"caller-1");
+    let options = Options {
+        identity: Bytes::from_static(b"caller-1"),
+        ..Options::default()
+    };
     let caller = Socket::new(Kind::Dealer, &options).expect("a socket");
     caller
         .connect(master.client_address())

@@ -31,7 +31,7 @@ pub struct MasterBuilder {
     advertise: Option<String>,
     heartbeat: Heartbeat,
     admission: Admission,
-    scatter: Hook,
+    scatter: Option<Hook>,
     gather: Option<Hook>,
     handle_stream: Option<StreamHook>,
     drain_for: Duration,
@@ -138,7 +138,7 @@ impl MasterBuilder {
         mut self,
         hook: impl Fn(Message) -> Vec<Message> + Send + Sync + 'static,
     ) -> Self {
-        self.scatter = Arc::new(hook);
+        self.scatter = Some(Arc::new(hook));
         self
     }
 
@@ -213,9 +213,7 @@ impl MasterBuilder {
         let mut pool = Pool::new(codec.clone(), self.heartbeat, handle_stream);
         pool.admission = self.admission;
         pool.scatter = self.scatter;
-        if let Some(gather) = self.gather {
-            pool.gather = gather;
-        }
+        pool.gather = self.gather;
         pool.pass_answers = pass_answers;
         pool.drain_for = self.drain_for;
         let status = pool.status.clone();
@@ -320,7 +318,7 @@ impl Master {
             advertise: None,
             heartbeat: Heartbeat::default(),
             admission: Admission::default(),
-            scatter: Arc::new(|message| vec![message]),
+            scatter: None,
             gather: None,
             handle_stream: None,
             drain_for: Duration::from_secs(10),

@@ -27,6 +27,7 @@ use rylm_message::{Codec, Message};
 use rylm_transport::{Event, Events, Kind, Options, Security, Socket};
 
 use crate::Error;
+use crate::pool::{Hook, run_hook};
 
 /// Where a part's socket goes: bound (a service) or connected (a connection).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -222,14 +223,24 @@ fn router_error(error: Error) -> RouterError {
     }
 }
 
-/// PULL or SUB: submits every message it receives.
-#[derive(Debug)]
+/// PULL or SUB: submits every message it receives (or what a hook makes of it).
 pub struct Listen {
     part: PartSocket,
     /// Frames before the message (a SUB's topic).
     skip: usize,
     /// Connection events, and the count each accepted connection bumps.
     connections: Option<(Events, Arc<AtomicU64>)>,
+    /// What each message becomes before it is submitted, and the hook's name for the log.
+    hook: Option<(Hook, &'static str)>,
+}
+
+impl std::fmt::Debug for Listen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Listen")
+            .field("part", &self.part)
+            .field("hook", &self.hook.as_ref().map(|(_, name)| name))
+            .finish()
+    }
 }
 
 impl Listen {
@@ -243,6 +254,7 @@ impl Listen {
             part: PartSocket::open(Kind::Pull, endpoint, transport, codec).await?,
             skip: 0,
             connections: None,
+            hook: None,
         })
     }
 
@@ -262,6 +274,7 @@ impl Listen {
             part: PartSocket::open(Kind::Dealer, endpoint, &transport, codec).await?,
             skip: 0,
             connections: None,
+            hook: None,
         })
     }
 
@@ -282,6 +295,7 @@ impl Listen {
             part,
             skip: 1,
             connections: None,
+            hook: None,
         })
     }
 
@@ -289,6 +303,14 @@ impl Listen {
     /// submitted (see [`HeldPublisher::cleared_until_new_connection`]).
     pub fn count_connections(mut self, counter: Arc<AtomicU64>) -> Self {
         self.connections = Some((self.part.socket.events(), counter));
+        self
+    }
+
+    /// Submits what `hook` (named `name` in the log) makes of each message instead of the
+    /// message: none, one or many. A hook that panics loses its message (pylm's layout has no
+    /// error reply), which the log says; the part goes on with the next.
+    pub fn with_hook(mut self, hook: Hook, name: &'static str) -> Self {
+        self.hook = Some((hook, name));
         self
     }
 
@@ -326,9 +348,17 @@ impl Listen {
                 .codec
                 .decode_frames(frames.get(self.skip..).unwrap_or_default())
             {
-                Ok(message) => {
-                    link.submit(message).await?;
-                }
+                Ok(message) => match &self.hook {
+                    None => {
+                        link.submit(message).await?;
+                    }
+                    Some((hook, name)) => {
+                        // A panic is logged; pylm's layout has no error reply to send.
+                        for message in run_hook(hook, name, message).unwrap_or_default() {
+                            link.submit(message).await?;
+                        }
+                    }
+                },
                 Err(error) => {
                     tracing::warn!(address = %self.part.address, %error, "dropped a message that does not decode")
                 }

@@ -105,6 +105,28 @@ impl Default for Admission {
 
 /// A hook that turns one message into any number (pylm's `scatter` and `gather`).
 pub type Hook = Arc<dyn Fn(Message) -> Vec<Message> + Send + Sync>;
+
+/// What `hook` (named `name` in the log) makes of `message`. A hook that panics does not take
+/// its component down: the log says so, and the error is the message without its payload (what
+/// an error reply to its caller needs).
+pub(crate) fn run_hook(
+    hook: &Hook,
+    name: &str,
+    message: Message,
+) -> Result<Vec<Message>, Box<Message>> {
+    let mut kept = Message {
+        payload: bytes::Bytes::new(),
+        ..message.clone()
+    };
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| hook(message))) {
+        Ok(messages) => Ok(messages),
+        Err(_) => {
+            tracing::error!(hook = name, function = %kept.function, client = %kept.client, "a hook panicked");
+            kept.headers.remove(DISPATCH);
+            Err(Box::new(kept))
+        }
+    }
+}
 /// pylm's `handle_stream`: the topic a result is published under.
 pub type StreamHook = Arc<dyn Fn(&Message) -> String + Send + Sync>;
 
@@ -376,8 +398,8 @@ pub(crate) struct Pool {
     codec: Arc<dyn Codec>,
     heartbeat: Heartbeat,
     pub(crate) admission: Admission,
-    pub(crate) scatter: Hook,
-    pub(crate) gather: Hook,
+    pub(crate) scatter: Option<Hook>,
+    pub(crate) gather: Option<Hook>,
     handle_stream: StreamHook,
     pub(crate) drain_for: Duration,
     workers: HashMap<Bytes, WorkerState>,
@@ -400,8 +422,8 @@ impl Pool {
             codec,
             heartbeat,
             admission: Admission::default(),
-            scatter: Arc::new(|message| vec![message]),
-            gather: Arc::new(|message| vec![message]),
+            scatter: None,
+            gather: None,
             handle_stream: topic,
             drain_for: Duration::from_secs(10),
             workers: HashMap::new(),
@@ -531,7 +553,18 @@ impl Pool {
                 .headers
                 .insert(rylm_message::trace::TRACEPARENT.into(), hop.traceparent());
         }
-        for part in (self.scatter)(message) {
+        let parts = match &self.scatter {
+            None => vec![message],
+            Some(scatter) => match run_hook(scatter, "scatter", message) {
+                Ok(parts) => parts,
+                Err(kept) => {
+                    let failed = failure(&kept, "panicked", "the master's scatter hook panicked");
+                    self.publish(sink, failed).await;
+                    return;
+                }
+            },
+        };
+        for part in parts {
             if self.waiting.len() >= self.admission.max_waiting {
                 count(&self.status.counters.busy);
                 let text = format!(
@@ -653,7 +686,18 @@ impl Pool {
             return;
         };
         message.client = caller;
-        for result in (self.gather)(message) {
+        let results = match &self.gather {
+            None => vec![message],
+            Some(gather) => match run_hook(gather, "gather", message) {
+                Ok(results) => results,
+                Err(kept) => vec![failure(
+                    &kept,
+                    "panicked",
+                    "the master's gather hook panicked",
+                )],
+            },
+        };
+        for result in results {
             self.publish(sink, result).await;
         }
     }

@@ -28,6 +28,37 @@ fn functions() -> Functions {
         })
 }
 
+/// Starts `python` with `args` in the background, its output discarded; killed when dropped.
+fn spawn_python(python: &str, args: &[&str]) -> tokio::process::Child {
+    tokio::process::Command::new(python)
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("python starts")
+}
+
+/// Runs `python` with `args` to its end (within a minute) and reads the JSON of the last line
+/// it prints; `context` names the case in a failure.
+async fn python_prints(python: &str, args: &[&str], context: &str) -> Value {
+    let run = tokio::process::Command::new(python)
+        .args(args)
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .expect("pylm finishes")
+        .expect("python runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    serde_json::from_str(stdout.lines().last().unwrap_or_default()).unwrap_or_else(|e| {
+        panic!(
+            "{context}: pylm printed {stdout:?} ({e}); stderr: {}",
+            String::from_utf8_lossy(&output.stderr)
+        )
+    })
+}
+
 /// A pylm Client calls a rylm Server: eval, a job of many messages, a failing function (pylm's
 /// answer `b"0"`), and the cache's set, get and delete, with its raw-bytes replies.
 #[tokio::test]
@@ -66,24 +97,12 @@ async fn a_pylm_client_calls_a_rylm_server() {
             answered
         })
     };
-    let run = tokio::process::Command::new(&python)
-        .arg(SCRIPT)
-        .arg("rylmserver")
-        .arg(server.db_address())
-        .kill_on_drop(true)
-        .output();
-    let output = tokio::time::timeout(Duration::from_secs(60), run)
-        .await
-        .expect("pylm finishes")
-        .expect("python runs");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let line = stdout.lines().last().unwrap_or_default();
-    let got: Value = serde_json::from_str(line).unwrap_or_else(|e| {
-        panic!(
-            "pylm printed {stdout:?} ({e}); stderr: {}",
-            String::from_utf8_lossy(&output.stderr)
-        )
-    });
+    let got = python_prints(
+        &python,
+        &[SCRIPT, "rylmserver", server.db_address()],
+        "a pylm client of a rylm server",
+    )
+    .await;
     assert_eq!(got["eval"], "HELLO FROM PYLM");
     let expected: Vec<String> = (0..10).map(|i| format!("{i}{i}")).collect();
     assert_eq!(got["job"], serde_json::json!(expected));
@@ -117,19 +136,16 @@ async fn a_rylm_client_calls_a_pylm_server() {
     let (pull, publish, db) = (free_port(), free_port(), free_port());
     let address = |p: u16| format!("tcp://127.0.0.1:{p}");
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py/pylm_server.py");
-    let mut server = tokio::process::Command::new(&python)
-        .args([
+    let mut server = spawn_python(
+        &python,
+        &[
             script,
             "pyserver",
             &address(pull),
             &address(publish),
             &address(db),
-        ])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("python starts");
+        ],
+    );
 
     // Connecting waits (within its deadline) for the server's cache, then makes sure its
     // subscription is live with a round trip, which a pylm server answers too.
@@ -178,8 +194,9 @@ async fn a_rylm_worker_serves_a_pylm_master() {
         address(free_port()),
     );
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py/pylm_master.py");
-    let mut master = tokio::process::Command::new(&python)
-        .args([
+    let mut master = spawn_python(
+        &python,
+        &[
             script,
             "pymaster",
             &pull,
@@ -187,12 +204,8 @@ async fn a_rylm_worker_serves_a_pylm_master() {
             &worker_pull,
             &worker_push,
             &db,
-        ])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("python starts");
+        ],
+    );
 
     let worker = Worker::builder(functions())
         .connect_pylm(&db, Duration::from_secs(30))
@@ -248,15 +261,10 @@ async fn a_pylm_client_calls_a_rylm_master_with_pylm_and_rylm_workers() {
             .expect("starts");
         let mut python_workers = Vec::new();
         for i in 0..pylm_workers {
-            python_workers.push(
-                tokio::process::Command::new(&python)
-                    .args([worker_script, &format!("pyworker{i}"), master.db_address()])
-                    .stdout(std::process::Stdio::null())
-                    .stderr(std::process::Stdio::null())
-                    .kill_on_drop(true)
-                    .spawn()
-                    .expect("python starts"),
-            );
+            python_workers.push(spawn_python(
+                &python,
+                &[worker_script, &format!("pyworker{i}"), master.db_address()],
+            ));
         }
         let mut workers = Vec::new();
         for _ in 0..rylm_workers {
@@ -267,19 +275,12 @@ async fn a_pylm_client_calls_a_rylm_master_with_pylm_and_rylm_workers() {
                     .expect("a rylm worker joins"),
             );
         }
-        let run = tokio::process::Command::new(&python)
-            .arg(SCRIPT)
-            .arg("rylmmaster")
-            .arg(master.db_address())
-            .kill_on_drop(true)
-            .output();
-        let output = tokio::time::timeout(Duration::from_secs(60), run)
-            .await
-            .expect("pylm finishes")
-            .expect("python runs");
-        let stdout = String::from_utf8_lossy(&output.stdout);
-        let got: Value = serde_json::from_str(stdout.lines().last().unwrap_or_default())
-            .unwrap_or_else(|e| panic!("pylm printed {stdout:?} ({e}) with {pylm_workers} pylm and {rylm_workers} rylm workers"));
+        let got = python_prints(
+            &python,
+            &[SCRIPT, "rylmmaster", master.db_address()],
+            &format!("{pylm_workers} pylm and {rylm_workers} rylm workers"),
+        )
+        .await;
         assert_eq!(
             got["eval"], "HELLO FROM PYLM",
             "{pylm_workers} pylm, {rylm_workers} rylm workers"
@@ -296,6 +297,52 @@ async fn a_pylm_client_calls_a_rylm_master_with_pylm_and_rylm_workers() {
         }
         master.shutdown().await.expect("clean");
     }
+}
+
+/// A rylm Master in pylm mode runs its `scatter` and `gather` hooks between a real pylm Client
+/// and a real pylm Worker: a message dropped, one sent on as two, results reshaped, and a hook
+/// that panics loses its message without stopping the master.
+#[tokio::test]
+async fn a_pylm_mode_masters_hooks_shape_what_pylm_peers_exchange() {
+    use rylm_components::Master;
+    use rylm_message::Message;
+
+    let Some(python) =
+        rylm_testkit::pylm_python("a_pylm_mode_masters_hooks_shape_what_pylm_peers_exchange")
+    else {
+        return;
+    };
+    let master = Master::builder("hookmaster")
+        .pylm_wire()
+        .scatter(|message: Message| match &message.payload[..] {
+            b"drop" => Vec::new(),
+            b"twice" => vec![message.clone(), message],
+            b"boom" => panic!("a scatter hook that panics"),
+            _ => vec![message],
+        })
+        .gather(|mut result: Message| {
+            let mut payload = result.payload.to_vec();
+            payload.push(b'!');
+            result.payload = Bytes::from(payload);
+            vec![result]
+        })
+        .start()
+        .await
+        .expect("starts");
+    let worker_script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py/pylm_worker.py");
+    let _worker = spawn_python(&python, &[worker_script, "pyworker", master.db_address()]);
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py/pylm_hooks_client.py");
+    let got = python_prints(
+        &python,
+        &[script, "hookmaster", master.db_address()],
+        "a master's hooks",
+    )
+    .await;
+    assert_eq!(got["eval"], "HEY!");
+    assert_eq!(got["job"], serde_json::json!(["ba!", "eciwt!", "eciwt!"]));
+    assert_eq!(got["after_panic"], serde_json::json!(["OK!"]));
+    assert_eq!(got["last"], "STILL HERE!");
+    master.shutdown().await.expect("clean");
 }
 
 /// A pipeline that mixes pylm and rylm stages: a rylm Server, a real pylm Pipeline, a rylm Sink,
@@ -318,20 +365,17 @@ async fn a_pipeline_mixes_pylm_and_rylm_stages() {
         format!("tcp://127.0.0.1:{}", free_port()),
     );
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py/pylm_pipeline.py");
-    let mut middle = tokio::process::Command::new(&python)
-        .args([
+    let mut middle = spawn_python(
+        &python,
+        &[
             script,
             "middle",
             &middle_db,
             first.stream_address(),
             &middle_pub,
             "first",
-        ])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("python starts");
+        ],
+    );
     let exclaim = Functions::new().add("exclaim", |p: Bytes| async move {
         let mut v = p.to_vec();
         v.push(b'!');
@@ -389,17 +433,12 @@ async fn a_pylm_client_gets_every_result_of_a_rylm_mux_worker() {
         .await
         .expect("joins");
     let code = "import sys, json\nfrom pylm.clients import Client\nc = Client('muxmaster', sys.argv[1])\nprint(json.dumps(sorted(r.decode() for r in c.eval('muxmaster.split', b'one two three', messages=3))))";
-    let run = tokio::process::Command::new(&python)
-        .args(["-c", code, master.db_address()])
-        .kill_on_drop(true)
-        .output();
-    let output = tokio::time::timeout(Duration::from_secs(60), run)
-        .await
-        .expect("pylm finishes")
-        .expect("python runs");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let got: Value = serde_json::from_str(stdout.lines().last().unwrap_or_default())
-        .unwrap_or_else(|e| panic!("pylm printed {stdout:?}: {e}"));
+    let got = python_prints(
+        &python,
+        &["-c", code, master.db_address()],
+        "a mux worker's results",
+    )
+    .await;
     assert_eq!(got, serde_json::json!(["one", "three", "two"]));
     worker.shutdown().await;
     master.shutdown().await.expect("clean");
@@ -429,13 +468,7 @@ async fn a_rylm_hub_in_pylm_mode_feeds_a_pylm_worker() {
         .await
         .expect("starts");
     let worker_script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py/pylm_worker.py");
-    let mut worker = tokio::process::Command::new(&python)
-        .args([worker_script, "pyworker", hub.db_address()])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("python starts");
+    let mut worker = spawn_python(&python, &[worker_script, "pyworker", hub.db_address()]);
     let mut options = ClientOptions::pylm(Duration::from_secs(30));
     options.results_from = Some(hub.db_address().to_owned());
     let client = Client::connect_with(first.db_address(), options)

@@ -154,30 +154,36 @@ async fn a_message_whose_second_worker_dies_too_fails_back_to_its_client() {
     master.shutdown().await.expect("clean");
 }
 
-#[tokio::test]
-async fn scatter_and_gather_hooks_shape_the_stream() {
-    let master = Master::builder("m")
-        .heartbeat(QUICK)
-        .scatter(|message| {
-            if &message.payload[..] == b"drop" {
-                Vec::new()
-            } else {
-                vec![message]
-            }
-        })
-        .gather(|mut result| {
-            let mut payload = result.payload.to_vec();
-            payload.extend_from_slice(b"!");
-            result.payload = Bytes::from(payload);
-            vec![result]
-        })
-        .start()
-        .await
-        .expect("starts");
+/// A master started from `builder`, one worker of two credits, and a client.
+async fn served_with_a_worker(builder: rylm_components::MasterBuilder) -> (Master, Worker, Client) {
+    let master = builder.start().await.expect("starts");
     let w = worker(&master, "w", 2).await;
     let client = Client::connect(master.db_address(), DEADLINE)
         .await
         .expect("connects");
+    (master, w, client)
+}
+
+#[tokio::test]
+async fn scatter_and_gather_hooks_shape_the_stream() {
+    let (master, w, client) = served_with_a_worker(
+        Master::builder("m")
+            .heartbeat(QUICK)
+            .scatter(|message| {
+                if &message.payload[..] == b"drop" {
+                    Vec::new()
+                } else {
+                    vec![message]
+                }
+            })
+            .gather(|mut result| {
+                let mut payload = result.payload.to_vec();
+                payload.extend_from_slice(b"!");
+                result.payload = Bytes::from(payload);
+                vec![result]
+            }),
+    )
+    .await;
     assert_eq!(
         &client.eval("upper", "hey").await.expect("answered")[..],
         b"HEY!"
@@ -188,6 +194,47 @@ async fn scatter_and_gather_hooks_shape_the_stream() {
     assert!(
         matches!(dropped, Err(Error::Timeout { .. })),
         "scatter dropped it: {dropped:?}"
+    );
+    w.shutdown().await;
+    master.shutdown().await.expect("clean");
+}
+
+/// A hook that panics fails its call at once with a `panicked` error (instead of leaving the
+/// caller to its deadline or taking the master down), and the master goes on serving.
+#[tokio::test]
+async fn a_hook_that_panics_fails_its_call_and_the_master_goes_on() {
+    let (master, w, client) = served_with_a_worker(
+        Master::builder("m")
+            .heartbeat(QUICK)
+            .scatter(|message| {
+                assert!(
+                    &message.payload[..] != b"scatter-boom",
+                    "a scatter hook that panics"
+                );
+                vec![message]
+            })
+            .gather(|result| {
+                assert!(
+                    &result.payload[..] != b"GATHER-BOOM",
+                    "a gather hook that panics"
+                );
+                vec![result]
+            }),
+    )
+    .await;
+    // A lost message would end in a timeout instead.
+    for payload in ["scatter-boom", "gather-boom"] {
+        match client.eval("upper", payload).await {
+            Err(Error::Remote { kind, message, .. }) => {
+                assert_eq!(kind, "panicked", "{payload}: {message}");
+                assert!(message.contains("hook panicked"), "{payload}: {message}");
+            }
+            other => panic!("{payload}: expected a panicked error, got {other:?}"),
+        }
+    }
+    assert_eq!(
+        &client.eval("upper", "fine").await.expect("answered")[..],
+        b"FINE"
     );
     w.shutdown().await;
     master.shutdown().await.expect("clean");

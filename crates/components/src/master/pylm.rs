@@ -1,6 +1,6 @@
 //! The Master in pylm's layout: PalmMessage frames, a PUSH to the workers and a PULL from
-//! them, a raw-bytes cache with pylm's preset keys, and a publisher that waits for pylm's late
-//! subscriptions.
+//! them (`scatter` runs on the way in, `gather` on the way back), a raw-bytes cache with pylm's
+//! preset keys, and a publisher that waits for pylm's late subscriptions.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,6 +31,16 @@ impl MasterBuilder {
         };
         // A Master's clients all reach it directly: a subscription stays good until a new client
         // connection arrives (see `HeldPublisher`). A Hub's clients reach an earlier server.
+        // pylm's hooks: `scatter` on the way to the workers, `gather` on the way back.
+        let clients = match (clients, self.scatter.clone()) {
+            (Either::Pull(listen), Some(scatter)) => {
+                Either::Pull(listen.with_hook(scatter, "scatter"))
+            }
+            (Either::Sub(listen), Some(scatter)) => {
+                Either::Sub(listen.with_hook(scatter, "scatter"))
+            }
+            (clients, None) => clients,
+        };
         let (clients, connections) = match clients {
             Either::Pull(listen) => {
                 let counter = Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -44,7 +54,10 @@ impl MasterBuilder {
         let to_workers = Emit::push(&self.workers, &self.transport, codec.clone()).await?;
         // Workers answer on the host they take work from, wherever that is.
         let beside = Endpoint::Bind(crate::beside(to_workers.address()));
-        let from_workers = Listen::pull(&beside, &self.transport, codec.clone()).await?;
+        let mut from_workers = Listen::pull(&beside, &self.transport, codec.clone()).await?;
+        if let Some(gather) = self.gather.clone() {
+            from_workers = from_workers.with_hook(gather, "gather");
+        }
         let name = self.name.clone();
         let hook = self.handle_stream.unwrap_or_else(|| {
             let name = name.clone();

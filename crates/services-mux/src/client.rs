@@ -16,6 +16,7 @@ use serde_json::{Map, Value};
 use tokio::sync::{Notify, oneshot};
 use tracing::Instrument;
 
+use crate::outbox::{Outbox, Pushed, Queued};
 use crate::protocol::{
     self, Binding, Decoded, Frame, Method, RequestView, RouteInfo, Secret, WireControl,
     WireResponse,
@@ -156,6 +157,8 @@ struct Instance {
     refusing: AtomicBool,
     /// Its connection and heartbeat task, stopped when the instance is removed.
     task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Requests on their way to it (see [`crate::outbox`]).
+    outbox: Outbox,
 }
 
 /// How to reach and authenticate an instance.
@@ -181,6 +184,7 @@ impl Instance {
             live: AtomicBool::new(false),
             in_flight: AtomicUsize::new(0),
             last_seen: AtomicU64::new(0),
+            outbox: Outbox::default(),
             refused: std::sync::Mutex::new(None),
             refusing: AtomicBool::new(false),
             task: std::sync::Mutex::new(None),
@@ -783,7 +787,7 @@ impl ServiceClient {
             headers: &call.headers,
             body: &call.body,
         };
-        if let Err(error) = send_request(&instance, &request).await {
+        if let Err(error) = send_request(&self.inner, &instance, id, &request).await {
             self.inner
                 .pending
                 .lock()
@@ -828,16 +832,98 @@ fn release(instance: &Instance) {
         .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
 }
 
-/// Sends a call's request to `instance`, bound to it: it waits for the instance's pong.
-async fn send_request(instance: &Instance, request: &RequestView<'_>) -> Result<(), Error> {
-    send_with(instance, |link| {
+/// Sends call `id`'s request to `instance`, bound to it (it waits for the instance's pong),
+/// through the instance's outbox (see [`crate::outbox`]). An error here is the caller's; one
+/// met by the flush fails the call through its pending entry.
+async fn send_request(
+    inner: &Arc<Inner>,
+    instance: &Arc<Instance>,
+    id: u64,
+    request: &RequestView<'_>,
+) -> Result<(), Error> {
+    let (frames, socket) = {
+        let link = instance.link.load();
+        let Some(socket) = &link.socket else {
+            return Err(not_connected(instance));
+        };
         let binding = link
             .binding
             .as_deref()
             .ok_or_else(|| not_connected(instance))?;
-        protocol::encode_request(request, &link.secrets[0], binding)
-    })
-    .await
+        let frames = protocol::encode_request(request, &link.secrets[0], binding)?;
+        (frames, socket.clone())
+    };
+    let queued = Queued {
+        call: id,
+        socket,
+        frames,
+    };
+    match instance.outbox.push(queued) {
+        Pushed::Queued => Ok(()),
+        Pushed::Flush => {
+            tokio::spawn(flush(inner.clone(), instance.clone()));
+            Ok(())
+        }
+        Pushed::Burst(burst) => hand_over(inner, instance, burst, Some(id)),
+        Pushed::Full(queued) => Ok(queued.socket.send(queued.frames).await?),
+    }
+}
+
+/// Hands `requests` to their sockets without waiting. A request that finds no room goes on in
+/// a task that waits for it; one that cannot be sent fails its call, or, for call `own`, is
+/// the error returned.
+fn hand_over(
+    inner: &Arc<Inner>,
+    instance: &Arc<Instance>,
+    requests: Vec<Queued>,
+    own: Option<u64>,
+) -> Result<(), Error> {
+    let mut result = Ok(());
+    let mut waiting = Vec::new();
+    for queued in requests {
+        match queued.socket.try_send(queued.frames) {
+            Ok(None) => {}
+            Ok(Some(unsent)) => waiting.push((queued.call, queued.socket, unsent)),
+            Err(error) if own == Some(queued.call) => result = Err(error.into()),
+            Err(error) => fail_unsent(inner, instance, queued.call, error.into()),
+        }
+    }
+    if !waiting.is_empty() {
+        let (inner, instance) = (inner.clone(), instance.clone());
+        tokio::spawn(async move {
+            for (call, socket, unsent) in waiting {
+                let deadline = socket.send_timeout();
+                if let Err(error) = socket.send_unsent(unsent, deadline).await {
+                    fail_unsent(&inner, &instance, call, error.into());
+                }
+            }
+        });
+    }
+    result
+}
+
+/// What `instance`'s outbox holds, handed over once the callers ready to run have queued
+/// theirs (or sent them in a burst).
+async fn flush(inner: Arc<Inner>, instance: Arc<Instance>) {
+    tokio::task::yield_now().await;
+    let requests = instance.outbox.take();
+    if !requests.is_empty() {
+        // No caller waits on this: every error goes to its call.
+        let _ = hand_over(&inner, &instance, requests, None);
+    }
+}
+
+/// Call `call`'s request could not be sent: the call fails with `error`.
+fn fail_unsent(inner: &Inner, instance: &Instance, call: u64, error: Error) {
+    let failed = inner
+        .pending
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(&call);
+    if let Some(pending) = failed {
+        release(instance);
+        fail(inner, call, pending, error);
+    }
 }
 
 /// Sends a control frame (a ping, a discovery request) to `instance`; control frames are not
@@ -948,22 +1034,28 @@ fn mark_dead(inner: &Inner, instance: &Instance, silent_for: Duration) {
             .collect()
     };
     for (id, pending) in failed {
-        let error = || Error::InstanceDead {
+        let error = Error::InstanceDead {
             address: instance.address.clone(),
             silent_for,
         };
-        match pending.waiter {
-            Waiter::Sync(sender) => {
-                let _ = sender.send(Err(error()));
-            }
-            Waiter::Discover(sender) => {
-                let _ = sender.send(Err(error()));
-            }
-            Waiter::Async => {
-                let response = ServiceResponse::new(503, error().to_string());
-                let id = inner.ids.text(id).as_str().to_owned();
-                deliver_async(inner, id, pending.path, response);
-            }
+        fail(inner, id, pending, error);
+    }
+}
+
+/// Ends call `id`, already out of the pending map, with `error` (an asynchronous call's
+/// handler gets it as a 503 response).
+fn fail(inner: &Inner, id: u64, pending: Pending, error: Error) {
+    match pending.waiter {
+        Waiter::Sync(sender) => {
+            let _ = sender.send(Err(error));
+        }
+        Waiter::Discover(sender) => {
+            let _ = sender.send(Err(error));
+        }
+        Waiter::Async => {
+            let response = ServiceResponse::new(503, error.to_string());
+            let id = inner.ids.text(id).as_str().to_owned();
+            deliver_async(inner, id, pending.path, response);
         }
     }
 }

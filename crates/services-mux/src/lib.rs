@@ -56,6 +56,7 @@ pub mod brubeck;
 mod brubeck_io;
 mod client;
 mod error;
+mod outbox;
 pub mod protocol;
 mod service;
 

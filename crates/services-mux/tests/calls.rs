@@ -205,6 +205,62 @@ async fn many_calls_in_flight_on_one_connection() {
     assert_eq!(client.in_flight(), 0);
 }
 
+/// A call's request leaves in a burst with others (see the client's outbox): callers that give
+/// up as soon as their request is queued leave none of them behind, and the calls after them
+/// go through.
+#[tokio::test]
+async fn requests_of_callers_that_give_up_at_once_still_leave() {
+    let seen = Arc::new(AtomicUsize::new(0));
+    let counted = seen.clone();
+    let service = Service::new("counting", SECRET)
+        .with_queue(1_000)
+        .route(r"^/count$", Method::Request, move |_| {
+            let counted = counted.clone();
+            async move {
+                counted.fetch_add(1, Ordering::SeqCst);
+                ServiceResponse::new(200, "counted")
+            }
+        })
+        .expect("a valid route")
+        .serve("tcp://127.0.0.1:0")
+        .await
+        .expect("serves");
+    let client = client();
+    client.register("svc", &[service.address()], SECRET);
+    // The instance is live (its pong came) before the calls that give up.
+    client
+        .call("svc", Call::new("/count"), Some(DEADLINE))
+        .await
+        .expect("answered");
+    const GIVEN_UP: usize = 200;
+    for _ in 0..GIVEN_UP {
+        let call = client.call("svc", Call::new("/count"), Some(DEADLINE));
+        assert!(
+            futures_lite::future::poll_once(std::pin::pin!(call))
+                .await
+                .is_none(),
+            "a call cannot be answered before it waits"
+        );
+    }
+    let deadline = Instant::now() + DEADLINE;
+    while seen.load(Ordering::SeqCst) < 1 + GIVEN_UP {
+        assert!(
+            Instant::now() < deadline,
+            "the service saw {} of {} requests",
+            seen.load(Ordering::SeqCst),
+            1 + GIVEN_UP
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(client.in_flight(), 0, "calls given up are not in flight");
+    client
+        .call("svc", Call::new("/count"), Some(DEADLINE))
+        .await
+        .expect("a call after them is answered");
+    assert_eq!(seen.load(Ordering::SeqCst), 2 + GIVEN_UP);
+    service.shutdown().await;
+}
+
 #[tokio::test]
 async fn async_calls_reach_the_response_handler_and_sync_calls_run_it_once() {
     let service = start("a").await;

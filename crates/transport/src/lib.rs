@@ -70,4 +70,4 @@ pub use error::Error;
 pub use events::{Event, Events, Stats, StatsSnapshot, totals};
 pub use keys::{Keypair, PublicKey};
 pub use options::{DEFAULT_MAX_MESSAGE_SIZE, Heartbeat, Kind, Options, Security};
-pub use socket::{Received, Socket};
+pub use socket::{Received, Socket, Unsent};

@@ -124,27 +124,42 @@ impl Socket {
 
     /// Sends one message, waiting at most `deadline` for a peer to take it.
     pub async fn send_within(&self, frames: Vec<Bytes>, deadline: Duration) -> Result<(), Error> {
-        let message = omq_tokio::Message::multipart(frames);
         // The common case, room in the queue, needs neither a timer nor a wait.
-        let message = match self.inner.try_send(message) {
-            Ok(()) => return Ok(()),
-            Err(omq_tokio::TrySendError::Full(message)) => message,
-            Err(omq_tokio::TrySendError::Closed) => {
-                return Err(Error::Closed {
-                    address: self.address(),
-                });
-            }
+        match self.try_send(frames)? {
+            None => Ok(()),
+            Some(unsent) => self.send_unsent(unsent, deadline).await,
+        }
+    }
+
+    /// Sends one message if there is room for it now, without waiting: `Some` gives it back
+    /// when there is none (send it with [`Socket::send_unsent`]).
+    pub fn try_send(&self, frames: Vec<Bytes>) -> Result<Option<Unsent>, Error> {
+        match self.inner.try_send(omq_tokio::Message::multipart(frames)) {
+            Ok(()) => Ok(None),
+            Err(omq_tokio::TrySendError::Full(message)) => Ok(Some(Unsent(message))),
+            Err(omq_tokio::TrySendError::Closed) => Err(Error::Closed {
+                address: self.address(),
+            }),
             Err(omq_tokio::TrySendError::Error(error)) => {
-                return Err(Error::socket("send", &self.address())(error));
+                Err(Error::socket("send", &self.address())(error))
             }
-        };
-        match tokio::time::timeout(deadline, self.inner.send(message)).await {
+        }
+    }
+
+    /// Sends a message [`Socket::try_send`] had no room for, waiting at most `deadline`.
+    pub async fn send_unsent(&self, unsent: Unsent, deadline: Duration) -> Result<(), Error> {
+        match tokio::time::timeout(deadline, self.inner.send(unsent.0)).await {
             Ok(sent) => sent.map_err(|e| Error::socket("send", &self.address())(e)),
             Err(_) => Err(Error::SendTimeout {
                 address: self.address(),
                 waited: deadline,
             }),
         }
+    }
+
+    /// The socket's send timeout (see [`crate::Options`]).
+    pub fn send_timeout(&self) -> Duration {
+        self.shared.send_timeout
     }
 
     /// Receives the next message (a ROUTER's starts with the peer's identity; an XPUB's
@@ -196,6 +211,17 @@ impl Socket {
         if let Err(error) = self.inner.close().await {
             tracing::debug!(%address, %error, "closing");
         }
+    }
+}
+
+/// A message [`Socket::try_send`] had no room for.
+pub struct Unsent(omq_tokio::Message);
+
+impl std::fmt::Debug for Unsent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Unsent")
+            .field("frames", &self.0.len())
+            .finish()
     }
 }
 

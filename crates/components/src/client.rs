@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use rylm_message::trace::{Hop, TRACEPARENT};
 use rylm_message::{Codec, Message, NativeCodec, new_id};
-use rylm_transport::{Event, Kind, Socket};
+use rylm_transport::{Event, Kind, Outbox, Socket, Undelivered};
 use tokio::sync::{Mutex, mpsc, oneshot};
 use tracing::Instrument;
 
@@ -207,6 +207,8 @@ struct Inner {
     codec: Arc<dyn Codec>,
     address: String,
     requests: Socket,
+    /// The calls of many tasks reach `requests` through it, in bursts.
+    outbox: Arc<Outbox<u64>>,
     cache: Mutex<Ask>,
     pending: Pending,
     link: Arc<Link>,
@@ -216,6 +218,17 @@ struct Inner {
     sync_through: Option<String>,
     retry_busy: bool,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Undelivered<u64> for Inner {
+    /// Call `call`'s request could not be sent: the call ends as if its server went away.
+    fn undelivered(&self, call: u64, error: rylm_transport::Error) {
+        tracing::debug!(%call, %error, address = %self.address, "a request could not be sent");
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&call);
+    }
 }
 
 impl Drop for Inner {
@@ -384,6 +397,7 @@ impl Client {
                 codec,
                 address,
                 requests,
+                outbox: Arc::default(),
                 cache: Mutex::new(cache),
                 pending,
                 link,
@@ -574,7 +588,10 @@ impl Client {
             .insert(call, waiter);
         let collect = async {
             let frames = self.inner.codec.encode_frames(message)?;
-            self.inner.requests.send_within(frames, deadline).await?;
+            self.inner
+                .outbox
+                .send(call, &self.inner.requests, frames, &self.inner)
+                .await?;
             let mut collected = Vec::new();
             while let Some(answer) = answers.next().await {
                 let (more, none) = (all && answer.more, answer.none);

@@ -38,8 +38,12 @@ fn functions() -> Functions {
 }
 
 async fn start() -> (Server, Client) {
-    let server = Server::builder("text")
-        .functions(functions())
+    start_with("text", functions()).await
+}
+
+async fn start_with(name: &str, functions: Functions) -> (Server, Client) {
+    let server = Server::builder(name)
+        .functions(functions)
         .start()
         .await
         .expect("starts");
@@ -80,6 +84,51 @@ async fn eval_errors_and_panics_come_back_and_the_server_keeps_serving() {
         &client.eval("reverse", "abc").await.expect("still serving")[..],
         b"cba"
     );
+    server.shutdown().await.expect("clean");
+}
+
+/// Calls leave for the server in bursts (through the client's outbox): callers that give up as
+/// soon as their request is queued leave none of them behind, and the calls after them go
+/// through.
+#[tokio::test]
+async fn requests_of_callers_that_give_up_at_once_still_leave() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    let seen = Arc::new(AtomicUsize::new(0));
+    let counted = seen.clone();
+    let (server, client) = start_with(
+        "counting",
+        Functions::new().add("count", move |p: Bytes| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            async move { Ok::<_, String>(p) }
+        }),
+    )
+    .await;
+    const GIVEN_UP: usize = 200;
+    for _ in 0..GIVEN_UP {
+        let call = client.eval("count", "x");
+        assert!(
+            futures_lite::future::poll_once(std::pin::pin!(call))
+                .await
+                .is_none(),
+            "a call cannot be answered before it waits"
+        );
+    }
+    let deadline = std::time::Instant::now() + DEADLINE;
+    while seen.load(Ordering::SeqCst) < GIVEN_UP {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the server saw {} of {GIVEN_UP} requests",
+            seen.load(Ordering::SeqCst)
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        &client.eval("count", "after").await.expect("answered")[..],
+        b"after"
+    );
+    assert_eq!(seen.load(Ordering::SeqCst), GIVEN_UP + 1);
     server.shutdown().await.expect("clean");
 }
 

@@ -11,12 +11,11 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 use regex::Regex;
 use rylm_message::trace::{Hop, TRACEPARENT};
-use rylm_transport::{Event, Kind, Options, Socket};
+use rylm_transport::{Event, Kind, Options, Outbox, Socket, Undelivered};
 use serde_json::{Map, Value};
 use tokio::sync::{Notify, oneshot};
 use tracing::Instrument;
 
-use crate::outbox::{Outbox, Pushed, Queued};
 use crate::protocol::{
     self, Binding, Decoded, Frame, Method, RequestView, RouteInfo, Secret, WireControl,
     WireResponse,
@@ -157,8 +156,8 @@ struct Instance {
     refusing: AtomicBool,
     /// Its connection and heartbeat task, stopped when the instance is removed.
     task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
-    /// Requests on their way to it (see [`crate::outbox`]).
-    outbox: Outbox,
+    /// Requests on their way to it, handed to its socket in bursts.
+    outbox: Arc<Outbox<u64>>,
 }
 
 /// How to reach and authenticate an instance.
@@ -184,7 +183,7 @@ impl Instance {
             live: AtomicBool::new(false),
             in_flight: AtomicUsize::new(0),
             last_seen: AtomicU64::new(0),
-            outbox: Outbox::default(),
+            outbox: Arc::default(),
             refused: std::sync::Mutex::new(None),
             refusing: AtomicBool::new(false),
             task: std::sync::Mutex::new(None),
@@ -833,8 +832,8 @@ fn release(instance: &Instance) {
 }
 
 /// Sends call `id`'s request to `instance`, bound to it (it waits for the instance's pong),
-/// through the instance's outbox (see [`crate::outbox`]). An error here is the caller's; one
-/// met by the flush fails the call through its pending entry.
+/// through the instance's outbox. An error here is the caller's; one met later fails the call
+/// through its pending entry.
 async fn send_request(
     inner: &Arc<Inner>,
     instance: &Arc<Instance>,
@@ -853,76 +852,22 @@ async fn send_request(
         let frames = protocol::encode_request(request, &link.secrets[0], binding)?;
         (frames, socket.clone())
     };
-    let queued = Queued {
-        call: id,
-        socket,
-        frames,
-    };
-    match instance.outbox.push(queued) {
-        Pushed::Queued => Ok(()),
-        Pushed::Flush => {
-            tokio::spawn(flush(inner.clone(), instance.clone()));
-            Ok(())
+    instance.outbox.send(id, &socket, frames, inner).await?;
+    Ok(())
+}
+
+impl Undelivered<u64> for Inner {
+    /// Call `call`'s request could not be sent: the call fails.
+    fn undelivered(&self, call: u64, error: rylm_transport::Error) {
+        let failed = self
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&call);
+        if let Some(pending) = failed {
+            release(&pending.instance);
+            fail(self, call, pending, error.into());
         }
-        Pushed::Burst(burst) => hand_over(inner, instance, burst, Some(id)),
-        Pushed::Full(queued) => Ok(queued.socket.send(queued.frames).await?),
-    }
-}
-
-/// Hands `requests` to their sockets without waiting. A request that finds no room goes on in
-/// a task that waits for it; one that cannot be sent fails its call, or, for call `own`, is
-/// the error returned.
-fn hand_over(
-    inner: &Arc<Inner>,
-    instance: &Arc<Instance>,
-    requests: Vec<Queued>,
-    own: Option<u64>,
-) -> Result<(), Error> {
-    let mut result = Ok(());
-    let mut waiting = Vec::new();
-    for queued in requests {
-        match queued.socket.try_send(queued.frames) {
-            Ok(None) => {}
-            Ok(Some(unsent)) => waiting.push((queued.call, queued.socket, unsent)),
-            Err(error) if own == Some(queued.call) => result = Err(error.into()),
-            Err(error) => fail_unsent(inner, instance, queued.call, error.into()),
-        }
-    }
-    if !waiting.is_empty() {
-        let (inner, instance) = (inner.clone(), instance.clone());
-        tokio::spawn(async move {
-            for (call, socket, unsent) in waiting {
-                let deadline = socket.send_timeout();
-                if let Err(error) = socket.send_unsent(unsent, deadline).await {
-                    fail_unsent(&inner, &instance, call, error.into());
-                }
-            }
-        });
-    }
-    result
-}
-
-/// What `instance`'s outbox holds, handed over once the callers ready to run have queued
-/// theirs (or sent them in a burst).
-async fn flush(inner: Arc<Inner>, instance: Arc<Instance>) {
-    tokio::task::yield_now().await;
-    let requests = instance.outbox.take();
-    if !requests.is_empty() {
-        // No caller waits on this: every error goes to its call.
-        let _ = hand_over(&inner, &instance, requests, None);
-    }
-}
-
-/// Call `call`'s request could not be sent: the call fails with `error`.
-fn fail_unsent(inner: &Inner, instance: &Instance, call: u64, error: Error) {
-    let failed = inner
-        .pending
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .remove(&call);
-    if let Some(pending) = failed {
-        release(instance);
-        fail(inner, call, pending, error);
     }
 }
 

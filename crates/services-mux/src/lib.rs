@@ -56,7 +56,6 @@ pub mod brubeck;
 mod brubeck_io;
 mod client;
 mod error;
-mod outbox;
 pub mod protocol;
 mod service;
 

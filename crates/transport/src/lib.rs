@@ -37,6 +37,9 @@
 //!   never print a secret.
 //! - **Visibility.** [`Socket::events`] streams connection events ([`Event`]); misbehaving
 //!   peers are logged at most once per ten seconds per socket.
+//! - **Bursts.** Tasks that share a socket can send through an [`Outbox`], which hands their
+//!   messages to the socket in bursts (one write for many) and loses none to a task that
+//!   gives up.
 //!
 //! # What it is not
 //!
@@ -64,10 +67,12 @@ mod error;
 mod events;
 mod keys;
 mod options;
+pub mod outbox;
 mod socket;
 
 pub use error::Error;
 pub use events::{Event, Events, Stats, StatsSnapshot, totals};
 pub use keys::{Keypair, PublicKey};
 pub use options::{DEFAULT_MAX_MESSAGE_SIZE, Heartbeat, Kind, Options, Security};
+pub use outbox::{Outbox, Undelivered};
 pub use socket::{Received, Socket, Unsent};

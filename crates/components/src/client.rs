@@ -581,16 +581,16 @@ impl Client {
             let (answer, answered) = oneshot::channel();
             (Waiter::One(answer), Answers::One(answered))
         };
-        self.inner
-            .pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(call, waiter);
+        let in_flight = {
+            let mut pending = self.inner.pending.lock().unwrap_or_else(|e| e.into_inner());
+            pending.insert(call, waiter);
+            pending.len()
+        };
         let collect = async {
             let frames = self.inner.codec.encode_frames(message)?;
             self.inner
                 .outbox
-                .send(call, &self.inner.requests, frames, &self.inner)
+                .send(call, &self.inner.requests, frames, &self.inner, in_flight)
                 .await?;
             let mut collected = Vec::new();
             while let Some(answer) = answers.next().await {

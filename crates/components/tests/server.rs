@@ -87,25 +87,47 @@ async fn eval_errors_and_panics_come_back_and_the_server_keeps_serving() {
     server.shutdown().await.expect("clean");
 }
 
-/// Calls leave for the server in bursts (through the client's outbox): callers that give up as
-/// soon as their request is queued leave none of them behind, and the calls after them go
-/// through.
+/// With many calls in flight, calls leave for the server in bursts (see
+/// `rylm_transport::Outbox`): callers that give up as soon as their request is queued leave
+/// none of them behind, and the calls after them go through.
 #[tokio::test]
 async fn requests_of_callers_that_give_up_at_once_still_leave() {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
-    let seen = Arc::new(AtomicUsize::new(0));
-    let counted = seen.clone();
+    const HELD: usize = rylm_components::rylm_transport::outbox::GATHER_FROM + 8;
+    const GIVEN_UP: usize = 200;
+    let (seen, holding) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let (counted, entered, held) = (seen.clone(), holding.clone(), gate.clone());
     let (server, client) = start_with(
         "counting",
-        Functions::new().add("count", move |p: Bytes| {
-            counted.fetch_add(1, Ordering::SeqCst);
-            async move { Ok::<_, String>(p) }
-        }),
+        Functions::new()
+            .add("count", move |p: Bytes| {
+                counted.fetch_add(1, Ordering::SeqCst);
+                async move { Ok::<_, String>(p) }
+            })
+            .add("hold", move |p: Bytes| {
+                let held = held.clone();
+                entered.fetch_add(1, Ordering::SeqCst);
+                async move {
+                    let _ = held.acquire().await;
+                    Ok::<_, String>(p)
+                }
+            }),
     )
     .await;
-    const GIVEN_UP: usize = 200;
+    // Enough calls in flight for requests to be gathered into bursts.
+    let mut calls = tokio::task::JoinSet::new();
+    for _ in 0..HELD {
+        let client = client.clone();
+        calls.spawn(async move { client.eval("hold", "x").await });
+    }
+    let deadline = std::time::Instant::now() + DEADLINE;
+    while holding.load(Ordering::SeqCst) < HELD {
+        assert!(std::time::Instant::now() < deadline, "calls held");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     for _ in 0..GIVEN_UP {
         let call = client.eval("count", "x");
         assert!(
@@ -115,7 +137,6 @@ async fn requests_of_callers_that_give_up_at_once_still_leave() {
             "a call cannot be answered before it waits"
         );
     }
-    let deadline = std::time::Instant::now() + DEADLINE;
     while seen.load(Ordering::SeqCst) < GIVEN_UP {
         assert!(
             std::time::Instant::now() < deadline,
@@ -123,6 +144,10 @@ async fn requests_of_callers_that_give_up_at_once_still_leave() {
             seen.load(Ordering::SeqCst)
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    gate.add_permits(HELD);
+    while let Some(held) = calls.join_next().await {
+        held.expect("task").expect("a held call is answered");
     }
     assert_eq!(
         &client.eval("count", "after").await.expect("answered")[..],

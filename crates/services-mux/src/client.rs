@@ -852,7 +852,11 @@ async fn send_request(
         let frames = protocol::encode_request(request, &link.secrets[0], binding)?;
         (frames, socket.clone())
     };
-    instance.outbox.send(id, &socket, frames, inner).await?;
+    let in_flight = instance.in_flight.load(Ordering::Relaxed);
+    instance
+        .outbox
+        .send(id, &socket, frames, inner, in_flight)
+        .await?;
     Ok(())
 }
 

@@ -205,13 +205,17 @@ async fn many_calls_in_flight_on_one_connection() {
     assert_eq!(client.in_flight(), 0);
 }
 
-/// A call's request leaves in a burst with others (see the client's outbox): callers that give
-/// up as soon as their request is queued leave none of them behind, and the calls after them
-/// go through.
+/// With many calls in flight, a call's request leaves in a burst with others (see
+/// `rylm_transport::Outbox`): callers that give up as soon as their request is queued leave
+/// none of them behind, and the calls after them go through.
 #[tokio::test]
 async fn requests_of_callers_that_give_up_at_once_still_leave() {
+    // Fewer than the service's 64 handler slots, so that the counted calls find one.
+    const HELD: usize = rylm_transport::outbox::GATHER_FROM + 8;
+    const GIVEN_UP: usize = 200;
     let seen = Arc::new(AtomicUsize::new(0));
-    let counted = seen.clone();
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let (counted, held) = (seen.clone(), gate.clone());
     let service = Service::new("counting", SECRET)
         .with_queue(1_000)
         .route(r"^/count$", Method::Request, move |_| {
@@ -221,18 +225,36 @@ async fn requests_of_callers_that_give_up_at_once_still_leave() {
                 ServiceResponse::new(200, "counted")
             }
         })
-        .expect("a valid route")
+        .and_then(|s| {
+            s.route(r"^/hold$", Method::Request, move |_| {
+                let held = held.clone();
+                async move {
+                    let _ = held.acquire().await;
+                    ServiceResponse::new(200, "released")
+                }
+            })
+        })
+        .expect("valid routes")
         .serve("tcp://127.0.0.1:0")
         .await
         .expect("serves");
     let client = client();
     client.register("svc", &[service.address()], SECRET);
-    // The instance is live (its pong came) before the calls that give up.
-    client
-        .call("svc", Call::new("/count"), Some(DEADLINE))
-        .await
-        .expect("answered");
-    const GIVEN_UP: usize = 200;
+    // Enough calls in flight for requests to be gathered into bursts.
+    let mut holding = tokio::task::JoinSet::new();
+    for _ in 0..HELD {
+        let client = client.clone();
+        holding.spawn(async move { client.call("svc", Call::new("/hold"), Some(DEADLINE)).await });
+    }
+    let deadline = Instant::now() + DEADLINE;
+    while client.in_flight() < HELD {
+        assert!(
+            Instant::now() < deadline,
+            "{} calls held",
+            client.in_flight()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     for _ in 0..GIVEN_UP {
         let call = client.call("svc", Call::new("/count"), Some(DEADLINE));
         assert!(
@@ -242,22 +264,24 @@ async fn requests_of_callers_that_give_up_at_once_still_leave() {
             "a call cannot be answered before it waits"
         );
     }
-    let deadline = Instant::now() + DEADLINE;
-    while seen.load(Ordering::SeqCst) < 1 + GIVEN_UP {
+    while seen.load(Ordering::SeqCst) < GIVEN_UP {
         assert!(
             Instant::now() < deadline,
-            "the service saw {} of {} requests",
+            "the service saw {} of {GIVEN_UP} requests",
             seen.load(Ordering::SeqCst),
-            1 + GIVEN_UP
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    gate.add_permits(HELD);
+    while let Some(held) = holding.join_next().await {
+        held.expect("task").expect("a held call is answered");
     }
     assert_eq!(client.in_flight(), 0, "calls given up are not in flight");
     client
         .call("svc", Call::new("/count"), Some(DEADLINE))
         .await
         .expect("a call after them is answered");
-    assert_eq!(seen.load(Ordering::SeqCst), 2 + GIVEN_UP);
+    assert_eq!(seen.load(Ordering::SeqCst), 1 + GIVEN_UP);
     service.shutdown().await;
 }
 

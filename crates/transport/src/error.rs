@@ -27,6 +27,16 @@ pub enum Error {
         waited: Duration,
     },
 
+    /// An outbox refused a message: as many as it holds already wait for the socket, whose
+    /// peers take nothing.
+    #[error("ZeroMQ send on {address}: {waiting} messages already wait for a peer to take them")]
+    Backlog {
+        /// The socket's address.
+        address: String,
+        /// How many wait.
+        waiting: usize,
+    },
+
     /// The socket was closed.
     #[error("the socket on {address} is closed")]
     Closed {

@@ -177,7 +177,14 @@ impl<K: Copy + PartialEq + Send + 'static> Outbox<K> {
                 return self.hand_over(Some(key), owner);
             }
             drop(waiting);
-            match message.socket.try_send(message.frames)? {
+            let sent = message.socket.try_send(message.frames);
+            drop(order);
+            // What others gave while this task held the order is its to send (they found the
+            // order taken and left it).
+            if self.anything_waiting() {
+                let _ = self.hand_over(None, owner);
+            }
+            match sent? {
                 None => return Ok(()),
                 Some(unsent) => unsent,
             }
@@ -185,6 +192,12 @@ impl<K: Copy + PartialEq + Send + 'static> Outbox<K> {
         // This task waits for room itself, as a send always did.
         let deadline = message.socket.send_timeout();
         message.socket.send_unsent(unsent, deadline).await
+    }
+
+    /// Whether messages wait to be handed over (not for a stalled sender).
+    fn anything_waiting(&self) -> bool {
+        let waiting = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
+        !waiting.stalled && !waiting.queue.is_empty()
     }
 
     /// The right to offer messages to the socket, if no other task has it now.
@@ -236,8 +249,7 @@ impl<K: Copy + PartialEq + Send + 'static> Outbox<K> {
             drop(order);
             // What was given while this task held the order, after its last look, is its to
             // send: the task that gave it found the order taken.
-            let waiting = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
-            if waiting.stalled || waiting.queue.is_empty() {
+            if !self.anything_waiting() {
                 return result;
             }
         }

@@ -19,10 +19,9 @@
 //! call does not wait for a flush (one at a time, the flush cost a call two and a half times
 //! its latency).
 //!
-//! **Order.** Messages reach the socket in the order they were given to the outbox: one task
-//! at a time offers what waits to the socket (a task that finds another doing it leaves its
-//! messages to it, which looks again before it stops, so no thread blocks on another), and a
-//! message goes straight only when nothing waits and nothing is being handed over. When the socket has no
+//! **Order.** Messages reach the socket in the order they were given to the outbox: every
+//! hand-over takes what waits and offers it to the socket under one lock, and a message goes
+//! straight only when nothing waits and nothing is being handed over. When the socket has no
 //! room (every peer's queue full), the outbox stalls: what is left waits, in order, for a task
 //! that sends each one as room comes (up to the socket's send timeout each), and everything
 //! given meanwhile queues behind it. A message that cannot be sent is reported with its key to
@@ -66,7 +65,7 @@ struct Waiting<K> {
 /// Messages on their way out, gathered into bursts (see the module documentation).
 pub struct Outbox<K> {
     waiting: Mutex<Waiting<K>>,
-    /// Held by the one task offering messages to the socket, so that they go in order.
+    /// Held while messages are offered to the socket, so that they go in order.
     handing_over: Mutex<()>,
 }
 
@@ -159,32 +158,31 @@ impl<K: Copy + PartialEq + Send + 'static> Outbox<K> {
         }
     }
 
-    /// Sends a message that found nothing waiting before it, unless a hand-over is running or
-    /// something waits by now: then it queues, and goes with the rest.
+    /// Sends a message that found nothing waiting before it, after any hand-over in progress;
+    /// if the outbox stalled meanwhile, it queues behind what waits.
     async fn straight<O: Undelivered<K>>(
         self: &Arc<Self>,
         message: Queued<K>,
         owner: &Arc<O>,
     ) -> Result<(), Error> {
         let unsent = {
-            let order = self.order();
-            let mut waiting = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
-            if order.is_none() || waiting.stalled || !waiting.queue.is_empty() {
-                let key = message.key;
-                waiting.queue.push(message);
-                drop(waiting);
-                drop(order);
-                return self.hand_over(Some(key), owner);
+            let _order = self.handing_over.lock().unwrap_or_else(|e| e.into_inner());
+            {
+                let mut waiting = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
+                if waiting.stalled || !waiting.queue.is_empty() {
+                    waiting.queue.push(message);
+                    let flush = !waiting.stalled && waiting.queue.len() == 1;
+                    drop(waiting);
+                    if flush {
+                        let (outbox, owner) = (self.clone(), owner.clone());
+                        tokio::spawn(async move {
+                            let _ = outbox.hand_over(None, &owner);
+                        });
+                    }
+                    return Ok(());
+                }
             }
-            drop(waiting);
-            let sent = message.socket.try_send(message.frames);
-            drop(order);
-            // What others gave while this task held the order is its to send (they found the
-            // order taken and left it).
-            if self.anything_waiting() {
-                let _ = self.hand_over(None, owner);
-            }
-            match sent? {
+            match message.socket.try_send(message.frames)? {
                 None => return Ok(()),
                 Some(unsent) => unsent,
             }
@@ -194,65 +192,37 @@ impl<K: Copy + PartialEq + Send + 'static> Outbox<K> {
         message.socket.send_unsent(unsent, deadline).await
     }
 
-    /// Whether messages wait to be handed over (not for a stalled sender).
-    fn anything_waiting(&self) -> bool {
-        let waiting = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
-        !waiting.stalled && !waiting.queue.is_empty()
-    }
-
-    /// The right to offer messages to the socket, if no other task has it now.
-    fn order(&self) -> Option<std::sync::MutexGuard<'_, ()>> {
-        match self.handing_over.try_lock() {
-            Ok(guard) => Some(guard),
-            Err(std::sync::TryLockError::Poisoned(poisoned)) => Some(poisoned.into_inner()),
-            Err(std::sync::TryLockError::WouldBlock) => None,
-        }
-    }
-
-    /// Offers what waits to the socket, in order, without waiting, until nothing waits. A task
-    /// that finds another handing over leaves its messages to it (which looks again once it is
-    /// done), so no thread waits on another. When the socket has no room, the outbox stalls
-    /// and a task sends the rest as room comes. An error for `own` is returned; others go to
-    /// `owner`.
+    /// Offers what waits to the socket, in order, without waiting. When the socket has no
+    /// room, the outbox stalls and a task sends the rest as room comes. An error for `own` is
+    /// returned; others go to `owner`.
     fn hand_over<O: Undelivered<K>>(
         self: &Arc<Self>,
         own: Option<K>,
         owner: &Arc<O>,
     ) -> Result<(), Error> {
-        let mut result = Ok(());
-        loop {
-            let Some(order) = self.order() else {
-                return result;
-            };
-            loop {
-                let taken = {
-                    let mut waiting = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
-                    if waiting.stalled || waiting.queue.is_empty() {
-                        // Stalled, the stalled sender takes it all, in order.
-                        break;
-                    }
-                    std::mem::take(&mut waiting.queue)
-                };
-                let mut taken = taken.into_iter();
-                while let Some(message) = taken.next() {
-                    match message.socket.try_send(message.frames) {
-                        Ok(None) => {}
-                        Ok(Some(unsent)) => {
-                            self.stall(message.key, message.socket, unsent, taken.collect(), owner);
-                            break;
-                        }
-                        Err(error) if own == Some(message.key) => result = Err(error),
-                        Err(error) => owner.undelivered(message.key, error),
-                    }
-                }
+        let _order = self.handing_over.lock().unwrap_or_else(|e| e.into_inner());
+        let taken = {
+            let mut waiting = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
+            if waiting.stalled {
+                // The stalled sender takes it all, in order.
+                return Ok(());
             }
-            drop(order);
-            // What was given while this task held the order, after its last look, is its to
-            // send: the task that gave it found the order taken.
-            if !self.anything_waiting() {
-                return result;
+            std::mem::take(&mut waiting.queue)
+        };
+        let mut result = Ok(());
+        let mut taken = taken.into_iter();
+        while let Some(message) = taken.next() {
+            match message.socket.try_send(message.frames) {
+                Ok(None) => {}
+                Ok(Some(unsent)) => {
+                    self.stall(message.key, message.socket, unsent, taken.collect(), owner);
+                    break;
+                }
+                Err(error) if own == Some(message.key) => result = Err(error),
+                Err(error) => owner.undelivered(message.key, error),
             }
         }
+        result
     }
 
     /// The socket had no room for `unsent` (of `key`): it and `rest` wait before everything

@@ -840,18 +840,13 @@ async fn send_request(
     id: u64,
     request: &RequestView<'_>,
 ) -> Result<(), Error> {
-    let (frames, socket) = {
-        let link = instance.link.load();
-        let Some(socket) = &link.socket else {
-            return Err(not_connected(instance));
-        };
+    let (frames, socket) = encoded(instance, |link| {
         let binding = link
             .binding
             .as_deref()
             .ok_or_else(|| not_connected(instance))?;
-        let frames = protocol::encode_request(request, &link.secrets[0], binding)?;
-        (frames, socket.clone())
-    };
+        protocol::encode_request(request, &link.secrets[0], binding)
+    })?;
     let in_flight = instance.in_flight.load(Ordering::Relaxed);
     instance
         .outbox
@@ -889,14 +884,20 @@ async fn send_with(
     instance: &Instance,
     encode: impl FnOnce(&Link) -> Result<Vec<Bytes>, Error>,
 ) -> Result<(), Error> {
-    let (frames, socket) = {
-        let link = instance.link.load();
-        let Some(socket) = &link.socket else {
-            return Err(not_connected(instance));
-        };
-        (encode(&link)?, socket.clone())
-    };
+    let (frames, socket) = encoded(instance, encode)?;
     Ok(socket.send(frames).await?)
+}
+
+/// What `encode` writes with the instance's current link, and the link's socket.
+fn encoded(
+    instance: &Instance,
+    encode: impl FnOnce(&Link) -> Result<Vec<Bytes>, Error>,
+) -> Result<(Vec<Bytes>, Socket), Error> {
+    let link = instance.link.load();
+    let Some(socket) = &link.socket else {
+        return Err(not_connected(instance));
+    };
+    Ok((encode(&link)?, socket.clone()))
 }
 
 fn not_connected(instance: &Instance) -> Error {

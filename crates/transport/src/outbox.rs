@@ -131,7 +131,7 @@ impl<K: Copy + PartialEq + Send + 'static> Outbox<K> {
                 Ok(())
             }
             Pushed::Burst => self.hand_over(Some(key), owner),
-            Pushed::Straight(queued) => self.straight(queued, owner).await,
+            Pushed::Straight(queued) => self.straight(queued).await,
             Pushed::Backlog(queued) => Err(Error::Backlog {
                 address: queued.socket.address(),
                 waiting: LIMIT,
@@ -160,25 +160,15 @@ impl<K: Copy + PartialEq + Send + 'static> Outbox<K> {
 
     /// Sends a message that found nothing waiting before it, after any hand-over in progress;
     /// if the outbox stalled meanwhile, it queues behind what waits.
-    async fn straight<O: Undelivered<K>>(
-        self: &Arc<Self>,
-        message: Queued<K>,
-        owner: &Arc<O>,
-    ) -> Result<(), Error> {
+    async fn straight(&self, message: Queued<K>) -> Result<(), Error> {
         let unsent = {
             let _order = self.handing_over.lock().unwrap_or_else(|e| e.into_inner());
             {
                 let mut waiting = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
                 if waiting.stalled || !waiting.queue.is_empty() {
+                    // Behind others: the flush started for the first of them (or the stalled
+                    // sender) takes it too.
                     waiting.queue.push(message);
-                    let flush = !waiting.stalled && waiting.queue.len() == 1;
-                    drop(waiting);
-                    if flush {
-                        let (outbox, owner) = (self.clone(), owner.clone());
-                        tokio::spawn(async move {
-                            let _ = outbox.hand_over(None, &owner);
-                        });
-                    }
                     return Ok(());
                 }
             }

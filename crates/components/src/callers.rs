@@ -266,7 +266,7 @@ impl Callers {
             }
             let identity = frames.remove(0);
             // Answers go back by this identity: a client announces its id as its identity.
-            let Ok(caller) = std::str::from_utf8(&identity).map(str::to_owned) else {
+            let Ok(caller) = std::str::from_utf8(&identity) else {
                 count(&socket.counters.malformed);
                 continue;
             };
@@ -280,7 +280,10 @@ impl Callers {
                     continue;
                 }
             };
-            message.client = caller;
+            // In the string the message came with: a client's id is its identity, so this
+            // reuses the allocation.
+            message.client.clear();
+            message.client.push_str(caller);
             if let Some(report) = &self.status
                 && message.function_name() == Some(STATUS_FUNCTION)
             {

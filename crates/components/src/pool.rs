@@ -373,16 +373,87 @@ impl WorkerPool {
 
 struct WorkerState {
     credits: usize,
-    holds: HashSet<String>,
+    holds: HashSet<DispatchId>,
     once: HashSet<String>,
     last_seen: Instant,
+}
+
+/// A dispatch's id: its number in the pool that made it and a keyed hash of that number, so
+/// that a peer cannot guess another's. On the wire (header [`DISPATCH`]) `{number:x}.{tag:016x}`;
+/// kept as two numbers, so that the pool's bookkeeping hashes and copies no string.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct DispatchId {
+    number: u64,
+    tag: u64,
+}
+
+impl DispatchId {
+    /// Reads an id as it came back from a worker; `None` for what no pool writes.
+    fn parse(text: &str) -> Option<DispatchId> {
+        let (number, tag) = text.split_once('.')?;
+        Some(DispatchId {
+            number: u64::from_str_radix(number, 16).ok()?,
+            tag: u64::from_str_radix(tag, 16).ok()?,
+        })
+    }
+
+    /// Writes the id as it goes on the wire into `out`.
+    fn write(self, out: &mut String) {
+        use std::fmt::Write;
+        let _ = write!(out, "{:x}.{:016x}", self.number, self.tag);
+    }
+}
+
+/// Sets header `name` to what `write` writes, in place when the message has it already (a
+/// caller's deadline, a re-dispatch's stamp): no allocation then.
+fn set_header(message: &mut Message, name: &str, write: impl FnOnce(&mut String)) {
+    match message.headers.get_mut(name) {
+        Some(value) => {
+            value.clear();
+            write(value);
+        }
+        None => {
+            let mut value = String::new();
+            write(&mut value);
+            message.headers.insert(name.to_owned(), value);
+        }
+    }
+}
+
+/// The workers a dispatch was sent to, in turn (at most two: one that dies holding it makes it
+/// go to one other). The first is kept in place, so a dispatch allocates nothing for it.
+#[derive(Default)]
+struct Holders {
+    first: Option<Bytes>,
+    others: Vec<Bytes>,
+}
+
+impl Holders {
+    fn push(&mut self, worker: Bytes) {
+        match self.first {
+            None => self.first = Some(worker),
+            Some(_) => self.others.push(worker),
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &Bytes> {
+        self.first.iter().chain(&self.others)
+    }
+
+    fn contains(&self, worker: &Bytes) -> bool {
+        self.iter().any(|w| w == worker)
+    }
+
+    fn len(&self) -> usize {
+        self.iter().count()
+    }
 }
 
 /// A message some worker holds (or held, and will be sent to another).
 struct Dispatched {
     message: Message,
     /// The workers it was sent to, in turn: an answer from any of them is taken.
-    holders: Vec<Bytes>,
+    holders: Holders,
     deadline: Instant,
 }
 
@@ -391,7 +462,7 @@ enum Queued {
     /// Not sent yet.
     Fresh(Message, Instant),
     /// Sent to a worker that was buried; to go to another.
-    Again(String),
+    Again(DispatchId),
 }
 
 pub(crate) struct Pool {
@@ -404,7 +475,7 @@ pub(crate) struct Pool {
     pub(crate) drain_for: Duration,
     workers: HashMap<Bytes, WorkerState>,
     waiting: VecDeque<Queued>,
-    in_flight: HashMap<String, Dispatched>,
+    in_flight: HashMap<DispatchId, Dispatched>,
     dispatched: u64,
     keys: std::hash::RandomState,
     /// A dead worker's messages are failed back at once when no other worker is connected.
@@ -586,11 +657,11 @@ impl Pool {
         self.waiting.retain(
             |queued| !matches!(queued, Queued::Fresh(message, _) if message.client == client),
         );
-        let held: Vec<String> = self
+        let held: Vec<DispatchId> = self
             .in_flight
             .iter()
             .filter(|(_, d)| d.message.client == client)
-            .map(|(id, _)| id.clone())
+            .map(|(id, _)| *id)
             .collect();
         let withdrawn = before - self.waiting.len() + held.len();
         for id in held {
@@ -680,9 +751,10 @@ impl Pool {
             tracing::debug!("dropped a worker answer without a dispatch id");
             return;
         };
+        let dispatch = dispatch.as_str();
         let more = message.header(MORE).is_some();
         // The caller the dispatch came from, whatever the answer says.
-        let Some(caller) = self.settle(&identity, &dispatch, more, now) else {
+        let Some(caller) = self.settle(&identity, dispatch, more, now) else {
             return;
         };
         message.client = caller;
@@ -714,13 +786,18 @@ impl Pool {
         more: bool,
         now: Instant,
     ) -> Option<String> {
+        let Some(id) = DispatchId::parse(dispatch) else {
+            count(&self.status.counters.dropped_answers);
+            tracing::debug!(%dispatch, "dropped an answer whose dispatch id does not read");
+            return None;
+        };
         if let Some(worker) = self.workers.get_mut(identity) {
             worker.last_seen = now;
-            if !more && worker.holds.remove(dispatch) {
+            if !more && worker.holds.remove(&id) {
                 worker.credits += 1;
             }
         }
-        let client = match self.in_flight.get(dispatch) {
+        let client = match self.in_flight.get(&id) {
             Some(dispatched) if dispatched.holders.contains(identity) => &dispatched.message.client,
             _ => {
                 // A late duplicate (the first answer went out), an answer from a worker this
@@ -734,7 +811,7 @@ impl Pool {
             // A part of a mux function's results: the dispatch goes on.
             return Some(client.clone());
         }
-        let dispatched = self.in_flight.remove(dispatch)?;
+        let dispatched = self.in_flight.remove(&id)?;
         count(&self.status.counters.answered);
         Some(dispatched.message.client)
     }
@@ -791,7 +868,11 @@ impl Pool {
                 .collect()
         };
         // What the worker still runs holds a credit, whichever pool sent it.
-        let holds: HashSet<String> = list(HOLDING).into_iter().take(credits).collect();
+        let holds: HashSet<DispatchId> = list(HOLDING)
+            .iter()
+            .filter_map(|id| DispatchId::parse(id))
+            .take(credits)
+            .collect();
         let fresh = !self.workers.contains_key(&identity);
         let worker = self.workers.entry(identity).or_insert_with(|| WorkerState {
             credits: 0,
@@ -888,17 +969,17 @@ impl Pool {
         });
         // A worker gets the deadline too and answers by it; the grace covers its way back.
         let grace = self.heartbeat.grace();
-        let overdue: Vec<String> = self
+        let overdue: Vec<DispatchId> = self
             .in_flight
             .iter()
             .filter(|(_, d)| d.deadline + grace <= now)
-            .map(|(id, _)| id.clone())
+            .map(|(id, _)| *id)
             .collect();
         for id in overdue {
             let Some(dispatched) = self.in_flight.remove(&id) else {
                 continue;
             };
-            for holder in &dispatched.holders {
+            for holder in dispatched.holders.iter() {
                 if let Some(worker) = self.workers.get_mut(holder)
                     && worker.holds.remove(&id)
                 {
@@ -931,10 +1012,12 @@ impl Pool {
     }
 
     /// A new dispatch id: unique in this pool, and not to be guessed from the others.
-    fn next_dispatch(&mut self) -> String {
+    fn next_dispatch(&mut self) -> DispatchId {
         self.dispatched += 1;
-        let tag = self.keys.hash_one(self.dispatched);
-        format!("{:x}.{tag:016x}", self.dispatched)
+        DispatchId {
+            number: self.dispatched,
+            tag: self.keys.hash_one(self.dispatched),
+        }
     }
 
     async fn dispatch(&mut self, to_workers: &Socket, sink: &mut ResultSink) {
@@ -956,10 +1039,10 @@ impl Pool {
                 Queued::Fresh(message, deadline) => {
                     let id = self.next_dispatch();
                     self.in_flight.insert(
-                        id.clone(),
+                        id,
                         Dispatched {
                             message,
-                            holders: Vec::new(),
+                            holders: Holders::default(),
                             deadline,
                         },
                     );
@@ -977,11 +1060,11 @@ impl Pool {
             // Stamped in place (no copy of the message): a re-dispatch stamps it again, and
             // answers made from it drop the stamp (`failure`).
             let message = &mut dispatched.message;
-            message.headers.insert(DISPATCH.into(), id.clone());
-            message.headers.insert(
-                crate::DEADLINE.into(),
-                remaining.as_millis().max(1).to_string(),
-            );
+            set_header(message, DISPATCH, |value| id.write(value));
+            set_header(message, crate::DEADLINE, |value| {
+                use std::fmt::Write;
+                let _ = write!(value, "{}", remaining.as_millis().max(1));
+            });
             let frames = match self.codec.encode_frames(message) {
                 Ok(frames) => frames,
                 Err(error) => {
@@ -1019,4 +1102,40 @@ pub(crate) async fn next_event(events: &mut Option<rylm_transport::Events>) -> O
         *events = None;
     }
     event
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_dispatch_id_reads_back_as_written_and_nothing_else_reads() {
+        let mut pool = Pool::new(
+            Arc::new(NativeCodec::default()),
+            Heartbeat::default(),
+            Arc::new(|_: &Message| String::new()),
+        );
+        let (first, second) = (pool.next_dispatch(), pool.next_dispatch());
+        assert_ne!(
+            first.tag, second.tag,
+            "the tags are keyed hashes, not a count"
+        );
+        let mut text = String::new();
+        second.write(&mut text);
+        assert_eq!(text, format!("2.{:016x}", second.tag));
+        assert_eq!(DispatchId::parse(&text), Some(second));
+        for garbage in ["", "2", "2.", ".1", "x.1", "2.1.1", "ffffffffffffffffff.1"] {
+            assert_eq!(DispatchId::parse(garbage), None, "{garbage:?}");
+        }
+    }
+
+    #[test]
+    fn a_stamp_overwrites_a_header_in_place_or_adds_it() {
+        let mut message = Message::call("f", Bytes::new()).with_header(crate::DEADLINE, "30000");
+        set_header(&mut message, crate::DEADLINE, |v| v.push_str("29998"));
+        set_header(&mut message, DISPATCH, |v| v.push_str("1.00"));
+        assert_eq!(message.header(crate::DEADLINE), Some("29998"));
+        assert_eq!(message.header(DISPATCH), Some("1.00"));
+        assert_eq!(message.headers.len(), 2);
+    }
 }

@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use rylm_core_router::{Error as RouterError, InboundLink, OutboundQueue};
-use rylm_message::{Codec, Message};
+use rylm_message::{Codec, Message, NativeCodec};
 use rylm_transport::{Kind, Socket};
 
 use crate::parts::{Endpoint, Transport, answer_frames, error_reply};
@@ -117,6 +117,8 @@ pub struct CallerSocket {
     socket: Socket,
     address: String,
     codec: Arc<dyn Codec>,
+    /// The codec when it is the native one, whose requests are read in place.
+    native: Option<NativeCodec>,
     counters: Arc<ResultCounters>,
     /// The largest message a caller takes (the transport's limit).
     max_message: usize,
@@ -141,6 +143,7 @@ impl CallerSocket {
         Ok(CallerSocket {
             socket,
             address,
+            native: NativeCodec::when_native(codec.as_ref()),
             codec,
             counters: Arc::default(),
             max_message: transport.options(endpoint).max_message_size,
@@ -250,27 +253,39 @@ impl Callers {
         loop {
             let received = tokio::select! {
                 _ = link.stopping() => return Ok(()),
-                received = socket.socket.recv() => received,
+                received = socket.socket.recv_message() => received,
             };
-            let mut frames = match received {
-                Ok(frames) => frames,
+            let received = match received {
+                Ok(received) => received,
                 Err(error) if error.is_closed() => return Ok(()),
                 Err(error) => {
                     tracing::warn!(address = %socket.address, %error, "receiving from callers failed");
                     continue;
                 }
             };
-            if frames.len() < 2 {
-                count(&socket.counters.malformed);
-                continue;
-            }
-            let identity = frames.remove(0);
             // Answers go back by this identity: a client announces its id as its identity.
-            let Ok(caller) = std::str::from_utf8(&identity) else {
+            let caller = received.part(0).map(std::str::from_utf8);
+            let (Some(Ok(caller)), true) = (caller, received.len() >= 2) else {
                 count(&socket.counters.malformed);
                 continue;
             };
-            let mut message = match socket.codec.decode_frames(&frames) {
+            let decoded = match (&socket.native, received.len()) {
+                // Read in place: no vector of frames, no copy of the marker.
+                (Some(native), 3) => match (received.part(1), received.bytes(2)) {
+                    (Some(marker), Some(body)) => native.decode_parts(marker, body),
+                    _ => {
+                        count(&socket.counters.malformed);
+                        continue;
+                    }
+                },
+                _ => {
+                    let frames: Vec<Bytes> = (1..received.len())
+                        .filter_map(|i| received.bytes(i))
+                        .collect();
+                    socket.codec.decode_frames(&frames)
+                }
+            };
+            let mut message = match decoded {
                 Ok(message) => message,
                 Err(error) => {
                     count(&socket.counters.malformed);

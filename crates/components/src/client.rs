@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use rylm_message::trace::{Hop, TRACEPARENT};
 use rylm_message::{Codec, Message, NativeCodec, new_id};
-use rylm_transport::{Event, Kind, Outbox, Socket, Undelivered};
+use rylm_transport::{Event, Kind, Outbox, Received, Socket, Undelivered};
 use tokio::sync::{Mutex, mpsc, oneshot};
 use tracing::Instrument;
 
@@ -125,42 +125,58 @@ struct Answer {
     none: bool,
 }
 
+/// The headers an answer is read by: an error's kind and text, more parts to come, no part.
+const ANSWER_HEADERS: [&str; 4] = [
+    ERROR_KIND,
+    ERROR_MESSAGE,
+    crate::functions::MORE,
+    crate::functions::NONE,
+];
+
+/// Logs an answer that does not decode (it is dropped).
+fn dropped(error: rylm_message::Error) {
+    tracing::warn!(%error, "dropped a result that does not decode");
+}
+
 impl Answer {
     /// The answer in `frames`; `None` when they do not decode or answer no call of this
     /// client's (its call numbers are decimal).
-    fn read(codec: &dyn Codec, native: Option<NativeCodec>, frames: &[Bytes]) -> Option<Answer> {
-        let dropped = |error: rylm_message::Error| {
-            tracing::warn!(%error, "dropped a result that does not decode");
-        };
-        if let Some(native) = native {
-            let view = native.view(frames).map_err(dropped).ok()?;
-            let payload = match (view.payload(), frames.get(1)) {
-                (payload, Some(body)) if !payload.is_empty() => body.slice_ref(payload),
-                _ => Bytes::new(),
-            };
-            return Answer::of(view.cache(), payload, |name| view.header(name));
-        }
+    fn read(codec: &dyn Codec, frames: &[Bytes]) -> Option<Answer> {
         let message = codec.decode_frames(frames).map_err(dropped).ok()?;
-        Answer::of(&message.cache, message.payload.clone(), |name| {
-            message.header(name)
-        })
+        let headers = ANSWER_HEADERS.map(|name| message.header(name));
+        Answer::of(&message.cache, message.payload.clone(), headers)
     }
 
-    /// The answer to call `cache` (decimal), its headers read through `header`.
-    fn of<'a>(
+    /// A native answer read in place from the frames `received` has after the first `skip`:
+    /// a call needs its payload and error, not the envelope.
+    fn read_native(native: NativeCodec, received: &Received, skip: usize) -> Option<Answer> {
+        let (marker, body) = (received.part(skip)?, received.part(skip + 1)?);
+        let view = native.view_parts(marker, body).map_err(dropped).ok()?;
+        let payload = match view.payload() {
+            [] => Bytes::new(),
+            payload => {
+                // The payload's place in the body, taken from the body as a frame of its own.
+                let owned = received.bytes(skip + 1)?;
+                let start = payload.as_ptr() as usize - body.as_ptr() as usize;
+                let end = start + payload.len();
+                (end <= owned.len()).then(|| owned.slice(start..end))?
+            }
+        };
+        Answer::of(view.cache(), payload, view.headers_named(ANSWER_HEADERS))
+    }
+
+    /// The answer to call `cache` (decimal), with the values of its [`ANSWER_HEADERS`].
+    fn of(
         cache: &str,
         payload: Bytes,
-        header: impl Fn(&str) -> Option<&'a str>,
+        [kind, text, more, none]: [Option<&str>; 4],
     ) -> Option<Answer> {
         Some(Answer {
             call: cache.parse().ok()?,
             payload,
-            error: header(ERROR_KIND).map(|kind| {
-                let text = header(ERROR_MESSAGE).unwrap_or_default();
-                (kind.to_owned(), text.to_owned())
-            }),
-            more: header(crate::functions::MORE).is_some(),
-            none: header(crate::functions::NONE).is_some(),
+            error: kind.map(|kind| (kind.to_owned(), text.unwrap_or_default().to_owned())),
+            more: more.is_some(),
+            none: none.is_some(),
         })
     }
 
@@ -750,10 +766,18 @@ fn receive(
     // Native answers are read in place: a call needs its payload and error, not the envelope.
     let native = NativeCodec::when_native(codec.as_ref());
     tokio::spawn(async move {
-        while let Ok(frames) = socket.recv().await {
-            let frames = frames.get(skip..).unwrap_or_default();
+        while let Ok(received) = socket.recv_message().await {
+            let answer = match native {
+                Some(native) if received.len() == skip + 2 => {
+                    Answer::read_native(native, &received, skip)
+                }
+                _ => {
+                    let frames = received.into_frames();
+                    Answer::read(codec.as_ref(), frames.get(skip..).unwrap_or_default())
+                }
+            };
             // An answer to no call of this client (a stray, or past its deadline) is dropped.
-            let Some(answer) = Answer::read(codec.as_ref(), native, frames) else {
+            let Some(answer) = answer else {
                 continue;
             };
             let call = answer.call;

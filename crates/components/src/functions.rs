@@ -19,7 +19,7 @@ pub const SYNC_FUNCTION: &str = "rylm.sync";
 pub const PIPELINED: &str = "rylm-pipelined";
 
 type FunctionFuture = Pin<Box<dyn Future<Output = Result<Bytes, String>> + Send>>;
-type Function = Arc<dyn Fn(Bytes) -> FunctionFuture + Send + Sync>;
+pub(crate) type Function = Arc<dyn Fn(Bytes) -> FunctionFuture + Send + Sync>;
 type MuxFuture = Pin<Box<dyn Future<Output = Result<Vec<Bytes>, String>> + Send>>;
 type MuxFunction = Arc<dyn Fn(Bytes) -> MuxFuture + Send + Sync>;
 type ParamFunction = Arc<dyn Fn(String, Bytes) -> FunctionFuture + Send + Sync>;
@@ -39,7 +39,12 @@ const LONGEST_DEADLINE_MS: u64 = 86_400_000;
 
 /// The deadline `message` carries ([`DEADLINE`]), counted from `now`.
 pub fn deadline_of(message: &Message, now: std::time::Instant) -> Option<std::time::Instant> {
-    let millis: u64 = message.header(DEADLINE)?.parse().ok()?;
+    deadline_in(message.header(DEADLINE)?, now)
+}
+
+/// The deadline a [`DEADLINE`] header's `value` sets, counted from `now`.
+pub(crate) fn deadline_in(value: &str, now: std::time::Instant) -> Option<std::time::Instant> {
+    let millis: u64 = value.parse().ok()?;
     Some(now + std::time::Duration::from_millis(millis.min(LONGEST_DEADLINE_MS)))
 }
 
@@ -131,7 +136,7 @@ impl Functions {
         self
     }
 
-    fn failed(&self, reply: Message) -> Message {
+    pub(crate) fn failed(&self, reply: Message) -> Message {
         match &self.failure_payload {
             Some(payload) => reply.with_payload(payload.clone()),
             None => reply,
@@ -163,7 +168,12 @@ impl Functions {
 
     /// Counts a call of `message` stopped at its deadline after `took`.
     pub(crate) fn count_timeout(&self, message: &Message, took: std::time::Duration) {
-        self.stat(message.method().unwrap_or_default()).record(
+        self.count_timeout_of(message.method().unwrap_or_default(), took);
+    }
+
+    /// Counts a call of `method` stopped at its deadline after `took`.
+    pub(crate) fn count_timeout_of(&self, method: &str, took: std::time::Duration) {
+        self.stat(method).record(
             took,
             crate::stats::Outcome::Error(crate::stats::ErrorKind::TimedOut),
         );
@@ -298,6 +308,33 @@ impl Functions {
                     .collect()
             }
         }
+    }
+
+    /// The function a call of `method` runs when it is a plain one (one result, made from the
+    /// payload alone): what a worker runs straight from a request's bytes.
+    pub(crate) fn plain(&self, method: &str) -> Option<Function> {
+        if self.mux.contains_key(method) {
+            return None;
+        }
+        self.map.get(method).cloned()
+    }
+
+    /// Runs plain `function` of `method` on `payload`, counted in the function's stats, a
+    /// panic caught: its result, or the kind and text of its failure.
+    pub(crate) async fn run_plain(
+        &self,
+        method: &str,
+        function: &Function,
+        payload: Bytes,
+    ) -> Result<Bytes, (&'static str, String)> {
+        let started = std::time::Instant::now();
+        let outcome = match caught(function(payload)).await {
+            Ok(outcome) => outcome.map_err(|text| ("failed", text)),
+            Err(panic) => Err(("panicked", panic)),
+        };
+        self.stat(method)
+            .record(started.elapsed(), outcome_of(&outcome));
+        outcome
     }
 
     /// Runs the function of `message`'s current stage (and the following stages that belong to

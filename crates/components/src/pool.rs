@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use rylm_core_router::OutboundQueue;
 use rylm_message::{Codec, Message, NativeCodec};
-use rylm_transport::{Event, Kind, Socket};
+use rylm_transport::{Event, Kind, Received, Socket};
 
 use crate::functions::{PIPELINED, SYNC_FUNCTION, deadline_of};
 use crate::parts::{Endpoint, Transport, answer_frames, error_reply};
@@ -440,7 +440,7 @@ impl Holders {
         self.first.iter().chain(&self.others)
     }
 
-    fn contains(&self, worker: &Bytes) -> bool {
+    fn contains(&self, worker: &[u8]) -> bool {
         self.iter().any(|w| w == worker)
     }
 
@@ -536,10 +536,11 @@ impl Pool {
                     }
                     None => draining_since = Some(Instant::now()),
                 },
-                received = workers.recv() => match received {
-                    Ok(mut frames) if !frames.is_empty() => {
-                        let identity = frames.remove(0);
-                        if !self.pass_on(&identity, &frames, &sink).await {
+                received = workers.recv_message() => match received {
+                    Ok(received) if !received.is_empty() => {
+                        if !self.pass_on(&received, &sink).await {
+                            let mut frames = received.into_frames();
+                            let identity = frames.remove(0);
                             match self.codec.decode_frames(&frames) {
                                 Ok(message) => self.on_worker_frame(identity, message, &workers, &mut sink).await,
                                 Err(error) => {
@@ -781,7 +782,7 @@ impl Pool {
     /// came from, or `None` when the answer is dropped.
     fn settle(
         &mut self,
-        identity: &Bytes,
+        identity: &[u8],
         dispatch: &str,
         more: bool,
         now: Instant,
@@ -820,27 +821,40 @@ impl Pool {
     /// and encoded again, when [`Pool::pass_answers`] allows it and the answer is a plain one;
     /// false when it takes the full path (a control message, a result that moves on down a
     /// pipeline, frames that do not read, another sink).
-    async fn pass_on(&mut self, identity: &Bytes, frames: &[Bytes], sink: &ResultSink) -> bool {
+    async fn pass_on(&mut self, received: &Received, sink: &ResultSink) -> bool {
         let (Some(codec), ResultSink::Answer(results)) = (self.pass_answers, sink) else {
             return false;
         };
-        let Ok(view) = codec.view(frames) else {
+        let (3, Some(identity), Some(marker), Some(body)) = (
+            received.len(),
+            received.part(0),
+            received.part(1),
+            received.part(2),
+        ) else {
+            return false;
+        };
+        let Ok(view) = codec.view_parts(marker, body) else {
             return false;
         };
         let control = matches!(
             view.function_name(),
             None | Some(READY_FUNCTION | HEARTBEAT_FUNCTION)
         );
-        if control || view.header(PIPELINED).is_some() {
+        let [pipelined, dispatch, more] = view.headers_named([PIPELINED, DISPATCH, MORE]);
+        if control || pipelined.is_some() {
             return false;
         }
-        let Some(dispatch) = view.header(DISPATCH) else {
+        let Some(dispatch) = dispatch else {
             return false;
         };
-        let more = view.header(MORE).is_some();
+        let more = more.is_some();
         // The caller the dispatch came from, whatever the answer says.
-        if let Some(caller) = self.settle(identity, dispatch, more, Instant::now()) {
-            results.pass_on(&caller, frames).await;
+        if let Some(caller) = self.settle(identity, dispatch, more, Instant::now())
+            && let Some(body) = received.bytes(2)
+        {
+            // The view checked the marker: the static one goes on rather than a copy.
+            let marker = Bytes::from_static(&rylm_message::MARKER);
+            results.pass_on(&caller, &[marker, body]).await;
         }
         true
     }

@@ -421,6 +421,134 @@ impl Shared {
     }
 }
 
+/// A request to run straight from its bytes: a plain function (one result, from the payload
+/// alone) of one name, with no span to record here and no pipeline to go on down. Its answer is
+/// the request's body with the result as its payload, written without decoding the request into
+/// a message and encoding that again, as [`Message::reply`] and the codec would write it.
+struct Plain {
+    function: crate::functions::Function,
+    /// The method's name, in the request's body.
+    method: Bytes,
+    payload: Bytes,
+    answering: rylm_message::Answering,
+    dispatch: Option<String>,
+    deadline: Option<Instant>,
+}
+
+impl Plain {
+    /// The request in `frames` (`[marker, body]`) as a plain call, when it is one.
+    fn read(functions: &Functions, codec: &NativeCodec, frames: &[Bytes]) -> Option<Plain> {
+        let [_, body] = frames else {
+            return None;
+        };
+        let view = codec.view(frames).ok()?;
+        let name = view.function_name()?;
+        let [pipelined, traceparent, dispatch, deadline] =
+            view.headers_named([PIPELINED, TRACEPARENT, DISPATCH, crate::DEADLINE]);
+        if !view.is_single_function()
+            || matches!(name, READY_FUNCTION | HEARTBEAT_FUNCTION)
+            || pipelined.is_some()
+            || traceparent
+                .is_some_and(|tp| rylm_message::trace::Hop::continue_if_recorded(tp).is_some())
+        {
+            return None;
+        }
+        let method = name.split_once('.').map_or(name, |(_, method)| method);
+        let function = functions.plain(method)?;
+        let payload = if view.payload().is_empty() {
+            Bytes::new()
+        } else {
+            body.slice_ref(view.payload())
+        };
+        Some(Plain {
+            function,
+            method: body.slice_ref(method.as_bytes()),
+            payload,
+            answering: view.answering()?,
+            dispatch: dispatch.map(str::to_owned),
+            deadline: deadline
+                .and_then(|value| crate::functions::deadline_in(value, Instant::now())),
+        })
+    }
+}
+
+impl Shared {
+    /// [`Shared::run`] for a [`Plain`] request that came as `frames`.
+    async fn run_plain(self: Arc<Self>, plain: Plain, frames: Vec<Bytes>) {
+        let Ok(_permit) = self.slots.acquire().await else {
+            return;
+        };
+        if let Some(id) = &plain.dispatch {
+            self.holding
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(id.clone());
+        }
+        let method = std::str::from_utf8(&plain.method).unwrap_or_default();
+        let started = Instant::now();
+        let outcome = match plain.deadline {
+            Some(deadline) if deadline <= started => None,
+            Some(deadline) => {
+                let call = self
+                    .functions
+                    .run_plain(method, &plain.function, plain.payload);
+                let ran = tokio::time::timeout_at(deadline.into(), call).await.ok();
+                if ran.is_none() {
+                    self.functions.count_timeout_of(method, started.elapsed());
+                }
+                ran
+            }
+            None => Some(
+                self.functions
+                    .run_plain(method, &plain.function, plain.payload)
+                    .await,
+            ),
+        };
+        let answer = match (&outcome, frames.get(1)) {
+            (Some(Ok(result)), Some(body)) => plain
+                .answering
+                .answer(body, result, &[TRACEPARENT])
+                .ok()
+                .map(|body| vec![Bytes::from_static(&rylm_message::MARKER), body])
+                .filter(|frames| frames.iter().map(Bytes::len).sum::<usize>() <= self.max_message),
+            _ => None,
+        };
+        match answer {
+            Some(answer) => {
+                if let Err(error) = self.to.send(answer).await {
+                    tracing::warn!(%error, "could not reach the master");
+                }
+            }
+            // A failure, a deadline, or a result too large: the answer is made from the message
+            // (it decoded once as a view, so it decodes).
+            None => match self.codec.decode_frames(&frames) {
+                Ok(mut message) => {
+                    message.headers.remove(TRACEPARENT);
+                    let answer = match outcome {
+                        Some(Ok(result)) => message.reply(result),
+                        Some(Err((kind, text))) => {
+                            self.functions.failed(error_reply(&message, kind, &text))
+                        }
+                        None => error_reply(
+                            &message,
+                            "deadline",
+                            "the deadline passed before the function finished",
+                        ),
+                    };
+                    self.send(&answer).await;
+                }
+                Err(error) => tracing::error!(%error, "a message viewed once no longer decodes"),
+            },
+        }
+        if let Some(id) = plain.dispatch {
+            self.holding
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&id);
+        }
+    }
+}
+
 async fn work(builder: WorkerBuilder, link: Link, mut stopped: watch::Receiver<bool>) {
     let Link {
         from,
@@ -428,6 +556,8 @@ async fn work(builder: WorkerBuilder, link: Link, mut stopped: watch::Receiver<b
         mut events,
     } = link;
     let native = events.is_some();
+    // Plain calls run straight from their bytes in rylm's layout with its own codec.
+    let viewer = NativeCodec::when_native(builder.codec.as_ref()).filter(|_| native);
     let credits = builder.credits;
     let shared = Arc::new(Shared {
         functions: builder.functions,
@@ -484,12 +614,18 @@ async fn work(builder: WorkerBuilder, link: Link, mut stopped: watch::Receiver<b
                     Err(error) if error.is_closed() => break,
                     Err(_) => continue,
                 };
-                let message = match shared.codec.decode_frames(&received) {
-                    Ok(message) => message,
-                    Err(error) => {
-                        tracing::warn!(%error, "dropped a frame from the master that does not decode");
-                        continue;
-                    }
+                let plain = viewer
+                    .as_ref()
+                    .and_then(|viewer| Plain::read(&shared.functions, viewer, &received));
+                let message = match &plain {
+                    Some(_) => None,
+                    None => match shared.codec.decode_frames(&received) {
+                        Ok(message) => Some(message),
+                        Err(error) => {
+                            tracing::warn!(%error, "dropped a frame from the master that does not decode");
+                            continue;
+                        }
+                    },
                 };
                 last_heard = Instant::now();
                 if silent {
@@ -497,7 +633,7 @@ async fn work(builder: WorkerBuilder, link: Link, mut stopped: watch::Receiver<b
                     silent = false;
                 }
                 if native {
-                    match message.function_name() {
+                    match message.as_ref().and_then(Message::function_name) {
                         Some(READY_FUNCTION) => {
                             shared.signal(&shared.ready(credits)).await;
                             continue;
@@ -509,11 +645,21 @@ async fn work(builder: WorkerBuilder, link: Link, mut stopped: watch::Receiver<b
                 // A master keeps within the credits; one that sends far more gets `busy`.
                 if running.len() >= credits * 2 {
                     let text = format!("this worker runs {credits} messages at once and holds as many waiting");
-                    shared.signal(&error_reply(&message, "busy", &text)).await;
+                    let busy = message.or_else(|| shared.codec.decode_frames(&received).ok());
+                    if let Some(message) = busy {
+                        shared.signal(&error_reply(&message, "busy", &text)).await;
+                    }
                     continue;
                 }
-                let deadline = deadline_of(&message, Instant::now());
-                let mut run = Box::pin(shared.clone().run(message, received, deadline));
+                let mut run: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> =
+                    match (plain, message) {
+                        (Some(plain), _) => Box::pin(shared.clone().run_plain(plain, received)),
+                        (None, Some(message)) => {
+                            let deadline = deadline_of(&message, Instant::now());
+                            Box::pin(shared.clone().run(message, received, deadline))
+                        }
+                        (None, None) => continue,
+                    };
                 // Its first step here: a function that answers at once needs no task (a hop
                 // between threads costs more than most functions). One whose first step takes
                 // long would hold up this loop and its heartbeats: after it, the next messages

@@ -51,6 +51,36 @@ pub struct MsgpackItem<'a> {
     pub kind: MsgpackKind,
 }
 
+/// Writes the head of a map of `len` pairs.
+pub(crate) fn write_map_head(out: &mut Vec<u8>, len: usize) {
+    match u16::try_from(len) {
+        Ok(len) if len < 16 => out.push(0x80 | len as u8),
+        Ok(len) => {
+            out.push(0xde);
+            out.extend_from_slice(&len.to_be_bytes());
+        }
+        Err(_) => {
+            out.push(0xdf);
+            out.extend_from_slice(&(len as u32).to_be_bytes());
+        }
+    }
+}
+
+/// Writes a byte string: its head, then `data`.
+pub(crate) fn write_bin(out: &mut Vec<u8>, data: &[u8]) {
+    if let Ok(len) = u8::try_from(data.len()) {
+        out.push(0xc4);
+        out.push(len);
+    } else if let Ok(len) = u16::try_from(data.len()) {
+        out.push(0xc5);
+        out.extend_from_slice(&len.to_be_bytes());
+    } else {
+        out.push(0xc6);
+        out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    }
+    out.extend_from_slice(data);
+}
+
 /// Walks the one MessagePack value at the start of `buf`, calling `visit` for each item in
 /// order, and returns how many bytes the value takes.
 ///

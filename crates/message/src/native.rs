@@ -67,6 +67,20 @@ impl<'a> Reader<'a> {
 
     /// The next item's bytes, which must be a string's (not yet checked as UTF-8).
     pub(crate) fn str_bytes(&mut self, what: &str) -> Result<&'a [u8], Error> {
+        // The common case without the general reader: a string under 256 bytes, whose head is
+        // one byte (under 32) or two.
+        let at = self.pos;
+        let head = match self.body.get(at) {
+            Some(&marker @ 0xa0..=0xbf) => Some((1, usize::from(marker & 0x1f))),
+            Some(0xd9) => self.body.get(at + 1).map(|&len| (2, usize::from(len))),
+            _ => None,
+        };
+        if let Some((head, len)) = head
+            && let Some(data) = self.body.get(at + head..at + head + len)
+        {
+            self.pos = at + head + len;
+            return Ok(data);
+        }
         match self.item()? {
             (MsgpackKind::Str, data) => Ok(data),
             (kind, _) => Err(self.wrong(what, "a string", kind)),
@@ -127,11 +141,7 @@ impl NativeCodec {
     /// reads a header or two and passes the frames on as they came.
     pub fn view<'a>(&self, frames: &'a [Bytes]) -> Result<NativeView<'a>, Error> {
         match frames {
-            [marker, body] => {
-                Self::check_marker(marker)?;
-                check_size(body.len(), self.max_size)?;
-                NativeView::read(body)
-            }
+            [marker, body] => self.view_parts(marker, body),
             _ => Err(self
                 .decode_frames(frames)
                 .err()
@@ -140,6 +150,21 @@ impl NativeCodec {
                     found: frames.len(),
                 })),
         }
+    }
+
+    /// [`NativeCodec::view`] of a message's two frames, borrowed from wherever they are (a
+    /// received message read in place).
+    pub fn view_parts<'a>(&self, marker: &[u8], body: &'a [u8]) -> Result<NativeView<'a>, Error> {
+        Self::check_marker(marker)?;
+        check_size(body.len(), self.max_size)?;
+        NativeView::read(body)
+    }
+
+    /// Decodes a message from its two frames, the marker borrowed (a received message read in
+    /// place): [`Codec::decode_frames`] without a vector of frames.
+    pub fn decode_parts(&self, marker: &[u8], body: Bytes) -> Result<Message, Error> {
+        Self::check_marker(marker)?;
+        self.decode(body)
     }
 
     /// Checks the marker frame of a native message.

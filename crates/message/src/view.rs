@@ -3,7 +3,9 @@
 //! [`Message`](crate::Message) from this view; a router that only reads a header or two and
 //! passes the message on as it came uses the view alone.
 
-use crate::msgpack::MsgpackKind;
+use bytes::Bytes;
+
+use crate::msgpack::{self, MsgpackKind};
 use crate::native::{NAME, Reader};
 use crate::{Error, Function};
 
@@ -19,6 +21,9 @@ pub struct NativeView<'a> {
     /// Name and value strings, one after the other.
     headers: Strings<'a>,
     payload: &'a [u8],
+    /// Where in the body the headers' map and the payload's value are (head included).
+    headers_at: Option<(usize, usize)>,
+    payload_at: Option<(usize, usize)>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -126,6 +131,7 @@ impl<'a> NativeView<'a> {
                 }
                 b"headers" => {
                     first(32)?;
+                    let start = reader.pos;
                     let pairs = match reader.item()? {
                         (MsgpackKind::Map(len), _) => len as usize,
                         (kind, _) => return Err(reader.wrong("`headers`", "a map", kind)),
@@ -135,13 +141,16 @@ impl<'a> NativeView<'a> {
                         pairs * 2,
                         &["a header name", "a header value"],
                     )?;
+                    view.headers_at = Some((start, reader.pos));
                 }
                 b"payload" => {
                     first(64)?;
+                    let start = reader.pos;
                     view.payload = match reader.item()? {
                         (MsgpackKind::Bin | MsgpackKind::Str, data) => data,
                         (kind, _) => return Err(reader.wrong("`payload`", "binary", kind)),
                     };
+                    view.payload_at = Some((start, reader.pos));
                 }
                 _ => {
                     if std::str::from_utf8(name).is_err() {
@@ -207,10 +216,37 @@ impl<'a> NativeView<'a> {
         found.and_then(|value| std::str::from_utf8(value).ok())
     }
 
+    /// The values of the headers named in `names`, found in one pass over the headers (the
+    /// last of each, as [`NativeView::header`] gives it).
+    pub fn headers_named<const N: usize>(&self, names: [&str; N]) -> [Option<&'a str>; N] {
+        let mut found = [None; N];
+        let mut strings = self.headers.raw();
+        while let (Some(key), Some(value)) = (strings.next(), strings.next()) {
+            if let Some(at) = names.iter().position(|name| name.as_bytes() == key) {
+                found[at] = std::str::from_utf8(value).ok();
+            }
+        }
+        found
+    }
+
     /// Every header, in the order they came.
     pub fn headers(&self) -> impl Iterator<Item = (&'a str, &'a str)> {
         let mut strings = self.headers.iter();
         std::iter::from_fn(move || Some((strings.next()?, strings.next()?)))
+    }
+
+    /// True when the function is one name (not a list of stages).
+    pub fn is_single_function(&self) -> bool {
+        matches!(self.function, FunctionView::Single(_))
+    }
+
+    /// How to write an answer to this message from its body without decoding it again (see
+    /// [`Answering`]); `None` when the body has no payload field to replace.
+    pub fn answering(&self) -> Option<Answering> {
+        Some(Answering {
+            headers_at: self.headers_at,
+            payload_at: self.payload_at?,
+        })
     }
 
     /// The function, owned.
@@ -222,6 +258,71 @@ impl<'a> NativeView<'a> {
             }
         }
     }
+}
+
+/// Where a native body keeps its headers and its payload, taken from its [`NativeView`]: what a
+/// worker needs to write its answer as the request with another payload (the way
+/// [`Message::reply`](crate::Message::reply) makes one) straight from the request's bytes,
+/// without decoding them into a message and encoding that again.
+#[derive(Clone, Copy, Debug)]
+pub struct Answering {
+    headers_at: Option<(usize, usize)>,
+    payload_at: (usize, usize),
+}
+
+impl Answering {
+    /// The body of the answer: `body` (the one this was taken from) with `payload` as its
+    /// payload and without the headers named in `drop`, every other byte as it came.
+    pub fn answer(&self, body: &[u8], payload: &[u8], drop: &[&str]) -> Result<Bytes, Error> {
+        let mut out = Vec::with_capacity(body.len() + payload.len());
+        // The two regions to replace, in the order they come in the body.
+        let payload_at = Some(self.payload_at);
+        let mut regions = [self.headers_at, payload_at];
+        if self.headers_at.is_some_and(|(h, _)| h > self.payload_at.0) {
+            regions.swap(0, 1);
+        }
+        let mut at = 0;
+        for (start, end) in regions.into_iter().flatten() {
+            let (Some(before), Some(region)) = (body.get(at..start), body.get(start..end)) else {
+                return Err(Error::malformed(NAME, "the body is not the one viewed"));
+            };
+            out.extend_from_slice(before);
+            if (start, end) == self.payload_at {
+                msgpack::write_bin(&mut out, payload);
+            } else {
+                write_headers_without(&mut out, region, drop)?;
+            }
+            at = end;
+        }
+        out.extend_from_slice(body.get(at..).unwrap_or_default());
+        Ok(Bytes::from(out))
+    }
+}
+
+/// Writes the headers' map `region` (as it came) without the pairs whose name is in `drop`:
+/// one pass counts what stays, the next copies it.
+fn write_headers_without(out: &mut Vec<u8>, region: &[u8], drop: &[&str]) -> Result<(), Error> {
+    // Each pair that stays, as (start, end) of its bytes in `region`.
+    let kept = |out: &mut dyn FnMut(usize, usize)| -> Result<(), Error> {
+        let mut reader = Reader::new(region);
+        let pairs = match reader.item()? {
+            (MsgpackKind::Map(len), _) => len,
+            (kind, _) => return Err(reader.wrong("`headers`", "a map", kind)),
+        };
+        for _ in 0..pairs {
+            let start = reader.pos;
+            let name = reader.str_bytes("a header name")?;
+            reader.str_bytes("a header value")?;
+            if !drop.iter().any(|d| d.as_bytes() == name) {
+                out(start, reader.pos);
+            }
+        }
+        Ok(())
+    };
+    let mut count = 0;
+    kept(&mut |_, _| count += 1)?;
+    msgpack::write_map_head(out, count);
+    kept(&mut |start, end| out.extend_from_slice(region.get(start..end).unwrap_or_default()))
 }
 
 #[cfg(test)]
@@ -249,6 +350,10 @@ mod tests {
         assert_eq!(view.function_name(), message.function_name());
         assert_eq!(view.header("rylm-dispatch"), Some("2a.0123"));
         assert_eq!(view.header("missing"), None);
+        assert_eq!(
+            view.headers_named(["missing", "rylm-dispatch", "x"]),
+            [None, Some("2a.0123"), Some("1")]
+        );
         assert_eq!(view.payload(), b"data");
         // The payload is the frame's own bytes.
         let body = frames[1].as_ptr_range();
@@ -287,6 +392,79 @@ mod tests {
         }
         let small = NativeCodec::with_max_size(4);
         assert!(small.view(&[marker, body]).is_err());
+    }
+
+    /// What an answer written from the request's bytes must decode to.
+    fn replied(request: &Message, payload: &[u8], drop: &[&str]) -> Message {
+        let mut expected = request.reply(Bytes::copy_from_slice(payload));
+        for name in drop {
+            expected.headers.remove(*name);
+        }
+        expected
+    }
+
+    #[test]
+    fn an_answer_written_from_the_request_bytes_decodes_as_its_reply() {
+        let codec = NativeCodec::default();
+        let mut many = Message::call("s.f", "in").with_cache("7");
+        for i in 0..20 {
+            many = many.with_header(format!("h{i:02}"), "v");
+        }
+        let requests = [
+            Message::call("s.f", "in")
+                .with_client("c")
+                .with_header("rylm-dispatch", "1.00")
+                .with_header("traceparent", "00-x")
+                .with_header("rylm-pipelined", "true"),
+            Message::call("f", Bytes::new()),
+            many,
+        ];
+        let payloads: [&[u8]; 4] = [b"", b"out", &[7; 300], &[9; 70_000]];
+        let drops: [&[&str]; 3] = [&[], &["traceparent", "rylm-pipelined"], &["h03", "h19"]];
+        for request in &requests {
+            let frames = codec.encode_frames(request).expect("encodes");
+            let answering = codec
+                .view(&frames)
+                .expect("views")
+                .answering()
+                .expect("has a payload");
+            for payload in payloads {
+                for drop in drops {
+                    let body = answering
+                        .answer(&frames[1], payload, drop)
+                        .expect("answers");
+                    let decoded = codec.decode(body).expect("decodes");
+                    assert_eq!(decoded, replied(request, payload, drop));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn an_answer_is_written_whatever_order_the_fields_came_in() {
+        // {"payload": b"in", "headers": {"a": "1", "b": "2"}, "function": "f"}
+        let body = Bytes::from_static(
+            b"\x83\xa7payload\xc4\x02in\xa7headers\x82\xa1a\xa11\xa1b\xa12\xa8function\xa1f",
+        );
+        let frames = [Bytes::from_static(&crate::MARKER), body.clone()];
+        let codec = NativeCodec::default();
+        let request = codec.decode_frames(&frames).expect("decodes");
+        let answering = codec
+            .view(&frames)
+            .expect("views")
+            .answering()
+            .expect("has a payload");
+        let answer = answering.answer(&body, b"out!", &["a"]).expect("answers");
+        assert_eq!(
+            codec.decode(answer).expect("decodes"),
+            replied(&request, b"out!", &["a"])
+        );
+        // No payload field: nothing to replace in place.
+        let bare = [
+            Bytes::from_static(&crate::MARKER),
+            Bytes::from_static(b"\x81\xa8function\xa1f"),
+        ];
+        assert!(codec.view(&bare).expect("views").answering().is_none());
     }
 
     #[test]

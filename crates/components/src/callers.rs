@@ -21,11 +21,31 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use rylm_core_router::{Error as RouterError, InboundLink, OutboundQueue};
-use rylm_message::{Codec, Message, NativeCodec};
+use rylm_message::{Codec, Forward, Message, NativeCodec};
 use rylm_transport::{Kind, Socket};
 
 use crate::parts::{Endpoint, Transport, answer_frames, error_reply};
+use crate::pool::WITHDRAW_FUNCTION;
 use crate::{Error, SYNC_FUNCTION};
+
+/// What a caller refused at the door is told.
+const BUSY: &str = "this server holds as many messages as it admits; try again later";
+
+/// A caller's request that a master can pass on to its workers as it came: a plain call of one
+/// function (no handshake, withdrawal or status), in its caller's name, with no span to record
+/// here. `None` sends it the decoding way (which also reports what does not decode).
+fn forwardable(native: &NativeCodec, marker: &[u8], body: &Bytes, caller: &str) -> Option<Forward> {
+    let view = native.view_parts(marker, body).ok()?;
+    let name = view.function_name()?;
+    let control = matches!(name, SYNC_FUNCTION | WITHDRAW_FUNCTION | STATUS_FUNCTION);
+    let traced = view
+        .header(rylm_message::trace::TRACEPARENT)
+        .is_some_and(|tp| rylm_message::trace::Hop::continue_if_recorded(tp).is_some());
+    if control || traced || !view.is_single_function() || view.client() != caller {
+        return None;
+    }
+    view.forward(body)
+}
 
 /// How long an answer waits for room in its caller's queue before it is dropped: a caller that
 /// reads nothing must not hold up the answers of the others.
@@ -222,6 +242,8 @@ pub fn status_base(
 pub struct Callers {
     socket: CallerSocket,
     status: Option<StatusReport>,
+    /// Plain calls go on as they came (a master's callers, see [`Callers::forwarding`]).
+    forwarding: bool,
 }
 
 impl std::fmt::Debug for Callers {
@@ -238,7 +260,38 @@ impl Callers {
         Callers {
             socket,
             status: None,
+            forwarding: false,
         }
+    }
+
+    /// Passes plain calls on as they came (see [`InboundLink::try_submit_forward`]): for a
+    /// master whose pool sends them to its workers without hooks.
+    pub(crate) fn forwarding(mut self, forwarding: bool) -> Callers {
+        self.forwarding = forwarding;
+        self
+    }
+
+    /// Submits a plain call as it came, with a message that holds only its caller; one refused
+    /// is answered `busy`.
+    async fn forward(
+        &self,
+        link: &InboundLink,
+        caller: &str,
+        forward: Forward,
+    ) -> Result<(), RouterError> {
+        let message = Message {
+            client: caller.to_owned(),
+            ..Message::default()
+        };
+        if let Some((_, Some(forward))) = link.try_submit_forward(message, Some(forward)).await?
+            && let Ok(mut refused) = forward.decode()
+        {
+            refused.client = caller.to_owned();
+            count(&self.socket.counters.busy);
+            let reply = error_reply(&refused, "busy", BUSY);
+            self.socket.answer(caller, &reply).await;
+        }
+        Ok(())
     }
 
     /// Answers [`STATUS_FUNCTION`] with `report`.
@@ -272,7 +325,16 @@ impl Callers {
             let decoded = match (&socket.native, received.len()) {
                 // Read in place: no vector of frames, no copy of the marker.
                 (Some(native), 3) => match (received.part(1), received.bytes(2)) {
-                    (Some(marker), Some(body)) => native.decode_parts(marker, body),
+                    (Some(marker), Some(body)) => {
+                        let forward = self
+                            .forwarding
+                            .then(|| forwardable(native, marker, &body, caller));
+                        if let Some(Some(forward)) = forward {
+                            self.forward(&link, caller, forward).await?;
+                            continue;
+                        }
+                        native.decode_parts(marker, body)
+                    }
                     _ => {
                         count(&socket.counters.malformed);
                         continue;
@@ -308,8 +370,7 @@ impl Callers {
             }
             if let Some(refused) = link.try_submit(message).await? {
                 count(&socket.counters.busy);
-                let text = "this server holds as many messages as it admits; try again later";
-                let reply = error_reply(&refused, "busy", text);
+                let reply = error_reply(&refused, "busy", BUSY);
                 socket.answer(&refused.client, &reply).await;
             }
         }

@@ -214,6 +214,8 @@ impl MasterBuilder {
         pool.admission = self.admission;
         pool.scatter = self.scatter;
         pool.gather = self.gather;
+        // With no scatter either, a plain call goes to its worker as it came.
+        let forwarding = pass_answers.is_some() && pool.scatter.is_none();
         pool.pass_answers = pass_answers;
         pool.drain_for = self.drain_for;
         let status = pool.status.clone();
@@ -246,7 +248,12 @@ impl MasterBuilder {
             )
             .inbound(
                 "callers",
-                move |link| Callers::new(callers).with_status(report).run(link),
+                move |link| {
+                    Callers::new(callers)
+                        .with_status(report)
+                        .forwarding(forwarding)
+                        .run(link)
+                },
                 "workers",
                 Mode::NonBlocking,
             );

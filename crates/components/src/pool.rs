@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use rylm_core_router::OutboundQueue;
-use rylm_message::{Codec, Message, NativeCodec};
+use rylm_message::{Codec, Forward, Message, NativeCodec};
 use rylm_transport::{Event, Kind, Received, Socket};
 
 use crate::functions::{PIPELINED, SYNC_FUNCTION, deadline_of};
@@ -449,18 +449,46 @@ impl Holders {
     }
 }
 
+/// A caller's request as the pool keeps it: decoded, or (passed on as it came) its body and a
+/// message that holds only its caller.
+struct Request {
+    message: Message,
+    forward: Option<Forward>,
+}
+
+impl Request {
+    /// The whole message: an error answer to it is made from this (rare: a request passed on
+    /// as it came is decoded only then).
+    fn full(&self) -> Message {
+        let Some(forward) = &self.forward else {
+            return self.message.clone();
+        };
+        match forward.decode() {
+            Ok(mut message) => {
+                message.client.clone_from(&self.message.client);
+                message
+            }
+            Err(_) => self.message.clone(),
+        }
+    }
+}
+
 /// A message some worker holds (or held, and will be sent to another).
 struct Dispatched {
-    message: Message,
+    request: Request,
     /// The workers it was sent to, in turn: an answer from any of them is taken.
     holders: Holders,
     deadline: Instant,
 }
 
 /// A message waiting for a credit.
+#[expect(
+    clippy::large_enum_variant,
+    reason = "the line holds fresh requests mostly; a box for each would cost an allocation per call"
+)]
 enum Queued {
     /// Not sent yet.
-    Fresh(Message, Instant),
+    Fresh(Request, Instant),
     /// Sent to a worker that was buried; to go to another.
     Again(DispatchId),
 }
@@ -531,8 +559,8 @@ impl Pool {
             tokio::select! {
                 delivery = queue.recv(), if draining_since.is_none() => match delivery {
                     Some(delivery) => {
-                        let (message, _) = delivery.into_parts();
-                        self.admit(message, &mut sink).await;
+                        let (message, forward, _) = delivery.into_forwarded();
+                        self.admit(message, forward, &mut sink).await;
                     }
                     None => draining_since = Some(Instant::now()),
                 },
@@ -599,7 +627,21 @@ impl Pool {
 
     /// Takes a message from the router: answers a client's handshake, refuses it when the line
     /// is full, else lines up its parts.
-    async fn admit(&mut self, message: Message, sink: &mut ResultSink) {
+    async fn admit(&mut self, message: Message, forward: Option<Forward>, sink: &mut ResultSink) {
+        if let Some(forward) = forward {
+            // Passed on as it came: the callers' part took it for a plain call.
+            let now = Instant::now();
+            let deadline = forward
+                .header(crate::DEADLINE)
+                .and_then(|value| crate::functions::deadline_in(value, now))
+                .unwrap_or(now + self.admission.default_deadline);
+            let request = Request {
+                message,
+                forward: Some(forward),
+            };
+            self.line_up(request, deadline, sink).await;
+            return;
+        }
         match message.function_name() {
             Some(SYNC_FUNCTION) => {
                 self.publish(sink, message.reply(Bytes::new())).await;
@@ -637,18 +679,28 @@ impl Pool {
             },
         };
         for part in parts {
-            if self.waiting.len() >= self.admission.max_waiting {
-                count(&self.status.counters.busy);
-                let text = format!(
-                    "{} messages are waiting for a worker; try again later",
-                    self.waiting.len()
-                );
-                self.publish(sink, failure(&part, "busy", &text)).await;
-                continue;
-            }
             let deadline = deadline_of(&part, now).unwrap_or(now + self.admission.default_deadline);
-            self.waiting.push_back(Queued::Fresh(part, deadline));
+            let request = Request {
+                message: part,
+                forward: None,
+            };
+            self.line_up(request, deadline, sink).await;
         }
+    }
+
+    /// Lines `request` up for a credit, or answers it `busy` when the line is full.
+    async fn line_up(&mut self, request: Request, deadline: Instant, sink: &mut ResultSink) {
+        if self.waiting.len() >= self.admission.max_waiting {
+            count(&self.status.counters.busy);
+            let text = format!(
+                "{} messages are waiting for a worker; try again later",
+                self.waiting.len()
+            );
+            self.publish(sink, failure(&request.full(), "busy", &text))
+                .await;
+            return;
+        }
+        self.waiting.push_back(Queued::Fresh(request, deadline));
     }
 
     /// Drops what waits for `client`, and forgets what workers hold for it (their answers are
@@ -656,12 +708,12 @@ impl Pool {
     fn withdraw(&mut self, client: &str) {
         let before = self.waiting.len();
         self.waiting.retain(
-            |queued| !matches!(queued, Queued::Fresh(message, _) if message.client == client),
+            |queued| !matches!(queued, Queued::Fresh(request, _) if request.message.client == client),
         );
         let held: Vec<DispatchId> = self
             .in_flight
             .iter()
-            .filter(|(_, d)| d.message.client == client)
+            .filter(|(_, d)| d.request.message.client == client)
             .map(|(id, _)| *id)
             .collect();
         let withdrawn = before - self.waiting.len() + held.len();
@@ -677,11 +729,11 @@ impl Pool {
     async fn fail_everything(&mut self, sink: &mut ResultSink) {
         let mut left: Vec<Message> = Vec::new();
         for queued in self.waiting.drain(..) {
-            if let Queued::Fresh(message, _) = queued {
-                left.push(message);
+            if let Queued::Fresh(request, _) = queued {
+                left.push(request.full());
             }
         }
-        left.extend(self.in_flight.drain().map(|(_, d)| d.message));
+        left.extend(self.in_flight.drain().map(|(_, d)| d.request.full()));
         for message in left {
             let reply = failure(
                 &message,
@@ -799,7 +851,9 @@ impl Pool {
             }
         }
         let client = match self.in_flight.get(&id) {
-            Some(dispatched) if dispatched.holders.contains(identity) => &dispatched.message.client,
+            Some(dispatched) if dispatched.holders.contains(identity) => {
+                &dispatched.request.message.client
+            }
             _ => {
                 // A late duplicate (the first answer went out), an answer from a worker this
                 // dispatch was not sent to, or one to a dispatch of an earlier pool.
@@ -814,7 +868,7 @@ impl Pool {
         }
         let dispatched = self.in_flight.remove(&id)?;
         count(&self.status.counters.answered);
-        Some(dispatched.message.client)
+        Some(dispatched.request.message.client)
     }
 
     /// Passes a worker's answer on to its caller as it came, read in place instead of decoded
@@ -938,7 +992,8 @@ impl Pool {
                 continue;
             };
             let once = dispatched
-                .message
+                .request
+                .full()
                 .method()
                 .map(|m| m.split(':').next().unwrap_or(m))
                 .is_some_and(|m| worker.once.contains(m));
@@ -955,7 +1010,7 @@ impl Pool {
                 Some(reason) => {
                     if let Some(dispatched) = self.in_flight.remove(&held) {
                         count(&self.status.counters.worker_died);
-                        let reply = failure(&dispatched.message, "worker-died", reason);
+                        let reply = failure(&dispatched.request.full(), "worker-died", reason);
                         self.publish(sink, reply).await;
                     }
                 }
@@ -974,8 +1029,8 @@ impl Pool {
         let mut late = Vec::new();
         let in_flight = &self.in_flight;
         self.waiting.retain(|queued| match queued {
-            Queued::Fresh(message, deadline) if *deadline <= now => {
-                late.push(message.clone());
+            Queued::Fresh(request, deadline) if *deadline <= now => {
+                late.push(request.full());
                 false
             }
             Queued::Again(id) => in_flight.contains_key(id),
@@ -1002,7 +1057,7 @@ impl Pool {
             }
             self.waiting
                 .retain(|queued| !matches!(queued, Queued::Again(again) if *again == id));
-            late.push(dispatched.message);
+            late.push(dispatched.request.full());
         }
         for message in late {
             count(&self.status.counters.expired);
@@ -1050,12 +1105,12 @@ impl Pool {
             };
             let now = Instant::now();
             let id = match queued {
-                Queued::Fresh(message, deadline) => {
+                Queued::Fresh(request, deadline) => {
                     let id = self.next_dispatch();
                     self.in_flight.insert(
                         id,
                         Dispatched {
-                            message,
+                            request,
                             holders: Holders::default(),
                             deadline,
                         },
@@ -1071,20 +1126,13 @@ impl Pool {
                 continue; // `expire` answers it
             }
             let remaining = dispatched.deadline - now;
-            // Stamped in place (no copy of the message): a re-dispatch stamps it again, and
-            // answers made from it drop the stamp (`failure`).
-            let message = &mut dispatched.message;
-            set_header(message, DISPATCH, |value| id.write(value));
-            set_header(message, crate::DEADLINE, |value| {
-                use std::fmt::Write;
-                let _ = write!(value, "{}", remaining.as_millis().max(1));
-            });
-            let frames = match self.codec.encode_frames(message) {
+            let frames = match stamped(self.codec.as_ref(), &mut dispatched.request, id, remaining)
+            {
                 Ok(frames) => frames,
                 Err(error) => {
                     let text = format!("could not be sent to a worker: {error}");
                     if let Some(dispatched) = self.in_flight.remove(&id) {
-                        let reply = failure(&dispatched.message, "unencodable", &text);
+                        let reply = failure(&dispatched.request.full(), "unencodable", &text);
                         self.publish(sink, reply).await;
                     }
                     continue;
@@ -1104,6 +1152,36 @@ impl Pool {
             }
         }
     }
+}
+
+/// The frames of `request` for a worker: stamped with dispatch `id` and the `remaining` time.
+/// A request kept as it came goes on with its body's headers set; a decoded one is stamped in
+/// place (no copy of the message: a re-dispatch stamps it again, and answers made from it drop
+/// the stamp, see `failure`) and encoded.
+fn stamped(
+    codec: &dyn Codec,
+    request: &mut Request,
+    id: DispatchId,
+    remaining: Duration,
+) -> Result<Vec<Bytes>, rylm_message::Error> {
+    use std::fmt::Write;
+    let millis = remaining.as_millis().max(1);
+    if let Some(forward) = &request.forward {
+        let mut dispatch = String::with_capacity(36);
+        id.write(&mut dispatch);
+        let deadline = millis.to_string();
+        let body = forward.with_headers(&[
+            (DISPATCH, dispatch.as_str()),
+            (crate::DEADLINE, deadline.as_str()),
+        ])?;
+        return Ok(vec![Bytes::from_static(&rylm_message::MARKER), body]);
+    }
+    let message = &mut request.message;
+    set_header(message, DISPATCH, |value| id.write(value));
+    set_header(message, crate::DEADLINE, |value| {
+        let _ = write!(value, "{millis}");
+    });
+    codec.encode_frames(message)
 }
 
 /// The next connection event; never, once the events have ended (or with no events at all).

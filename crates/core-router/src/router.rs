@@ -4,7 +4,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, RwLock};
 
-use rylm_message::Message;
+use rylm_message::{Forward, Message};
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use tracing::Instrument;
 
@@ -65,6 +65,9 @@ type Feedback = Result<Option<Message>, Error>;
 #[derive(Debug)]
 pub struct Delivery {
     message: Message,
+    /// The message's body as it came, when its inbound component passed it on (see
+    /// [`InboundLink::try_submit_forward`]); then `message` holds only what routing needs.
+    forward: Option<Forward>,
     responder: Responder,
 }
 
@@ -82,6 +85,12 @@ impl Delivery {
     /// The message, and the means to answer it.
     pub fn into_parts(self) -> (Message, Responder) {
         (self.message, self.responder)
+    }
+
+    /// The message, its body as it came when its inbound component passed it on, and the
+    /// means to answer it.
+    pub fn into_forwarded(self) -> (Message, Option<Forward>, Responder) {
+        (self.message, self.forward, self.responder)
     }
 }
 
@@ -141,7 +150,12 @@ impl Shared {
     }
 
     /// Carries `message` from outbound component `first` to the end of its route.
-    async fn dispatch(&self, first: usize, mut message: Message) -> Feedback {
+    async fn dispatch(
+        &self,
+        first: usize,
+        mut message: Message,
+        mut forward: Option<Forward>,
+    ) -> Feedback {
         let mut at = first;
         loop {
             let entry = &self.table.outbound[at];
@@ -150,6 +164,7 @@ impl Shared {
                 Mode::NonBlocking => {
                     let delivery = Delivery {
                         message,
+                        forward: forward.take(),
                         responder: Responder { reply: None },
                     };
                     sender
@@ -162,6 +177,7 @@ impl Shared {
                     let (reply, feedback) = oneshot::channel();
                     let delivery = Delivery {
                         message,
+                        forward: forward.take(),
                         responder: Responder { reply: Some(reply) },
                     };
                     sender
@@ -213,6 +229,12 @@ impl InboundLink {
     /// as the router has taken the message, which then travels on its own. Waits while the
     /// queues ahead are full.
     pub async fn submit(&self, message: Message) -> Feedback {
+        self.submit_with(message, None).await
+    }
+
+    /// [`InboundLink::submit`], with the message's body as it came for the first outbound
+    /// component (a feedback message routed on carries none).
+    async fn submit_with(&self, message: Message, forward: Option<Forward>) -> Feedback {
         let entry: &InboundEntry = &self.shared.table.inbound[self.index];
         let first = self.shared.table.inbound_route[self.index];
         let span = tracing::debug_span!(
@@ -223,27 +245,36 @@ impl InboundLink {
             function = %message.function,
         );
         match entry.mode {
-            Mode::Blocking => self.shared.dispatch(first, message).instrument(span).await,
+            Mode::Blocking => {
+                self.shared
+                    .dispatch(first, message, forward)
+                    .instrument(span)
+                    .await
+            }
             Mode::NonBlocking => {
                 // A route that starts at a non-blocking component with room in its queue: the
                 // message is there at once, with no task to carry it.
-                let message = if self.shared.table.outbound[first].mode == Mode::NonBlocking {
-                    let delivery = Delivery {
-                        message,
-                        responder: Responder { reply: None },
-                    };
-                    match self.shared.sender(first)?.try_send(delivery) {
-                        Ok(()) => return Ok(None),
-                        Err(mpsc::error::TrySendError::Full(delivery)) => delivery.message,
-                        Err(mpsc::error::TrySendError::Closed(_)) => {
-                            return Err(Error::ComponentGone(
-                                self.shared.table.outbound[first].name.clone(),
-                            ));
+                let (message, forward) =
+                    if self.shared.table.outbound[first].mode == Mode::NonBlocking {
+                        let delivery = Delivery {
+                            message,
+                            forward,
+                            responder: Responder { reply: None },
+                        };
+                        match self.shared.sender(first)?.try_send(delivery) {
+                            Ok(()) => return Ok(None),
+                            Err(mpsc::error::TrySendError::Full(delivery)) => {
+                                (delivery.message, delivery.forward)
+                            }
+                            Err(mpsc::error::TrySendError::Closed(_)) => {
+                                return Err(Error::ComponentGone(
+                                    self.shared.table.outbound[first].name.clone(),
+                                ));
+                            }
                         }
-                    }
-                } else {
-                    message
-                };
+                    } else {
+                        (message, forward)
+                    };
                 let permit = self.shared.detached[self.index]
                     .clone()
                     .acquire_owned()
@@ -254,7 +285,7 @@ impl InboundLink {
                 let shared = self.shared.clone();
                 tokio::spawn(
                     async move {
-                        match shared.dispatch(first, message).await {
+                        match shared.dispatch(first, message, forward).await {
                             Ok(Some(_)) => tracing::debug!(
                                 "feedback for a non-blocking inbound component dropped"
                             ),
@@ -275,13 +306,27 @@ impl InboundLink {
     /// (`Ok(Some(message))`) for the component to refuse, e.g. with a `busy` answer. A blocking
     /// component's message is submitted as by `submit`.
     pub async fn try_submit(&self, message: Message) -> Result<Option<Message>, Error> {
+        Ok(self
+            .try_submit_forward(message, None)
+            .await?
+            .map(|(message, _)| message))
+    }
+
+    /// [`InboundLink::try_submit`] of a message passed on as it came: `forward` is its body,
+    /// which the first outbound component gets with it, and `message` holds only what routing
+    /// and that component need. A refused message comes back with its body.
+    pub async fn try_submit_forward(
+        &self,
+        message: Message,
+        forward: Option<Forward>,
+    ) -> Result<Option<(Message, Option<Forward>)>, Error> {
         let entry: &InboundEntry = &self.shared.table.inbound[self.index];
         if entry.mode == Mode::NonBlocking
             && self.shared.detached[self.index].available_permits() == 0
         {
-            return Ok(Some(message));
+            return Ok(Some((message, forward)));
         }
-        self.submit(message).await.map(|_| None)
+        self.submit_with(message, forward).await.map(|_| None)
     }
 
     /// Resolves when the router starts shutting down: stop taking new messages.

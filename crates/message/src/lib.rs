@@ -75,4 +75,4 @@ pub use native::{MARKER, NativeCodec, WIRE_VERSION};
 #[cfg(feature = "pylm")]
 pub use pylm::{PalmMessage, PylmCodec};
 pub use stream::StreamCodec;
-pub use view::{Answering, NativeView};
+pub use view::{Answering, Forward, NativeView};

@@ -66,6 +66,24 @@ pub(crate) fn write_map_head(out: &mut Vec<u8>, len: usize) {
     }
 }
 
+/// Writes a string: its head, then its bytes.
+pub(crate) fn write_str(out: &mut Vec<u8>, text: &str) {
+    let len = text.len();
+    if len < 32 {
+        out.push(0xa0 | len as u8);
+    } else if let Ok(len) = u8::try_from(len) {
+        out.push(0xd9);
+        out.push(len);
+    } else if let Ok(len) = u16::try_from(len) {
+        out.push(0xda);
+        out.extend_from_slice(&len.to_be_bytes());
+    } else {
+        out.push(0xdb);
+        out.extend_from_slice(&(len as u32).to_be_bytes());
+    }
+    out.extend_from_slice(text.as_bytes());
+}
+
 /// Writes a byte string: its head, then `data`.
 pub(crate) fn write_bin(out: &mut Vec<u8>, data: &[u8]) {
     if let Ok(len) = u8::try_from(data.len()) {

@@ -249,6 +249,15 @@ impl<'a> NativeView<'a> {
         })
     }
 
+    /// The message as a [`Forward`] of `body`, the bytes this view reads; `None` when it has
+    /// no headers field (a header could not be set in place).
+    pub fn forward(&self, body: &Bytes) -> Option<Forward> {
+        Some(Forward {
+            body: body.clone(),
+            headers_at: self.headers_at?,
+        })
+    }
+
     /// The function, owned.
     pub(crate) fn function(&self) -> Function {
         match self.function {
@@ -290,7 +299,8 @@ impl Answering {
             if (start, end) == self.payload_at {
                 msgpack::write_bin(&mut out, payload);
             } else {
-                write_headers_without(&mut out, region, drop)?;
+                let keep = |name: &[u8]| !drop.iter().any(|d| d.as_bytes() == name);
+                write_headers(&mut out, region, &keep, &[])?;
             }
             at = end;
         }
@@ -299,9 +309,81 @@ impl Answering {
     }
 }
 
-/// Writes the headers' map `region` (as it came) without the pairs whose name is in `drop`:
-/// one pass counts what stays, the next copies it.
-fn write_headers_without(out: &mut Vec<u8>, region: &[u8], drop: &[&str]) -> Result<(), Error> {
+/// A native message kept as it came, for a part that passes it on with a header or two set and
+/// reads little else of it (a master between its callers and its workers): its body and where
+/// its headers are. Made by [`NativeView::forward`].
+#[derive(Clone, Debug)]
+pub struct Forward {
+    body: Bytes,
+    headers_at: (usize, usize),
+}
+
+impl Forward {
+    /// The body as it came.
+    pub fn body(&self) -> &Bytes {
+        &self.body
+    }
+
+    /// The message, decoded (it was read once already, within the size limit).
+    pub fn decode(&self) -> Result<crate::Message, Error> {
+        crate::Codec::decode(
+            &crate::NativeCodec::with_max_size(usize::MAX),
+            self.body.clone(),
+        )
+    }
+
+    /// The value of header `name` (the last, should it come twice), read from the body.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        let (start, end) = self.headers_at;
+        let mut reader = Reader::new(self.body.get(start..end)?);
+        let pairs = match reader.item().ok()? {
+            (MsgpackKind::Map(len), _) => len,
+            _ => return None,
+        };
+        let mut found = None;
+        for _ in 0..pairs {
+            let key = reader.str_bytes("").ok()?;
+            let value = reader.str_bytes("").ok()?;
+            if key == name.as_bytes() {
+                found = Some(value);
+            }
+        }
+        // Every string was checked as UTF-8 when the message was viewed.
+        found.and_then(|value| std::str::from_utf8(value).ok())
+    }
+
+    /// The body with the headers in `set` set: those of the same names that came are left out
+    /// and `set` follows what stays; every other byte as it came.
+    pub fn with_headers(&self, set: &[(&str, &str)]) -> Result<Bytes, Error> {
+        let (start, end) = self.headers_at;
+        let (Some(before), Some(region), Some(after)) = (
+            self.body.get(..start),
+            self.body.get(start..end),
+            self.body.get(end..),
+        ) else {
+            return Err(Error::malformed(
+                NAME,
+                "the headers are not where they were",
+            ));
+        };
+        let added: usize = set.iter().map(|(k, v)| k.len() + v.len() + 10).sum();
+        let mut out = Vec::with_capacity(self.body.len() + added);
+        out.extend_from_slice(before);
+        let keep = |name: &[u8]| !set.iter().any(|(k, _)| k.as_bytes() == name);
+        write_headers(&mut out, region, &keep, set)?;
+        out.extend_from_slice(after);
+        Ok(Bytes::from(out))
+    }
+}
+
+/// Writes the headers' map `region` (as it came) with only the pairs whose name `keep` keeps,
+/// then the pairs of `add`: one pass counts what stays, the next copies it.
+fn write_headers(
+    out: &mut Vec<u8>,
+    region: &[u8],
+    keep: &dyn Fn(&[u8]) -> bool,
+    add: &[(&str, &str)],
+) -> Result<(), Error> {
     // Each pair that stays, as (start, end) of its bytes in `region`.
     let kept = |out: &mut dyn FnMut(usize, usize)| -> Result<(), Error> {
         let mut reader = Reader::new(region);
@@ -313,7 +395,7 @@ fn write_headers_without(out: &mut Vec<u8>, region: &[u8], drop: &[&str]) -> Res
             let start = reader.pos;
             let name = reader.str_bytes("a header name")?;
             reader.str_bytes("a header value")?;
-            if !drop.iter().any(|d| d.as_bytes() == name) {
+            if keep(name) {
                 out(start, reader.pos);
             }
         }
@@ -321,8 +403,13 @@ fn write_headers_without(out: &mut Vec<u8>, region: &[u8], drop: &[&str]) -> Res
     };
     let mut count = 0;
     kept(&mut |_, _| count += 1)?;
-    msgpack::write_map_head(out, count);
-    kept(&mut |start, end| out.extend_from_slice(region.get(start..end).unwrap_or_default()))
+    msgpack::write_map_head(out, count + add.len());
+    kept(&mut |start, end| out.extend_from_slice(region.get(start..end).unwrap_or_default()))?;
+    for (name, value) in add {
+        msgpack::write_str(out, name);
+        msgpack::write_str(out, value);
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -465,6 +552,66 @@ mod tests {
             Bytes::from_static(b"\x81\xa8function\xa1f"),
         ];
         assert!(codec.view(&bare).expect("views").answering().is_none());
+    }
+
+    #[test]
+    fn a_forwarded_message_decodes_with_the_headers_it_was_given() {
+        let codec = NativeCodec::default();
+        let mut many = Message::call("s.f", vec![3; 300]).with_cache("9");
+        for i in 0..20 {
+            many = many.with_header(format!("h{i:02}"), "v");
+        }
+        let requests = [
+            Message::call("s.f", "in")
+                .with_client("c")
+                .with_pipeline("p")
+                .with_header("rylm-deadline", "30000")
+                .with_header("traceparent", "00-x"),
+            Message::call("f", Bytes::new()).with_header("x", "1"),
+            many,
+        ];
+        let long = "d".repeat(40);
+        let sets: [&[(&str, &str)]; 3] = [
+            &[],
+            &[("rylm-dispatch", "1.00"), ("rylm-deadline", "29998")],
+            &[("h05", "w"), ("new", long.as_str())],
+        ];
+        for request in &requests {
+            let frames = codec.encode_frames(request).expect("encodes");
+            let forward = codec
+                .view(&frames)
+                .expect("views")
+                .forward(&frames[1])
+                .expect("has headers");
+            assert_eq!(forward.body(), &frames[1]);
+            for (name, value) in &request.headers {
+                assert_eq!(forward.header(name), Some(value.as_str()));
+            }
+            assert_eq!(forward.header("missing"), None);
+            assert_eq!(&forward.decode().expect("decodes"), request);
+            for set in sets {
+                let body = forward.with_headers(set).expect("writes");
+                let mut expected = request.clone();
+                for (name, value) in set {
+                    expected
+                        .headers
+                        .insert((*name).to_owned(), (*value).to_owned());
+                }
+                assert_eq!(codec.decode(body).expect("decodes"), expected);
+            }
+        }
+        // No headers field: nothing to set in place.
+        let bare = [
+            Bytes::from_static(&crate::MARKER),
+            Bytes::from_static(b"\x81\xa8function\xa1f"),
+        ];
+        assert!(
+            codec
+                .view(&bare)
+                .expect("views")
+                .forward(&bare[1])
+                .is_none()
+        );
     }
 
     #[test]

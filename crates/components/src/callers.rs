@@ -22,7 +22,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use rylm_core_router::{Error as RouterError, InboundLink, OutboundQueue};
 use rylm_message::{Codec, Forward, Message, NativeCodec};
-use rylm_transport::{Kind, Socket};
+use rylm_transport::{Kind, Received, Socket};
 
 use crate::parts::{Endpoint, Transport, answer_frames, error_reply};
 use crate::pool::WITHDRAW_FUNCTION;
@@ -308,72 +308,86 @@ impl Callers {
                 _ = link.stopping() => return Ok(()),
                 received = socket.socket.recv_message() => received,
             };
-            let received = match received {
-                Ok(received) => received,
+            match received {
+                Ok(received) => self.take(&link, received).await?,
                 Err(error) if error.is_closed() => return Ok(()),
                 Err(error) => {
                     tracing::warn!(address = %socket.address, %error, "receiving from callers failed");
                     continue;
                 }
-            };
-            // Answers go back by this identity: a client announces its id as its identity.
-            let caller = received.part(0).map(std::str::from_utf8);
-            let (Some(Ok(caller)), true) = (caller, received.len() >= 2) else {
-                count(&socket.counters.malformed);
-                continue;
-            };
-            let decoded = match (&socket.native, received.len()) {
-                // Read in place: no vector of frames, no copy of the marker.
-                (Some(native), 3) => match (received.part(1), received.bytes(2)) {
-                    (Some(marker), Some(body)) => {
-                        let forward = self
-                            .forwarding
-                            .then(|| forwardable(native, marker, &body, caller));
-                        if let Some(Some(forward)) = forward {
-                            self.forward(&link, caller, forward).await?;
-                            continue;
-                        }
-                        native.decode_parts(marker, body)
-                    }
-                    _ => {
-                        count(&socket.counters.malformed);
-                        continue;
-                    }
-                },
-                _ => {
-                    let frames: Vec<Bytes> = (1..received.len())
-                        .filter_map(|i| received.bytes(i))
-                        .collect();
-                    socket.codec.decode_frames(&frames)
-                }
-            };
-            let mut message = match decoded {
-                Ok(message) => message,
-                Err(error) => {
-                    count(&socket.counters.malformed);
-                    // A warning (throttled per place by the programs' log, counted in the
-                    // metrics): a peer sending garbage is worth an operator's eye.
-                    tracing::warn!(address = %socket.address, %error, "dropped a request that does not decode");
-                    continue;
-                }
-            };
-            // In the string the message came with: a client's id is its identity, so this
-            // reuses the allocation.
-            message.client.clear();
-            message.client.push_str(caller);
-            if let Some(report) = &self.status
-                && message.function_name() == Some(STATUS_FUNCTION)
-            {
-                let reply = message.reply(Bytes::from(report().to_string()));
-                socket.answer(&message.client, &reply).await;
-                continue;
             }
-            if let Some(refused) = link.try_submit(message).await? {
-                count(&socket.counters.busy);
-                let reply = error_reply(&refused, "busy", BUSY);
-                socket.answer(&refused.client, &reply).await;
+            // The rest of a burst without waiting again.
+            for _ in 1..crate::BURST {
+                match socket.socket.try_recv_message() {
+                    Ok(Some(received)) => self.take(&link, received).await?,
+                    _ => break,
+                }
             }
         }
+    }
+
+    /// One request from a caller: passed on as it came, or decoded and submitted; a refusal
+    /// answered `busy`.
+    async fn take(&self, link: &InboundLink, received: Received) -> Result<(), RouterError> {
+        let socket = &self.socket;
+        // Answers go back by this identity: a client announces its id as its identity.
+        let caller = received.part(0).map(std::str::from_utf8);
+        let (Some(Ok(caller)), true) = (caller, received.len() >= 2) else {
+            count(&socket.counters.malformed);
+            return Ok(());
+        };
+        let decoded = match (&socket.native, received.len()) {
+            // Read in place: no vector of frames, no copy of the marker.
+            (Some(native), 3) => match (received.part(1), received.bytes(2)) {
+                (Some(marker), Some(body)) => {
+                    let forward = self
+                        .forwarding
+                        .then(|| forwardable(native, marker, &body, caller));
+                    if let Some(Some(forward)) = forward {
+                        self.forward(link, caller, forward).await?;
+                        return Ok(());
+                    }
+                    native.decode_parts(marker, body)
+                }
+                _ => {
+                    count(&socket.counters.malformed);
+                    return Ok(());
+                }
+            },
+            _ => {
+                let frames: Vec<Bytes> = (1..received.len())
+                    .filter_map(|i| received.bytes(i))
+                    .collect();
+                socket.codec.decode_frames(&frames)
+            }
+        };
+        let mut message = match decoded {
+            Ok(message) => message,
+            Err(error) => {
+                count(&socket.counters.malformed);
+                // A warning (throttled per place by the programs' log, counted in the
+                // metrics): a peer sending garbage is worth an operator's eye.
+                tracing::warn!(address = %socket.address, %error, "dropped a request that does not decode");
+                return Ok(());
+            }
+        };
+        // In the string the message came with: a client's id is its identity, so this
+        // reuses the allocation.
+        message.client.clear();
+        message.client.push_str(caller);
+        if let Some(report) = &self.status
+            && message.function_name() == Some(STATUS_FUNCTION)
+        {
+            let reply = message.reply(Bytes::from(report().to_string()));
+            socket.answer(&message.client, &reply).await;
+            return Ok(());
+        }
+        if let Some(refused) = link.try_submit(message).await? {
+            count(&socket.counters.busy);
+            let reply = error_reply(&refused, "busy", BUSY);
+            socket.answer(&refused.client, &reply).await;
+        }
+        Ok(())
     }
 }
 

@@ -28,7 +28,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use rylm_core_router::OutboundQueue;
+use rylm_core_router::{Delivery, OutboundQueue};
 use rylm_message::{Codec, Forward, Message, NativeCodec};
 use rylm_transport::{Event, Kind, Received, Socket};
 
@@ -557,28 +557,28 @@ impl Pool {
                 break;
             }
             tokio::select! {
+                // The rest of a burst is taken without waiting again, each message dispatched
+                // as it would be alone.
                 delivery = queue.recv(), if draining_since.is_none() => match delivery {
                     Some(delivery) => {
-                        let (message, forward, _) = delivery.into_forwarded();
-                        self.admit(message, forward, &mut sink).await;
+                        self.on_router_message(delivery, &mut sink).await;
+                        for _ in 1..crate::BURST {
+                            self.dispatch(&workers, &mut sink).await;
+                            let Some(delivery) = queue.try_recv() else { break };
+                            self.on_router_message(delivery, &mut sink).await;
+                        }
                     }
                     None => draining_since = Some(Instant::now()),
                 },
                 received = workers.recv_message() => match received {
-                    Ok(received) if !received.is_empty() => {
-                        if !self.pass_on(&received, &sink).await {
-                            let mut frames = received.into_frames();
-                            let identity = frames.remove(0);
-                            match self.codec.decode_frames(&frames) {
-                                Ok(message) => self.on_worker_frame(identity, message, &workers, &mut sink).await,
-                                Err(error) => {
-                                    count(&self.status.counters.malformed);
-                                    tracing::warn!(%error, "dropped a worker frame that does not decode");
-                                }
-                            }
+                    Ok(received) => {
+                        self.on_worker_message(received, &workers, &mut sink).await;
+                        for _ in 1..crate::BURST {
+                            self.dispatch(&workers, &mut sink).await;
+                            let Ok(Some(received)) = workers.try_recv_message() else { break };
+                            self.on_worker_message(received, &workers, &mut sink).await;
                         }
                     }
-                    Ok(_) => {}
                     Err(error) if error.is_closed() => break,
                     Err(error) => tracing::warn!(%error, "receiving from the workers failed"),
                 },
@@ -612,6 +612,33 @@ impl Pool {
         }
         workers.close().await;
         Ok(())
+    }
+
+    /// A message from the router: a caller's request (lined up) or a control message.
+    async fn on_router_message(&mut self, delivery: Delivery, sink: &mut ResultSink) {
+        let (message, forward, _) = delivery.into_forwarded();
+        self.admit(message, forward, sink).await;
+    }
+
+    /// A worker's answer passed on as it came, or any other worker frame decoded and handled.
+    async fn on_worker_message(
+        &mut self,
+        received: Received,
+        workers: &Socket,
+        sink: &mut ResultSink,
+    ) {
+        if received.is_empty() || self.pass_on(&received, sink).await {
+            return;
+        }
+        let mut frames = received.into_frames();
+        let identity = frames.remove(0);
+        match self.codec.decode_frames(&frames) {
+            Ok(message) => self.on_worker_frame(identity, message, workers, sink).await,
+            Err(error) => {
+                count(&self.status.counters.malformed);
+                tracing::warn!(%error, "dropped a worker frame that does not decode");
+            }
+        }
     }
 
     fn publish_status(&self) {

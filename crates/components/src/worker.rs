@@ -549,6 +549,106 @@ impl Shared {
     }
 }
 
+/// The worker's loop's own state for the messages it takes.
+struct Intake {
+    shared: Arc<Shared>,
+    /// Reads plain calls in place (rylm's layout with its own codec).
+    viewer: Option<NativeCodec>,
+    native: bool,
+    credits: usize,
+    running: tokio::task::JoinSet<()>,
+    last_heard: Instant,
+    silent: bool,
+    /// How many of the next messages start in a task of their own (see [`Intake::take`]).
+    spawn_next: u32,
+    warned: bool,
+}
+
+impl Intake {
+    /// One message from the master: a control message handled, a call started (its first
+    /// step here) or answered `busy`.
+    async fn take(&mut self, frames: Vec<Bytes>) {
+        let shared = &self.shared;
+        let plain = self
+            .viewer
+            .as_ref()
+            .and_then(|viewer| Plain::read(&shared.functions, viewer, &frames));
+        let message = match &plain {
+            Some(_) => None,
+            None => match shared.codec.decode_frames(&frames) {
+                Ok(message) => Some(message),
+                Err(error) => {
+                    tracing::warn!(%error, "dropped a frame from the master that does not decode");
+                    return;
+                }
+            },
+        };
+        self.last_heard = Instant::now();
+        if self.silent {
+            tracing::info!("the master answers again");
+            self.silent = false;
+        }
+        if self.native {
+            match message.as_ref().and_then(Message::function_name) {
+                Some(READY_FUNCTION) => {
+                    shared.signal(&shared.ready(self.credits)).await;
+                    return;
+                }
+                Some(HEARTBEAT_FUNCTION) => return,
+                _ => {}
+            }
+        }
+        // A master keeps within the credits; one that sends far more gets `busy`.
+        let credits = self.credits;
+        if self.running.len() >= credits * 2 {
+            let text =
+                format!("this worker runs {credits} messages at once and holds as many waiting");
+            let busy = message.or_else(|| shared.codec.decode_frames(&frames).ok());
+            if let Some(message) = busy {
+                shared.signal(&error_reply(&message, "busy", &text)).await;
+            }
+            return;
+        }
+        let mut run: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> =
+            match (plain, message) {
+                (Some(plain), _) => Box::pin(shared.clone().run_plain(plain, frames)),
+                (None, Some(message)) => {
+                    let deadline = deadline_of(&message, self.last_heard);
+                    Box::pin(shared.clone().run(message, frames, deadline))
+                }
+                (None, None) => return,
+            };
+        // Its first step here: a function that answers at once needs no task (a hop between
+        // threads costs more than most functions). One whose first step takes long would hold
+        // up this loop and its heartbeats: after it, the next messages start in tasks of their
+        // own, then the loop tries again (a thread preempted in the middle of a step looks the
+        // same on a busy machine, so one slow step does not cost the worker its fast path for
+        // good).
+        if self.spawn_next > 0 {
+            self.spawn_next -= 1;
+            self.running.spawn(run);
+            return;
+        }
+        let started = self.last_heard;
+        let done = futures_lite::future::poll_once(run.as_mut())
+            .await
+            .is_some();
+        let took = started.elapsed();
+        if took > INLINE_LIMIT {
+            self.spawn_next = SPAWNED_AFTER_SLOW;
+            if !std::mem::replace(&mut self.warned, true) {
+                tracing::info!(
+                    ?took,
+                    "a function's first step is slow; messages start in tasks of their own for a while (this is logged once)"
+                );
+            }
+        }
+        if !done {
+            self.running.spawn(run);
+        }
+    }
+}
+
 async fn work(builder: WorkerBuilder, link: Link, mut stopped: watch::Receiver<bool>) {
     let Link {
         from,
@@ -556,17 +656,15 @@ async fn work(builder: WorkerBuilder, link: Link, mut stopped: watch::Receiver<b
         mut events,
     } = link;
     let native = events.is_some();
-    // Plain calls run straight from their bytes in rylm's layout with its own codec.
-    let viewer = NativeCodec::when_native(builder.codec.as_ref()).filter(|_| native);
     let credits = builder.credits;
     let shared = Arc::new(Shared {
         functions: builder.functions,
         server: builder.server,
-        codec: builder.codec,
         to,
         slots: Semaphore::new(credits),
         max_message: builder.transport.connected.max_message_size,
         holding: Mutex::default(),
+        codec: builder.codec,
     });
     let beat = Message::call(HEARTBEAT_FUNCTION, Bytes::new());
     let grace = builder.heartbeat.grace();
@@ -577,22 +675,27 @@ async fn work(builder: WorkerBuilder, link: Link, mut stopped: watch::Receiver<b
         shared.signal(&shared.ready(credits)).await;
     }
     let mut ticker = tokio::time::interval(builder.heartbeat.interval);
-    let mut running = tokio::task::JoinSet::new();
+    let mut intake = Intake {
+        viewer: NativeCodec::when_native(shared.codec.as_ref()).filter(|_| native),
+        shared: shared.clone(),
+        native,
+        credits,
+        running: tokio::task::JoinSet::new(),
+        last_heard: Instant::now(),
+        silent: false,
+        spawn_next: 0,
+        warned: false,
+    };
     let mut connections = 0u64;
-    let mut last_heard = Instant::now();
-    let mut silent = false;
-    // How many of the next messages start in a task of their own (see below).
-    let mut spawn_next = 0u32;
-    let mut warned = false;
     loop {
         tokio::select! {
             _ = stopped.changed() => break,
             _ = ticker.tick(), if native => {
                 shared.signal(&beat).await;
-                if last_heard.elapsed() > grace {
-                    if !silent {
-                        tracing::warn!(silent_for = ?last_heard.elapsed(), "no word from the master; announcing again");
-                        silent = true;
+                if intake.last_heard.elapsed() > grace {
+                    if !intake.silent {
+                        tracing::warn!(silent_for = ?intake.last_heard.elapsed(), "no word from the master; announcing again");
+                        intake.silent = true;
                     }
                     shared.signal(&shared.ready(credits)).await;
                 }
@@ -607,86 +710,25 @@ async fn work(builder: WorkerBuilder, link: Link, mut stopped: watch::Receiver<b
                     }
                 }
             }
-            received = from.recv() => {
-                while running.try_join_next().is_some() {}
-                let received = match received {
-                    Ok(received) => received,
+            received = from.recv_message() => {
+                while intake.running.try_join_next().is_some() {}
+                match received {
+                    Ok(received) => intake.take(received.into_frames()).await,
                     Err(error) if error.is_closed() => break,
                     Err(_) => continue,
-                };
-                let plain = viewer
-                    .as_ref()
-                    .and_then(|viewer| Plain::read(&shared.functions, viewer, &received));
-                let message = match &plain {
-                    Some(_) => None,
-                    None => match shared.codec.decode_frames(&received) {
-                        Ok(message) => Some(message),
-                        Err(error) => {
-                            tracing::warn!(%error, "dropped a frame from the master that does not decode");
-                            continue;
-                        }
-                    },
-                };
-                last_heard = Instant::now();
-                if silent {
-                    tracing::info!("the master answers again");
-                    silent = false;
                 }
-                if native {
-                    match message.as_ref().and_then(Message::function_name) {
-                        Some(READY_FUNCTION) => {
-                            shared.signal(&shared.ready(credits)).await;
-                            continue;
-                        }
-                        Some(HEARTBEAT_FUNCTION) => continue,
-                        _ => {}
+                // The rest of a burst without waiting again.
+                for _ in 1..crate::BURST {
+                    match from.try_recv_message() {
+                        Ok(Some(received)) => intake.take(received.into_frames()).await,
+                        _ => break,
                     }
-                }
-                // A master keeps within the credits; one that sends far more gets `busy`.
-                if running.len() >= credits * 2 {
-                    let text = format!("this worker runs {credits} messages at once and holds as many waiting");
-                    let busy = message.or_else(|| shared.codec.decode_frames(&received).ok());
-                    if let Some(message) = busy {
-                        shared.signal(&error_reply(&message, "busy", &text)).await;
-                    }
-                    continue;
-                }
-                let mut run: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> =
-                    match (plain, message) {
-                        (Some(plain), _) => Box::pin(shared.clone().run_plain(plain, received)),
-                        (None, Some(message)) => {
-                            let deadline = deadline_of(&message, Instant::now());
-                            Box::pin(shared.clone().run(message, received, deadline))
-                        }
-                        (None, None) => continue,
-                    };
-                // Its first step here: a function that answers at once needs no task (a hop
-                // between threads costs more than most functions). One whose first step takes
-                // long would hold up this loop and its heartbeats: after it, the next messages
-                // start in tasks of their own, then the loop tries again (a thread preempted in
-                // the middle of a step looks the same on a busy machine, so one slow step does
-                // not cost the worker its fast path for good).
-                if spawn_next > 0 {
-                    spawn_next -= 1;
-                    running.spawn(run);
-                    continue;
-                }
-                let started = Instant::now();
-                let done = futures_lite::future::poll_once(run.as_mut()).await.is_some();
-                let took = started.elapsed();
-                if took > INLINE_LIMIT {
-                    spawn_next = SPAWNED_AFTER_SLOW;
-                    if !std::mem::replace(&mut warned, true) {
-                        tracing::info!(?took, "a function's first step is slow; messages start in tasks of their own for a while (this is logged once)");
-                    }
-                }
-                if !done {
-                    running.spawn(run);
                 }
             }
         }
     }
     // Finish and answer what is held, heartbeating meanwhile so the master waits for it.
+    let mut running = intake.running;
     loop {
         tokio::select! {
             done = running.join_next() => if done.is_none() { break },

@@ -128,6 +128,12 @@ impl OutboundQueue {
     pub async fn recv(&mut self) -> Option<Delivery> {
         self.receiver.recv().await
     }
+
+    /// The next message if one is queued, without waiting (`None` also once the router has
+    /// shut down and the queue is empty: [`OutboundQueue::recv`] tells which).
+    pub fn try_recv(&mut self) -> Option<Delivery> {
+        self.receiver.try_recv().ok()
+    }
 }
 
 /// What every link and dispatch shares.

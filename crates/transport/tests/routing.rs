@@ -49,3 +49,35 @@ async fn a_declared_identity_is_reported_and_unknown_peers_fail_when_mandatory()
         .await;
     assert!(dropped.is_ok(), "without it the send is dropped silently");
 }
+
+#[tokio::test]
+async fn a_burst_is_taken_without_waiting_and_nothing_is_taken_twice() {
+    let router = Socket::new(Kind::Router, &Options::default()).expect("a socket");
+    let address = router.bind("tcp://127.0.0.1:0").await.expect("binds");
+    assert!(
+        router.try_recv_message().expect("no error").is_none(),
+        "nothing has come yet"
+    );
+    let dealer = Socket::new(Kind::Dealer, &Options::default()).expect("a socket");
+    dealer.connect(&address).await.expect("connects");
+    for n in 0..10u8 {
+        dealer.send(vec![Bytes::from(vec![n])]).await.expect("sent");
+    }
+    // The first with a wait; the others as they are there, in order, each once.
+    let mut taken = Vec::new();
+    let first = tokio::time::timeout(DEADLINE, router.recv_message())
+        .await
+        .expect("in time")
+        .expect("received");
+    taken.push(first.part(1).expect("a body").to_vec());
+    let until = tokio::time::Instant::now() + DEADLINE;
+    while taken.len() < 10 && tokio::time::Instant::now() < until {
+        match router.try_recv_message().expect("no error") {
+            Some(received) => taken.push(received.part(1).expect("a body").to_vec()),
+            None => tokio::task::yield_now().await,
+        }
+    }
+    let expected: Vec<Vec<u8>> = (0..10u8).map(|n| vec![n]).collect();
+    assert_eq!(taken, expected);
+    assert!(router.try_recv_message().expect("no error").is_none());
+}

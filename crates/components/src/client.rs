@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use rylm_message::trace::{Hop, TRACEPARENT};
-use rylm_message::{Codec, Message, NativeCodec, new_id};
+use rylm_message::{Codec, Message, NativeCodec, Stamp, new_id};
 use rylm_transport::{Event, Kind, Outbox, Received, Socket, Undelivered};
 use tokio::sync::{Mutex, mpsc, oneshot};
 use tracing::Instrument;
@@ -221,6 +221,9 @@ struct Inner {
     session: std::sync::Mutex<String>,
     server: String,
     codec: Arc<dyn Codec>,
+    /// The codec when it is rylm's own: requests are then written stamped, straight from the
+    /// caller's message (see [`Stamp`]).
+    native: Option<NativeCodec>,
     address: String,
     requests: Socket,
     /// The calls of many tasks reach `requests` through it, in bursts.
@@ -410,6 +413,7 @@ impl Client {
                 id,
                 session: std::sync::Mutex::new(new_id()),
                 server,
+                native: NativeCodec::when_native(codec.as_ref()),
                 codec,
                 address,
                 requests,
@@ -574,21 +578,41 @@ impl Client {
         all: bool,
     ) -> Result<Vec<Answer>, Error> {
         let call = self.next_call();
-        message.client.clone_from(&self.inner.id);
-        message.pipeline = self.session();
-        message.cache = call.to_string();
-        message.headers.insert(
-            crate::DEADLINE.into(),
-            deadline.as_millis().max(1).to_string(),
+        let (mut number, mut millis) = ([0u8; 20], [0u8; 20]);
+        let millis = decimal(
+            u64::try_from(deadline.as_millis().max(1)).unwrap_or(u64::MAX),
+            &mut millis,
         );
-        let span = if self.trace && message.function_name() != Some(crate::SYNC_FUNCTION) {
-            let hop = Hop::continue_from(message.header(TRACEPARENT));
-            message
-                .headers
-                .insert(TRACEPARENT.into(), hop.traceparent());
-            hop.span("rylm.client.call")
-        } else {
-            tracing::Span::none()
+        let (traceparent, span) =
+            if self.trace && message.function_name() != Some(crate::SYNC_FUNCTION) {
+                let hop = Hop::continue_from(message.header(TRACEPARENT));
+                (hop.traceparent(), hop.span("rylm.client.call"))
+            } else {
+                (String::new(), tracing::Span::none())
+            };
+        // The stamp's headers in order of name.
+        let headers = [
+            (crate::DEADLINE, millis),
+            (TRACEPARENT, traceparent.as_str()),
+        ];
+        let frames = {
+            let session = self.inner.session.lock().unwrap_or_else(|e| e.into_inner());
+            let stamp = Stamp {
+                client: &self.inner.id,
+                pipeline: &session,
+                cache: decimal(call, &mut number),
+                headers: &headers[..if traceparent.is_empty() { 1 } else { 2 }],
+            };
+            match &self.inner.native {
+                Some(native) => vec![
+                    Bytes::from_static(&rylm_message::MARKER),
+                    native.encode_stamped(message, &stamp)?,
+                ],
+                None => {
+                    stamp.apply(message);
+                    self.inner.codec.encode_frames(message)?
+                }
+            }
         };
         let (waiter, mut answers) = if all {
             let (parts, answers) = mpsc::unbounded_channel();
@@ -603,7 +627,6 @@ impl Client {
             pending.len()
         };
         let collect = async {
-            let frames = self.inner.codec.encode_frames(message)?;
             self.inner
                 .outbox
                 .send(call, &self.inner.requests, frames, &self.inner, in_flight)
@@ -644,10 +667,14 @@ impl Client {
     /// `function` as `server.method`: on this client's server unless it names one.
     fn full_name(&self, function: &str) -> String {
         if function.contains('.') {
-            function.to_owned()
-        } else {
-            format!("{}.{function}", self.inner.server)
+            return function.to_owned();
         }
+        let server = &self.inner.server;
+        let mut name = String::with_capacity(server.len() + 1 + function.len());
+        name.push_str(server);
+        name.push('.');
+        name.push_str(function);
+        name
     }
 
     /// Calls a mux function (one that yields many results) and returns every part, in order.
@@ -755,6 +782,20 @@ impl Client {
     }
 }
 
+/// `value` in decimal, written into `buffer`.
+fn decimal(mut value: u64, buffer: &mut [u8; 20]) -> &str {
+    let mut at = buffer.len();
+    loop {
+        at -= 1;
+        buffer[at] = b'0' + (value % 10) as u8;
+        value /= 10;
+        if value == 0 {
+            break;
+        }
+    }
+    std::str::from_utf8(&buffer[at..]).unwrap_or_default()
+}
+
 /// Hands every result that comes over `socket` (after `skip` frames: a SUB's topic) to the call
 /// waiting for it.
 fn receive(
@@ -854,4 +895,15 @@ async fn cache_ask(cache: &mut Ask, request: &Message) -> Result<Option<Bytes>, 
     } else {
         Some(reply.payload)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn numbers_are_written_in_decimal() {
+        for value in [0, 7, 10, 12_345, u64::from(u32::MAX), u64::MAX] {
+            let mut buffer = [0u8; 20];
+            assert_eq!(super::decimal(value, &mut buffer), value.to_string());
+        }
+    }
 }

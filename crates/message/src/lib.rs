@@ -62,6 +62,7 @@ mod native;
 #[cfg(feature = "pylm")]
 mod pylm;
 pub mod samples;
+mod stamp;
 pub mod stats;
 mod stream;
 pub mod trace;
@@ -74,5 +75,6 @@ pub use json::JsonCodec;
 pub use native::{MARKER, NativeCodec, WIRE_VERSION};
 #[cfg(feature = "pylm")]
 pub use pylm::{PalmMessage, PylmCodec};
+pub use stamp::Stamp;
 pub use stream::StreamCodec;
 pub use view::{Answering, Forward, NativeView};

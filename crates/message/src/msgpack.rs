@@ -53,16 +53,45 @@ pub struct MsgpackItem<'a> {
 
 /// Writes the head of a map of `len` pairs.
 pub(crate) fn write_map_head(out: &mut Vec<u8>, len: usize) {
+    write_container_head(out, len, [0x80, 0xde, 0xdf]);
+}
+
+/// Writes the head of an array of `len` items.
+pub(crate) fn write_array_head(out: &mut Vec<u8>, len: usize) {
+    write_container_head(out, len, [0x90, 0xdc, 0xdd]);
+}
+
+/// A map's or an array's head: its short form (the length in the marker's low four bits), or
+/// its 16-bit or 32-bit marker and length.
+fn write_container_head(out: &mut Vec<u8>, len: usize, [short, wide16, wide32]: [u8; 3]) {
     match u16::try_from(len) {
-        Ok(len) if len < 16 => out.push(0x80 | len as u8),
+        Ok(len) if len < 16 => out.push(short | len as u8),
         Ok(len) => {
-            out.push(0xde);
+            out.push(wide16);
             out.extend_from_slice(&len.to_be_bytes());
         }
         Err(_) => {
-            out.push(0xdf);
+            out.push(wide32);
             out.extend_from_slice(&(len as u32).to_be_bytes());
         }
+    }
+}
+
+/// Writes an unsigned integer in its shortest form, as MessagePack writers do.
+pub(crate) fn write_uint(out: &mut Vec<u8>, value: u64) {
+    if value < 128 {
+        out.push(value as u8);
+    } else if let Ok(value) = u8::try_from(value) {
+        out.extend_from_slice(&[0xcc, value]);
+    } else if let Ok(value) = u16::try_from(value) {
+        out.push(0xcd);
+        out.extend_from_slice(&value.to_be_bytes());
+    } else if let Ok(value) = u32::try_from(value) {
+        out.push(0xce);
+        out.extend_from_slice(&value.to_be_bytes());
+    } else {
+        out.push(0xcf);
+        out.extend_from_slice(&value.to_be_bytes());
     }
 }
 

@@ -317,7 +317,7 @@ impl Callers {
                 }
             }
             // The rest of a burst without waiting again.
-            for _ in 1..crate::BURST {
+            for _ in 1..rylm_transport::BURST {
                 match socket.socket.try_recv_message() {
                     Ok(Some(received)) => self.take(&link, received).await?,
                     _ => break,

@@ -87,11 +87,6 @@ pub use worker::{Worker, WorkerBuilder};
 /// ([`Functions::add_mux`]), each yielding any number of results per message.
 pub type MuxWorker = Worker;
 
-/// How many messages a loop takes from its socket or queue, once it has one, before it waits
-/// again: what it waits on (a timer, a stop signal, other sockets) is looked at once per burst
-/// instead of once per message, and at least that often.
-pub(crate) const BURST: usize = 32;
-
 /// The header of an error reply that says what kind of failure it is: `unknown-function`,
 /// `failed`, `panicked`, `malformed`.
 pub const ERROR_KIND: &str = "rylm-error";

@@ -562,7 +562,7 @@ impl Pool {
                 delivery = queue.recv(), if draining_since.is_none() => match delivery {
                     Some(delivery) => {
                         self.on_router_message(delivery, &mut sink).await;
-                        for _ in 1..crate::BURST {
+                        for _ in 1..rylm_transport::BURST {
                             self.dispatch(&workers, &mut sink).await;
                             let Some(delivery) = queue.try_recv() else { break };
                             self.on_router_message(delivery, &mut sink).await;
@@ -573,7 +573,7 @@ impl Pool {
                 received = workers.recv_message() => match received {
                     Ok(received) => {
                         self.on_worker_message(received, &workers, &mut sink).await;
-                        for _ in 1..crate::BURST {
+                        for _ in 1..rylm_transport::BURST {
                             self.dispatch(&workers, &mut sink).await;
                             let Ok(Some(received)) = workers.try_recv_message() else { break };
                             self.on_worker_message(received, &workers, &mut sink).await;

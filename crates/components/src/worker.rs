@@ -718,7 +718,7 @@ async fn work(builder: WorkerBuilder, link: Link, mut stopped: watch::Receiver<b
                     Err(_) => continue,
                 }
                 // The rest of a burst without waiting again.
-                for _ in 1..crate::BURST {
+                for _ in 1..rylm_transport::BURST {
                     match from.try_recv_message() {
                         Ok(Some(received)) => intake.take(received.into_frames()).await,
                         _ => break,

@@ -934,7 +934,14 @@ async fn run_instance(inner: Weak<Inner>, instance: Arc<Instance>) {
             message = socket.recv_message() => {
                 let Some(inner) = inner.upgrade() else { break };
                 match message {
-                    Ok(message) => on_frame(&inner, &instance, &message),
+                    Ok(message) => {
+                        on_frame(&inner, &instance, &message);
+                        // The rest of a burst without waiting again.
+                        for _ in 1..rylm_transport::BURST {
+                            let Ok(Some(message)) = socket.try_recv_message() else { break };
+                            on_frame(&inner, &instance, &message);
+                        }
+                    }
                     Err(error) if error.is_closed() => break,
                     Err(error) => tracing::warn!(address = %instance.address, %error, "receiving failed"),
                 }

@@ -678,8 +678,23 @@ async fn run(
     let mut spawn_next: u32 = 0;
     let mut warned = false;
     let mut spare = None;
+    // Messages left to take without waiting before the loop looks at its stop signal again.
+    let mut burst = 0usize;
     loop {
-        let message = tokio::select! {
+        // The rest of a burst is taken as it is there; the wait (and the stop signal beside it)
+        // is looked at once per burst.
+        let ready = match burst.checked_sub(1) {
+            Some(left) => {
+                burst = left;
+                socket.try_recv_message().ok().flatten()
+            }
+            None => None,
+        };
+        let message = if let Some(message) = ready {
+            Ok(message)
+        } else {
+            burst = rylm_transport::BURST;
+            tokio::select! {
             _ = stopped.changed(), if !draining => {
                 draining = true;
                 if handlers.is_empty() {
@@ -696,6 +711,7 @@ async fn run(
                 continue;
             }
             message = socket.recv_message() => message,
+            }
         };
         // Forget the handlers that have ended (at most the slots and the queue).
         while handlers.try_join_next().is_some() {}

@@ -76,3 +76,9 @@ pub use keys::{Keypair, PublicKey};
 pub use options::{DEFAULT_MAX_MESSAGE_SIZE, Heartbeat, Kind, Options, Security};
 pub use outbox::{Outbox, Undelivered};
 pub use socket::{Received, Socket, Unsent};
+
+/// How many messages a loop takes from a socket ([`Socket::try_recv_message`]) or a queue,
+/// once it has one, before it waits again: what it waits on beside (a timer, a stop signal,
+/// other sockets) is looked at once per burst instead of once per message, and at least that
+/// often.
+pub const BURST: usize = 32;

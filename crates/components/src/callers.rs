@@ -318,6 +318,9 @@ impl Callers {
             }
             // The rest of a burst without waiting again.
             for _ in 1..rylm_transport::BURST {
+                // Each counts against the task's budget, as a wait would: a long burst
+                // yields to the tasks it woke instead of starving them.
+                tokio::task::coop::consume_budget().await;
                 match socket.socket.try_recv_message() {
                     Ok(Some(received)) => self.take(&link, received).await?,
                     _ => break,

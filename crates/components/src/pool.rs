@@ -563,6 +563,9 @@ impl Pool {
                     Some(delivery) => {
                         self.on_router_message(delivery, &mut sink).await;
                         for _ in 1..rylm_transport::BURST {
+                            // Each counts against the task's budget, as a wait would: a long burst
+                            // yields to the tasks it woke instead of starving them.
+                            tokio::task::coop::consume_budget().await;
                             self.dispatch(&workers, &mut sink).await;
                             let Some(delivery) = queue.try_recv() else { break };
                             self.on_router_message(delivery, &mut sink).await;
@@ -574,6 +577,9 @@ impl Pool {
                     Ok(received) => {
                         self.on_worker_message(received, &workers, &mut sink).await;
                         for _ in 1..rylm_transport::BURST {
+                            // Each counts against the task's budget, as a wait would: a long burst
+                            // yields to the tasks it woke instead of starving them.
+                            tokio::task::coop::consume_budget().await;
                             self.dispatch(&workers, &mut sink).await;
                             let Ok(Some(received)) = workers.try_recv_message() else { break };
                             self.on_worker_message(received, &workers, &mut sink).await;

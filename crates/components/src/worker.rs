@@ -719,6 +719,9 @@ async fn work(builder: WorkerBuilder, link: Link, mut stopped: watch::Receiver<b
                 }
                 // The rest of a burst without waiting again.
                 for _ in 1..rylm_transport::BURST {
+                    // Each counts against the task's budget, as a wait would: a long burst
+                    // yields to the tasks it woke instead of starving them.
+                    tokio::task::coop::consume_budget().await;
                     match from.try_recv_message() {
                         Ok(Some(received)) => intake.take(received.into_frames()).await,
                         _ => break,

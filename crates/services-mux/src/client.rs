@@ -938,6 +938,9 @@ async fn run_instance(inner: Weak<Inner>, instance: Arc<Instance>) {
                         on_frame(&inner, &instance, &message);
                         // The rest of a burst without waiting again.
                         for _ in 1..rylm_transport::BURST {
+                            // Each counts against the task's budget, as a wait would: a long burst
+                            // yields to the tasks it woke instead of starving them.
+                            tokio::task::coop::consume_budget().await;
                             let Ok(Some(message)) = socket.try_recv_message() else { break };
                             on_frame(&inner, &instance, &message);
                         }

@@ -686,6 +686,9 @@ async fn run(
         let ready = match burst.checked_sub(1) {
             Some(left) => {
                 burst = left;
+                // Each counts against the task's budget, as a wait would: a long burst yields
+                // to the tasks it woke instead of starving them.
+                tokio::task::coop::consume_budget().await;
                 socket.try_recv_message().ok().flatten()
             }
             None => None,

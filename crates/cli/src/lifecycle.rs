@@ -7,16 +7,52 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 
-/// The first SIGTERM or SIGINT; its name.
+/// The stop signals' listeners, made by [`listen`] before a command says how to stop it, so
+/// that a signal sent as soon as that line shows is neither lost nor fatal (SIGTERM's default
+/// action would end the process before it drains).
+#[cfg(unix)]
+static LISTENING: std::sync::Mutex<Option<Listening>> = std::sync::Mutex::new(None);
+
+#[cfg(unix)]
+struct Listening {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+#[cfg(unix)]
+impl Listening {
+    fn new() -> Result<Listening> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Listening {
+            term: signal(SignalKind::terminate()).context("listening for SIGTERM")?,
+            int: signal(SignalKind::interrupt()).context("listening for SIGINT")?,
+        })
+    }
+}
+
+/// Starts listening for SIGTERM and SIGINT (within the runtime), for [`stop_signal`] to wait
+/// on: call it before telling anyone how to stop the command.
+pub(crate) fn listen() -> Result<()> {
+    #[cfg(unix)]
+    {
+        let listening = Listening::new()?;
+        *LISTENING.lock().unwrap_or_else(|e| e.into_inner()) = Some(listening);
+    }
+    Ok(())
+}
+
+/// The first SIGTERM or SIGINT (since [`listen`], if it was called); its name.
 pub(crate) async fn stop_signal() -> Result<&'static str> {
     #[cfg(unix)]
     {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut term = signal(SignalKind::terminate()).context("listening for SIGTERM")?;
-        let mut int = signal(SignalKind::interrupt()).context("listening for SIGINT")?;
+        let listening = LISTENING.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let mut listening = match listening {
+            Some(listening) => listening,
+            None => Listening::new()?,
+        };
         tokio::select! {
-            _ = term.recv() => Ok("SIGTERM"),
-            _ = int.recv() => Ok("SIGINT"),
+            _ = listening.term.recv() => Ok("SIGTERM"),
+            _ = listening.int.recv() => Ok("SIGINT"),
         }
     }
     #[cfg(not(unix))]

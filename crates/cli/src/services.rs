@@ -152,6 +152,7 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<()> {
             .serve(&args.bind)
             .await?
     };
+    crate::lifecycle::listen()?;
     eprintln!(
         "rylm service: {:?} listening at {} (routes /echo, /upper/<text>, /slow/<ms>, /fail); SIGTERM or Ctrl-C stops",
         args.name,

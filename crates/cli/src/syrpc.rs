@@ -170,6 +170,7 @@ pub(crate) async fn run(command: SyrpcCommand) -> Result<()> {
             let server = Server::connect(connection.settings()?.with_prefetch(prefetch)).await?;
             let shows = crate::admin::Shows::Syrpc(server.counters());
             let admin = crate::admin::start("syrpc", admin, shows).await?;
+            crate::lifecycle::listen()?;
             eprintln!(
                 "rylm syrpc: serving app {:?} (echo, upper, reverse, sleep, fail); SIGTERM or Ctrl-C stops",
                 connection.app

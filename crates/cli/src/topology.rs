@@ -208,13 +208,15 @@ async fn stop_admin(admin: Option<rylm_admin::Admin>) {
     }
 }
 
-fn announce(what: &str, addresses: &[(&str, &str)]) {
+fn announce(what: &str, addresses: &[(&str, &str)]) -> Result<()> {
+    crate::lifecycle::listen()?;
     for (role, address) in addresses {
         eprintln!("rylm {what}: {role} at {address}");
     }
     eprintln!(
         "rylm {what}: built-in functions echo, upper, reverse, sleep:<ms>, fail, pid; SIGTERM or Ctrl-C stops"
     );
+    Ok(())
 }
 
 pub(crate) async fn server(args: ServerArgs) -> Result<()> {
@@ -240,7 +242,7 @@ pub(crate) async fn server(args: ServerArgs) -> Result<()> {
             ("stream", server.stream_address()),
             ("cache", server.db_address()),
         ],
-    );
+    )?;
     let shows = Shows::Server(server.counters(), functions);
     let admin = admin::start("server", args.admin, shows).await?;
     let drain_for = drain(args.drain_for)?;
@@ -284,7 +286,7 @@ pub(crate) async fn master(args: MasterArgs, previous: Option<PreviousArgs>) -> 
             ("workers", master.worker_address()),
             ("cache", master.db_address()),
         ],
-    );
+    )?;
     let shows = Shows::Master {
         pool: master.status(),
         pylm: args.server.wire == "pylm",
@@ -322,7 +324,7 @@ pub(crate) async fn worker(args: WorkerArgs) -> Result<()> {
         ),
     };
     let admin = admin::start("worker", args.admin, Shows::Worker(functions)).await?;
-    announce("worker", &[("master", target)]);
+    announce("worker", &[("master", target)])?;
     crate::lifecycle::until_stopped("worker", worker.died()).await?;
     if !worker.shutdown_within(drain(args.drain_for)?).await {
         eprintln!("rylm worker: stopped before its messages in hand were answered");
@@ -403,6 +405,7 @@ pub(crate) async fn gateway(args: GatewayArgs) -> Result<()> {
         routes: gateway.routes(),
     };
     let admin = admin::start("gateway", args.admin, shows).await?;
+    crate::lifecycle::listen()?;
     eprintln!("rylm gateway: try curl -d hello {http}/upper; SIGTERM or Ctrl-C stops");
     let stopped = until_stopped("gateway", std::future::pending()).await;
     stop_admin(admin).await;
@@ -439,7 +442,7 @@ pub(crate) async fn pipeline(args: ServerArgs, previous: PreviousArgs) -> Result
             ("stream", server.stream_address()),
             ("cache", server.db_address()),
         ],
-    );
+    )?;
     let shows = Shows::Server(server.counters(), functions);
     let admin = admin::start("pipeline", args.admin, shows).await?;
     let drain_for = drain(args.drain_for)?;
@@ -480,7 +483,7 @@ pub(crate) async fn sink(args: ServerArgs, previous: Vec<String>) -> Result<()> 
             ("stream", server.stream_address()),
             ("cache", server.db_address()),
         ],
-    );
+    )?;
     let shows = Shows::Server(server.counters(), functions);
     let admin = admin::start("sink", args.admin, shows).await?;
     let drain_for = drain(args.drain_for)?;

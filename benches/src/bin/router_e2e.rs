@@ -1,7 +1,7 @@
 //! `cargo xtask bench router`, end to end: client -> Master -> 2 Workers -> client over loopback
 //! tcp, the master and the workers each a `rylm` process as a user would run them, many messages
 //! in flight, 64-byte and 1 KiB payloads; beside two raw DEALER/ROUTER pipelined echoes whose
-//! servers are processes too, in the same run, interleaved, three times: one on rylm-transport
+//! servers are processes too, in the same run, interleaved, five times: one on rylm-transport
 //! (this binary with `--echo-server`), one on `zeromq` 0.7 (`benches/zeromq-echo`, the
 //! transport rylm used before).
 //!
@@ -26,9 +26,9 @@ use rylm_benches::{
 };
 use rylm_components::Client;
 
-const TOTAL: usize = 20_000;
+const TOTAL: usize = 100_000;
 const IN_FLIGHT: usize = 200;
-const REPETITIONS: usize = 3;
+const REPETITIONS: usize = 5;
 /// Repetitions of the on/off comparison, whose differences are small.
 const AB_REPETITIONS: usize = 9;
 /// Repetitions of the one-thread against thread-per-core comparison.
@@ -159,7 +159,7 @@ async fn run() -> Result<()> {
         .context("connecting to the master with a thread per core")?;
     let raw = Arc::new(RawEcho::connect(&echo).await?);
 
-    // Per size: the master's path, the echo on rylm-transport, the echo on zeromq 0.7; three
+    // Per size: the master's path, the echo on rylm-transport, the echo on zeromq 0.7; five
     // repetitions, interleaved, so that the machine's noise falls on all three alike.
     let mut runs: Vec<SizeRuns> = Vec::new();
     let mut old_client_rss = 0;

@@ -14,12 +14,12 @@ use rylm_benches::{
 };
 use rylm_services_mux::{Call, Method, Service, ServiceClient, ServiceResponse};
 
-const ONE_AT_A_TIME: usize = 3_000;
-const IN_FLIGHT_TOTAL: usize = 20_000;
+const ONE_AT_A_TIME: usize = 10_000;
+const IN_FLIGHT_TOTAL: usize = 100_000;
 const IN_FLIGHT: usize = 100;
 const DEADLINE: Duration = Duration::from_secs(30);
 const SECRET: &str = "bench-secret";
-const REPETITIONS: usize = 3;
+const REPETITIONS: usize = 5;
 
 #[tokio::main]
 async fn main() -> Result<()> {
@@ -76,7 +76,7 @@ async fn main() -> Result<()> {
 
     rylm("warm-up".into(), 500, 10).await?;
     baseline("warm-up".into(), 500, 10).await?;
-    // Subject, echo on rylm-transport and echo on zeromq 0.7, interleaved, three times.
+    // Subject, echo on rylm-transport and echo on zeromq 0.7, interleaved, five times.
     let mut rows = Vec::new();
     for (mode, total, in_flight) in [
         ("one at a time".to_owned(), ONE_AT_A_TIME, 1),

@@ -89,12 +89,29 @@ async fn main() -> Result<()> {
     // load with no storm.
     let calm = fresh_requests(gateway.local_addr(), "fresh requests, no storm").await?;
     let storm = tokio::spawn(abandon(gateway.local_addr(), STORM));
+    // What the workers' credits do meanwhile: a fresh request waits for one while the storm's
+    // running work holds them all.
+    let sampler = gateway.pool_status().map(|status| {
+        tokio::spawn(async move {
+            let mut samples = CreditSamples::default();
+            let mut tick = tokio::time::interval(Duration::from_millis(5));
+            while samples.taken < (DURATION.as_millis() / 5) as usize {
+                tick.tick().await;
+                samples.take(status.free_credits(), status.waiting());
+            }
+            samples
+        })
+    });
     let stormy = fresh_requests(
         gateway.local_addr(),
         "fresh requests during a storm of abandoned ones",
     )
     .await?;
     let abandoned = storm.await.context("the storm")??;
+    let credits = match sampler {
+        Some(sampler) => Some(sampler.await.context("the credit sampler")?),
+        None => None,
+    };
     println!("\n| fresh requests, 8 connections | req/s | p50 | p99 |\n|---|---:|---:|---:|");
     for run in [&calm, &stormy] {
         println!(
@@ -108,6 +125,14 @@ async fn main() -> Result<()> {
     println!(
         "\nstorm: {abandoned} requests to `slow` (200 ms) whose clients hung up after 20 ms, 200 at once"
     );
+    if let Some(credits) = credits {
+        println!(
+            "during the storm, sampled every 5 ms ({} samples): no free credit in {:.0} % of them, up to {} messages waiting for one",
+            credits.taken,
+            100.0 * credits.none_free as f64 / credits.taken.max(1) as f64,
+            credits.most_waiting
+        );
+    }
     observability(&functions).await?;
     println!(
         "\npeak RSS of the bench process (the gateways, their workers, bare hyper and the load generator): {} KiB",
@@ -118,6 +143,22 @@ async fn main() -> Result<()> {
     }
     gateway.shutdown().await?;
     Ok(())
+}
+
+/// How often the gateway's workers had no free credit, and how many messages waited for one.
+#[derive(Debug, Default)]
+struct CreditSamples {
+    taken: usize,
+    none_free: usize,
+    most_waiting: usize,
+}
+
+impl CreditSamples {
+    fn take(&mut self, free: usize, waiting: usize) {
+        self.taken += 1;
+        self.none_free += usize::from(free == 0);
+        self.most_waiting = self.most_waiting.max(waiting);
+    }
 }
 
 /// The traced gateway's metrics as `rylm gateway --admin` shows them: its routes and its pool.

@@ -49,6 +49,8 @@ async fn flags_win_over_the_environment_which_wins_over_the_file() {
         ),
     )
     .expect("writes the file");
+    // What the server says, for the message of a failure.
+    let log = dir.join("rylm.log");
     let start = |env: Option<&str>, flag: Option<&str>| {
         let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_rylm"));
         command.args(["server", "--config"]).arg(&file);
@@ -61,7 +63,7 @@ async fn flags_win_over_the_environment_which_wins_over_the_file() {
         command
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("a log file"))
             .kill_on_drop(true)
             .spawn()
             .expect("rylm starts")
@@ -79,7 +81,11 @@ async fn flags_win_over_the_environment_which_wins_over_the_file() {
         let mut server = start(env, flag);
         let deadline = Instant::now() + Duration::from_secs(30);
         while !answers(want).await {
-            assert!(Instant::now() < deadline, "the admin listener at {want}");
+            if Instant::now() >= deadline {
+                let _ = server.kill().await;
+                let said = std::fs::read_to_string(&log).unwrap_or_default();
+                panic!("nothing answers at the admin listener {want}; the server said:\n{said}");
+            }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         assert!(!answers(not).await, "nothing at {not}");

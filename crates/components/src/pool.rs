@@ -55,6 +55,13 @@ pub const ONCE: &str = "rylm-once";
 pub const WITHDRAW_FUNCTION: &str = "rylm.withdraw";
 /// The header that tells the pool which dispatch an answer belongs to.
 pub(crate) const DISPATCH: &str = "rylm-dispatch";
+/// Asks a worker to stop running a dispatch whose caller went away (header [`CANCEL`]); the
+/// worker confirms with the same function and the dispatch in [`DISPATCH`], which gives the
+/// credit back at once instead of when the function would have ended.
+pub const CANCEL_FUNCTION: &str = "rylm.cancel";
+/// The header of a [`CANCEL_FUNCTION`] from the pool: the dispatch to stop. (Not [`DISPATCH`],
+/// so that a worker that does not know the function answers an error that settles nothing.)
+pub const CANCEL: &str = "rylm-cancel";
 
 /// Timing of the pool's view of its workers (and theirs of the pool).
 #[derive(Clone, Debug)]
@@ -176,12 +183,14 @@ pub struct PoolCounters {
     pub admitted: AtomicU64,
     /// Messages withdrawn by their caller before an answer.
     pub withdrawn: AtomicU64,
+    /// Withdrawn messages a worker stopped running at the pool's request, its credit back.
+    pub cancelled: AtomicU64,
 }
 
 impl PoolCounters {
     /// Every counter as (name, what it counts, value now): what `rylm.status` and the admin
     /// metrics both show, from one list.
-    pub fn fields(&self) -> [(&'static str, &'static str, u64); 11] {
+    pub fn fields(&self) -> [(&'static str, &'static str, u64); 12] {
         let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
         [
             (
@@ -230,6 +239,11 @@ impl PoolCounters {
                 "withdrawn",
                 "messages withdrawn by their caller",
                 load(&self.withdrawn),
+            ),
+            (
+                "cancelled",
+                "withdrawn messages a worker stopped running, its credit back",
+                load(&self.cancelled),
             ),
         ]
     }
@@ -504,6 +518,9 @@ pub(crate) struct Pool {
     workers: HashMap<Bytes, WorkerState>,
     waiting: VecDeque<Queued>,
     in_flight: HashMap<DispatchId, Dispatched>,
+    /// Withdrawn dispatches whose workers are to be asked to stop running them (native
+    /// workers only), sent before the next dispatch.
+    cancels: Vec<(Bytes, DispatchId)>,
     dispatched: u64,
     keys: std::hash::RandomState,
     /// A dead worker's messages are failed back at once when no other worker is connected.
@@ -528,6 +545,7 @@ impl Pool {
             workers: HashMap::new(),
             waiting: VecDeque::new(),
             in_flight: HashMap::new(),
+            cancels: Vec::new(),
             dispatched: 0,
             keys: std::hash::RandomState::new(),
             fail_alone: false,
@@ -750,8 +768,16 @@ impl Pool {
             .map(|(id, _)| *id)
             .collect();
         let withdrawn = before - self.waiting.len() + held.len();
+        // A native worker is asked to stop what it runs for nobody (one of pylm's would take
+        // the request for a call).
+        let native = NativeCodec::when_native(self.codec.as_ref()).is_some();
         for id in held {
-            self.in_flight.remove(&id);
+            if let Some(dispatched) = self.in_flight.remove(&id)
+                && native
+            {
+                self.cancels
+                    .extend(dispatched.holders.iter().map(|worker| (worker.clone(), id)));
+            }
         }
         self.status
             .counters
@@ -812,6 +838,18 @@ impl Pool {
         match message.function_name() {
             Some(READY_FUNCTION) => {
                 self.on_ready(identity, &message, now);
+                return;
+            }
+            Some(CANCEL_FUNCTION) => {
+                // The worker stopped a withdrawn dispatch: its credit comes back now.
+                let id = message.header(DISPATCH).and_then(DispatchId::parse);
+                if let (Some(id), Some(worker)) = (id, self.workers.get_mut(&identity)) {
+                    worker.last_seen = now;
+                    if worker.holds.remove(&id) {
+                        worker.credits += 1;
+                        count(&self.status.counters.cancelled);
+                    }
+                }
                 return;
             }
             Some(HEARTBEAT_FUNCTION) => {
@@ -925,7 +963,7 @@ impl Pool {
         };
         let control = matches!(
             view.function_name(),
-            None | Some(READY_FUNCTION | HEARTBEAT_FUNCTION)
+            None | Some(READY_FUNCTION | HEARTBEAT_FUNCTION | CANCEL_FUNCTION)
         );
         let [pipelined, dispatch, more] = view.headers_named([PIPELINED, DISPATCH, MORE]);
         if control || pipelined.is_some() {
@@ -1123,6 +1161,19 @@ impl Pool {
     }
 
     async fn dispatch(&mut self, to_workers: &Socket, sink: &mut ResultSink) {
+        for (worker, id) in std::mem::take(&mut self.cancels) {
+            // Only to a worker that still holds it (a buried one gave its holds up).
+            if self
+                .workers
+                .get(&worker)
+                .is_some_and(|w| w.holds.contains(&id))
+            {
+                let mut text = String::new();
+                id.write(&mut text);
+                let cancel = Message::call(CANCEL_FUNCTION, Bytes::new()).with_header(CANCEL, text);
+                self.send_to(to_workers, worker, &cancel).await;
+            }
+        }
         while !self.waiting.is_empty() {
             let Some(identity) = self
                 .workers

@@ -9,7 +9,7 @@
 //! `unencodable` error, and a master that sends more than twice the credits gets `busy`. The
 //! worker never stalls its heartbeats: functions wait for a free slot in tasks of their own.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -22,7 +22,8 @@ use tokio::sync::{Semaphore, watch};
 use crate::functions::{PIPELINED, deadline_of};
 use crate::parts::{Endpoint, Transport, answer_frames, error_reply};
 use crate::pool::{
-    CREDITS, DISPATCH, FUNCTIONS, HEARTBEAT_FUNCTION, HOLDING, ONCE, READY_FUNCTION, next_event,
+    CANCEL, CANCEL_FUNCTION, CREDITS, DISPATCH, FUNCTIONS, HEARTBEAT_FUNCTION, HOLDING, ONCE,
+    READY_FUNCTION, next_event,
 };
 use crate::{Error, Functions};
 
@@ -309,7 +310,9 @@ struct Shared {
     /// The largest message the master takes (the transport's limit).
     max_message: usize,
     /// Dispatches being run (announced in READY, so a master counts their credits).
-    holding: Mutex<HashSet<String>>,
+    /// The dispatches this worker runs, each with its task once it has one of its own (so that
+    /// a cancelled dispatch can be stopped).
+    holding: Mutex<HashMap<Bytes, Option<tokio::task::AbortHandle>>>,
 }
 
 impl Shared {
@@ -351,8 +354,8 @@ impl Shared {
             .holding
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .cloned()
+            .keys()
+            .map(|id| String::from_utf8_lossy(id).into_owned())
             .collect();
         Message::call(READY_FUNCTION, Bytes::new())
             .with_header(CREDITS, credits.to_string())
@@ -368,12 +371,11 @@ impl Shared {
         let Ok(_permit) = self.slots.acquire().await else {
             return;
         };
-        let dispatch = message.header(DISPATCH).map(str::to_owned);
+        let dispatch = message
+            .header(DISPATCH)
+            .map(|id| Bytes::copy_from_slice(id.as_bytes()));
         if let Some(id) = &dispatch {
-            self.holding
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(id.clone());
+            self.hold(id);
         }
         let expired = |message: &Message| {
             error_reply(
@@ -431,7 +433,8 @@ struct Plain {
     method: Bytes,
     payload: Bytes,
     answering: rylm_message::Answering,
-    dispatch: Option<String>,
+    /// The dispatch id, in the request's body.
+    dispatch: Option<Bytes>,
     deadline: Option<Instant>,
 }
 
@@ -446,7 +449,7 @@ impl Plain {
         let [pipelined, traceparent, dispatch, deadline] =
             view.headers_named([PIPELINED, TRACEPARENT, DISPATCH, crate::DEADLINE]);
         if !view.is_single_function()
-            || matches!(name, READY_FUNCTION | HEARTBEAT_FUNCTION)
+            || matches!(name, READY_FUNCTION | HEARTBEAT_FUNCTION | CANCEL_FUNCTION)
             || pipelined.is_some()
             || traceparent
                 .is_some_and(|tp| rylm_message::trace::Hop::continue_if_recorded(tp).is_some())
@@ -465,7 +468,7 @@ impl Plain {
             method: body.slice_ref(method.as_bytes()),
             payload,
             answering: view.answering()?,
-            dispatch: dispatch.map(str::to_owned),
+            dispatch: dispatch.map(|id| body.slice_ref(id.as_bytes())),
             deadline: deadline
                 .and_then(|value| crate::functions::deadline_in(value, Instant::now())),
         })
@@ -473,16 +476,54 @@ impl Plain {
 }
 
 impl Shared {
+    /// Notes that this worker runs dispatch `id` (and keeps the task noted for it, if any).
+    fn hold(&self, id: &Bytes) {
+        self.holding
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(id.clone())
+            .or_insert(None);
+    }
+
+    /// Notes `task` as the task that runs dispatch `id`, so that a cancel can stop it. A task
+    /// that is done by then has let its dispatch go (or is about to: it takes its entry out as
+    /// it ends).
+    fn running_in(&self, id: Bytes, task: tokio::task::AbortHandle) {
+        let mut holding = self.holding.lock().unwrap_or_else(|e| e.into_inner());
+        if task.is_finished() {
+            holding.remove(&id);
+        } else {
+            holding.insert(id, Some(task));
+        }
+    }
+
+    /// Stops dispatch `id` at the pool's request (its caller went away) and confirms, which
+    /// gives its credit back at once. A dispatch this worker no longer runs (its answer went
+    /// out, and gave the credit back) or that runs in no task of its own is left alone.
+    async fn cancel(&self, id: &str) {
+        let task = {
+            let mut holding = self.holding.lock().unwrap_or_else(|e| e.into_inner());
+            match holding.get(id.as_bytes()) {
+                Some(Some(_)) => holding.remove(id.as_bytes()).flatten(),
+                _ => None,
+            }
+        };
+        let Some(task) = task else {
+            return;
+        };
+        task.abort();
+        let confirm =
+            Message::call(CANCEL_FUNCTION, Bytes::new()).with_header(DISPATCH, id.to_owned());
+        self.signal(&confirm).await;
+    }
+
     /// [`Shared::run`] for a [`Plain`] request that came as `frames`.
     async fn run_plain(self: Arc<Self>, plain: Plain, frames: Vec<Bytes>) {
         let Ok(_permit) = self.slots.acquire().await else {
             return;
         };
         if let Some(id) = &plain.dispatch {
-            self.holding
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(id.clone());
+            self.hold(id);
         }
         let method = std::str::from_utf8(&plain.method).unwrap_or_default();
         let started = Instant::now();
@@ -595,6 +636,12 @@ impl Intake {
                     return;
                 }
                 Some(HEARTBEAT_FUNCTION) => return,
+                Some(CANCEL_FUNCTION) => {
+                    if let Some(id) = message.as_ref().and_then(|m| m.header(CANCEL)) {
+                        shared.cancel(id).await;
+                    }
+                    return;
+                }
                 _ => {}
             }
         }
@@ -609,6 +656,14 @@ impl Intake {
             }
             return;
         }
+        // The dispatch, to note the task that runs it if it gets one.
+        let dispatch = match (&plain, &message) {
+            (Some(plain), _) => plain.dispatch.clone(),
+            (None, Some(message)) => message
+                .header(DISPATCH)
+                .map(|id| Bytes::copy_from_slice(id.as_bytes())),
+            (None, None) => None,
+        };
         let mut run: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> =
             match (plain, message) {
                 (Some(plain), _) => Box::pin(shared.clone().run_plain(plain, frames)),
@@ -626,7 +681,10 @@ impl Intake {
         // good).
         if self.spawn_next > 0 {
             self.spawn_next -= 1;
-            self.running.spawn(run);
+            let task = self.running.spawn(run);
+            if let Some(id) = dispatch {
+                shared.running_in(id, task);
+            }
             return;
         }
         let started = self.last_heard;
@@ -644,7 +702,10 @@ impl Intake {
             }
         }
         if !done {
-            self.running.spawn(run);
+            let task = self.running.spawn(run);
+            if let Some(id) = dispatch {
+                shared.running_in(id, task);
+            }
         }
     }
 }

@@ -39,8 +39,17 @@ fn config() -> GatewayConfig {
 }
 
 async fn gateway_with_worker(config: GatewayConfig, credits: usize) -> (HttpGateway, Worker) {
+    gateway_with(config, functions(), credits).await
+}
+
+/// A gateway and one worker of `functions` with `credits`, ready.
+async fn gateway_with(
+    config: GatewayConfig,
+    functions: Functions,
+    credits: usize,
+) -> (HttpGateway, Worker) {
     let gateway = HttpGateway::start(config).await.expect("starts");
-    let worker = Worker::builder(functions())
+    let worker = Worker::builder(functions)
         .credits(credits)
         .heartbeat(Duration::from_millis(200))
         .connect(gateway.worker_address())
@@ -76,6 +85,18 @@ async fn send(
         parts.headers,
         String::from_utf8_lossy(&body).into_owned(),
     )
+}
+
+/// `upper` of `fresh`, which must answer `FRESH`.
+async fn fresh_call(
+    client: &HttpClient<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
+    address: std::net::SocketAddr,
+) {
+    let request = Request::post(format!("http://{address}/upper"))
+        .body(Full::new(Bytes::from("fresh")))
+        .expect("a request");
+    let (status, _, body) = send(client, request).await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "FRESH"));
 }
 
 async fn get(
@@ -207,15 +228,76 @@ async fn abandoned_requests_are_withdrawn_and_do_not_starve_a_fresh_one() {
     }
     // What runs now is at most the worker's four credits of 200 ms each.
     let started = Instant::now();
-    let client = http_client();
-    let request = Request::post(format!("http://{address}/upper"))
-        .body(Full::new(Bytes::from("fresh")))
-        .expect("a request");
-    let (status, _, body) = send(&client, request).await;
+    fresh_call(&http_client(), address).await;
     let took = started.elapsed();
-    assert_eq!((status, body.as_str()), (StatusCode::OK, "FRESH"));
     eprintln!("a fresh request after 5,000 abandoned ones: answered in {took:?}");
     assert!(took < Duration::from_secs(2), "answered after {took:?}");
+    worker.shutdown().await;
+    gateway.shutdown().await.expect("clean");
+}
+
+#[tokio::test]
+async fn an_abandoned_requests_function_is_stopped_and_its_credit_comes_back_at_once() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    const HOLD: Duration = Duration::from_secs(3);
+    let (started_holds, finished_holds) =
+        (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (started, finished) = (started_holds.clone(), finished_holds.clone());
+    let functions = functions().add("hold", move |p: Bytes| {
+        let (started, finished) = (started.clone(), finished.clone());
+        async move {
+            started.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(HOLD).await;
+            finished.fetch_add(1, Ordering::SeqCst);
+            Ok::<_, String>(p)
+        }
+    });
+    // One credit: while the abandoned call holds it, nothing else runs.
+    let (gateway, worker) = gateway_with(config(), functions, 1).await;
+    let client = http_client();
+    let pool = gateway.pool_status().expect("the gateway's pool");
+
+    // A call whose client hangs up once the function runs.
+    let address = gateway.local_addr();
+    let abandoned = tokio::spawn(async move {
+        let request = Request::post(format!("http://{address}/hold"))
+            .body(Full::new(Bytes::from("x")))
+            .expect("a request");
+        http_client().request(request).await.map(|_| ())
+    });
+    let began = Instant::now();
+    while started_holds.load(Ordering::SeqCst) == 0 {
+        assert!(began.elapsed() < DEADLINE, "the function never started");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let held_at = Instant::now();
+    abandoned.abort();
+
+    // The worker is told to stop it, and says so: its credit is back long before the function
+    // would have ended.
+    while pool.counters().cancelled.load(Ordering::Relaxed) == 0 {
+        assert!(
+            held_at.elapsed() < HOLD / 2,
+            "the abandoned call was not cancelled"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    fresh_call(&client, address).await;
+    let took = held_at.elapsed();
+    assert!(took < HOLD / 2, "the fresh call waited {took:?}");
+    eprintln!(
+        "a fresh call after an abandoned one on the only credit: answered {took:?} after the hang-up"
+    );
+
+    // And the function was stopped, not left to run for nobody.
+    tokio::time::sleep((HOLD + Duration::from_millis(500)).saturating_sub(held_at.elapsed())).await;
+    assert_eq!(
+        finished_holds.load(Ordering::SeqCst),
+        0,
+        "the abandoned function ran to its end"
+    );
+    assert_eq!(pool.free_credits(), 1);
     worker.shutdown().await;
     gateway.shutdown().await.expect("clean");
 }

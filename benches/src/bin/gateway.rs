@@ -88,6 +88,18 @@ async fn main() -> Result<()> {
     // Fresh requests during a storm of abandoned ones: their latency, against the same fresh
     // load with no storm.
     let calm = fresh_requests(gateway.local_addr(), "fresh requests, no storm").await?;
+    let counted = |status: &Option<std::sync::Arc<rylm_components::PoolStatus>>| {
+        status.as_ref().map(|status| {
+            let counters = status.counters();
+            [
+                &counters.dispatched,
+                &counters.withdrawn,
+                &counters.cancelled,
+            ]
+            .map(|c| c.load(std::sync::atomic::Ordering::Relaxed))
+        })
+    };
+    let before_storm = counted(&gateway.pool_status());
     let storm = tokio::spawn(abandon(gateway.local_addr(), STORM));
     // What the workers' credits do meanwhile: a fresh request waits for one while the storm's
     // running work holds them all.
@@ -112,6 +124,7 @@ async fn main() -> Result<()> {
         Some(sampler) => Some(sampler.await.context("the credit sampler")?),
         None => None,
     };
+    let after_storm = counted(&gateway.pool_status());
     println!("\n| fresh requests, 8 connections | req/s | p50 | p99 |\n|---|---:|---:|---:|");
     for run in [&calm, &stormy] {
         println!(
@@ -131,6 +144,14 @@ async fn main() -> Result<()> {
             credits.taken,
             100.0 * credits.none_free as f64 / credits.taken.max(1) as f64,
             credits.most_waiting
+        );
+    }
+    if let (Some(before), Some(after)) = (before_storm, after_storm) {
+        println!(
+            "the pool meanwhile: {} dispatched, {} withdrawn, {} stopped at their workers",
+            after[0] - before[0],
+            after[1] - before[1],
+            after[2] - before[2]
         );
     }
     observability(&functions).await?;

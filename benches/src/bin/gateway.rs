@@ -2,7 +2,9 @@
 //! hyper hello-world server in the same run (the baseline of what HTTP allows here).
 //!
 //! The load generator is our own, on hyper's client: N keep-alive connections, each sending
-//! requests one after the other for a fixed duration; every latency recorded.
+//! requests one after the other for a fixed duration; every latency recorded. The storm of
+//! abandoned requests comes from a process of its own (this binary with `--storm ADDRESS`), so
+//! that it presses on the gateway as remote clients would, not on the bench's own runtime.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -27,8 +29,21 @@ const AB_REPETITIONS: usize = 9;
 /// Abandoned requests in the storm.
 const STORM: usize = 20_000;
 
+/// How long the storm's process may take before it is stopped.
+const STORM_LIMIT: Duration = Duration::from_secs(120);
+
 #[tokio::main]
 async fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(address) = args
+        .iter()
+        .position(|a| a == "--storm")
+        .and_then(|i| args.get(i + 1))
+    {
+        let sent = abandon(address.parse()?, STORM).await?;
+        println!("{sent} {}", peak_rss_kib(std::process::id()).unwrap_or(0));
+        return Ok(());
+    }
     let gateway = HttpGateway::start(GatewayConfig::default()).await?;
     let functions = || {
         Functions::new()
@@ -100,7 +115,15 @@ async fn main() -> Result<()> {
         })
     };
     let before_storm = counted(&gateway.pool_status());
-    let storm = tokio::spawn(abandon(gateway.local_addr(), STORM));
+    let storm = rylm_benches::Process {
+        name: "storm".to_owned(),
+        child: std::process::Command::new(std::env::current_exe()?)
+            .args(["--storm", &gateway.local_addr().to_string()])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .context("starting the storm's process")?,
+    };
     // What the workers' credits do meanwhile: a fresh request waits for one while the storm's
     // running work holds them all.
     let sampler = gateway.pool_status().map(|status| {
@@ -119,7 +142,7 @@ async fn main() -> Result<()> {
         "fresh requests during a storm of abandoned ones",
     )
     .await?;
-    let abandoned = storm.await.context("the storm")??;
+    let (abandoned, storm_rss) = storm_ended(storm).await?;
     let credits = match sampler {
         Some(sampler) => Some(sampler.await.context("the credit sampler")?),
         None => None,
@@ -136,7 +159,7 @@ async fn main() -> Result<()> {
         );
     }
     println!(
-        "\nstorm: {abandoned} requests to `slow` (200 ms) whose clients hung up after 20 ms, 200 at once"
+        "\nstorm: {abandoned} requests to `slow` (200 ms) whose clients hung up after 20 ms, 200 at once, from a process of its own (peak RSS {storm_rss} KiB)"
     );
     if let Some(credits) = credits {
         println!(
@@ -164,6 +187,27 @@ async fn main() -> Result<()> {
     }
     gateway.shutdown().await?;
     Ok(())
+}
+
+/// Waits (within [`STORM_LIMIT`]) for the storm's process to end; what it sent and its peak RSS.
+async fn storm_ended(mut storm: rylm_benches::Process) -> Result<(usize, u64)> {
+    let began = Instant::now();
+    // std's child has no async wait: look every 50 ms (the storm lasts seconds).
+    while storm.child.try_wait()?.is_none() {
+        if began.elapsed() > STORM_LIMIT {
+            anyhow::bail!("the storm's process ran over {STORM_LIMIT:?}; stopped");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut said = String::new();
+    if let Some(mut out) = storm.child.stdout.take() {
+        std::io::Read::read_to_string(&mut out, &mut said)?;
+    }
+    let mut words = said.split_whitespace().map(str::parse::<u64>);
+    match (words.next(), words.next()) {
+        (Some(Ok(sent)), Some(Ok(rss))) => Ok((usize::try_from(sent)?, rss)),
+        _ => anyhow::bail!("the storm's process said {said:?}"),
+    }
 }
 
 /// How often the gateway's workers had no free credit, and how many messages waited for one.

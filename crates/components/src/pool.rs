@@ -842,13 +842,10 @@ impl Pool {
             }
             Some(CANCEL_FUNCTION) => {
                 // The worker stopped a withdrawn dispatch: its credit comes back now.
-                let id = message.header(DISPATCH).and_then(DispatchId::parse);
-                if let (Some(id), Some(worker)) = (id, self.workers.get_mut(&identity)) {
-                    worker.last_seen = now;
-                    if worker.holds.remove(&id) {
-                        worker.credits += 1;
-                        count(&self.status.counters.cancelled);
-                    }
+                if let Some(id) = message.header(DISPATCH).and_then(DispatchId::parse)
+                    && self.heard_from(&identity, id, true, now)
+                {
+                    count(&self.status.counters.cancelled);
                 }
                 return;
             }
@@ -915,12 +912,7 @@ impl Pool {
             tracing::debug!(%dispatch, "dropped an answer whose dispatch id does not read");
             return None;
         };
-        if let Some(worker) = self.workers.get_mut(identity) {
-            worker.last_seen = now;
-            if !more && worker.holds.remove(&id) {
-                worker.credits += 1;
-            }
-        }
+        self.heard_from(identity, id, !more, now);
         let client = match self.in_flight.get(&id) {
             Some(dispatched) if dispatched.holders.contains(identity) => {
                 &dispatched.request.message.client
@@ -940,6 +932,21 @@ impl Pool {
         let dispatched = self.in_flight.remove(&id)?;
         count(&self.status.counters.answered);
         Some(dispatched.request.message.client)
+    }
+
+    /// The worker `identity` was heard from at `now` about dispatch `id`; when it is `done` with
+    /// it, the credit the dispatch held comes back, once, and only for what this pool gave it.
+    /// Returns whether a credit came back.
+    fn heard_from(&mut self, identity: &[u8], id: DispatchId, done: bool, now: Instant) -> bool {
+        let Some(worker) = self.workers.get_mut(identity) else {
+            return false;
+        };
+        worker.last_seen = now;
+        let returned = done && worker.holds.remove(&id);
+        if returned {
+            worker.credits += 1;
+        }
+        returned
     }
 
     /// Passes a worker's answer on to its caller as it came, read in place instead of decoded

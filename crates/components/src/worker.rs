@@ -366,14 +366,18 @@ impl Shared {
 
     /// Runs one message within its deadline and answers it. `frames` are the message as it
     /// came: past its deadline, the function (which took the message) is dropped, and the
-    /// error answer is made from them instead of from a copy kept of every message.
-    async fn run(self: Arc<Self>, message: Message, frames: Vec<Bytes>, deadline: Option<Instant>) {
+    /// error answer is made from them instead of from a copy kept of every message. `dispatch`
+    /// is the message's dispatch id (header [`DISPATCH`]), read once by the intake.
+    async fn run(
+        self: Arc<Self>,
+        message: Message,
+        frames: Vec<Bytes>,
+        deadline: Option<Instant>,
+        dispatch: Option<Bytes>,
+    ) {
         let Ok(_permit) = self.slots.acquire().await else {
             return;
         };
-        let dispatch = message
-            .header(DISPATCH)
-            .map(|id| Bytes::copy_from_slice(id.as_bytes()));
         if let Some(id) = &dispatch {
             self.hold(id);
         }
@@ -669,7 +673,11 @@ impl Intake {
                 (Some(plain), _) => Box::pin(shared.clone().run_plain(plain, frames)),
                 (None, Some(message)) => {
                     let deadline = deadline_of(&message, self.last_heard);
-                    Box::pin(shared.clone().run(message, frames, deadline))
+                    Box::pin(
+                        shared
+                            .clone()
+                            .run(message, frames, deadline, dispatch.clone()),
+                    )
                 }
                 (None, None) => return,
             };
@@ -679,29 +687,27 @@ impl Intake {
         // own, then the loop tries again (a thread preempted in the middle of a step looks the
         // same on a busy machine, so one slow step does not cost the worker its fast path for
         // good).
-        if self.spawn_next > 0 {
+        let needs_task = if self.spawn_next > 0 {
             self.spawn_next -= 1;
-            let task = self.running.spawn(run);
-            if let Some(id) = dispatch {
-                shared.running_in(id, task);
+            true
+        } else {
+            let started = self.last_heard;
+            let done = futures_lite::future::poll_once(run.as_mut())
+                .await
+                .is_some();
+            let took = started.elapsed();
+            if took > INLINE_LIMIT {
+                self.spawn_next = SPAWNED_AFTER_SLOW;
+                if !std::mem::replace(&mut self.warned, true) {
+                    tracing::info!(
+                        ?took,
+                        "a function's first step is slow; messages start in tasks of their own for a while (this is logged once)"
+                    );
+                }
             }
-            return;
-        }
-        let started = self.last_heard;
-        let done = futures_lite::future::poll_once(run.as_mut())
-            .await
-            .is_some();
-        let took = started.elapsed();
-        if took > INLINE_LIMIT {
-            self.spawn_next = SPAWNED_AFTER_SLOW;
-            if !std::mem::replace(&mut self.warned, true) {
-                tracing::info!(
-                    ?took,
-                    "a function's first step is slow; messages start in tasks of their own for a while (this is logged once)"
-                );
-            }
-        }
-        if !done {
+            !done
+        };
+        if needs_task {
             let task = self.running.spawn(run);
             if let Some(id) = dispatch {
                 shared.running_in(id, task);

@@ -185,24 +185,38 @@ impl NativeCodec {
 /// About how many bytes the native body of `message` takes: its strings and payload, and room
 /// for the field names and MessagePack heads.
 fn encoded_size_hint(message: &Message) -> usize {
+    body_size_hint(
+        [&message.pipeline, &message.client, &message.cache],
+        &message.function,
+        message
+            .headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str())),
+        message.payload.len(),
+    )
+}
+
+/// About how many bytes a native body of these fields takes (`strings`: its pipeline, client
+/// and cache), with room for the field names and MessagePack heads: the capacity both encoders
+/// start from.
+pub(crate) fn body_size_hint<'h>(
+    strings: [&str; 3],
+    function: &Function,
+    headers: impl Iterator<Item = (&'h str, &'h str)>,
+    payload: usize,
+) -> usize {
     const FIELDS: usize = 96;
-    const PER_HEADER: usize = 10;
-    let function = match &message.function {
-        Function::Single(name) => name.len(),
-        Function::Stages(names) => names.iter().map(|n| n.len() + 5).sum(),
+    const PER_ITEM: usize = 5;
+    let function = match function {
+        Function::Single(name) => name.len() + PER_ITEM,
+        Function::Stages(names) => {
+            names.iter().map(|n| n.len() + PER_ITEM).sum::<usize>() + PER_ITEM
+        }
     };
-    let headers: usize = message
-        .headers
-        .iter()
-        .map(|(k, v)| k.len() + v.len() + PER_HEADER)
+    let headers: usize = headers
+        .map(|(name, value)| name.len() + value.len() + 2 * PER_ITEM)
         .sum();
-    FIELDS
-        + message.pipeline.len()
-        + message.client.len()
-        + message.cache.len()
-        + function
-        + headers
-        + message.payload.len()
+    FIELDS + strings.iter().map(|s| s.len()).sum::<usize>() + function + headers + payload
 }
 
 impl Codec for NativeCodec {

@@ -68,25 +68,13 @@ impl NativeCodec {
     /// The body of `message` stamped with `stamp`: the bytes [`crate::Codec::encode`] writes
     /// for the message after [`Stamp::apply`], without changing the message.
     pub fn encode_stamped(&self, message: &Message, stamp: &Stamp<'_>) -> Result<Bytes, Error> {
-        const FIELDS: usize = 64;
-        let function = match &message.function {
-            Function::Single(name) => name.len() + 5,
-            Function::Stages(names) => names.iter().map(|n| n.len() + 5).sum::<usize>() + 5,
-        };
-        let (mut headers, mut headers_len) = (0usize, 0usize);
-        for (name, value) in stamp.headers(message) {
-            headers += 1;
-            headers_len += name.len() + value.len() + 10;
-        }
-        let mut body = Vec::with_capacity(
-            FIELDS
-                + stamp.pipeline.len()
-                + stamp.client.len()
-                + stamp.cache.len()
-                + function
-                + headers_len
-                + message.payload.len(),
-        );
+        let headers = stamp.headers(message).count();
+        let mut body = Vec::with_capacity(crate::native::body_size_hint(
+            [stamp.pipeline, stamp.client, stamp.cache],
+            &message.function,
+            stamp.headers(message),
+            message.payload.len(),
+        ));
         // The fields in the order the codec writes them (see `WireOut`).
         write_map_head(&mut body, 7);
         write_str(&mut body, "pipeline");

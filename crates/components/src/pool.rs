@@ -874,6 +874,15 @@ impl Pool {
         };
         let dispatch = dispatch.as_str();
         let more = message.header(MORE).is_some();
+        // A worker's short answer leaves out the request's session: the hooks get it back.
+        if message.pipeline.is_empty()
+            && let Some(dispatched) =
+                DispatchId::parse(dispatch).and_then(|id| self.in_flight.get(&id))
+        {
+            message
+                .pipeline
+                .clone_from(&dispatched.request.message.pipeline);
+        }
         // The caller the dispatch came from, whatever the answer says.
         let Some(caller) = self.settle(&identity, dispatch, more, now) else {
             return;

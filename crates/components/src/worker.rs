@@ -550,9 +550,11 @@ impl Shared {
             ),
         };
         let answer = match (&outcome, frames.get(1)) {
+            // The short answer: the master finds the caller by the dispatch id, and the
+            // caller knows its own session and id.
             (Some(Ok(result)), Some(body)) => plain
                 .answering
-                .answer(body, result, &[TRACEPARENT])
+                .short_answer(body, result, &[TRACEPARENT, crate::DEADLINE])
                 .ok()
                 .map(|body| vec![Bytes::from_static(&rylm_message::MARKER), body])
                 .filter(|frames| frames.iter().map(Bytes::len).sum::<usize>() <= self.max_message),

@@ -1,6 +1,7 @@
 //! A Master and its Workers over loopback tcp.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -166,6 +167,10 @@ async fn served_with_a_worker(builder: rylm_components::MasterBuilder) -> (Maste
 
 #[tokio::test]
 async fn scatter_and_gather_hooks_shape_the_stream() {
+    // What the gather hook saw of each result's envelope: the worker's short answer leaves the
+    // caller's session and id out, and the master gives them back.
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let saw = seen.clone();
     let (master, w, client) = served_with_a_worker(
         Master::builder("m")
             .heartbeat(QUICK)
@@ -176,7 +181,10 @@ async fn scatter_and_gather_hooks_shape_the_stream() {
                     vec![message]
                 }
             })
-            .gather(|mut result| {
+            .gather(move |mut result| {
+                saw.lock()
+                    .expect("not poisoned")
+                    .push((result.pipeline.clone(), result.client.is_empty()));
                 let mut payload = result.payload.to_vec();
                 payload.extend_from_slice(b"!");
                 result.payload = Bytes::from(payload);
@@ -187,6 +195,10 @@ async fn scatter_and_gather_hooks_shape_the_stream() {
     assert_eq!(
         &client.eval("upper", "hey").await.expect("answered")[..],
         b"HEY!"
+    );
+    assert_eq!(
+        *seen.lock().expect("not poisoned"),
+        [(client.session(), false)]
     );
     let dropped = client
         .eval_within("upper", "drop", Duration::from_millis(300))

@@ -24,6 +24,9 @@ pub struct NativeView<'a> {
     /// Where in the body the headers' map and the payload's value are (head included).
     headers_at: Option<(usize, usize)>,
     payload_at: Option<(usize, usize)>,
+    /// Where the function's value and the cache's value are (head included).
+    function_at: Option<(usize, usize)>,
+    cache_at: Option<(usize, usize)>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -110,6 +113,7 @@ impl<'a> NativeView<'a> {
                 }
                 b"function" => {
                     first(8)?;
+                    let start = reader.pos;
                     view.function = match reader.item()? {
                         (MsgpackKind::Str, data) => FunctionView::Single(
                             std::str::from_utf8(data)
@@ -124,10 +128,13 @@ impl<'a> NativeView<'a> {
                             return Err(reader.wrong("`function`", "a string or an array", kind));
                         }
                     };
+                    view.function_at = Some((start, reader.pos));
                 }
                 b"cache" => {
                     first(16)?;
+                    let start = reader.pos;
                     view.cache = reader.str("`cache`")?;
+                    view.cache_at = Some((start, reader.pos));
                 }
                 b"headers" => {
                     first(32)?;
@@ -246,6 +253,8 @@ impl<'a> NativeView<'a> {
         Some(Answering {
             headers_at: self.headers_at,
             payload_at: self.payload_at?,
+            function_at: self.function_at,
+            cache_at: self.cache_at,
         })
     }
 
@@ -277,6 +286,8 @@ impl<'a> NativeView<'a> {
 pub struct Answering {
     headers_at: Option<(usize, usize)>,
     payload_at: (usize, usize),
+    function_at: Option<(usize, usize)>,
+    cache_at: Option<(usize, usize)>,
 }
 
 impl Answering {
@@ -305,6 +316,49 @@ impl Answering {
             at = end;
         }
         out.extend_from_slice(body.get(at..).unwrap_or_default());
+        Ok(Bytes::from(out))
+    }
+
+    /// The body of a short answer, for a caller that reads of an answer only what answers its
+    /// call: the request's `function` and `cache` (the call's number) as they came in `body`,
+    /// its headers without those named in `drop`, and `payload`. The envelope's other fields
+    /// (`pipeline`, `client`, `stage`) are left out: a message without them decodes with them
+    /// empty, and the caller knows its own. A plain answer crosses two hops on its way back, so
+    /// every byte left out is saved twice.
+    pub fn short_answer(&self, body: &[u8], payload: &[u8], drop: &[&str]) -> Result<Bytes, Error> {
+        let region = |at: Option<(usize, usize)>| match at {
+            None => Ok(None),
+            Some((start, end)) => body
+                .get(start..end)
+                .map(Some)
+                .ok_or_else(|| Error::malformed(NAME, "the body is not the one viewed")),
+        };
+        let (function, cache, headers) = (
+            region(self.function_at)?,
+            region(self.cache_at)?,
+            region(self.headers_at)?,
+        );
+        let fields = 1 + [function, cache, headers].iter().flatten().count();
+        let mut out = Vec::with_capacity(
+            16 + function.map_or(0, <[u8]>::len)
+                + cache.map_or(0, <[u8]>::len)
+                + headers.map_or(0, <[u8]>::len)
+                + payload.len(),
+        );
+        msgpack::write_map_head(&mut out, fields);
+        for (name, value) in [("function", function), ("cache", cache)] {
+            if let Some(value) = value {
+                msgpack::write_str(&mut out, name);
+                out.extend_from_slice(value);
+            }
+        }
+        if let Some(headers) = headers {
+            msgpack::write_str(&mut out, "headers");
+            let keep = |name: &[u8]| !drop.iter().any(|d| d.as_bytes() == name);
+            write_headers(&mut out, headers, &keep, &[])?;
+        }
+        msgpack::write_str(&mut out, "payload");
+        msgpack::write_bin(&mut out, payload);
         Ok(Bytes::from(out))
     }
 }
@@ -523,6 +577,49 @@ mod tests {
                     let decoded = codec.decode(body).expect("decodes");
                     assert_eq!(decoded, replied(request, payload, drop));
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn a_short_answer_decodes_as_the_reply_without_the_callers_own_fields() {
+        let codec = NativeCodec::default();
+        let requests = [
+            Message::call("s.f", "in")
+                .with_client("c")
+                .with_cache("12")
+                .with_header("rylm-dispatch", "1.00")
+                .with_header("traceparent", "00-x"),
+            Message::call("f", Bytes::new()),
+            Message::call(
+                crate::Function::Stages(vec!["a.f".into(), "b.g".into()]),
+                "in",
+            )
+            .with_cache("3"),
+        ];
+        let payloads: [&[u8]; 3] = [b"", b"out", &[9; 70_000]];
+        for mut request in requests {
+            request.pipeline = "session".into();
+            let frames = codec.encode_frames(&request).expect("encodes");
+            let answering = codec
+                .view(&frames)
+                .expect("views")
+                .answering()
+                .expect("has a payload");
+            for payload in payloads {
+                let body = answering
+                    .short_answer(&frames[1], payload, &["traceparent"])
+                    .expect("answers");
+                let full = answering
+                    .answer(&frames[1], payload, &["traceparent"])
+                    .expect("answers");
+                assert!(body.len() < full.len(), "{request:?}");
+                let decoded = codec.decode(body).expect("decodes");
+                let mut expected = replied(&request, payload, &["traceparent"]);
+                expected.pipeline.clear();
+                expected.client.clear();
+                expected.stage = 0;
+                assert_eq!(decoded, expected);
             }
         }
     }

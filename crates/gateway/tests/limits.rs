@@ -236,6 +236,48 @@ async fn abandoned_requests_are_withdrawn_and_do_not_starve_a_fresh_one() {
     gateway.shutdown().await.expect("clean");
 }
 
+/// A gateway whose one worker of `functions` has a single credit, and a call of `hold` on it
+/// whose HTTP client hung up once the function started (`started` counts its starts): returns
+/// when the pool has had the worker confirm the cancel, which must come within `within`, with
+/// the gateway, the worker, the pool's status and when the client hung up.
+async fn abandoned_on_the_only_credit(
+    functions: Functions,
+    started: &std::sync::atomic::AtomicUsize,
+    within: Duration,
+) -> (
+    HttpGateway,
+    Worker,
+    std::sync::Arc<rylm_components::PoolStatus>,
+    Instant,
+) {
+    use std::sync::atomic::Ordering;
+    let (gateway, worker) = gateway_with(config(), functions, 1).await;
+    let pool = gateway.pool_status().expect("the gateway's pool");
+    let address = gateway.local_addr();
+    let abandoned = tokio::spawn(async move {
+        let request = Request::post(format!("http://{address}/hold"))
+            .body(Full::new(Bytes::from("x")))
+            .expect("a request");
+        http_client().request(request).await.map(|_| ())
+    });
+    let began = Instant::now();
+    while started.load(Ordering::SeqCst) == 0 {
+        assert!(began.elapsed() < DEADLINE, "the function never started");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let held_at = Instant::now();
+    abandoned.abort();
+    // The worker is told to stop it, and says so.
+    while pool.counters().cancelled.load(Ordering::Relaxed) == 0 {
+        assert!(
+            held_at.elapsed() < within,
+            "the abandoned call was not cancelled"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    (gateway, worker, pool, held_at)
+}
+
 #[tokio::test]
 async fn an_abandoned_requests_function_is_stopped_and_its_credit_comes_back_at_once() {
     use std::sync::Arc;
@@ -253,37 +295,12 @@ async fn an_abandoned_requests_function_is_stopped_and_its_credit_comes_back_at_
             Ok::<_, String>(p)
         }
     });
-    // One credit: while the abandoned call holds it, nothing else runs.
-    let (gateway, worker) = gateway_with(config(), functions, 1).await;
-    let client = http_client();
-    let pool = gateway.pool_status().expect("the gateway's pool");
-
-    // A call whose client hangs up once the function runs.
+    // One credit: while the abandoned call holds it, nothing else runs; its credit is back
+    // long before the function would have ended.
+    let (gateway, worker, pool, held_at) =
+        abandoned_on_the_only_credit(functions, &started_holds, HOLD / 2).await;
     let address = gateway.local_addr();
-    let abandoned = tokio::spawn(async move {
-        let request = Request::post(format!("http://{address}/hold"))
-            .body(Full::new(Bytes::from("x")))
-            .expect("a request");
-        http_client().request(request).await.map(|_| ())
-    });
-    let began = Instant::now();
-    while started_holds.load(Ordering::SeqCst) == 0 {
-        assert!(began.elapsed() < DEADLINE, "the function never started");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    let held_at = Instant::now();
-    abandoned.abort();
-
-    // The worker is told to stop it, and says so: its credit is back long before the function
-    // would have ended.
-    while pool.counters().cancelled.load(Ordering::Relaxed) == 0 {
-        assert!(
-            held_at.elapsed() < HOLD / 2,
-            "the abandoned call was not cancelled"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    fresh_call(&client, address).await;
+    fresh_call(&http_client(), address).await;
     let took = held_at.elapsed();
     assert!(took < HOLD / 2, "the fresh call waited {took:?}");
     eprintln!(
@@ -296,6 +313,53 @@ async fn an_abandoned_requests_function_is_stopped_and_its_credit_comes_back_at_
         finished_holds.load(Ordering::SeqCst),
         0,
         "the abandoned function ran to its end"
+    );
+    assert_eq!(pool.free_credits(), 1);
+    worker.shutdown().await;
+    gateway.shutdown().await.expect("clean");
+}
+
+/// A blocking function cannot be stopped in the middle: cancelled, it runs on to its end on
+/// tokio's blocking pool, but its credit comes back at once and its result goes nowhere.
+#[tokio::test]
+async fn an_abandoned_blocking_function_runs_on_but_its_credit_and_result_are_let_go() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    const HOLD: Duration = Duration::from_secs(2);
+    let (started_holds, finished_holds) =
+        (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (started, finished) = (started_holds.clone(), finished_holds.clone());
+    let functions = functions().add_blocking("hold", move |p: Bytes| {
+        started.fetch_add(1, Ordering::SeqCst);
+        std::thread::sleep(HOLD);
+        finished.fetch_add(1, Ordering::SeqCst);
+        Ok::<_, String>(p)
+    });
+    let (gateway, worker, pool, held_at) =
+        abandoned_on_the_only_credit(functions, &started_holds, HOLD / 2).await;
+    // The credit is back while the function still runs.
+    fresh_call(&http_client(), gateway.local_addr()).await;
+    assert_eq!(finished_holds.load(Ordering::SeqCst), 0, "it ended early");
+    let took = held_at.elapsed();
+    assert!(took < HOLD / 2, "the fresh call waited {took:?}");
+    // It runs on to its end ...
+    while finished_holds.load(Ordering::SeqCst) == 0 {
+        assert!(
+            held_at.elapsed() < HOLD + DEADLINE,
+            "the blocking function never ended"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // ... and its result goes nowhere: the only answer the pool took is the fresh call's (an
+    // answer sent after the cancel would be counted as dropped).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let counters = pool.counters();
+    assert_eq!(
+        (
+            counters.answered.load(Ordering::Relaxed),
+            counters.dropped_answers.load(Ordering::Relaxed)
+        ),
+        (1, 0)
     );
     assert_eq!(pool.free_credits(), 1);
     worker.shutdown().await;

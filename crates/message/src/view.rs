@@ -21,10 +21,11 @@ pub struct NativeView<'a> {
     /// Name and value strings, one after the other.
     headers: Strings<'a>,
     payload: &'a [u8],
-    /// Where in the body the headers' map and the payload's value are (head included).
+    /// The body has a payload field (it may be empty).
+    has_payload: bool,
+    /// Where in the body the headers' map, the function's value and the cache's value are (head
+    /// included).
     headers_at: Option<(usize, usize)>,
-    payload_at: Option<(usize, usize)>,
-    /// Where the function's value and the cache's value are (head included).
     function_at: Option<(usize, usize)>,
     cache_at: Option<(usize, usize)>,
 }
@@ -152,12 +153,11 @@ impl<'a> NativeView<'a> {
                 }
                 b"payload" => {
                     first(64)?;
-                    let start = reader.pos;
                     view.payload = match reader.item()? {
                         (MsgpackKind::Bin | MsgpackKind::Str, data) => data,
                         (kind, _) => return Err(reader.wrong("`payload`", "binary", kind)),
                     };
-                    view.payload_at = Some((start, reader.pos));
+                    view.has_payload = true;
                 }
                 _ => {
                     if std::str::from_utf8(name).is_err() {
@@ -248,11 +248,11 @@ impl<'a> NativeView<'a> {
     }
 
     /// How to write an answer to this message from its body without decoding it again (see
-    /// [`Answering`]); `None` when the body has no payload field to replace.
+    /// [`Answering`]); `None` when the body has no payload field (no call a client writes: such
+    /// a message is answered the decoding way).
     pub fn answering(&self) -> Option<Answering> {
-        Some(Answering {
+        self.has_payload.then_some(Answering {
             headers_at: self.headers_at,
-            payload_at: self.payload_at?,
             function_at: self.function_at,
             cache_at: self.cache_at,
         })
@@ -278,47 +278,17 @@ impl<'a> NativeView<'a> {
     }
 }
 
-/// Where a native body keeps its headers and its payload, taken from its [`NativeView`]: what a
-/// worker needs to write its answer as the request with another payload (the way
-/// [`Message::reply`](crate::Message::reply) makes one) straight from the request's bytes,
-/// without decoding them into a message and encoding that again.
+/// Where a native body keeps its function, cache and headers, taken from its [`NativeView`]:
+/// what a worker needs to write its answer straight from the request's bytes, without decoding
+/// them into a message and encoding that again.
 #[derive(Clone, Copy, Debug)]
 pub struct Answering {
     headers_at: Option<(usize, usize)>,
-    payload_at: (usize, usize),
     function_at: Option<(usize, usize)>,
     cache_at: Option<(usize, usize)>,
 }
 
 impl Answering {
-    /// The body of the answer: `body` (the one this was taken from) with `payload` as its
-    /// payload and without the headers named in `drop`, every other byte as it came.
-    pub fn answer(&self, body: &[u8], payload: &[u8], drop: &[&str]) -> Result<Bytes, Error> {
-        let mut out = Vec::with_capacity(body.len() + payload.len());
-        // The two regions to replace, in the order they come in the body.
-        let payload_at = Some(self.payload_at);
-        let mut regions = [self.headers_at, payload_at];
-        if self.headers_at.is_some_and(|(h, _)| h > self.payload_at.0) {
-            regions.swap(0, 1);
-        }
-        let mut at = 0;
-        for (start, end) in regions.into_iter().flatten() {
-            let (Some(before), Some(region)) = (body.get(at..start), body.get(start..end)) else {
-                return Err(Error::malformed(NAME, "the body is not the one viewed"));
-            };
-            out.extend_from_slice(before);
-            if (start, end) == self.payload_at {
-                msgpack::write_bin(&mut out, payload);
-            } else {
-                let keep = |name: &[u8]| !drop.iter().any(|d| d.as_bytes() == name);
-                write_headers(&mut out, region, &keep, &[])?;
-            }
-            at = end;
-        }
-        out.extend_from_slice(body.get(at..).unwrap_or_default());
-        Ok(Bytes::from(out))
-    }
-
     /// The body of a short answer, for a caller that reads of an answer only what answers its
     /// call: the request's `function` and `cache` (the call's number) as they came in `body`,
     /// its headers without those named in `drop`, and `payload`. The envelope's other fields
@@ -544,8 +514,16 @@ mod tests {
         expected
     }
 
+    /// `reply` as a short answer has it: without the caller's own fields.
+    fn short(mut reply: Message) -> Message {
+        reply.pipeline.clear();
+        reply.client.clear();
+        reply.stage = 0;
+        reply
+    }
+
     #[test]
-    fn an_answer_written_from_the_request_bytes_decodes_as_its_reply() {
+    fn a_short_answer_decodes_as_the_reply_without_the_callers_own_fields() {
         let codec = NativeCodec::default();
         let mut many = Message::call("s.f", "in").with_cache("7");
         for i in 0..20 {
@@ -554,50 +532,20 @@ mod tests {
         let requests = [
             Message::call("s.f", "in")
                 .with_client("c")
+                .with_cache("12")
                 .with_header("rylm-dispatch", "1.00")
                 .with_header("traceparent", "00-x")
                 .with_header("rylm-pipelined", "true"),
-            Message::call("f", Bytes::new()),
-            many,
-        ];
-        let payloads: [&[u8]; 4] = [b"", b"out", &[7; 300], &[9; 70_000]];
-        let drops: [&[&str]; 3] = [&[], &["traceparent", "rylm-pipelined"], &["h03", "h19"]];
-        for request in &requests {
-            let frames = codec.encode_frames(request).expect("encodes");
-            let answering = codec
-                .view(&frames)
-                .expect("views")
-                .answering()
-                .expect("has a payload");
-            for payload in payloads {
-                for drop in drops {
-                    let body = answering
-                        .answer(&frames[1], payload, drop)
-                        .expect("answers");
-                    let decoded = codec.decode(body).expect("decodes");
-                    assert_eq!(decoded, replied(request, payload, drop));
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn a_short_answer_decodes_as_the_reply_without_the_callers_own_fields() {
-        let codec = NativeCodec::default();
-        let requests = [
-            Message::call("s.f", "in")
-                .with_client("c")
-                .with_cache("12")
-                .with_header("rylm-dispatch", "1.00")
-                .with_header("traceparent", "00-x"),
             Message::call("f", Bytes::new()),
             Message::call(
                 crate::Function::Stages(vec!["a.f".into(), "b.g".into()]),
                 "in",
             )
             .with_cache("3"),
+            many,
         ];
-        let payloads: [&[u8]; 3] = [b"", b"out", &[9; 70_000]];
+        let payloads: [&[u8]; 4] = [b"", b"out", &[7; 300], &[9; 70_000]];
+        let drops: [&[&str]; 3] = [&[], &["traceparent", "rylm-pipelined"], &["h03", "h19"]];
         for mut request in requests {
             request.pipeline = "session".into();
             let frames = codec.encode_frames(&request).expect("encodes");
@@ -607,19 +555,17 @@ mod tests {
                 .answering()
                 .expect("has a payload");
             for payload in payloads {
-                let body = answering
-                    .short_answer(&frames[1], payload, &["traceparent"])
-                    .expect("answers");
-                let full = answering
-                    .answer(&frames[1], payload, &["traceparent"])
-                    .expect("answers");
-                assert!(body.len() < full.len(), "{request:?}");
-                let decoded = codec.decode(body).expect("decodes");
-                let mut expected = replied(&request, payload, &["traceparent"]);
-                expected.pipeline.clear();
-                expected.client.clear();
-                expected.stage = 0;
-                assert_eq!(decoded, expected);
+                for drop in drops {
+                    let body = answering
+                        .short_answer(&frames[1], payload, drop)
+                        .expect("answers");
+                    let full = codec
+                        .encode(&replied(&request, payload, drop))
+                        .expect("encodes");
+                    assert!(body.len() < full.len(), "{request:?}");
+                    let decoded = codec.decode(body).expect("decodes");
+                    assert_eq!(decoded, short(replied(&request, payload, drop)));
+                }
             }
         }
     }
@@ -638,10 +584,12 @@ mod tests {
             .expect("views")
             .answering()
             .expect("has a payload");
-        let answer = answering.answer(&body, b"out!", &["a"]).expect("answers");
+        let answer = answering
+            .short_answer(&body, b"out!", &["a"])
+            .expect("answers");
         assert_eq!(
             codec.decode(answer).expect("decodes"),
-            replied(&request, b"out!", &["a"])
+            short(replied(&request, b"out!", &["a"]))
         );
         // No payload field: nothing to replace in place.
         let bare = [

@@ -149,6 +149,12 @@ impl Client {
         &self.inner.stats
     }
 
+    /// Publishes made again on a new channel because the broker's confirm did not come within
+    /// `confirm_timeout` (each may have left a second copy with the broker).
+    pub fn unconfirmed_retried(&self) -> u64 {
+        self.inner.link.unconfirmed_retried.load(Ordering::Relaxed)
+    }
+
     /// Publishes a request of `type_` with `data` and returns its result id at once; the
     /// broker has confirmed the request when this returns. While the broker is unreachable it
     /// keeps trying, up to the settings' `timeout` (then [`Error::PublishTimeout`]).

@@ -27,6 +27,11 @@ const WARN_EVERY: Duration = Duration::from_secs(30);
 const REDECLARE_EVERY: Duration = Duration::from_secs(60);
 /// How often an unroutable result is declared-for and published again before it is an error.
 const UNROUTABLE_RETRIES: u32 = 3;
+/// How often a publish whose confirm did not come within `confirm_timeout` is made again on
+/// a new channel before it is an error. A quorum queue whose leader died may never confirm
+/// what it was handed then; a broker under an alarm confirms nothing until the alarm ends, and
+/// every retry leaves one more copy behind, hence a small bound.
+const UNCONFIRMED_RETRIES: u32 = 1;
 
 /// One message to publish.
 pub(crate) struct Outgoing<'a> {
@@ -79,6 +84,8 @@ pub(crate) struct Link {
     /// The generation of the newest connection, bumped on every new one: channels of older
     /// generations are dead, and whoever must act when a connection is replaced watches it.
     generations: tokio::sync::watch::Sender<u64>,
+    /// Publishes made again because their confirm did not come in time.
+    pub(crate) unconfirmed_retried: std::sync::atomic::AtomicU64,
 }
 
 impl Link {
@@ -92,6 +99,7 @@ impl Link {
             declared_buckets: std::sync::Mutex::new((0, HashMap::new())),
             preferred: std::sync::atomic::AtomicUsize::new(0),
             generations: tokio::sync::watch::Sender::new(0),
+            unconfirmed_retried: std::sync::atomic::AtomicU64::new(0),
         });
         let within = link.settings.connect_timeout;
         link.live_connection(Some(within)).await?;
@@ -348,6 +356,7 @@ impl Link {
         let attempt = async {
             let mut backoff = FIRST_BACKOFF;
             let mut unroutable = 0;
+            let mut unconfirmed = 0;
             loop {
                 match self.publish_once(&message).await {
                     Err(Error::Unroutable { .. })
@@ -391,6 +400,18 @@ impl Link {
                         self.discard_publisher().await;
                         tokio::time::sleep(backoff).await;
                         backoff = (backoff * 2).min(MAX_BACKOFF);
+                    }
+                    Err(error @ Error::PublishTimeout { .. })
+                        if unconfirmed < UNCONFIRMED_RETRIES =>
+                    {
+                        // No confirm, neither positive nor negative: the broker may or may not
+                        // have the message. Publish it again on a new channel; the message may
+                        // then arrive twice, which at-least-once delivery allows.
+                        unconfirmed += 1;
+                        self.unconfirmed_retried
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        tracing::warn!(%error, "publishing the {} again on a new channel; it may arrive twice", message.what);
+                        self.discard_publisher().await;
                     }
                     Err(error)
                         if error.is_connection_loss()

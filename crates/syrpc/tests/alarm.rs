@@ -1,18 +1,54 @@
 //! A broker under a memory alarm, alone in its binary: the alarm blocks every publisher of the
-//! broker, which would stall any test running beside it.
+//! broker, which would stall any test running beside it. The tests here take turns.
 
 mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{DEADLINE, rabbitmqctl, settings};
-use rylm_syrpc::{Client, Error};
-use serde_json::json;
+use common::{DEADLINE, rabbitmqctl, serve_in_background, settings};
+use rylm_syrpc::{Client, Error, Handlers, Server};
+use serde_json::{Value, json};
+
+/// One alarm at a time: the tests of this binary share the broker.
+static ALARM: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// The broker's memory alarm, raised while this lives: dropped (a test's end, or its panic),
+/// it clears the alarm, so that a failed test does not leave the shared broker blocked.
+struct Alarm {
+    ctl: String,
+    raised: bool,
+}
+
+impl Alarm {
+    async fn raise(ctl: &str) -> Alarm {
+        rabbitmqctl(ctl, &["set_vm_memory_high_watermark", "absolute", "1"]).await;
+        Alarm {
+            ctl: ctl.to_owned(),
+            raised: true,
+        }
+    }
+
+    async fn clear(mut self) {
+        rabbitmqctl(&self.ctl, &["set_vm_memory_high_watermark", "0.4"]).await;
+        self.raised = false;
+    }
+}
+
+impl Drop for Alarm {
+    fn drop(&mut self) {
+        if self.raised {
+            let _ = std::process::Command::new(&self.ctl)
+                .args(["set_vm_memory_high_watermark", "0.4"])
+                .status();
+        }
+    }
+}
 
 /// With the broker's memory alarm raised, publishers are blocked: `put_request` fails with
 /// its deadline instead of hanging, and works again once the alarm is cleared.
 #[tokio::test]
 async fn a_blocked_broker_fails_puts_at_their_deadline() {
+    let _turn = ALARM.lock().await;
     let Some(settings) = settings("alarm") else {
         return;
     };
@@ -29,11 +65,11 @@ async fn a_blocked_broker_fails_puts_at_their_deadline() {
         .await
         .expect("put before the alarm");
 
-    rabbitmqctl(&ctl, &["set_vm_memory_high_watermark", "absolute", "1"]).await;
+    let alarm = Alarm::raise(&ctl).await;
     let started = Instant::now();
     let blocked = client.put_request("echo", &"during").await;
     let waited = started.elapsed();
-    rabbitmqctl(&ctl, &["set_vm_memory_high_watermark", "0.4"]).await;
+    alarm.clear().await;
     assert!(
         matches!(blocked, Err(Error::PublishTimeout { .. })),
         "{blocked:?}"
@@ -51,4 +87,58 @@ async fn a_blocked_broker_fails_puts_at_their_deadline() {
             Err(error) => panic!("still blocked after the alarm: {error}"),
         }
     }
+}
+
+/// A publish whose confirm does not come within `confirm_timeout` (here: the alarm holds it)
+/// is made once more on a new channel within the call's deadline, so a broker that confirms
+/// late, or a quorum queue that lost the first copy with its leader, does not fail the put.
+/// The request is then served.
+#[tokio::test]
+async fn a_publish_unconfirmed_in_time_is_made_again_on_a_new_channel() {
+    let _turn = ALARM.lock().await;
+    let Some(settings) = settings("unconfirmed") else {
+        return;
+    };
+    let Some(ctl) =
+        rylm_testkit::rabbitmqctl("a_publish_unconfirmed_in_time_is_made_again_on_a_new_channel")
+    else {
+        return;
+    };
+    let settings = settings
+        .with_timeout(Some(Duration::from_secs(60)))
+        .with_limits(Duration::from_secs(30), Duration::from_secs(2));
+    let client = Client::connect(settings.clone()).await.expect("client");
+
+    let alarm = Alarm::raise(&ctl).await;
+    let put = tokio::spawn({
+        let client = client.clone();
+        async move { client.put_request("echo", &"during").await }
+    });
+    let retried_by = Instant::now() + DEADLINE;
+    while client.unconfirmed_retried() == 0 {
+        assert!(
+            Instant::now() < retried_by && !put.is_finished(),
+            "no retry after the confirm timeout"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    alarm.clear().await;
+    let id = put
+        .await
+        .expect("the put task")
+        .expect("the put succeeds on its second publish");
+    assert_eq!(client.unconfirmed_retried(), 1);
+
+    let server = Server::connect(settings).await.expect("server");
+    let (_stop, _serving) = serve_in_background(
+        server,
+        Handlers::new().on("echo", |data: Value| async move { Ok::<_, String>(data) }),
+    );
+    assert_eq!(
+        client
+            .get_result(&id, Some(DEADLINE))
+            .await
+            .expect("the request is served"),
+        json!("during")
+    );
 }

@@ -135,6 +135,14 @@ impl Server {
         self.counters.clone()
     }
 
+    /// Results published again on a new channel because the broker's confirm did not come
+    /// within `confirm_timeout` (each may have left a second copy with the broker).
+    pub fn unconfirmed_retried(&self) -> u64 {
+        self.link
+            .unconfirmed_retried
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// The settings in force.
     pub fn settings(&self) -> &Settings {
         &self.link.settings

@@ -89,6 +89,28 @@ async fn a_blocked_broker_fails_puts_at_their_deadline() {
     }
 }
 
+/// Settings for `test` whose publishes wait 2 s for a confirm within a 60 s deadline, and the
+/// broker's `rabbitmqctl`; `None` when the broker is not provisioned.
+fn unconfirmed_setup(test: &str) -> Option<(rylm_syrpc::Settings, String)> {
+    let settings = settings(test)?
+        .with_timeout(Some(Duration::from_secs(60)))
+        .with_limits(Duration::from_secs(30), Duration::from_secs(2));
+    Some((settings, rylm_testkit::rabbitmqctl(test)?))
+}
+
+/// Waits until `retried` counts a publish made again, while `publishing` (the task that
+/// publishes) is still running, or fails the test after [`DEADLINE`].
+async fn await_retry<T>(retried: impl Fn() -> u64, publishing: &tokio::task::JoinHandle<T>) {
+    let retried_by = Instant::now() + DEADLINE;
+    while retried() == 0 {
+        assert!(
+            Instant::now() < retried_by && !publishing.is_finished(),
+            "no retry after the confirm timeout"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// A publish whose confirm does not come within `confirm_timeout` (here: the alarm holds it)
 /// is made once more on a new channel within the call's deadline, so a broker that confirms
 /// late, or a quorum queue that lost the first copy with its leader, does not fail the put.
@@ -96,17 +118,11 @@ async fn a_blocked_broker_fails_puts_at_their_deadline() {
 #[tokio::test]
 async fn a_publish_unconfirmed_in_time_is_made_again_on_a_new_channel() {
     let _turn = ALARM.lock().await;
-    let Some(settings) = settings("unconfirmed") else {
-        return;
-    };
-    let Some(ctl) =
-        rylm_testkit::rabbitmqctl("a_publish_unconfirmed_in_time_is_made_again_on_a_new_channel")
+    let Some((settings, ctl)) =
+        unconfirmed_setup("a_publish_unconfirmed_in_time_is_made_again_on_a_new_channel")
     else {
         return;
     };
-    let settings = settings
-        .with_timeout(Some(Duration::from_secs(60)))
-        .with_limits(Duration::from_secs(30), Duration::from_secs(2));
     let client = Client::connect(settings.clone()).await.expect("client");
 
     let alarm = Alarm::raise(&ctl).await;
@@ -114,14 +130,7 @@ async fn a_publish_unconfirmed_in_time_is_made_again_on_a_new_channel() {
         let client = client.clone();
         async move { client.put_request("echo", &"during").await }
     });
-    let retried_by = Instant::now() + DEADLINE;
-    while client.unconfirmed_retried() == 0 {
-        assert!(
-            Instant::now() < retried_by && !put.is_finished(),
-            "no retry after the confirm timeout"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    await_retry(|| client.unconfirmed_retried(), &put).await;
     alarm.clear().await;
     let id = put
         .await
@@ -140,5 +149,57 @@ async fn a_publish_unconfirmed_in_time_is_made_again_on_a_new_channel() {
             .await
             .expect("the request is served"),
         json!("during")
+    );
+}
+
+/// The same for a server's result: a handler finishes while the alarm blocks the broker, the
+/// result's confirm does not come within `confirm_timeout`, and the server publishes it once
+/// more on a new channel. Once the alarm is cleared, the caller gets the result and the
+/// request is acknowledged (not taken again).
+#[tokio::test]
+async fn a_result_unconfirmed_in_time_is_made_again_on_a_new_channel() {
+    let _turn = ALARM.lock().await;
+    let Some((settings, ctl)) =
+        unconfirmed_setup("a_result_unconfirmed_in_time_is_made_again_on_a_new_channel")
+    else {
+        return;
+    };
+    let client = Client::connect(settings.clone()).await.expect("client");
+    let server = Server::connect(settings).await.expect("server");
+    let id = client
+        .put_request("echo", &"held")
+        .await
+        .expect("put before the alarm");
+    let request = server
+        .get_request(Some(DEADLINE))
+        .await
+        .expect("the server takes the request");
+
+    let alarm = Alarm::raise(&ctl).await;
+    let publish = tokio::spawn({
+        let server = server.clone();
+        async move { server.put_result(&request.result_id, &request.data).await }
+    });
+    await_retry(|| server.unconfirmed_retried(), &publish).await;
+    alarm.clear().await;
+    publish
+        .await
+        .expect("the publishing task")
+        .expect("the result is published on its second try");
+    assert_eq!(server.unconfirmed_retried(), 1);
+    assert_eq!(
+        client
+            .get_result(&id, Some(DEADLINE))
+            .await
+            .expect("the caller gets the result"),
+        json!("held")
+    );
+    let counters = server.counters();
+    assert_eq!(counters.taken.load(std::sync::atomic::Ordering::Relaxed), 1);
+    assert_eq!(
+        counters
+            .publish_failed
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
     );
 }

@@ -140,9 +140,10 @@ async fn killing_the_leader_of_quorum_queues_loses_nothing() {
         .unwrap_or_default();
     let new_leader = leader_of(&nodes[(leader_index + 1) % 3].1, &queue).await;
     eprintln!(
-        "cluster failover: killed {leader}; {} calls, {} failed; first call made after the kill answered {first_after:?} after it; longest call {longest:?}; new leader {new_leader}",
+        "cluster failover: killed {leader}; {} calls, {} failed; first call made after the kill answered {first_after:?} after it; longest call {longest:?}; new leader {new_leader}; requests published again for want of a confirm: {}",
         answers.len(),
-        failed.len()
+        failed.len(),
+        client.unconfirmed_retried()
     );
     assert!(answers.len() > 300, "the stream ran: {}", answers.len());
     assert!(failed.is_empty(), "calls lost: {failed:?}");

@@ -110,6 +110,11 @@ impl Collector for Syrpc {
                 &c.publish_failed,
             ),
             (
+                "rylm_syrpc_unconfirmed_retried",
+                "results published again for want of a confirm",
+                &c.unconfirmed_retried,
+            ),
+            (
                 "rylm_syrpc_malformed",
                 "requests rejected because they did not decode",
                 &c.malformed,

@@ -340,6 +340,10 @@ async fn a_syrpc_servers_admin_counts_its_results_and_is_ready_while_consuming()
     assert_eq!(metric(&admin, "rylm_syrpc_exceptions_total").await, 1.0);
     assert_eq!(metric(&admin, "rylm_syrpc_consuming").await, 1.0);
     assert_eq!(metric(&admin, "rylm_syrpc_malformed_total").await, 0.0);
+    assert_eq!(
+        metric(&admin, "rylm_syrpc_unconfirmed_retried_total").await,
+        0.0
+    );
     // By type.
     let upper = [("type", "upper")];
     assert_eq!(

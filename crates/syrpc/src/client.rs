@@ -51,6 +51,9 @@ pub struct ClientStats {
     /// Transient requests of `call` published again because the connection was replaced
     /// while their callers waited.
     pub republished: AtomicU64,
+    /// Requests published again on a new channel because the broker's confirm did not come
+    /// within `confirm_timeout` (each may have left a second copy with the broker).
+    pub unconfirmed_retried: AtomicU64,
 }
 
 struct Inner {
@@ -108,12 +111,6 @@ impl Client {
         &self.inner.stats
     }
 
-    /// Publishes made again on a new channel because the broker's confirm did not come within
-    /// `confirm_timeout` (each may have left a second copy with the broker).
-    pub fn unconfirmed_retried(&self) -> u64 {
-        self.inner.link.unconfirmed_retried.load(Ordering::Relaxed)
-    }
-
     /// Publishes a request of `type_` with `data` and returns its result id at once; the
     /// broker has confirmed the request when this returns. While the broker is unreachable it
     /// keeps trying, up to the settings' `timeout` (then [`Error::PublishTimeout`]).
@@ -161,6 +158,7 @@ impl Client {
                     traceparent: Some(traceparent),
                 },
                 deadline,
+                &self.inner.stats.unconfirmed_retried,
             )
             .await
     }

@@ -84,8 +84,6 @@ pub(crate) struct Link {
     /// The generation of the newest connection, bumped on every new one: channels of older
     /// generations are dead, and whoever must act when a connection is replaced watches it.
     generations: tokio::sync::watch::Sender<u64>,
-    /// Publishes made again because their confirm did not come in time.
-    pub(crate) unconfirmed_retried: std::sync::atomic::AtomicU64,
 }
 
 impl Link {
@@ -99,7 +97,6 @@ impl Link {
             declared_buckets: std::sync::Mutex::new((0, HashMap::new())),
             preferred: std::sync::atomic::AtomicUsize::new(0),
             generations: tokio::sync::watch::Sender::new(0),
-            unconfirmed_retried: std::sync::atomic::AtomicU64::new(0),
         });
         let within = link.settings.connect_timeout;
         link.live_connection(Some(within)).await?;
@@ -346,11 +343,13 @@ impl Link {
 
     /// Publishes one JSON message and waits for the broker's confirm, reconnecting and
     /// retrying while the connection is down, for up to `deadline` (and `reconnect_for`).
-    /// Returns the generation of the connection that confirmed it.
+    /// Returns the generation of the connection that confirmed it. A publish made again for
+    /// want of a confirm is counted in `unconfirmed_retried` (the publisher's own counters).
     pub(crate) async fn publish(
         &self,
         message: Outgoing<'_>,
         deadline: Option<Duration>,
+        unconfirmed_retried: &std::sync::atomic::AtomicU64,
     ) -> Result<u64, Error> {
         let started = Instant::now();
         let attempt = async {
@@ -408,8 +407,7 @@ impl Link {
                         // have the message. Publish it again on a new channel; the message may
                         // then arrive twice, which at-least-once delivery allows.
                         unconfirmed += 1;
-                        self.unconfirmed_retried
-                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        unconfirmed_retried.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         tracing::warn!(%error, "publishing the {} again on a new channel; it may arrive twice", message.what);
                         self.discard_publisher().await;
                     }

@@ -73,6 +73,9 @@ pub struct ServerCounters {
     pub exceptions: AtomicU64,
     /// Results that could not be published (the request goes back to the queue).
     pub publish_failed: AtomicU64,
+    /// Results published again on a new channel because the broker's confirm did not come
+    /// within `confirm_timeout` (each may have left a second copy with the broker).
+    pub unconfirmed_retried: AtomicU64,
     /// Requests rejected because they did not decode.
     pub malformed: AtomicU64,
     /// Times the request consumer was opened again (after a loss or the broker ending it).
@@ -133,14 +136,6 @@ impl Server {
     /// What it has done, and whether it is consuming now.
     pub fn counters(&self) -> Arc<ServerCounters> {
         self.counters.clone()
-    }
-
-    /// Results published again on a new channel because the broker's confirm did not come
-    /// within `confirm_timeout` (each may have left a second copy with the broker).
-    pub fn unconfirmed_retried(&self) -> u64 {
-        self.link
-            .unconfirmed_retried
-            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The settings in force.
@@ -273,6 +268,7 @@ impl Server {
                     traceparent: None,
                 },
                 None,
+                &self.counters.unconfirmed_retried,
             )
             .await
             .map(|_| ())

@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use common::{DEADLINE, rabbitmqctl, serve_in_background, settings};
@@ -130,13 +131,20 @@ async fn a_publish_unconfirmed_in_time_is_made_again_on_a_new_channel() {
         let client = client.clone();
         async move { client.put_request("echo", &"during").await }
     });
-    await_retry(|| client.unconfirmed_retried(), &put).await;
+    await_retry(
+        || client.stats().unconfirmed_retried.load(Ordering::Relaxed),
+        &put,
+    )
+    .await;
     alarm.clear().await;
     let id = put
         .await
         .expect("the put task")
         .expect("the put succeeds on its second publish");
-    assert_eq!(client.unconfirmed_retried(), 1);
+    assert_eq!(
+        client.stats().unconfirmed_retried.load(Ordering::Relaxed),
+        1
+    );
 
     let server = Server::connect(settings).await.expect("server");
     let (_stop, _serving) = serve_in_background(
@@ -180,13 +188,28 @@ async fn a_result_unconfirmed_in_time_is_made_again_on_a_new_channel() {
         let server = server.clone();
         async move { server.put_result(&request.result_id, &request.data).await }
     });
-    await_retry(|| server.unconfirmed_retried(), &publish).await;
+    await_retry(
+        || {
+            server
+                .counters()
+                .unconfirmed_retried
+                .load(Ordering::Relaxed)
+        },
+        &publish,
+    )
+    .await;
     alarm.clear().await;
     publish
         .await
         .expect("the publishing task")
         .expect("the result is published on its second try");
-    assert_eq!(server.unconfirmed_retried(), 1);
+    assert_eq!(
+        server
+            .counters()
+            .unconfirmed_retried
+            .load(Ordering::Relaxed),
+        1
+    );
     assert_eq!(
         client
             .get_result(&id, Some(DEADLINE))
@@ -195,11 +218,6 @@ async fn a_result_unconfirmed_in_time_is_made_again_on_a_new_channel() {
         json!("held")
     );
     let counters = server.counters();
-    assert_eq!(counters.taken.load(std::sync::atomic::Ordering::Relaxed), 1);
-    assert_eq!(
-        counters
-            .publish_failed
-            .load(std::sync::atomic::Ordering::Relaxed),
-        0
-    );
+    assert_eq!(counters.taken.load(Ordering::Relaxed), 1);
+    assert_eq!(counters.publish_failed.load(Ordering::Relaxed), 0);
 }

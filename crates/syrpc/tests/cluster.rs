@@ -143,7 +143,10 @@ async fn killing_the_leader_of_quorum_queues_loses_nothing() {
         "cluster failover: killed {leader}; {} calls, {} failed; first call made after the kill answered {first_after:?} after it; longest call {longest:?}; new leader {new_leader}; requests published again for want of a confirm: {}",
         answers.len(),
         failed.len(),
-        client.unconfirmed_retried()
+        client
+            .stats()
+            .unconfirmed_retried
+            .load(std::sync::atomic::Ordering::Relaxed)
     );
     assert!(answers.len() > 300, "the stream ran: {}", answers.len());
     assert!(failed.is_empty(), "calls lost: {failed:?}");

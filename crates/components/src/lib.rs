@@ -75,9 +75,9 @@ pub use functions::{DEADLINE, Functions, MORE, NONE, PIPELINED, SYNC_FUNCTION, d
 pub use master::{Master, MasterBuilder, default_topic};
 pub use parts::{Answer, Ask, DealerOut, Emit, Endpoint, Listen, PartSocket, RouterIn, Transport};
 pub use pool::{
-    Admission, CANCEL, CANCEL_FUNCTION, CREDITS, FUNCTIONS, HEARTBEAT_FUNCTION, HOLDING, Heartbeat,
-    Hook, ONCE, PoolCounters, PoolStatus, READY_FUNCTION, ResultSink, StreamHook,
-    WITHDRAW_FUNCTION, WorkerPool,
+    Admission, BATCH, BATCH_BYTES, CANCEL, CANCEL_FUNCTION, CREDITS, FUNCTIONS, HEARTBEAT_FUNCTION,
+    HOLDING, Heartbeat, Hook, MAX_BATCH, ONCE, PoolCounters, PoolStatus, READY_FUNCTION,
+    ResultSink, StreamHook, WITHDRAW_FUNCTION, WorkerPool,
 };
 pub use rylm_transport;
 pub use server::{Server, ServerBuilder};

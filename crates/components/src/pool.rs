@@ -55,6 +55,15 @@ pub const FUNCTIONS: &str = "rylm-functions";
 pub const HOLDING: &str = "rylm-holding";
 /// The header of a `READY` that lists the worker's functions that must not run twice.
 pub const ONCE: &str = "rylm-once";
+/// The header of a `READY` that says how many messages the worker takes in one transport
+/// message (a batch: `[MARKER, body, body, ...]`); absent or 1, one at a time. A worker that
+/// was sent a batch may answer in batches too.
+pub const BATCH: &str = "rylm-batch";
+/// The most messages one batch carries, either way.
+pub const MAX_BATCH: usize = 64;
+/// The most bytes of bodies one batch carries (a body larger than half of it goes alone), well
+/// under any transport's message size limit.
+pub const BATCH_BYTES: usize = 256 * 1024;
 /// Withdraws the messages of one caller (its id as the message's `client`): those waiting are
 /// dropped, and the answers of those a worker holds are discarded (a gateway sends it for a
 /// request whose HTTP client went away).
@@ -311,16 +320,16 @@ impl Pool {
                 break;
             }
             tokio::select! {
-                // The rest of a burst is taken without waiting again, each message dispatched
-                // as it would be alone.
+                // The rest of a burst is taken without waiting again, and dispatched once.
                 delivery = queue.recv(), if draining_since.is_none() => match delivery {
                     Some(delivery) => {
                         self.on_router_message(delivery, &mut sink).await;
+                        // The whole burst is lined up before any is dispatched, so that what
+                        // goes to one worker goes in one batch.
                         for _ in 1..rylm_transport::BURST {
                             // Each counts against the task's budget, as a wait would: a long burst
                             // yields to the tasks it woke instead of starving them.
                             tokio::task::coop::consume_budget().await;
-                            self.dispatch(&workers, &mut sink).await;
                             let Some(delivery) = queue.try_recv() else { break };
                             self.on_router_message(delivery, &mut sink).await;
                         }
@@ -334,7 +343,6 @@ impl Pool {
                             // Each counts against the task's budget, as a wait would: a long burst
                             // yields to the tasks it woke instead of starving them.
                             tokio::task::coop::consume_budget().await;
-                            self.dispatch(&workers, &mut sink).await;
                             let Ok(Some(received)) = workers.try_recv_message() else { break };
                             self.on_worker_message(received, &workers, &mut sink).await;
                         }
@@ -387,16 +395,27 @@ impl Pool {
         workers: &Socket,
         sink: &mut ResultSink,
     ) {
-        if received.is_empty() || self.pass_on(&received, sink).await {
+        if received.is_empty() {
             return;
         }
-        let mut frames = received.into_frames();
-        let identity = frames.remove(0);
-        match self.codec.decode_frames(&frames) {
-            Ok(message) => self.on_worker_frame(identity, message, workers, sink).await,
-            Err(error) => {
-                count(&self.status.counters.malformed);
-                tracing::warn!(%error, "dropped a worker frame that does not decode");
+        // A batch, `[identity, MARKER, body, body, ...]`: each body is a message of its own.
+        let batch = received.len() > 3 && received.part(1) == Some(&rylm_message::MARKER[..]);
+        let bodies = if batch { 2..received.len() } else { 2..3 };
+        for body in bodies {
+            if self.pass_on(&received, body, sink).await {
+                continue;
+            }
+            let (Some(identity), Some(frames)) =
+                (received.bytes(0), frames_of(&received, body, batch))
+            else {
+                continue;
+            };
+            match self.codec.decode_frames(&frames) {
+                Ok(message) => self.on_worker_frame(identity, message, workers, sink).await,
+                Err(error) => {
+                    count(&self.status.counters.malformed);
+                    tracing::warn!(%error, "dropped a worker frame that does not decode");
+                }
             }
         }
     }
@@ -411,6 +430,22 @@ impl Pool {
         let free = self.workers.values().map(|w| w.credits).sum();
         status.free_credits.store(free, Ordering::Relaxed);
     }
+}
+
+/// The frames after the identity of the message at `body` of `received`: all of them as they
+/// came, or `[MARKER, body]` for a body of a batch.
+fn frames_of(received: &Received, body: usize, batch: bool) -> Option<Vec<Bytes>> {
+    if !batch {
+        return Some(
+            (1..received.len())
+                .filter_map(|i| received.bytes(i))
+                .collect(),
+        );
+    }
+    Some(vec![
+        Bytes::from_static(&rylm_message::MARKER),
+        received.bytes(body)?,
+    ])
 }
 
 /// The next connection event; never, once the events have ended (or with no events at all).

@@ -22,8 +22,8 @@ use tokio::sync::{Semaphore, watch};
 use crate::functions::{PIPELINED, deadline_of};
 use crate::parts::{Endpoint, Transport, answer_frames, error_reply};
 use crate::pool::{
-    CANCEL, CANCEL_FUNCTION, CREDITS, DISPATCH, FUNCTIONS, HEARTBEAT_FUNCTION, HOLDING, ONCE,
-    READY_FUNCTION, next_event,
+    BATCH, BATCH_BYTES, CANCEL, CANCEL_FUNCTION, CREDITS, DISPATCH, FUNCTIONS, HEARTBEAT_FUNCTION,
+    HOLDING, MAX_BATCH, ONCE, READY_FUNCTION, next_event,
 };
 use crate::{Error, Functions};
 
@@ -313,6 +313,9 @@ struct Shared {
     /// The dispatches this worker runs, each with its task once it has one of its own (so that
     /// a cancelled dispatch can be stopped).
     holding: Mutex<HashMap<Bytes, Option<tokio::task::AbortHandle>>>,
+    /// While the loop takes a burst from a master that sends batches: the bodies of the plain
+    /// answers made meanwhile, sent as batches at the end of the burst (see [`Shared::flush`]).
+    gathered: Mutex<Option<Vec<Bytes>>>,
 }
 
 impl Shared {
@@ -362,6 +365,63 @@ impl Shared {
             .with_header(FUNCTIONS, names.join(","))
             .with_header(ONCE, once.join(","))
             .with_header(HOLDING, holding.join(","))
+            .with_header(BATCH, MAX_BATCH.to_string())
+    }
+
+    /// A plain answer's body: gathered while the loop takes a burst, else sent at once.
+    async fn answer(&self, body: Bytes) {
+        {
+            let mut gathered = self.gathered.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(gathered) = gathered.as_mut() {
+                gathered.push(body);
+                return;
+            }
+        }
+        let frames = vec![Bytes::from_static(&rylm_message::MARKER), body];
+        if let Err(error) = self.to.send(frames).await {
+            tracing::warn!(%error, "could not reach the master");
+        }
+    }
+
+    /// Starts gathering plain answers (the master sends batches, so it takes them).
+    fn gather(&self) {
+        let mut gathered = self.gathered.lock().unwrap_or_else(|e| e.into_inner());
+        if gathered.is_none() {
+            *gathered = Some(Vec::new());
+        }
+    }
+
+    /// Sends what was gathered, in batches within [`MAX_BATCH`] and [`BATCH_BYTES`] (and the
+    /// transport's limit), and stops gathering.
+    async fn flush(&self) {
+        let Some(bodies) = self
+            .gathered
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        else {
+            return;
+        };
+        let limit = BATCH_BYTES.min(self.max_message.saturating_sub(64));
+        let mut batch = vec![Bytes::from_static(&rylm_message::MARKER)];
+        let mut bytes = 0;
+        for body in bodies {
+            if batch.len() > 1 && (batch.len() > MAX_BATCH || bytes + body.len() > limit) {
+                let marker = Bytes::from_static(&rylm_message::MARKER);
+                let full = std::mem::replace(&mut batch, vec![marker]);
+                bytes = 0;
+                if let Err(error) = self.to.send(full).await {
+                    tracing::warn!(%error, "could not reach the master");
+                }
+            }
+            bytes += body.len();
+            batch.push(body);
+        }
+        if batch.len() > 1
+            && let Err(error) = self.to.send(batch).await
+        {
+            tracing::warn!(%error, "could not reach the master");
+        }
     }
 
     /// Runs one message within its deadline and answers it. `frames` are the message as it
@@ -556,16 +616,11 @@ impl Shared {
                 .answering
                 .short_answer(body, result, &[TRACEPARENT, crate::DEADLINE])
                 .ok()
-                .map(|body| vec![Bytes::from_static(&rylm_message::MARKER), body])
-                .filter(|frames| frames.iter().map(Bytes::len).sum::<usize>() <= self.max_message),
+                .filter(|body| body.len() + rylm_message::MARKER.len() <= self.max_message),
             _ => None,
         };
         match answer {
-            Some(answer) => {
-                if let Err(error) = self.to.send(answer).await {
-                    tracing::warn!(%error, "could not reach the master");
-                }
-            }
+            Some(answer) => self.answer(answer).await,
             // A failure, a deadline, or a result too large: the answer is made from the message
             // (it decoded once as a view, so it decodes).
             None => match self.codec.decode_frames(&frames) {
@@ -612,6 +667,30 @@ struct Intake {
 }
 
 impl Intake {
+    /// A message from the master, or each of a batch's (`[MARKER, body, body, ...]`, from a
+    /// master that takes batches of answers: they are gathered from then on, see
+    /// [`Shared::flush`]).
+    async fn take_all(&mut self, received: rylm_transport::Received, batches: &mut bool) {
+        let batch = self.native
+            && received.len() > 2
+            && received.part(0) == Some(&rylm_message::MARKER[..]);
+        if !batch {
+            if *batches {
+                self.shared.gather();
+            }
+            self.take(received.into_frames()).await;
+            return;
+        }
+        *batches = true;
+        self.shared.gather();
+        let marker = Bytes::from_static(&rylm_message::MARKER);
+        for body in 1..received.len() {
+            if let Some(body) = received.bytes(body) {
+                self.take(vec![marker.clone(), body]).await;
+            }
+        }
+    }
+
     /// One message from the master: a control message handled, a call started (its first
     /// step here) or answered `busy`.
     async fn take(&mut self, frames: Vec<Bytes>) {
@@ -733,6 +812,7 @@ async fn work(builder: WorkerBuilder, link: Link, mut stopped: watch::Receiver<b
         slots: Semaphore::new(credits),
         max_message: builder.transport.connected.max_message_size,
         holding: Mutex::default(),
+        gathered: Mutex::default(),
         codec: builder.codec,
     });
     let beat = Message::call(HEARTBEAT_FUNCTION, Bytes::new());
@@ -756,6 +836,8 @@ async fn work(builder: WorkerBuilder, link: Link, mut stopped: watch::Receiver<b
         warned: false,
     };
     let mut connections = 0u64;
+    // Whether the master sent a batch on this connection (and so takes batches of answers).
+    let mut batches = false;
     loop {
         tokio::select! {
             _ = stopped.changed() => break,
@@ -772,6 +854,8 @@ async fn work(builder: WorkerBuilder, link: Link, mut stopped: watch::Receiver<b
             event = next_event(&mut events) => {
                 if let Some(Event::Ready { .. }) = event {
                     connections += 1;
+                    // A master on a new connection may not take batches until it sends one.
+                    batches = false;
                     // The first READY went out above; later ones announce again.
                     if connections > 1 {
                         tracing::info!("the master is back; announcing again");
@@ -782,7 +866,7 @@ async fn work(builder: WorkerBuilder, link: Link, mut stopped: watch::Receiver<b
             received = from.recv_message() => {
                 while intake.running.try_join_next().is_some() {}
                 match received {
-                    Ok(received) => intake.take(received.into_frames()).await,
+                    Ok(received) => intake.take_all(received, &mut batches).await,
                     Err(error) if error.is_closed() => break,
                     Err(_) => continue,
                 }
@@ -792,13 +876,15 @@ async fn work(builder: WorkerBuilder, link: Link, mut stopped: watch::Receiver<b
                     // yields to the tasks it woke instead of starving them.
                     tokio::task::coop::consume_budget().await;
                     match from.try_recv_message() {
-                        Ok(Some(received)) => intake.take(received.into_frames()).await,
+                        Ok(Some(received)) => intake.take_all(received, &mut batches).await,
                         _ => break,
                     }
                 }
+                shared.flush().await;
             }
         }
     }
+    shared.flush().await;
     // Finish and answer what is held, heartbeating meanwhile so the master waits for it.
     let mut running = intake.running;
     loop {

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use rylm_components::rylm_transport::{Kind, Options, Socket};
 use rylm_components::{
-    Admission, CREDITS, Client, Error, Functions, HEARTBEAT_FUNCTION, Heartbeat, Master,
+    Admission, BATCH, CREDITS, Client, Error, Functions, HEARTBEAT_FUNCTION, Heartbeat, Master,
     READY_FUNCTION, Worker,
 };
 use rylm_message::{Codec, Message, NativeCodec};
@@ -530,5 +530,129 @@ async fn an_answer_comes_back_as_the_worker_sent_it_without_the_trace_header() {
     assert_eq!(answer.header(rylm_message::trace::TRACEPARENT), None);
     assert_eq!((answer.client.as_str(), answer.pipeline.as_str()), ("", ""));
     worker.shutdown().await;
+    master.shutdown().await.expect("clean");
+}
+
+/// `n` calls of `echo` in tasks of their own, call `i` with payload `i`.
+fn spawn_echoes(client: &Client, n: usize) -> Vec<tokio::task::JoinHandle<Result<Bytes, Error>>> {
+    (0..n)
+        .map(|i| {
+            let client = client.clone();
+            tokio::spawn(async move { client.eval_within("echo", i.to_string(), DEADLINE).await })
+        })
+        .collect()
+}
+
+/// Announces `fake` with `credits` and the headers in `more`, once `waiting` calls wait.
+async fn announce_when_waiting(
+    master: &Master,
+    fake: &Fake,
+    waiting: usize,
+    credits: usize,
+    more: &[(&str, &str)],
+) {
+    let status = master.status();
+    wait_until(|| status.waiting() == waiting).await;
+    let mut ready =
+        Message::call(READY_FUNCTION, Bytes::new()).with_header(CREDITS, credits.to_string());
+    for (name, value) in more {
+        ready = ready.with_header(*name, value.to_string());
+    }
+    fake.send(&ready).await;
+}
+
+/// The messages of work that reach `fake` until it holds `jobs` of them, each as the bodies it
+/// came with (one for a message alone, several for a batch).
+async fn receive_jobs(fake: &Fake, jobs: usize) -> Vec<Vec<Bytes>> {
+    let until = Instant::now() + DEADLINE;
+    let (mut messages, mut held) = (Vec::new(), 0);
+    while held < jobs {
+        let left = until
+            .checked_duration_since(Instant::now())
+            .expect("the jobs came in time");
+        let frames = tokio::time::timeout(left, fake.socket.recv())
+            .await
+            .expect("the jobs came in time")
+            .expect("receives");
+        assert_eq!(
+            &frames[0][..],
+            &rylm_message::MARKER[..],
+            "a native message"
+        );
+        let bodies = frames[1..].to_vec();
+        let first = fake
+            .codec
+            .decode_frames(&[frames[0].clone(), bodies[0].clone()])
+            .expect("decodes");
+        if matches!(
+            first.function_name(),
+            Some(HEARTBEAT_FUNCTION | READY_FUNCTION)
+        ) {
+            continue;
+        }
+        held += bodies.len();
+        messages.push(bodies);
+    }
+    messages
+}
+
+#[tokio::test]
+async fn a_worker_that_takes_batches_gets_them_and_may_answer_in_one() {
+    let master = master(Admission::default()).await;
+    let fake = Fake::connect(&master).await;
+    let client = client(&master).await;
+    let calls = spawn_echoes(&client, 40);
+    // Announced once all 40 wait, so that one pass of dispatching sends them all.
+    announce_when_waiting(&master, &fake, 40, 64, &[(BATCH, "16")]).await;
+    let messages = receive_jobs(&fake, 40).await;
+    let sizes: Vec<usize> = messages.iter().map(Vec::len).collect();
+    assert_eq!(
+        sizes,
+        [16, 16, 8],
+        "batches within the size the worker announced"
+    );
+    // Every answer in one batch back.
+    let mut answers = vec![Bytes::from_static(&rylm_message::MARKER)];
+    for body in messages.into_iter().flatten() {
+        let job = fake
+            .codec
+            .decode_frames(&[Bytes::from_static(&rylm_message::MARKER), body])
+            .expect("decodes");
+        let reply = job.reply(job.payload.clone());
+        let frames = fake.codec.encode_frames(&reply).expect("encodes");
+        answers.push(frames[1].clone());
+    }
+    fake.socket.send(answers).await.expect("sends");
+    for (i, call) in calls.into_iter().enumerate() {
+        let answer = call.await.expect("task").expect("answered");
+        assert_eq!(answer, i.to_string().as_bytes(), "each call its own answer");
+    }
+    let counters = master.status();
+    assert_eq!(
+        counters.counters().dropped_answers.load(Ordering::Relaxed),
+        0
+    );
+    master.shutdown().await.expect("clean");
+}
+
+#[tokio::test]
+async fn a_worker_that_does_not_say_it_takes_batches_gets_one_message_at_a_time() {
+    let master = master(Admission::default()).await;
+    let fake = Fake::connect(&master).await;
+    let client = client(&master).await;
+    let calls = spawn_echoes(&client, 10);
+    announce_when_waiting(&master, &fake, 10, 10, &[]).await;
+    let messages = receive_jobs(&fake, 10).await;
+    assert!(messages.iter().all(|bodies| bodies.len() == 1), "no batch");
+    for bodies in messages {
+        let job = fake
+            .codec
+            .decode_frames(&[Bytes::from_static(&rylm_message::MARKER), bodies[0].clone()])
+            .expect("decodes");
+        fake.send(&job.reply(job.payload.clone())).await;
+    }
+    for call in calls {
+        call.await.expect("task").expect("answered");
+    }
     master.shutdown().await.expect("clean");
 }

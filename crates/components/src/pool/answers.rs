@@ -11,8 +11,8 @@ use rylm_transport::{Received, Socket};
 
 use super::record::{DispatchId, Queued, WorkerState};
 use super::{
-    CANCEL_FUNCTION, CREDITS, DISPATCH, FUNCTIONS, HEARTBEAT_FUNCTION, HOLDING, ONCE, Pool,
-    READY_FUNCTION, ResultSink, count, failure, run_hook,
+    BATCH, CANCEL_FUNCTION, CREDITS, DISPATCH, FUNCTIONS, HEARTBEAT_FUNCTION, HOLDING, MAX_BATCH,
+    ONCE, Pool, READY_FUNCTION, ResultSink, count, failure, run_hook,
 };
 use crate::MORE;
 use crate::functions::PIPELINED;
@@ -159,16 +159,20 @@ impl Pool {
     /// and encoded again, when [`Pool::pass_answers`] allows it and the answer is a plain one;
     /// false when it takes the full path (a control message, a result that moves on down a
     /// pipeline, frames that do not read, another sink).
-    pub(super) async fn pass_on(&mut self, received: &Received, sink: &ResultSink) -> bool {
+    pub(super) async fn pass_on(
+        &mut self,
+        received: &Received,
+        at: usize,
+        sink: &ResultSink,
+    ) -> bool {
         let (Some(codec), ResultSink::Answer(results)) = (self.pass_answers, sink) else {
             return false;
         };
-        let (3, Some(identity), Some(marker), Some(body)) = (
-            received.len(),
-            received.part(0),
-            received.part(1),
-            received.part(2),
-        ) else {
+        // `[identity, marker, body]`, or one body of a batch (`[identity, marker, body, ...]`);
+        // the view checks the marker.
+        let (Some(identity), Some(marker), Some(body)) =
+            (received.part(0), received.part(1), received.part(at))
+        else {
             return false;
         };
         let Ok(view) = codec.view_parts(marker, body) else {
@@ -188,7 +192,7 @@ impl Pool {
         let more = more.is_some();
         // The caller the dispatch came from, whatever the answer says.
         if let Some(caller) = self.settle(identity, dispatch, more, Instant::now())
-            && let Some(body) = received.bytes(2)
+            && let Some(body) = received.bytes(at)
         {
             // The view checked the marker: the static one goes on rather than a copy.
             let marker = Bytes::from_static(&rylm_message::MARKER);
@@ -231,7 +235,13 @@ impl Pool {
             holds: HashSet::new(),
             once: HashSet::new(),
             last_seen: now,
+            batch: 1,
         });
+        worker.batch = message
+            .header(BATCH)
+            .and_then(|b| b.parse().ok())
+            .unwrap_or(1usize)
+            .clamp(1, MAX_BATCH);
         worker.credits = credits.saturating_sub(holds.len());
         worker.holds = holds;
         worker.once = list(ONCE);

@@ -259,6 +259,8 @@ impl Pool {
                 self.send_to(to_workers, worker, &cancel).await;
             }
         }
+        // What goes to workers that take batches, one batch per worker being filled.
+        let mut batches = Batches::default();
         while !self.waiting.is_empty() {
             let Some(identity) = self
                 .workers
@@ -267,10 +269,10 @@ impl Pool {
                 .max_by_key(|(_, w)| w.credits)
                 .map(|(id, _)| id.clone())
             else {
-                return;
+                break;
             };
             let Some(queued) = self.waiting.pop_front() else {
-                return;
+                break;
             };
             let now = Instant::now();
             let id = match queued {
@@ -308,17 +310,93 @@ impl Pool {
                 }
             };
             dispatched.holders.push(identity.clone());
+            let mut batch = 1;
             if let Some(worker) = self.workers.get_mut(&identity) {
                 worker.credits -= 1;
                 worker.holds.insert(id);
+                batch = worker.batch;
             }
             count(&self.status.counters.dispatched);
-            let mut with_identity = Vec::with_capacity(frames.len() + 1);
-            with_identity.push(identity);
-            with_identity.extend(frames);
-            if let Err(error) = to_workers.send(with_identity).await {
-                tracing::warn!(%error, "could not reach a worker; it will be taken for dead");
-            }
+            let frames = match batches.add(&identity, batch, frames) {
+                Some(full) => full,
+                None => continue,
+            };
+            send_to_worker(to_workers, identity, frames).await;
         }
+        for (identity, frames) in batches.take() {
+            send_to_worker(to_workers, identity, frames).await;
+        }
+    }
+}
+
+/// `frames` (`[MARKER, body, ...]` or a message of another codec) to worker `identity`.
+async fn send_to_worker(to_workers: &Socket, identity: Bytes, frames: Vec<Bytes>) {
+    let mut with_identity = Vec::with_capacity(frames.len() + 1);
+    with_identity.push(identity);
+    with_identity.extend(frames);
+    if let Err(error) = to_workers.send(with_identity).await {
+        tracing::warn!(%error, "could not reach a worker; it will be taken for dead");
+    }
+}
+
+/// Native messages gathered per worker during one pass of dispatching: each worker's batch
+/// (`[MARKER, body, body, ...]`) goes out when it is full, the rest at the end of the pass.
+#[derive(Default)]
+struct Batches {
+    /// A worker, its batch's frames, and the bytes of its bodies.
+    filling: Vec<(Bytes, Vec<Bytes>, usize)>,
+}
+
+impl Batches {
+    /// Adds `frames` to worker `identity`'s batch (of at most `batch` messages); what is to be
+    /// sent now, if anything: `frames` themselves when they cannot go in a batch, or a batch
+    /// made full by them.
+    fn add(&mut self, identity: &Bytes, batch: usize, frames: Vec<Bytes>) -> Option<Vec<Bytes>> {
+        let body = match frames.as_slice() {
+            [marker, body] if batch > 1 && marker[..] == rylm_message::MARKER => body.clone(),
+            _ => return Some(frames),
+        };
+        if body.len() > super::BATCH_BYTES / 2 {
+            return Some(frames);
+        }
+        let at = match self.filling.iter().position(|(id, _, _)| id == identity) {
+            Some(at) => at,
+            None => {
+                self.filling.push((
+                    identity.clone(),
+                    vec![Bytes::from_static(&rylm_message::MARKER)],
+                    0,
+                ));
+                self.filling.len() - 1
+            }
+        };
+        let (_, filling, bytes) = &mut self.filling[at];
+        // A batch that this body would take over its bounds goes first.
+        let full = (*bytes + body.len() > super::BATCH_BYTES)
+            .then(|| std::mem::replace(filling, vec![Bytes::from_static(&rylm_message::MARKER)]));
+        if full.is_some() {
+            *bytes = 0;
+        }
+        *bytes += body.len();
+        filling.push(body);
+        if full.is_some() {
+            return full;
+        }
+        if filling.len() > batch {
+            *bytes = 0;
+            return Some(std::mem::replace(
+                filling,
+                vec![Bytes::from_static(&rylm_message::MARKER)],
+            ));
+        }
+        None
+    }
+
+    /// The batches not yet sent, emptied.
+    fn take(&mut self) -> impl Iterator<Item = (Bytes, Vec<Bytes>)> {
+        std::mem::take(&mut self.filling)
+            .into_iter()
+            .filter(|(_, frames, _)| frames.len() > 1)
+            .map(|(identity, frames, _)| (identity, frames))
     }
 }

@@ -14,6 +14,8 @@ pub(super) struct WorkerState {
     pub(super) holds: HashSet<DispatchId>,
     pub(super) once: HashSet<String>,
     pub(super) last_seen: Instant,
+    /// How many messages it takes in one batch (1: one at a time).
+    pub(super) batch: usize,
 }
 
 /// A dispatch's id: its number in the pool that made it and a keyed hash of that number, so

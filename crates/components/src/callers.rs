@@ -187,23 +187,25 @@ impl CallerSocket {
         let Ok(frames) = answer_frames(self.codec.as_ref(), message, self.max_message) else {
             return false;
         };
-        self.pass_on(caller, &frames).await
+        self.pass_on(caller, &frames, 1).await
     }
 
     /// Sends an answer's frames as they are (a worker's, passed on unchanged, or one encoded
     /// here) to the caller whose routing identity is `caller`; false if it could not be
-    /// delivered (counted and logged).
-    async fn pass_on(&self, caller: &str, frames: &[Bytes]) -> bool {
+    /// delivered (counted and logged, as `answers` answers: a batch carries several).
+    async fn pass_on(&self, caller: &str, frames: &[Bytes], answers: u64) -> bool {
         let mut routed = Vec::with_capacity(frames.len() + 1);
         routed.push(Bytes::copy_from_slice(caller.as_bytes()));
         routed.extend_from_slice(frames);
         match self.socket.send_within(routed, ANSWER_WAIT).await {
             Ok(()) => {
-                count(&self.counters.answered);
+                self.counters.answered.fetch_add(answers, Ordering::Relaxed);
                 true
             }
             Err(error) => {
-                count(&self.counters.undeliverable);
+                self.counters
+                    .undeliverable
+                    .fetch_add(answers, Ordering::Relaxed);
                 tracing::debug!(address = %self.address, %caller, %error, "dropped an answer: its caller is gone or not reading");
                 false
             }
@@ -464,9 +466,10 @@ impl Results {
         })
     }
 
-    /// Sends a worker's answer to `caller` as it came (see [`crate::pool`]).
-    pub(crate) async fn pass_on(&self, caller: &str, frames: &[Bytes]) {
-        self.callers.pass_on(caller, frames).await;
+    /// Sends a worker's answer, or a batch of `answers` of them, to `caller` as they came (see
+    /// [`crate::pool`]).
+    pub(crate) async fn pass_on(&self, caller: &str, frames: &[Bytes], answers: u64) {
+        self.callers.pass_on(caller, frames, answers).await;
     }
 
     /// The address the next stage connects to.

@@ -133,6 +133,10 @@ const ANSWER_HEADERS: [&str; 4] = [
     crate::functions::NONE,
 ];
 
+/// The value of [`crate::BATCH`] on a request: its caller reads answers in batches of up to
+/// [`crate::MAX_BATCH`].
+const READS_BATCHES: &str = "64";
+
 /// Logs an answer that does not decode (it is dropped).
 fn dropped(error: rylm_message::Error) {
     tracing::warn!(%error, "dropped a result that does not decode");
@@ -147,16 +151,22 @@ impl Answer {
         Answer::of(&message.cache, message.payload.clone(), headers)
     }
 
-    /// A native answer read in place from the frames `received` has after the first `skip`:
-    /// a call needs its payload and error, not the envelope.
-    fn read_native(native: NativeCodec, received: &Received, skip: usize) -> Option<Answer> {
-        let (marker, body) = (received.part(skip)?, received.part(skip + 1)?);
+    /// A native answer read in place from frame `at` of `received`, whose marker is frame
+    /// `skip` (the first after a SUB's topic; a batch has one marker and several bodies): a
+    /// call needs its payload and error, not the envelope.
+    fn read_native(
+        native: NativeCodec,
+        received: &Received,
+        skip: usize,
+        at: usize,
+    ) -> Option<Answer> {
+        let (marker, body) = (received.part(skip)?, received.part(at)?);
         let view = native.view_parts(marker, body).map_err(dropped).ok()?;
         let payload = match view.payload() {
             [] => Bytes::new(),
             payload => {
                 // The payload's place in the body, taken from the body as a frame of its own.
-                let owned = received.bytes(skip + 1)?;
+                let owned = received.bytes(at)?;
                 let start = payload.as_ptr() as usize - body.as_ptr() as usize;
                 let end = start + payload.len();
                 (end <= owned.len()).then(|| owned.slice(start..end))?
@@ -590,8 +600,9 @@ impl Client {
             } else {
                 (String::new(), tracing::Span::none())
             };
-        // The stamp's headers in order of name.
+        // The stamp's headers in order of name: this client reads answers in batches.
         let headers = [
+            (crate::BATCH, READS_BATCHES),
             (crate::DEADLINE, millis),
             (TRACEPARENT, traceparent.as_str()),
         ];
@@ -601,7 +612,7 @@ impl Client {
                 client: &self.inner.id,
                 pipeline: &session,
                 cache: decimal(call, &mut number),
-                headers: &headers[..if traceparent.is_empty() { 1 } else { 2 }],
+                headers: &headers[..if traceparent.is_empty() { 2 } else { 3 }],
             };
             match &self.inner.native {
                 Some(native) => vec![
@@ -808,34 +819,47 @@ fn receive(
     let native = NativeCodec::when_native(codec.as_ref());
     tokio::spawn(async move {
         while let Ok(received) = socket.recv_message().await {
-            let answer = match native {
-                Some(native) if received.len() == skip + 2 => {
-                    Answer::read_native(native, &received, skip)
+            match native {
+                // One answer, or a batch of them (`[MARKER, body, ...]`).
+                Some(native)
+                    if received.len() == skip + 2
+                        || (received.len() > skip + 2
+                            && received.part(skip) == Some(&rylm_message::MARKER[..])) =>
+                {
+                    for at in skip + 1..received.len() {
+                        hand_over(&pending, Answer::read_native(native, &received, skip, at));
+                    }
                 }
                 _ => {
                     let frames = received.into_frames();
-                    Answer::read(codec.as_ref(), frames.get(skip..).unwrap_or_default())
+                    let answer =
+                        Answer::read(codec.as_ref(), frames.get(skip..).unwrap_or_default());
+                    hand_over(&pending, answer);
                 }
-            };
-            // An answer to no call of this client (a stray, or past its deadline) is dropped.
-            let Some(answer) = answer else {
-                continue;
-            };
-            let call = answer.call;
-            let mut pending = pending.lock().unwrap_or_else(|e| e.into_inner());
-            match pending.remove(&call) {
-                Some(Waiter::One(waiter)) => {
-                    drop(pending);
-                    let _ = waiter.send(answer);
-                }
-                Some(Waiter::Parts(parts)) => {
-                    let _ = parts.send(answer);
-                    pending.insert(call, Waiter::Parts(parts));
-                }
-                None => {}
             }
         }
     })
+}
+
+/// Gives `answer` to the call waiting for it. An answer to no call of this client (a stray, or
+/// past its deadline), or one that did not read, is dropped.
+fn hand_over(pending: &Pending, answer: Option<Answer>) {
+    let Some(answer) = answer else {
+        return;
+    };
+    let call = answer.call;
+    let mut pending = pending.lock().unwrap_or_else(|e| e.into_inner());
+    match pending.remove(&call) {
+        Some(Waiter::One(waiter)) => {
+            drop(pending);
+            let _ = waiter.send(answer);
+        }
+        Some(Waiter::Parts(parts)) => {
+            let _ = parts.send(answer);
+            pending.insert(call, Waiter::Parts(parts));
+        }
+        None => {}
+    }
 }
 
 /// Fails every pending call with [`Error::ServerGone`] when the connection its results come

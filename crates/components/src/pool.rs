@@ -57,7 +57,8 @@ pub const HOLDING: &str = "rylm-holding";
 pub const ONCE: &str = "rylm-once";
 /// The header of a `READY` that says how many messages the worker takes in one transport
 /// message (a batch: `[MARKER, body, body, ...]`); absent or 1, one at a time. A worker that
-/// was sent a batch may answer in batches too.
+/// was sent a batch may answer in batches too. A caller's request that carries it (rylm's
+/// Client sets it) is answered in a batch with the caller's other answers of the same burst.
 pub const BATCH: &str = "rylm-batch";
 /// The most messages one batch carries, either way.
 pub const MAX_BATCH: usize = 64;
@@ -266,6 +267,8 @@ pub(crate) struct Pool {
     /// Withdrawn dispatches whose workers are to be asked to stop running them (native
     /// workers only), sent before the next dispatch.
     cancels: Vec<(Bytes, DispatchId)>,
+    /// Answers of this burst to callers that read batches, each with its caller.
+    answers_out: Vec<(String, Bytes)>,
     dispatched: u64,
     keys: std::hash::RandomState,
     /// A dead worker's messages are failed back at once when no other worker is connected.
@@ -291,6 +294,7 @@ impl Pool {
             waiting: VecDeque::new(),
             in_flight: HashMap::new(),
             cancels: Vec::new(),
+            answers_out: Vec::new(),
             dispatched: 0,
             keys: std::hash::RandomState::new(),
             fail_alone: false,
@@ -346,6 +350,7 @@ impl Pool {
                             let Ok(Some(received)) = workers.try_recv_message() else { break };
                             self.on_worker_message(received, &workers, &mut sink).await;
                         }
+                        self.flush_answers(&sink).await;
                     }
                     Err(error) if error.is_closed() => break,
                     Err(error) => tracing::warn!(%error, "receiving from the workers failed"),

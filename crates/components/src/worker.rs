@@ -614,7 +614,7 @@ impl Shared {
             // caller knows its own session and id.
             (Some(Ok(result)), Some(body)) => plain
                 .answering
-                .short_answer(body, result, &[TRACEPARENT, crate::DEADLINE])
+                .short_answer(body, result, &[TRACEPARENT, crate::DEADLINE, BATCH])
                 .ok()
                 .filter(|body| body.len() + rylm_message::MARKER.len() <= self.max_message),
             _ => None,

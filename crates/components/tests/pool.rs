@@ -656,3 +656,90 @@ async fn a_worker_that_does_not_say_it_takes_batches_gets_one_message_at_a_time(
     }
     master.shutdown().await.expect("clean");
 }
+
+/// A caller played by hand: a DEALER with `id` as its identity, sending `n` echo requests
+/// (call `i` with cache `i`), with the batch header or without.
+async fn raw_caller(master: &Master, id: &str, n: usize, batches: bool) -> Socket {
+    let options = Options {
+        identity: Bytes::from(id.to_owned()),
+        ..Options::default()
+    };
+    let socket = Socket::new(Kind::Dealer, &options).expect("a socket");
+    socket
+        .connect(master.client_address())
+        .await
+        .expect("connects");
+    let codec = NativeCodec::default();
+    for i in 0..n {
+        let mut request = Message::call("m.echo", i.to_string());
+        request.client = id.to_owned();
+        request.cache = i.to_string();
+        if batches {
+            request = request.with_header(BATCH, "64");
+        }
+        let frames = codec.encode_frames(&request).expect("encodes");
+        socket.send(frames).await.expect("sends");
+    }
+    socket
+}
+
+/// Answers every job `fake` holds (`jobs` of them) in one batch.
+async fn answer_all_in_one(fake: &Fake, jobs: usize) {
+    let mut answers = vec![Bytes::from_static(&rylm_message::MARKER)];
+    for body in receive_jobs(fake, jobs).await.into_iter().flatten() {
+        let job = fake
+            .codec
+            .decode_frames(&[Bytes::from_static(&rylm_message::MARKER), body])
+            .expect("decodes");
+        let frames = fake
+            .codec
+            .encode_frames(&job.reply(job.payload.clone()))
+            .expect("encodes");
+        answers.push(frames[1].clone());
+    }
+    fake.socket.send(answers).await.expect("sends");
+}
+
+/// The messages `socket` receives until they carry `answers` answers: each message's count.
+async fn answers_per_message(socket: &Socket, answers: usize) -> Vec<usize> {
+    let codec = NativeCodec::default();
+    let (mut sizes, mut seen) = (Vec::new(), vec![false; answers]);
+    while sizes.iter().sum::<usize>() < answers {
+        let frames = tokio::time::timeout(DEADLINE, socket.recv())
+            .await
+            .expect("the answers came in time")
+            .expect("receives");
+        for body in &frames[1..] {
+            let answer = codec
+                .decode_frames(&[frames[0].clone(), body.clone()])
+                .expect("decodes");
+            let call: usize = answer.cache.parse().expect("a call number");
+            assert_eq!(
+                answer.payload,
+                call.to_string().as_bytes(),
+                "its own answer"
+            );
+            assert!(!std::mem::replace(&mut seen[call], true), "answered once");
+        }
+        sizes.push(frames.len() - 1);
+    }
+    sizes
+}
+
+#[tokio::test]
+async fn a_caller_that_reads_batches_gets_its_answers_of_a_burst_in_one() {
+    let master = master(Admission::default()).await;
+    let fake = Fake::connect(&master).await;
+    let batched = raw_caller(&master, "reads-batches", 30, true).await;
+    announce_when_waiting(&master, &fake, 30, 64, &[(BATCH, "64")]).await;
+    answer_all_in_one(&fake, 30).await;
+    assert_eq!(answers_per_message(&batched, 30).await, [30]);
+    // A caller that does not say so gets one answer per message, though the worker's answers
+    // came in one batch.
+    let single = raw_caller(&master, "one-at-a-time", 10, false).await;
+    let status = master.status();
+    wait_until(|| status.waiting() == 0 && status.in_flight() == 10).await;
+    answer_all_in_one(&fake, 10).await;
+    assert_eq!(answers_per_message(&single, 10).await, [1; 10]);
+    master.shutdown().await.expect("clean");
+}

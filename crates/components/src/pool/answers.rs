@@ -11,8 +11,8 @@ use rylm_transport::{Received, Socket};
 
 use super::record::{DispatchId, Queued, WorkerState};
 use super::{
-    BATCH, CANCEL_FUNCTION, CREDITS, DISPATCH, FUNCTIONS, HEARTBEAT_FUNCTION, HOLDING, MAX_BATCH,
-    ONCE, Pool, READY_FUNCTION, ResultSink, count, failure, run_hook,
+    BATCH, BATCH_BYTES, CANCEL_FUNCTION, CREDITS, DISPATCH, FUNCTIONS, HEARTBEAT_FUNCTION, HOLDING,
+    MAX_BATCH, ONCE, Pool, READY_FUNCTION, ResultSink, count, failure, run_hook,
 };
 use crate::MORE;
 use crate::functions::PIPELINED;
@@ -75,7 +75,7 @@ impl Pool {
                 .clone_from(&dispatched.request.message.pipeline);
         }
         // The caller the dispatch came from, whatever the answer says.
-        let Some(caller) = self.settle(&identity, dispatch, more, now) else {
+        let Some((caller, _)) = self.settle(&identity, dispatch, more, now) else {
             return;
         };
         message.client = caller;
@@ -106,17 +106,18 @@ impl Pool {
         dispatch: &str,
         more: bool,
         now: Instant,
-    ) -> Option<String> {
+    ) -> Option<(String, bool)> {
         let Some(id) = DispatchId::parse(dispatch) else {
             count(&self.status.counters.dropped_answers);
             tracing::debug!(%dispatch, "dropped an answer whose dispatch id does not read");
             return None;
         };
         self.heard_from(identity, id, !more, now);
-        let client = match self.in_flight.get(&id) {
-            Some(dispatched) if dispatched.holders.contains(identity) => {
-                &dispatched.request.message.client
-            }
+        let (client, batches) = match self.in_flight.get(&id) {
+            Some(dispatched) if dispatched.holders.contains(identity) => (
+                &dispatched.request.message.client,
+                dispatched.request.batches,
+            ),
             _ => {
                 // A late duplicate (the first answer went out), an answer from a worker this
                 // dispatch was not sent to, or one to a dispatch of an earlier pool.
@@ -127,11 +128,11 @@ impl Pool {
         };
         if more {
             // A part of a mux function's results: the dispatch goes on.
-            return Some(client.clone());
+            return Some((client.clone(), batches));
         }
         let dispatched = self.in_flight.remove(&id)?;
         count(&self.status.counters.answered);
-        Some(dispatched.request.message.client)
+        Some((dispatched.request.message.client, batches))
     }
 
     /// The worker `identity` was heard from at `now` about dispatch `id`; when it is `done` with
@@ -191,14 +192,52 @@ impl Pool {
         };
         let more = more.is_some();
         // The caller the dispatch came from, whatever the answer says.
-        if let Some(caller) = self.settle(identity, dispatch, more, Instant::now())
+        if let Some((caller, batches)) = self.settle(identity, dispatch, more, Instant::now())
             && let Some(body) = received.bytes(at)
         {
-            // The view checked the marker: the static one goes on rather than a copy.
-            let marker = Bytes::from_static(&rylm_message::MARKER);
-            results.pass_on(&caller, &[marker, body]).await;
+            if batches {
+                // Sent with the others of this burst to the same caller (see `flush_answers`).
+                self.answers_out.push((caller, body));
+            } else {
+                // The view checked the marker: the static one goes on rather than a copy.
+                let marker = Bytes::from_static(&rylm_message::MARKER);
+                results.pass_on(&caller, &[marker, body], 1).await;
+            }
         }
         true
+    }
+
+    /// Sends the answers gathered for callers that read batches: one message per caller,
+    /// `[MARKER, body, ...]`, within [`MAX_BATCH`] and [`BATCH_BYTES`].
+    pub(super) async fn flush_answers(&mut self, sink: &ResultSink) {
+        if self.answers_out.is_empty() {
+            return;
+        }
+        let mut out = std::mem::take(&mut self.answers_out);
+        let ResultSink::Answer(results) = sink else {
+            return;
+        };
+        // Stable: each caller's answers keep their order.
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        let marker = Bytes::from_static(&rylm_message::MARKER);
+        let mut batch = vec![marker.clone()];
+        let mut bytes = 0;
+        let mut bodies = out.into_iter().peekable();
+        while let Some((caller, body)) = bodies.next() {
+            bytes += body.len();
+            batch.push(body);
+            let next = bodies.peek();
+            let full = batch.len() > MAX_BATCH
+                || next.is_none_or(|(next_caller, next_body)| {
+                    *next_caller != caller || bytes + next_body.len() > BATCH_BYTES
+                });
+            if full {
+                let frames = std::mem::replace(&mut batch, vec![marker.clone()]);
+                let answers = (frames.len() - 1) as u64;
+                results.pass_on(&caller, &frames, answers).await;
+                bytes = 0;
+            }
+        }
     }
 
     pub(super) fn on_ready(&mut self, identity: Bytes, message: &Message, now: Instant) {

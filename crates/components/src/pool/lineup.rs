@@ -32,9 +32,11 @@ impl Pool {
                 .header(crate::DEADLINE)
                 .and_then(|value| crate::functions::deadline_in(value, now))
                 .unwrap_or(now + self.admission.default_deadline);
+            let batches = forward.header(super::BATCH).is_some();
             let request = Request {
                 message,
                 forward: Some(forward),
+                batches,
             };
             self.line_up(request, deadline, sink).await;
             return;
@@ -77,9 +79,11 @@ impl Pool {
         };
         for part in parts {
             let deadline = deadline_of(&part, now).unwrap_or(now + self.admission.default_deadline);
+            let batches = part.header(super::BATCH).is_some();
             let request = Request {
                 message: part,
                 forward: None,
+                batches,
             };
             self.line_up(request, deadline, sink).await;
         }

@@ -94,6 +94,8 @@ impl Holders {
 pub(super) struct Request {
     pub(super) message: Message,
     pub(super) forward: Option<Forward>,
+    /// Its caller reads answers in batches (the request carries [`BATCH`](super::BATCH)).
+    pub(super) batches: bool,
 }
 
 impl Request {

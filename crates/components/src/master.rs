@@ -212,6 +212,8 @@ impl MasterBuilder {
 
         let mut pool = Pool::new(codec.clone(), self.heartbeat, handle_stream);
         pool.admission = self.admission;
+        pool.batching =
+            crate::pool::takes_batches(self.transport.options(&self.workers).max_message_size);
         pool.scatter = self.scatter;
         pool.gather = self.gather;
         // With no scatter either, a plain call goes to its worker as it came.

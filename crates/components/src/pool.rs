@@ -210,7 +210,8 @@ impl WorkerPool {
         heartbeat: Heartbeat,
     ) -> Result<WorkerPool, Error> {
         let (socket, address) = transport.open(Kind::Router, workers).await?;
-        let pool = Pool::new(codec, heartbeat, Arc::new(|m: &Message| m.client.clone()));
+        let mut pool = Pool::new(codec, heartbeat, Arc::new(|m: &Message| m.client.clone()));
+        pool.batching = takes_batches(transport.options(workers).max_message_size);
         Ok(WorkerPool {
             pool,
             socket,
@@ -273,6 +274,9 @@ pub(crate) struct Pool {
     keys: std::hash::RandomState,
     /// A dead worker's messages are failed back at once when no other worker is connected.
     pub(crate) fail_alone: bool,
+    /// Whether batches may go to workers: only when the workers' socket takes messages of
+    /// twice [`BATCH_BYTES`] (a worker sent a batch answers in batches of up to that).
+    pub(crate) batching: bool,
     /// Set when the hooks are the defaults and the wire is native: answers go to their
     /// callers as they came from the workers, read in place rather than decoded and encoded
     /// again.
@@ -298,6 +302,7 @@ impl Pool {
             dispatched: 0,
             keys: std::hash::RandomState::new(),
             fail_alone: false,
+            batching: true,
             pass_answers: None,
             status: Arc::default(),
         }
@@ -435,6 +440,12 @@ impl Pool {
         let free = self.workers.values().map(|w| w.credits).sum();
         status.free_credits.store(free, Ordering::Relaxed);
     }
+}
+
+/// Whether a socket whose largest message is `max_message` bytes takes batches (of up to
+/// [`BATCH_BYTES`] of bodies, with room to spare).
+pub(crate) fn takes_batches(max_message: usize) -> bool {
+    max_message >= 2 * BATCH_BYTES
 }
 
 /// The frames after the identity of the message at `body` of `received`: all of them as they

@@ -360,12 +360,17 @@ impl Shared {
             .keys()
             .map(|id| String::from_utf8_lossy(id).into_owned())
             .collect();
-        Message::call(READY_FUNCTION, Bytes::new())
+        let ready = Message::call(READY_FUNCTION, Bytes::new())
             .with_header(CREDITS, credits.to_string())
             .with_header(FUNCTIONS, names.join(","))
             .with_header(ONCE, once.join(","))
-            .with_header(HOLDING, holding.join(","))
-            .with_header(BATCH, MAX_BATCH.to_string())
+            .with_header(HOLDING, holding.join(","));
+        // Batches only when its transport takes them.
+        if crate::pool::takes_batches(self.max_message) {
+            ready.with_header(BATCH, MAX_BATCH.to_string())
+        } else {
+            ready
+        }
     }
 
     /// A plain answer's body: gathered while the loop takes a burst, else sent at once.

@@ -638,23 +638,7 @@ async fn a_worker_that_takes_batches_gets_them_and_may_answer_in_one() {
 #[tokio::test]
 async fn a_worker_that_does_not_say_it_takes_batches_gets_one_message_at_a_time() {
     let master = master(Admission::default()).await;
-    let fake = Fake::connect(&master).await;
-    let client = client(&master).await;
-    let calls = spawn_echoes(&client, 10);
-    announce_when_waiting(&master, &fake, 10, 10, &[]).await;
-    let messages = receive_jobs(&fake, 10).await;
-    assert!(messages.iter().all(|bodies| bodies.len() == 1), "no batch");
-    for bodies in messages {
-        let job = fake
-            .codec
-            .decode_frames(&[Bytes::from_static(&rylm_message::MARKER), bodies[0].clone()])
-            .expect("decodes");
-        fake.send(&job.reply(job.payload.clone())).await;
-    }
-    for call in calls {
-        call.await.expect("task").expect("answered");
-    }
-    master.shutdown().await.expect("clean");
+    ten_calls_one_message_each(master, &[]).await;
 }
 
 /// A caller played by hand: a DEALER with `id` as its identity, sending `n` echo requests
@@ -742,4 +726,44 @@ async fn a_caller_that_reads_batches_gets_its_answers_of_a_burst_in_one() {
     answer_all_in_one(&fake, 10).await;
     assert_eq!(answers_per_message(&single, 10).await, [1; 10]);
     master.shutdown().await.expect("clean");
+}
+
+#[tokio::test]
+async fn a_master_whose_transport_takes_small_messages_sends_no_batches() {
+    let mut transport = rylm_components::Transport::default();
+    transport.bound.max_message_size = 64 * 1024;
+    let master = Master::builder("m")
+        .heartbeat(QUICK)
+        .transport(transport)
+        .start()
+        .await
+        .expect("starts");
+    ten_calls_one_message_each(master, &[(BATCH, "64")]).await;
+}
+
+/// Ten calls through `master` to a worker announced with `headers`, once they all wait: the
+/// worker gets each in a message of its own, and answers each so.
+async fn ten_calls_one_message_each(master: Master, headers: &[(&str, &str)]) {
+    let fake = Fake::connect(&master).await;
+    let client = client(&master).await;
+    let calls = spawn_echoes(&client, 10);
+    announce_when_waiting(&master, &fake, 10, 10, headers).await;
+    let messages = receive_jobs(&fake, 10).await;
+    assert!(messages.iter().all(|bodies| bodies.len() == 1), "no batch");
+    answer_one_by_one(&fake, messages).await;
+    for call in calls {
+        call.await.expect("task").expect("answered");
+    }
+    master.shutdown().await.expect("clean");
+}
+
+/// Answers each job in `messages` (one body each) in a message of its own.
+async fn answer_one_by_one(fake: &Fake, messages: Vec<Vec<Bytes>>) {
+    for bodies in messages {
+        let job = fake
+            .codec
+            .decode_frames(&[Bytes::from_static(&rylm_message::MARKER), bodies[0].clone()])
+            .expect("decodes");
+        fake.send(&job.reply(job.payload.clone())).await;
+    }
 }

@@ -318,7 +318,7 @@ impl Pool {
             if let Some(worker) = self.workers.get_mut(&identity) {
                 worker.credits -= 1;
                 worker.holds.insert(id);
-                batch = worker.batch;
+                batch = if self.batching { worker.batch } else { 1 };
             }
             count(&self.status.counters.dispatched);
             let frames = match batches.add(&identity, batch, frames) {

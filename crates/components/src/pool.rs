@@ -35,6 +35,7 @@ use crate::Error;
 use crate::parts::{Endpoint, Transport, error_reply};
 
 mod answers;
+pub(crate) mod batch;
 mod lineup;
 mod record;
 mod status;

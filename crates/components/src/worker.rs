@@ -21,6 +21,7 @@ use tokio::sync::{Semaphore, watch};
 
 use crate::functions::{PIPELINED, deadline_of};
 use crate::parts::{Endpoint, Transport, answer_frames, error_reply};
+use crate::pool::batch::Packer;
 use crate::pool::{
     BATCH, BATCH_BYTES, CANCEL, CANCEL_FUNCTION, CREDITS, DISPATCH, FUNCTIONS, HEARTBEAT_FUNCTION,
     HOLDING, MAX_BATCH, ONCE, READY_FUNCTION, next_event,
@@ -408,24 +409,13 @@ impl Shared {
             return;
         };
         let limit = BATCH_BYTES.min(self.max_message.saturating_sub(64));
-        let mut batch = vec![Bytes::from_static(&rylm_message::MARKER)];
-        let mut bytes = 0;
-        for body in bodies {
-            if batch.len() > 1 && (batch.len() > MAX_BATCH || bytes + body.len() > limit) {
-                let marker = Bytes::from_static(&rylm_message::MARKER);
-                let full = std::mem::replace(&mut batch, vec![marker]);
-                bytes = 0;
-                if let Err(error) = self.to.send(full).await {
-                    tracing::warn!(%error, "could not reach the master");
-                }
+        let mut packer = Packer::new(MAX_BATCH, limit);
+        let mut batches: Vec<_> = bodies.into_iter().filter_map(|b| packer.push(b)).collect();
+        batches.extend(packer.finish());
+        for batch in batches {
+            if let Err(error) = self.to.send(batch).await {
+                tracing::warn!(%error, "could not reach the master");
             }
-            bytes += body.len();
-            batch.push(body);
-        }
-        if batch.len() > 1
-            && let Err(error) = self.to.send(batch).await
-        {
-            tracing::warn!(%error, "could not reach the master");
         }
     }
 

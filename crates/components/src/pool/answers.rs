@@ -9,6 +9,7 @@ use bytes::Bytes;
 use rylm_message::Message;
 use rylm_transport::{Received, Socket};
 
+use super::batch::Packer;
 use super::record::{DispatchId, Queued, WorkerState};
 use super::{
     BATCH, BATCH_BYTES, CANCEL_FUNCTION, CREDITS, DISPATCH, FUNCTIONS, HEARTBEAT_FUNCTION, HOLDING,
@@ -219,23 +220,17 @@ impl Pool {
         };
         // Stable: each caller's answers keep their order.
         out.sort_by(|a, b| a.0.cmp(&b.0));
-        let marker = Bytes::from_static(&rylm_message::MARKER);
-        let mut batch = vec![marker.clone()];
-        let mut bytes = 0;
+        let mut packer = Packer::new(MAX_BATCH, BATCH_BYTES);
         let mut bodies = out.into_iter().peekable();
         while let Some((caller, body)) = bodies.next() {
-            bytes += body.len();
-            batch.push(body);
-            let next = bodies.peek();
-            let full = batch.len() > MAX_BATCH
-                || next.is_none_or(|(next_caller, next_body)| {
-                    *next_caller != caller || bytes + next_body.len() > BATCH_BYTES
-                });
-            if full {
-                let frames = std::mem::replace(&mut batch, vec![marker.clone()]);
+            let mut ready: Vec<_> = packer.push(body).into_iter().collect();
+            // The caller's last answer closes its batch.
+            if bodies.peek().is_none_or(|(next, _)| *next != caller) {
+                ready.extend(packer.finish());
+            }
+            for frames in ready {
                 let answers = (frames.len() - 1) as u64;
                 results.pass_on(&caller, &frames, answers).await;
-                bytes = 0;
             }
         }
     }

@@ -9,9 +9,11 @@ use bytes::Bytes;
 use rylm_message::{Forward, Message, NativeCodec};
 use rylm_transport::Socket;
 
+use super::batch::Packer;
 use super::record::{DispatchId, Dispatched, Holders, Queued, Request, stamped};
 use super::{
-    CANCEL, CANCEL_FUNCTION, Pool, ResultSink, WITHDRAW_FUNCTION, count, failure, run_hook,
+    BATCH_BYTES, CANCEL, CANCEL_FUNCTION, Pool, ResultSink, WITHDRAW_FUNCTION, count, failure,
+    run_hook,
 };
 use crate::functions::{SYNC_FUNCTION, deadline_of};
 use crate::parts::answer_frames;
@@ -347,8 +349,8 @@ async fn send_to_worker(to_workers: &Socket, identity: Bytes, frames: Vec<Bytes>
 /// (`[MARKER, body, body, ...]`) goes out when it is full, the rest at the end of the pass.
 #[derive(Default)]
 struct Batches {
-    /// A worker, its batch's frames, and the bytes of its bodies.
-    filling: Vec<(Bytes, Vec<Bytes>, usize)>,
+    /// A worker and its batch.
+    filling: Vec<(Bytes, Packer)>,
 }
 
 impl Batches {
@@ -360,47 +362,24 @@ impl Batches {
             [marker, body] if batch > 1 && marker[..] == rylm_message::MARKER => body.clone(),
             _ => return Some(frames),
         };
-        if body.len() > super::BATCH_BYTES / 2 {
+        if body.len() > BATCH_BYTES / 2 {
             return Some(frames);
         }
-        let at = match self.filling.iter().position(|(id, _, _)| id == identity) {
+        let at = match self.filling.iter().position(|(id, _)| id == identity) {
             Some(at) => at,
             None => {
-                self.filling.push((
-                    identity.clone(),
-                    vec![Bytes::from_static(&rylm_message::MARKER)],
-                    0,
-                ));
+                let packer = Packer::new(batch, BATCH_BYTES);
+                self.filling.push((identity.clone(), packer));
                 self.filling.len() - 1
             }
         };
-        let (_, filling, bytes) = &mut self.filling[at];
-        // A batch that this body would take over its bounds goes first.
-        let full = (*bytes + body.len() > super::BATCH_BYTES)
-            .then(|| std::mem::replace(filling, vec![Bytes::from_static(&rylm_message::MARKER)]));
-        if full.is_some() {
-            *bytes = 0;
-        }
-        *bytes += body.len();
-        filling.push(body);
-        if full.is_some() {
-            return full;
-        }
-        if filling.len() > batch {
-            *bytes = 0;
-            return Some(std::mem::replace(
-                filling,
-                vec![Bytes::from_static(&rylm_message::MARKER)],
-            ));
-        }
-        None
+        self.filling[at].1.push(body)
     }
 
     /// The batches not yet sent, emptied.
     fn take(&mut self) -> impl Iterator<Item = (Bytes, Vec<Bytes>)> {
         std::mem::take(&mut self.filling)
             .into_iter()
-            .filter(|(_, frames, _)| frames.len() > 1)
-            .map(|(identity, frames, _)| (identity, frames))
+            .filter_map(|(identity, mut packer)| Some((identity, packer.finish()?)))
     }
 }

@@ -254,6 +254,73 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
     status_kib(pid, "VmRSS:")
 }
 
+/// CPU time (user and system, every thread) process `pid` has used so far, from `/proc`.
+pub fn cpu_time(pid: u32) -> Option<Duration> {
+    // Fields 14 and 15 of `stat` (after the command name, which may hold spaces), in clock
+    // ticks of `USER_HZ`, which Linux fixes at 100 for user space.
+    const TICKS_PER_SECOND: u64 = 100;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(Duration::from_millis(ticks * 1000 / TICKS_PER_SECOND))
+}
+
+/// What one subject of a CPU probe cost: its rate, and the CPU time of this process per
+/// operation while it ran (everything the bench runs in this process counts).
+#[derive(Clone, Debug)]
+pub struct CpuCost {
+    /// The run.
+    pub summary: Summary,
+    /// CPU time of the process per operation.
+    pub per_op: Duration,
+    /// Cores busy on average during the run.
+    pub cores: f64,
+}
+
+/// Runs `run` and measures the CPU time this process spent meanwhile.
+pub async fn cpu_cost<F: std::future::Future<Output = anyhow::Result<Summary>>>(
+    run: F,
+) -> anyhow::Result<CpuCost> {
+    let me = std::process::id();
+    let before = cpu_time(me).unwrap_or_default();
+    let summary = run.await?;
+    let used = cpu_time(me).unwrap_or_default().saturating_sub(before);
+    let ops = summary.count.max(1) as u32;
+    Ok(CpuCost {
+        per_op: used / ops,
+        cores: used.as_secs_f64() / summary.elapsed.as_secs_f64().max(f64::EPSILON),
+        summary,
+    })
+}
+
+/// A CPU probe's report: subject and baseline alternated `rounds` times, each round's CPU time
+/// per operation, and the ratio of the baseline's to the subject's (min / median / max).
+pub fn cpu_table(subject: &str, baseline: &str, rounds: &[(CpuCost, CpuCost)]) -> String {
+    let mut out = format!(
+        "| round | {subject} ops/s | {subject} CPU per op | {baseline} ops/s | {baseline} CPU per op | {baseline} CPU / {subject} CPU |\n|---:|---:|---:|---:|---:|---:|\n"
+    );
+    let mut ratios = Vec::new();
+    for (n, (s, b)) in rounds.iter().enumerate() {
+        let ratio = b.per_op.as_secs_f64() / s.per_op.as_secs_f64().max(f64::EPSILON);
+        ratios.push(ratio);
+        out += &format!(
+            "| {} | {:.0} | {:.1} µs ({:.2} cores) | {:.0} | {:.1} µs ({:.2} cores) | {ratio:.2} |\n",
+            n + 1,
+            s.summary.rate(),
+            s.per_op.as_secs_f64() * 1e6,
+            s.cores,
+            b.summary.rate(),
+            b.per_op.as_secs_f64() * 1e6,
+            b.cores,
+        );
+    }
+    let (min, median, max) = spread(&ratios);
+    out += &format!(
+        "\n{baseline} CPU / {subject} CPU per op: {min:.2} / {median:.2} / {max:.2} (min / median / max)\n"
+    );
+    out
+}
+
 fn status_kib(pid: u32, field: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status
@@ -550,6 +617,49 @@ mod tests {
         assert!((s.rate() - 50.0).abs() < 1e-9);
         assert!(peak_rss_kib(std::process::id()).is_some_and(|kib| kib > 0));
         assert_eq!(spread(&[3.0, 1.0, 2.0]), (1.0, 2.0, 3.0));
+    }
+
+    /// The process's CPU time grows by about what a busy loop spends (within the 10 ms of a
+    /// clock tick and what else the test process runs).
+    #[test]
+    fn cpu_time_counts_a_busy_loop() {
+        let me = std::process::id();
+        let before = cpu_time(me).expect("this process's CPU time");
+        let started = std::time::Instant::now();
+        let mut spin = 0u64;
+        while started.elapsed() < Duration::from_millis(300) {
+            spin = std::hint::black_box(spin.wrapping_add(1));
+        }
+        let used = cpu_time(me).expect("this process's CPU time") - before;
+        assert!(
+            used >= Duration::from_millis(250),
+            "a 300 ms busy loop counted {used:?}"
+        );
+        assert!(cpu_time(u32::MAX).is_none(), "no such process");
+    }
+
+    #[test]
+    fn a_cpu_table_gives_the_baselines_share_per_round_and_its_spread() {
+        let cost = |count: usize, per_op_us: u64| CpuCost {
+            summary: Summary::new(
+                "x",
+                vec![Duration::from_millis(1); count],
+                Duration::from_secs(1),
+            ),
+            per_op: Duration::from_micros(per_op_us),
+            cores: 2.0,
+        };
+        let rounds = [
+            (cost(100, 20), cost(200, 10)),
+            (cost(100, 40), cost(200, 10)),
+        ];
+        let table = cpu_table("subject", "echo", &rounds);
+        assert!(
+            table
+                .contains("| 1 | 100 | 20.0 µs (2.00 cores) | 200 | 10.0 µs (2.00 cores) | 0.50 |"),
+            "{table}"
+        );
+        assert!(table.contains("0.25 / 0.50 / 0.50"), "{table}");
     }
 }
 

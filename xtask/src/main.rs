@@ -4,7 +4,9 @@
 //!   `cargo test --workspace --all-features` against private Redis and RabbitMQ servers; closes
 //!   with one line `N passed, N failed` over everything it ran.
 //! - `demo`: the system working on loopback.
-//! - `bench [NAME]`: the criterion benches of `benches`.
+//! - `bench [NAME] [--quick] [--cpu ROUNDS]`: the criterion and end-to-end benches of
+//!   `benches`; `--cpu` runs the gateway's or the services' busiest rows alone, with the CPU
+//!   time each operation cost.
 //! - `codegen [--check]`: the golden vectors and `docs/wire-format.md`.
 //! - `publish [--dry-run]`: every publishable crate, in dependency order.
 //! - `fuzz TARGET --seconds N`: one cargo-fuzz target of `rylm-message`.
@@ -54,6 +56,10 @@ enum Task {
         /// Run each bench once, as a smoke test, instead of measuring.
         #[arg(long)]
         quick: bool,
+        /// For `gateway` and `services`: only their busiest rows, subject and baseline
+        /// alternated this many times, with the CPU time each operation cost.
+        #[arg(long, value_name = "ROUNDS")]
+        cpu: Option<u32>,
     },
     /// Writes the golden vectors and docs/wire-format.md, or checks that they are fresh.
     Codegen {
@@ -103,7 +109,7 @@ fn main() -> Result<()> {
             cargo_args,
         } => run::test(keep_servers, &cargo_args),
         Task::Demo { keep_servers } => run::demo(keep_servers),
-        Task::Bench { name, quick } => run::bench(name.as_deref(), quick),
+        Task::Bench { name, quick, cpu } => run::bench(name.as_deref(), quick, cpu),
         Task::Codegen { check } => {
             if check {
                 let stale = codegen::check()?;

@@ -339,7 +339,10 @@ const END_TO_END: [(&str, &str, bool); 6] = [
     ("pylm", "pylm", false),
 ];
 
-pub fn bench(name: Option<&str>, quick: bool) -> Result<()> {
+pub fn bench(name: Option<&str>, quick: bool, cpu: Option<u32>) -> Result<()> {
+    if cpu.is_some() && !matches!(name, Some("gateway" | "services")) {
+        bail!("--cpu is for the gateway and services benches: `cargo xtask bench gateway --cpu 5`");
+    }
     if let Some(name) = name
         && !CRITERION.contains(&name)
         && !END_TO_END.iter().any(|(bench, _, _)| *bench == name)
@@ -427,8 +430,10 @@ pub fn bench(name: Option<&str>, quick: bool) -> Result<()> {
         } else {
             Vec::new()
         };
+        let probe = cpu.map(|rounds| vec!["--cpu".to_owned(), rounds.to_string()]);
         if !status_ok(
             Command::new(&binary)
+                .args(probe.into_iter().flatten())
                 .envs(servers.iter().flat_map(|s| s.env()))
                 .envs(python)
                 .envs(zeromq_echo.iter().cloned()),

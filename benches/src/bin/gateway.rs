@@ -5,6 +5,9 @@
 //! requests one after the other for a fixed duration; every latency recorded. The storm of
 //! abandoned requests comes from a process of its own (this binary with `--storm ADDRESS`), so
 //! that it presses on the gateway as remote clients would, not on the bench's own runtime.
+//!
+//! With `--cpu ROUNDS` it runs only the rows of 8 and 32 connections, the gateway and the bare
+//! server alternated, and reports the CPU time each request cost the process.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -18,7 +21,9 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::DescriptorEncoder;
-use rylm_benches::{Paired, Scraper, Summary, paired_table, peak_rss_kib, spread};
+use rylm_benches::{
+    Paired, Scraper, Summary, cpu_cost, cpu_table, paired_table, peak_rss_kib, spread,
+};
 use rylm_components::{Functions, Worker};
 use rylm_gateway::{GatewayConfig, HttpGateway};
 
@@ -57,6 +62,35 @@ async fn main() -> Result<()> {
     };
     let workers = with_workers(&gateway, &functions).await?;
     let bare = bare_hyper().await?;
+    // `--cpu ROUNDS`: only the rows of 8 and 32 connections, the gateway and the bare server
+    // alternated, with the CPU time each request cost this process.
+    if let Some(i) = args.iter().position(|a| a == "--cpu") {
+        let rounds = args.get(i + 1).and_then(|n| n.parse().ok()).unwrap_or(5);
+        for connections in [8usize, 32] {
+            let mut costs = Vec::new();
+            for _ in 0..rounds {
+                let through = cpu_cost(load(
+                    gateway.local_addr(),
+                    "/hello",
+                    connections,
+                    DURATION,
+                    "gateway",
+                ))
+                .await?;
+                let plain = cpu_cost(load(bare, "/", connections, DURATION, "bare")).await?;
+                costs.push((through, plain));
+            }
+            println!(
+                "{connections} connections, {} s a row, {rounds} alternated rounds; CPU of this process (gateway, workers, bare server, load generator)\n\n{}",
+                DURATION.as_secs(),
+                cpu_table("gateway", "bare hyper", &costs)
+            );
+        }
+        for worker in workers {
+            worker.shutdown().await;
+        }
+        return Ok(());
+    }
 
     // Subject and baseline interleaved, three times, so that the machine's noise falls on both.
     println!(

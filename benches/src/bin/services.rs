@@ -2,6 +2,9 @@
 //! in flight, beside raw DEALER/ROUTER echoes in the same run (the baseline of what the
 //! transport allows, with the same correlation by id): one on rylm-transport in this process,
 //! one on `zeromq` 0.7 (`benches/zeromq-echo`, server and load client processes of their own).
+//!
+//! With `--cpu ROUNDS` it runs only the rows with 100 in flight, the services path and the
+//! rylm-transport echo alternated, and reports the CPU time each call cost the process.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,8 +12,8 @@ use std::time::Duration;
 use anyhow::{Result, bail};
 use bytes::Bytes;
 use rylm_benches::{
-    Compared, OldEchoLoad, RawEcho, compared_table, free_address, interleaved, measure,
-    peak_rss_kib, serve_echo, start_zeromq_echo,
+    Compared, OldEchoLoad, RawEcho, compared_table, cpu_cost, cpu_table, free_address, interleaved,
+    measure, peak_rss_kib, serve_echo, start_zeromq_echo,
 };
 use rylm_services_mux::{Call, Method, Service, ServiceClient, ServiceResponse};
 
@@ -37,9 +40,13 @@ async fn main() -> Result<()> {
     let client = ServiceClient::new();
     client.register("bench", &[service.address()], SECRET);
     let raw = Arc::new(RawEcho::connect(&serve_echo("tcp://127.0.0.1:0").await?).await?);
-    let old_echo = free_address()?;
-    let old_server = start_zeromq_echo(&old_echo)?;
-    let mut old_client_rss = 0;
+    // `--cpu ROUNDS`: only the rows with 100 in flight, the services path and the echo
+    // alternated, with the CPU time each call cost this process.
+    let args: Vec<String> = std::env::args().collect();
+    let cpu_rounds = args
+        .iter()
+        .position(|a| a == "--cpu")
+        .map(|i| args.get(i + 1).and_then(|n| n.parse().ok()).unwrap_or(5));
 
     let rylm = |name: String, total: usize, in_flight: usize| {
         let (client, data) = (client.clone(), data.clone());
@@ -76,6 +83,24 @@ async fn main() -> Result<()> {
 
     rylm("warm-up".into(), 500, 10).await?;
     baseline("warm-up".into(), 500, 10).await?;
+    if let Some(rounds) = cpu_rounds {
+        let mut costs = Vec::new();
+        for _ in 0..rounds {
+            let subject =
+                cpu_cost(rylm("services-mux call".into(), IN_FLIGHT_TOTAL, IN_FLIGHT)).await?;
+            let echo = cpu_cost(baseline("raw echo".into(), IN_FLIGHT_TOTAL, IN_FLIGHT)).await?;
+            costs.push((subject, echo));
+        }
+        print!(
+            "{IN_FLIGHT} in flight, {IN_FLIGHT_TOTAL} calls a row, {rounds} alternated rounds; CPU of this process (service, client, echo server and client)\n\n{}",
+            cpu_table("services-mux call", "raw echo", &costs)
+        );
+        service.shutdown().await;
+        return Ok(());
+    }
+    let old_echo = free_address()?;
+    let old_server = start_zeromq_echo(&old_echo)?;
+    let mut old_client_rss = 0;
     // Subject, echo on rylm-transport and echo on zeromq 0.7, interleaved, five times.
     let mut rows = Vec::new();
     for (mode, total, in_flight) in [

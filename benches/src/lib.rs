@@ -277,17 +277,24 @@ pub struct CpuCost {
     pub cores: f64,
 }
 
+/// The rounds asked for with `--cpu ROUNDS` among `args` (5 when the number is left out);
+/// `None` without `--cpu`.
+pub fn cpu_rounds(args: &[String]) -> Option<usize> {
+    let at = args.iter().position(|a| a == "--cpu")?;
+    Some(args.get(at + 1).and_then(|n| n.parse().ok()).unwrap_or(5))
+}
+
 /// Runs `run` and measures the CPU time this process spent meanwhile.
 pub async fn cpu_cost<F: std::future::Future<Output = anyhow::Result<Summary>>>(
     run: F,
 ) -> anyhow::Result<CpuCost> {
     let me = std::process::id();
-    let before = cpu_time(me).unwrap_or_default();
+    let read = || cpu_time(me).ok_or_else(|| anyhow::anyhow!("cannot read /proc/{me}/stat"));
+    let before = read()?;
     let summary = run.await?;
-    let used = cpu_time(me).unwrap_or_default().saturating_sub(before);
-    let ops = summary.count.max(1) as u32;
+    let used = read()?.saturating_sub(before);
     Ok(CpuCost {
-        per_op: used / ops,
+        per_op: used.div_f64(summary.count.max(1) as f64),
         cores: used.as_secs_f64() / summary.elapsed.as_secs_f64().max(f64::EPSILON),
         summary,
     })
@@ -660,6 +667,10 @@ mod tests {
             "{table}"
         );
         assert!(table.contains("0.25 / 0.50 / 0.50"), "{table}");
+        let args = |list: &[&str]| list.iter().map(|a| a.to_string()).collect::<Vec<_>>();
+        assert_eq!(cpu_rounds(&args(&["bench", "--cpu", "7"])), Some(7));
+        assert_eq!(cpu_rounds(&args(&["bench", "--cpu"])), Some(5));
+        assert_eq!(cpu_rounds(&args(&["bench"])), None);
     }
 }
 

@@ -22,7 +22,7 @@ use hyper_util::rt::TokioIo;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::DescriptorEncoder;
 use rylm_benches::{
-    Paired, Scraper, Summary, cpu_cost, cpu_table, paired_table, peak_rss_kib, spread,
+    Paired, Scraper, Summary, cpu_cost, cpu_rounds, cpu_table, paired_table, peak_rss_kib, spread,
 };
 use rylm_components::{Functions, Worker};
 use rylm_gateway::{GatewayConfig, HttpGateway};
@@ -64,8 +64,7 @@ async fn main() -> Result<()> {
     let bare = bare_hyper().await?;
     // `--cpu ROUNDS`: only the rows of 8 and 32 connections, the gateway and the bare server
     // alternated, with the CPU time each request cost this process.
-    if let Some(i) = args.iter().position(|a| a == "--cpu") {
-        let rounds = args.get(i + 1).and_then(|n| n.parse().ok()).unwrap_or(5);
+    if let Some(rounds) = cpu_rounds(&args) {
         for connections in [8usize, 32] {
             let mut costs = Vec::new();
             for _ in 0..rounds {

@@ -12,8 +12,8 @@ use std::time::Duration;
 use anyhow::{Result, bail};
 use bytes::Bytes;
 use rylm_benches::{
-    Compared, OldEchoLoad, RawEcho, compared_table, cpu_cost, cpu_table, free_address, interleaved,
-    measure, peak_rss_kib, serve_echo, start_zeromq_echo,
+    Compared, OldEchoLoad, RawEcho, compared_table, cpu_cost, cpu_rounds, cpu_table, free_address,
+    interleaved, measure, peak_rss_kib, serve_echo, start_zeromq_echo,
 };
 use rylm_services_mux::{Call, Method, Service, ServiceClient, ServiceResponse};
 
@@ -42,11 +42,7 @@ async fn main() -> Result<()> {
     let raw = Arc::new(RawEcho::connect(&serve_echo("tcp://127.0.0.1:0").await?).await?);
     // `--cpu ROUNDS`: only the rows with 100 in flight, the services path and the echo
     // alternated, with the CPU time each call cost this process.
-    let args: Vec<String> = std::env::args().collect();
-    let cpu_rounds = args
-        .iter()
-        .position(|a| a == "--cpu")
-        .map(|i| args.get(i + 1).and_then(|n| n.parse().ok()).unwrap_or(5));
+    let cpu_rounds = cpu_rounds(&std::env::args().collect::<Vec<_>>());
 
     let rylm = |name: String, total: usize, in_flight: usize| {
         let (client, data) = (client.clone(), data.clone());

@@ -495,16 +495,7 @@ async fn an_answer_comes_back_as_the_worker_sent_it_without_the_trace_header() {
     let master = master(Admission::default()).await;
     let runs = Arc::new(AtomicUsize::new(0));
     let worker = one_credit_worker(&master, counting(runs), QUICK.interval).await;
-    // A caller by hand: a DEALER whose identity is its id, as a Client's is.
-    let options = Options {
-        identity: Bytes::from_static(b"caller-1"),
-        ..Options::default()
-    };
-    let caller = Socket::new(Kind::Dealer, &options).expect("a socket");
-    caller
-        .connect(master.client_address())
-        .await
-        .expect("connects");
+    let caller = caller_socket(&master, "caller-1").await;
     let codec = NativeCodec::default();
     let request = Message::call("m.count", "x").with_cache("7").with_header(
         rylm_message::trace::TRACEPARENT,
@@ -641,9 +632,9 @@ async fn a_worker_that_does_not_say_it_takes_batches_gets_one_message_at_a_time(
     ten_calls_one_message_each(master, &[]).await;
 }
 
-/// A caller played by hand: a DEALER with `id` as its identity, sending `n` echo requests
-/// (call `i` with cache `i`), with the batch header or without.
-async fn raw_caller(master: &Master, id: &str, n: usize, batches: bool) -> Socket {
+/// A caller by hand: a DEALER connected to `master` whose identity is its id `id`, as a
+/// Client's is.
+async fn caller_socket(master: &Master, id: &str) -> Socket {
     let options = Options {
         identity: Bytes::from(id.to_owned()),
         ..Options::default()
@@ -653,6 +644,13 @@ async fn raw_caller(master: &Master, id: &str, n: usize, batches: bool) -> Socke
         .connect(master.client_address())
         .await
         .expect("connects");
+    socket
+}
+
+/// A caller played by hand: a DEALER with `id` as its identity, sending `n` echo requests
+/// (call `i` with cache `i`), with the batch header or without.
+async fn raw_caller(master: &Master, id: &str, n: usize, batches: bool) -> Socket {
+    let socket = caller_socket(master, id).await;
     let codec = NativeCodec::default();
     for i in 0..n {
         let mut request = Message::call("m.echo", i.to_string());

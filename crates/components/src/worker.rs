@@ -391,10 +391,10 @@ impl Shared {
 
     /// Starts gathering plain answers (the master sends batches, so it takes them).
     fn gather(&self) {
-        let mut gathered = self.gathered.lock().unwrap_or_else(|e| e.into_inner());
-        if gathered.is_none() {
-            *gathered = Some(Vec::new());
-        }
+        self.gathered
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_or_insert_with(Vec::new);
     }
 
     /// Sends what was gathered, in batches within [`MAX_BATCH`] and [`BATCH_BYTES`] (and the
@@ -669,15 +669,14 @@ impl Intake {
         let batch = self.native
             && received.len() > 2
             && received.part(0) == Some(&rylm_message::MARKER[..]);
+        *batches |= batch;
+        if *batches {
+            self.shared.gather();
+        }
         if !batch {
-            if *batches {
-                self.shared.gather();
-            }
             self.take(received.into_frames()).await;
             return;
         }
-        *batches = true;
-        self.shared.gather();
         let marker = Bytes::from_static(&rylm_message::MARKER);
         for body in 1..received.len() {
             if let Some(body) = received.bytes(body) {

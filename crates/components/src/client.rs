@@ -930,4 +930,11 @@ mod tests {
             assert_eq!(super::decimal(value, &mut buffer), value.to_string());
         }
     }
+
+    /// The batch size a Client announces is the one the crate reads (a literal because the
+    /// request's headers are borrowed; this keeps it from drifting).
+    #[test]
+    fn a_client_announces_the_batch_size_it_reads() {
+        assert_eq!(super::READS_BATCHES, crate::MAX_BATCH.to_string());
+    }
 }

@@ -231,10 +231,7 @@ impl Pool {
     pub(super) async fn send_to(&self, workers: &Socket, identity: Bytes, message: &Message) {
         match self.codec.encode_frames(message) {
             Ok(frames) => {
-                let mut with_identity = Vec::with_capacity(frames.len() + 1);
-                with_identity.push(identity);
-                with_identity.extend(frames);
-                if let Err(error) = workers.send(with_identity).await {
+                if let Err(error) = workers.send(routed(identity, frames)).await {
                     tracing::debug!(%error, "could not reach a worker");
                 }
             }
@@ -335,12 +332,17 @@ impl Pool {
     }
 }
 
-/// `frames` (`[MARKER, body, ...]` or a message of another codec) to worker `identity`.
-async fn send_to_worker(to_workers: &Socket, identity: Bytes, frames: Vec<Bytes>) {
+/// `frames` after the routing identity of the worker they go to.
+fn routed(identity: Bytes, frames: Vec<Bytes>) -> Vec<Bytes> {
     let mut with_identity = Vec::with_capacity(frames.len() + 1);
     with_identity.push(identity);
     with_identity.extend(frames);
-    if let Err(error) = to_workers.send(with_identity).await {
+    with_identity
+}
+
+/// `frames` (`[MARKER, body, ...]` or a message of another codec) to worker `identity`.
+async fn send_to_worker(to_workers: &Socket, identity: Bytes, frames: Vec<Bytes>) {
+    if let Err(error) = to_workers.send(routed(identity, frames)).await {
         tracing::warn!(%error, "could not reach a worker; it will be taken for dead");
     }
 }

@@ -145,16 +145,28 @@ pub fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-/// A loopback port nobody listens on now, for a process or server a test starts.
+/// A loopback port nobody listens on now, for a process or server a test starts, and one this
+/// test process has not handed out before: the system may give a port it just released to the
+/// next `bind` to port 0, so two calls could otherwise return the same port, and two servers of
+/// one test would then fight over it.
 ///
 /// # Panics
 ///
-/// When the system has no free port.
+/// When the system has no free port, or gives only ports handed out already (after 1,000 tries).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
+    static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
+    for _ in 0..1_000 {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free loopback port");
+        if !handed_out.contains(&port) {
+            handed_out.push(port);
+            return port;
+        }
+    }
+    panic!("no loopback port that was not handed out already, after 1,000 tries");
 }
 
 fn server_url(variable: &str, server: &str, test: &str) -> Option<String> {
@@ -239,5 +251,19 @@ pub fn metric_sample_with(body: &str, name: &str, labels: &[(&str, &str)]) -> f6
         | prometheus_parse::Value::Untyped(v) => *v,
         prometheus_parse::Value::Histogram(buckets) => buckets.last().map_or(0.0, |b| b.count),
         _ => panic!("{name} is a counter, a gauge or a histogram"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// Ports are released as soon as they are picked, and the system may pick a released one
+    /// again: none is handed out twice all the same.
+    #[test]
+    fn no_port_is_handed_out_twice() {
+        let ports: Vec<u16> = (0..500).map(|_| super::free_port()).collect();
+        let mut distinct = ports.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        assert_eq!(distinct.len(), ports.len());
     }
 }
